@@ -1,0 +1,49 @@
+"""Shared CLI plumbing: one-line errors with exit code 1, --json output, rich console."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from tiers.errors import ConServeError
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit 1 (no traceback)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def handle_errors(func: F) -> F:
+    """Turn project errors (and a few user-caused OS errors) into one-line messages with exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConServeError as err:
+            fail(str(err).replace("\n", " "))
+        except FileNotFoundError as err:
+            fail(f"file not found: {err.filename}. To fix: check the path.")
+        except PermissionError as err:
+            fail(f"permission denied: {err.filename}")
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,0 +1,92 @@
+"""The Engine interface: one seam, two implementations (vLLM over HTTP; a simulated engine in wall time).
+
+The router talks to engines only through this Protocol. Bodies are OpenAI-compatible dicts, forwarded as
+received (plus the fields the router must set); engines return OpenAI-compatible dicts, so the API layer
+can pass them through unchanged.
+
+THIS IS THE CONTRACT the router (api/, orchestrator/router.py) and the engine implementations
+(orchestrator/engines/vllm.py, orchestrator/engines/sim.py) code against; keep it stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+from placement.base import Role
+
+# What the router sends a prefiller for a disaggregated turn 1 (vLLM KV-connector protocol, DESIGN.md s7).
+REMOTE_DECODE_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+class RequestKind(StrEnum):
+    CHAT = "chat"  # /v1/chat/completions
+    COMPLETION = "completion"  # /v1/completions
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    kind: RequestKind
+    body: dict[str, Any]  # OpenAI request body; engines must not mutate it (copy before changing)
+    request_id: str
+    conversation_id: str
+    prompt_tokens: int = 0  # the router's count of the prompt (for accounting and simulated engines)
+    kv_transfer_params: dict[str, Any] | None = None  # from a prefiller, forwarded to the decoder
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    """What a prefiller returns for a remote-decode request."""
+
+    kv_transfer_params: dict[str, Any] | None
+    prompt_tokens: int
+    transferred_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineObservation:
+    """Observables scraped from an engine (vLLM /metrics names in comments)."""
+
+    healthy: bool
+    kv_usage_frac: float = 0.0  # vllm:kv_cache_usage_perc (0..1)
+    kv_capacity_tokens: int = 0
+    running: int = 0  # vllm:num_requests_running
+    waiting: int = 0  # vllm:num_requests_waiting
+    prefix_cache_hits_tokens: float = 0.0  # vllm:prefix_cache_hits_total (counter)
+    prefix_cache_queries_tokens: float = 0.0  # vllm:prefix_cache_queries_total (counter)
+    kv_transfer_bytes: float = 0.0  # vllm:nixl_bytes_transferred (counter), 0 where absent
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    instance_id: str
+    role: Role
+    tier: str
+
+    async def prefill(self, req: EngineRequest) -> PrefillResult:
+        """Prefill only (max_tokens 1, do_remote_decode) and return the KV handle for the decoder."""
+        ...
+
+    async def complete(self, req: EngineRequest) -> dict[str, Any]:
+        """Non-streaming: the whole OpenAI response body (with `usage`)."""
+        ...
+
+    def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:
+        """Streaming: OpenAI chunk dicts; the last one carries `usage` (stream_options.include_usage)."""
+        ...
+
+    async def observe(self) -> EngineObservation:
+        ...
+
+    async def aclose(self) -> None:
+        ...
