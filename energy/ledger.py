@@ -1,0 +1,625 @@
+"""The SQL ledger: turns, pins, energy samples and attributions of every conversation, append-only, UTC.
+
+``Ledger(url)`` is the only door to the database. Callers pass and get the frozen dataclasses of
+energy/records.py; SQLAlchemy stays inside this module and energy/db.py. Works on SQLite and PostgreSQL
+(``postgresql+psycopg://``); several router replicas may share one PostgreSQL ledger (conversation rows are
+created with INSERT .. ON CONFLICT DO NOTHING, everything else is an append).
+
+Rows belong to a *run* (one serving session or one simulation, with its policy). A ledger object writes
+into one run (``run_id``, default ``"live"``); the report queries read any set of runs.
+
+Must not import fastapi.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Select, and_, func, insert, select, update
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
+
+from energy import db
+from energy.db import (
+    AttributionRowModel,
+    ConversationRow,
+    EnergySampleRow,
+    PinRow,
+    RunRow,
+    TurnRow,
+)
+from energy.records import (
+    DEFAULT_RUN_ID,
+    AttributionRow,
+    ConversationSummary,
+    ConversationView,
+    EnergySample,
+    PinRecord,
+    ReportFilter,
+    RunInfo,
+    RunKind,
+    Source,
+    TurnRecord,
+    TurnStatus,
+    require_utc,
+)
+from tiers.errors import EnergyError
+
+__all__ = ["Ledger", "RunView", "ConversationFacts"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    run_id: str
+    kind: str
+    policy: str | None
+    started_at: datetime
+    label: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationFacts:
+    """One conversation of a run with its turn totals (what the reports join energy onto)."""
+
+    run_id: str
+    conversation_id: str
+    policy: str | None
+    created_at: datetime
+    turns: int
+    prompt_tokens: int
+    output_tokens: int
+    final_turn: int | None
+    ttfet_s: float | None
+    e2e_s: float | None
+    ttfet_slowdown: float | None
+    e2e_slowdown: float | None
+    tbt_slowdown: float | None
+    tiers: tuple[str, ...]  # tiers of the instances that decoded or prefilled its turns
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Ledger:
+    """Append-only SQL ledger. ``upgrade()`` once (it is idempotent), then record and query."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        run_id: str = DEFAULT_RUN_ID,
+        policy: str | None = None,
+        kind: RunKind = RunKind.SERVE,
+    ) -> None:
+        if not run_id:
+            raise EnergyError("Ledger run_id must be a non-empty string")
+        self.url = url
+        self.run_id = run_id
+        self.policy = policy
+        self.kind = kind
+        self._engine = db.make_engine(url)
+        self._run_known = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def upgrade(self) -> None:
+        """Apply the Alembic migrations up to head (creates the schema on an empty database)."""
+        with self._errors("migrating"):
+            db.upgrade(self._engine)
+
+    def revision(self) -> str | None:
+        with self._errors("reading the schema revision"):
+            return db.current_revision(self._engine)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    # ---- error mapping ---------------------------------------------------------------------------
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        safe_url = self._engine.url.render_as_string(hide_password=True)
+        try:
+            yield
+        except EnergyError:
+            raise
+        except IntegrityError as err:
+            raise EnergyError(
+                f"ledger {safe_url}: {doing} violates a constraint: {_first_line(err)}"
+            ) from err
+        except (OperationalError, ProgrammingError) as err:
+            text = str(err.orig or err).lower()
+            if "no such table" in text or "does not exist" in text and "relation" in text:
+                raise EnergyError(
+                    f"ledger {safe_url} has no schema (while {doing}). To fix: call Ledger.upgrade() "
+                    "(orchestrator serve and simulate --db do it) on this database first."
+                ) from err
+            raise EnergyError(f"ledger {safe_url}: database error while {doing}: {_first_line(err)}") from err
+        except DBAPIError as err:
+            raise EnergyError(f"ledger {safe_url}: database error while {doing}: {_first_line(err)}") from err
+
+    @contextmanager
+    def _tx(self, doing: str) -> Iterator[Connection]:
+        with self._errors(doing), self._engine.begin() as conn:
+            yield conn
+
+    def _insert_ignore(self, model: Any) -> Any:
+        if self.dialect == "postgresql":
+            return pg_dialect.insert(model).on_conflict_do_nothing()
+        return sqlite_dialect.insert(model).on_conflict_do_nothing()
+
+    # ---- runs ------------------------------------------------------------------------------------
+    def start_run(self, info: RunInfo | None = None) -> None:
+        """Create the run row if absent (idempotent). Recording calls do this implicitly."""
+        info = info or RunInfo(self.run_id, self.kind, self.policy)
+        started = require_utc(info.started_at, "RunInfo.started_at") if info.started_at else _now()
+        with self._tx("starting a run") as conn:
+            conn.execute(
+                self._insert_ignore(RunRow),
+                [
+                    {
+                        "id": info.run_id,
+                        "kind": str(info.kind),
+                        "policy": info.policy,
+                        "started_at": started,
+                        "label": info.label,
+                    }
+                ],
+            )
+        if info.run_id == self.run_id:
+            self._run_known = True
+
+    def _ensure_run(self) -> None:
+        if not self._run_known:
+            self.start_run()
+
+    def runs(self) -> list[RunView]:
+        with self._tx("listing runs") as conn:
+            rows = conn.execute(select(RunRow.__table__).order_by(RunRow.started_at, RunRow.id)).all()
+        return [RunView(r.id, r.kind, r.policy, r.started_at, r.label) for r in rows]
+
+    # ---- turns and conversations ---------------------------------------------------------------
+    def record_turn(self, rec: TurnRecord) -> None:
+        self.record_turns([rec])
+
+    def record_turns(self, recs: Sequence[TurnRecord]) -> None:
+        """Append turns (one row per attempt). A duplicate request_id within the run is an error."""
+        if not recs:
+            return
+        self._ensure_run()
+        turn_rows: list[dict[str, Any]] = []
+        convs: dict[str, dict[str, Any]] = {}
+        for r in recs:
+            arrival = require_utc(r.arrival_at, "TurnRecord.arrival_at")
+            first = require_utc(r.first_token_at, "TurnRecord.first_token_at") if r.first_token_at else None
+            last = require_utc(r.last_token_at, "TurnRecord.last_token_at") if r.last_token_at else None
+            policy = r.policy or self.policy
+            conv = convs.setdefault(
+                r.conversation_id,
+                {"run_id": self.run_id, "id": r.conversation_id, "policy": policy, "created_at": arrival},
+            )
+            conv["created_at"] = min(conv["created_at"], arrival)
+            turn_rows.append(
+                {
+                    "run_id": self.run_id,
+                    "conversation_id": r.conversation_id,
+                    "turn": r.turn,
+                    "request_id": r.request_id,
+                    "instance_id": r.instance_id,
+                    "tier": r.tier,
+                    "prefill_instance_id": r.prefill_instance_id,
+                    "remote_prefill": r.remote_prefill,
+                    "arrival_at": arrival,
+                    "first_token_at": first,
+                    "last_token_at": last,
+                    "prompt_tokens": r.prompt_tokens,
+                    "cached_tokens": r.cached_tokens,
+                    "output_tokens": r.output_tokens,
+                    "finish_reason": r.finish_reason,
+                    "is_final": r.is_final,
+                    "status": str(r.status),
+                    "policy": policy,
+                }
+            )
+        finals = {r.conversation_id for r in recs if r.is_final and r.status == TurnStatus.OK}
+        with self._tx("recording turns") as conn:
+            conn.execute(self._insert_ignore(ConversationRow), list(convs.values()))
+            try:
+                conn.execute(insert(TurnRow), turn_rows)
+            except IntegrityError as err:
+                raise EnergyError(
+                    f"a turn with one of these request_ids is already in run {self.run_id!r} "
+                    f"({', '.join(sorted({r.request_id for r in recs})[:3])}...): turns are append-only; "
+                    "give a retried turn a new request_id"
+                ) from err
+            for cid in finals:
+                self._refresh_summary(conn, cid)
+
+    def _refresh_summary(self, conn: Connection, conversation_id: str) -> None:
+        """Fill final_turn / ttfet_s / e2e_s from the turns (the latest OK final turn wins)."""
+        t = TurnRow
+        first_arrival = conn.execute(
+            select(func.min(t.arrival_at)).where(
+                t.run_id == self.run_id, t.conversation_id == conversation_id
+            )
+        ).scalar_one()
+        final = conn.execute(
+            select(t.turn, t.first_token_at, t.last_token_at)
+            .where(
+                t.run_id == self.run_id,
+                t.conversation_id == conversation_id,
+                t.is_final.is_(True),
+                t.status == str(TurnStatus.OK),
+            )
+            .order_by(t.pk.desc())
+            .limit(1)
+        ).first()
+        if final is None or first_arrival is None:
+            return
+        ttfet = (final.first_token_at - first_arrival).total_seconds() if final.first_token_at else None
+        e2e = (final.last_token_at - first_arrival).total_seconds() if final.last_token_at else None
+        conn.execute(
+            update(ConversationRow)
+            .where(ConversationRow.run_id == self.run_id, ConversationRow.id == conversation_id)
+            .values(final_turn=final.turn, ttfet_s=ttfet, e2e_s=e2e)
+        )
+
+    def record_conversations(self, summaries: Sequence[ConversationSummary]) -> None:
+        """Create conversation rows or fill their summary columns (e.g. the simulator's slowdowns)."""
+        if not summaries:
+            return
+        self._ensure_run()
+        with self._tx("recording conversation summaries") as conn:
+            conn.execute(
+                self._insert_ignore(ConversationRow),
+                [
+                    {
+                        "run_id": self.run_id,
+                        "id": s.conversation_id,
+                        "policy": s.policy or self.policy,
+                        "created_at": require_utc(s.created_at, "ConversationSummary.created_at")
+                        if s.created_at
+                        else _now(),
+                    }
+                    for s in summaries
+                ],
+            )
+            for s in summaries:
+                values = {
+                    k: getattr(s, k)
+                    for k in (
+                        "final_turn",
+                        "ttfet_s",
+                        "e2e_s",
+                        "ttfet_slowdown",
+                        "e2e_slowdown",
+                        "tbt_slowdown",
+                    )
+                    if getattr(s, k) is not None
+                }
+                if values:
+                    conn.execute(
+                        update(ConversationRow)
+                        .where(ConversationRow.run_id == self.run_id, ConversationRow.id == s.conversation_id)
+                        .values(**values)
+                    )
+
+    def record_pin(
+        self, conversation_id: str, instance_id: str, *, at: datetime | None = None, reason: str = "placed"
+    ) -> None:
+        """Append a pin; a re-placement is a new row (reason e.g. 'replaced: decoder d1 down')."""
+        self.record_pins([PinRecord(conversation_id, instance_id, at or _now(), reason)])
+
+    def record_pins(self, pins: Sequence[PinRecord]) -> None:
+        if not pins:
+            return
+        self._ensure_run()
+        rows = [
+            {
+                "run_id": self.run_id,
+                "conversation_id": p.conversation_id,
+                "instance_id": p.instance_id,
+                "at": require_utc(p.at, "PinRecord.at"),
+                "reason": p.reason,
+            }
+            for p in pins
+        ]
+        convs = {
+            p.conversation_id: min(r["at"] for r in rows if r["conversation_id"] == p.conversation_id)
+            for p in pins
+        }
+        with self._tx("recording pins") as conn:
+            conn.execute(
+                self._insert_ignore(ConversationRow),
+                [
+                    {"run_id": self.run_id, "id": cid, "policy": self.policy, "created_at": at}
+                    for cid, at in convs.items()
+                ],
+            )
+            conn.execute(insert(PinRow), rows)
+
+    def current_pins(self) -> dict[str, str]:
+        """conversation_id -> instance_id of the latest pin of every conversation in this run."""
+        p = PinRow
+        latest = (
+            select(p.conversation_id, func.max(p.pk).label("pk"))
+            .where(p.run_id == self.run_id)
+            .group_by(p.conversation_id)
+            .subquery()
+        )
+        with self._tx("reading pins") as conn:
+            rows = conn.execute(
+                select(p.conversation_id, p.instance_id).join(latest, p.pk == latest.c.pk)
+            ).all()
+        return {r.conversation_id: r.instance_id for r in rows}
+
+    def get_conversation(self, conversation_id: str, run_id: str | None = None) -> ConversationView | None:
+        run = run_id or self.run_id
+        with self._tx("reading a conversation") as conn:
+            c = conn.execute(
+                select(ConversationRow.__table__).where(
+                    ConversationRow.run_id == run, ConversationRow.id == conversation_id
+                )
+            ).first()
+            if c is None:
+                return None
+            turns = conn.execute(
+                select(TurnRow.__table__)
+                .where(TurnRow.run_id == run, TurnRow.conversation_id == conversation_id)
+                .order_by(TurnRow.pk)
+            ).all()
+            pins = conn.execute(
+                select(PinRow.__table__)
+                .where(PinRow.run_id == run, PinRow.conversation_id == conversation_id)
+                .order_by(PinRow.pk)
+            ).all()
+        turn_recs = tuple(_turn_from_row(t) for t in turns)
+        pin_recs = tuple(PinRecord(p.conversation_id, p.instance_id, p.at, p.reason) for p in pins)
+        first_arrival = min((t.arrival_at for t in turn_recs), default=None)
+        return ConversationView(
+            conversation_id=c.id,
+            run_id=c.run_id,
+            policy=c.policy,
+            created_at=c.created_at,
+            pinned_instance_id=pin_recs[-1].instance_id if pin_recs else None,
+            pins=pin_recs,
+            turns=turn_recs,
+            final_turn=c.final_turn,
+            ttfet_s=c.ttfet_s,
+            e2e_s=c.e2e_s,
+            first_arrival_at=first_arrival,
+            ttfet_slowdown=c.ttfet_slowdown,
+            e2e_slowdown=c.e2e_slowdown,
+            tbt_slowdown=c.tbt_slowdown,
+        )
+
+    # ---- energy ----------------------------------------------------------------------------------
+    def record_samples(self, samples: Iterable[EnergySample]) -> int:
+        rows = [
+            {
+                "run_id": self.run_id,
+                "meter_id": s.meter_id,
+                "engine_id": s.engine_id,
+                "gpu_index": s.gpu_index,
+                "at": require_utc(s.at, "EnergySample.at"),
+                "cumulative_j": float(s.cumulative_j),
+                "source": str(s.source),
+            }
+            for s in samples
+        ]
+        if not rows:
+            return 0
+        self._ensure_run()
+        with self._tx("recording energy samples") as conn:
+            conn.execute(insert(EnergySampleRow), rows)
+        return len(rows)
+
+    def record_attributions(self, rows_in: Iterable[AttributionRow]) -> int:
+        rows = []
+        for a in rows_in:
+            if a.joules < 0 or a.work_share < 0:
+                raise EnergyError(f"attribution rows must be non-negative, got {a}")
+            rows.append(
+                {
+                    "run_id": self.run_id,
+                    "interval_start": require_utc(a.interval_start, "interval_start"),
+                    "interval_end": require_utc(a.interval_end, "interval_end"),
+                    "engine_id": a.engine_id,
+                    "tier": a.tier,
+                    "conversation_id": a.conversation_id,
+                    "turn": a.turn,
+                    "joules": float(a.joules),
+                    "work_share": float(a.work_share),
+                    "source": str(a.source),
+                }
+            )
+        if not rows:
+            return 0
+        self._ensure_run()
+        with self._tx("recording attributions") as conn:
+            conn.execute(insert(AttributionRowModel), rows)
+        return len(rows)
+
+    # ---- queries for reports ---------------------------------------------------------------------
+    def samples(self, meter_id: str | None = None, flt: ReportFilter | None = None) -> list[EnergySample]:
+        s = EnergySampleRow
+        q = select(s.__table__).order_by(s.at, s.pk)
+        if meter_id is not None:
+            q = q.where(s.meter_id == meter_id)
+        q = _time_filter(q, s.at, s.at, s.run_id, flt)
+        with self._tx("reading samples") as conn:
+            rows = conn.execute(q).all()
+        return [
+            EnergySample(r.meter_id, r.gpu_index, r.at, r.cumulative_j, Source(r.source), r.engine_id)
+            for r in rows
+        ]
+
+    def attributions(self, flt: ReportFilter | None = None) -> list[tuple[str, AttributionRow]]:
+        """(run_id, row) for every attribution whose interval starts in [since, until)."""
+        a = AttributionRowModel
+        q = _time_filter(
+            select(a.__table__).order_by(a.interval_start, a.pk),
+            a.interval_start,
+            a.interval_start,
+            a.run_id,
+            flt,
+        )
+        with self._tx("reading attributions") as conn:
+            rows = conn.execute(q).all()
+        return [
+            (
+                r.run_id,
+                AttributionRow(
+                    r.interval_start,
+                    r.interval_end,
+                    r.engine_id,
+                    r.conversation_id,
+                    r.turn,
+                    r.joules,
+                    r.work_share,
+                    Source(r.source),
+                    r.tier,
+                ),
+            )
+            for r in rows
+        ]
+
+    def turns(self, flt: ReportFilter | None = None) -> list[tuple[str, TurnRecord]]:
+        """(run_id, turn) for every turn that arrived in [since, until)."""
+        t = TurnRow
+        q = _time_filter(
+            select(t.__table__).order_by(t.arrival_at, t.pk), t.arrival_at, t.arrival_at, t.run_id, flt
+        )
+        with self._tx("reading turns") as conn:
+            rows = conn.execute(q).all()
+        return [(r.run_id, _turn_from_row(r)) for r in rows]
+
+    def conversation_facts(self, flt: ReportFilter | None = None) -> list[ConversationFacts]:
+        """Conversations created in [since, until) with token totals of their OK turns, one SQL round trip."""
+        c, t = ConversationRow, TurnRow
+        ok = and_(t.run_id == c.run_id, t.conversation_id == c.id, t.status == str(TurnStatus.OK))
+        totals = (
+            select(
+                c.run_id,
+                c.id,
+                c.policy,
+                c.created_at,
+                c.final_turn,
+                c.ttfet_s,
+                c.e2e_s,
+                c.ttfet_slowdown,
+                c.e2e_slowdown,
+                c.tbt_slowdown,
+                func.count(t.pk).label("n_turns"),
+                func.coalesce(func.sum(t.prompt_tokens), 0).label("prompt_tokens"),
+                func.coalesce(func.sum(t.output_tokens), 0).label("output_tokens"),
+            )
+            .select_from(c)
+            .outerjoin(t, ok)
+            .group_by(
+                c.run_id,
+                c.id,
+                c.policy,
+                c.created_at,
+                c.final_turn,
+                c.ttfet_s,
+                c.e2e_s,
+                c.ttfet_slowdown,
+                c.e2e_slowdown,
+                c.tbt_slowdown,
+            )
+            .order_by(c.created_at, c.run_id, c.id)
+        )
+        totals = _time_filter(totals, c.created_at, c.created_at, c.run_id, flt)
+        tier_q = select(t.run_id, t.conversation_id, t.tier).where(t.tier.is_not(None)).distinct()
+        with self._tx("reading conversations") as conn:
+            rows = conn.execute(totals).all()
+            tiers: dict[tuple[str, str], set[str]] = {}
+            for r in conn.execute(tier_q):
+                tiers.setdefault((r.run_id, r.conversation_id), set()).add(r.tier)
+            for r in conn.execute(
+                select(
+                    AttributionRowModel.run_id, AttributionRowModel.conversation_id, AttributionRowModel.tier
+                )
+                .where(
+                    AttributionRowModel.tier.is_not(None), AttributionRowModel.conversation_id.is_not(None)
+                )
+                .distinct()
+            ):
+                tiers.setdefault((r.run_id, r.conversation_id), set()).add(r.tier)
+        return [
+            ConversationFacts(
+                run_id=r.run_id,
+                conversation_id=r.id,
+                policy=r.policy,
+                created_at=r.created_at,
+                turns=r.n_turns,
+                prompt_tokens=int(r.prompt_tokens),
+                output_tokens=int(r.output_tokens),
+                final_turn=r.final_turn,
+                ttfet_s=r.ttfet_s,
+                e2e_s=r.e2e_s,
+                ttfet_slowdown=r.ttfet_slowdown,
+                e2e_slowdown=r.e2e_slowdown,
+                tbt_slowdown=r.tbt_slowdown,
+                tiers=tuple(sorted(tiers.get((r.run_id, r.id), ()))),
+            )
+            for r in rows
+        ]
+
+
+def _time_filter(q: Select[Any], start_col: Any, end_col: Any, run_col: Any, flt: ReportFilter | None) -> Any:
+    if flt is None:
+        return q
+    if flt.since is not None:
+        q = q.where(start_col >= require_utc(flt.since, "since"))
+    if flt.until is not None:
+        q = q.where(end_col < require_utc(flt.until, "until"))
+    if flt.run_ids:
+        q = q.where(run_col.in_(flt.run_ids))
+    return q
+
+
+def _turn_from_row(t: Any) -> TurnRecord:
+    return TurnRecord(
+        conversation_id=t.conversation_id,
+        turn=t.turn,
+        request_id=t.request_id,
+        instance_id=t.instance_id,
+        arrival_at=t.arrival_at,
+        first_token_at=t.first_token_at,
+        last_token_at=t.last_token_at,
+        prompt_tokens=t.prompt_tokens,
+        output_tokens=t.output_tokens,
+        finish_reason=t.finish_reason,
+        is_final=t.is_final,
+        status=TurnStatus(t.status),
+        prefill_instance_id=t.prefill_instance_id,
+        remote_prefill=t.remote_prefill,
+        tier=t.tier,
+        cached_tokens=t.cached_tokens,
+        policy=t.policy,
+    )
+
+
+def _first_line(err: Exception) -> str:
+    orig = getattr(err, "orig", None)
+    return str(orig or err).strip().splitlines()[0][:300]

@@ -1,0 +1,1 @@
+"""Alembic migrations of the ConServe ledger (script_location: energy/migrations)."""

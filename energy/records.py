@@ -1,0 +1,173 @@
+"""Values that cross the ledger's boundary: what callers write and what they read back.
+
+Frozen dataclasses only; no SQLAlchemy here (the ORM models live in energy/db.py and never leave
+energy/ledger.py). Every timestamp is a timezone-aware UTC ``datetime``; the ledger rejects naive ones.
+Must not import fastapi, sqlalchemy or httpx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from tiers.errors import EnergyError
+
+
+class Source(StrEnum):
+    """Whether a joule figure was read from a hardware meter or computed from the tier power model."""
+
+    MEASURED = "measured"
+    MODELLED = "modelled"
+
+
+class TurnStatus(StrEnum):
+    OK = "ok"  # the turn completed and its tokens were returned
+    ERROR = "error"  # the turn failed (engine error, client disconnect)
+    REPLACED = "replaced"  # the turn's engine died; it was re-run elsewhere (the retry is a new row)
+
+
+class RunKind(StrEnum):
+    SERVE = "serve"
+    SIMULATE = "simulate"
+
+
+DEFAULT_RUN_ID = "live"
+
+
+def require_utc(value: datetime, name: str) -> datetime:
+    """Return ``value`` in UTC; raise EnergyError naming the field when it is naive."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise EnergyError(
+            f"{name} must be a timezone-aware datetime (got naive {value.isoformat()}). "
+            "To fix: use datetime.now(UTC) or attach tzinfo=UTC."
+        )
+    return value.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One serving session or one simulation: the unit a policy is attached to."""
+
+    run_id: str
+    kind: RunKind = RunKind.SERVE
+    policy: str | None = None
+    started_at: datetime | None = None  # None: now
+    label: str | None = None  # free text, e.g. the fleet file
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """One turn as the router (or the simulator) saw it. Written once, when the turn ends or fails."""
+
+    conversation_id: str
+    turn: int  # 1-based
+    request_id: str  # unique within a run; a retried turn is a new request_id
+    instance_id: str  # the instance that decoded the turn
+    arrival_at: datetime
+    first_token_at: datetime | None = None
+    last_token_at: datetime | None = None
+    prompt_tokens: int = 0  # whole prompt of the turn (history + appended)
+    output_tokens: int = 0
+    finish_reason: str | None = None  # "stop", "length", "tool_calls", ...
+    is_final: bool = False  # the turn whose first token defines TTFET
+    status: TurnStatus = TurnStatus.OK
+    prefill_instance_id: str | None = None  # where the prompt was prefilled, if not the decoder
+    remote_prefill: bool = False
+    tier: str | None = None  # tier label of instance_id
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache
+    policy: str | None = None  # the policy that placed it; defaults to the run's policy
+
+    def __post_init__(self) -> None:
+        if self.turn < 1:
+            raise EnergyError(f"TurnRecord.turn must be >= 1 (1-based), got {self.turn}")
+        for name in ("prompt_tokens", "output_tokens", "cached_tokens"):
+            if getattr(self, name) < 0:
+                raise EnergyError(f"TurnRecord.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.conversation_id:
+            raise EnergyError("TurnRecord.conversation_id must be a non-empty string")
+
+
+@dataclass(frozen=True, slots=True)
+class PinRecord:
+    conversation_id: str
+    instance_id: str
+    at: datetime
+    reason: str = "placed"  # "placed" for the first pin; "replaced: <why>" for a re-placement
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    """Per-conversation metrics known only to whoever computed them (the simulator's slowdowns)."""
+
+    conversation_id: str
+    policy: str | None = None
+    created_at: datetime | None = None
+    final_turn: int | None = None
+    ttfet_s: float | None = None
+    e2e_s: float | None = None
+    ttfet_slowdown: float | None = None
+    e2e_slowdown: float | None = None
+    tbt_slowdown: float | None = None  # mean last-turn TBT / standalone
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationView:
+    """What `GET /v1/conversations/{id}` shows: the pin, the turns, timings and TTFET so far."""
+
+    conversation_id: str
+    run_id: str
+    policy: str | None
+    created_at: datetime
+    pinned_instance_id: str | None  # latest pin
+    pins: tuple[PinRecord, ...]
+    turns: tuple[TurnRecord, ...]  # in recording order
+    final_turn: int | None
+    ttfet_s: float | None  # None until the final turn's first token is recorded
+    e2e_s: float | None
+    first_arrival_at: datetime | None
+    ttfet_slowdown: float | None = None
+    e2e_slowdown: float | None = None
+    tbt_slowdown: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.final_turn is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EnergySample:
+    """A meter reading: cumulative joules of one GPU since the meter started (monotonic)."""
+
+    meter_id: str
+    gpu_index: int
+    at: datetime
+    cumulative_j: float
+    source: Source = Source.MEASURED
+    engine_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttributionRow:
+    """Energy of one engine in one interval given to one conversation turn (or to idle: conversation None)."""
+
+    interval_start: datetime
+    interval_end: datetime
+    engine_id: str
+    conversation_id: str | None  # None: the engine's idle row
+    turn: int | None
+    joules: float
+    work_share: float  # fraction of the interval's energy given to this row (rows of an interval sum to 1)
+    source: Source
+    tier: str | None = None
+
+    @property
+    def is_idle(self) -> bool:
+        return self.conversation_id is None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFilter:
+    since: datetime | None = None
+    until: datetime | None = None
+    run_ids: tuple[str, ...] = field(default_factory=tuple)  # empty: all runs

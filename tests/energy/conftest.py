@@ -1,0 +1,134 @@
+"""Fixtures for the energy tests: a throwaway PostgreSQL 15 server and per-test ledger URLs.
+
+The PostgreSQL server starts once per session (initdb + pg_ctl, < 1 s) when its binaries exist under
+/usr/lib/postgresql/15/bin (Debian `apt-get install postgresql`), listens on 127.0.0.1 and a private
+socket directory only, and is stopped and deleted at session end. Without the binaries, PostgreSQL tests
+skip (or fail when CONSERVE_REQUIRE_POSTGRES=1, as .ci/run sets).
+
+`require_or_skip` comes from tests/conftest.py through pytest's plugin registry (never `import tests`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+PG_BIN = Path(os.environ.get("CONSERVE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
+_db_counter = itertools.count()
+
+
+def root_require_or_skip(config: pytest.Config) -> Callable[[str, str], None]:
+    plugin = config.pluginmanager.get_plugin(str(ROOT_CONFTEST))
+    if plugin is None:  # pragma: no cover - only if pytest changes its conftest registration names
+        raise RuntimeError(f"tests/conftest.py not registered as a plugin under {ROOT_CONFTEST}")
+    return plugin.require_or_skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # initdb refuses to run as root; run the server binaries as the 'postgres' system user then.
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+class _PgServer:
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="conserve-pg-"))
+        self.data = self.root / "data"
+        self.sock = self.root / "sock"
+        self.sock.mkdir()
+        self.port = _free_port()
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.sock, "postgres")
+        run = {"check": True, "capture_output": True, "timeout": 120}
+        subprocess.run(
+            _as_postgres(
+                [str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"]
+            ),
+            **run,
+        )
+        opts = f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(PG_BIN / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-o",
+                    opts,
+                    "-l",
+                    str(self.root / "log"),
+                    "-w",
+                    "start",
+                ]
+            ),
+            **run,
+        )
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = f"ledger_{os.getpid()}_{next(_db_counter)}"
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]),
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(pytestconfig: pytest.Config) -> Iterator[_PgServer]:
+    if not (PG_BIN / "initdb").exists():
+        root_require_or_skip(pytestconfig)(
+            "CONSERVE_REQUIRE_POSTGRES",
+            f"PostgreSQL 15 binaries not found in {PG_BIN} (apt-get install postgresql)",
+        )
+    server = _PgServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: _PgServer) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    return pg_server.create_database()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty ledger database URL, on SQLite (file) and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return request.getfixturevalue("pg_url")

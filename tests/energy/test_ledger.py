@@ -1,0 +1,204 @@
+"""The SQL ledger on a real database (SQLite file and PostgreSQL): migrations, turns, pins, energy rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from energy import db
+from energy.ledger import Ledger
+from energy.records import (
+    AttributionRow,
+    ConversationSummary,
+    EnergySample,
+    ReportFilter,
+    RunInfo,
+    RunKind,
+    Source,
+    TurnRecord,
+    TurnStatus,
+)
+from tiers.errors import EnergyError
+
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def turn(
+    cid: str,
+    k: int,
+    *,
+    at_s: float,
+    ttft_s: float = 0.5,
+    dur_s: float = 2.0,
+    final: bool = False,
+    instance: str = "d0",
+    **kw: object,
+) -> TurnRecord:
+    arrival = T0 + timedelta(seconds=at_s)
+    return TurnRecord(
+        conversation_id=cid,
+        turn=k,
+        request_id=f"{cid}-{k}-{kw.pop('attempt', 0)}",
+        instance_id=instance,
+        arrival_at=arrival,
+        first_token_at=arrival + timedelta(seconds=ttft_s),
+        last_token_at=arrival + timedelta(seconds=dur_s),
+        prompt_tokens=1000 * k,
+        output_tokens=100,
+        finish_reason="stop" if final else "tool_calls",
+        is_final=final,
+        tier="a40",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Ledger:
+    lg = Ledger(ledger_url, policy="conserve")
+    lg.upgrade()
+    yield lg
+    lg.close()
+
+
+def test_migrations_upgrade_empty_database_to_head_and_match_models(ledger_url: str) -> None:
+    lg = Ledger(ledger_url)
+    assert lg.revision() is None
+    lg.upgrade()
+    assert lg.revision() == db.head_revision()
+    lg.upgrade()  # idempotent
+    engine = create_engine(ledger_url)
+    insp = inspect(engine)
+    tables = set(insp.get_table_names()) - {"alembic_version"}
+    assert tables == set(db.Base.metadata.tables)
+    for name, table in db.Base.metadata.tables.items():
+        assert {c["name"] for c in insp.get_columns(name)} == set(table.columns.keys()), name
+    engine.dispose()
+    lg.close()
+
+
+def test_recording_before_upgrade_says_how_to_fix(sqlite_url: str) -> None:
+    lg = Ledger(sqlite_url)
+    with pytest.raises(EnergyError, match=r"no schema.*Ledger.upgrade\(\)"):
+        lg.record_turn(turn("c1", 1, at_s=0))
+
+
+def test_turns_pins_and_ttfet_round_trip(ledger: Ledger) -> None:
+    ledger.record_pin("c1", "d0", at=T0, reason="placed")
+    ledger.record_turns(
+        [turn("c1", 1, at_s=0, remote_prefill=True, prefill_instance_id="p0"), turn("c1", 2, at_s=3)]
+    )
+    view = ledger.get_conversation("c1")
+    assert view is not None and not view.done and view.ttfet_s is None
+    assert view.pinned_instance_id == "d0"
+    ledger.record_turn(turn("c1", 3, at_s=6, ttft_s=0.25, final=True))
+    view = ledger.get_conversation("c1")
+    assert view is not None and view.done
+    assert view.final_turn == 3
+    assert view.ttfet_s == pytest.approx(6.25)
+    assert view.e2e_s == pytest.approx(8.0)
+    assert [t.turn for t in view.turns] == [1, 2, 3]
+    assert view.turns[0].remote_prefill and view.turns[0].prefill_instance_id == "p0"
+    assert view.turns[0].arrival_at == T0 and view.turns[0].arrival_at.tzinfo is not None
+    assert view.policy == "conserve"
+    assert ledger.get_conversation("nope") is None
+
+
+def test_replacement_is_a_new_pin_row_and_nothing_is_lost(ledger: Ledger) -> None:
+    ledger.record_pin("c1", "d0", at=T0)
+    ledger.record_turn(turn("c1", 1, at_s=0))
+    ledger.record_turn(turn("c1", 2, at_s=3, status=TurnStatus.ERROR))
+    ledger.record_pin("c1", "d1", at=T0 + timedelta(seconds=4), reason="replaced: d0 down")
+    ledger.record_turn(turn("c1", 2, at_s=4, instance="d1", final=True, attempt=1))
+    view = ledger.get_conversation("c1")
+    assert view is not None
+    assert [p.instance_id for p in view.pins] == ["d0", "d1"]
+    assert view.pinned_instance_id == "d1"
+    assert [(t.turn, t.status) for t in view.turns] == [(1, "ok"), (2, "error"), (2, "ok")]
+    assert ledger.current_pins() == {"c1": "d1"}
+
+
+def test_duplicate_request_id_is_refused(ledger: Ledger) -> None:
+    ledger.record_turn(turn("c1", 1, at_s=0))
+    with pytest.raises(EnergyError, match="append-only"):
+        ledger.record_turn(turn("c1", 1, at_s=0))
+
+
+def test_naive_timestamps_are_refused_and_offsets_normalised(ledger: Ledger) -> None:
+    with pytest.raises(EnergyError, match="arrival_at must be a timezone-aware"):
+        ledger.record_turn(TurnRecord("c1", 1, "r1", "d0", arrival_at=datetime(2025, 1, 1)))
+    plus2 = timezone(timedelta(hours=2))
+    ledger.record_turn(TurnRecord("c2", 1, "r2", "d0", arrival_at=datetime(2025, 1, 1, 14, tzinfo=plus2)))
+    view = ledger.get_conversation("c2")
+    assert view is not None and view.turns[0].arrival_at == datetime(2025, 1, 1, 12, tzinfo=UTC)
+
+
+def test_runs_separate_the_same_conversation_id(ledger_url: str) -> None:
+    a = Ledger(ledger_url, run_id="sim-a", policy="conserve", kind=RunKind.SIMULATE)
+    a.upgrade()
+    b = Ledger(ledger_url, run_id="sim-b", policy="per-turn", kind=RunKind.SIMULATE)
+    a.record_turn(turn("c1", 1, at_s=0, final=True))
+    b.record_turn(turn("c1", 1, at_s=0, final=True))
+    b.record_conversations([ConversationSummary("c1", ttfet_slowdown=2.5)])
+    facts = {(f.run_id, f.conversation_id): f for f in a.conversation_facts()}
+    assert set(facts) == {("sim-a", "c1"), ("sim-b", "c1")}
+    assert facts[("sim-b", "c1")].policy == "per-turn" and facts[("sim-b", "c1")].ttfet_slowdown == 2.5
+    assert facts[("sim-a", "c1")].ttfet_slowdown is None
+    assert {r.run_id: r.policy for r in a.runs()} == {"sim-a": "conserve", "sim-b": "per-turn"}
+    a.close()
+    b.close()
+
+
+def test_energy_rows_round_trip_and_filters(ledger: Ledger) -> None:
+    ledger.start_run(RunInfo("live", RunKind.SERVE, "conserve", started_at=T0))
+    samples = [
+        EnergySample("m0", 0, T0 + timedelta(seconds=s), 100.0 * s, Source.MEASURED, "d0") for s in range(5)
+    ]
+    assert ledger.record_samples(samples) == 5
+    rows = [
+        AttributionRow(
+            T0 + timedelta(seconds=s),
+            T0 + timedelta(seconds=s + 1),
+            "d0",
+            cid,
+            1,
+            j,
+            j / 100,
+            Source.MEASURED,
+            "a40",
+        )
+        for s in range(4)
+        for cid, j in (("c1", 60.0), (None, 40.0))
+    ]
+    assert ledger.record_attributions(rows) == 8
+    got = ledger.attributions(ReportFilter(since=T0 + timedelta(seconds=1), until=T0 + timedelta(seconds=3)))
+    assert len(got) == 4
+    assert sum(r.joules for _, r in got) == pytest.approx(200.0)
+    assert all(run == "live" for run, _ in got)
+    assert [s.cumulative_j for s in ledger.samples("m0")] == [0.0, 100.0, 200.0, 300.0, 400.0]
+    with pytest.raises(EnergyError, match="non-negative"):
+        ledger.record_attributions([AttributionRow(T0, T0, "d0", None, None, -1.0, 0.0, Source.MEASURED)])
+
+
+def test_conversation_facts_sum_ok_turns_and_collect_tiers(ledger: Ledger) -> None:
+    ledger.record_turns(
+        [
+            turn("c1", 1, at_s=0, instance="p0"),
+            turn("c1", 2, at_s=2, status=TurnStatus.ERROR),
+            turn("c1", 2, at_s=3, final=True, attempt=1),
+        ]
+    )
+    (f,) = ledger.conversation_facts()
+    assert f.turns == 2
+    assert f.prompt_tokens == 3000 and f.output_tokens == 200 and f.tokens == 3200
+    assert f.tiers == ("a40",)
+
+
+def test_bad_urls_give_one_line_errors(tmp_path) -> None:
+    with pytest.raises(EnergyError, match="not a valid SQLAlchemy URL"):
+        Ledger("not a url")
+    with pytest.raises(EnergyError, match="not supported"):
+        Ledger("mysql://x@localhost/db")
+    with pytest.raises(EnergyError, match="does not exist"):
+        Ledger(f"sqlite:///{tmp_path}/missing/dir/ledger.db")
