@@ -289,8 +289,8 @@ def load_mooncake(
                     break
             if best is not None:
                 c = convs[best]
-                for key in keys_of(best):
-                    index[key].remove(best)
+                for ckey in keys_of(best):
+                    index[ckey].remove(best)
                 appended = max(0, in_len - (c[3] + c[4]))
                 gap_s = (ts - c[5]) / 1000.0
                 c[2].append(TurnSpec(appended_tokens=appended, output_tokens=out_len, tool_gap_s=gap_s))
@@ -307,8 +307,8 @@ def load_mooncake(
                 o = owner.setdefault(h, ci)
                 if o != ci:
                     shared.add(h)
-            for key in keys_of(ci):
-                index.setdefault(key, []).append(ci)
+            for ckey in keys_of(ci):
+                index.setdefault(ckey, []).append(ci)
     if not convs:
         raise WorkloadError(f"{p}: no requests found. To fix: the file needs one JSON request per line.")
     t0 = first_ts or 0.0
