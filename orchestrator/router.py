@@ -1,0 +1,702 @@
+"""The live router: applies a placement policy to live requests, keeps pins, records every turn.
+
+One policy, two drivers: this module and the simulator build a :class:`placement.base.FleetView` and call
+``policy.place(turn, view)`` -- the router never decides placement itself. Per turn it
+
+1. estimates the prompt's tokens (tokenizer-free: ~4 characters per token, plus a few per chat message;
+   the engine's reported ``usage`` replaces the estimate in the records once the turn ends);
+2. builds a FleetView from the engines' polled observations plus its own accounting (in-flight prefill
+   tokens per instance, KV tokens of the conversations pinned to each decoder: a decoder's used KV is the
+   larger of what it reports and what its pinned conversations hold);
+3. executes the Placement: a remote prefill calls ``prefill()`` on the prefiller and forwards the returned
+   ``kv_transfer_params`` with the original request to the decoder; otherwise the decoder prefills locally
+   (from its prefix cache for later turns);
+4. streams the decoder's chunks back, timing the first token, every token gap and the last token;
+5. records the turn (a :class:`energy.records.TurnRecord`) and pins (``PinRecord``) through a
+   :class:`TurnSink` that must not block (the runtime's background SQL writer).
+
+Final turn: a turn whose ``finish_reason`` is ``"stop"`` with no tool calls, or that the client marks final
+(``X-Conversation-Final: true`` header or body ``"conserve": {"final": true}``, parsed by the API). TTFET is
+from the arrival of turn 1 to the first token of the latest final turn. The pin is held until the client
+marks a turn final, the conversation is idle for ``pin_ttl_s``, or its decoder fails (a ``stop`` turn does
+not end it: a chat may go on). A request without a conversation id is a one-turn conversation.
+
+Failure: an engine that raises is marked down (the health poll brings it back). A failed attempt is recorded
+with status ``replaced`` and retried once through the policy (which re-places a pinned conversation on a
+healthy decoder with a full re-prefill) when nothing was sent to the client yet; otherwise the turn is
+recorded with status ``error`` and :class:`EngineUnavailable` is raised (the API answers 503, or an SSE error
+event mid-stream).
+
+Must not import fastapi, starlette or sqlalchemy (the API and the ledger are edges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from energy.records import ConversationView, PinRecord, TurnRecord, TurnStatus
+from orchestrator.engines.base import Engine, EngineObservation, EngineRequest, RequestKind
+from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
+from tiers.errors import ConServeError, EngineError, PlacementError
+
+__all__ = [
+    "Router",
+    "RouterConfig",
+    "TurnInput",
+    "TurnSink",
+    "RouterObserver",
+    "EngineUnavailable",
+    "ConversationNotFound",
+    "estimate_prompt_tokens",
+    "assemble_response",
+]
+
+# Tokenizer-free estimate: ~4 characters per token for English text with BPE tokenizers (OpenAI's rule of
+# thumb, "What are tokens and how to count them"), plus per-message chat-template overhead (~4 tokens:
+# role markers and separators, same source).
+CHARS_PER_TOKEN = 4
+CHAT_MESSAGE_OVERHEAD_TOKENS = 4
+
+ENGINE_FAILURES: tuple[type[BaseException], ...] = (EngineError, OSError, asyncio.TimeoutError)
+
+
+class EngineUnavailable(ConServeError):
+    """No healthy engine could serve the turn (API: 503)."""
+
+
+class ConversationNotFound(ConServeError):
+    """Unknown conversation id (API: 404)."""
+
+
+# ---- edges the router writes to -----------------------------------------------------------------------
+
+
+class TurnSink(Protocol):
+    """Where turns and pins go (the ledger). Both calls must return immediately (queue, not SQL)."""
+
+    def turn(self, rec: TurnRecord) -> None: ...
+
+    def pin(self, rec: PinRecord) -> None: ...
+
+
+class PinLookup(Protocol):
+    """Shared pins (several router replicas on one PostgreSQL ledger): read a conversation's history."""
+
+    async def lookup(self, conversation_id: str) -> ConversationView | None: ...
+
+
+class RouterObserver(Protocol):
+    """Metrics hooks (the API implements them with prometheus_client)."""
+
+    def turn_done(self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float],
+                  ttfet_s: float | None) -> None: ...
+
+    def kv_transfer(self, prefill_instance: str, decode_instance: str, nbytes: int) -> None: ...
+
+    def replaced(self, conversation_id: str, old_instance: str | None, new_instance: str) -> None: ...
+
+    def retried(self, instance_id: str) -> None: ...
+
+
+class _NullSink:
+    def turn(self, rec: TurnRecord) -> None:
+        return None
+
+    def pin(self, rec: PinRecord) -> None:
+        return None
+
+
+class _NullObserver:
+    def turn_done(self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float],
+                  ttfet_s: float | None) -> None:
+        return None
+
+    def kv_transfer(self, prefill_instance: str, decode_instance: str, nbytes: int) -> None:
+        return None
+
+    def replaced(self, conversation_id: str, old_instance: str | None, new_instance: str) -> None:
+        return None
+
+    def retried(self, instance_id: str) -> None:
+        return None
+
+
+# ---- values -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    model_name: str
+    max_context_tokens: int
+    pin_ttl_s: float = 900.0  # an idle conversation keeps its pin this long (tool gaps: seconds to minutes)
+    observe_timeout_s: float = 2.0
+    max_attempts: int = 2  # first try + one retry on another instance
+
+
+@dataclass(frozen=True, slots=True)
+class TurnInput:
+    """One client request, already validated by the API."""
+
+    kind: RequestKind
+    body: dict[str, Any]  # OpenAI body as the engine should see it (conserve fields removed)
+    conversation_id: str | None  # None: a one-turn conversation
+    client_final: bool = False
+    include_usage: bool = False  # the client asked for stream_options.include_usage
+    prompt_tokens: int | None = None  # precomputed estimate; None: the router estimates
+
+
+def estimate_prompt_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int:
+    """Tokenizer-free prompt length estimate (see CHARS_PER_TOKEN)."""
+    if kind is RequestKind.COMPLETION:
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, str):
+            return max(1, -(-len(prompt) // CHARS_PER_TOKEN))
+        if isinstance(prompt, list) and prompt:
+            first = prompt[0]
+            if isinstance(first, int):
+                return len(prompt)  # already token ids
+            if isinstance(first, str):
+                return max(1, -(-len(first) // CHARS_PER_TOKEN))
+            if isinstance(first, list):
+                return max(1, len(first))
+        return 1
+    chars = 0
+    messages = body.get("messages") or ()
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+        if isinstance(m, dict):
+            for tc in m.get("tool_calls") or ():
+                fn = tc.get("function", {}) if isinstance(tc, dict) else {}
+                chars += len(str(fn.get("name", ""))) + len(str(fn.get("arguments", "")))
+    tools = body.get("tools")
+    if tools:
+        chars += len(repr(tools))
+    return max(1, -(-chars // CHARS_PER_TOKEN) + CHAT_MESSAGE_OVERHEAD_TOKENS * len(messages))
+
+
+def _utc(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+# ---- mutable state (private) --------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Instance:
+    engine: Engine
+    instance_id: str
+    role: Role
+    tier: str
+    healthy: bool = True
+    down_reason: str | None = None
+    obs: EngineObservation | None = None
+    kv_capacity_tokens: int = 1
+    inflight_prefill_tokens: int = 0
+    inflight_requests: int = 0
+    pinned_tokens: int = 0
+    pinned: set[str] = field(default_factory=set)
+    kv_transfers_in: int = 0
+
+    def view(self) -> InstanceView:
+        obs = self.obs
+        used = int(obs.kv_usage_frac * self.kv_capacity_tokens) if obs is not None else 0
+        return InstanceView(
+            instance_id=self.instance_id,
+            role=self.role,
+            tier=self.tier,
+            healthy=self.healthy,
+            queued_prefill_tokens=self.inflight_prefill_tokens,
+            kv_used_tokens=max(used, self.pinned_tokens),
+            kv_capacity_tokens=self.kv_capacity_tokens,
+            running_seqs=max(obs.running if obs is not None else 0, self.inflight_requests),
+            waiting_seqs=obs.waiting if obs is not None else 0,
+            pinned_conversations=len(self.pinned),
+        )
+
+
+@dataclass(slots=True, eq=False)
+class _Conversation:
+    conversation_id: str
+    one_turn: bool
+    first_arrival_s: float
+    turns: int = 0
+    pin: str | None = None
+    pinned_tokens: int = 0  # tokens counted against the pinned decoder
+    context_tokens: int = 0  # prompt + output of the last finished turn
+    last_active_s: float = 0.0
+    final_turn: int | None = None
+    ttfet_s: float | None = None
+    e2e_s: float | None = None
+    ended: bool = False
+    records: list[TurnRecord] = field(default_factory=list)
+    pins: list[PinRecord] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """Timings and results of one attempt of a turn on one decoder."""
+
+    request_id: str
+    placement: Placement
+    first_s: float | None = None
+    last_s: float | None = None
+    tokens: int = 0
+    usage: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    tool_calls: bool = False
+    gaps_s: list[float] = field(default_factory=list)
+    sent: bool = False  # something reached the client
+
+
+# ---- the router ---------------------------------------------------------------------------------------
+
+
+class Router:
+    """Applies `policy` to live traffic over `engines`. Framework-free; one per process (no globals)."""
+
+    def __init__(
+        self,
+        engines: Mapping[str, Engine],
+        policy: Policy,
+        config: RouterConfig,
+        *,
+        sink: TurnSink | None = None,
+        observer: RouterObserver | None = None,
+        pin_lookup: PinLookup | None = None,
+        clock: Callable[[], float] = time.time,
+        kv_capacity_tokens: Mapping[str, int] | None = None,
+    ) -> None:
+        if not engines:
+            raise EngineUnavailable("the fleet has no engines. To fix: list engines or give a plan with instances.")
+        self.policy = policy
+        self.config = config
+        self.sink: TurnSink = sink or _NullSink()
+        self.observer: RouterObserver = observer or _NullObserver()
+        self.pin_lookup = pin_lookup
+        self.clock = clock
+        caps = kv_capacity_tokens or {}
+        self._instances: dict[str, _Instance] = {
+            iid: _Instance(engine=e, instance_id=iid, role=Role(e.role), tier=e.tier,
+                           kv_capacity_tokens=max(1, int(caps.get(iid, 0) or getattr(e, "kv_capacity_tokens", 1))))
+            for iid, e in engines.items()
+        }
+        self._convs: dict[str, _Conversation] = {}
+        self._pins: dict[str, str] = {}  # conversation -> decoder, what FleetView.pins shows
+        self._id_prefix = os.urandom(4).hex()
+        self._ids = itertools.count(1)
+        self.stats = {"turns": 0, "replacements": 0, "retries": 0, "kv_transfers": 0, "errors": 0}
+
+    # ---- introspection ------------------------------------------------------------------------------
+    @property
+    def engines(self) -> dict[str, Engine]:
+        return {iid: inst.engine for iid, inst in self._instances.items()}
+
+    def fleet_view(self) -> FleetView:
+        return FleetView(tuple(i.view() for i in self._instances.values()), self._pins)
+
+    def instance_status(self) -> list[dict[str, Any]]:
+        """Per instance: id, role, tier, health, KV occupancy, queues, pins (for GET /v1/fleet and /metrics)."""
+        out = []
+        for inst in self._instances.values():
+            v = inst.view()
+            obs = inst.obs
+            out.append({
+                "instance_id": inst.instance_id, "role": str(inst.role), "tier": inst.tier,
+                "healthy": inst.healthy, "down_reason": inst.down_reason,
+                "kv_capacity_tokens": inst.kv_capacity_tokens, "kv_used_tokens": v.kv_used_tokens,
+                "kv_occupancy": v.kv_occupancy,
+                "engine_kv_usage_frac": obs.kv_usage_frac if obs is not None else None,
+                "running": obs.running if obs is not None else 0,
+                "waiting": obs.waiting if obs is not None else 0,
+                "inflight_requests": inst.inflight_requests,
+                "queued_prefill_tokens": inst.inflight_prefill_tokens,
+                "pinned_conversations": len(inst.pinned), "pinned_tokens": inst.pinned_tokens,
+                "kv_transfers_in": inst.kv_transfers_in,
+                "engine": dict(obs.extra) if obs is not None else {},
+            })
+        return out
+
+    def ready(self) -> bool:
+        """At least one healthy decode-capable instance (a turn can be placed)."""
+        return any(i.healthy and i.role.can_decode for i in self._instances.values())
+
+    def conversation(self, conversation_id: str) -> ConversationView | None:
+        conv = self._convs.get(conversation_id)
+        if conv is None:
+            return None
+        return ConversationView(
+            conversation_id=conv.conversation_id, run_id="live", policy=self.policy.name,
+            created_at=_utc(conv.first_arrival_s) or datetime.now(UTC),
+            pinned_instance_id=conv.pins[-1].instance_id if conv.pins else None, pins=tuple(conv.pins),
+            turns=tuple(conv.records), final_turn=conv.final_turn, ttfet_s=conv.ttfet_s, e2e_s=conv.e2e_s,
+            first_arrival_at=_utc(conv.first_arrival_s),
+        )
+
+    def active_pin(self, conversation_id: str) -> str | None:
+        return self._pins.get(conversation_id)
+
+    # ---- health ---------------------------------------------------------------------------------------
+    def mark_down(self, instance_id: str, reason: str) -> None:
+        inst = self._instances.get(instance_id)
+        if inst is not None and inst.healthy:
+            inst.healthy = False
+            inst.down_reason = reason
+
+    async def poll(self) -> None:
+        """Observe every engine (scheduled job): update observations and health."""
+        async def one(inst: _Instance) -> None:
+            try:
+                obs = await asyncio.wait_for(inst.engine.observe(), self.config.observe_timeout_s)
+            except Exception as err:  # an engine we cannot observe is down, whatever the cause
+                self.mark_down(inst.instance_id, f"observe failed: {type(err).__name__}: {err}")
+                return
+            inst.obs = obs
+            if obs.kv_capacity_tokens > 0:
+                inst.kv_capacity_tokens = obs.kv_capacity_tokens
+            if obs.healthy:
+                inst.healthy, inst.down_reason = True, None
+            else:
+                self.mark_down(inst.instance_id, "engine reports unhealthy")
+
+        await asyncio.gather(*(one(i) for i in self._instances.values()))
+
+    def expire_idle(self, now_s: float | None = None) -> int:
+        """Release pins of conversations idle longer than pin_ttl_s (scheduled job). Returns how many."""
+        now_s = self.clock() if now_s is None else now_s
+        stale = [c for c in self._convs.values() if now_s - c.last_active_s > self.config.pin_ttl_s]
+        for conv in stale:
+            self._end(conv)
+            del self._convs[conv.conversation_id]
+        return len(stale)
+
+    # ---- serving --------------------------------------------------------------------------------------
+    async def complete(self, inp: TurnInput) -> dict[str, Any]:
+        """Non-streaming: run the turn (streamed from the engine for timing) and return the whole body."""
+        chunks: list[dict[str, Any]] = []
+        async with contextlib.aclosing(self._run(inp, buffered=True)) as gen:
+            async for ch in gen:
+                chunks.append(ch)
+        return assemble_response(inp.kind, chunks, self.config.model_name)
+
+    def stream(self, inp: TurnInput) -> AsyncIterator[dict[str, Any]]:
+        """Streaming: chunk dicts for the client. Errors before the first chunk raise from the first anext()."""
+        return self._run(inp, buffered=False)
+
+    async def _conversation_for(self, inp: TurnInput, now_s: float) -> _Conversation:
+        cid = inp.conversation_id
+        if cid is None:
+            cid = f"conv-{self._id_prefix}-{next(self._ids)}"
+            return _Conversation(cid, one_turn=True, first_arrival_s=now_s, last_active_s=now_s)
+        conv = self._convs.get(cid)
+        if conv is not None and not conv.ended:
+            return conv
+        conv = _Conversation(cid, one_turn=False, first_arrival_s=now_s, last_active_s=now_s)
+        if self.pin_lookup is not None and _has_history(inp):
+            # A continuation we do not hold in memory: another replica (shared PostgreSQL) or a restart.
+            try:
+                seen = await self.pin_lookup.lookup(cid)
+            except ConServeError:
+                seen = None
+            if seen is not None and seen.turns:
+                conv.turns = max(t.turn for t in seen.turns)
+                if seen.first_arrival_at is not None:
+                    conv.first_arrival_s = seen.first_arrival_at.timestamp()
+                last = seen.turns[-1]
+                conv.context_tokens = last.prompt_tokens + last.output_tokens
+                pin = seen.pinned_instance_id
+                if pin in self._instances:
+                    self._pin(conv, pin, now_s, reason=None)
+        self._convs[cid] = conv
+        return conv
+
+    async def _run(self, inp: TurnInput, buffered: bool) -> AsyncIterator[dict[str, Any]]:
+        arrival_s = self.clock()
+        prompt_tokens = inp.prompt_tokens or estimate_prompt_tokens(inp.kind, inp.body)
+        conv = await self._conversation_for(inp, arrival_s)
+        conv.turns += 1
+        turn = conv.turns
+        conv.last_active_s = arrival_s
+        new_tokens = prompt_tokens - conv.context_tokens if turn > 1 else prompt_tokens
+        if new_tokens <= 0:  # the client rewrote its history: treat the whole prompt as new
+            new_tokens = prompt_tokens
+        max_out = _max_output(inp.body)
+        treq = TurnRequest(conv.conversation_id, turn, prompt_tokens, new_tokens, max_out)
+        exclude: set[str] = set()
+        last_err: BaseException | None = None
+        for attempt_no in range(self.config.max_attempts):
+            placement = self._place(treq, conv, arrival_s)
+            att = _Attempt(request_id=f"req-{self._id_prefix}-{next(self._ids)}", placement=placement)
+            dec = self._instances[placement.decode_instance]
+            failed_on: str | None = None
+            kv_params = None
+            status = TurnStatus.OK
+            held: list[dict[str, Any]] = []  # buffered mode: this attempt's chunks, released on success
+            try:
+                if placement.remote_prefill:
+                    pre = self._instances[placement.prefill_instance]  # type: ignore[index]
+                    failed_on = pre.instance_id
+                    pre.inflight_prefill_tokens += prompt_tokens
+                    pre.inflight_requests += 1
+                    try:
+                        res = await pre.engine.prefill(EngineRequest(
+                            inp.kind, inp.body, att.request_id + "-p", conv.conversation_id, prompt_tokens))
+                    finally:
+                        pre.inflight_prefill_tokens -= prompt_tokens
+                        pre.inflight_requests -= 1
+                    kv_params = res.kv_transfer_params
+                    self.stats["kv_transfers"] += 1
+                    dec.kv_transfers_in += 1
+                    self.observer.kv_transfer(pre.instance_id, dec.instance_id, res.transferred_bytes)
+                failed_on = dec.instance_id
+                body = dict(inp.body)
+                body["stream"] = True
+                body["stream_options"] = {"include_usage": True}
+                local_prefill = 0 if placement.remote_prefill else new_tokens
+                dec.inflight_prefill_tokens += local_prefill
+                dec.inflight_requests += 1
+                try:
+                    ereq = EngineRequest(inp.kind, body, att.request_id, conv.conversation_id, prompt_tokens,
+                                         kv_transfer_params=kv_params)
+                    async with contextlib.aclosing(dec.engine.stream(ereq)) as chunks:
+                        prev_s = 0.0
+                        async for ch in chunks:
+                            now = self.clock()
+                            choices = ch.get("choices")
+                            if choices:
+                                c0 = choices[0]
+                                if c0.get("finish_reason"):
+                                    att.finish_reason = c0["finish_reason"]
+                                delta = c0.get("delta")
+                                produced = (c0.get("text") if delta is None else
+                                            (delta.get("content") or delta.get("tool_calls")
+                                             or delta.get("reasoning_content")))
+                                if produced:
+                                    if att.first_s is None:
+                                        att.first_s = now
+                                        dec.inflight_prefill_tokens -= local_prefill
+                                        local_prefill = 0
+                                    else:
+                                        att.gaps_s.append(now - prev_s)
+                                    prev_s = now
+                                    att.tokens += 1
+                                    if delta is not None and delta.get("tool_calls"):
+                                        att.tool_calls = True
+                            usage = ch.get("usage")
+                            if usage:
+                                att.usage = usage
+                                if not choices and not inp.include_usage and not buffered:
+                                    continue
+                            if buffered:
+                                held.append(ch)
+                            else:
+                                att.sent = True
+                                yield ch
+                    att.last_s = self.clock()
+                finally:
+                    dec.inflight_prefill_tokens -= local_prefill
+                    dec.inflight_requests -= 1
+            except ENGINE_FAILURES as err:
+                last_err = err
+                assert failed_on is not None
+                self.mark_down(failed_on, f"{type(err).__name__}: {err}")
+                exclude.add(failed_on)
+                status = TurnStatus.ERROR if att.sent else TurnStatus.REPLACED
+                self._finish(conv, treq, att, arrival_s, status, inp.client_final)
+                if att.sent or attempt_no + 1 >= self.config.max_attempts:
+                    self.stats["errors"] += 1
+                    raise EngineUnavailable(
+                        f"engine {failed_on} failed while serving conversation {conv.conversation_id} "
+                        f"turn {turn}" + (" after output was streamed" if att.sent else " (retried once)")
+                        + f": {err}. The conversation is kept; send the turn again to re-place it."
+                    ) from err
+                self.stats["retries"] += 1
+                self.observer.retried(failed_on)
+                continue
+            except BaseException:
+                # client went away (cancelled / generator closed) or an unexpected bug: record, re-raise
+                self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
+                raise
+            self._finish(conv, treq, att, arrival_s, status, inp.client_final)
+            for ch in held:
+                yield ch
+            return
+        raise EngineUnavailable(f"no engine could serve the turn: {last_err}")  # pragma: no cover
+
+    # ---- placement and pins -------------------------------------------------------------------------
+    def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
+        try:
+            placement = self.policy.place(treq, self.fleet_view())
+        except PlacementError as err:
+            raise EngineUnavailable(str(err)) from err
+        for iid in (placement.decode_instance, placement.prefill_instance):
+            if iid is not None and iid not in self._instances:
+                raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")
+        old = conv.pin
+        if old != placement.decode_instance:
+            if old is not None or (treq.turn > 1 and not conv.one_turn):
+                reason = f"replaced: {placement.reason or 'pinned decoder unavailable'}"
+                self.stats["replacements"] += 1
+                self.observer.replaced(conv.conversation_id, old, placement.decode_instance)
+            else:
+                reason = "placed"
+            self._pin(conv, placement.decode_instance, now_s, reason=reason)
+        self._account(conv, treq.input_tokens + (treq.max_output_tokens or 0))
+        return placement
+
+    def _pin(self, conv: _Conversation, instance_id: str, now_s: float, reason: str | None) -> None:
+        self._unpin(conv)
+        inst = self._instances[instance_id]
+        conv.pin = instance_id
+        inst.pinned.add(conv.conversation_id)
+        self._pins[conv.conversation_id] = instance_id
+        if reason is not None and (not conv.one_turn or reason != "placed"):
+            rec = PinRecord(conv.conversation_id, instance_id, _utc(now_s) or datetime.now(UTC), reason)
+            if not conv.one_turn:
+                conv.pins.append(rec)
+            self.sink.pin(rec)
+
+    def _unpin(self, conv: _Conversation) -> None:
+        if conv.pin is None:
+            return
+        inst = self._instances.get(conv.pin)
+        if inst is not None:
+            inst.pinned.discard(conv.conversation_id)
+            inst.pinned_tokens -= conv.pinned_tokens
+        self._pins.pop(conv.conversation_id, None)
+        conv.pin = None
+        conv.pinned_tokens = 0
+
+    def _account(self, conv: _Conversation, tokens: int) -> None:
+        """Set the KV tokens this conversation holds on its pinned decoder."""
+        if conv.pin is None:
+            return
+        inst = self._instances[conv.pin]
+        inst.pinned_tokens += tokens - conv.pinned_tokens
+        conv.pinned_tokens = tokens
+
+    def _end(self, conv: _Conversation) -> None:
+        self._unpin(conv)
+        conv.ended = True
+        self.policy.forget(conv.conversation_id)
+
+    # ---- recording ----------------------------------------------------------------------------------
+    def _finish(self, conv: _Conversation, treq: TurnRequest, att: _Attempt, arrival_s: float,
+                status: TurnStatus, client_final: bool) -> None:
+        pl = att.placement
+        usage = att.usage or {}
+        prompt = int(usage.get("prompt_tokens") or treq.input_tokens)
+        output = int(usage.get("completion_tokens") or att.tokens)
+        details = usage.get("prompt_tokens_details") or {}
+        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        ok = status is TurnStatus.OK
+        natural_final = att.finish_reason == "stop" and not att.tool_calls
+        is_final = ok and (client_final or natural_final or conv.one_turn)
+        dec = self._instances[pl.decode_instance]
+        rec = TurnRecord(
+            conversation_id=conv.conversation_id, turn=treq.turn, request_id=att.request_id,
+            instance_id=pl.decode_instance, arrival_at=_utc(arrival_s) or datetime.now(UTC),
+            first_token_at=_utc(att.first_s), last_token_at=_utc(att.last_s),
+            prompt_tokens=prompt, output_tokens=output, finish_reason=att.finish_reason, is_final=is_final,
+            status=status, prefill_instance_id=pl.prefill_instance if pl.remote_prefill else None,
+            remote_prefill=pl.remote_prefill, tier=dec.tier, cached_tokens=min(cached, prompt),
+            policy=self.policy.name,
+        )
+        self.sink.turn(rec)
+        if not conv.one_turn:
+            conv.records.append(rec)
+        ttfet = None
+        if ok:
+            self.stats["turns"] += 1
+            conv.context_tokens = prompt + output
+            conv.last_active_s = att.last_s or self.clock()
+            self._account(conv, conv.context_tokens)
+            self.policy.observe_turn_end(conv.conversation_id, treq.turn, output)
+            if is_final and att.first_s is not None:
+                conv.final_turn = treq.turn
+                ttfet = att.first_s - conv.first_arrival_s
+                conv.ttfet_s = ttfet
+                conv.e2e_s = (att.last_s - conv.first_arrival_s) if att.last_s is not None else None
+            if client_final:
+                self._end(conv)
+        self.observer.turn_done(rec, (att.first_s - arrival_s) if att.first_s is not None else None,
+                                att.gaps_s, ttfet)
+        if conv.one_turn and (ok or status is TurnStatus.ERROR):
+            self._end(conv)
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(i.engine.aclose() for i in self._instances.values()), return_exceptions=True)
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+
+def _max_output(body: Mapping[str, Any]) -> int | None:
+    cap = body.get("max_completion_tokens")
+    if cap is None:
+        cap = body.get("max_tokens")
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+
+
+def _has_history(inp: TurnInput) -> bool:
+    if inp.kind is RequestKind.CHAT:
+        return any(isinstance(m, dict) and m.get("role") in ("assistant", "tool")
+                   for m in inp.body.get("messages") or ())
+    return True
+
+
+def assemble_response(kind: RequestKind, chunks: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    """Fold OpenAI stream chunks into the non-streaming response body (text, tool calls, usage)."""
+    text: list[str] = []
+    tool_calls: dict[int, dict[str, Any]] = {}
+    finish = None
+    usage = None
+    rid, created, model_out = None, int(time.time()), model
+    for ch in chunks:
+        rid = ch.get("id", rid)
+        created = ch.get("created", created)
+        model_out = ch.get("model", model_out)
+        if ch.get("usage"):
+            usage = ch["usage"]
+        for c in ch.get("choices") or ():
+            finish = c.get("finish_reason") or finish
+            if kind is RequestKind.COMPLETION:
+                text.append(c.get("text") or "")
+                continue
+            delta = c.get("delta") or {}
+            if delta.get("content"):
+                text.append(delta["content"])
+            for tc in delta.get("tool_calls") or ():
+                slot = tool_calls.setdefault(int(tc.get("index", 0)),
+                                             {"id": None, "type": "function",
+                                              "function": {"name": "", "arguments": ""}})
+                if tc.get("id"):
+                    slot["id"] = tc["id"]
+                fn = tc.get("function") or {}
+                if fn.get("name"):
+                    slot["function"]["name"] = fn["name"]
+                slot["function"]["arguments"] += fn.get("arguments") or ""
+    if kind is RequestKind.COMPLETION:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model_out,
+                "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish, "logprobs": None}],
+                "usage": usage}
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text else None}
+    if tool_calls:
+        message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model_out,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "usage": usage}
+
