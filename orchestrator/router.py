@@ -54,6 +54,7 @@ __all__ = [
     "TurnSink",
     "RouterObserver",
     "EngineUnavailable",
+    "EngineRejected",
     "ConversationNotFound",
     "estimate_prompt_tokens",
     "assemble_response",
@@ -70,6 +71,14 @@ ENGINE_FAILURES: tuple[type[BaseException], ...] = (EngineError, OSError, asynci
 
 class EngineUnavailable(ConServeError):
     """No healthy engine could serve the turn (API: 503)."""
+
+
+class EngineRejected(ConServeError):
+    """The engine refused the request as invalid (HTTP 4xx); the engine is healthy (API: same status)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ConversationNotFound(ConServeError):
@@ -512,6 +521,11 @@ class Router:
             except ENGINE_FAILURES as err:
                 last_err = err
                 assert failed_on is not None
+                status_code = getattr(err, "status", None)
+                if isinstance(status_code, int) and 400 <= status_code < 500:
+                    # the engine judged the request invalid: not an engine failure, no retry
+                    self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
+                    raise EngineRejected(str(err), status_code) from err
                 self.mark_down(failed_on, f"{type(err).__name__}: {err}")
                 exclude.add(failed_on)
                 status = TurnStatus.ERROR if att.sent else TurnStatus.REPLACED

@@ -1,0 +1,186 @@
+"""OpenAI-compatible serving endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
+
+Conversation id: the ``X-Conversation-Id`` header, else the body field ``conversation_id`` (the header wins
+when both are given); neither: a one-turn conversation (its id is returned in the ``X-Conversation-Id``
+response header either way). Final turn marked by the client: ``X-Conversation-Final: true`` or body
+``"conserve": {"final": true}``.
+
+Streaming answers are SSE (``data: {chunk}`` ... ``data: [DONE]``); an engine failure after tokens were
+streamed ends the stream with ``data: {"error": {..., "code": "engine_unavailable"}}`` then ``[DONE]``.
+Chunks are passed through as the engine produced them (no re-validation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import Response, StreamingResponse
+
+from api.errors import ApiError, sse_error, to_api_error
+from api.schemas import (
+    CONVERSATION_ID_MAX_CHARS,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from orchestrator.engines.base import RequestKind
+from orchestrator.router import TurnInput, estimate_prompt_tokens
+from orchestrator.runtime import Runtime
+from tiers.errors import ConServeError
+
+try:  # orjson is ~5x faster for the chunk-by-chunk SSE encoding; optional
+    import orjson
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+except ImportError:  # pragma: no cover
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+ConversationHeader = Annotated[
+    str | None,
+    Header(alias="X-Conversation-Id", min_length=1, max_length=CONVERSATION_ID_MAX_CHARS,
+           description="conversation this turn belongs to (wins over the body's conversation_id)"),
+]
+FinalHeader = Annotated[
+    str | None,
+    Header(alias="X-Conversation-Final", pattern="^(?i:true|false|1|0|yes|no)$",
+           description="'true' marks this turn as the conversation's final turn"),
+]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "invalid request (names the field)"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    503: {"model": ErrorResponse, "description": "no healthy engine could serve the turn"},
+}
+
+router = APIRouter(tags=["openai"])
+
+
+def _sse_content(schema_ref: str) -> dict[str, Any]:
+    return {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}},
+        "text/event-stream": {"schema": {"type": "string", "description": "data: {chunk} ... data: [DONE]"}},
+    }
+
+
+async def _serve(kind: RequestKind, req: ChatCompletionRequest | CompletionRequest, rt: Runtime,
+                 header_cid: str | None, header_final: str | None, endpoint: str,
+                 metrics: Any) -> Response:
+    try:
+        response = await _serve_inner(kind, req, rt, header_cid, header_final)
+    except Exception as err:
+        api_err = to_api_error(err)
+        metrics.requests.labels(endpoint, str(api_err.status)).inc()
+        raise api_err from err
+    metrics.requests.labels(endpoint, "200").inc()
+    return response
+
+
+async def _serve_inner(kind: RequestKind, req: ChatCompletionRequest | CompletionRequest, rt: Runtime,
+                       header_cid: str | None, header_final: str | None) -> Response:
+    if req.model != rt.served_model_name:
+        raise ApiError(404, f"model {req.model!r} is not served here. To fix: use {rt.served_model_name!r} "
+                       "(GET /v1/models).", param="model", code="model_not_found")
+    body = req.model_dump(exclude_unset=True, exclude_none=False)
+    body_cid = body.pop("conversation_id", None)
+    conserve = body.pop("conserve", None) or {}
+    cid = header_cid or body_cid
+    final = bool(conserve.get("final")) or (header_final or "").lower() in ("true", "1", "yes")
+    if kind is RequestKind.COMPLETION:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and (not prompt or (not isinstance(prompt[0], int) and len(prompt) != 1)):
+            raise ApiError(400, "prompt: send exactly one prompt per request (batches are not supported)",
+                           param="prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list) and not prompt[0]:
+            raise ApiError(400, "prompt: token list is empty", param="prompt")
+    prompt_tokens = estimate_prompt_tokens(kind, body)
+    max_ctx = rt.router.config.max_context_tokens
+    max_out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    if prompt_tokens + max_out > max_ctx:
+        param = "messages" if kind is RequestKind.CHAT else "prompt"
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {max_ctx} tokens. However, you requested "
+            f"{prompt_tokens + max_out} tokens (~{prompt_tokens} in the {param} (estimated at ~4 characters "
+            f"per token), {max_out} in the completion). To fix: shorten the {param} or lower max_tokens.",
+            param=param, code="context_length_exceeded",
+        )
+    stream = bool(body.get("stream"))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    inp = TurnInput(kind=kind, body=body, conversation_id=cid, client_final=final,
+                    include_usage=include_usage, prompt_tokens=prompt_tokens)
+    headers = {"X-Conversation-Id": cid} if cid else {}
+    if not stream:
+        out = await rt.router.complete(inp)
+        return Response(_dumps(out), media_type="application/json", headers=headers)
+    gen = rt.router.stream(inp)
+    try:
+        first = await gen.__anext__()
+    except StopAsyncIteration:
+        first = None
+    return StreamingResponse(_sse(first, gen), media_type="text/event-stream",
+                             headers={**headers, "Cache-Control": "no-cache"})
+
+
+async def _sse(first: dict[str, Any] | None, gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        if first is not None:
+            yield b"data: " + _dumps(first) + b"\n\n"
+            async for ch in gen:
+                yield b"data: " + _dumps(ch) + b"\n\n"
+    except ConServeError as err:
+        e = to_api_error(err)
+        yield sse_error(e.message, e.code or "error", e.status)
+    finally:
+        await gen.aclose()  # type: ignore[attr-defined]
+    yield b"data: [DONE]\n\n"
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletionResponse, "content": _sse_content("ChatCompletionResponse")},
+               **_ERRORS},
+    summary="Create a chat completion (OpenAI-compatible; SSE when stream is true)",
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, rt: RuntimeDep,
+    x_conversation_id: ConversationHeader = None, x_conversation_final: FinalHeader = None,
+) -> Response:
+    return await _serve(RequestKind.CHAT, body, rt, x_conversation_id, x_conversation_final,
+                        "chat", request.app.state.metrics)
+
+
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={200: {"model": CompletionResponse, "content": _sse_content("CompletionResponse")}, **_ERRORS},
+    summary="Create a text completion (OpenAI-compatible; SSE when stream is true)",
+)
+async def completions(
+    body: CompletionRequest, request: Request, rt: RuntimeDep,
+    x_conversation_id: ConversationHeader = None, x_conversation_final: FinalHeader = None,
+) -> Response:
+    return await _serve(RequestKind.COMPLETION, body, rt, x_conversation_id, x_conversation_final,
+                        "completions", request.app.state.metrics)
+
+
+@router.get("/v1/models", response_model=ModelList, summary="Models served by this router")
+async def list_models(rt: RuntimeDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=rt.served_model_name, created=int(time.time()),
+                                     max_model_len=rt.router.config.max_context_tokens)])

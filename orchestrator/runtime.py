@@ -1,0 +1,347 @@
+"""Serving runtime: builds engines, router, ledger writer and scheduled jobs from fleet.yaml (+ plan).
+
+``Runtime`` is what `orchestrator serve` runs behind the API (api/app.py starts and stops it in the app's
+lifespan). It owns:
+
+- the engines: simulated ones (orchestrator/engines/sim.py) from a plan's instances for ``backend: sim``,
+  or ``VllmEngine`` clients for the fleet's ``engines:`` list for ``backend: vllm``;
+- the :class:`orchestrator.router.Router` with the configured policy (placement/policies.make_policy);
+- a :class:`BackgroundLedgerWriter`: turns and pins are queued by the router (no SQL on the event loop) and
+  written in batches by one thread; ``stop()`` drains the queue, so no ledger row is lost on shutdown;
+- APScheduler jobs (AsyncIOScheduler): poll engine health/metrics every ``poll_interval_s``, release pins of
+  conversations idle for ``pin_ttl_s``.
+
+Settings are pydantic-settings (env prefix ``CONSERVE_``), the edge where files and flags enter.
+Must not import fastapi (the API imports this, not the reverse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from energy.records import ConversationView, PinRecord, RunInfo, RunKind, TurnRecord
+from orchestrator.config import FleetConfig, load_fleet
+from orchestrator.engines.base import Engine
+from orchestrator.engines.sim import SimEngine, SimKvFabric, WallClock
+from orchestrator.router import Router, RouterConfig
+from placement.base import Role
+from tiers.errors import ConfigError, ConServeError, EnergyError
+
+log = logging.getLogger("conserve.runtime")
+
+__all__ = ["ServeSettings", "Runtime", "BackgroundLedgerWriter", "build_runtime", "default_sim_instances"]
+
+
+class ServeSettings(BaseSettings):
+    """What `orchestrator serve` needs. Flags override the fleet file (db URL, policy)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONSERVE_", extra="forbid")
+
+    fleet: Path = Field(Path("examples/fleet.yaml"), description="fleet.yaml to serve")
+    plan: Path | None = Field(None, description="plan.yaml (orchestrator plan --out); sim backend")
+    db: str | None = Field(None, description="SQLAlchemy URL of the ledger; default: the fleet's database_url")
+    policy: str | None = Field(None, description="placement policy; default: the fleet's policy")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    served_model_name: str | None = Field(None, description="model name clients send; default: fleet model")
+    sim_speedup: float = Field(1.0, gt=0, description="simulated engines run this many times faster than modelled")
+    poll_interval_s: float = Field(1.0, gt=0, description="engine health/metrics poll period")
+    pin_ttl_s: float = Field(900.0, gt=0, description="release the pin of a conversation idle this long")
+    run_id: str = Field("live", min_length=1, description="ledger run the turns are recorded in")
+    ledger_batch_max: int = Field(500, ge=1)
+    ledger_flush_interval_s: float = Field(0.05, gt=0)
+
+
+# ---- the ledger writer --------------------------------------------------------------------------------
+
+
+_FLUSH = object()
+_STOP = object()
+
+
+class BackgroundLedgerWriter:
+    """TurnSink that queues records and writes them from one thread in batches (pins before turns).
+
+    A failed batch is retried (back-off up to 5 s) and never dropped; ``close()`` drains everything.
+    """
+
+    def __init__(self, ledger: Any, *, batch_max: int = 500, flush_interval_s: float = 0.05) -> None:
+        self.ledger = ledger
+        self.batch_max = batch_max
+        self.flush_interval_s = flush_interval_s
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="conserve-ledger-writer", daemon=True)
+        self.written_turns = 0
+        self.written_pins = 0
+        self.failed_batches = 0
+        self.last_error: str | None = None
+        self._closed = False
+        self._thread.start()
+
+    # TurnSink
+    def turn(self, rec: TurnRecord) -> None:
+        self._q.put(rec)
+
+    def pin(self, rec: PinRecord) -> None:
+        self._q.put(rec)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Block until everything queued so far is written (for tests and shutdown)."""
+        done = threading.Event()
+        self._q.put((_FLUSH, done))
+        return done.wait(timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(_STOP)
+        self._thread.join(timeout_s)
+
+    @property
+    def pending(self) -> int:
+        return self._q.qsize()
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            item = self._q.get()
+            batch = [item]
+            deadline = time.monotonic() + self.flush_interval_s
+            while len(batch) < self.batch_max:
+                remaining = deadline - time.monotonic()
+                try:
+                    batch.append(self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait())
+                except queue.Empty:
+                    break
+            turns: list[TurnRecord] = []
+            pins: list[PinRecord] = []
+            events: list[threading.Event] = []
+            for it in batch:
+                if it is _STOP:
+                    stop = True
+                elif isinstance(it, tuple) and it and it[0] is _FLUSH:
+                    events.append(it[1])
+                elif isinstance(it, TurnRecord):
+                    turns.append(it)
+                elif isinstance(it, PinRecord):
+                    pins.append(it)
+            if stop:  # drain what is left
+                while True:
+                    try:
+                        it = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(it, TurnRecord):
+                        turns.append(it)
+                    elif isinstance(it, PinRecord):
+                        pins.append(it)
+                    elif isinstance(it, tuple) and it and it[0] is _FLUSH:
+                        events.append(it[1])
+            self._write(pins, turns)
+            for ev in events:
+                ev.set()
+
+    def _write(self, pins: Sequence[PinRecord], turns: Sequence[TurnRecord]) -> None:
+        delay_s = 0.05
+        while True:
+            try:
+                if pins:
+                    self.ledger.record_pins(list(pins))
+                    self.written_pins += len(pins)
+                    pins = []
+                if turns:
+                    self.ledger.record_turns(list(turns))
+                    self.written_turns += len(turns)
+                return
+            except EnergyError as err:
+                self.failed_batches += 1
+                self.last_error = str(err)
+                if "already in run" in str(err) and len(turns) > 1:
+                    # one duplicate request_id must not block the rest: write them one by one
+                    for t in turns:
+                        try:
+                            self.ledger.record_turns([t])
+                            self.written_turns += 1
+                        except EnergyError as one:
+                            log.error("ledger rejected turn %s: %s", t.request_id, one)
+                    return
+                log.error("ledger write failed (retrying in %.2f s): %s", delay_s, err)
+                if self._closed and delay_s >= 5.0:
+                    log.error("giving up on %d pins and %d turns at shutdown", len(pins), len(turns))
+                    return
+                time.sleep(delay_s)
+                delay_s = min(5.0, delay_s * 2)
+
+
+class LedgerPinLookup:
+    """Router PinLookup over the ledger (shared pins across replicas), off the event loop."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+
+    async def lookup(self, conversation_id: str) -> ConversationView | None:
+        return await asyncio.to_thread(self.ledger.get_conversation, conversation_id)
+
+
+# ---- building the fleet -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SimInstance:
+    instance_id: str
+    tier: str
+    role: Role
+    tier_model: Any
+
+
+def default_sim_instances(cfg: FleetConfig) -> list[SimInstance]:
+    """A fleet when there is neither a plan nor a planner: per tier, ~1/4 prefillers (>= 1) and the rest
+    decoders when both roles are allowed, else all GPUs in the one allowed role. One GPU per instance."""
+    from orchestrator.fleet import tier_model
+
+    out: list[SimInstance] = []
+    for t in cfg.tiers:
+        if t.count <= 0:
+            continue
+        tm = tier_model(cfg, t.name)
+        if "prefill" in t.roles and "decode" in t.roles and t.count >= 2:
+            n_pre = max(1, t.count // 4)
+            roles = [Role.PREFILL] * n_pre + [Role.DECODE] * (t.count - n_pre)
+        else:
+            roles = [Role(t.roles[0])] * t.count
+        counters: dict[Role, int] = {}
+        for r in roles:
+            i = counters.get(r, 0)
+            counters[r] = i + 1
+            out.append(SimInstance(f"{t.name}-{r.value}-{i}", t.name, r, tm))
+    return out
+
+
+def _sim_instances(cfg: FleetConfig, plan_path: Path | None) -> tuple[list[Any], str]:
+    from orchestrator import fleet
+
+    if plan_path is not None:
+        return list(fleet.instances_from_plan(cfg, fleet.load_plan(plan_path))), f"plan {plan_path}"
+    try:
+        from orchestrator import planner  # planning helper's module; optional until it lands
+    except ImportError:
+        planner = None  # type: ignore[assignment]
+    make = getattr(planner, "make_plan", None) or getattr(planner, "plan_fleet", None) if planner else None
+    if make is not None:
+        try:
+            plan = make(cfg)
+            return list(fleet.instances_from_plan(cfg, plan)), "planner (no --plan given)"
+        except ConServeError as err:
+            log.warning("planner could not plan this fleet (%s); using the default split", err)
+    return list(default_sim_instances(cfg)), "default split (no plan)"
+
+
+@dataclass
+class Runtime:
+    cfg: FleetConfig
+    settings: ServeSettings
+    router: Router
+    engines: dict[str, Engine]
+    served_model_name: str
+    ledger: Any
+    writer: BackgroundLedgerWriter
+    fleet_source: str
+    backend: str
+    policy_name: str
+    _scheduler: Any = None
+    _started: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Start scheduled jobs (needs the running event loop) and take a first observation."""
+        if self._started:
+            return
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        await self.router.poll()
+        sched = AsyncIOScheduler()
+        sched.add_job(self.router.poll, "interval", seconds=self.settings.poll_interval_s, id="poll-engines",
+                      max_instances=1, coalesce=True, misfire_grace_time=None)
+        sched.add_job(self.router.expire_idle, "interval", seconds=min(30.0, self.settings.pin_ttl_s),
+                      id="expire-pins", max_instances=1, coalesce=True, misfire_grace_time=None)
+        sched.start()
+        self._scheduler = sched
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop jobs, close engines, drain the ledger queue (no row lost), close the ledger."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        await self.router.aclose()
+        await asyncio.to_thread(self.writer.close)
+        self.ledger.close()
+        self._started = False
+
+
+def build_runtime(settings: ServeSettings, cfg: FleetConfig | None = None,
+                  instances: Sequence[Any] | None = None) -> Runtime:
+    """Everything `orchestrator serve` runs, from settings (and an already-loaded fleet, for tests).
+
+    `instances` (objects with instance_id, tier, role, tier_model) overrides the plan for the sim backend.
+    """
+    from energy.ledger import Ledger
+    from placement.policies import make_policy
+
+    cfg = cfg or load_fleet(settings.fleet)
+    spec = cfg.model_spec()
+    served = settings.served_model_name or spec.name
+    policy_name = settings.policy or cfg.policy
+    policy = make_policy(policy_name)
+    engines: dict[str, Engine] = {}
+    caps: dict[str, int] = {}
+    if cfg.backend == "sim":
+        if instances is not None:
+            instances, source = list(instances), "explicit instances"
+        else:
+            instances, source = _sim_instances(cfg, settings.plan)
+        if not instances:
+            raise ConfigError(f"{settings.fleet}: the plan has no instances. To fix: give tiers a count > 0.")
+        fabric = SimKvFabric()
+        clock = WallClock(settings.sim_speedup)
+        for inst in instances:
+            engines[inst.instance_id] = SimEngine(inst.instance_id, inst.role, inst.tier, inst.tier_model,
+                                                  model_name=served, clock=clock, fabric=fabric)
+            caps[inst.instance_id] = inst.tier_model.kv_capacity_tokens
+    else:
+        try:
+            from orchestrator.engines.vllm import VllmEngine
+        except ImportError as err:  # pragma: no cover - shipped together
+            raise ConfigError("backend 'vllm' needs orchestrator/engines/vllm.py") from err
+        from orchestrator.fleet import tier_model
+
+        for e in cfg.engines:
+            engines[e.id] = VllmEngine(e.id, Role(e.role), e.tier, e.url)
+            caps[e.id] = tier_model(cfg, e.tier).kv_capacity_tokens  # replaced by the engine's own report
+        source = f"engines: in {settings.fleet}"
+    db_url = settings.db or cfg.database_url
+    ledger = Ledger(db_url, run_id=settings.run_id, policy=policy.name, kind=RunKind.SERVE)
+    ledger.upgrade()
+    ledger.start_run(RunInfo(settings.run_id, RunKind.SERVE, policy.name, label=str(settings.fleet)))
+    writer = BackgroundLedgerWriter(ledger, batch_max=settings.ledger_batch_max,
+                                    flush_interval_s=settings.ledger_flush_interval_s)
+    router = Router(
+        engines, policy,
+        RouterConfig(model_name=served, max_context_tokens=spec.max_context_tokens, pin_ttl_s=settings.pin_ttl_s),
+        sink=writer, pin_lookup=LedgerPinLookup(ledger), kv_capacity_tokens=caps,
+    )
+    return Runtime(cfg=cfg, settings=settings, router=router, engines=engines, served_model_name=served,
+                   ledger=ledger, writer=writer, fleet_source=source, backend=cfg.backend,
+                   policy_name=policy.name)

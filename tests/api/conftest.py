@@ -1,0 +1,99 @@
+"""Fixtures: a real uvicorn server on a free 127.0.0.1 port running the app over simulated engines."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from api.app import create_app
+from orchestrator.config import FleetConfig, parse_fleet
+from orchestrator.runtime import Runtime, ServeSettings, SimInstance, build_runtime
+from orchestrator.fleet import tier_model
+from placement.base import Role
+
+FLEET: dict[str, Any] = {
+    "model": "Qwen3-0.6B",
+    "tiers": [{"name": "a40", "gpu": "A40", "count": 4, "roles": ["prefill", "decode"]}],
+    "backend": "sim",
+}
+
+
+def paper_instances(cfg: FleetConfig) -> list[SimInstance]:
+    """The paper's testbed: 1 prefiller + 3 decoders of A40 (DESIGN.md section 1)."""
+    tm = tier_model(cfg, "a40")
+    return [SimInstance("a40-prefill-0", "a40", Role.PREFILL, tm)] + [
+        SimInstance(f"a40-decode-{i}", "a40", Role.DECODE, tm) for i in range(3)
+    ]
+
+
+@dataclass
+class Served:
+    base_url: str
+    runtime: Runtime
+    app: FastAPI
+    loop: asyncio.AbstractEventLoop
+    db_url: str
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the server's event loop (engines and router are not thread-safe)."""
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def acall(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(tmp_path: Path, *, speedup: float = 50.0, policy: str | None = None,
+                 instances: Callable[[FleetConfig], list[Any]] | None = paper_instances,
+                 poll_interval_s: float = 0.2) -> tuple[Served, Callable[[], None]]:
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    cfg = parse_fleet(dict(FLEET, database_url=db_url))
+    settings = ServeSettings(fleet=Path("inline"), db=db_url, policy=policy, sim_speedup=speedup,
+                             poll_interval_s=poll_interval_s, ledger_flush_interval_s=0.01)
+    rt = build_runtime(settings, cfg, instances=instances(cfg) if instances else None)
+    app = create_app(settings, runtime=rt)
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(20)
+        loop.close()
+
+    return Served(f"http://127.0.0.1:{port}", rt, app, loop, db_url), stop
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s, stop = start_server(tmp_path)
+    try:
+        yield s
+    finally:
+        stop()
