@@ -1,0 +1,1069 @@
+"""Discrete-event simulator of a serving fleet in virtual time, driving the same policy objects as the router.
+
+Model (DESIGN.md section 6), per engine instance, vLLM-like:
+- Continuous batching with chunked prefill: each step decodes one token for every running decode sequence and
+  spends the rest of a token budget (``max_batched_tokens``) on prefill chunks, first come first served;
+  at most ``max_seqs`` sequences run at once. The step time is the tier model's ``step_time_s``.
+- KV capacity and admission: a sequence is admitted (FCFS, head-of-line) only when its whole footprint
+  (prompt + output tokens, block-rounded) fits next to the admitted ones after evicting unpinned prefix-cache
+  entries; otherwise it waits. Nothing is dropped and nothing is preempted. (vLLM allocates blocks lazily and
+  preempts on overflow; reserving the footprint avoids modelling recomputation -- a documented simplification.)
+- Prefix cache: when a turn ends its KV (prompt + output) stays cached on its instance, unpinned, evicted LRU
+  (whole or trimmed entries) only when an admission needs the room. A later turn of the same conversation hits
+  it at block granularity (at least one token is always recomputed, as vLLM does).
+- Disaggregated prefill: the prefiller computes the prompt (from its own prefix cache where it can), then the
+  decoder allocates the KV (admission), the KV not already cached on the decoder is transferred over the link
+  (``tiers.links.kv_transfer_time_s``; transfers do not contend) and the prefiller frees its copy, which stays
+  in its prefix cache. The decoder emits the first token at its next step.
+- Energy: each step draws ``step_power_w`` (prefill or decode phase) for its duration; an instance with no step
+  running draws ``idle_w``. Every instance is billed until the last conversation ends (makespan).
+
+Speed: between events that change an instance's batch (a sequence finishing, one joining, a prefill chunk),
+decode steps differ only by context growth (one token per sequence per step), so a whole stretch of n steps is
+scheduled as one event with the closed-form sum n*A + D*n(n-1)/2 (A = first step, D = per-step growth,
+linear in context as the tier model is). An event that reaches a busy instance truncates its stretch to the
+step in progress. Per-sequence progress is implicit: a decoding sequence knows the instance step at which it
+emits its first and its last token, so committing a stretch costs O(log batch), never O(batch) or O(tokens).
+
+Observables for the policies (``FleetView``) are refreshed whenever an instance's batch composition changes,
+like a metrics scrape; they never include a sequence's future (its output length).
+
+Nothing here reads the wall clock except ``wall_s`` in the result (run time, for benchmarks). No module or
+class state: every run builds its own objects.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from orchestrator.sim.clock import VirtualClock
+from orchestrator.sim.result import (
+    ConversationRecord,
+    Decision,
+    EnergyWindow,
+    Feedback,
+    InstanceEnergy,
+    SimResult,
+    TurnRecord,
+    WindowWork,
+)
+from orchestrator.workload import ConversationSpec
+from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
+from tiers.errors import PlacementError, SimulationError
+from tiers.links import kv_transfer_time_s
+from tiers.perf import TierModel
+
+# vLLM's default block size (16 tokens) and a common chunked-prefill budget; both configurable per run.
+DEFAULT_MAX_BATCHED_TOKENS = 8192
+DEFAULT_MAX_SEQS = 256
+
+
+class InstanceLike(Protocol):
+    """What the simulator needs of an instance (orchestrator.fleet.InstanceSpec satisfies it)."""
+
+    @property
+    def instance_id(self) -> str: ...
+    @property
+    def tier(self) -> str: ...
+    @property
+    def role(self) -> Role: ...
+    @property
+    def tier_model(self) -> TierModel: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SimOptions:
+    max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS
+    max_seqs: int = DEFAULT_MAX_SEQS
+    prefix_cache: bool = True  # on every instance (vLLM's default)
+    prefiller_prefix_cache: bool = True  # set False to model prefillers that never reuse a prefix
+    record_views: bool = False  # keep the FleetView of every decision (parity test; memory-hungry)
+
+
+# sequence states: waiting, prefilling, held (prefill done, KV kept until transferred), in transfer,
+# joining (KV arrived, joins the batch at the next step), decoding, released
+_W, _P, _H, _T, _J, _D, _X = range(7)
+
+# sequence kinds
+_FULL = 0  # prefill locally then decode (colocated / decoder-local prefill)
+_PREFILL_ONLY = 1  # remote prefill on a prefiller; KV handed to a decoder
+_DECODE_ONLY = 2  # decode from KV transferred by a prefiller
+
+
+class _TurnState:
+    """Mutable record of one turn while it runs (frozen into a TurnRecord at the end)."""
+
+    __slots__ = (
+        "conv", "turn", "arrival_s", "input_tokens", "output_tokens", "decode_inst", "prefill_inst", "remote",
+        "prefill_start_s", "prefill_end_s", "kv_admit_s", "first_token_s", "last_token_s", "cached_tokens",
+        "prefilled_tokens", "transfer_tokens", "transfer_bytes", "restarts", "first_step", "last_step",
+        "epoch", "seqs",
+    )
+
+    def __init__(self, conv: int, turn: int, arrival_s: float, inp: int, out: int) -> None:
+        self.seqs: list[_Seq] = []
+        self.conv = conv
+        self.turn = turn
+        self.arrival_s = arrival_s
+        self.input_tokens = inp
+        self.output_tokens = out
+        self.decode_inst = -1
+        self.prefill_inst = -1
+        self.remote = False
+        self.prefill_start_s = math.nan
+        self.prefill_end_s = math.nan
+        self.kv_admit_s = math.nan
+        self.first_token_s = math.nan
+        self.last_token_s = math.nan
+        self.cached_tokens = 0
+        self.prefilled_tokens = 0
+        self.transfer_tokens = 0
+        self.transfer_bytes = 0
+        self.restarts = 0
+        self.first_step = 0
+        self.last_step = 0
+        self.epoch = 0  # bumped on restart; stale sequences compare and drop out
+
+
+class _Seq:
+    __slots__ = (
+        "key", "ts", "kind", "cid", "reserve", "prefill_total", "prefill_done", "cached", "ctx_entry",
+        "entry_step", "last_step", "partner", "admitted", "epoch", "queued_estimate", "inst", "state",
+    )
+
+    def __init__(self, key: int, ts: _TurnState, kind: int, cid: str) -> None:
+        self.key = key
+        self.ts = ts
+        self.kind = kind
+        self.cid = cid
+        self.reserve = 0
+        self.prefill_total = 0
+        self.prefill_done = 0
+        self.cached = 0
+        self.ctx_entry = 0
+        self.entry_step = 0
+        self.last_step = 0
+        self.partner: _Seq | None = None  # prefill-only <-> decode-only pair
+        self.admitted = False
+        self.epoch = ts.epoch
+        self.queued_estimate = 0
+        self.inst = -1
+        self.state = _X
+        ts.seqs.append(self)
+
+
+class _Instance:
+    __slots__ = (
+        "idx", "id", "tier", "role", "tm", "cap", "block", "max_seqs", "budget", "healthy", "cache_on",
+        "waiting", "prefilling", "heap", "n_decode", "ctx_sum", "pending_join", "reserved", "nondecode_kv",
+        "cache", "cache_total", "steps_done", "busy", "cur", "version", "segments", "prefill_log",
+        "queued_prefill", "running_other", "pinned", "view", "dirty", "peak_reserved", "kvb", "link",
+        "prefill_tokens", "decode_tokens",
+    )
+
+    def __init__(self, idx: int, spec: InstanceLike, opts: SimOptions, link: str) -> None:
+        self.idx = idx
+        self.id = spec.instance_id
+        self.tier = spec.tier
+        self.role = Role(spec.role)
+        self.tm: TierModel = spec.tier_model
+        self.cap = int(self.tm.kv_capacity_tokens)
+        self.block = int(self.tm.block_size_tokens)
+        self.kvb = int(self.tm.model.kv_bytes_per_token)
+        self.max_seqs = opts.max_seqs
+        self.budget = opts.max_batched_tokens
+        self.healthy = True
+        self.cache_on = opts.prefix_cache and (opts.prefiller_prefix_cache or self.role != Role.PREFILL)
+        self.link = link
+        self.waiting: deque[_Seq] = deque()
+        self.prefilling: list[_Seq] = []
+        self.heap: list[tuple[int, int, _Seq]] = []  # (last_step, key, seq) of decoding sequences
+        self.n_decode = 0
+        self.ctx_sum = 0  # context tokens of decoding sequences as of steps_done
+        self.pending_join: list[_Seq] = []
+        self.reserved = 0
+        self.nondecode_kv = 0
+        self.cache: OrderedDict[str, int] = OrderedDict()
+        self.cache_total = 0
+        self.steps_done = 0
+        self.busy = False
+        # current step or stretch: (t_start, n, A, D, power_w, is_prefill, chunks)
+        self.cur: tuple[float, int, float, float, float, bool, list[tuple[_Seq, int]]] | None = None
+        self.version = 0
+        # committed segments: (t_start, t_end, n_steps, A, D, power_w, step0)
+        self.segments: list[tuple[float, float, int, float, float, float, int]] = []
+        self.prefill_log: list[tuple[float, _TurnState, int]] = []
+        self.queued_prefill = 0
+        self.running_other = 0  # admitted decode-only sequences waiting for their KV
+        self.pinned = 0
+        self.view: InstanceView | None = None
+        self.dirty = True
+        self.peak_reserved = 0
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+
+    def block_round(self, tokens: int) -> int:
+        b = self.block
+        return -(-tokens // b) * b
+
+    def make_view(self) -> InstanceView:
+        if self.dirty or self.view is None:
+            self.view = InstanceView(
+                instance_id=self.id,
+                role=self.role,
+                tier=self.tier,
+                healthy=self.healthy,
+                queued_prefill_tokens=self.queued_prefill,
+                kv_used_tokens=min(self.cap, self.ctx_sum + self.nondecode_kv),
+                kv_capacity_tokens=self.cap,
+                running_seqs=len(self.prefilling) + self.n_decode,
+                waiting_seqs=len(self.waiting),
+                pinned_conversations=self.pinned,
+            )
+            self.dirty = False
+        return self.view
+
+
+def _cum(m: int, a: float, d: float) -> float:
+    return m * a + d * m * (m - 1) * 0.5
+
+
+def _steps_by(elapsed: float, a: float, d: float, n: int) -> int:
+    """Largest m in [0, n] with cum(m) <= elapsed."""
+    if elapsed <= 0:
+        return 0
+    if abs(d) < 1e-15:
+        m = int(elapsed / a) if a > 0 else n
+    else:
+        b = a - d / 2
+        disc = b * b + 2 * d * elapsed
+        m = int((-b + math.sqrt(max(disc, 0.0))) / d) if disc >= 0 else n
+    m = max(0, min(n, m))
+    while m < n and _cum(m + 1, a, d) <= elapsed:
+        m += 1
+    while m > 0 and _cum(m, a, d) > elapsed:
+        m -= 1
+    return m
+
+
+_ARRIVE = 0
+_STEP = 1
+_XFER = 2
+_FAIL = 3
+
+
+class _Sim:
+    def __init__(
+        self,
+        instances: Sequence[InstanceLike],
+        conversations: Sequence[ConversationSpec],
+        policy: Policy,
+        seed: int,
+        opts: SimOptions,
+        links: Mapping[str, str] | None,
+        failures: Sequence[tuple[str, float]],
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        if not instances:
+            raise SimulationError("no instances to simulate. To fix: give the fleet at least one instance.")
+        ids = [i.instance_id for i in instances]
+        if len(set(ids)) != len(ids):
+            raise SimulationError(f"instance ids must be unique, got {ids}")
+        cids = [c.conversation_id for c in conversations]
+        if len(set(cids)) != len(cids):
+            raise SimulationError("conversation ids must be unique. To fix: deduplicate the workload.")
+        for c in conversations:
+            if not c.turns:
+                raise SimulationError(f"conversation {c.conversation_id!r} has no turns")
+            if not math.isfinite(c.arrival_s) or c.arrival_s < 0:
+                raise SimulationError(f"conversation {c.conversation_id!r}: arrival_s must be >= 0")
+        self.opts = opts
+        self.insts = [
+            _Instance(k, s, opts, (links or {}).get(s.tier, "pcie")) for k, s in enumerate(instances)
+        ]
+        self.by_id = {inst.id: inst for inst in self.insts}
+        self.convs = list(conversations)
+        self.policy = policy
+        self.seed = seed
+        self.clock = VirtualClock()
+        self.heap: list[tuple[float, int, int, Any, Any]] = []
+        self.order = 0
+        self.key = 0
+        self.pins: dict[str, str] = {}
+        self.decisions: list[Decision] = []
+        self.feedback: list[Feedback] = []
+        self.turn_states: list[list[_TurnState]] = [[] for _ in self.convs]
+        self.inputs: list[list[int]] = []
+        for c in self.convs:
+            acc, ins = 0, []
+            for k, t in enumerate(c.turns):
+                acc += t.appended_tokens
+                ins.append(acc)
+                acc += t.output_tokens
+                if t.output_tokens < 1:
+                    raise SimulationError(
+                        f"conversation {c.conversation_id!r} turn {k + 1}: output_tokens must be >= 1"
+                    )
+            self.inputs.append(ins)
+        self.done = 0
+        self.progress = progress
+        self.events = 0
+        self.kv_transfers = 0
+        self.kv_transfer_bytes = 0
+        self.views: list[InstanceView] = [i.make_view() for i in self.insts]
+        for inst_id, t in failures:
+            if inst_id not in self.by_id:
+                raise SimulationError(f"failure names unknown instance {inst_id!r}; instances: {ids}")
+            self._push(t, _FAIL, self.by_id[inst_id], None)
+        for ci, c in enumerate(self.convs):
+            self._push(c.arrival_s, _ARRIVE, ci, 1)
+
+    # ---- event plumbing ------------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, a: Any, b: Any) -> None:
+        self.order += 1
+        heapq.heappush(self.heap, (t, self.order, kind, a, b))
+
+    def _new_seq(self, ts: _TurnState, kind: int) -> _Seq:
+        self.key += 1
+        return _Seq(self.key, ts, kind, self.convs[ts.conv].conversation_id)
+
+    def run(self) -> None:
+        heap = self.heap
+        clock = self.clock
+        while heap:
+            t, _, kind, a, b = heapq.heappop(heap)
+            clock.advance_to(t)
+            self.events += 1
+            if kind == _STEP:
+                if a.healthy and b == a.version:
+                    self._commit(a, t)
+                    self._plan(a, t)
+            elif kind == _ARRIVE:
+                self._arrive(a, b, t)
+            elif kind == _XFER:
+                self._xfer_done(a, t)
+            else:
+                self._fail(a, t)
+        if self.done != len(self.convs):
+            stuck = [
+                c.conversation_id for ci, c in enumerate(self.convs)
+                if not self.turn_states[ci] or math.isnan(self.turn_states[ci][-1].last_token_s)
+                or len(self.turn_states[ci]) < len(c.turns)
+            ]
+            raise SimulationError(
+                f"{len(stuck)} conversation(s) never finished (e.g. {stuck[:3]}): the fleet cannot hold them "
+                "(KV capacity) or every instance that could serve them failed. To fix: add decoders or "
+                "reduce the per-conversation context."
+            )
+
+    # ---- arrivals and placement ----------------------------------------------------------------------
+    def _fleet_view(self) -> FleetView:
+        views = self.views
+        for inst in self.insts:
+            if inst.dirty:
+                views[inst.idx] = inst.make_view()
+        return FleetView(tuple(views), self.pins)
+
+    def _arrive(self, ci: int, turn: int, t: float, ts: _TurnState | None = None) -> None:
+        conv = self.convs[ci]
+        inp = self.inputs[ci][turn - 1]
+        spec = conv.turns[turn - 1]
+        if ts is None:
+            ts = _TurnState(ci, turn, t, inp, spec.output_tokens)
+            self.turn_states[ci].append(ts)
+        new = spec.appended_tokens
+        req = TurnRequest(conv.conversation_id, turn, inp, new)
+        view = self._fleet_view()
+        try:
+            pl = self.policy.place(req, view)
+        except PlacementError as err:
+            raise SimulationError(
+                f"policy {self.policy.name!r} could not place {conv.conversation_id!r} turn {turn} at "
+                f"t={t:.3f}s: {err}"
+            ) from err
+        if self.opts.record_views:
+            snap = FleetView(view.instances, {conv.conversation_id: self.pins[conv.conversation_id]}
+                             if conv.conversation_id in self.pins else {})
+            self.decisions.append(Decision(t, req, pl, snap))
+        else:
+            self.decisions.append(Decision(t, req, pl))
+        self._apply(ts, pl, t)
+
+    def _instance(self, iid: str, what: str) -> _Instance:
+        inst = self.by_id.get(iid)
+        if inst is None:
+            raise SimulationError(f"policy {self.policy.name!r} returned unknown {what} instance {iid!r}")
+        if not inst.healthy:
+            raise SimulationError(f"policy {self.policy.name!r} placed on unhealthy instance {iid!r}")
+        return inst
+
+    def _apply(self, ts: _TurnState, pl: Placement, t: float) -> None:
+        cid = self.convs[ts.conv].conversation_id
+        dec = self._instance(pl.decode_instance, "decode")
+        if not dec.role.can_decode:
+            raise SimulationError(
+                f"policy {self.policy.name!r} chose {dec.id!r} (role {dec.role}) to decode; it cannot decode"
+            )
+        if pl.pin:
+            old = self.pins.get(cid)
+            if old != dec.id:
+                if old is not None:
+                    self.by_id[old].pinned -= 1
+                    self.by_id[old].dirty = True
+                self.pins[cid] = dec.id
+                dec.pinned += 1
+                dec.dirty = True
+        ts.decode_inst = dec.idx
+        need = dec.block_round(ts.input_tokens + ts.output_tokens)
+        if need > dec.cap:
+            raise SimulationError(
+                f"conversation {cid!r} turn {ts.turn} needs {need} KV tokens but {dec.id} holds {dec.cap}. "
+                "To fix: cap the turns (--max-turns) or use a tier with more memory."
+            )
+        if pl.remote_prefill:
+            pre = self._instance(pl.prefill_instance or "", "prefill")
+            ts.prefill_inst = pre.idx
+            ts.remote = True
+            s = self._new_seq(ts, _PREFILL_ONLY)
+            s.reserve = pre.block_round(ts.input_tokens)
+            if s.reserve > pre.cap:
+                raise SimulationError(
+                    f"conversation {cid!r} turn {ts.turn}: prompt of {ts.input_tokens} tokens exceeds prefiller "
+                    f"{pre.id}'s KV capacity {pre.cap}. To fix: cap turns or use a larger prefill tier."
+                )
+            d = self._new_seq(ts, _DECODE_ONLY)
+            d.reserve = need
+            s.partner, d.partner = d, s
+            self._enqueue(pre, s, t)
+        else:
+            ts.prefill_inst = dec.idx
+            ts.remote = False
+            s = self._new_seq(ts, _FULL)
+            s.reserve = need
+            self._enqueue(dec, s, t)
+
+    # ---- instance mechanics --------------------------------------------------------------------------
+    def _enqueue(self, inst: _Instance, s: _Seq, t: float) -> None:
+        if s.kind != _DECODE_ONLY:
+            hit = inst.cache.get(s.cid, 0) if inst.cache_on else 0
+            s.queued_estimate = max(1, s.ts.input_tokens - hit)
+            inst.queued_prefill += s.queued_estimate
+        s.inst = inst.idx
+        s.state = _W
+        inst.waiting.append(s)
+        inst.dirty = True
+        self._wake(inst, t)
+
+    def _wake(self, inst: _Instance, t: float) -> None:
+        """Something changed at `inst`: plan now if idle, else end the current stretch at the next step."""
+        if not inst.healthy:
+            return
+        if not inst.busy:
+            self._plan(inst, t)
+            return
+        cur = inst.cur
+        if cur is None or cur[5]:
+            return  # a prefill step is a single step: the change is seen at its end
+        t0, n, a, d, pw, _, _ = cur
+        m = _steps_by(t - t0, a, d, n)
+        new_n = min(n, m + 1)
+        if new_n < n:
+            inst.cur = (t0, new_n, a, d, pw, False, [])
+            inst.version += 1
+            self._push(t0 + _cum(new_n, a, d), _STEP, inst, inst.version)
+
+    def _admit(self, inst: _Instance, t: float) -> None:
+        waiting = inst.waiting
+        while waiting:
+            s = waiting[0]
+            running = len(inst.prefilling) + inst.n_decode + inst.running_other + len(inst.pending_join)
+            if running >= inst.max_seqs:
+                return
+            own = inst.cache.get(s.cid, 0)
+            # Every unpinned cache entry can be evicted; the conversation's own entry becomes part of this
+            # sequence's KV. If the footprint does not fit next to the admitted ones: wait (head-of-line).
+            if inst.reserved + s.reserve > inst.cap:
+                return
+            waiting.popleft()
+            ts = s.ts
+            # Take the conversation's own cache entry out (it becomes part of this sequence's KV).
+            if own:
+                del inst.cache[s.cid]
+                inst.cache_total -= own
+            while inst.reserved + s.reserve + inst.cache_total > inst.cap:
+                cid, tok = inst.cache.popitem(last=False)
+                over = inst.reserved + s.reserve + inst.cache_total - inst.cap
+                if tok > over:  # trim the entry's tail, keep its prefix
+                    inst.cache[cid] = tok - over
+                    inst.cache.move_to_end(cid, last=False)
+                    inst.cache_total -= over
+                else:
+                    inst.cache_total -= tok
+            inst.reserved += s.reserve
+            if inst.reserved > inst.peak_reserved:
+                inst.peak_reserved = inst.reserved
+            s.admitted = True
+            inst.dirty = True
+            blk = inst.block
+            if s.kind == _DECODE_ONLY:
+                hit = min(own, ts.input_tokens) // blk * blk if inst.cache_on else 0
+                tokens = ts.input_tokens - hit
+                nbytes = tokens * inst.kvb
+                src = self.insts[ts.prefill_inst]
+                link = inst.link if inst.link == src.link else _slower(inst.link, src.link)
+                dur = kv_transfer_time_s(tokens, inst.kvb, link)
+                ts.kv_admit_s = t
+                ts.transfer_tokens = tokens
+                ts.transfer_bytes = nbytes
+                self.kv_transfers += 1
+                self.kv_transfer_bytes += nbytes
+                inst.running_other += 1
+                inst.nondecode_kv += ts.input_tokens
+                s.state = _T
+                self._push(t + dur, _XFER, s, None)
+                continue
+            hit = min(own, ts.input_tokens - 1) // blk * blk if inst.cache_on else 0
+            s.cached = hit
+            s.prefill_total = ts.input_tokens - hit
+            s.prefill_done = 0
+            inst.queued_prefill += s.prefill_total - s.queued_estimate
+            ts.cached_tokens = hit
+            ts.prefilled_tokens = s.prefill_total
+            ts.prefill_start_s = t
+            if s.kind == _FULL:
+                ts.kv_admit_s = t
+            inst.nondecode_kv += ts.input_tokens
+            s.state = _P
+            inst.prefilling.append(s)
+
+    def _plan(self, inst: _Instance, t: float) -> None:
+        inst.busy = False
+        inst.cur = None
+        self._admit(inst, t)
+        if inst.pending_join:
+            for s in inst.pending_join:
+                ts = s.ts
+                inst.running_other -= 1
+                inst.nondecode_kv -= ts.input_tokens
+                s.ctx_entry = ts.input_tokens
+                s.entry_step = inst.steps_done
+                ts.first_step = inst.steps_done + 1
+                s.last_step = ts.last_step = inst.steps_done + ts.output_tokens
+                heapq.heappush(inst.heap, (s.last_step, s.key, s))
+                s.state = _D
+                inst.n_decode += 1
+                inst.ctx_sum += s.ctx_entry
+            inst.pending_join.clear()
+            inst.dirty = True
+        tm = inst.tm
+        nd = inst.n_decode
+        if inst.prefilling:
+            budget = inst.budget - nd
+            chunks: list[tuple[_Seq, int]] = []
+            for s in inst.prefilling:
+                if budget <= 0:
+                    break
+                c = min(budget, s.prefill_total - s.prefill_done)
+                chunks.append((s, c))
+                budget -= c
+            if chunks:
+                s0, c0 = chunks[0]
+                dt = tm.step_time_s(c0, s0.cached + s0.prefill_done, nd, inst.ctx_sum)
+                if len(chunks) > 1:
+                    base = tm.decode_step_time_s(max(nd, 1), inst.ctx_sum)
+                    for s, c in chunks[1:]:
+                        dt += tm.step_time_s(c, s.cached + s.prefill_done, nd, inst.ctx_sum) - base
+                ptok = sum(c for _, c in chunks)
+                pw = tm.step_power_w(ptok, nd)
+                inst.busy = True
+                inst.version += 1
+                inst.cur = (t, 1, dt, 0.0, pw, True, chunks)
+                self._push(t + dt, _STEP, inst, inst.version)
+                return
+        if nd:
+            n = inst.heap[0][0] - inst.steps_done
+            a = tm.decode_step_time_s(nd, inst.ctx_sum)
+            d = tm.decode_step_time_s(nd, inst.ctx_sum + nd) - a
+            pw = tm.step_power_w(0, nd)
+            inst.busy = True
+            inst.version += 1
+            inst.cur = (t, n, a, d, pw, False, [])
+            self._push(t + _cum(n, a, d), _STEP, inst, inst.version)
+
+    def _commit(self, inst: _Instance, t: float) -> None:
+        cur = inst.cur
+        assert cur is not None
+        t0, n, a, d, pw, is_prefill, chunks = cur
+        nd = inst.n_decode
+        inst.segments.append((t0, t, n, a, d, pw, inst.steps_done))
+        inst.steps_done += n
+        inst.ctx_sum += nd * n
+        inst.decode_tokens += nd * n
+        inst.dirty = True
+        # decoders that emitted their last token
+        heap = inst.heap
+        while heap and heap[0][0] <= inst.steps_done:
+            _, _, s = heapq.heappop(heap)
+            inst.n_decode -= 1
+            inst.ctx_sum -= s.ctx_entry + (inst.steps_done - s.entry_step)
+            self._finish_turn(inst, s, t)
+        if not is_prefill:
+            return
+        for s, c in chunks:
+            s.prefill_done += c
+            inst.queued_prefill -= c
+            inst.prefill_tokens += c
+            inst.prefill_log.append((t, s.ts, c))
+        done = [s for s, _ in chunks if s.prefill_done >= s.prefill_total]
+        if not done:
+            return
+        inst.prefilling = [s for s in inst.prefilling if s.prefill_done < s.prefill_total]
+        for s in done:
+            ts = s.ts
+            ts.prefill_end_s = t
+            if s.kind == _FULL:
+                # the step that finishes a prefill samples the first token
+                ts.first_token_s = t
+                ts.first_step = inst.steps_done
+                inst.decode_tokens += 1
+                inst.nondecode_kv -= ts.input_tokens
+                if ts.output_tokens == 1:
+                    ts.last_step = inst.steps_done
+                    s.ctx_entry, s.entry_step = ts.input_tokens + 1, inst.steps_done
+                    self._finish_turn(inst, s, t)
+                    continue
+                s.ctx_entry = ts.input_tokens + 1
+                s.entry_step = inst.steps_done
+                s.last_step = ts.last_step = inst.steps_done + ts.output_tokens - 1
+                heapq.heappush(heap, (s.last_step, s.key, s))
+                s.state = _D
+                inst.n_decode += 1
+                inst.ctx_sum += s.ctx_entry
+            else:  # prefill-only: hand the KV to the decoder (which must allocate it first)
+                s.state = _H
+                partner = s.partner
+                assert partner is not None
+                dec = self.insts[ts.decode_inst]
+                if not dec.healthy:
+                    self._restart(ts, t)
+                    continue
+                self._enqueue(dec, partner, t)
+
+    def _finish_turn(self, inst: _Instance, s: _Seq, t: float) -> None:
+        ts = s.ts
+        s.state = _X
+        ts.last_token_s = t
+        if ts.first_step == ts.last_step and math.isnan(ts.first_token_s):
+            ts.first_token_s = t
+        inst.reserved -= s.reserve
+        if inst.cache_on:
+            tokens = ts.input_tokens + ts.output_tokens
+            old = inst.cache.pop(s.cid, 0)
+            inst.cache_total -= old
+            inst.cache[s.cid] = tokens
+            inst.cache_total += tokens
+        inst.dirty = True
+        conv = self.convs[ts.conv]
+        cid = conv.conversation_id
+        self.policy.observe_turn_end(cid, ts.turn, ts.output_tokens)
+        self.feedback.append(Feedback(t, cid, ts.turn, ts.output_tokens))
+        if ts.turn < len(conv.turns):
+            gap = conv.turns[ts.turn].tool_gap_s
+            self._push(t + max(0.0, gap), _ARRIVE, ts.conv, ts.turn + 1)
+        else:
+            self.policy.forget(cid)
+            old_pin = self.pins.pop(cid, None)
+            if old_pin is not None:
+                p = self.by_id[old_pin]
+                p.pinned -= 1
+                p.dirty = True
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done, len(self.convs))
+
+    def _xfer_done(self, s: _Seq, t: float) -> None:
+        ts = s.ts
+        if s.epoch != ts.epoch:
+            return  # the turn was restarted after a failure
+        src = self.insts[ts.prefill_inst]
+        dec = self.insts[ts.decode_inst]
+        p = s.partner
+        assert p is not None
+        # the prefiller frees its copy (kept in its prefix cache)
+        p.state = _X
+        s.state = _J
+        src.reserved -= p.reserve
+        src.nondecode_kv -= ts.input_tokens
+        if src.cache_on and src.healthy:
+            old = src.cache.pop(p.cid, 0)
+            src.cache_total -= old
+            src.cache[p.cid] = ts.input_tokens
+            src.cache_total += ts.input_tokens
+        src.dirty = True
+        self._wake(src, t)
+        if not dec.healthy:
+            return
+        dec.pending_join.append(s)
+        dec.dirty = True
+        self._wake(dec, t)
+
+    # ---- failures ------------------------------------------------------------------------------------
+    def _fail(self, inst: _Instance, t: float) -> None:
+        """The instance stops: its sequences are re-placed (full re-prefill); turns elsewhere that depend
+        on it restart too. It keeps drawing idle power (the GPU is still powered)."""
+        if not inst.healthy:
+            return
+        if inst.busy and inst.cur is not None:
+            t0, n, a, d, pw, is_pre, _ = inst.cur
+            m = 0 if is_pre else _steps_by(t - t0, a, d, n)
+            # bill the interrupted step(s) up to the failure; the partial work is lost
+            inst.segments.append((t0, t, m, a, d, pw, inst.steps_done))
+            inst.steps_done += m
+        inst.healthy = False
+        inst.busy = False
+        inst.cur = None
+        inst.version += 1
+        inst.dirty = True
+        victims = [
+            st[-1] for st in self.turn_states
+            if st and any(q.inst == inst.idx and q.state != _X for q in st[-1].seqs)
+        ]
+        for q in list(inst.waiting) + inst.prefilling + [x[2] for x in inst.heap] + inst.pending_join:
+            q.state = _X
+        inst.waiting.clear()
+        inst.prefilling.clear()
+        inst.heap.clear()
+        inst.pending_join.clear()
+        inst.cache.clear()
+        inst.n_decode = inst.ctx_sum = inst.reserved = inst.nondecode_kv = 0
+        inst.cache_total = inst.queued_prefill = inst.running_other = 0
+        for ts in victims:
+            for q in ts.seqs:
+                if q.inst == inst.idx:
+                    q.state = _X
+            self._restart(ts, t)
+
+    def _restart(self, ts: _TurnState, t: float) -> None:
+        """Re-place a turn that lost an instance: release its footprint on healthy instances, place again."""
+        ts.epoch += 1
+        touched = []
+        for q in ts.seqs:
+            if q.state != _X and self.insts[q.inst].healthy:
+                self._release(self.insts[q.inst], q)
+                touched.append(self.insts[q.inst])
+        ts.seqs = []
+        ts.restarts += 1
+        ts.prefill_start_s = ts.prefill_end_s = ts.kv_admit_s = ts.first_token_s = math.nan
+        ts.transfer_tokens = ts.transfer_bytes = ts.first_step = ts.last_step = 0
+        for inst in touched:
+            self._wake(inst, t)
+        self._arrive(ts.conv, ts.turn, t, ts)
+
+    def _release(self, inst: _Instance, q: _Seq) -> None:
+        inp = q.ts.input_tokens
+        st = q.state
+        if st == _W:
+            inst.waiting.remove(q)
+            if q.kind != _DECODE_ONLY:
+                inst.queued_prefill -= q.queued_estimate
+        elif st == _P:
+            inst.prefilling.remove(q)
+            inst.queued_prefill -= q.prefill_total - q.prefill_done
+            inst.reserved -= q.reserve
+            inst.nondecode_kv -= inp
+        elif st == _H:
+            inst.reserved -= q.reserve
+            inst.nondecode_kv -= inp
+        elif st in (_T, _J):
+            if st == _J:
+                inst.pending_join.remove(q)
+            inst.running_other -= 1
+            inst.nondecode_kv -= inp
+            inst.reserved -= q.reserve
+        elif st == _D:
+            inst.heap = [x for x in inst.heap if x[2] is not q]
+            heapq.heapify(inst.heap)
+            inst.n_decode -= 1
+            inst.ctx_sum -= q.ctx_entry + (inst.steps_done - q.entry_step)
+            inst.reserved -= q.reserve
+        q.state = _X
+        inst.dirty = True
+
+    # ---- results -------------------------------------------------------------------------------------
+    def result(self, wall_s: float, energy_window_s: float | None) -> SimResult:
+        makespan = max((ts.last_token_s for st in self.turn_states for ts in st), default=0.0)
+        makespan = max(makespan, max((c.arrival_s for c in self.convs), default=0.0))
+        turns: list[TurnRecord] = []
+        convs: list[ConversationRecord] = []
+        starts = [[seg[6] for seg in inst.segments] for inst in self.insts]
+        for states in self.turn_states:  # remote-decoded turns: first token = end of their first step
+            for ts in states:
+                if math.isnan(ts.first_token_s) and ts.first_step > 0:
+                    ts.first_token_s = _step_end_s(self.insts[ts.decode_inst], ts.first_step, starts)
+        for ci, c in enumerate(self.convs):
+            states = self.turn_states[ci]
+            for ts in states:
+                turns.append(self._turn_record(ts))
+            first, last = states[0], states[-1]
+            dec = self.insts[last.decode_inst]
+            tbt_mean, tbt_p95 = _tbt(
+                dec, last.first_step, last.last_step, last.first_token_s, last.last_token_s, starts[dec.idx]
+            )
+            t0_adm = first.prefill_start_s if first.remote else first.arrival_s
+            convs.append(
+                ConversationRecord(
+                    conversation_id=c.conversation_id,
+                    arrival_s=c.arrival_s,
+                    turns=len(states),
+                    tokens=c.total_tokens,
+                    ttfet_s=last.first_token_s - first.arrival_s,
+                    e2e_s=last.last_token_s - first.arrival_s,
+                    ttfet_admission_s=last.first_token_s - t0_adm,
+                    e2e_admission_s=last.last_token_s - t0_adm,
+                    last_turn_tbt_mean_s=tbt_mean,
+                    last_turn_tbt_p95_s=tbt_p95,
+                    decoders=tuple(self.insts[ts.decode_inst].id for ts in states),
+                )
+            )
+        decoded: dict[int, list[_TurnState]] = {}
+        for states in self.turn_states:
+            for ts in states:
+                decoded.setdefault(ts.decode_inst, []).append(ts)
+        windows, energies = _energy(self.insts, makespan, energy_window_s, self.convs, decoded)
+        stats_fn = getattr(self.policy, "prediction_stats", None)
+        pstats: dict[str, Any] = {}
+        if callable(stats_fn):
+            st = stats_fn()
+            pstats = {k: getattr(st, k) for k in st.__slots__} if hasattr(st, "__slots__") else dict(st)
+        return SimResult(
+            policy=self.policy.name,
+            seed=self.seed,
+            makespan_s=makespan,
+            conversations=tuple(convs),
+            turns=tuple(turns),
+            instances=tuple(energies),
+            energy_windows=tuple(windows),
+            energy_window_s=energy_window_s,
+            kv_transfers=self.kv_transfers,
+            kv_transfer_bytes=self.kv_transfer_bytes,
+            decisions=tuple(self.decisions),
+            feedback=tuple(self.feedback),
+            events=self.events,
+            wall_s=wall_s,
+            max_kv_used_tokens={i.id: i.peak_reserved for i in self.insts},
+            policy_stats=pstats,
+        )
+
+    def _turn_record(self, ts: _TurnState) -> TurnRecord:
+        return TurnRecord(
+            conversation_id=self.convs[ts.conv].conversation_id,
+            turn=ts.turn,
+            arrival_s=ts.arrival_s,
+            input_tokens=ts.input_tokens,
+            output_tokens=ts.output_tokens,
+            decode_instance=self.insts[ts.decode_inst].id,
+            prefill_instance=self.insts[ts.prefill_inst].id,
+            remote_prefill=ts.remote,
+            prefill_start_s=ts.prefill_start_s,
+            prefill_end_s=ts.prefill_end_s,
+            kv_admit_s=ts.kv_admit_s,
+            first_token_s=ts.first_token_s,
+            last_token_s=ts.last_token_s,
+            cached_tokens=ts.cached_tokens,
+            prefilled_tokens=ts.prefilled_tokens,
+            transfer_tokens=ts.transfer_tokens,
+            transfer_bytes=ts.transfer_bytes,
+            restarts=ts.restarts,
+        )
+
+
+_LINK_ORDER = ("ethernet", "infiniband", "pcie", "nvlink")
+
+
+def _slower(a: str, b: str) -> str:
+    ra = _LINK_ORDER.index(a) if a in _LINK_ORDER else 0
+    rb = _LINK_ORDER.index(b) if b in _LINK_ORDER else 0
+    return _LINK_ORDER[min(ra, rb)]
+
+
+def _step_durations(inst: _Instance, lo: int, hi: int, starts: list[int]) -> np.ndarray:
+    """Durations of instance steps with 1-based indices lo..hi (inclusive); starts[k] = segment k's step0."""
+    if hi < lo:
+        return np.empty(0)
+    segs = inst.segments
+
+    k = max(0, bisect.bisect_right(starts, lo - 1) - 1)
+    parts: list[np.ndarray] = []
+    while k < len(segs):
+        t0, t1, n, a, d, _, step0 = segs[k]
+        if step0 >= hi:
+            break
+        s_lo = max(lo, step0 + 1)
+        s_hi = min(hi, step0 + n)
+        if s_hi >= s_lo:
+            i = np.arange(s_lo - step0 - 1, s_hi - step0, dtype=np.float64)
+            parts.append(a + d * i)
+        k += 1
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def _step_end_s(inst: _Instance, step: int, starts: list[list[int]]) -> float:
+    """Virtual time at which 1-based instance step `step` ended."""
+    st = starts[inst.idx]
+    k = bisect.bisect_right(st, step - 1) - 1
+    t0, _, n, a, d, _, step0 = inst.segments[k]
+    return t0 + _cum(step - step0, a, d)
+
+
+def _tbt(
+    inst: _Instance, first_step: int, last_step: int, t_first: float, t_last: float, starts: list[int]
+) -> tuple[float, float]:
+    n = last_step - first_step
+    if n <= 0:
+        return 0.0, 0.0
+    gaps = _step_durations(inst, first_step + 1, last_step, starts)
+    mean = (t_last - t_first) / n
+    p95 = float(np.percentile(gaps, 95)) if len(gaps) else mean
+    return mean, p95
+
+
+def _steps_done_at(inst: _Instance, t: float, seg_idx: int) -> tuple[int, int]:
+    """Steps completed by time t, scanning segments from seg_idx; returns (steps, new seg_idx)."""
+    segs = inst.segments
+    k = seg_idx
+    while k < len(segs) and segs[k][1] <= t:
+        k += 1
+    if k < len(segs) and segs[k][0] < t:
+        t0, _, n, a, d, _, step0 = segs[k]
+        return step0 + _steps_by(t - t0, a, d, n), k
+    if k < len(segs):
+        return segs[k][6], k
+    return inst.steps_done, k
+
+
+def _energy(
+    insts: Sequence[_Instance],
+    makespan: float,
+    window_s: float | None,
+    convs: Sequence[ConversationSpec],
+    decoded: Mapping[int, list[_TurnState]],
+) -> tuple[list[EnergyWindow], list[InstanceEnergy]]:
+    windows: list[EnergyWindow] = []
+    energies: list[InstanceEnergy] = []
+    if window_s is not None and window_s <= 0:
+        raise SimulationError(f"energy_window_s must be > 0 or None, got {window_s}")
+    for inst in insts:
+        idle_w = inst.tm.idle_w
+        busy_s = sum(s[1] - s[0] for s in inst.segments)
+        if window_s is None or makespan <= 0:
+            busy_j = sum((s[1] - s[0]) * s[5] for s in inst.segments)
+            idle_j = max(0.0, makespan - busy_s) * idle_w
+            total = busy_j + idle_j
+        else:
+            nwin = max(1, math.ceil(makespan / window_s - 1e-12))
+            e_busy = np.zeros(nwin)
+            t_busy = np.zeros(nwin)
+            for t0, t1, _, _, _, pw, _ in inst.segments:
+                w = int(t0 // window_s)
+                while t0 < t1 and w < nwin:
+                    w_end = (w + 1) * window_s if w < nwin - 1 else max(makespan, t1)
+                    seg_end = min(t1, w_end)
+                    e_busy[w] += (seg_end - t0) * pw
+                    t_busy[w] += seg_end - t0
+                    t0 = seg_end
+                    w += 1
+            bounds = [min(makespan, (w + 1) * window_s) if w < nwin - 1 else makespan for w in range(nwin)]
+            starts = [w * window_s for w in range(nwin)]
+            lengths = np.array([bounds[w] - starts[w] for w in range(nwin)])
+            idle_win = np.maximum(0.0, lengths - t_busy) * idle_w
+            # work per turn per window: decode tokens from the step ranges, prefill tokens from the log
+            step_at = np.zeros(nwin + 1, dtype=np.int64)
+            k = 0
+            for w in range(nwin):
+                step_at[w + 1], k = _steps_done_at(inst, bounds[w], k)
+            work: list[dict[tuple[int, int], list[int]]] = [{} for _ in range(nwin)]
+            for tt, ts, c in inst.prefill_log:
+                w = min(nwin - 1, int(tt // window_s))
+                cell = work[w].setdefault((ts.conv, ts.turn), [0, 0])
+                cell[0] += c
+            for ts in decoded.get(inst.idx, []):
+                lo, hi = ts.first_step, ts.last_step
+                w = min(nwin - 1, max(0, int(ts.first_token_s // window_s)))
+                while w < nwin:
+                    a, b = int(step_at[w]) + 1, int(step_at[w + 1])
+                    ov = min(hi, b) - max(lo, a) + 1
+                    if ov > 0:
+                        cell = work[w].setdefault((ts.conv, ts.turn), [0, 0])
+                        cell[1] += ov
+                    if b >= hi:
+                        break
+                    w += 1
+            total = 0.0
+            idle_j = 0.0
+            for w in range(nwin):
+                ej = float(e_busy[w] + idle_win[w])
+                total += ej
+                idle_j += float(idle_win[w])
+                windows.append(
+                    EnergyWindow(
+                        instance_id=inst.id,
+                        tier=inst.tm.name,
+                        start_s=starts[w],
+                        end_s=bounds[w],
+                        energy_j=ej,
+                        idle_energy_j=float(idle_win[w]),
+                        work=tuple(
+                            WindowWork(convs[ci].conversation_id, turn, v[0], v[1])
+                            for (ci, turn), v in sorted(work[w].items())
+                        ),
+                    )
+                )
+        energies.append(
+            InstanceEnergy(
+                instance_id=inst.id,
+                tier=inst.tier,
+                tier_model=inst.tm.name,
+                role=str(inst.role),
+                gpus=inst.tm.gpus,
+                energy_j=total,
+                idle_energy_j=idle_j,
+                busy_s=busy_s,
+                utilisation=busy_s / makespan if makespan > 0 else 0.0,
+                prefill_tokens=inst.prefill_tokens,
+                decode_tokens=inst.decode_tokens,
+            )
+        )
+    return windows, energies
+
+
+def run_simulation(
+    instances: Sequence[InstanceLike],
+    conversations: Sequence[ConversationSpec],
+    policy: Policy,
+    *,
+    seed: int = 0,
+    energy_window_s: float | None = 1.0,
+    options: SimOptions | None = None,
+    links: Mapping[str, str] | None = None,
+    failures: Sequence[tuple[str, float]] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> SimResult:
+    """Simulate `conversations` on `instances` under `policy`; deterministic for the same inputs and seed.
+
+    `links` maps a tier label to its link type (tiers.links; default pcie). `failures` lists (instance_id,
+    time_s) at which an instance stops; its conversations are re-placed. `seed` is recorded (the simulator
+    itself draws no random numbers; seeded randomness lives in the workload and in policies' options).
+    """
+    sim = _Sim(instances, conversations, policy, seed, options or SimOptions(), links, failures, progress)
+    w0 = time.perf_counter()
+    sim.run()
+    return sim.result(time.perf_counter() - w0, energy_window_s)

@@ -1,0 +1,154 @@
+"""Values the simulator returns: per-turn and per-conversation records, energy, transfers, decisions.
+
+Pure frozen dataclasses (no I/O). Times are virtual seconds from the start of the run. Every energy figure
+here is *modelled* from the tier's power model, not measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from placement.base import FleetView, Placement, TurnRequest
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    conversation_id: str
+    turn: int  # 1-based
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+    decode_instance: str
+    prefill_instance: str  # == decode_instance for a local prefill
+    remote_prefill: bool
+    prefill_start_s: float  # admitted on the instance that prefills it (KV allocated there)
+    prefill_end_s: float
+    kv_admit_s: float  # KV allocated on the decode instance (== prefill_start_s for a local prefill)
+    first_token_s: float
+    last_token_s: float
+    cached_tokens: int  # prefix-cache hit on the instance that prefilled
+    prefilled_tokens: int  # tokens actually computed in prefill
+    transfer_tokens: int
+    transfer_bytes: int
+    restarts: int = 0  # times the turn was re-placed because an instance failed
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRecord:
+    conversation_id: str
+    arrival_s: float
+    turns: int
+    tokens: int  # prompt + output tokens of every turn (the paper's tokens/J numerator)
+    ttfet_s: float  # arrival of turn 1 -> first token of the final turn
+    e2e_s: float  # arrival of turn 1 -> last token of the final turn
+    ttfet_admission_s: float  # the artifact's convention: t0 = turn 1 admitted where it prefills
+    e2e_admission_s: float
+    last_turn_tbt_mean_s: float  # 0.0 when the final turn has a single output token
+    last_turn_tbt_p95_s: float
+    decoders: tuple[str, ...]  # decode instance of each turn
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceEnergy:
+    instance_id: str
+    tier: str  # the fleet's tier label
+    tier_model: str  # TierModel.name (GPU@cap/tp)
+    role: str
+    gpus: int
+    energy_j: float  # busy + idle, modelled; equals the sum of this instance's energy windows
+    idle_energy_j: float
+    busy_s: float
+    utilisation: float  # busy_s / makespan_s
+    prefill_tokens: int
+    decode_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowWork:
+    conversation_id: str
+    turn: int
+    prefill_tokens: int
+    decode_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyWindow:
+    """Modelled energy of one instance over [start_s, end_s) and the work it did for each turn in it."""
+
+    instance_id: str
+    tier: str
+    start_s: float
+    end_s: float
+    energy_j: float
+    idle_energy_j: float
+    work: tuple[WindowWork, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One call of the policy, as the simulator made it (for the parity test and debugging)."""
+
+    time_s: float
+    turn: TurnRequest
+    placement: Placement
+    view: FleetView | None = None  # recorded only with record_views=True
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """One observe_turn_end call (replayed in order by the parity test)."""
+
+    time_s: float
+    conversation_id: str
+    turn: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    policy: str
+    seed: int
+    makespan_s: float
+    conversations: tuple[ConversationRecord, ...]
+    turns: tuple[TurnRecord, ...]
+    instances: tuple[InstanceEnergy, ...]
+    energy_windows: tuple[EnergyWindow, ...]
+    energy_window_s: float | None
+    kv_transfers: int
+    kv_transfer_bytes: int
+    decisions: tuple[Decision, ...]
+    feedback: tuple[Feedback, ...]
+    events: int
+    wall_s: float  # wall time the run took (the only wall-clock figure; not used by the model)
+    max_kv_used_tokens: dict[str, int] = field(default_factory=dict)  # per instance, peak reserved
+    policy_stats: dict[str, Any] = field(default_factory=dict)  # e.g. the per-turn predictor's error
+
+    @property
+    def energy_j(self) -> float:
+        return sum(i.energy_j for i in self.instances)
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.tokens for c in self.conversations)
+
+    @property
+    def tokens_per_j(self) -> float:
+        e = self.energy_j
+        return self.tokens / e if e > 0 else 0.0
+
+    def energy_by_tier_j(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i in self.instances:
+            out[i.tier_model] = out.get(i.tier_model, 0.0) + i.energy_j
+        return out
+
+    def utilisation_by_role(self) -> dict[str, float]:
+        acc: dict[str, list[float]] = {}
+        for i in self.instances:
+            acc.setdefault(i.role, []).append(i.utilisation)
+        return {r: sum(v) / len(v) for r, v in acc.items()}
