@@ -81,13 +81,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     etype = first.get("type", "")
     if etype == "json_invalid":
         ctx = first.get("ctx") or {}
-        return f"request body is not valid JSON ({ctx.get('error', 'parse error')}). To fix: send a JSON object.", None
+        why = ctx.get("error", "parse error")
+        return f"request body is not valid JSON ({why}). To fix: send a JSON object.", None
     if etype == "missing" and not loc:
         return "request body is required: a JSON object (see the OpenAPI schema at /openapi.json)", None
     if etype == "missing":
         return f"{param}: field required", param
     if etype in ("model_attributes_type", "dict_type") and not loc:
-        return "request body must be a JSON object", None
+        if isinstance(first.get("input"), bytes | str):
+            return ("request body is not JSON. To fix: send a JSON object with "
+                    "'Content-Type: application/json'."), None
+        return "request body must be a JSON object, not an array or a scalar", None
     more = f" (+{len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param
 
@@ -110,7 +114,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unexpected error serving a request")
-        return error_response(500, "internal error (logged on the server)", "server_error", code="internal_error")
+        return error_response(500, "internal error (logged on the server)", "server_error",
+                              code="internal_error")
 
     app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]

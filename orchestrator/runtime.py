@@ -280,6 +280,15 @@ class Runtime:
         self._scheduler = sched
         self._started = True
 
+    def scheduler_pause(self) -> None:
+        """Pause the scheduled jobs (tests: make a failure invisible to the health poll)."""
+        if self._scheduler is not None:
+            self._scheduler.pause()
+
+    def scheduler_resume(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.resume()
+
     async def stop(self) -> None:
         """Stop jobs, close engines, drain the ledger queue (no row lost), close the ledger."""
         if self._scheduler is not None:
