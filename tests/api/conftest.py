@@ -97,3 +97,13 @@ def served(tmp_path: Path) -> Iterator[Served]:
         yield s
     finally:
         stop()
+
+
+@pytest.fixture(scope="module")
+def served_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One server for a module of tests that do not change the fleet (bad input, schema fuzzing)."""
+    s, stop = start_server(tmp_path_factory.mktemp("served"), speedup=1000.0)
+    try:
+        yield s
+    finally:
+        stop()
