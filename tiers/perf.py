@@ -33,8 +33,9 @@ tp_latency_s = tp_layer_latency_s*layers*log2(tp), gpu_fixed_s = layer_overhead_
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from tiers.catalog import GpuSpec
@@ -165,8 +166,27 @@ _AUTO = Calibration(name="auto", source="placeholder: replaced by default_calibr
 
 def default_calibration(gpu: GpuSpec, model: ModelSpec) -> Calibration:
     """The calibration a tier gets when none is given: the project's own engine stack (vLLM 0.11, fitted on
-    the A40). Splitwise's is available as SPLITWISE_VLLM for its older, slower stack."""
-    return CONSERVE_A40_VLLM011
+    the A40), with the GEMM power demand adjusted to the model's size.
+
+    GEMM power density grows with GEMM size: Qwen3-0.6B's (hidden 1,024) GEMMs demand 0.445 of the dynamic
+    range on the A40 (fit_conserve_a40), while llama2-70b/bloom-176b prefills (hidden 8,192/14,336) reach TDP
+    (Splitwise peak_power ~1.0). Between the two anchors we interpolate linearly in log2(hidden_size), clamped
+    -- modelled, not measured. Splitwise's stack is available as SPLITWISE_VLLM for its older, slower engine.
+    """
+    return _default_for_hidden(model.hidden_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_for_hidden(hidden_size: int) -> Calibration:
+    lo, hi = CONSERVE_A40_VLLM011.power_gemm_frac, SPLITWISE_VLLM.power_gemm_frac
+    x = min(max(math.log2(max(hidden_size, 1) / 1024) / 3.0, 0.0), 1.0)  # 1,024 -> 0, 8,192 -> 1
+    if x == 0.0:
+        return CONSERVE_A40_VLLM011
+    return replace(
+        CONSERVE_A40_VLLM011,
+        power_gemm_frac=lo + (hi - lo) * x,
+        name=f"{CONSERVE_A40_VLLM011.name}+gemm-power-h{hidden_size}",
+    )
 
 
 def _log2(x: int) -> float:
@@ -304,8 +324,8 @@ class TierModel:
         n_total = new_tokens * sequences
         gemm = n_total * self._k_dense * self._s_gemm
         attn = sequences * new_tokens * (cached_tokens + 0.5 * new_tokens) * self._k_attn * self._s_attn
-        if gemm + attn < self._weights_read_s:
-            gemm = self._weights_read_s - attn
+        if gemm + attn < self._weights_read_s:  # tiny prefill: bound by reading the weights once
+            return self._weights_read_s, 0.0, n_total * self._k_comm
         return gemm, attn, n_total * self._k_comm
 
     def roofline_prefill_time_s(self, new_tokens: int, cached_tokens: int = 0) -> float:
