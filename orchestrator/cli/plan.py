@@ -1,0 +1,180 @@
+"""`orchestrator plan`: size a fleet for a workload (ILP) and print or save the plan.
+
+Thin edge over orchestrator.planner: parses options, prints rich tables or JSON (schema: docs/planning.md),
+writes the plan file atomically. Errors are one line with exit code 1 (orchestrator.cli.common).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from orchestrator.cli.common import console, fail, handle_errors, print_json
+from orchestrator.config import Objective, load_fleet
+from orchestrator.fleet import Plan, save_plan
+from orchestrator.planner import (
+    PlanRun,
+    best_homogeneous,
+    caps_comparison,
+    compare_homogeneous,
+    make_plan,
+    validate_hook,
+)
+from tiers.errors import PlanningError
+
+JSON_SCHEMA_VERSION = 1
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _pool_table(plan: Plan, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("tier", "role", "n", "GPUs", "cap W", "TP", "conv/s", "util", "KV", "batch", "step ms", "W"):
+        t.add_column(col, justify="left" if col in ("tier", "role") else "right")
+    for p in plan.pools:
+        dec = p.role != "prefill"
+        t.add_row(
+            p.tier, p.role[:6] if p.role != "prefill" else "prefill", str(p.instances), str(p.gpus), f"{p.power_cap_w:g}", str(p.tp),
+            f"{p.arrival_rate_per_s:.3g}", f"{p.utilisation:.0%}",
+            f"{p.kv_occupancy:.0%}" if dec else "-", f"{p.batch:.1f}" if dec else "-",
+            f"{p.step_time_ms:.1f}" if dec else "-", f"{p.watts:,.0f}",
+        )
+    return t
+
+
+def _totals_table(plans: list[tuple[str, Plan]]) -> Table:
+    t = Table(title="Totals (modelled, not measured)", title_justify="left")
+    t.add_column("")
+    for name, _ in plans:
+        t.add_column(name, justify="right")
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, f: Any) -> None:
+        rows.append((label, [f(p) for _, p in plans]))
+
+    add("GPUs used / available", lambda p: f"{p.predictions.gpus_used} / {p.predictions.gpus_available}")
+    add("conversations/s", lambda p: f"{p.predictions.arrival_rate_per_s:.4g}")
+    add("watts (allocated)", lambda p: f"{p.predictions.watts_allocated:,.0f}")
+    add("watts (unallocated GPUs)", lambda p: f"{p.predictions.watts_unallocated:,.0f}")
+    add("watts total", lambda p: f"{p.predictions.watts_total:,.0f}")
+    add("tokens/s (prompt+output)", lambda p: f"{p.predictions.tokens_per_s:,.0f}")
+    add("tokens/J (modelled)", lambda p: f"{p.predictions.tokens_per_j:.2f}")
+    add(
+        "p95 TTFET s (slowdown / SLO)",
+        lambda p: f"{p.predictions.ttfet_p95_s:.2f} ({p.predictions.ttfet_p95_slowdown:.2f}x / "
+        f"{_fmt(p.predictions.slo_ttfet_slowdown)}x)",
+    )
+    add(
+        "mean TBT ms (slowdown / SLO)",
+        lambda p: f"{p.predictions.tbt_mean_ms:.1f} ({p.predictions.tbt_slowdown:.2f}x / "
+        f"{_fmt(p.predictions.slo_tbt_slowdown)}x)",
+    )
+    add("ConServe local-prefill threshold", lambda p: f"{p.predictions.conserve_threshold_tokens:,} tokens")
+    add("$/hour", lambda p: _fmt(p.predictions.cost_per_hour, ",.2f"))
+    add("solver / status / s", lambda p: f"{p.solver} / {p.status} / {p.solve_time_s:.2f}")
+    for label, vals in rows:
+        t.add_row(label, *vals)
+    return t
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    @handle_errors
+    def plan_cmd(
+        fleet: Path = typer.Option(..., "--fleet", "-f", help="fleet.yaml (see docs/fleet-yaml.md)"),
+        objective: Objective | None = typer.Option(None, "--objective", help="energy | gpus | cost (default: file's)"),
+        out: Path | None = typer.Option(None, "--out", "-o", help="write the plan here (YAML, atomic)"),
+        json_out: bool = typer.Option(False, "--json", help="print JSON (schema in docs/planning.md)"),
+        compare: bool = typer.Option(
+            False, "--compare-homogeneous", help="also plan each tier alone with the fleet's whole GPU budget"
+        ),
+        solver: str = typer.Option("highs", "--solver", help="highs | cbc"),
+        time_limit: float = typer.Option(30.0, "--time-limit", help="seconds per ILP solve"),
+        rate: float | None = typer.Option(None, "--rate", help="override workload.arrival_rate_per_s (conv/s)"),
+        max_rate: bool = typer.Option(
+            False, "--max-rate", help="plan for the highest arrival rate the fleet sustains within the SLOs"
+        ),
+        validate: bool = typer.Option(False, "--validate", help="simulate the plan (needs orchestrator.sim)"),
+    ) -> None:
+        """Size prefill/decode pools per GPU tier and power cap for a workload and SLOs (PuLP ILP)."""
+        if solver.lower() not in ("highs", "cbc"):
+            fail(f"--solver {solver!r} is not known. To fix: use highs or cbc.")
+        if time_limit <= 0:
+            fail(f"--time-limit must be > 0 seconds, got {time_limit}.")
+        if rate is not None and max_rate:
+            fail("--rate and --max-rate exclude each other. To fix: pass one of them.")
+        if validate and validate_hook() is None:
+            fail("--validate is not available yet: orchestrator.sim offers no plan runner in this build. "
+                 "To fix: run without --validate and simulate the plan with `orchestrator simulate`.")
+        cfg = load_fleet(fleet)
+        run = make_plan(cfg, objective, solver.lower(), time_limit, str(fleet), rate_per_s=rate, max_rate=max_rate)
+        homog: list[tuple[str, PlanRun | None, str]] = []
+        if compare:
+            homog = compare_homogeneous(cfg, run.stats, objective, solver.lower(), time_limit)
+        caps = caps_comparison(cfg, run, objective, solver.lower(), time_limit)
+        if out is not None:
+            save_plan(run.plan, out)
+        if json_out:
+            doc: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION, "plan": run.plan.to_dict()}
+            doc["workload"] = {
+                "conversations": run.stats.conversations,
+                "arrival_rate_per_s": run.stats.arrival_rate_per_s,
+                "turns_per_conversation_mean": run.stats.turns_per_conversation_mean,
+                "turn1_input_tokens_p50": run.stats.turn1_input_tokens_p50,
+                "turn1_input_tokens_p95": run.stats.turn1_input_tokens_p95,
+                "tokens_per_conversation_mean": run.stats.tokens_per_conversation_mean,
+            }
+            if compare:
+                best = best_homogeneous(homog)
+                doc["homogeneous"] = [
+                    {"tier": n, "plan": r.plan.to_dict() if r else None, "error": e or None} for n, r, e in homog
+                ]
+                doc["best_homogeneous"] = best[0] if best else None
+            doc["caps_comparison"] = caps
+            doc["out"] = str(out) if out else None
+            doc["validated"] = False
+            print_json(doc)
+            return
+        console.print(
+            f"[bold]Plan[/] for {cfg.model_spec().name}, {run.stats.arrival_rate_per_s:.4g} conv/s "
+            f"({run.stats.conversations} conversations, {run.stats.turns_per_conversation_mean:.1f} turns each, "
+            f"turn-1 p50 {run.stats.turn1_input_tokens_p50:,.0f} tokens), objective {run.plan.objective}"
+        )
+        console.print(_pool_table(run.plan, "Pools"))
+        plans: list[tuple[str, Plan]] = [("plan", run.plan)]
+        if compare:
+            best = best_homogeneous(homog)
+            for n, r, e in homog:
+                if r is None:
+                    console.print(f"[yellow]homogeneous {n}:[/] {e}", highlight=False, soft_wrap=True)
+            if best is not None:
+                console.print(_pool_table(best[1].plan, f"Best single-tier plan: {best[0]} (same GPU budget)"))
+                plans.append((f"all-{best[0]}", best[1].plan))
+        console.print(_totals_table(plans))
+        if compare:
+            best = best_homogeneous(homog)
+            if best is not None:
+                a, b = run.plan.predictions.tokens_per_j, best[1].plan.predictions.tokens_per_j
+                verdict = "beats" if a > b * (1 + 1e-9) else "does not beat"
+                console.print(
+                    f"The plan {verdict} the best single-tier plan ({best[0]}): {a:.2f} vs {b:.2f} tokens/J "
+                    f"({(a / b - 1) * 100:+.1f}%, modelled)."
+                )
+        if caps is not None:
+            console.print(
+                f"Power caps: with the allowed caps the plan draws {caps['watts_total']:,.0f} W; at TDP only it would "
+                f"draw {caps['watts_total_tdp_only']:,.0f} W ({caps['watts_saved']:+,.0f} W saved; decoder caps "
+                f"alone save {caps['watts_saved_by_decoder_caps']:+,.0f} W)."
+            )
+        for note in run.plan.notes:
+            console.print(f"- {note}", highlight=False)
+        console.print("--validate: not wired (orchestrator.sim has no plan runner yet).", style="dim")
+        if out is not None:
+            console.print(f"Plan written to {out}")
+
+    _ = PlanningError  # re-exported for callers that catch planning failures

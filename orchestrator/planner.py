@@ -1,0 +1,373 @@
+"""The `plan` job: fleet.yaml -> tier models -> workload statistics -> ILP (placement.ilp) -> Plan.
+
+Glue only: the formulation and the queueing model live in placement/ilp.py (pure); this module reads the
+config, builds the ILP's inputs, times the solve, and turns the result into an orchestrator.fleet.Plan with
+sentences that explain it. Must not import fastapi, sqlalchemy or httpx.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+from orchestrator.config import FleetConfig, Objective
+from orchestrator.fleet import Plan, PlanPredictions, Pool, allowed_caps_w, tier_model
+from orchestrator.workload import WorkloadStats, workload_from_config, workload_stats
+from placement import ilp
+from tiers.errors import ConServeError, PlanningError
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRun:
+    """A plan together with what produced it (for the CLI's tables and --json)."""
+
+    plan: Plan
+    result: ilp.PlanResult
+    stats: WorkloadStats
+    settings: ilp.Settings
+
+
+def demand_from_stats(ws: WorkloadStats) -> ilp.Demand:
+    return ilp.Demand(
+        arrival_rate_per_s=ws.arrival_rate_per_s,
+        turn1_input_tokens=ws.turn1_input_tokens_quantiles,
+        decode_tokens=ws.decode_tokens_mean,
+        decode_tokens_before_final=ws.decode_tokens_before_final_mean,
+        later_turns=ws.later_turns_mean,
+        tail_prefill_tokens=ws.tail_prefill_tokens_mean,
+        tail_prefill_context_tokens=ws.tail_prefill_context_tokens_mean,
+        kv_decode_token_steps=ws.kv_decode_token_steps_mean,
+        kv_gap_token_seconds=ws.kv_gap_token_seconds_mean,
+        tool_gap_s_total=ws.tool_gap_s_total_mean,
+        final_context_tokens_max=ws.final_context_tokens_max,
+        tokens_per_conversation=ws.tokens_per_conversation_mean,
+    )
+
+
+def tier_supplies(cfg: FleetConfig) -> list[ilp.TierSupply]:
+    out = []
+    for t in cfg.tiers:
+        models = []
+        for tp in sorted(set(t.tp)):
+            if t.count and tp > t.count:
+                continue
+            for cap in allowed_caps_w(t):
+                try:
+                    models.append(tier_model(cfg, t.name, cap, tp))
+                except ConServeError as err:
+                    raise PlanningError(f"tiers.{t.name}: power cap {cap:g} W / tp {tp}: {err}") from None
+        out.append(
+            ilp.TierSupply(
+                name=t.name,
+                gpus=t.count,
+                roles=tuple(t.roles),
+                models=tuple(models),
+                link=str(t.link.value),
+                cost_per_gpu_hour=t.cost_per_gpu_hour,
+            )
+        )
+    return out
+
+
+def slo_from_config(cfg: FleetConfig) -> ilp.Slo:
+    s = cfg.slo
+    return ilp.Slo(
+        percentile=s.percentile,
+        ttfet_slowdown=s.ttfet_slowdown,
+        ttfet_s=s.ttfet_s,
+        tbt_slowdown=s.tbt_slowdown,
+        tbt_ms=s.tbt_ms,
+    )
+
+
+def fleet_stats(cfg: FleetConfig) -> WorkloadStats:
+    convs = workload_from_config(cfg.workload)
+    # the configured rate is the planning rate (a Mooncake trace without an explicit rate keeps its own)
+    explicit = cfg.workload.format != "mooncake" or "arrival_rate_per_s" in cfg.workload.model_fields_set
+    return workload_stats(convs, cfg.workload.arrival_rate_per_s if explicit else None)
+
+
+def _settings(cfg: FleetConfig, objective: Objective | None, solver: str, time_limit_s: float | None) -> ilp.Settings:
+    obj = ilp.Objective((objective or cfg.objective).value)
+    return ilp.Settings(objective=obj, unallocated=cfg.unallocated, solver=solver, time_limit_s=time_limit_s)
+
+
+def make_plan(
+    cfg: FleetConfig,
+    objective: Objective | None = None,
+    solver: str = "highs",
+    time_limit_s: float | None = 30.0,
+    fleet_file: str | None = None,
+    stats: WorkloadStats | None = None,
+    rate_per_s: float | None = None,
+    max_rate: bool = False,
+) -> PlanRun:
+    """Plan `cfg` (objective: the file's unless given). Raises PlanningError with a diagnosis if infeasible.
+
+    rate_per_s overrides the workload's arrival rate; max_rate plans for the highest rate the fleet sustains
+    within the SLOs (found by an ILP that maximises the rate), less 0.1% so the plan keeps a sliver of slack.
+    """
+    settings = _settings(cfg, objective, solver, time_limit_s)
+    ws = stats if stats is not None else fleet_stats(cfg)
+    if rate_per_s is not None:
+        if not rate_per_s > 0:
+            raise PlanningError(f"--rate must be > 0 conversations/s, got {rate_per_s}. To fix: pass a rate > 0.")
+        ws = replace(ws, arrival_rate_per_s=rate_per_s)
+    demand = demand_from_stats(ws)
+    supplies = tier_supplies(cfg)
+    slo = slo_from_config(cfg)
+    t0 = time.perf_counter()
+    if max_rate:
+        ref = ilp.reference_for(supplies, demand, cfg.reference_tier)
+        top = ilp.max_rate_per_s(supplies, demand, slo, settings, ref)
+        if top <= 0:
+            raise PlanningError(
+                "no arrival rate fits this fleet within the SLOs (no instance shape meets them). To fix: relax "
+                "the SLOs or add a tier whose KV capacity holds the longest conversation."
+            )
+        ws = replace(ws, arrival_rate_per_s=top * 0.999)
+        demand = demand_from_stats(ws)
+    result = ilp.plan(supplies, demand, slo, settings, cfg.reference_tier)
+    elapsed = time.perf_counter() - t0
+    plan = to_plan(cfg, result, settings, elapsed, fleet_file, ws)
+    return PlanRun(plan, result, ws, settings)
+
+
+def to_plan(
+    cfg: FleetConfig,
+    r: ilp.PlanResult,
+    settings: ilp.Settings,
+    solve_time_s: float,
+    fleet_file: str | None,
+    ws: WorkloadStats,
+) -> Plan:
+    pools = tuple(
+        Pool(
+            tier=p.option.tier,
+            role=p.option.role,  # type: ignore[arg-type]
+            instances=p.instances,
+            tp=p.option.tp,
+            power_cap_w=p.option.power_cap_w,
+            gpus=p.instances * p.option.gpus,
+            arrival_rate_per_s=round(p.arrival_rate_per_s, 6),
+            utilisation=round(p.utilisation, 4),
+            kv_occupancy=round(p.kv_occupancy, 4),
+            batch=round(p.batch, 3),
+            step_time_ms=round(p.step_s * 1e3, 3),
+            watts=round(p.watts, 1),
+        )
+        for p in sorted(r.pools, key=lambda p: (p.option.role != "prefill", p.option.tier, -p.option.power_cap_w))
+    )
+    s = cfg.slo
+    ref = r.reference
+    preds = PlanPredictions(
+        arrival_rate_per_s=ws.arrival_rate_per_s,
+        gpus_available=r.gpus_available,
+        gpus_used=r.gpus_used,
+        watts_allocated=round(r.watts_allocated, 1),
+        watts_unallocated=round(r.watts_unallocated, 1),
+        watts_total=round(r.watts_total, 1),
+        tokens_per_s=round(r.tokens_per_s, 1),
+        tokens_per_j=round(r.tokens_per_j, 3),
+        ttfet_p95_s=round(r.ttfet_p_s, 3),
+        ttfet_standalone_s=round(ref.ttfet_s, 3),
+        ttfet_p95_slowdown=round(r.ttfet_p_s / ref.ttfet_s, 3),
+        tbt_mean_ms=round(r.tbt_mean_s * 1e3, 3),
+        tbt_standalone_ms=round(ref.step_s * 1e3, 3),
+        tbt_slowdown=round(r.tbt_mean_s / ref.step_s, 3),
+        slo_ttfet_slowdown=s.ttfet_slowdown,
+        slo_ttfet_s=s.ttfet_s,
+        slo_tbt_slowdown=s.tbt_slowdown,
+        slo_tbt_ms=s.tbt_ms,
+        conserve_threshold_tokens=r.threshold_tokens,
+        cost_per_hour=None if r.cost_per_hour is None else round(r.cost_per_hour, 2),
+    )
+    return Plan(
+        model=cfg.model_spec().name,
+        objective=settings.objective.value,
+        pools=pools,
+        predictions=preds,
+        solver=r.solution.solver,
+        status=r.solution.status,
+        solve_time_s=round(solve_time_s, 4),
+        notes=tuple(explain(cfg, r, ws)),
+        fleet_file=fleet_file,
+    )
+
+
+def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]:
+    """Sentences saying why the plan looks the way it does (all figures modelled)."""
+    notes: list[str] = []
+    lam = ws.arrival_rate_per_s
+    pre = [p for p in r.pools if p.option.does_prefill]
+    dec = [p for p in r.pools if p.option.does_decode]
+    if pre:
+        for p in pre:
+            o = p.option
+            rate = 1.0 / o.prefill_s if o.prefill_s else math.inf
+            notes.append(
+                f"Prefill on {p.instances} x {o.tier} at {o.power_cap_w:g} W: a mean turn-1 prefill "
+                f"({ws.turn1_input_tokens_mean:,.0f} tokens) takes {o.prefill_s * 1e3:.0f} ms, so one instance "
+                f"serves at most {rate:.2f} conv/s; the TTFET SLO allows utilisation <= {o.rho_max:.2f} "
+                f"(M/G/1 p{cfg.slo.percentile:g} wait), i.e. {o.rho_max * rate:.2f} conv/s per instance; "
+                f"planned {p.arrival_rate_per_s:.3g} conv/s -> utilisation {p.utilisation:.2f}."
+            )
+    for p in dec:
+        o = p.option
+        caps = o.caps_per_instance(
+            _demand_like(ws), ilp.Settings(objective=ilp.Objective.ENERGY)
+        )
+        binding = min(caps, key=lambda f: caps[f])
+        notes.append(
+            f"Decode on {p.instances} x {o.tier} at {o.power_cap_w:g} W: one decoder sustains "
+            f"{caps[ilp.Family.KV]:.3g} conv/s by KV ({o.kv_capacity_tokens:,} tokens) and "
+            f"{caps[ilp.Family.TBT]:.3g} conv/s at the {o.tau_s * 1e3:.1f} ms decode-step target (batch <= "
+            f"{o.batch_max:.0f}); {ilp.FAMILY_TEXT[binding]} limits it. Planned {p.arrival_rate_per_s:.3g} conv/s "
+            f"-> batch {p.batch:.1f}, step {p.step_s * 1e3:.1f} ms, KV occupancy {p.kv_occupancy:.0%}, "
+            f"{p.watts / max(p.instances, 1):.0f} W each."
+        )
+    n_pre = sum(p.instances for p in pre if p.option.role == "prefill")
+    n_dec = sum(p.instances for p in dec if p.option.role == "decode")
+    if n_pre or n_dec:
+        notes.append(
+            f"Chosen: {n_pre} prefill + {n_dec} decode instance(s) for {lam:.4g} conv/s: the proven optimum "
+            f"({r.solution.solver}) of the ILP over {len(r.options)} instance shapes x {r.levels_tried} "
+            f"decode-step levels (decode-step target {r.tau_s * 1e3:.1f} ms)."
+        )
+    caps_tried = {o.power_cap_w for o in r.options if o.does_decode}
+    if len(caps_tried) > 1:
+        used = sorted({p.option.power_cap_w for p in dec})
+        note = f"Decoder power caps allowed {sorted(caps_tried)} W; the plan uses {used} W."
+        low = min(caps_tried)
+        draws = [p.watts / p.instances for p in dec if p.instances]
+        if draws and max(draws) <= low:
+            note += (
+                f" The tier model's decode draw ({max(draws):.0f} W per decoder at the planned batch) is below "
+                f"the lowest cap ({low:g} W), so decoder caps change neither speed nor power here; caps pay off "
+                "on compute-bound prefill."
+            )
+        notes.append(note)
+    if r.threshold_tokens:
+        notes.append(
+            f"ConServe local-prefill threshold: turn-1 inputs under {r.threshold_tokens:,} tokens prefill "
+            "faster on their decoder than via a prefiller (mean queueing + hand-off)."
+        )
+    notes.append("All figures are modelled (tier roofline + power model + queueing), not measured.")
+    return notes
+
+
+def caps_comparison(
+    cfg: FleetConfig,
+    run: PlanRun,
+    objective: Objective | None = None,
+    solver: str = "highs",
+    time_limit_s: float | None = 30.0,
+) -> dict[str, float | None] | None:
+    """What the allowed power caps save: the plan's watts vs TDP only, and vs decoders held at TDP.
+
+    None when no tier allows a cap below TDP. Values are None where that variant is infeasible.
+    """
+    if not any(len(allowed_caps_w(t)) > 1 or allowed_caps_w(t)[0] < t.gpu_spec().tdp_w for t in cfg.tiers):
+        return None
+    tdp_tiers = [t.model_copy(update={"power_caps_w": None}) for t in cfg.tiers]
+    variants: dict[str, float | None] = {}
+    demand = demand_from_stats(run.stats)
+    slo = slo_from_config(cfg)
+    ref = run.result.reference
+    for key, c, dec_caps in (
+        ("watts_total_tdp_only", cfg.model_copy(update={"tiers": tdp_tiers}), True),
+        ("watts_total_decoders_at_tdp", cfg, False),
+    ):
+        settings = replace(run.settings, decoder_caps=dec_caps)
+        try:
+            r = ilp.plan_with_reference(tier_supplies(c), demand, slo, settings, ref)
+            variants[key] = round(r.watts_total, 1)
+        except ConServeError:
+            variants[key] = None
+    w = run.result.watts_total
+    tdp, dec = variants["watts_total_tdp_only"], variants["watts_total_decoders_at_tdp"]
+    return {
+        "watts_total": round(w, 1),
+        "watts_total_tdp_only": tdp,
+        "watts_total_decoders_at_tdp": dec,
+        "watts_saved": None if tdp is None else round(tdp - w, 1),
+        "watts_saved_by_decoder_caps": None if dec is None else round(dec - w, 1),
+    }
+
+
+def _demand_like(ws: WorkloadStats) -> ilp.Demand:
+    return demand_from_stats(ws)
+
+
+def compare_homogeneous(
+    cfg: FleetConfig,
+    stats: WorkloadStats,
+    objective: Objective | None = None,
+    solver: str = "highs",
+    time_limit_s: float | None = 30.0,
+) -> list[tuple[str, PlanRun | None, str]]:
+    """Plan each tier alone with the fleet's whole GPU budget: [(tier, run or None, error message)]."""
+    budget = sum(t.count for t in cfg.tiers)
+    out: list[tuple[str, PlanRun | None, str]] = []
+    for t in cfg.tiers:
+        single = t.model_copy(update={"count": budget})
+        c = cfg.model_copy(update={"tiers": [single], "reference_tier": None})
+        # keep the same reference (standalone) latencies: reference tier of the original fleet
+        try:
+            run = _plan_with_reference(c, cfg, stats, objective, solver, time_limit_s)
+            out.append((t.name, run, ""))
+        except ConServeError as err:
+            out.append((t.name, None, str(err)))
+    return out
+
+
+def _plan_with_reference(
+    c: FleetConfig,
+    original: FleetConfig,
+    stats: WorkloadStats,
+    objective: Objective | None,
+    solver: str,
+    time_limit_s: float | None,
+) -> PlanRun:
+    settings = _settings(c, objective, solver, time_limit_s)
+    demand = demand_from_stats(stats)
+    ref = ilp.reference_for(tier_supplies(original), demand, original.reference_tier)
+    supplies = tier_supplies(c)
+    t0 = time.perf_counter()
+    result = ilp.plan_with_reference(supplies, demand, slo_from_config(c), settings, ref)
+    plan = to_plan(c, result, settings, time.perf_counter() - t0, None, stats)
+    return PlanRun(plan, result, stats, settings)
+
+
+def best_homogeneous(rows: list[tuple[str, PlanRun | None, str]]) -> tuple[str, PlanRun] | None:
+    ok = [(name, run) for name, run, _ in rows if run is not None]
+    if not ok:
+        return None
+    return max(ok, key=lambda x: x[1].plan.predictions.tokens_per_j)
+
+
+def validate_hook() -> str | None:
+    """Name of the simulator entry point that can run a plan, when orchestrator.sim offers one."""
+    try:
+        from orchestrator import sim
+    except ImportError:
+        return None
+    for name in ("simulate_plan", "run_plan"):
+        if callable(getattr(sim, name, None)):
+            return name
+    return None
+
+
+__all__ = [
+    "PlanRun",
+    "caps_comparison",
+    "best_homogeneous",
+    "compare_homogeneous",
+    "demand_from_stats",
+    "fleet_stats",
+    "make_plan",
+    "slo_from_config",
+    "tier_supplies",
+    "validate_hook",
+]

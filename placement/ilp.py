@@ -1,0 +1,1058 @@
+"""Capacity planner: how many instances of each tier x power cap x TP size to run in each role (PuLP ILP).
+
+Pure: inputs are frozen values (tier models, a workload summary, SLOs), output is a frozen solution. Must not
+import fastapi, sqlalchemy, httpx, orchestrator, or read wall-clock time (the caller times the solve).
+
+Symbols (code names in brackets)
+---------------------------------
+Options j in J: one (tier t(j), power cap, TP size, role) [``Option``]; roles: P (prefill), D (decode),
+C (colocated: both). g_j GPUs per instance [``Option.gpus``]; G_t GPUs of tier t [``TierSupply.gpus``].
+lam: conversation arrival rate (1/s) [``Demand.arrival_rate_per_s``].
+
+Decision variables
+    n_j in Z>=0   instances of option j                                  [``n[j]``]
+    l_j >= 0      conversations/s whose turn 1 (j in P), tail (j in D) or both (j in C) option j serves [``l[j]``]
+
+Workload (per conversation means, ``Demand``): L1 turn-1 input tokens (a quantile sample), O decode tokens,
+O_b decode tokens before the final turn, Kn later turns, P tail-prefill tokens (turns 2..n), Gap total tool
+gap, A = E[sum_k out_k (in_k + out_k/2)] token-steps, Agap = E[sum_k gap_k ctx_k] token-seconds.
+
+Per-option coefficients (``Option``; computed by :func:`build_options` from the tier model)
+    S_j, S2_j      mean and second moment of the turn-1 prefill time over the L1 sample
+    X_j            KV hand-off time of the mean turn-1 prompt over the tier's link
+    tau            the decode step-time target of this solve (the "level", see below), <= the TBT SLO
+    step_j(B)      mean step time of a decoder with B running conversations: the tier's decode step at context
+                   B * ctx (ctx = A / O, the token-weighted mean context) + the tail prefill of B (P/O) tokens
+                   per step (chunked prefill; + the turn-1 prefill of L1/O tokens per step for j in C)
+    B_j            largest B with step_j(B) <= tau                                          [``batch_max``]
+    R_j            residence of a conversation on its decoder at step tau: O tau + Kn tau + Gap  [``residence_s``]
+    mu_j           B_j / R_j: conversations/s one decoder sustains at tau (Little's law)   [``mu_tbt``]
+    KVTS_j         A tau + Agap: KV-token-seconds per conversation                         [``kv_token_seconds``]
+    K_j            KV capacity in tokens; kappa the planned maximum KV occupancy (default 0.9)
+    W_j            P * (tier's marginal prefill time per tail token): tail-prefill busy seconds per conversation
+    phi            maximum share of a decoder's time spent on tail prefills (default 0.5)
+    V_j            KV bytes per second one instance's link carries: u_link * link bandwidth * g_j
+    rho_j          the largest prefill utilisation whose p-th percentile TTFET fits the SLO (queueing model below)
+
+Constraints
+    (1) GPUs       sum_{j in t} g_j n_j <= G_t                                   for each tier t   [``gpus:<t>``]
+    (2) coverage   sum_{j in P u C} l_j = lam ;  sum_{j in D u C} l_j = lam                         [``cover:*``]
+    (3) prefill    l_j S_j <= rho_j n_j                                            j in P u C   [``prefill:<j>``]
+    (4) KV         l_j KVTS_j <= kappa K_j n_j          (Little's law: resident KV = rate x KV-token-seconds)
+    (5) TBT        l_j <= mu_j n_j                      (resident conversations B = l_j R_j / n_j <= B_j)
+    (6) tail       l_j W_j <= phi n_j                   (incremental prefills of turns 2..n on decoders)
+    (7) transfer   l_j E[L1] kv_bytes <= V_j n_j                                        j in P u D
+    (4)-(6) hold for j in D u C.
+
+Objective (``Objective``)
+    energy: sum_j (F_j n_j + E_j l_j) [- sum_j idle_gpu_t(j) g_j n_j + const, when unallocated GPUs idle]
+        prefill: F_j = idle power, E_j = S_j (prefill power - idle): dynamic joules per conversation;
+        decode:  F_j = decode power at batch 1 (a decoder with pinned conversations steps continuously;
+                 P(empty) = exp(-B) is negligible at planned load), E_j = R_j (P_j(B_j) - P_j(1)) / (B_j - 1):
+                 power affine in the batch between batch 1 and B_j, B = l R / n;
+        colocated: decode terms + S_j (prefill power - decode power at batch 1) per conversation.
+    gpus: sum_j g_j n_j.     cost: sum_j g_j n_j $/GPU-hour of tier t(j).
+
+Queueing model of turn-1 prefills (TTFET)
+    Each prefill (or colocated) instance is an M/G/1 queue (Poisson conversation arrivals split evenly over the
+    pool's instances; least-work routing does at least as well): service S over the L1 sample. Waiting time by
+    Pollaczek-Khinchine, E[W] = rho S2 / (2 S (1 - rho)); its tail is taken exponential with P(W > 0) = rho
+    (Kingman's heavy-traffic approximation), so the p-quantile is W_p = E[W]/rho * ln(rho / (1 - p)) for
+    rho > 1 - p, else 0. Predicted p-th TTFET = W_p + S_j + X_j + D(tau) with the decode side
+    D(tau) = (O_b + Kn) tau + Gap (the conversation's turns up to the final turn's first token, each decode
+    step at most tau, one extra step per later turn for its incremental prefill). rho_j is the largest rho with
+    W_p(rho) + S_j + X_j + D(tau) <= TTFET SLO (bisection). The SLO in seconds is min(ttfet_s,
+    ttfet_slowdown x standalone TTFET), standalone = the same mean conversation alone on the reference tier.
+
+Levels
+    tau couples both phases (a slower decode leaves less TTFET budget for prefill queueing). The planner
+    enumerates tau over a grid of fractions of the TBT SLO (``Settings.decode_levels``) and solves one ILP per
+    level; the best proven-optimal one wins. This equals one ILP with a binary choice of level.
+
+Solver status
+    A solution is accepted only when prob.status is Optimal AND LpSolution[prob.sol_status] says an optimal
+    solution was found (CBC reports status Optimal with an integer-feasible, unproven solution after a
+    time-out). Integer values are rounded. Inputs are never mutated.
+
+Infeasibility diagnosis (:func:`diagnose`)
+    (a) elastic ILP: every family (3)-(7) gets a slack sigma >= 0 in conversations/s (l_j <= cap n_j + sigma),
+        GPUs stay hard; minimising sum sigma shows which families bind and by how much load;
+    (b) the fewest extra GPUs of one tier that make the fleet feasible (elastic GPU constraint);
+    (c) the smallest SLO scaling (TTFET and TBT slowdowns x f) that makes it feasible (bisection on f).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+import pulp
+
+from tiers.errors import PlanningError
+from tiers.links import kv_transfer_time_s, link_spec
+from tiers.perf import TierModel
+
+
+TIE_BREAK_W = 1e-3  # W per allocated GPU added to the energy objective (see objective_coefficients)
+
+
+class Objective(StrEnum):
+    ENERGY = "energy"
+    GPUS = "gpus"
+    COST = "cost"
+
+
+class Family(StrEnum):
+    """Constraint families, as named in the docstring and in diagnoses."""
+
+    GPUS = "gpus"
+    PREFILL = "prefill"  # (3) prefill throughput at the utilisation that meets the TTFET SLO
+    KV = "kv"  # (4) decode KV capacity (Little's law)
+    TBT = "tbt"  # (5) decode TBT at the planned batch
+    TAIL = "tail"  # (6) tail prefill work on decoders
+    TRANSFER = "transfer"  # (7) KV-transfer bandwidth
+
+
+FAMILY_TEXT: dict[Family, str] = {
+    Family.GPUS: "GPUs available",
+    Family.PREFILL: "turn-1 prefill throughput within the TTFET SLO (M/G/1)",
+    Family.KV: "decode KV capacity (Little's law)",
+    Family.TBT: "decode TBT at the planned batch",
+    Family.TAIL: "tail (turns 2..n) prefill work on decoders",
+    Family.TRANSFER: "KV-transfer bandwidth",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """The workload as the planner needs it (built from orchestrator.workload.WorkloadStats)."""
+
+    arrival_rate_per_s: float
+    turn1_input_tokens: tuple[int, ...]  # quantile sample of turn-1 input lengths
+    decode_tokens: float  # O
+    decode_tokens_before_final: float  # O_b
+    later_turns: float  # Kn
+    tail_prefill_tokens: float  # P
+    tail_prefill_context_tokens: float
+    kv_decode_token_steps: float  # A
+    kv_gap_token_seconds: float  # Agap
+    tool_gap_s_total: float  # Gap
+    final_context_tokens_max: int
+    tokens_per_conversation: float
+
+    @property
+    def turn1_mean_tokens(self) -> float:
+        return sum(self.turn1_input_tokens) / len(self.turn1_input_tokens)
+
+    @property
+    def decode_context_tokens(self) -> float:
+        """Token-weighted mean context while decoding (A / O)."""
+        return self.kv_decode_token_steps / self.decode_tokens if self.decode_tokens else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    percentile: float = 95.0
+    ttfet_slowdown: float | None = 5.0
+    ttfet_s: float | None = None
+    tbt_slowdown: float | None = 5.0
+    tbt_ms: float | None = None
+
+    def scaled(self, f: float) -> Slo:
+        return replace(
+            self,
+            ttfet_slowdown=None if self.ttfet_slowdown is None else self.ttfet_slowdown * f,
+            ttfet_s=None if self.ttfet_s is None else self.ttfet_s * f,
+            tbt_slowdown=None if self.tbt_slowdown is None else self.tbt_slowdown * f,
+            tbt_ms=None if self.tbt_ms is None else self.tbt_ms * f,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TierSupply:
+    """One tier of the fleet: its GPUs and the instance shapes allowed on it."""
+
+    name: str
+    gpus: int
+    roles: tuple[str, ...]
+    models: tuple[TierModel, ...]  # one per allowed (power cap, TP)
+    link: str = "pcie"
+    cost_per_gpu_hour: float | None = None
+
+    @property
+    def idle_w_per_gpu(self) -> float:
+        return self.models[0].gpu.idle_w if self.models else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    objective: Objective = Objective.ENERGY
+    unallocated: str = "idle"  # "idle": unallocated GPUs draw idle power; "off": they draw nothing
+    kv_occupancy_max: float = 0.9  # kappa
+    tail_share_max: float = 0.5  # phi
+    link_utilisation_max: float = 0.8
+    decode_levels: tuple[float, ...] = (1.0, 0.85, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # tau / TBT SLO
+    decoder_caps: bool = True  # False: decode/colocated instances only at TDP (to price the decoder caps)
+    solver: str = "highs"  # or "cbc"
+    time_limit_s: float | None = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """Standalone latencies of the mean conversation alone on the reference tier (the slowdown baseline)."""
+
+    tier: str
+    prefill_s: float  # mean turn-1 prefill
+    step_s: float  # decode step at batch 1 and the mean decode context (standalone TBT)
+    tail_turn_s: float  # one later turn's incremental prefill
+    ttfet_s: float  # prefill + (O_b) step + Kn tail_turn + Gap
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    tier: str
+    role: str
+    power_cap_w: float
+    tp: int
+    model: TierModel = field(repr=False)
+    # prefill side (roles prefill, colocated)
+    prefill_s: float = 0.0  # S_j
+    prefill2_s2: float = 0.0  # S2_j
+    transfer_s: float = 0.0  # X_j
+    rho_max: float = 0.0
+    # decode side (roles decode, colocated)
+    tau_s: float = 0.0
+    batch_max: float = 0.0  # B_j
+    residence_s: float = 0.0  # R_j
+    mu_tbt: float = 0.0
+    kv_capacity_tokens: int = 0
+    kv_token_seconds: float = 0.0  # KVTS_j
+    tail_busy_s: float = 0.0  # W_j
+    transfer_capacity_bytes_per_s: float = 0.0  # V_j
+    # energy
+    fixed_w: float = 0.0  # F_j
+    joules_per_conversation: float = 0.0  # E_j
+    usable: bool = True
+    reason: str = ""
+
+    @property
+    def gpus(self) -> int:
+        return self.model.tp
+
+    @property
+    def key(self) -> str:
+        return f"{self.tier}/{self.role}/{self.power_cap_w:g}W/tp{self.tp}"
+
+    @property
+    def does_prefill(self) -> bool:
+        return self.role in ("prefill", "colocated")
+
+    @property
+    def does_decode(self) -> bool:
+        return self.role in ("decode", "colocated")
+
+    def caps_per_instance(self, demand: Demand, settings: Settings) -> dict[Family, float]:
+        """Conversations/s one instance can take under each constraint family (inf: not limiting)."""
+        out: dict[Family, float] = {}
+        if self.does_prefill:
+            out[Family.PREFILL] = self.rho_max / self.prefill_s if self.prefill_s > 0 else math.inf
+        if self.does_decode:
+            out[Family.KV] = (
+                settings.kv_occupancy_max * self.kv_capacity_tokens / self.kv_token_seconds
+                if self.kv_token_seconds > 0
+                else math.inf
+            )
+            out[Family.TBT] = self.mu_tbt
+            out[Family.TAIL] = (
+                settings.tail_share_max / self.tail_busy_s if self.tail_busy_s > 0 else math.inf
+            )
+        if self.role in ("prefill", "decode"):
+            per_conv = demand.turn1_mean_tokens * self.model.model.kv_bytes_per_token
+            out[Family.TRANSFER] = self.transfer_capacity_bytes_per_s / per_conv if per_conv > 0 else math.inf
+        return out
+
+    def capacity_per_instance(self, demand: Demand, settings: Settings) -> float:
+        return min(self.caps_per_instance(demand, settings).values(), default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# queueing and operating points
+# ---------------------------------------------------------------------------------------------------------
+
+
+def mg1_wait_quantile_s(rho: float, s_mean: float, s2_mean: float, percentile: float) -> float:
+    """p-quantile of the M/G/1 waiting time (P-K mean, exponential tail with P(W>0) = rho)."""
+    if rho <= 0:
+        return 0.0
+    if rho >= 1:
+        return math.inf
+    q = 1.0 - percentile / 100.0
+    if rho <= q:
+        return 0.0
+    mean_w = rho * s2_mean / (2.0 * s_mean * (1.0 - rho))
+    return mean_w / rho * math.log(rho / q)
+
+
+def mg1_wait_mean_s(rho: float, s_mean: float, s2_mean: float) -> float:
+    if rho <= 0:
+        return 0.0
+    if rho >= 1:
+        return math.inf
+    return rho * s2_mean / (2.0 * s_mean * (1.0 - rho))
+
+
+def rho_for_wait(budget_s: float, s_mean: float, s2_mean: float, percentile: float) -> float:
+    """Largest utilisation whose p-quantile wait is <= budget_s (0 when budget_s < 0)."""
+    if budget_s < 0 or s_mean <= 0:
+        return 0.0
+    lo, hi = 0.0, 1.0 - 1e-9
+    if mg1_wait_quantile_s(hi, s_mean, s2_mean, percentile) <= budget_s:
+        return hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if mg1_wait_quantile_s(mid, s_mean, s2_mean, percentile) <= budget_s:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _bisect_max(f: Callable[[float], bool], lo: float, hi: float, iters: int = 80) -> float:
+    """Largest x in [lo, hi] with f(x) true, f monotone (true then false); lo is assumed true."""
+    if f(hi):
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if f(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def tail_token_s(m: TierModel, demand: Demand) -> float:
+    """Marginal seconds per tail-prefill token on `m` (chunked into decode steps, so no per-request overhead)."""
+    if demand.later_turns <= 0 or demand.tail_prefill_tokens <= 0:
+        return 0.0
+    n = max(1, round(demand.tail_prefill_tokens / demand.later_turns))
+    c = round(demand.tail_prefill_context_tokens)
+    extra = m.step_time_s(n, c, 1, c) - m.decode_step_time_s(1, c)
+    return max(extra, 0.0) / n
+
+
+def turn1_token_s(m: TierModel, demand: Demand) -> float:
+    """Marginal seconds per turn-1 prefill token when chunked into decode steps (colocated instances)."""
+    n = max(1, round(demand.turn1_mean_tokens))
+    extra = m.step_time_s(n, 0, 1, 0) - m.decode_step_time_s(1, 0)
+    return max(extra, 0.0) / n
+
+
+def decode_step_s(m: TierModel, demand: Demand, batch: float, colocated: bool = False) -> float:
+    """step_j(B): mean step of a decoder running `batch` conversations (decode + chunked prefill share)."""
+    if batch <= 0:
+        return 0.0
+    ctx = demand.decode_context_tokens
+    per_conv_tokens = demand.tail_prefill_tokens / demand.decode_tokens if demand.decode_tokens else 0.0
+    t = m.decode_step_time_s(max(1, math.ceil(batch)), int(batch * ctx))
+    t += batch * per_conv_tokens * tail_token_s(m, demand)
+    if colocated and demand.decode_tokens:
+        t += batch * demand.turn1_mean_tokens / demand.decode_tokens * turn1_token_s(m, demand)
+    return t
+
+
+def reference_latencies(m: TierModel, demand: Demand, tier: str) -> Reference:
+    sample = demand.turn1_input_tokens
+    s = sum(m.prefill_time_s(x) for x in sample) / len(sample)
+    step = m.decode_step_time_s(1, int(demand.decode_context_tokens))
+    if demand.later_turns > 0:
+        n = max(1, round(demand.tail_prefill_tokens / demand.later_turns))
+        tail = m.prefill_time_s(n, round(demand.tail_prefill_context_tokens))
+    else:
+        tail = 0.0
+    ttfet = s + demand.decode_tokens_before_final * step + demand.later_turns * tail + demand.tool_gap_s_total
+    return Reference(tier=tier, prefill_s=s, step_s=step, tail_turn_s=tail, ttfet_s=ttfet)
+
+
+def slo_targets(slo: Slo, ref: Reference) -> tuple[float, float]:
+    """(TTFET p-th percentile target s, decode step / mean TBT target s); inf when unconstrained."""
+    ttfet = math.inf
+    if slo.ttfet_slowdown is not None:
+        ttfet = min(ttfet, slo.ttfet_slowdown * ref.ttfet_s)
+    if slo.ttfet_s is not None:
+        ttfet = min(ttfet, slo.ttfet_s)
+    tbt = math.inf
+    if slo.tbt_slowdown is not None:
+        tbt = min(tbt, slo.tbt_slowdown * ref.step_s)
+    if slo.tbt_ms is not None:
+        tbt = min(tbt, slo.tbt_ms / 1000.0)
+    return ttfet, tbt
+
+
+def decode_side_s(demand: Demand, tau_s: float) -> float:
+    """D(tau): time from the end of turn-1 prefill to the final turn's first token at decode step tau."""
+    return (demand.decode_tokens_before_final + demand.later_turns) * tau_s + demand.tool_gap_s_total
+
+
+def build_options(
+    tiers: Sequence[TierSupply], demand: Demand, slo: Slo, ref: Reference, tau_s: float, settings: Settings
+) -> list[Option]:
+    """All options for decode step target tau_s, with their coefficients (unusable ones carry a reason)."""
+    ttfet_target, _ = slo_targets(slo, ref)
+    sample = demand.turn1_input_tokens
+    l1 = demand.turn1_mean_tokens
+    d_side = decode_side_s(demand, tau_s)
+    out: list[Option] = []
+    for t in tiers:
+        spec = link_spec(t.link)
+        for m in t.models:
+            cap = m.cap_w
+            kvb = m.model.kv_bytes_per_token
+            s_vals = [m.prefill_time_s(x) for x in sample]
+            s_mean = sum(s_vals) / len(s_vals)
+            s2 = sum(v * v for v in s_vals) / len(s_vals)
+            x = kv_transfer_time_s(round(l1), kvb, t.link)
+            for role in t.roles:
+                if not settings.decoder_caps and role != "prefill" and m.power_cap_w is not None:
+                    continue
+                opt = Option(tier=t.name, role=role, power_cap_w=cap, tp=m.tp, model=m, tau_s=tau_s)
+                reasons: list[str] = []
+                fixed = 0.0
+                per_conv = 0.0
+                if role in ("prefill", "colocated"):
+                    xj = x if role == "prefill" else 0.0
+                    budget = ttfet_target - s_mean - xj - d_side
+                    rho = (
+                        rho_for_wait(budget, s_mean, s2, slo.percentile)
+                        if math.isfinite(budget)
+                        else 1 - 1e-9
+                    )
+                    if rho <= 0:
+                        reasons.append(
+                            f"turn-1 prefill ({s_mean:.2f} s) + decode side ({d_side:.2f} s) leave no TTFET budget"
+                        )
+                    opt = replace(opt, prefill_s=s_mean, prefill2_s2=s2, transfer_s=xj, rho_max=rho)
+                    pf_w = m.prefill_power_w(round(l1))
+                if role == "prefill":
+                    fixed = m.idle_w
+                    per_conv = s_mean * max(pf_w - m.idle_w, 0.0)
+                if role in ("decode", "colocated"):
+                    colo = role == "colocated"
+                    cap_kv = m.kv_capacity_tokens
+                    if cap_kv < demand.final_context_tokens_max:
+                        reasons.append(
+                            f"KV capacity {cap_kv} tokens < the longest conversation's "
+                            f"{demand.final_context_tokens_max}"
+                        )
+                    step1 = decode_step_s(m, demand, 1.0, colo)
+                    if step1 > tau_s:
+                        reasons.append(
+                            f"a decode step at batch 1 takes {step1 * 1e3:.1f} ms > {tau_s * 1e3:.1f} ms"
+                        )
+                        bmax = 0.0
+                    else:
+                        hi = max(2.0, 4.0 * cap_kv / max(demand.decode_context_tokens, 1.0))
+                        bmax = _bisect_max(
+                            lambda b, m=m, c=colo: decode_step_s(m, demand, b, c) <= tau_s, 1.0, hi
+                        )
+                    resid = (
+                        demand.decode_tokens * tau_s + demand.later_turns * tau_s + demand.tool_gap_s_total
+                    )
+                    mu = bmax / resid if resid > 0 else math.inf
+                    kvts = demand.kv_decode_token_steps * tau_s + demand.kv_gap_token_seconds
+                    w_tail = demand.tail_prefill_tokens * tail_token_s(m, demand)
+                    p1 = m.decode_power_w(1)
+                    pb = m.decode_power_w(max(1, math.floor(bmax)))
+                    fixed = p1
+                    per_conv = resid * (pb - p1) / (bmax - 1.0) if bmax > 1.0 else 0.0
+                    if colo:
+                        per_conv += opt.prefill_s * max(pf_w - p1, 0.0)
+                    opt = replace(
+                        opt,
+                        batch_max=bmax,
+                        residence_s=resid,
+                        mu_tbt=mu,
+                        kv_capacity_tokens=cap_kv,
+                        kv_token_seconds=kvts,
+                        tail_busy_s=w_tail,
+                    )
+                if role in ("prefill", "decode"):
+                    opt = replace(
+                        opt,
+                        transfer_capacity_bytes_per_s=settings.link_utilisation_max
+                        * spec.bandwidth_bytes_per_s
+                        * m.tp,
+                    )
+                opt = replace(
+                    opt,
+                    fixed_w=fixed,
+                    joules_per_conversation=per_conv,
+                    usable=not reasons,
+                    reason="; ".join(reasons),
+                )
+                out.append(opt)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the ILP
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Solution:
+    status: str  # "optimal" or "infeasible"
+    objective_value: float
+    counts: tuple[int, ...]  # n_j, aligned with options
+    loads: tuple[float, ...]  # l_j
+    solver: str
+
+
+def _solver(settings: Settings) -> pulp.LpSolver:
+    name = settings.solver.lower()
+    if name == "highs":
+        if not pulp.HiGHS().available():
+            raise PlanningError(
+                "solver 'highs' is not available (pip install highspy). To fix: --solver cbc."
+            )
+        kw = {} if settings.time_limit_s is None else {"timeLimit": settings.time_limit_s}
+        return pulp.HiGHS(msg=False, **kw)
+    if name == "cbc":
+        kw2 = {} if settings.time_limit_s is None else {"timeLimit": settings.time_limit_s}
+        return pulp.PULP_CBC_CMD(msg=False, **kw2)
+    raise PlanningError(f"unknown solver {settings.solver!r}. To fix: use 'highs' or 'cbc'.")
+
+
+def objective_coefficients(opt: Option, tier: TierSupply, settings: Settings) -> tuple[float, float]:
+    """(coefficient of n_j, coefficient of l_j) in the objective."""
+    if settings.objective == Objective.GPUS:
+        return float(opt.gpus), 0.0
+    if settings.objective == Objective.COST:
+        if tier.cost_per_gpu_hour is None:
+            raise PlanningError(
+                f"objective 'cost' needs tiers.{tier.name}.cost_per_gpu_hour. To fix: set it for every tier."
+            )
+        return opt.gpus * tier.cost_per_gpu_hour, 0.0
+    idle_credit = tier.idle_w_per_gpu * opt.gpus if settings.unallocated == "idle" else 0.0
+    # + TIE_BREAK_W per GPU: between plans of equal power, allocate fewer GPUs (an allocated prefill instance
+    # that gets no load draws exactly what an unallocated idle GPU draws)
+    return opt.fixed_w - idle_credit + TIE_BREAK_W * opt.gpus, opt.joules_per_conversation
+
+
+def objective_constant(tiers: Sequence[TierSupply], settings: Settings) -> float:
+    if settings.objective == Objective.ENERGY and settings.unallocated == "idle":
+        return sum(t.gpus * t.idle_w_per_gpu for t in tiers)
+    return 0.0
+
+
+def solve(
+    options: Sequence[Option],
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    settings: Settings,
+    extra_gpus: dict[str, int] | None = None,
+) -> Solution:
+    """Solve the ILP of the module docstring over the usable options. Raises PlanningError on solver failure."""
+    lam = demand.arrival_rate_per_s
+    by_tier = {t.name: t for t in tiers}
+    prob = pulp.LpProblem("conserve_plan", pulp.LpMinimize)
+    idx = [i for i, o in enumerate(options) if o.usable]
+    n = {i: pulp.LpVariable(f"n_{i}", lowBound=0, cat="Integer") for i in idx}
+    lv = {i: pulp.LpVariable(f"l_{i}", lowBound=0) for i in idx}
+    obj = []
+    for i in idx:
+        o = options[i]
+        cn, cl = objective_coefficients(o, by_tier[o.tier], settings)
+        obj.append(cn * n[i] + cl * lv[i])
+    prob += pulp.lpSum(obj) + objective_constant(tiers, settings)
+    for t in tiers:
+        gpus = t.gpus + (extra_gpus or {}).get(t.name, 0)
+        terms = [options[i].gpus * n[i] for i in idx if options[i].tier == t.name]
+        if terms:
+            prob += pulp.lpSum(terms) <= gpus, f"gpus:{t.name}"
+    pre = [lv[i] for i in idx if options[i].does_prefill]
+    dec = [lv[i] for i in idx if options[i].does_decode]
+    if not pre or not dec:
+        return Solution("infeasible", math.inf, tuple(0 for _ in options), tuple(0.0 for _ in options), "")
+    prob += pulp.lpSum(pre) == lam, "cover:prefill"
+    prob += pulp.lpSum(dec) == lam, "cover:decode"
+    for i in idx:
+        o = options[i]
+        for fam, cap in o.caps_per_instance(demand, settings).items():
+            if math.isfinite(cap):
+                prob += lv[i] <= cap * n[i], f"{fam.value}:{i}"
+    solver = _solver(settings)
+    prob.solve(solver)
+    status = pulp.LpStatus[prob.status]
+    sol_status = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
+    if prob.status == pulp.LpStatusInfeasible or prob.sol_status == pulp.LpSolutionInfeasible:
+        return Solution(
+            "infeasible", math.inf, tuple(0 for _ in options), tuple(0.0 for _ in options), solver.name
+        )
+    if prob.status != pulp.LpStatusOptimal or prob.sol_status != pulp.LpSolutionOptimal:
+        raise PlanningError(
+            f"the solver stopped without a proven optimum (status {status!r}, solution {sol_status!r}). "
+            "To fix: raise --time-limit or try --solver highs."
+        )
+    counts = tuple(int(round(n[i].value() or 0.0)) if i in n else 0 for i in range(len(options)))
+    loads = tuple(max(0.0, float(lv[i].value() or 0.0)) if i in lv else 0.0 for i in range(len(options)))
+    value = float(pulp.value(prob.objective))
+    return Solution("optimal", value, counts, loads, solver.name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diagnosis
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    shortfalls: tuple[tuple[Family, float], ...]  # family, conversations/s that do not fit (elastic ILP)
+    add_gpus: tuple[str, int] | None  # fewest extra GPUs of one tier that make the fleet feasible
+    slo_factor: float | None  # smallest SLO scaling that makes it feasible (None: not even at 100x)
+    unusable: tuple[str, ...]  # options excluded before solving, with reasons
+    message: str
+    max_rate_per_s: float = 0.0
+
+
+def elastic_shortfalls(
+    options: Sequence[Option], tiers: Sequence[TierSupply], demand: Demand, settings: Settings
+) -> tuple[tuple[Family, float], ...]:
+    """Minimise the load (conv/s) that violates each family, all options allowed, GPUs hard."""
+    lam = demand.arrival_rate_per_s
+    prob = pulp.LpProblem("conserve_elastic", pulp.LpMinimize)
+    idx = list(range(len(options)))
+    n = {i: pulp.LpVariable(f"n_{i}", lowBound=0, cat="Integer") for i in idx}
+    lv = {i: pulp.LpVariable(f"l_{i}", lowBound=0) for i in idx}
+    slack: dict[Family, list[pulp.LpVariable]] = {}
+    cover_short = {
+        "prefill": pulp.LpVariable("short_prefill", lowBound=0),
+        "decode": pulp.LpVariable("short_decode", lowBound=0),
+    }
+    terms = []
+    for i in idx:
+        o = options[i]
+        caps = o.caps_per_instance(demand, settings)
+        for fam, cap in caps.items():
+            if not math.isfinite(cap):
+                continue
+            s = pulp.LpVariable(f"s_{fam.value}_{i}", lowBound=0)
+            slack.setdefault(fam, []).append(s)
+            prob += lv[i] <= cap * n[i] + s
+            terms.append(s)
+    prob += pulp.lpSum(terms) + 10.0 * pulp.lpSum(cover_short.values())
+    for t in tiers:
+        prob += pulp.lpSum(options[i].gpus * n[i] for i in idx if options[i].tier == t.name) <= t.gpus
+    prob += pulp.lpSum(lv[i] for i in idx if options[i].does_prefill) + cover_short["prefill"] == lam
+    prob += pulp.lpSum(lv[i] for i in idx if options[i].does_decode) + cover_short["decode"] == lam
+    prob.solve(_solver(settings))
+    if prob.status != pulp.LpStatusOptimal:
+        return ()
+    out: dict[Family, float] = {}
+    for fam, ss in slack.items():
+        v = sum(float(s.value() or 0.0) for s in ss)
+        if v > 1e-6 * max(lam, 1e-9):
+            out[fam] = v
+    return tuple(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole planning run: levels, predictions, diagnosis
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPrediction:
+    option: Option
+    instances: int
+    arrival_rate_per_s: float
+    utilisation: float  # prefill: rho; decode: max share of the KV / TBT / tail capacity used
+    kv_occupancy: float
+    batch: float  # planned mean running conversations per decode instance
+    step_s: float  # planned mean decode step (mean TBT)
+    wait_p_s: float  # prefill: p-quantile queueing wait
+    wait_mean_s: float
+    watts: float
+
+
+@dataclass(frozen=True, slots=True)
+class PlanResult:
+    pools: tuple[PoolPrediction, ...]
+    options: tuple[Option, ...]
+    solution: Solution
+    tau_s: float
+    reference: Reference
+    ttfet_target_s: float
+    tbt_target_s: float
+    ttfet_p_s: float
+    tbt_mean_s: float
+    watts_allocated: float
+    watts_unallocated: float
+    gpus_used: int
+    gpus_available: int
+    tokens_per_s: float
+    threshold_tokens: int
+    levels_tried: int
+    cost_per_hour: float | None
+
+    @property
+    def watts_total(self) -> float:
+        return self.watts_allocated + self.watts_unallocated
+
+    @property
+    def tokens_per_j(self) -> float:
+        return self.tokens_per_s / self.watts_total if self.watts_total > 0 else 0.0
+
+
+def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float) -> tuple[float, float]:
+    """(B, step s) with B = rate * R(step(B)) (Little's law at the actual, not the target, step time)."""
+    if rate_per_instance <= 0:
+        return 0.0, 0.0
+    colo = opt.role == "colocated"
+
+    def excess(b: float) -> float:
+        step = decode_step_s(opt.model, demand, b, colo)
+        resid = (demand.decode_tokens + demand.later_turns) * step + demand.tool_gap_s_total
+        return rate_per_instance * resid - b
+
+    hi = max(opt.batch_max, 1.0)
+    if excess(hi) > 0:  # beyond the planned capacity: report the capacity point
+        return hi, decode_step_s(opt.model, demand, hi, colo)
+    lo = 1e-9
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if excess(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    b = max(hi, 1e-9)
+    return b, decode_step_s(opt.model, demand, max(b, 1.0), colo)
+
+
+def conserve_threshold_tokens(
+    decoder: Option,
+    prefiller: Option | None,
+    demand: Demand,
+    wait_mean_s: float,
+    link: str,
+    decoder_batch: float = 0.0,
+) -> int:
+    """Turn-1 input length below which prefilling on the decoder is cheaper than hand-off + queueing.
+
+    Local cost: the decoder's prefill time of L tokens, paid by the conversation itself and, as a stall, by
+    each of the decoder's `decoder_batch` running conversations: S_dec(L) (1 + B). Remote cost: the prefiller's
+    mean M/G/1 wait + its prefill time + the KV transfer of L tokens. Returns the largest L (16-token steps)
+    with local < remote, 0 if none. Latency-seconds, not energy: the refinement exists to cut TTFET.
+    """
+    if prefiller is None:
+        return 0
+    kvb = decoder.model.model.kv_bytes_per_token
+
+    def local_wins(length: float) -> bool:
+        tokens = max(16, int(length))
+        local = decoder.model.prefill_time_s(tokens) * (1.0 + max(decoder_batch, 0.0))
+        remote = wait_mean_s + prefiller.model.prefill_time_s(tokens) + kv_transfer_time_s(tokens, kvb, link)
+        return local < remote
+
+    hi = float(decoder.model.model.max_context_tokens)
+    if not local_wins(16):
+        return 0
+    x = _bisect_max(local_wins, 16.0, hi, iters=40)
+    return int(x) // 16 * 16
+
+
+def _predict(
+    options: Sequence[Option],
+    sol: Solution,
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    slo: Slo,
+    ref: Reference,
+    tau_s: float,
+    settings: Settings,
+    levels_tried: int,
+) -> PlanResult:
+    by_tier = {t.name: t for t in tiers}
+    pools: list[PoolPrediction] = []
+    worst_prefill = 0.0
+    worst_decode_side = 0.0
+    worst_step = 0.0
+    best_wait_mean = math.inf
+    main_prefill: Option | None = None
+    main_decoder: Option | None = None
+    heaviest_p = heaviest_d = -1.0
+    for o, k, load in zip(options, sol.counts, sol.loads, strict=True):
+        if k <= 0:
+            continue
+        per = load / k
+        util = 0.0
+        wait_p = wait_m = 0.0
+        kv_occ = batch = step = 0.0
+        watts = 0.0
+        if o.does_prefill:
+            rho = per * o.prefill_s
+            util = rho
+            wait_p = mg1_wait_quantile_s(rho, o.prefill_s, o.prefill2_s2, slo.percentile)
+            wait_m = mg1_wait_mean_s(rho, o.prefill_s, o.prefill2_s2)
+            worst_prefill = max(worst_prefill, wait_p + o.prefill_s + o.transfer_s)
+            best_wait_mean = min(best_wait_mean, wait_m)
+            if load > heaviest_p:
+                heaviest_p, main_prefill = load, o
+        if o.does_decode:
+            batch, step = decode_operating_point(o, demand, per)
+            kvts = demand.kv_decode_token_steps * step + demand.kv_gap_token_seconds
+            kv_occ = per * kvts / o.kv_capacity_tokens if o.kv_capacity_tokens else 0.0
+            shares = [kv_occ / settings.kv_occupancy_max, per / o.mu_tbt if o.mu_tbt > 0 else 0.0]
+            if o.tail_busy_s > 0:
+                shares.append(per * o.tail_busy_s / settings.tail_share_max)
+            util = max([util, *shares])
+            worst_step = max(worst_step, step)
+            worst_decode_side = max(worst_decode_side, decode_side_s(demand, step))
+            if load > heaviest_d:
+                heaviest_d, main_decoder = load, o
+        if o.role == "prefill":
+            watts = k * o.fixed_w + load * o.joules_per_conversation
+        else:
+            p_b = o.model.decode_power_w(max(1, round(batch))) if batch > 0 else o.model.idle_w
+            watts = k * p_b
+            if o.role == "colocated":
+                pf_w = o.model.prefill_power_w(round(demand.turn1_mean_tokens))
+                watts += load * o.prefill_s * max(pf_w - p_b, 0.0)
+        pools.append(PoolPrediction(o, k, load, util, kv_occ, batch, step, wait_p, wait_m, watts))
+    used: dict[str, int] = {}
+    for p in pools:
+        used[p.option.tier] = used.get(p.option.tier, 0) + p.instances * p.option.gpus
+    watts_alloc = sum(p.watts for p in pools)
+    watts_unalloc = 0.0
+    if settings.unallocated == "idle":
+        watts_unalloc = sum((t.gpus - used.get(t.name, 0)) * t.idle_w_per_gpu for t in tiers)
+    cost = None
+    if all(t.cost_per_gpu_hour is not None for t in tiers):
+        cost = sum(
+            p.instances * p.option.gpus * (by_tier[p.option.tier].cost_per_gpu_hour or 0.0) for p in pools
+        )
+    ttfet_target, tbt_target = slo_targets(slo, ref)
+    threshold = 0
+    if main_decoder is not None and main_decoder.role == "decode":
+        threshold = conserve_threshold_tokens(
+            main_decoder,
+            main_prefill,
+            demand,
+            best_wait_mean if math.isfinite(best_wait_mean) else 0.0,
+            by_tier[main_prefill.tier].link if main_prefill else "pcie",
+            next((p.batch for p in pools if p.option is main_decoder), 0.0),
+        )
+    return PlanResult(
+        pools=tuple(pools),
+        options=tuple(options),
+        solution=sol,
+        tau_s=tau_s,
+        reference=ref,
+        ttfet_target_s=ttfet_target,
+        tbt_target_s=tbt_target,
+        ttfet_p_s=worst_prefill + worst_decode_side,
+        tbt_mean_s=worst_step,
+        watts_allocated=watts_alloc,
+        watts_unallocated=watts_unalloc,
+        gpus_used=sum(used.values()),
+        gpus_available=sum(t.gpus for t in tiers),
+        tokens_per_s=demand.arrival_rate_per_s * demand.tokens_per_conversation,
+        threshold_tokens=threshold,
+        levels_tried=levels_tried,
+        cost_per_hour=cost,
+    )
+
+
+def _levels(tbt_target_s: float, ref: Reference, settings: Settings) -> list[float]:
+    base = tbt_target_s if math.isfinite(tbt_target_s) else 10.0 * ref.step_s
+    return sorted({base * f for f in settings.decode_levels if f > 0}, reverse=True)
+
+
+def _best(
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    slo: Slo,
+    ref: Reference,
+    settings: Settings,
+    extra_gpus: dict[str, int] | None = None,
+) -> tuple[list[Option], Solution, float, int] | None:
+    _, tbt_target = slo_targets(slo, ref)
+    best: tuple[list[Option], Solution, float, int] | None = None
+    levels = _levels(tbt_target, ref, settings)
+    for tau in levels:
+        opts = build_options(tiers, demand, slo, ref, tau, settings)
+        sol = solve(opts, tiers, demand, settings, extra_gpus)
+        if sol.status != "optimal":
+            continue
+        # ties: prefer the faster decode step (more TTFET/TBT margin)
+        if best is None or sol.objective_value < best[1].objective_value - 1e-9 * max(
+            1.0, abs(sol.objective_value)
+        ):
+            best = (opts, sol, tau, len(levels))
+    return best
+
+
+def reference_for(tiers: Sequence[TierSupply], demand: Demand, reference_tier: str | None) -> Reference:
+    tier = next((t for t in tiers if t.name == reference_tier), None) if reference_tier else tiers[0]
+    if tier is None or not tier.models:
+        raise PlanningError(f"reference tier {reference_tier!r} has no instance shapes. To fix: check tiers.")
+    # the reference is one instance at its highest allowed cap and smallest TP
+    m = sorted(tier.models, key=lambda x: (x.tp, -x.cap_w))[0]
+    return reference_latencies(m, demand, tier.name)
+
+
+def plan(
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    slo: Slo,
+    settings: Settings,
+    reference_tier: str | None = None,
+) -> PlanResult:
+    """Plan the fleet: solve one ILP per decode level, keep the best proven optimum, predict its figures.
+
+    Raises PlanningError with a diagnosis (which family binds, by how much, what would fix it) when no level is
+    feasible.
+    """
+    if not tiers:
+        raise PlanningError("the fleet has no tiers. To fix: list at least one tier.")
+    return plan_with_reference(tiers, demand, slo, settings, reference_for(tiers, demand, reference_tier))
+
+
+def plan_with_reference(
+    tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
+) -> PlanResult:
+    """:func:`plan` with given standalone latencies (to compare fleets against one baseline)."""
+    if demand.arrival_rate_per_s <= 0:
+        raise PlanningError("arrival rate must be > 0. To fix: set workload.arrival_rate_per_s.")
+    best = _best(tiers, demand, slo, ref, settings)
+    if best is None:
+        d = diagnose(tiers, demand, slo, settings, ref)
+        raise PlanningError(d.message)
+    opts, sol, tau, levels = best
+    return _predict(opts, sol, tiers, demand, slo, ref, tau, settings, levels)
+
+
+def max_rate_per_s(
+    tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
+) -> float:
+    """Highest arrival rate (conv/s) the fleet sustains within the SLOs: max lam over n, l (one ILP per level).
+
+    The options' coefficients do not depend on lam, so lam can be a variable; returns 0 when nothing fits.
+    """
+    _, tbt_target = slo_targets(slo, ref)
+    best = 0.0
+    for tau in _levels(tbt_target, ref, settings):
+        opts = build_options(tiers, demand, slo, ref, tau, settings)
+        idx = [i for i, o in enumerate(opts) if o.usable]
+        if not any(opts[i].does_prefill for i in idx) or not any(opts[i].does_decode for i in idx):
+            continue
+        prob = pulp.LpProblem("conserve_max_rate", pulp.LpMaximize)
+        lam = pulp.LpVariable("lam", lowBound=0)
+        n = {i: pulp.LpVariable(f"n_{i}", lowBound=0, cat="Integer") for i in idx}
+        lv = {i: pulp.LpVariable(f"l_{i}", lowBound=0) for i in idx}
+        prob += lam
+        for t in tiers:
+            terms = [opts[i].gpus * n[i] for i in idx if opts[i].tier == t.name]
+            if terms:
+                prob += pulp.lpSum(terms) <= t.gpus
+        prob += pulp.lpSum(lv[i] for i in idx if opts[i].does_prefill) == lam
+        prob += pulp.lpSum(lv[i] for i in idx if opts[i].does_decode) == lam
+        for i in idx:
+            for cap in opts[i].caps_per_instance(demand, settings).values():
+                if math.isfinite(cap):
+                    prob += lv[i] <= cap * n[i]
+        prob.solve(_solver(settings))
+        if prob.status == pulp.LpStatusOptimal and prob.sol_status == pulp.LpSolutionOptimal:
+            best = max(best, float(lam.value() or 0.0))
+    return best
+
+
+def diagnose(
+    tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
+) -> Diagnosis:
+    """Explain an infeasible fleet (see the module docstring, 'Infeasibility diagnosis')."""
+    _, tbt_target = slo_targets(slo, ref)
+    levels = _levels(tbt_target, ref, settings)
+    # (a) elastic ILP at the level whose shortfall is smallest
+    shortfalls: tuple[tuple[Family, float], ...] = ()
+    best_short = math.inf
+    unusable: tuple[str, ...] = ()
+    for tau in levels:
+        opts = build_options(tiers, demand, slo, ref, tau, settings)
+        sf = elastic_shortfalls(opts, tiers, demand, settings)
+        total = sum(v for _, v in sf)
+        if total < best_short:
+            best_short, shortfalls = total, sf
+            unusable = tuple(f"{o.key}: {o.reason}" for o in opts if not o.usable)
+    # (b) fewest extra GPUs (of one tier) that make it feasible
+    add: tuple[str, int] | None = None
+    for t in tiers:
+        if not t.models:
+            continue
+        hi = max(1, t.gpus)
+        found = None
+        while hi <= max(64, 64 * t.gpus):
+            if _best(tiers, demand, slo, ref, settings, {t.name: hi}) is not None:
+                found = hi
+                break
+            hi *= 2
+        if found is None:
+            continue
+        lo = found // 2
+        while lo + 1 < found:
+            mid = (lo + found) // 2
+            if _best(tiers, demand, slo, ref, settings, {t.name: mid}) is not None:
+                found = mid
+            else:
+                lo = mid
+        if add is None or found < add[1]:
+            add = (t.name, found)
+    # (c) SLO scaling
+    factor: float | None = None
+    if _best(tiers, demand, slo.scaled(100.0), ref, settings) is not None:
+        lo_f, hi_f = 1.0, 100.0
+        for _ in range(12):
+            mid = math.sqrt(lo_f * hi_f)
+            if _best(tiers, demand, slo.scaled(mid), ref, settings) is not None:
+                hi_f = mid
+            else:
+                lo_f = mid
+        factor = hi_f
+    lam = demand.arrival_rate_per_s
+    parts = ["the fleet cannot serve the workload within the SLOs"]
+    if shortfalls:
+        parts.append(
+            "binding: "
+            + "; ".join(
+                f"{FAMILY_TEXT[f]} short by {v:.3g} conv/s ({100 * v / lam:.0f}% of {lam:g})"
+                for f, v in shortfalls
+            )
+        )
+    fixes = []
+    if add is not None:
+        gpu_name = next(t.models[0].gpu.name for t in tiers if t.name == add[0])
+        fixes.append(f"add {add[1]} {gpu_name} to tier {add[0]!r}")
+    if factor is not None:
+        bits = []
+        if slo.ttfet_slowdown is not None:
+            bits.append(f"TTFET p{slo.percentile:g} slowdown to {slo.ttfet_slowdown * factor:.3g}x")
+        if slo.ttfet_s is not None:
+            bits.append(f"ttfet_s to {slo.ttfet_s * factor:.3g} s")
+        if slo.tbt_slowdown is not None:
+            bits.append(f"TBT slowdown to {slo.tbt_slowdown * factor:.3g}x")
+        if slo.tbt_ms is not None:
+            bits.append(f"tbt_ms to {slo.tbt_ms * factor:.3g} ms")
+        fixes.append("relax " + " and ".join(bits))
+    sustainable = max_rate_per_s(tiers, demand, slo, settings, ref)
+    if sustainable > 0:
+        fixes.append(
+            f"lower workload.arrival_rate_per_s to <= {sustainable:.4g} conv/s, the most this fleet sustains "
+            "(modelled; `orchestrator plan --max-rate` plans for it)"
+        )
+    if not fixes:
+        fixes.append("add a tier that can hold the conversations")
+    message = ". ".join(parts) + ". To fix: " + ", or ".join(fixes) + "."
+    if unusable and not shortfalls:
+        message += " Unusable instance shapes: " + "; ".join(unusable[:4]) + "."
+    return Diagnosis(shortfalls, add, factor, unusable, message, sustainable)
