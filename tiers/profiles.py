@@ -17,8 +17,9 @@ A profile is a YAML file (read through fleet.yaml ``tiers[].profile``)::
 How a profile changes a :class:`tiers.perf.TierModel`: at every measured point we take the ratio
 measured / roofline (the roofline evaluated at the profile's power cap). The tier's prediction is its own
 roofline times that ratio, interpolated between points (prefill: piecewise-linear in new_tokens; decode:
-bilinear on a grid over log2(batch) x log2(context + 1), filled by inverse-distance weighting) and held at
-the nearest point's value outside the measured range. At a measured point, with the same cap, the model
+bilinear on the grid of measured log2(batch) x log2(context + 1) coordinates, unmeasured nodes filled by
+inverse-distance weighting) and held at the nearest point's value outside the measured range. At a
+measured point, with the same cap, the model
 therefore returns the measured value; outside the range it is the roofline scaled by the nearest ratio; at
 another power cap the roofline's cap effect is kept and the measured correction is carried over.
 
@@ -265,56 +266,55 @@ class _Interp1D:
 
 
 class _Grid2D:
-    """Ratios over (log2 batch, log2(context+1)): IDW-filled grid, bilinear lookup, clamped to the box."""
+    """Ratios over (log2 batch, log2(context+1)) on the rectilinear grid of the measured coordinates.
 
-    __slots__ = ("x0", "y0", "dx", "dy", "nx", "ny", "vals")
+    Nodes that were measured hold their measured ratio; the others are filled by inverse-distance weighting
+    (axes scaled to [0, 1]). Lookup is bilinear, clamped to the box, so a measured point returns its own
+    value and a query outside the box takes the value at the box's nearest edge."""
 
-    _N = 17
+    __slots__ = ("xs", "ys", "vals")
 
     def __init__(self, pts: list[tuple[float, float, float]]) -> None:
-        xs = [p[0] for p in pts]
-        ys = [p[1] for p in pts]
-        self.x0, self.y0 = min(xs), min(ys)
-        spanx, spany = max(xs) - self.x0, max(ys) - self.y0
-        self.nx = self._N if spanx > 0 else 1
-        self.ny = self._N if spany > 0 else 1
-        self.dx = spanx / (self.nx - 1) if self.nx > 1 else 1.0
-        self.dy = spany / (self.ny - 1) if self.ny > 1 else 1.0
-        sx, sy = spanx or 1.0, spany or 1.0
+        merged: dict[tuple[float, float], list[float]] = {}
+        for x, y, r in pts:
+            merged.setdefault((x, y), []).append(r)
+        known = {k: sum(v) / len(v) for k, v in merged.items()}
+        self.xs = tuple(sorted({k[0] for k in known}))
+        self.ys = tuple(sorted({k[1] for k in known}))
+        sx = (self.xs[-1] - self.xs[0]) or 1.0
+        sy = (self.ys[-1] - self.ys[0]) or 1.0
         vals: list[float] = []
-        for j in range(self.ny):
-            for i in range(self.nx):
-                gx, gy = self.x0 + i * self.dx, self.y0 + j * self.dy
+        for gy in self.ys:
+            for gx in self.xs:
+                if (gx, gy) in known:
+                    vals.append(known[(gx, gy)])
+                    continue
                 num = den = 0.0
-                exact = None
-                for px, py, r in pts:
-                    d2 = ((gx - px) / sx) ** 2 + ((gy - py) / sy) ** 2
-                    if d2 < 1e-12:
-                        exact = r
-                        break
-                    w = 1.0 / d2
+                for (px, py), r in known.items():
+                    w = 1.0 / (((gx - px) / sx) ** 2 + ((gy - py) / sy) ** 2)
                     num += w * r
                     den += w
-                vals.append(exact if exact is not None else num / den)
+                vals.append(num / den)
         self.vals = tuple(vals)
 
+    @staticmethod
+    def _locate(axis: tuple[float, ...], v: float) -> tuple[int, float]:
+        if len(axis) == 1 or v <= axis[0]:
+            return 0, 0.0
+        if v >= axis[-1]:
+            return len(axis) - 2, 1.0
+        i = bisect.bisect_right(axis, v) - 1
+        return i, (v - axis[i]) / (axis[i + 1] - axis[i])
+
     def __call__(self, x: float, y: float) -> float:
-        fx = (x - self.x0) / self.dx
-        fy = (y - self.y0) / self.dy
-        fx = 0.0 if fx < 0 else (self.nx - 1.0 if fx > self.nx - 1 else fx)
-        fy = 0.0 if fy < 0 else (self.ny - 1.0 if fy > self.ny - 1 else fy)
-        i = min(int(fx), self.nx - 2) if self.nx > 1 else 0
-        j = min(int(fy), self.ny - 2) if self.ny > 1 else 0
-        tx, ty = fx - i, fy - j
-        v, nx = self.vals, self.nx
-        if self.nx == 1 and self.ny == 1:
-            return v[0]
-        if self.nx == 1:
-            return v[j] * (1 - ty) + v[j + 1] * ty
-        if self.ny == 1:
-            return v[i] * (1 - tx) + v[i + 1] * tx
-        a = v[j * nx + i] * (1 - tx) + v[j * nx + i + 1] * tx
-        b = v[(j + 1) * nx + i] * (1 - tx) + v[(j + 1) * nx + i + 1] * tx
+        nx = len(self.xs)
+        i, tx = self._locate(self.xs, x)
+        j, ty = self._locate(self.ys, y)
+        v = self.vals
+        i1 = i + 1 if nx > 1 else i
+        j1 = j + 1 if len(self.ys) > 1 else j
+        a = v[j * nx + i] * (1 - tx) + v[j * nx + i1] * tx
+        b = v[j1 * nx + i] * (1 - tx) + v[j1 * nx + i1] * tx
         return a * (1 - ty) + b * ty
 
 
@@ -402,13 +402,15 @@ def build_correction(tm: TierModel, profile: MeasuredProfile) -> ProfileCorrecti
         None,
     )
     use_energy = profile.energy_measured
+    # the tier model's draws include the profile's idle override: shift the base's modelled power to match
+    idle_shift_w = 0.0 if profile.idle_w is None else profile.idle_w - base.idle_w
     pt: list[tuple[float, float]] = []
     pp: list[tuple[float, float]] = []
     for p in profile.prefill:
         model_s = base.roofline_prefill_time_s(p.new_tokens, p.cached_tokens)
         pt.append((p.new_tokens, p.latency_ms / 1e3 / model_s))
         if use_energy and p.energy_j is not None:
-            model_w = base.prefill_energy_j(p.new_tokens, p.cached_tokens) / model_s
+            model_w = base.prefill_energy_j(p.new_tokens, p.cached_tokens) / model_s + idle_shift_w
             pp.append((p.new_tokens, p.energy_j / (p.latency_ms / 1e3) / model_w))
     dt: list[tuple[float, float, float]] = []
     dp: list[tuple[float, float, float]] = []
@@ -416,7 +418,8 @@ def build_correction(tm: TierModel, profile: MeasuredProfile) -> ProfileCorrecti
         x, y = math.log2(d.batch), math.log2(d.context_tokens + 1)
         dt.append((x, y, d.step_ms / 1e3 / base.roofline_decode_step_time_s(d.batch, d.context_tokens)))
         if use_energy and d.energy_j is not None:
-            dp.append((x, y, d.energy_j / (d.step_ms / 1e3) / base.decode_power_w(d.batch, d.context_tokens)))
+            model_w = base.decode_power_w(d.batch, d.context_tokens) + idle_shift_w
+            dp.append((x, y, d.energy_j / (d.step_ms / 1e3) / model_w))
     return ProfileCorrection(
         _Interp1D(pt) if pt else None,
         _Interp1D(pp) if pp else None,
