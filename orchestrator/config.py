@@ -173,6 +173,12 @@ class FleetConfig(_Strict):
             raise ValueError("backend 'vllm' needs an 'engines' list (id, tier, role, url)")
         return self
 
+    @field_validator("unallocated", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as the boolean false
+        return "off" if v is False else v
+
     def model_spec(self) -> ModelSpec:
         return self.model.to_spec() if isinstance(self.model, InlineModel) else get_model(self.model)
 

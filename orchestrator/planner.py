@@ -42,6 +42,7 @@ def demand_from_stats(ws: WorkloadStats) -> ilp.Demand:
         tool_gap_s_total=ws.tool_gap_s_total_mean,
         final_context_tokens_max=ws.final_context_tokens_max,
         tokens_per_conversation=ws.tokens_per_conversation_mean,
+        turn1_input_tokens_max=ws.turn1_input_tokens_max,
     )
 
 
@@ -235,7 +236,8 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
             f"({r.solution.solver}) of the ILP over {len(r.options)} instance shapes x {r.levels_tried} "
             f"decode-step levels (decode-step target {r.tau_s * 1e3:.1f} ms)."
         )
-    caps_tried = {o.power_cap_w for o in r.options if o.does_decode}
+    dec_tiers = {p.option.tier for p in dec}
+    caps_tried = {o.power_cap_w for o in r.options if o.does_decode and o.tier in dec_tiers}
     if len(caps_tried) > 1:
         used = sorted({p.option.power_cap_w for p in dec})
         note = f"Decoder power caps allowed {sorted(caps_tried)} W; the plan uses {used} W."
@@ -249,9 +251,12 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
             )
         notes.append(note)
     if r.threshold_tokens:
+        below = sum(1 for x in ws.turn1_input_tokens_quantiles if x < r.threshold_tokens)
         notes.append(
-            f"ConServe local-prefill threshold: turn-1 inputs under {r.threshold_tokens:,} tokens prefill "
-            "faster on their decoder than via a prefiller (mean queueing + hand-off)."
+            f"ConServe local-prefill threshold: turn-1 inputs under {r.threshold_tokens:,} tokens are cheaper to "
+            "prefill on their decoder (its prefill time x (1 + planned batch), the stall included) than via a "
+            f"prefiller (mean queueing + prefill + hand-off); about {below}% of this workload's turn-1 prompts. "
+            "The pool sizes above assume the refinement is off (every turn 1 on a prefiller)."
         )
     notes.append("All figures are modelled (tier roofline + power model + queueing), not measured.")
     return notes

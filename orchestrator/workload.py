@@ -450,6 +450,7 @@ class WorkloadStats:
     final_context_tokens_p95: float
     final_context_tokens_max: int
     tokens_per_conversation_mean: float  # prompt + output of every turn (the paper's tokens/J numerator)
+    turn1_input_tokens_max: int = 0
 
     def kv_token_seconds(self, step_time_s: float) -> float:
         """Mean KV-token-seconds a conversation holds on its decoder when a decode step takes step_time_s."""
@@ -545,4 +546,5 @@ def workload_stats(convs: Sequence[ConversationSpec], rate_per_s: float | None =
         final_context_tokens_p95=float(np.quantile(fin, 0.95)),
         final_context_tokens_max=int(fin.max()),
         tokens_per_conversation_mean=tokens / n,
+        turn1_input_tokens_max=int(turn1.max()),
     )

@@ -141,6 +141,7 @@ class Demand:
     tool_gap_s_total: float  # Gap
     final_context_tokens_max: int
     tokens_per_conversation: float
+    turn1_input_tokens_max: int = 0  # longest turn-1 prompt: a prefiller must hold its KV until the hand-off
 
     @property
     def turn1_mean_tokens(self) -> float:
@@ -431,6 +432,11 @@ def build_options(
                     if rho <= 0:
                         reasons.append(
                             f"turn-1 prefill ({s_mean:.2f} s) + decode side ({d_side:.2f} s) leave no TTFET budget"
+                        )
+                    longest = max(demand.turn1_input_tokens_max, max(sample))
+                    if m.kv_capacity_tokens < longest:
+                        reasons.append(
+                            f"KV capacity {m.kv_capacity_tokens} tokens < the longest turn-1 prompt {longest}"
                         )
                     opt = replace(opt, prefill_s=s_mean, prefill2_s2=s2, transfer_s=xj, rho_max=rho)
                     pf_w = m.prefill_power_w(round(l1))
