@@ -44,8 +44,9 @@ class GpuSpec:
 
 _GPUS: tuple[GpuSpec, ...] = (
     # NVIDIA A40 datasheet: 149.7 TFLOPS BF16 tensor (299.4 with sparsity), 48 GB GDDR6, 696 GB/s, 300 W.
-    # Idle 77 W: measured by the ConServe paper with vLLM loaded (shared/data/conserve/cost_model_constants.csv,
-    # GPU0_IDLE_POWER_W 75.9-77). Cap range 100-300 W: nvidia-smi "Min/Max Power Limit" on A40.
+    # Idle 77 W: measured by the ConServe paper with vLLM loaded
+    # (shared/data/conserve/cost_model_constants.csv, GPU0_IDLE_POWER_W 75.9-77).
+    # Cap range 100-300 W: nvidia-smi "Min/Max Power Limit" on A40.
     GpuSpec("A40", 149.7, 48, 696, 300, 77.0, 100, 300,
             "NVIDIA A40 datasheet; idle measured in ConServe artifact (cost_model_constants.csv)"),
     # NVIDIA A100 80GB SXM datasheet: 312 TFLOPS BF16 dense, 80 GB HBM2e, 2,039 GB/s, 400 W.
@@ -61,7 +62,8 @@ _GPUS: tuple[GpuSpec, ...] = (
     GpuSpec("H200-SXM", 989, 141, 4800, 700, 75.0, 200, 700,
             "NVIDIA H200 datasheet (SXM); idle estimated from H100 (Splitwise)"),
     # NVIDIA L40S datasheet: 362.05 TFLOPS BF16 dense (733 sparse), 48 GB GDDR6, 864 GB/s, 350 W.
-    # Idle: estimate 35 W (typical nvidia-smi idle of Ada data-center boards; no engine-loaded measurement public).
+    # Idle: estimate 35 W (typical nvidia-smi idle of Ada data-center boards; no engine-loaded measurement
+    # public).
     GpuSpec("L40S", 362.05, 48, 864, 350, 35.0, 100, 350,
             "NVIDIA L40S datasheet; idle is an estimate"),
     # NVIDIA L4 datasheet: 121 TFLOPS BF16 dense (242 sparse), 24 GB GDDR6, 300 GB/s, 72 W.
@@ -110,5 +112,6 @@ def get_gpu(name: str) -> GpuSpec:
             return spec
     raise CatalogError(
         f"unknown GPU {name!r}.{did_you_mean(name, list(GPUS) + list(_ALIASES))} "
-        f"Known GPUs: {', '.join(GPUS)}. To fix: use one of these names or define the GPU inline in fleet.yaml."
+        f"Known GPUs: {', '.join(GPUS)}. "
+        "To fix: use one of these names or define the GPU inline in fleet.yaml."
     )

@@ -52,15 +52,18 @@ class ModelSpec:
 
 _MODELS: tuple[ModelSpec, ...] = (
     # Qwen/Qwen3-0.6B config.json: 28 layers, hidden 1024, 16 heads, 8 KV heads, head_dim 128, 0.6B params,
-    # max_position_embeddings 40960. KV 114,688 B/token matches the ConServe artifact (cost_model_constants.csv).
+    # max_position_embeddings 40960. KV 114,688 B/token matches the ConServe artifact
+    # (cost_model_constants.csv).
     ModelSpec("Qwen3-0.6B", 28, 1024, 16, 8, 128, 0.596e9, 2, 40960, "Qwen/Qwen3-0.6B config.json"),
     # meta-llama/Llama-3.1-8B config.json: 32 layers, hidden 4096, 32 heads, 8 KV heads, 8.03B params.
     ModelSpec("Llama-3.1-8B", 32, 4096, 32, 8, 128, 8.03e9, 2, 131072, "meta-llama/Llama-3.1-8B config.json"),
     # meta-llama/Llama-3.1-70B config.json: 80 layers, hidden 8192, 64 heads, 8 KV heads, 70.6B params.
-    ModelSpec("Llama-3.1-70B", 80, 8192, 64, 8, 128, 70.6e9, 2, 131072, "meta-llama/Llama-3.1-70B config.json"),
+    ModelSpec("Llama-3.1-70B", 80, 8192, 64, 8, 128, 70.6e9, 2, 131072,
+              "meta-llama/Llama-3.1-70B config.json"),
     # meta-llama/Llama-2-70b-hf config.json: 80 layers, hidden 8192, 64 heads, 8 KV heads (GQA), 69.0B params.
     ModelSpec("Llama-2-70B", 80, 8192, 64, 8, 128, 68.98e9, 2, 4096, "meta-llama/Llama-2-70b-hf config.json"),
-    # bigscience/bloom config.json: 70 layers, hidden 14336, 112 heads (MHA), 176B params (Splitwise's 2nd model).
+    # bigscience/bloom config.json: 70 layers, hidden 14336, 112 heads (MHA), 176B params
+    # (Splitwise's 2nd model).
     ModelSpec("BLOOM-176B", 70, 14336, 112, 112, 128, 176.2e9, 2, 2048, "bigscience/bloom config.json"),
 )
 
@@ -92,6 +95,7 @@ def get_model(name: str) -> ModelSpec:
         return MODELS[canonical]
     raise CatalogError(
         f"unknown model {name!r}.{did_you_mean(name, list(MODELS) + list(_ALIASES))} "
-        f"Known models: {', '.join(MODELS)}. To fix: use one of these or define the model inline in fleet.yaml "
+        f"Known models: {', '.join(MODELS)}. "
+        "To fix: use one of these or define the model inline in fleet.yaml "
         "(model: {name, layers, hidden_size, attention_heads, kv_heads, head_dim, params})."
     )
