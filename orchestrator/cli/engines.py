@@ -22,10 +22,6 @@ _STATE_HELP = "state file written by `engines up`"
 _COLS = ("id", "role", "tier", "url", "pid", "side_channel_port", "cpu_core", "log")
 
 
-def _served_name(model: object) -> str:
-    return model if isinstance(model, str) else str(getattr(model, "name", model))
-
-
 def up(
     fleet: Path = typer.Option(..., "--fleet", help="fleet.yaml with an engines: list (id, tier, role, url)"),
     model: Path | None = typer.Option(
@@ -70,7 +66,7 @@ def up(
         python=python,
         model_dir=model,
         log_dir=log_dir,
-        served_model_names=(_served_name(cfg.model),),
+        served_model_names=(cfg.model_spec().name,),  # what `orchestrator serve` forwards
         max_model_len_tokens=max_model_len,
         startup_timeout_s=timeout_s,
     )
