@@ -73,7 +73,8 @@ def _worst_fit_decoder(
 ) -> tuple[InstanceView, bool]:
     """The decoder with the most free KV among those that can hold `need_tokens`; else the most free overall.
 
-    Returns (decoder, fits). Ties by fewer pinned conversations, then id. Raises when the list is empty.
+    Returns (decoder, fits). Ties by fewer pinned conversations, then id. When none fits, the decoder with the
+    fewest waiting requests (then the most free KV). Raises when the list is empty.
     """
     cands = [d for d in decoders if d.instance_id != exclude]
     if not cands:
@@ -88,7 +89,8 @@ def _worst_fit_decoder(
     fitting = [d for d in cands if d.kv_free_tokens >= need_tokens]
     if fitting:
         return min(fitting, key=key), True
-    return min(cands, key=key), False
+    # Nothing fits: queue where the fewest requests already wait (observable), then the most free KV.
+    return min(cands, key=lambda d: (d.waiting_seqs,) + key(d)), False
 
 
 def _least_loaded_instance(cands: Iterable[InstanceView]) -> InstanceView:

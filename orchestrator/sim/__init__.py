@@ -1,8 +1,8 @@
 """Discrete-event simulator of a ConServe fleet in virtual time (DESIGN.md section 6).
 
 Public API: :func:`run_simulation` (instances + conversations + a policy -> :class:`SimResult`) and
-:func:`simulate_fleet` (fleet.yaml config + optional plan or layout -> SimResult). The simulator drives the same
-policy objects as the live router. Must not import fastapi, sqlalchemy or httpx.
+:func:`simulate_fleet` (fleet.yaml config + optional plan or layout -> SimResult).
+The simulator drives the same policy objects as the live router. Must not import fastapi, sqlalchemy or httpx.
 """
 
 from orchestrator.sim.clock import VirtualClock
