@@ -77,6 +77,9 @@ class MeasuredProfile:
     prefill: tuple[PrefillPoint, ...] = ()
     decode: tuple[DecodePoint, ...] = ()
     idle_w: float | None = None
+    # True: gpu/model name inline specs of a fleet.yaml (e.g. a CPU test engine), not catalog entries;
+    # they are then checked only against the tier at apply time (check_matches). Added for the profiler.
+    inline_specs: bool = False
 
 
 # ---- file edge ------------------------------------------------------------------------------------------
@@ -111,6 +114,7 @@ class _ProfileIn(_Strict):
     idle_w: float | None = Field(None, gt=0)
     prefill: list[_PrefillIn] = Field(default_factory=list)
     decode: list[_DecodeIn] = Field(default_factory=list)
+    inline_specs: bool = False
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -139,6 +143,8 @@ def _validate(data: Any, where: str) -> MeasuredProfile:
             f"{where}: prefill, decode: the profile has no points. To fix: measure at least one."
         )
     for name, value in (("gpu", p.gpu), ("model", p.model)):
+        if p.inline_specs:
+            break
         try:
             (get_gpu if name == "gpu" else get_model)(value)
         except CatalogError as err:
@@ -155,6 +161,7 @@ def _validate(data: Any, where: str) -> MeasuredProfile:
         ),
         decode=tuple(DecodePoint(x.batch, x.context_tokens, x.step_ms, x.energy_j) for x in p.decode),
         idle_w=p.idle_w,
+        inline_specs=p.inline_specs,
     )
 
 
@@ -194,6 +201,7 @@ def profile_to_dict(profile: MeasuredProfile) -> dict[str, Any]:
             "source": profile.source,
             "energy_measured": profile.energy_measured,
             "idle_w": profile.idle_w,
+            "inline_specs": True if profile.inline_specs else None,
             "prefill": [
                 drop_none(
                     {
