@@ -1,0 +1,557 @@
+"""Energy accounting: meters -> engine intervals -> attribution -> ledger; one code path, two drivers.
+
+``account(ledger, intervals, ...)`` is the single step both drivers call: it attributes every
+:class:`EngineInterval` (energy/attribution.py), checks conservation (rows sum to the interval's energy within
+1e-9 relative) and appends the rows to the ledger.
+
+* ``orchestrator simulate --db URL`` calls :func:`write_simulation` inline: the simulator's energy windows
+  (modelled energy per instance per window, and each turn's prefill/decode tokens in the window) become
+  intervals; its turns and conversations become ledger rows.
+* ``orchestrator serve`` runs :class:`EnergyAccountant` as an APScheduler job: each tick observes the engines'
+  token counters (the model meter's activity), reads every meter, appends the samples, turns the meter deltas
+  into per-engine intervals, and -- once the turns that overlapped an interval have had time to finish
+  (``lag_s``) -- attributes them using the turns recorded in the ledger, spread over their lifetimes
+  (prefill over [arrival, first token) on the prefilling instance, decode over [first, last token] on the
+  decoder). ``flush()`` at shutdown attributes whatever is still pending.
+
+Must not import fastapi.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from energy.attribution import (
+    EngineInterval,
+    IdlePolicy,
+    PhaseWeights,
+    Work,
+    attribute_all,
+    check_conservation,
+)
+from energy.attribution import phase_weights as tier_phase_weights
+from energy.ledger import Ledger
+from energy.meters import Activity, Meter, MeterReading, ModelMeter, make_meter, utc_now
+from energy.records import (
+    ConversationSummary,
+    EnergySample,
+    ReportFilter,
+    RunInfo,
+    RunKind,
+    Source,
+    TurnRecord,
+    TurnStatus,
+)
+from tiers.errors import EnergyError
+
+log = logging.getLogger(__name__)
+
+# Virtual second 0 of a simulation is written as this UTC instant unless the caller chooses another.
+SIM_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+# ---- the one shared step ------------------------------------------------------------------------------
+def account(ledger: Ledger, intervals: Sequence[EngineInterval], idle: IdlePolicy = IdlePolicy.ROW) -> int:
+    """Attribute ``intervals``, check conservation, append the rows; returns the number of rows written."""
+    rows = attribute_all(intervals, idle)
+    check_conservation(intervals, rows)
+    return ledger.record_attributions(rows)
+
+
+# ---- simulation -------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SimulationWriteSummary:
+    run_id: str
+    policy: str
+    conversations: int
+    turns: int
+    attribution_rows: int
+    samples: int
+    energy_j: float  # sum of the attribution rows written (== the simulator's energy of all instances)
+    tokens: int  # prompt + output tokens of every turn written
+    source: Source = Source.MODELLED
+
+    @property
+    def tokens_per_j(self) -> float:
+        return self.tokens / self.energy_j if self.energy_j > 0 else 0.0
+
+
+def write_simulation(
+    ledger: Ledger,
+    sim_result: Any,
+    policy: str,
+    run_id: str,
+    *,
+    epoch: datetime = SIM_EPOCH,
+    idle: IdlePolicy = IdlePolicy.ROW,
+    tier_models: Mapping[str, Any] | None = None,
+    label: str | None = None,
+    write_samples: bool = True,
+) -> SimulationWriteSummary:
+    """Write one simulator run (orchestrator.sim.result.SimResult) into ``ledger`` as run ``run_id``.
+
+    Virtual time t (s) is written as ``epoch + t``. Energy rows are ``modelled``. ``tier_models`` (tier
+    model name -> tiers.perf.TierModel) sets the per-phase work weights; without it prefill and decode tokens
+    weigh the same. Raises EnergyError if the windows do not add up to the simulator's per-instance energy.
+    """
+    if ledger.run_id != run_id:
+        ledger = Ledger(ledger.url, run_id=run_id, policy=policy, kind=RunKind.SIMULATE)
+        own = True
+    else:
+        own = False
+    try:
+        return _write_simulation(
+            ledger, sim_result, policy, run_id, epoch, idle, tier_models or {}, label, write_samples
+        )
+    finally:
+        if own:
+            ledger.close()
+
+
+def _at(epoch: datetime, t_s: float) -> datetime:
+    return epoch + timedelta(seconds=float(t_s))
+
+
+def _write_simulation(
+    ledger: Ledger,
+    res: Any,
+    policy: str,
+    run_id: str,
+    epoch: datetime,
+    idle: IdlePolicy,
+    tier_models: Mapping[str, Any],
+    label: str | None,
+    write_samples: bool,
+) -> SimulationWriteSummary:
+    ledger.upgrade()
+    existing = [r for r in ledger.runs() if r.run_id == run_id]
+    if existing:
+        raise EnergyError(
+            f"run {run_id!r} is already in the ledger {ledger.url}; runs are append-only. "
+            "To fix: pass a new --run-id (or a fresh --db)"
+        )
+    ledger.start_run(RunInfo(run_id, RunKind.SIMULATE, policy, started_at=epoch, label=label))
+    inst_tier = {i.instance_id: i.tier_model for i in res.instances}
+    inst_gpus = {i.instance_id: int(i.gpus) for i in res.instances}
+    n_turns = {c.conversation_id: c.turns for c in res.conversations}
+
+    turns: list[TurnRecord] = []
+    for t in res.turns:
+        final = t.turn == n_turns.get(t.conversation_id, t.turn)
+        turns.append(
+            TurnRecord(
+                conversation_id=t.conversation_id,
+                turn=t.turn,
+                request_id=f"{t.conversation_id}/{t.turn}/{t.restarts}",
+                instance_id=t.decode_instance,
+                arrival_at=_at(epoch, t.arrival_s),
+                first_token_at=_at(epoch, t.first_token_s),
+                last_token_at=_at(epoch, t.last_token_s),
+                prompt_tokens=t.input_tokens,
+                output_tokens=t.output_tokens,
+                finish_reason="stop" if final else "tool_calls",
+                is_final=final,
+                status=TurnStatus.OK,
+                prefill_instance_id=t.prefill_instance if t.remote_prefill else None,
+                remote_prefill=t.remote_prefill,
+                tier=inst_tier.get(t.decode_instance),
+                cached_tokens=t.cached_tokens,
+                policy=policy,
+            )
+        )
+    ledger.record_turns(turns)
+    ledger.record_conversations(
+        [
+            ConversationSummary(
+                c.conversation_id, policy, _at(epoch, c.arrival_s), c.turns, c.ttfet_s, c.e2e_s
+            )
+            for c in res.conversations
+        ]
+    )
+
+    weights = {name: tier_phase_weights(tm) for name, tm in tier_models.items()}
+    intervals = list(_sim_intervals(res, epoch, weights, inst_tier))
+    expected = {i.instance_id: float(i.energy_j) for i in res.instances}
+    got: dict[str, float] = {}
+    for iv in intervals:
+        got[iv.engine_id] = got.get(iv.engine_id, 0.0) + iv.energy_j
+    for inst, e in expected.items():
+        if abs(got.get(inst, 0.0) - e) > 1e-6 * max(e, 1.0):
+            raise EnergyError(
+                f"simulator energy windows of {inst} sum to {got.get(inst, 0.0)} J but the "
+                f"instance reports {e} J; cannot write a conserving ledger"
+            )
+    n_rows = account(ledger, intervals, idle)
+
+    n_samples = 0
+    if write_samples:  # the model meter's view: cumulative modelled joules per GPU at each window end
+        samples: list[EnergySample] = []
+        cum: dict[str, float] = {}
+        for iv in sorted(intervals, key=lambda iv: (iv.end, iv.engine_id)):
+            cum[iv.engine_id] = cum.get(iv.engine_id, 0.0) + iv.energy_j
+            g = max(inst_gpus.get(iv.engine_id, 1), 1)
+            samples.extend(
+                EnergySample(
+                    f"model:{iv.engine_id}", k, iv.end, cum[iv.engine_id] / g, Source.MODELLED, iv.engine_id
+                )
+                for k in range(g)
+            )
+        n_samples = ledger.record_samples(samples)
+
+    return SimulationWriteSummary(
+        run_id=run_id,
+        policy=policy,
+        conversations=len(res.conversations),
+        turns=len(turns),
+        attribution_rows=n_rows,
+        samples=n_samples,
+        energy_j=sum(iv.energy_j for iv in intervals),
+        tokens=sum(t.prompt_tokens + t.output_tokens for t in turns),
+    )
+
+
+def _sim_intervals(
+    res: Any, epoch: datetime, weights: Mapping[str, PhaseWeights], inst_tier: Mapping[str, str]
+) -> list[EngineInterval]:
+    out: list[EngineInterval] = []
+    if res.energy_windows:
+        for w in res.energy_windows:
+            tier = inst_tier.get(w.instance_id, w.tier)
+            out.append(
+                EngineInterval(
+                    engine_id=w.instance_id,
+                    start=_at(epoch, w.start_s),
+                    end=_at(epoch, w.end_s),
+                    energy_j=float(w.energy_j),
+                    idle_j=float(w.idle_energy_j),
+                    work=tuple(
+                        Work(x.conversation_id, x.turn, x.prefill_tokens, x.decode_tokens) for x in w.work
+                    ),
+                    source=Source.MODELLED,
+                    tier=tier,
+                    weights=weights.get(tier),
+                )
+            )
+        return out
+    # No windows (energy_window_s=None): one interval per instance over the whole run, work from the turns.
+    work: dict[str, list[Work]] = {}
+    for t in res.turns:
+        pre_on = t.prefill_instance if t.remote_prefill else t.decode_instance
+        work.setdefault(pre_on, []).append(Work(t.conversation_id, t.turn, prefill_tokens=t.prefilled_tokens))
+        work.setdefault(t.decode_instance, []).append(
+            Work(t.conversation_id, t.turn, decode_tokens=t.output_tokens)
+        )
+    for i in res.instances:
+        tier = inst_tier.get(i.instance_id)
+        out.append(
+            EngineInterval(
+                i.instance_id,
+                epoch,
+                _at(epoch, res.makespan_s),
+                float(i.energy_j),
+                float(i.idle_energy_j),
+                tuple(work.get(i.instance_id, ())),
+                Source.MODELLED,
+                tier,
+                weights.get(tier or ""),
+            )
+        )
+    return out
+
+
+# ---- live serving --------------------------------------------------------------------------------------
+class TurnSource(Protocol):
+    def turns_overlapping(self, start: datetime, end: datetime) -> Sequence[TurnRecord]: ...
+
+
+class LedgerTurnSource:
+    """Turns of the serving run that overlap [start, end), read from the ledger."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def turns_overlapping(self, start: datetime, end: datetime) -> Sequence[TurnRecord]:
+        # A turn overlaps when it arrived before `end` and its last token is at or after `start`; reading
+        # the turns that arrived in the last hour before `end` bounds the query.
+        flt = ReportFilter(since=start - timedelta(hours=1), until=end, run_ids=(self.ledger.run_id,))
+        return [
+            t
+            for _, t in self.ledger.turns(flt)
+            if t.status == TurnStatus.OK and (t.last_token_at or t.first_token_at or t.arrival_at) >= start
+        ]
+
+
+def spread_work(turns: Sequence[TurnRecord], engine_id: str, start: datetime, end: datetime) -> list[Work]:
+    """Tokens each turn processed on ``engine_id`` within [start, end), assuming uniform progress:
+    prefill (prompt - cached tokens) over [arrival, first token) on the prefilling instance, decode
+    (output tokens) over [first token, last token] on the decoding instance."""
+    out: list[Work] = []
+    for t in turns:
+        first = t.first_token_at or t.arrival_at
+        last = t.last_token_at or first
+        pre_on = t.prefill_instance_id if t.remote_prefill and t.prefill_instance_id else t.instance_id
+        pre = 0.0
+        if pre_on == engine_id:
+            pre = max(t.prompt_tokens - t.cached_tokens, 0) * _overlap(t.arrival_at, first, start, end)
+        dec = t.output_tokens * _overlap(first, last, start, end) if t.instance_id == engine_id else 0.0
+        if pre > 0 or dec > 0:
+            out.append(Work(t.conversation_id, t.turn, pre, dec))
+    return out
+
+
+def _overlap(a: datetime, b: datetime, start: datetime, end: datetime) -> float:
+    """Fraction of [a, b] inside [start, end); a point (a == b) counts wholly where it falls."""
+    if b <= a:
+        return 1.0 if start <= a < end else 0.0
+    lo, hi = max(a, start), min(b, end)
+    return max((hi - lo).total_seconds(), 0.0) / (b - a).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMeterBinding:
+    """Which meter GPUs make up one engine (fleet.yaml engines[].meter + gpu_indices)."""
+
+    engine_id: str
+    meter_id: str
+    gpu_indices: tuple[int, ...]
+    tier: str | None = None
+    idle_w: float = 0.0  # the engine's idle draw (tier model), for the idle row
+    weights: PhaseWeights | None = None
+
+
+@dataclass
+class _Pending:
+    engine_id: str
+    start: datetime
+    end: datetime
+    energy_j: float
+    source: Source
+
+
+ObserveFn = Callable[[], Awaitable[Mapping[str, Any]]]  # engine_id -> EngineObservation
+
+
+@dataclass
+class EnergyAccountant:
+    """The serving-side driver: sample meters, buffer engine intervals, attribute them after ``lag_s``."""
+
+    ledger: Ledger
+    meters: Mapping[str, Meter]
+    bindings: Sequence[EngineMeterBinding]
+    turns: TurnSource
+    idle: IdlePolicy = IdlePolicy.ROW
+    lag_s: float = 10.0
+    clock: Callable[[], datetime] = utc_now
+    observe: ObserveFn | None = None  # engines' observations, for model meters' activity
+    activity: dict[str, Activity] = field(default_factory=dict)
+    _last: dict[str, MeterReading] = field(default_factory=dict)
+    _pending: list[_Pending] = field(default_factory=list)
+    _counters: dict[str, tuple[float, float]] = field(default_factory=dict)
+    samples_written: int = 0
+    rows_written: int = 0
+
+    def __post_init__(self) -> None:
+        for b in self.bindings:
+            if b.meter_id not in self.meters:
+                raise EnergyError(
+                    f"engine {b.engine_id!r} names meter {b.meter_id!r}, which is not configured; "
+                    f"meters are {sorted(self.meters)}"
+                )
+        for mid, m in self.meters.items():
+            self._last[mid] = m.read()  # baseline
+
+    async def observe_engines(self) -> None:
+        """Turn the engines' token counters into the activity the model meters integrate."""
+        if self.observe is None:
+            return
+        obs = await self.observe()
+        for engine_id, o in obs.items():
+            extra = getattr(o, "extra", {}) or {}
+            prompt = float(extra.get("prompt_tokens_total", 0.0))
+            gen = float(extra.get("generation_tokens_total", 0.0))
+            p0, g0 = self._counters.get(engine_id, (prompt, gen))
+            self._counters[engine_id] = (prompt, gen)
+            running = max(int(getattr(o, "running", 0)), 1)
+            ctx = float(getattr(o, "kv_usage_frac", 0.0)) * float(getattr(o, "kv_capacity_tokens", 0))
+            self.activity[engine_id] = Activity(
+                prefill_tokens=int(max(prompt - p0, 0)),
+                decode_tokens=int(max(gen - g0, 0)),
+                decode_batch=running,
+                decode_context_tokens=ctx,
+            )
+
+    def sample(self) -> int:
+        """Read every meter, append the samples, buffer per-engine intervals. Returns samples written."""
+        samples: list[EnergySample] = []
+        engine_of: dict[str, dict[int, str]] = {}
+        for b in self.bindings:
+            for g in b.gpu_indices:
+                engine_of.setdefault(b.meter_id, {})[g] = b.engine_id
+        readings: dict[str, MeterReading] = {}
+        for mid, m in self.meters.items():
+            r = m.read()
+            readings[mid] = r
+            samples.extend(r.samples(mid, m.source, engine_of.get(mid)))
+        for b in self.bindings:
+            prev, cur = self._last[b.meter_id], readings[b.meter_id]
+            if cur.at <= prev.at:
+                continue
+            delta = sum(cur.cumulative_j.get(g, 0.0) - prev.cumulative_j.get(g, 0.0) for g in b.gpu_indices)
+            self._pending.append(
+                _Pending(b.engine_id, prev.at, cur.at, max(delta, 0.0), self.meters[b.meter_id].source)
+            )
+        self._last.update(readings)
+        n = self.ledger.record_samples(samples)
+        self.samples_written += n
+        return n
+
+    def attribute_ready(self, *, all_pending: bool = False) -> int:
+        """Attribute buffered intervals that ended at least ``lag_s`` ago (or all of them)."""
+        cutoff = self.clock() - timedelta(seconds=self.lag_s)
+        ready = [p for p in self._pending if all_pending or p.end <= cutoff]
+        if not ready:
+            return 0
+        ready_ids = {id(p) for p in ready}
+        self._pending = [p for p in self._pending if id(p) not in ready_ids]
+        lo, hi = min(p.start for p in ready), max(p.end for p in ready)
+        turns = self.turns.turns_overlapping(lo, hi)
+        by_engine = {b.engine_id: b for b in self.bindings}
+        intervals = []
+        for p in ready:
+            b = by_engine[p.engine_id]
+            idle_j = min(p.energy_j, b.idle_w * (p.end - p.start).total_seconds())
+            intervals.append(
+                EngineInterval(
+                    p.engine_id,
+                    p.start,
+                    p.end,
+                    p.energy_j,
+                    idle_j,
+                    tuple(spread_work(turns, p.engine_id, p.start, p.end)),
+                    p.source,
+                    b.tier,
+                    b.weights,
+                )
+            )
+        n = account(self.ledger, intervals, self.idle)
+        self.rows_written += n
+        return n
+
+    async def tick(self) -> None:
+        """One scheduled job run: observe, sample, attribute what is ready. Errors are logged, not raised
+        (a failed tick keeps its intervals pending; the next tick retries)."""
+        try:
+            await self.observe_engines()
+            self.sample()
+            self.attribute_ready()
+        except EnergyError as err:
+            log.error("energy accounting tick failed: %s", err)
+
+    async def flush(self) -> None:
+        """At shutdown: a last sample, then attribute everything pending."""
+        await self.observe_engines()
+        self.sample()
+        self.attribute_ready(all_pending=True)
+
+    def install(self, scheduler: Any, interval_s: float = 1.0) -> None:
+        """Add the accounting job to an APScheduler (AsyncIOScheduler) scheduler."""
+        scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=interval_s,
+            id="energy-accounting",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+
+    def close(self) -> None:
+        for m in self.meters.values():
+            m.close()
+
+
+def build_accountant(
+    ledger: Ledger,
+    instances: Sequence[Any],
+    *,
+    engines: Mapping[str, Any] | None = None,
+    cfg: Any = None,
+    idle: IdlePolicy = IdlePolicy.ROW,
+    lag_s: float = 10.0,
+    clock: Callable[[], datetime] = utc_now,
+) -> EnergyAccountant:
+    """An accountant for a serving fleet.
+
+    ``instances``: objects with ``instance_id`` and ``tier_model`` (and ``tier``) -- the sim backend's
+    instances or the vLLM engines with their tier models. Engines listed in ``cfg.engines`` with a ``meter``
+    use that meter (``cfg.meters``) on their ``gpu_indices``; every other engine gets a model meter fed by its
+    own token counters (``engines[id].observe()``), so its energy is ``modelled``.
+    """
+    meter_cfg = {m.id: m for m in getattr(cfg, "meters", []) or []}
+    engine_cfg = {e.id: e for e in getattr(cfg, "engines", []) or []}
+    meters: dict[str, Meter] = {}
+    bindings: list[EngineMeterBinding] = []
+    acc_activity: dict[str, Activity] = {}
+
+    def activity_for(engine_id: str) -> Callable[[datetime, datetime], Activity]:
+        return lambda start, end: acc_activity.pop(engine_id, Activity())
+
+    for inst in instances:
+        tm = inst.tier_model
+        ecfg = engine_cfg.get(inst.instance_id)
+        tier_name = getattr(tm, "name", None) or getattr(inst, "tier", None)
+        weights = tier_phase_weights(tm)
+        if ecfg is not None and ecfg.meter:
+            mc = meter_cfg.get(ecfg.meter)
+            if mc is None:
+                raise EnergyError(
+                    f"engines: {inst.instance_id!r} names meter {ecfg.meter!r}, which is not in "
+                    f"meters {sorted(meter_cfg)}"
+                )
+            if mc.id not in meters:
+                gpus = sorted({g for e in engine_cfg.values() if e.meter == mc.id for g in e.gpu_indices})
+                meters[mc.id] = make_meter(
+                    mc.kind, meter_id=mc.id, gpu_indices=gpus, url=mc.url, path=mc.path, clock=clock
+                )
+            bindings.append(
+                EngineMeterBinding(
+                    inst.instance_id, mc.id, tuple(ecfg.gpu_indices) or (0,), tier_name, tm.idle_w, weights
+                )
+            )
+        else:
+            mid = f"model:{inst.instance_id}"
+            meters[mid] = ModelMeter(tm, activity_for(inst.instance_id), meter_id=mid, clock=clock)
+            bindings.append(
+                EngineMeterBinding(
+                    inst.instance_id, mid, meters[mid].gpu_indices, tier_name, tm.idle_w, weights
+                )
+            )
+
+    observe: ObserveFn | None = None
+    if engines:
+
+        async def observe() -> Mapping[str, Any]:
+            out = {}
+            for eid, eng in engines.items():
+                try:
+                    out[eid] = await eng.observe()
+                except Exception as err:  # an engine that cannot be observed did no measurable work
+                    log.warning("energy: observing %s failed: %s", eid, err)
+            return out
+
+    acct = EnergyAccountant(
+        ledger,
+        meters,
+        bindings,
+        LedgerTurnSource(ledger),
+        idle=idle,
+        lag_s=lag_s,
+        clock=clock,
+        observe=observe,
+        activity=acc_activity,
+    )
+    return acct

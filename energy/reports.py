@@ -1,0 +1,563 @@
+"""Energy reports from the ledger: per conversation, tier, policy or engine; table, CSV, JSON and HTML.
+
+``build_report(ledger, by=..., since=..., until=...)`` is the one query path: the CLI
+(``orchestrator report energy``) and the API (``GET /v1/reports/energy``) both call it and render the same
+:class:`Report`, so they always agree.
+
+Counting rules (stated in every report's ``notes``):
+  * tokens = prompt + output tokens of every OK turn (the paper's tokens/J numerator);
+  * energy = every attribution row in the window, idle rows included (all GPUs of the deployment);
+  * the window selects attribution rows by interval start and conversations by creation time, both in
+    [since, until);
+  * ``measured_share`` = fraction of the joules that came from hardware meters; the rest is modelled.
+
+Must not import fastapi.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from importlib import resources
+from typing import Any
+
+from energy.ledger import ConversationFacts, Ledger
+from energy.records import AttributionRow, ReportFilter, Source
+from tiers.errors import EnergyError, did_you_mean
+
+
+class GroupBy(StrEnum):
+    CONVERSATION = "conversation"
+    TIER = "tier"
+    POLICY = "policy"
+    ENGINE = "engine"
+
+
+class Format(StrEnum):
+    TABLE = "table"
+    CSV = "csv"
+    JSON = "json"
+    HTML = "html"
+
+
+def parse_choice(value: str, enum: type[StrEnum], name: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        choices = [e.value for e in enum]
+        raise EnergyError(
+            f"{name} {value!r} is not one of {', '.join(choices)}.{did_you_mean(value, choices)}"
+        ) from None
+
+
+def parse_time(value: str | None, name: str) -> datetime | None:
+    """ISO 8601 (``2025-03-01``, ``2025-03-01T12:00:00+02:00``); a time without offset is taken as UTC."""
+    if value is None or value == "":
+        return None
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise EnergyError(f"{name} {value!r} is not an ISO 8601 time; e.g. 2025-03-01T12:00:00Z") from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    title: str
+    unit: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    by: GroupBy
+    since: datetime | None
+    until: datetime | None
+    columns: tuple[Column, ...]
+    rows: tuple[dict[str, Any], ...]
+    totals: dict[str, Any]
+    notes: tuple[str, ...]
+    # for the HTML plots
+    conversation_joules: tuple[tuple[str, float], ...] = ()  # (policy, joules) per conversation
+    tier_timeline: tuple[tuple[datetime, str, float], ...] = ()  # (bucket start, tier, joules)
+    policy_tokens_per_j: tuple[tuple[str, float], ...] = ()
+    generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "by": str(self.by),
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+            "columns": [{"key": c.key, "title": c.title, "unit": c.unit} for c in self.columns],
+            "rows": [_jsonable(r) for r in self.rows],
+            "totals": _jsonable(self.totals),
+            "notes": list(self.notes),
+        }
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        elif isinstance(v, datetime):
+            v = v.isoformat()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+def _p95(values: Sequence[float]) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    k = max(0, math.ceil(0.95 * len(vals)) - 1)  # nearest-rank percentile
+    return vals[k]
+
+
+def _div(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+# ---- building -----------------------------------------------------------------------------------------
+@dataclass
+class _Acc:
+    joules: float = 0.0
+    measured_j: float = 0.0
+    idle_j: float = 0.0
+    engines: set[str] = field(default_factory=set)
+    tiers: set[str] = field(default_factory=set)
+    conversations: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(self, run: str, a: AttributionRow) -> None:
+        self.joules += a.joules
+        if a.source == Source.MEASURED:
+            self.measured_j += a.joules
+        if a.conversation_id is None:
+            self.idle_j += a.joules
+        else:
+            self.conversations.add((run, a.conversation_id))
+        self.engines.add(a.engine_id)
+        if a.tier:
+            self.tiers.add(a.tier)
+
+
+def build_report(
+    ledger: Ledger,
+    by: GroupBy | str = GroupBy.CONVERSATION,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    run_ids: Sequence[str] = (),
+    timeline_buckets: int = 60,
+) -> Report:
+    by = parse_choice(by, GroupBy, "--by") if isinstance(by, str) else by
+    if since and until and until <= since:
+        raise EnergyError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
+    flt = ReportFilter(since, until, tuple(run_ids))
+    run_policy = {r.run_id: r.policy or "(none)" for r in ledger.runs()}
+    attrs = ledger.attributions(flt)
+    facts = ledger.conversation_facts(flt)
+
+    def pol(run: str, conv_policy: str | None = None) -> str:
+        return conv_policy or run_policy.get(run, "(none)")
+
+    per_conv: dict[tuple[str, str], _Acc] = {}
+    per_policy: dict[str, _Acc] = {}
+    per_tier: dict[str, _Acc] = {}
+    per_engine: dict[tuple[str, str], _Acc] = {}
+    engine_tier: dict[tuple[str, str], str] = {}
+    total = _Acc()
+    for run, a in attrs:
+        total.add(run, a)
+        per_policy.setdefault(pol(run), _Acc()).add(run, a)
+        per_tier.setdefault(a.tier or "(unknown)", _Acc()).add(run, a)
+        per_engine.setdefault((run, a.engine_id), _Acc()).add(run, a)
+        engine_tier[(run, a.engine_id)] = a.tier or "(unknown)"
+        if a.conversation_id is not None:
+            per_conv.setdefault((run, a.conversation_id), _Acc()).add(run, a)
+
+    tokens_total = sum(f.tokens for f in facts)
+    notes = [
+        "tokens = prompt + output tokens of every OK turn; energy = all attribution rows in the window, "
+        "idle rows included",
+        f"measured share of energy: {_div(total.measured_j, total.joules) or 0.0:.1%} "
+        "(the rest is modelled from the tier power model, not measured)",
+    ]
+    if not attrs:
+        notes.append("no attribution rows in this window")
+
+    cols: list[Column]
+    rows: list[dict[str, Any]]
+    if by == GroupBy.CONVERSATION:
+        cols = [
+            Column("run_id", "run"),
+            Column("conversation_id", "conversation"),
+            Column("policy", "policy"),
+            Column("turns", "turns"),
+            Column("tokens", "tokens"),
+            Column("joules", "energy", "J"),
+            Column("j_per_token", "J/token", "J"),
+            Column("ttfet_s", "TTFET", "s"),
+            Column("ttfet_slowdown", "TTFET slowdown", "x"),
+            Column("e2e_slowdown", "E2E slowdown", "x"),
+            Column("tbt_slowdown", "TBT slowdown", "x"),
+            Column("tiers", "tiers"),
+            Column("measured_share", "measured share"),
+        ]
+        rows = []
+        for f in facts:
+            acc = per_conv.get((f.run_id, f.conversation_id), _Acc())
+            rows.append(
+                {
+                    "run_id": f.run_id,
+                    "conversation_id": f.conversation_id,
+                    "policy": pol(f.run_id, f.policy),
+                    "turns": f.turns,
+                    "tokens": f.tokens,
+                    "joules": acc.joules,
+                    "j_per_token": _div(acc.joules, f.tokens),
+                    "ttfet_s": f.ttfet_s,
+                    "ttfet_slowdown": f.ttfet_slowdown,
+                    "e2e_slowdown": f.e2e_slowdown,
+                    "tbt_slowdown": f.tbt_slowdown,
+                    "tiers": tuple(sorted(set(f.tiers) | acc.tiers)),
+                    "measured_share": _div(acc.measured_j, acc.joules),
+                }
+            )
+    elif by == GroupBy.POLICY:
+        cols = [
+            Column("policy", "policy"),
+            Column("runs", "runs"),
+            Column("conversations", "conversations"),
+            Column("tokens", "tokens"),
+            Column("joules", "energy", "J"),
+            Column("idle_j", "idle", "J"),
+            Column("tokens_per_j", "tokens/J"),
+            Column("j_per_token", "J/token", "J"),
+            Column("ttfet_p95_s", "p95 TTFET", "s"),
+            Column("ttfet_slowdown_p95", "p95 TTFET slowdown", "x"),
+            Column("measured_share", "measured share"),
+        ]
+        by_pol: dict[str, list[ConversationFacts]] = {}
+        for f in facts:
+            by_pol.setdefault(pol(f.run_id, f.policy), []).append(f)
+        rows = []
+        for p in sorted(set(per_policy) | set(by_pol)):
+            acc, fs = per_policy.get(p, _Acc()), by_pol.get(p, [])
+            toks = sum(f.tokens for f in fs)
+            rows.append(
+                {
+                    "policy": p,
+                    "runs": len({f.run_id for f in fs} | {r for r, _ in acc.conversations}),
+                    "conversations": len(fs),
+                    "tokens": toks,
+                    "joules": acc.joules,
+                    "idle_j": acc.idle_j,
+                    "tokens_per_j": _div(toks, acc.joules),
+                    "j_per_token": _div(acc.joules, toks),
+                    "ttfet_p95_s": _p95([f.ttfet_s for f in fs if f.ttfet_s is not None]),
+                    "ttfet_slowdown_p95": _p95(
+                        [f.ttfet_slowdown for f in fs if f.ttfet_slowdown is not None]
+                    ),
+                    "measured_share": _div(acc.measured_j, acc.joules),
+                }
+            )
+    elif by == GroupBy.TIER:
+        cols = [
+            Column("tier", "tier"),
+            Column("engines", "engines"),
+            Column("conversations", "conversations"),
+            Column("joules", "energy", "J"),
+            Column("idle_j", "idle", "J"),
+            Column("share", "share of total"),
+            Column("measured_share", "measured share"),
+        ]
+        rows = [
+            {
+                "tier": t,
+                "engines": len(acc.engines),
+                "conversations": len(acc.conversations),
+                "joules": acc.joules,
+                "idle_j": acc.idle_j,
+                "share": _div(acc.joules, total.joules),
+                "measured_share": _div(acc.measured_j, acc.joules),
+            }
+            for t, acc in sorted(per_tier.items())
+        ]
+    else:
+        cols = [
+            Column("run_id", "run"),
+            Column("engine_id", "engine"),
+            Column("tier", "tier"),
+            Column("conversations", "conversations"),
+            Column("joules", "energy", "J"),
+            Column("idle_j", "idle", "J"),
+            Column("attributed_j", "to conversations", "J"),
+            Column("measured_share", "measured share"),
+        ]
+        rows = [
+            {
+                "run_id": r,
+                "engine_id": e,
+                "tier": engine_tier[(r, e)],
+                "conversations": len(acc.conversations),
+                "joules": acc.joules,
+                "idle_j": acc.idle_j,
+                "attributed_j": acc.joules - acc.idle_j,
+                "measured_share": _div(acc.measured_j, acc.joules),
+            }
+            for (r, e), acc in sorted(per_engine.items())
+        ]
+
+    totals = {
+        "joules": total.joules,
+        "idle_j": total.idle_j,
+        "tokens": tokens_total,
+        "tokens_per_j": _div(tokens_total, total.joules),
+        "conversations": len(facts),
+        "measured_share": _div(total.measured_j, total.joules),
+        "attribution_rows": len(attrs),
+    }
+
+    # plot data
+    conv_j = tuple(
+        (pol(f.run_id, f.policy), per_conv[(f.run_id, f.conversation_id)].joules)
+        for f in facts
+        if (f.run_id, f.conversation_id) in per_conv
+    )
+    timeline: list[tuple[datetime, str, float]] = []
+    if attrs:
+        t0 = min(a.interval_start for _, a in attrs)
+        t1 = max(a.interval_end for _, a in attrs)
+        span = max((t1 - t0).total_seconds(), 1e-9)
+        width = span / max(timeline_buckets, 1)
+        buckets: dict[tuple[int, str], float] = {}
+        for _, a in attrs:
+            k = min(int((a.interval_start - t0).total_seconds() / width), timeline_buckets - 1)
+            buckets[(k, a.tier or "(unknown)")] = buckets.get((k, a.tier or "(unknown)"), 0.0) + a.joules
+        from datetime import timedelta
+
+        timeline = [(t0 + timedelta(seconds=k * width), tier, j) for (k, tier), j in sorted(buckets.items())]
+    pol_tpj = []
+    for p in sorted(per_policy):
+        toks = sum(f.tokens for f in facts if pol(f.run_id, f.policy) == p)
+        v = _div(toks, per_policy[p].joules)
+        if v is not None:
+            pol_tpj.append((p, v))
+    return Report(
+        by,
+        since,
+        until,
+        tuple(cols),
+        tuple(rows),
+        totals,
+        tuple(notes),
+        conv_j,
+        tuple(timeline),
+        tuple(pol_tpj),
+    )
+
+
+# ---- rendering ----------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        a = abs(v)
+        return (
+            f"{v:.4g}"
+            if a < 1e-3 or a >= 1e6
+            else f"{v:,.4f}".rstrip("0").rstrip(".")
+            if a < 10
+            else f"{v:,.1f}"
+        )
+    if isinstance(v, (tuple, list)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def render_csv(report: Report) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([c.key for c in report.columns])
+    for r in report.rows:
+        w.writerow(
+            [
+                ""
+                if r.get(c.key) is None
+                else (";".join(r[c.key]) if isinstance(r.get(c.key), tuple) else r[c.key])
+                for c in report.columns
+            ]
+        )
+    return buf.getvalue()
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+
+
+def render_table(report: Report) -> Any:
+    """A rich Table (the CLI prints it)."""
+    from rich.table import Table
+
+    title = (
+        f"energy by {report.by}"
+        + (f" since {report.since:%Y-%m-%d %H:%M:%S}" if report.since else "")
+        + (f" until {report.until:%Y-%m-%d %H:%M:%S}" if report.until else "")
+    )
+    caption = " | ".join(report.notes)
+    t = Table(title=title, caption=caption)
+    for c in report.columns:
+        t.add_column(
+            f"{c.title} ({c.unit})" if c.unit else c.title,
+            justify="left"
+            if c.key in ("run_id", "conversation_id", "policy", "tier", "engine_id", "tiers")
+            else "right",
+        )
+    for r in report.rows:
+        t.add_row(*[_fmt(r.get(c.key)) for c in report.columns])
+    tot = report.totals
+    t.caption = (
+        caption + f" | total {_fmt(tot['joules'])} J, {tot['tokens']} tokens, "
+        f"{_fmt(tot['tokens_per_j'])} tokens/J"
+    )
+    return t
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plots(report: Report) -> list[tuple[str, str, str]]:
+    """(id, title, base64 PNG) for the three plots; a plot without data shows a labelled empty frame."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out = []
+    # 1. energy per conversation distribution
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    by_pol: dict[str, list[float]] = {}
+    for p, j in report.conversation_joules:
+        by_pol.setdefault(p, []).append(j)
+    if by_pol:
+        ax.hist(list(by_pol.values()), bins=30, label=list(by_pol), stacked=False, alpha=0.75)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no conversations with energy in this window", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("energy per conversation (J)")
+    ax.set_ylabel("conversations")
+    out.append(("plot-conversation-energy", "Energy per conversation", _png(fig)))
+    # 2. energy by tier over time
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    tiers = sorted({t for _, t, _ in report.tier_timeline})
+    times = sorted({t for t, _, _ in report.tier_timeline})
+    if tiers and times:
+        idx = {t: i for i, t in enumerate(times)}
+        import numpy as np
+
+        data = np.zeros((len(tiers), len(times)))
+        for t, tier, j in report.tier_timeline:
+            data[tiers.index(tier), idx[t]] += j
+        ax.stackplot(times, data, labels=tiers, alpha=0.85)
+        ax.legend(fontsize=8, loc="upper left")
+        fig.autofmt_xdate()
+    else:
+        ax.text(0.5, 0.5, "no energy rows in this window", ha="center", transform=ax.transAxes)
+    ax.set_ylabel("energy per bucket (J)")
+    out.append(("plot-tier-timeline", "Energy by tier over time", _png(fig)))
+    # 3. tokens per joule per policy
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if report.policy_tokens_per_j:
+        names = [p for p, _ in report.policy_tokens_per_j]
+        vals = [v for _, v in report.policy_tokens_per_j]
+        bars = ax.bar(names, vals, color="#3b7dd8")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no policy with energy in this window", ha="center", transform=ax.transAxes)
+    ax.set_ylabel("tokens / J")
+    out.append(("plot-policy-tokens-per-j", "Tokens per joule by policy", _png(fig)))
+    return out
+
+
+def render_html(report: Report, max_rows: int = 500) -> str:
+    """One self-contained HTML page (inline CSS, plots as inline base64 PNG; no external resources)."""
+    esc = html.escape
+    head = "".join(
+        f"<th>{esc(c.title)}{' (' + esc(c.unit) + ')' if c.unit else ''}</th>" for c in report.columns
+    )
+    body_rows = []
+    for r in report.rows[:max_rows]:
+        body_rows.append(
+            "<tr>" + "".join(f"<td>{esc(_fmt(r.get(c.key)))}</td>" for c in report.columns) + "</tr>"
+        )
+    more = (
+        f"<p class='note'>showing {max_rows} of {len(report.rows)} rows; use --format csv for all</p>"
+        if len(report.rows) > max_rows
+        else ""
+    )
+    figs = "".join(
+        f"<figure><img id='{pid}' alt='{esc(title)}' src='data:image/png;base64,{b64}'>"
+        f"<figcaption>{esc(title)}</figcaption></figure>"
+        for pid, title, b64 in _plots(report)
+    )
+    tot = report.totals
+    window = (
+        f"{report.since.isoformat() if report.since else 'start'} to "
+        f"{report.until.isoformat() if report.until else 'now'}"
+    )
+    notes = "".join(f"<li>{esc(n)}</li>" for n in report.notes)
+    return _template().substitute(
+        by=esc(str(report.by)),
+        window=esc(window),
+        generated=esc(report.generated_at.isoformat(timespec="seconds")),
+        energy=esc(_fmt(tot["joules"])),
+        tokens=tot["tokens"],
+        tokens_per_j=esc(_fmt(tot["tokens_per_j"])),
+        conversations=tot["conversations"],
+        measured_share=esc(_fmt(tot["measured_share"])),
+        notes=notes,
+        figures=figs,
+        head=head,
+        rows="".join(body_rows),
+        more=more,
+    )
+
+
+def _template() -> string.Template:
+    """energy/templates/report.html: a string.Template with $placeholders (self-contained: inline CSS)."""
+    text = resources.files("energy.templates").joinpath("report.html").read_text(encoding="utf-8")
+    return string.Template(text)
+
+
+def render(report: Report, fmt: Format | str) -> str:
+    fmt = parse_choice(fmt, Format, "--format") if isinstance(fmt, str) else fmt
+    if fmt == Format.CSV:
+        return render_csv(report)
+    if fmt == Format.JSON:
+        return render_json(report)
+    if fmt == Format.HTML:
+        return render_html(report)
+    from rich.console import Console
+
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(render_table(report))
+    return console.export_text()
