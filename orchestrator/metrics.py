@@ -1,0 +1,347 @@
+"""Latency, SLO and energy metrics of a simulated run, exactly as DESIGN.md section 2 defines them.
+
+Per conversation: TTFET (arrival of turn 1 -> first token of the final turn), TTFT of every turn, last-turn
+TBT (mean and p95), E2E; each latency also as a *slowdown* against the standalone latency of the same
+conversation (served alone on an idle colocated instance of the reference tier at batch 1 -- computed by
+running the simulator itself on that conversation, cached per conversation shape). SLO violations: slowdown
+above a bound (default 5 for TTFET, mean last-turn TBT and E2E) or above an absolute bound.
+
+Energy: tokens per joule with *every* GPU of the deployment billed, idle ones included (instances idle
+between steps, and unallocated GPUs when the fleet bills them). Tokens counted: prompt + output tokens of
+every turn (the paper's count). All energy here is modelled by the tier power model, not measured.
+
+Two measurement conventions for TTFET/E2E: ``honest`` (t0 = arrival of turn 1; every queue included) and
+``artifact`` (t0 = when turn 1 was admitted on the instance that prefilled it: the turn-1 prefiller queueing
+left out, as the ConServe artifact's correction did for ConServe).
+
+Must not import fastapi, sqlalchemy or httpx.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from orchestrator.sim.core import SimOptions, run_simulation
+from orchestrator.sim.result import SimResult
+from orchestrator.workload import ConversationSpec, TurnSpec
+from placement.base import Role
+from placement.policies import ColocatedPolicy
+from tiers.errors import SimulationError
+from tiers.perf import TierModel
+
+TOKENS_COUNTED = "prompt + output tokens of every turn"
+
+
+class Convention(StrEnum):
+    HONEST = "honest"
+    ARTIFACT = "artifact"
+
+
+@dataclass(frozen=True, slots=True)
+class SloSpec:
+    """Slowdown bounds (None: not checked) and optional absolute bounds."""
+
+    ttfet_slowdown: float | None = 5.0
+    tbt_slowdown: float | None = 5.0
+    e2e_slowdown: float | None = 5.0
+    ttfet_s: float | None = None
+    tbt_ms: float | None = None
+    e2e_s: float | None = None
+
+    @classmethod
+    def from_config(cls, slo: Any) -> SloSpec:
+        return cls(
+            ttfet_slowdown=slo.ttfet_slowdown,
+            tbt_slowdown=slo.tbt_slowdown,
+            e2e_slowdown=slo.e2e_slowdown,
+            ttfet_s=slo.ttfet_s,
+            tbt_ms=slo.tbt_ms,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Standalone:
+    ttfet_s: float
+    e2e_s: float
+    tbt_mean_s: float
+    tbt_p95_s: float
+    ttft_s: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _RefInstance:
+    instance_id: str
+    tier: str
+    role: Role
+    tier_model: TierModel
+
+
+class StandaloneCache:
+    """Standalone latencies: each conversation simulated alone on one idle colocated reference instance.
+
+    Owned by the caller (no module-level state); keyed by the conversation's turns, so conversations with the
+    same shape share one run.
+    """
+
+    def __init__(self, reference: TierModel, options: SimOptions | None = None) -> None:
+        self.reference = reference
+        self.options = options or SimOptions()
+        self._cache: dict[tuple[TurnSpec, ...], Standalone] = {}
+
+    def get(self, conv: ConversationSpec) -> Standalone:
+        key = tuple(conv.turns)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        inst = _RefInstance("standalone", self.reference.name, Role.COLOCATED, self.reference)
+        alone = ConversationSpec(conv.conversation_id, 0.0, conv.turns)
+        res = run_simulation([inst], [alone], ColocatedPolicy(), energy_window_s=None, options=self.options)
+        c = res.conversations[0]
+        ttft = tuple(t.ttft_s for t in res.turns)
+        out = Standalone(c.ttfet_s, c.e2e_s, c.last_turn_tbt_mean_s, c.last_turn_tbt_p95_s, ttft)
+        self._cache[key] = out
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationMetrics:
+    conversation_id: str
+    arrival_s: float
+    turns: int
+    tokens: int
+    ttfet_s: float
+    e2e_s: float
+    tbt_mean_ms: float
+    tbt_p95_ms: float
+    ttft_s: tuple[float, ...]
+    energy_j: float  # modelled busy energy attributed by work share (idle energy is reported per tier)
+    standalone_ttfet_s: float | None
+    standalone_e2e_s: float | None
+    standalone_tbt_mean_ms: float | None
+    ttfet_slowdown: float | None
+    e2e_slowdown: float | None
+    tbt_slowdown: float | None
+    violated: tuple[str, ...]
+    decoders: tuple[str, ...]
+
+    @property
+    def violates(self) -> bool:
+        return bool(self.violated)
+
+
+def _q(vals: Sequence[float], p: float) -> float:
+    return float(np.percentile(np.asarray(vals, dtype=float), p)) if len(vals) else math.nan
+
+
+def geomean(vals: Iterable[float]) -> float:
+    arr = np.asarray([v for v in vals if v is not None and v > 0], dtype=float)
+    return float(np.exp(np.log(arr).mean())) if len(arr) else math.nan
+
+
+def conversation_energy_j(result: SimResult) -> dict[str, float]:
+    """Busy energy of each window split among its turns by work share.
+
+    A prefill token weighs as much as a decode token here (the energy ledger does the tier-model-weighted
+    attribution). Idle energy is excluded.
+    """
+    out: dict[str, float] = {}
+    for w in result.energy_windows:
+        busy = w.energy_j - w.idle_energy_j
+        total = sum(x.prefill_tokens + x.decode_tokens for x in w.work)
+        if total <= 0 or busy <= 0:
+            continue
+        for x in w.work:
+            out[x.conversation_id] = out.get(x.conversation_id, 0.0) + busy * (
+                (x.prefill_tokens + x.decode_tokens) / total
+            )
+    return out
+
+
+def conversation_metrics(
+    result: SimResult,
+    conversations: Sequence[ConversationSpec],
+    standalone: StandaloneCache | None,
+    slo: SloSpec = SloSpec(),
+    convention: Convention | str = Convention.HONEST,
+) -> list[ConversationMetrics]:
+    conv_by_id = {c.conversation_id: c for c in conversations}
+    ttft: dict[str, list[float]] = {}
+    for t in result.turns:
+        ttft.setdefault(t.conversation_id, []).append(t.ttft_s)
+    energy = conversation_energy_j(result)
+    conv = Convention(convention)
+    out: list[ConversationMetrics] = []
+    for c in result.conversations:
+        spec = conv_by_id.get(c.conversation_id)
+        if spec is None:
+            raise SimulationError(
+                f"conversation {c.conversation_id!r} is in the result but not in the workload"
+            )
+        ttfet = c.ttfet_s if conv is Convention.HONEST else c.ttfet_admission_s
+        e2e = c.e2e_s if conv is Convention.HONEST else c.e2e_admission_s
+        sa = standalone.get(spec) if standalone is not None else None
+        s_ttfet = ttfet / sa.ttfet_s if sa and sa.ttfet_s > 0 else None
+        s_e2e = e2e / sa.e2e_s if sa and sa.e2e_s > 0 else None
+        s_tbt = c.last_turn_tbt_mean_s / sa.tbt_mean_s if sa and sa.tbt_mean_s > 0 else None
+        v: list[str] = []
+        if slo.ttfet_slowdown is not None and s_ttfet is not None and s_ttfet > slo.ttfet_slowdown:
+            v.append("ttfet_slowdown")
+        if slo.tbt_slowdown is not None and s_tbt is not None and s_tbt > slo.tbt_slowdown:
+            v.append("tbt_slowdown")
+        if slo.e2e_slowdown is not None and s_e2e is not None and s_e2e > slo.e2e_slowdown:
+            v.append("e2e_slowdown")
+        if slo.ttfet_s is not None and ttfet > slo.ttfet_s:
+            v.append("ttfet_s")
+        if slo.tbt_ms is not None and c.last_turn_tbt_mean_s * 1e3 > slo.tbt_ms:
+            v.append("tbt_ms")
+        if slo.e2e_s is not None and e2e > slo.e2e_s:
+            v.append("e2e_s")
+        out.append(
+            ConversationMetrics(
+                conversation_id=c.conversation_id,
+                arrival_s=c.arrival_s,
+                turns=c.turns,
+                tokens=c.tokens,
+                ttfet_s=ttfet,
+                e2e_s=e2e,
+                tbt_mean_ms=c.last_turn_tbt_mean_s * 1e3,
+                tbt_p95_ms=c.last_turn_tbt_p95_s * 1e3,
+                ttft_s=tuple(ttft.get(c.conversation_id, [])),
+                energy_j=energy.get(c.conversation_id, 0.0),
+                standalone_ttfet_s=sa.ttfet_s if sa else None,
+                standalone_e2e_s=sa.e2e_s if sa else None,
+                standalone_tbt_mean_ms=sa.tbt_mean_s * 1e3 if sa else None,
+                ttfet_slowdown=s_ttfet,
+                e2e_slowdown=s_e2e,
+                tbt_slowdown=s_tbt,
+                violated=tuple(v),
+                decoders=c.decoders,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    policy: str
+    convention: str
+    conversations: int
+    turns: int
+    makespan_s: float
+    ttfet_s: dict[str, float]  # p50/p95/p99/mean/geomean
+    e2e_s: dict[str, float]
+    tbt_mean_ms: dict[str, float]
+    ttft_s: dict[str, float]  # over every turn
+    ttfet_slowdown: dict[str, float]
+    e2e_slowdown: dict[str, float]
+    tbt_slowdown: dict[str, float]
+    slo_violation_pct: float
+    slo_violation_pct_by: dict[str, float]
+    tokens: int
+    tokens_counted: str
+    energy_j: float  # instances + unallocated GPUs idle
+    unallocated_idle_j: float
+    tokens_per_j: float
+    energy_by_tier_j: dict[str, float]
+    energy_by_role_j: dict[str, float]
+    idle_energy_j: float
+    kv_transfers: int
+    kv_transfer_bytes: int
+    utilisation_by_role: dict[str, float]
+    policy_stats: dict[str, Any] = field(default_factory=dict)
+    energy_note: str = "modelled by the tier power model, not measured"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def _dist(vals: Sequence[float | None]) -> dict[str, float]:
+    xs = [float(v) for v in vals if v is not None and math.isfinite(v)]
+    if not xs:
+        return {"p50": math.nan, "p95": math.nan, "p99": math.nan, "mean": math.nan, "geomean": math.nan}
+    return {
+        "p50": _q(xs, 50),
+        "p95": _q(xs, 95),
+        "p99": _q(xs, 99),
+        "mean": float(np.mean(xs)),
+        "geomean": geomean(xs),
+    }
+
+
+def summarize(
+    result: SimResult,
+    metrics: Sequence[ConversationMetrics],
+    convention: Convention | str = Convention.HONEST,
+    unallocated_idle_w: float = 0.0,
+) -> Summary:
+    n = len(metrics)
+    unalloc_j = unallocated_idle_w * result.makespan_s
+    energy = result.energy_j + unalloc_j
+    by_role: dict[str, float] = {}
+    for i in result.instances:
+        by_role[i.role] = by_role.get(i.role, 0.0) + i.energy_j
+    by_tier = result.energy_by_tier_j()
+    if unalloc_j:
+        by_tier["unallocated (idle)"] = unalloc_j
+    viol_by: dict[str, float] = {}
+    for m in metrics:
+        for name in m.violated:
+            viol_by[name] = viol_by.get(name, 0.0) + 1
+    return Summary(
+        policy=result.policy,
+        convention=str(Convention(convention)),
+        conversations=n,
+        turns=len(result.turns),
+        makespan_s=result.makespan_s,
+        ttfet_s=_dist([m.ttfet_s for m in metrics]),
+        e2e_s=_dist([m.e2e_s for m in metrics]),
+        tbt_mean_ms=_dist([m.tbt_mean_ms for m in metrics]),
+        ttft_s=_dist([t for m in metrics for t in m.ttft_s]),
+        ttfet_slowdown=_dist([m.ttfet_slowdown for m in metrics]),
+        e2e_slowdown=_dist([m.e2e_slowdown for m in metrics]),
+        tbt_slowdown=_dist([m.tbt_slowdown for m in metrics]),
+        slo_violation_pct=100.0 * sum(1 for m in metrics if m.violates) / n if n else 0.0,
+        slo_violation_pct_by={k: 100.0 * v / n for k, v in sorted(viol_by.items())},
+        tokens=result.tokens,
+        tokens_counted=TOKENS_COUNTED,
+        energy_j=energy,
+        unallocated_idle_j=unalloc_j,
+        tokens_per_j=result.tokens / energy if energy > 0 else 0.0,
+        energy_by_tier_j=by_tier,
+        energy_by_role_j=by_role,
+        idle_energy_j=sum(i.idle_energy_j for i in result.instances) + unalloc_j,
+        kv_transfers=result.kv_transfers,
+        kv_transfer_bytes=result.kv_transfer_bytes,
+        utilisation_by_role=result.utilisation_by_role(),
+        policy_stats=dict(result.policy_stats),
+    )
+
+
+def conversation_row(m: ConversationMetrics) -> dict[str, Any]:
+    """A flat row for CSV/JSON output."""
+    return {
+        "conversation_id": m.conversation_id,
+        "arrival_s": round(m.arrival_s, 6),
+        "turns": m.turns,
+        "tokens": m.tokens,
+        "ttfet_s": m.ttfet_s,
+        "e2e_s": m.e2e_s,
+        "last_turn_tbt_mean_ms": m.tbt_mean_ms,
+        "last_turn_tbt_p95_ms": m.tbt_p95_ms,
+        "ttft_s": ";".join(f"{t:.6f}" for t in m.ttft_s),
+        "energy_j": m.energy_j,
+        "standalone_ttfet_s": m.standalone_ttfet_s,
+        "standalone_e2e_s": m.standalone_e2e_s,
+        "standalone_tbt_mean_ms": m.standalone_tbt_mean_ms,
+        "ttfet_slowdown": m.ttfet_slowdown,
+        "e2e_slowdown": m.e2e_slowdown,
+        "tbt_slowdown": m.tbt_slowdown,
+        "slo_violated": ";".join(m.violated),
+        "decoders": ";".join(m.decoders),
+    }
