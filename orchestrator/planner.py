@@ -89,7 +89,9 @@ def fleet_stats(cfg: FleetConfig) -> WorkloadStats:
     return workload_stats(convs, cfg.workload.arrival_rate_per_s if explicit else None)
 
 
-def _settings(cfg: FleetConfig, objective: Objective | None, solver: str, time_limit_s: float | None) -> ilp.Settings:
+def _settings(
+    cfg: FleetConfig, objective: Objective | None, solver: str, time_limit_s: float | None
+) -> ilp.Settings:
     obj = ilp.Objective((objective or cfg.objective).value)
     return ilp.Settings(objective=obj, unallocated=cfg.unallocated, solver=solver, time_limit_s=time_limit_s)
 
@@ -113,7 +115,9 @@ def make_plan(
     ws = stats if stats is not None else fleet_stats(cfg)
     if rate_per_s is not None:
         if not rate_per_s > 0:
-            raise PlanningError(f"--rate must be > 0 conversations/s, got {rate_per_s}. To fix: pass a rate > 0.")
+            raise PlanningError(
+                f"--rate must be > 0 conversations/s, got {rate_per_s}. To fix: pass a rate > 0."
+            )
         ws = replace(ws, arrival_rate_per_s=rate_per_s)
     demand = demand_from_stats(ws)
     supplies = tier_supplies(cfg)
@@ -124,7 +128,8 @@ def make_plan(
         top = ilp.max_rate_per_s(supplies, demand, slo, settings, ref)
         if top <= 0:
             raise PlanningError(
-                "no arrival rate fits this fleet within the SLOs (no instance shape meets them). To fix: relax "
+                "no arrival rate fits this fleet within the SLOs (no instance shape meets them). To "
+                "fix: relax "
                 "the SLOs or add a tier whose KV capacity holds the longest conversation."
             )
         ws = replace(ws, arrival_rate_per_s=top * 0.999)
@@ -158,7 +163,9 @@ def to_plan(
             step_time_ms=round(p.step_s * 1e3, 3),
             watts=round(p.watts, 1),
         )
-        for p in sorted(r.pools, key=lambda p: (p.option.role != "prefill", p.option.tier, -p.option.power_cap_w))
+        for p in sorted(
+            r.pools, key=lambda p: (p.option.role != "prefill", p.option.tier, -p.option.power_cap_w)
+        )
     )
     s = cfg.slo
     ref = r.reference
@@ -209,22 +216,22 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
             rate = 1.0 / o.prefill_s if o.prefill_s else math.inf
             notes.append(
                 f"Prefill on {p.instances} x {o.tier} at {o.power_cap_w:g} W: a mean turn-1 prefill "
-                f"({ws.turn1_input_tokens_mean:,.0f} tokens) takes {o.prefill_s * 1e3:.0f} ms, so one instance "
+                f"({ws.turn1_input_tokens_mean:,.0f} tokens) takes {o.prefill_s * 1e3:.0f} ms, so one "
+                "instance "
                 f"serves at most {rate:.2f} conv/s; the TTFET SLO allows utilisation <= {o.rho_max:.2f} "
                 f"(M/G/1 p{cfg.slo.percentile:g} wait), i.e. {o.rho_max * rate:.2f} conv/s per instance; "
                 f"planned {p.arrival_rate_per_s:.3g} conv/s -> utilisation {p.utilisation:.2f}."
             )
     for p in dec:
         o = p.option
-        caps = o.caps_per_instance(
-            _demand_like(ws), ilp.Settings(objective=ilp.Objective.ENERGY)
-        )
+        caps = o.caps_per_instance(_demand_like(ws), ilp.Settings(objective=ilp.Objective.ENERGY))
         binding = min(caps, key=lambda f: caps[f])
         notes.append(
             f"Decode on {p.instances} x {o.tier} at {o.power_cap_w:g} W: one decoder sustains "
             f"{caps[ilp.Family.KV]:.3g} conv/s by KV ({o.kv_capacity_tokens:,} tokens) and "
             f"{caps[ilp.Family.TBT]:.3g} conv/s at the {o.tau_s * 1e3:.1f} ms decode-step target (batch <= "
-            f"{o.batch_max:.0f}); {ilp.FAMILY_TEXT[binding]} limits it. Planned {p.arrival_rate_per_s:.3g} conv/s "
+            f"{o.batch_max:.0f}); {ilp.FAMILY_TEXT[binding]} limits it. Planned "
+            f"{p.arrival_rate_per_s:.3g} conv/s "
             f"-> batch {p.batch:.1f}, step {p.step_s * 1e3:.1f} ms, KV occupancy {p.kv_occupancy:.0%}, "
             f"{p.watts / max(p.instances, 1):.0f} W each."
         )
@@ -245,17 +252,22 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
         draws = [p.watts / p.instances for p in dec if p.instances]
         if draws and max(draws) <= low:
             note += (
-                f" The tier model's decode draw ({max(draws):.0f} W per decoder at the planned batch) is below "
-                f"the lowest cap ({low:g} W), so decoder caps change neither speed nor power here; caps pay off "
+                f" The tier model's decode draw ({max(draws):.0f} W per decoder at the planned batch) "
+                "is below "
+                f"the lowest cap ({low:g} W), so decoder caps change neither speed nor power here; "
+                "caps pay off "
                 "on compute-bound prefill."
             )
         notes.append(note)
     if r.threshold_tokens:
         below = sum(1 for x in ws.turn1_input_tokens_quantiles if x < r.threshold_tokens)
         notes.append(
-            f"ConServe local-prefill threshold: turn-1 inputs under {r.threshold_tokens:,} tokens are cheaper to "
-            "prefill on their decoder (its prefill time x (1 + planned batch), the stall included) than via a "
-            f"prefiller (mean queueing + prefill + hand-off); about {below}% of this workload's turn-1 prompts. "
+            f"ConServe local-prefill threshold: turn-1 inputs under {r.threshold_tokens:,} tokens are "
+            "cheaper to "
+            "prefill on their decoder (its prefill time x (1 + planned batch), the stall included) "
+            "than via a "
+            f"prefiller (mean queueing + prefill + hand-off); about {below}% of this workload's "
+            "turn-1 prompts. "
             "The pool sizes above assume the refinement is off (every turn 1 on a prefiller)."
         )
     notes.append("All figures are modelled (tier roofline + power model + queueing), not measured.")

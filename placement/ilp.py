@@ -11,7 +11,7 @@ lam: conversation arrival rate (1/s) [``Demand.arrival_rate_per_s``].
 
 Decision variables
     n_j in Z>=0   instances of option j                                  [``n[j]``]
-    l_j >= 0      conversations/s whose turn 1 (j in P), tail (j in D) or both (j in C) option j serves [``l[j]``]
+    l_j >= 0  conversations/s whose turn 1 (j in P), tail (j in D) or both (j in C) option j serves [``l[j]``]
 
 Workload (per conversation means, ``Demand``): L1 turn-1 input tokens (a quantile sample), O decode tokens,
 O_b decode tokens before the final turn, Kn later turns, P tail-prefill tokens (turns 2..n), Gap total tool
@@ -25,19 +25,19 @@ Per-option coefficients (``Option``; computed by :func:`build_options` from the 
                    B * ctx (ctx = A / O, the token-weighted mean context) + the tail prefill of B (P/O) tokens
                    per step (chunked prefill; + the turn-1 prefill of L1/O tokens per step for j in C)
     B_j            largest B with step_j(B) <= tau                                          [``batch_max``]
-    R_j            residence of a conversation on its decoder at step tau: O tau + Kn tau + Gap  [``residence_s``]
+    R_j  residence of a conversation on its decoder at step tau: O tau + Kn tau + Gap  [``residence_s``]
     mu_j           B_j / R_j: conversations/s one decoder sustains at tau (Little's law)   [``mu_tbt``]
-    KVTS_j         A tau + Agap: KV-token-seconds per conversation                         [``kv_token_seconds``]
+    KVTS_j  A tau + Agap: KV-token-seconds per conversation  [``kv_token_seconds``]
     K_j            KV capacity in tokens; kappa the planned maximum KV occupancy (default 0.9)
-    W_j            P * (tier's marginal prefill time per tail token): tail-prefill busy seconds per conversation
+    W_j  P * (tier's marginal prefill time per tail token): tail-prefill busy seconds per conversation
     phi            maximum share of a decoder's time spent on tail prefills (default 0.5)
     V_j            KV bytes per second one instance's link carries: u_link * link bandwidth * g_j
-    rho_j          the largest prefill utilisation whose p-th percentile TTFET fits the SLO (queueing model below)
+    rho_j  the largest prefill utilisation whose p-th percentile TTFET fits the SLO (queueing model below)
 
 Constraints
-    (1) GPUs       sum_{j in t} g_j n_j <= G_t                                   for each tier t   [``gpus:<t>``]
-    (2) coverage   sum_{j in P u C} l_j = lam ;  sum_{j in D u C} l_j = lam                         [``cover:*``]
-    (3) prefill    l_j S_j <= rho_j n_j                                            j in P u C   [``prefill:<j>``]
+    (1) GPUs  sum_{j in t} g_j n_j <= G_t  for each tier t  [``gpus:<t>``]
+    (2) coverage  sum_{j in P u C} l_j = lam ;  sum_{j in D u C} l_j = lam  [``cover:*``]
+    (3) prefill  l_j S_j <= rho_j n_j  j in P u C  [``prefill:<j>``]
     (4) KV         l_j KVTS_j <= kappa K_j n_j          (Little's law: resident KV = rate x KV-token-seconds)
     (5) TBT        l_j <= mu_j n_j                      (resident conversations B = l_j R_j / n_j <= B_j)
     (6) tail       l_j W_j <= phi n_j                   (incremental prefills of turns 2..n on decoders)
@@ -54,14 +54,14 @@ Objective (``Objective``)
     gpus: sum_j g_j n_j.     cost: sum_j g_j n_j $/GPU-hour of tier t(j).
 
 Queueing model of turn-1 prefills (TTFET)
-    Each prefill (or colocated) instance is an M/G/1 queue (Poisson conversation arrivals split evenly over the
-    pool's instances; least-work routing does at least as well): service S over the L1 sample. Waiting time by
-    Pollaczek-Khinchine, E[W] = rho S2 / (2 S (1 - rho)); its tail is taken exponential with P(W > 0) = rho
+    Each prefill (or colocated) instance is an M/G/1 queue (Poisson conversation arrivals split evenly over
+    the pool's instances; least-work routing does no worse): service S over the L1 sample. Waiting time
+    by Pollaczek-Khinchine, E[W] = rho S2 / (2 S (1 - rho)); its tail is taken exponential with P(W > 0) = rho
     (Kingman's heavy-traffic approximation), so the p-quantile is W_p = E[W]/rho * ln(rho / (1 - p)) for
     rho > 1 - p, else 0. Predicted p-th TTFET = W_p + S_j + X_j + D(tau) with the decode side
     D(tau) = (O_b + Kn) tau + Gap (the conversation's turns up to the final turn's first token, each decode
-    step at most tau, one extra step per later turn for its incremental prefill). rho_j is the largest rho with
-    W_p(rho) + S_j + X_j + D(tau) <= TTFET SLO (bisection). The SLO in seconds is min(ttfet_s,
+    step at most tau, one extra step per later turn for its incremental prefill). rho_j is the largest rho
+    with W_p(rho) + S_j + X_j + D(tau) <= TTFET SLO (bisection). The SLO in seconds is min(ttfet_s,
     ttfet_slowdown x standalone TTFET), standalone = the same mean conversation alone on the reference tier.
 
 Levels
@@ -93,7 +93,6 @@ import pulp
 from tiers.errors import PlanningError
 from tiers.links import kv_transfer_time_s, link_spec
 from tiers.perf import TierModel
-
 
 TIE_BREAK_W = 1e-3  # W per allocated GPU added to the energy objective (see objective_coefficients)
 
@@ -195,6 +194,7 @@ class Settings:
     tail_share_max: float = 0.5  # phi
     link_utilisation_max: float = 0.8
     decode_levels: tuple[float, ...] = (1.0, 0.85, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # tau / TBT SLO
+    step_multiples: tuple[float, ...] = (1.1, 1.25, 1.5, 2.0, 3.0)  # extra tau levels, x the standalone step
     decoder_caps: bool = True  # False: decode/colocated instances only at TDP (to price the decoder caps)
     solver: str = "highs"  # or "cbc"
     time_limit_s: float | None = 30.0
@@ -334,7 +334,10 @@ def _bisect_max(f: Callable[[float], bool], lo: float, hi: float, iters: int = 8
 
 
 def tail_token_s(m: TierModel, demand: Demand) -> float:
-    """Marginal seconds per tail-prefill token on `m` (chunked into decode steps, so no per-request overhead)."""
+    """Marginal seconds per tail-prefill token on `m` (chunked into decode steps, so no per-request
+
+    overhead).
+    """
     if demand.later_turns <= 0 or demand.tail_prefill_tokens <= 0:
         return 0.0
     n = max(1, round(demand.tail_prefill_tokens / demand.later_turns))
@@ -431,7 +434,8 @@ def build_options(
                     )
                     if rho <= 0:
                         reasons.append(
-                            f"turn-1 prefill ({s_mean:.2f} s) + decode side ({d_side:.2f} s) leave no TTFET budget"
+                            f"turn-1 prefill ({s_mean:.2f} s) + decode side ({d_side:.2f} s) leave no "
+                            "TTFET budget"
                         )
                     longest = max(demand.turn1_input_tokens_max, max(sample))
                     if m.kv_capacity_tokens < longest:
@@ -559,7 +563,10 @@ def solve(
     settings: Settings,
     extra_gpus: dict[str, int] | None = None,
 ) -> Solution:
-    """Solve the ILP of the module docstring over the usable options. Raises PlanningError on solver failure."""
+    """Solve the ILP of the module docstring over the usable options. Raises PlanningError on solver
+
+    failure.
+    """
     lam = demand.arrival_rate_per_s
     by_tier = {t.name: t for t in tiers}
     prob = pulp.LpProblem("conserve_plan", pulp.LpMinimize)
@@ -747,7 +754,8 @@ def conserve_threshold_tokens(
     """Turn-1 input length below which prefilling on the decoder is cheaper than hand-off + queueing.
 
     Local cost: the decoder's prefill time of L tokens, paid by the conversation itself and, as a stall, by
-    each of the decoder's `decoder_batch` running conversations: S_dec(L) (1 + B). Remote cost: the prefiller's
+    each of the decoder's `decoder_batch` running conversations: S_dec(L) (1 + B). Remote cost: the
+    prefiller's
     mean M/G/1 wait + its prefill time + the KV transfer of L tokens. Returns the largest L (16-token steps)
     with local < remote, 0 if none. Latency-seconds, not energy: the refinement exists to cut TTFET.
     """
@@ -871,8 +879,12 @@ def _predict(
 
 
 def _levels(tbt_target_s: float, ref: Reference, settings: Settings) -> list[float]:
+    """Decode step targets tau: fractions of the TBT target, plus small multiples of the standalone step (so a
+    loose TBT SLO still leaves fast-decode levels, which a tight TTFET SLO may need)."""
     base = tbt_target_s if math.isfinite(tbt_target_s) else 10.0 * ref.step_s
-    return sorted({base * f for f in settings.decode_levels if f > 0}, reverse=True)
+    levels = {base * f for f in settings.decode_levels if f > 0}
+    levels |= {ref.step_s * m for m in settings.step_multiples if ref.step_s * m < base}
+    return sorted(levels, reverse=True)
 
 
 def _best(
@@ -917,7 +929,8 @@ def plan(
 ) -> PlanResult:
     """Plan the fleet: solve one ILP per decode level, keep the best proven optimum, predict its figures.
 
-    Raises PlanningError with a diagnosis (which family binds, by how much, what would fix it) when no level is
+    Raises PlanningError with a diagnosis (which family binds, by how much, what would fix it) when no level
+    is
     feasible.
     """
     if not tiers:
@@ -942,7 +955,7 @@ def plan_with_reference(
 def max_rate_per_s(
     tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
 ) -> float:
-    """Highest arrival rate (conv/s) the fleet sustains within the SLOs: max lam over n, l (one ILP per level).
+    """Highest arrival rate (conv/s) the fleet sustains within the SLOs: max lam over n, l (ILP per level).
 
     The options' coefficients do not depend on lam, so lam can be a variable; returns 0 when nothing fits.
     """

@@ -39,10 +39,18 @@ def _pool_table(plan: Plan, title: str) -> Table:
     for p in plan.pools:
         dec = p.role != "prefill"
         t.add_row(
-            p.tier, p.role[:6] if p.role != "prefill" else "prefill", str(p.instances), str(p.gpus), f"{p.power_cap_w:g}", str(p.tp),
-            f"{p.arrival_rate_per_s:.3g}", f"{p.utilisation:.0%}",
-            f"{p.kv_occupancy:.0%}" if dec else "-", f"{p.batch:.1f}" if dec else "-",
-            f"{p.step_time_ms:.1f}" if dec else "-", f"{p.watts:,.0f}",
+            p.tier,
+            p.role[:6] if p.role != "prefill" else "prefill",
+            str(p.instances),
+            str(p.gpus),
+            f"{p.power_cap_w:g}",
+            str(p.tp),
+            f"{p.arrival_rate_per_s:.3g}",
+            f"{p.utilisation:.0%}",
+            f"{p.kv_occupancy:.0%}" if dec else "-",
+            f"{p.batch:.1f}" if dec else "-",
+            f"{p.step_time_ms:.1f}" if dec else "-",
+            f"{p.watts:,.0f}",
         )
     return t
 
@@ -66,13 +74,17 @@ def _totals_table(plans: list[tuple[str, Plan]]) -> Table:
     add("tokens/J (modelled)", lambda p: f"{p.predictions.tokens_per_j:.2f}")
     add(
         "p95 TTFET s (slowdown / SLO)",
-        lambda p: f"{p.predictions.ttfet_p95_s:.2f} ({p.predictions.ttfet_p95_slowdown:.2f}x / "
-        f"{_fmt(p.predictions.slo_ttfet_slowdown)}x)",
+        lambda p: (
+            f"{p.predictions.ttfet_p95_s:.2f} ({p.predictions.ttfet_p95_slowdown:.2f}x / "
+            f"{_fmt(p.predictions.slo_ttfet_slowdown)}x)"
+        ),
     )
     add(
         "mean TBT ms (slowdown / SLO)",
-        lambda p: f"{p.predictions.tbt_mean_ms:.1f} ({p.predictions.tbt_slowdown:.2f}x / "
-        f"{_fmt(p.predictions.slo_tbt_slowdown)}x)",
+        lambda p: (
+            f"{p.predictions.tbt_mean_ms:.1f} ({p.predictions.tbt_slowdown:.2f}x / "
+            f"{_fmt(p.predictions.slo_tbt_slowdown)}x)"
+        ),
     )
     add("ConServe local-prefill threshold", lambda p: f"{p.predictions.conserve_threshold_tokens:,} tokens")
     add("$/hour", lambda p: _fmt(p.predictions.cost_per_hour, ",.2f"))
@@ -87,7 +99,9 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def plan_cmd(
         fleet: Path = typer.Option(..., "--fleet", "-f", help="fleet.yaml (see docs/fleet-yaml.md)"),
-        objective: Objective | None = typer.Option(None, "--objective", help="energy | gpus | cost (default: file's)"),
+        objective: Objective | None = typer.Option(
+            None, "--objective", help="energy | gpus | cost (default: file's)"
+        ),
         out: Path | None = typer.Option(None, "--out", "-o", help="write the plan here (YAML, atomic)"),
         json_out: bool = typer.Option(False, "--json", help="print JSON (schema in docs/planning.md)"),
         compare: bool = typer.Option(
@@ -95,7 +109,9 @@ def register(app: typer.Typer) -> None:
         ),
         solver: str = typer.Option("highs", "--solver", help="highs | cbc"),
         time_limit: float = typer.Option(30.0, "--time-limit", help="seconds per ILP solve"),
-        rate: float | None = typer.Option(None, "--rate", help="override workload.arrival_rate_per_s (conv/s)"),
+        rate: float | None = typer.Option(
+            None, "--rate", help="override workload.arrival_rate_per_s (conv/s)"
+        ),
         max_rate: bool = typer.Option(
             False, "--max-rate", help="plan for the highest arrival rate the fleet sustains within the SLOs"
         ),
@@ -109,10 +125,14 @@ def register(app: typer.Typer) -> None:
         if rate is not None and max_rate:
             fail("--rate and --max-rate exclude each other. To fix: pass one of them.")
         if validate and validate_hook() is None:
-            fail("--validate is not available yet: orchestrator.sim offers no plan runner in this build. "
-                 "To fix: run without --validate and simulate the plan with `orchestrator simulate`.")
+            fail(
+                "--validate is not available yet: orchestrator.sim offers no plan runner in this build. "
+                "To fix: run without --validate and simulate the plan with `orchestrator simulate`."
+            )
         cfg = load_fleet(fleet)
-        run = make_plan(cfg, objective, solver.lower(), time_limit, str(fleet), rate_per_s=rate, max_rate=max_rate)
+        run = make_plan(
+            cfg, objective, solver.lower(), time_limit, str(fleet), rate_per_s=rate, max_rate=max_rate
+        )
         homog: list[tuple[str, PlanRun | None, str]] = []
         if compare:
             homog = compare_homogeneous(cfg, run.stats, objective, solver.lower(), time_limit)
@@ -132,7 +152,8 @@ def register(app: typer.Typer) -> None:
             if compare:
                 best = best_homogeneous(homog)
                 doc["homogeneous"] = [
-                    {"tier": n, "plan": r.plan.to_dict() if r else None, "error": e or None} for n, r, e in homog
+                    {"tier": n, "plan": r.plan.to_dict() if r else None, "error": e or None}
+                    for n, r, e in homog
                 ]
                 doc["best_homogeneous"] = best[0] if best else None
             doc["caps_comparison"] = caps
@@ -142,7 +163,8 @@ def register(app: typer.Typer) -> None:
             return
         console.print(
             f"[bold]Plan[/] for {cfg.model_spec().name}, {run.stats.arrival_rate_per_s:.4g} conv/s "
-            f"({run.stats.conversations} conversations, {run.stats.turns_per_conversation_mean:.1f} turns each, "
+            f"({run.stats.conversations} conversations, {run.stats.turns_per_conversation_mean:.1f} "
+            "turns each, "
             f"turn-1 p50 {run.stats.turn1_input_tokens_p50:,.0f} tokens), objective {run.plan.objective}"
         )
         console.print(_pool_table(run.plan, "Pools"))
@@ -153,7 +175,9 @@ def register(app: typer.Typer) -> None:
                 if r is None:
                     console.print(f"[yellow]homogeneous {n}:[/] {e}", highlight=False, soft_wrap=True)
             if best is not None:
-                console.print(_pool_table(best[1].plan, f"Best single-tier plan: {best[0]} (same GPU budget)"))
+                console.print(
+                    _pool_table(best[1].plan, f"Best single-tier plan: {best[0]} (same GPU budget)")
+                )
                 plans.append((f"all-{best[0]}", best[1].plan))
         console.print(_totals_table(plans))
         if compare:
@@ -167,8 +191,10 @@ def register(app: typer.Typer) -> None:
                 )
         if caps is not None:
             console.print(
-                f"Power caps: with the allowed caps the plan draws {caps['watts_total']:,.0f} W; at TDP only it would "
-                f"draw {caps['watts_total_tdp_only']:,.0f} W ({caps['watts_saved']:+,.0f} W saved; decoder caps "
+                f"Power caps: with the allowed caps the plan draws {caps['watts_total']:,.0f} W; at "
+                "TDP only it would "
+                f"draw {caps['watts_total_tdp_only']:,.0f} W ({caps['watts_saved']:+,.0f} W saved; "
+                "decoder caps "
                 f"alone save {caps['watts_saved_by_decoder_caps']:+,.0f} W)."
             )
         for note in run.plan.notes:
