@@ -463,9 +463,14 @@ def build_options(
                         bmax = 0.0
                     else:
                         hi = max(2.0, 4.0 * cap_kv / max(demand.decode_context_tokens, 1.0))
-                        bmax = _bisect_max(
-                            lambda b, m=m, c=colo: decode_step_s(m, demand, b, c) <= tau_s, 1.0, hi
-                        )
+                        model_j, colo_j = m, colo
+
+                        def fits(
+                            b: float, model_j: TierModel = model_j, colo_j: bool = colo_j
+                        ) -> bool:
+                            return decode_step_s(model_j, demand, b, colo_j) <= tau_s
+
+                        bmax = _bisect_max(fits, 1.0, hi)
                     resid = (
                         demand.decode_tokens * tau_s + demand.later_turns * tau_s + demand.tool_gap_s_total
                     )
@@ -1030,13 +1035,14 @@ def diagnose(
     # (c) SLO scaling
     factor: float | None = None
     if _best(tiers, demand, slo.scaled(100.0), ref, settings) is not None:
-        lo_f, hi_f = 1.0, 100.0
+        lo_f: float = 1.0
+        hi_f: float = 100.0
         for _ in range(12):
-            mid = math.sqrt(lo_f * hi_f)
-            if _best(tiers, demand, slo.scaled(mid), ref, settings) is not None:
-                hi_f = mid
+            mid_f = math.sqrt(lo_f * hi_f)
+            if _best(tiers, demand, slo.scaled(mid_f), ref, settings) is not None:
+                hi_f = mid_f
             else:
-                lo_f = mid
+                lo_f = mid_f
         factor = hi_f
     lam = demand.arrival_rate_per_s
     parts = ["the fleet cannot serve the workload within the SLOs"]
