@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -175,11 +176,10 @@ def test_in_flight_failure_before_any_token_is_retried_once(served: Any) -> None
     pinned = _conversation(served.base_url, cid)["pinned_instance_id"]
     rt = served.runtime
 
-    def kill_unnoticed() -> None:
-        rt.engines[pinned].kill()
-        rt.scheduler_pause()
-
-    served.call(kill_unnoticed)  # no health poll sees it: the request itself hits the dead engine
+    served.call(rt.scheduler_pause)
+    time.sleep(0.5)  # let a poll already in flight finish
+    served.call(rt.engines[pinned].kill)  # no health poll sees it: the request itself hits the dead engine
+    assert served.call(lambda: rt.router.fleet_view().get(pinned).healthy)
     try:
         text, _ = _turn(client, msgs, cid, stream=True)
     finally:
