@@ -1,0 +1,361 @@
+"""The tier profiler: drive a running vLLM engine through a prefill sweep and a decode sweep, measure latency
+(and energy from a meter) per point, and produce the measured profile of tiers/profiles.py.
+
+    prefill sweep   for each input length n: `repeats` one-token completions of n fresh tokens (no
+                    prefix-cache hit possible); latency_ms = median client-side latency;
+                    energy_j = meter delta / repeats.
+    decode sweep    for each (batch B, total context C): B concurrent requests with fresh prompts of
+                    p = C/B - K/2 tokens, once generating 1 token and once exactly K tokens (ignore_eos);
+                    step_ms = median over repeats of (T_K - T_1) / (K - 1), the time of one decode step of the
+                    whole batch (differential, so prefill and HTTP costs cancel; streamed chunk times are not
+                    used because vLLM delivers a fast model's tokens in bursts); context_tokens records the
+                    batch's mean total context B * (p + K/2); energy_j = (E_K - E_1) / (K - 1) from the meter.
+    idle            with a measured meter: idle_w = energy over `idle_s` seconds of no requests / idle_s.
+
+Energy comes from an energy/meters.py Meter (zeus, nvml, dcgm: measured; model: the tier power model and the
+activity the profiler reports, Source.MODELLED). With a modelled meter the profile says
+``energy_measured: false`` (tiers/profiles.py then ignores its energy values) and no idle_w is written.
+
+The sweep core (:func:`run_sweep`) talks to an :class:`EngineDriver` Protocol; :class:`VllmHttpDriver` is the
+aiohttp implementation for a vLLM OpenAI server (prompts are token-id lists built from /tokenize output, so
+lengths are exact). Must not import fastapi, sqlalchemy or httpx; aiohttp is imported only by the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tiers.errors import EngineError, ProfileError
+from tiers.profiles import DecodePoint, MeasuredProfile, PrefillPoint
+
+if TYPE_CHECKING:
+    from energy.meters import Activity, Meter
+
+# Text tokenized once to build prompts of exact lengths (any text works: it only supplies token ids).
+_POOL_TEXT = (
+    "run the test file and read the error then fix the bug in the repo and commit the patch to the branch . "
+    "the function returns none because the value of the key is not found in the list ; assert the output . "
+    "open the file , search for the class , replace the line , edit the code , call the tool , exit 0 . "
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPlan:
+    prefill_lengths_tokens: tuple[int, ...] = (32, 128, 512)
+    decode_batches: tuple[int, ...] = (1, 4)
+    decode_contexts_tokens: tuple[int, ...] = (256, 1024)  # total KV tokens over the batch
+    decode_steps: int = 32  # tokens generated per sequence at each decode point
+    repeats: int = 3  # prefill requests per length
+    idle_s: float = 2.0  # idle window for idle_w (measured meters only)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def positive(name: str, values: Sequence[int]) -> None:
+            if any(v < 1 for v in values):
+                raise ProfileError(f"{name}: every value must be >= 1, got {list(values)}")
+
+        positive("--prefill-lengths", self.prefill_lengths_tokens)
+        positive("--decode-batches", self.decode_batches)
+        positive("--decode-contexts", self.decode_contexts_tokens)
+        if not self.prefill_lengths_tokens and not (self.decode_batches and self.decode_contexts_tokens):
+            raise ProfileError(
+                "nothing to measure: give --prefill-lengths or --decode-batches and --decode-contexts"
+            )
+        if self.decode_steps < 2:
+            raise ProfileError(
+                f"--decode-steps must be >= 2 (a step time needs two tokens), got {self.decode_steps}"
+            )
+        if self.repeats < 1:
+            raise ProfileError(f"--repeats must be >= 1, got {self.repeats}")
+
+    def decode_prompt_tokens(self, batch: int, context_tokens: int) -> int:
+        """Per-sequence prompt so that the batch's mean total context over the K steps is context_tokens."""
+        return max(1, round(context_tokens / batch - self.decode_steps / 2))
+
+    def check_fits(self, max_model_len_tokens: int) -> None:
+        for n in self.prefill_lengths_tokens:
+            if n + 1 > max_model_len_tokens:
+                raise ProfileError(
+                    f"--prefill-lengths: {n} tokens (+1 generated) exceed the engine's max_model_len "
+                    f"{max_model_len_tokens}. To fix: use lengths below it."
+                )
+        for b in self.decode_batches:
+            for c in self.decode_contexts_tokens:
+                p = self.decode_prompt_tokens(b, c)
+                if p + self.decode_steps > max_model_len_tokens:
+                    raise ProfileError(
+                        f"--decode-contexts: {c} tokens over batch {b} means {p}+{self.decode_steps} "
+                        f"tokens per sequence, more than the engine's max_model_len {max_model_len_tokens}. "
+                        "To fix: lower the context or raise the batch."
+                    )
+
+
+class EngineDriver(Protocol):
+    max_model_len_tokens: int
+
+    async def prefill_once(self, new_tokens: int) -> float:
+        """Latency (s) of one request of `new_tokens` fresh prompt tokens generating one token."""
+        ...
+
+    async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
+        """Wall time (s) of `batch` concurrent fresh-prompt requests, each making exactly output_tokens."""
+        ...
+
+
+class ActivityLog:
+    """What the profiler made the engine do since the last read: the activity source of a ModelMeter."""
+
+    def __init__(self) -> None:
+        self._pending: list[Activity] = []
+
+    def add(self, activity: Activity) -> None:
+        self._pending.append(activity)
+
+    def __call__(self, start: Any, end: Any) -> Activity:
+        from energy.meters import Activity
+
+        acts, self._pending = self._pending, []
+        if not acts:
+            return Activity()
+        decode_tokens = sum(a.decode_tokens for a in acts)
+        weight = decode_tokens or 1
+        return Activity(
+            prefill_tokens=sum(a.prefill_tokens for a in acts),
+            cached_tokens=sum(a.cached_tokens for a in acts),
+            decode_tokens=decode_tokens,
+            decode_batch=sum(a.decode_batch * a.decode_tokens for a in acts) / weight
+            if decode_tokens
+            else 1.0,
+            decode_context_tokens=(
+                sum(a.decode_context_tokens * a.decode_tokens for a in acts) / weight
+                if decode_tokens
+                else 0.0
+            ),
+        )
+
+
+def _total_j(meter: Meter) -> float:
+    return float(sum(meter.read().cumulative_j.values()))
+
+
+@dataclass(slots=True)
+class SweepResult:
+    prefill: list[PrefillPoint] = field(default_factory=list)
+    decode: list[DecodePoint] = field(default_factory=list)
+    idle_w: float | None = None
+    elapsed_s: float = 0.0
+
+
+async def run_sweep(
+    driver: EngineDriver,
+    meter: Meter,
+    plan: SweepPlan,
+    activity: ActivityLog | None = None,
+    energy_measured: bool = True,
+    on_point: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Measure every point of `plan` on `driver`, energy from `meter` (activity feeds a model meter)."""
+    from energy.meters import Activity
+
+    plan.check_fits(driver.max_model_len_tokens)
+    log = activity or ActivityLog()
+    out = SweepResult()
+    t_start = time.monotonic()
+    await driver.prefill_once(8)  # warm-up: first request pays one-off costs
+    _total_j(meter)
+    log(None, None)  # drop the warm-up's activity
+
+    if energy_measured and plan.idle_s > 0:
+        e0, t0 = _total_j(meter), time.monotonic()
+        await asyncio.sleep(plan.idle_s)
+        out.idle_w = (_total_j(meter) - e0) / (time.monotonic() - t0)
+
+    for n in plan.prefill_lengths_tokens:
+        e0 = _total_j(meter)
+        lat: list[float] = []
+        for _ in range(plan.repeats):
+            log.add(Activity(prefill_tokens=n))
+            lat.append(await driver.prefill_once(n))
+        energy_j = (_total_j(meter) - e0) / plan.repeats
+        out.prefill.append(PrefillPoint(n, 0, round(statistics.median(lat) * 1e3, 4), _positive(energy_j)))
+        if on_point:
+            on_point(f"prefill {n} tokens: {statistics.median(lat) * 1e3:.1f} ms")
+
+    for b in plan.decode_batches:
+        for c in plan.decode_contexts_tokens:
+            p = plan.decode_prompt_tokens(b, c)
+            k = plan.decode_steps
+            mean_context = b * (p + k / 2)
+            steps_s: list[float] = []
+            steps_j: list[float] = []
+            for _ in range(plan.repeats):
+                e0 = _total_j(meter)
+                log.add(Activity(prefill_tokens=b * p))
+                t_1 = await driver.run_batch(b, p, 1)
+                e1 = _total_j(meter)
+                log.add(Activity(prefill_tokens=b * p))
+                log.add(
+                    Activity(decode_tokens=b * (k - 1), decode_batch=b, decode_context_tokens=mean_context)
+                )
+                t_k = await driver.run_batch(b, p, k)
+                e2 = _total_j(meter)
+                steps_s.append((t_k - t_1) / (k - 1))
+                steps_j.append(((e2 - e1) - (e1 - e0)) / (k - 1))
+            step_s = statistics.median(steps_s)
+            if step_s <= 0:
+                raise ProfileError(
+                    f"decode batch {b} x context {c}: {k} tokens took no longer than 1 token "
+                    f"({steps_s}); the step is below the timing noise. To fix: raise --decode-steps."
+                )
+            step_ms = round(step_s * 1e3, 4)
+            out.decode.append(
+                DecodePoint(b, round(mean_context), step_ms, _positive(statistics.median(steps_j)))
+            )
+            if on_point:
+                on_point(f"decode batch {b} x context {round(mean_context)}: {step_s * 1e3:.3f} ms/step")
+    out.elapsed_s = time.monotonic() - t_start
+    return out
+
+
+def _positive(energy_j: float | None) -> float | None:
+    """Profiles store energy > 0; a meter too coarse to see the point gives None (not a fake zero)."""
+    return round(energy_j, 6) if energy_j is not None and energy_j > 0 else None
+
+
+def build_profile(
+    result: SweepResult,
+    *,
+    gpu: str,
+    model: str,
+    tp: int,
+    power_cap_w: float | None,
+    source: str,
+    energy_measured: bool,
+    inline_specs: bool,
+) -> MeasuredProfile:
+    if not result.prefill and not result.decode:
+        raise ProfileError("the sweep measured no points")
+    return MeasuredProfile(
+        gpu=gpu,
+        model=model,
+        tp=tp,
+        power_cap_w=power_cap_w,
+        source=source,
+        energy_measured=energy_measured,
+        prefill=tuple(result.prefill),
+        decode=tuple(result.decode),
+        idle_w=round(result.idle_w, 4) if energy_measured and result.idle_w and result.idle_w > 0 else None,
+        inline_specs=inline_specs,
+    )
+
+
+# ---- the vLLM HTTP driver ---------------------------------------------------------------------------------
+
+
+class VllmHttpDriver:
+    """EngineDriver for a vLLM OpenAI server (aiohttp; one session)."""
+
+    def __init__(self, base_url: str, seed: int = 0, request_timeout_s: float = 600.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = ""
+        self.version = "unknown"
+        self.max_model_len_tokens = 0
+        self._pool: list[int] = []
+        self._rng = random.Random(seed)
+        self._timeout_s = request_timeout_s
+        self._session: Any = None
+
+    async def __aenter__(self) -> VllmHttpDriver:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
+        try:
+            models = await self._get("/v1/models")
+            card = models["data"][0]
+            self.model = str(card["id"])
+            self.max_model_len_tokens = int(card.get("max_model_len") or 0)
+            self.version = str((await self._get("/version")).get("version", "unknown"))
+            tok = await self._post("/tokenize", {"model": self.model, "prompt": _POOL_TEXT})
+            self._pool = [int(t) for t in tok["tokens"]]
+        except BaseException:
+            await self._session.close()
+            raise
+        if not self._pool or self.max_model_len_tokens <= 0:
+            await self._session.close()
+            raise EngineError(f"engine at {self.base_url} gave no tokens or no max_model_len; is it vLLM?")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _fail(self, err: BaseException) -> EngineError:
+        return EngineError(
+            f"engine at {self.base_url} failed ({type(err).__name__}: {err}). To fix: check that a vLLM "
+            "OpenAI server runs there (GET /health) and pass its base URL with --engine."
+        )
+
+    async def _get(self, path: str) -> dict[str, Any]:
+        import aiohttp
+
+        try:
+            async with self._session.get(self.base_url + path) as resp:
+                if resp.status != 200:
+                    raise EngineError(
+                        f"GET {self.base_url}{path} answered HTTP {resp.status}: {await resp.text()}"
+                    )
+                return dict(await resp.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise self._fail(err) from err
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        import aiohttp
+
+        try:
+            async with self._session.post(self.base_url + path, json=body) as resp:
+                if resp.status != 200:
+                    raise EngineError(
+                        f"POST {self.base_url}{path} answered HTTP {resp.status}: {await resp.text()}"
+                    )
+                return dict(await resp.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise self._fail(err) from err
+
+    def _prompt(self, n: int) -> list[int]:
+        """n token ids drawn from the pool: fresh random sequences never share a cached prefix block."""
+        return [self._rng.choice(self._pool) for _ in range(n)]
+
+    async def prefill_once(self, new_tokens: int) -> float:
+        body = {"model": self.model, "prompt": self._prompt(new_tokens), "max_tokens": 1, "temperature": 0.0}
+        t0 = time.perf_counter()
+        out = await self._post("/v1/completions", body)
+        elapsed = time.perf_counter() - t0
+        got = int((out.get("usage") or {}).get("prompt_tokens", new_tokens))
+        if got != new_tokens:
+            raise EngineError(f"engine counted {got} prompt tokens for a {new_tokens}-token prompt")
+        return elapsed
+
+    async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
+        async def one() -> int:
+            body = {
+                "model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": output_tokens,
+                "min_tokens": output_tokens, "ignore_eos": True, "temperature": 0.0,
+            }  # fmt: skip
+            out = await self._post("/v1/completions", body)
+            return int((out.get("usage") or {}).get("completion_tokens", -1))
+
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one() for _ in range(batch)))
+        elapsed = time.perf_counter() - t0
+        if any(n != output_tokens for n in got):
+            raise EngineError(
+                f"batch of {batch}: sequences generated {got} tokens, expected {output_tokens} each (the "
+                "engine must honour ignore_eos and min_tokens, as vLLM does)"
+            )
+        return elapsed
