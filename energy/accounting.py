@@ -19,6 +19,7 @@ Must not import fastapi.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -353,6 +354,7 @@ class EnergyAccountant:
     _counters: dict[str, tuple[float, float]] = field(default_factory=dict)
     samples_written: int = 0
     rows_written: int = 0
+    _baseline_written: bool = False
 
     def __post_init__(self) -> None:
         for b in self.bindings:
@@ -362,7 +364,8 @@ class EnergyAccountant:
                     f"meters are {sorted(self.meters)}"
                 )
         for mid, m in self.meters.items():
-            self._last[mid] = m.read()  # baseline
+            self._last[mid] = m.read()  # baseline, written with the first sample() so the ledger shows it
+        self._baseline_written = False
 
     async def observe_engines(self) -> None:
         """Turn the engines' token counters into the activity the model meters integrate."""
@@ -391,6 +394,10 @@ class EnergyAccountant:
         for b in self.bindings:
             for g in b.gpu_indices:
                 engine_of.setdefault(b.meter_id, {})[g] = b.engine_id
+        if not self._baseline_written:
+            for mid, r in self._last.items():
+                samples.extend(r.samples(mid, self.meters[mid].source, engine_of.get(mid)))
+            self._baseline_written = True
         readings: dict[str, MeterReading] = {}
         for mid, m in self.meters.items():
             r = m.read()
@@ -442,20 +449,28 @@ class EnergyAccountant:
         return n
 
     async def tick(self) -> None:
-        """One scheduled job run: observe, sample, attribute what is ready. Errors are logged, not raised
-        (a failed tick keeps its intervals pending; the next tick retries)."""
+        """One scheduled job run: observe the engines, then sample and attribute in a worker thread (SQL stays
+        off the event loop). Errors are logged, not raised: a failed tick keeps its intervals pending and
+        the next tick retries."""
         try:
             await self.observe_engines()
-            self.sample()
-            self.attribute_ready()
+            await asyncio.to_thread(self._sample_and_attribute)
         except EnergyError as err:
             log.error("energy accounting tick failed: %s", err)
 
-    async def flush(self) -> None:
-        """At shutdown: a last sample, then attribute everything pending."""
-        await self.observe_engines()
+    def _sample_and_attribute(self) -> None:
+        self.sample()
+        self.attribute_ready()
+
+    def finish(self) -> None:
+        """At shutdown, after the last turns are in the ledger: a last sample, then attribute everything."""
         self.sample()
         self.attribute_ready(all_pending=True)
+
+    async def flush(self, observe: bool = True) -> None:
+        if observe:
+            await self.observe_engines()
+        await asyncio.to_thread(self.finish)
 
     def install(self, scheduler: Any, interval_s: float = 1.0) -> None:
         """Add the accounting job to an APScheduler (AsyncIOScheduler) scheduler."""

@@ -50,17 +50,33 @@ class ServeSettings(BaseSettings):
 
     fleet: Path = Field(Path("examples/fleet.yaml"), description="fleet.yaml to serve")
     plan: Path | None = Field(None, description="plan.yaml (orchestrator plan --out); sim backend")
-    db: str | None = Field(None, description="SQLAlchemy URL of the ledger; default: the fleet's database_url")
+    db: str | None = Field(
+        None, description="SQLAlchemy URL of the ledger; default: the fleet's database_url"
+    )
     policy: str | None = Field(None, description="placement policy; default: the fleet's policy")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     served_model_name: str | None = Field(None, description="model name clients send; default: fleet model")
-    sim_speedup: float = Field(1.0, gt=0, description="simulated engines run this many times faster than modelled")
+    sim_speedup: float = Field(
+        1.0, gt=0, description="simulated engines run this many times faster than modelled"
+    )
     poll_interval_s: float = Field(1.0, gt=0, description="engine health/metrics poll period")
     pin_ttl_s: float = Field(900.0, gt=0, description="release the pin of a conversation idle this long")
     run_id: str = Field("live", min_length=1, description="ledger run the turns are recorded in")
     ledger_batch_max: int = Field(500, ge=1)
     ledger_flush_interval_s: float = Field(0.05, gt=0)
+    energy_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="energy accounting period (meters -> attribution "
+        "-> ledger, energy/accounting.py); 0 disables it",
+    )
+    energy_lag_s: float = Field(
+        10.0,
+        ge=0,
+        description="attribute an interval this long after it ends, "
+        "so the turns that overlapped it are in the ledger",
+    )
 
 
 # ---- the ledger writer --------------------------------------------------------------------------------
@@ -263,6 +279,7 @@ class Runtime:
     _scheduler: Any = None
     _started: bool = False
     notes: list[str] = field(default_factory=list)
+    accountant: Any = None  # energy.accounting.EnergyAccountant (None: energy accounting off)
 
     async def start(self) -> None:
         """Start scheduled jobs (needs the running event loop) and take a first observation."""
@@ -272,10 +289,26 @@ class Runtime:
 
         await self.router.poll()
         sched = AsyncIOScheduler()
-        sched.add_job(self.router.poll, "interval", seconds=self.settings.poll_interval_s, id="poll-engines",
-                      max_instances=1, coalesce=True, misfire_grace_time=None)
-        sched.add_job(self.router.expire_idle, "interval", seconds=min(30.0, self.settings.pin_ttl_s),
-                      id="expire-pins", max_instances=1, coalesce=True, misfire_grace_time=None)
+        sched.add_job(
+            self.router.poll,
+            "interval",
+            seconds=self.settings.poll_interval_s,
+            id="poll-engines",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        sched.add_job(
+            self.router.expire_idle,
+            "interval",
+            seconds=min(30.0, self.settings.pin_ttl_s),
+            id="expire-pins",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        if self.accountant is not None:
+            self.accountant.install(sched, self.settings.energy_interval_s)
         sched.start()
         self._scheduler = sched
         self._started = True
@@ -294,14 +327,20 @@ class Runtime:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        if self.accountant is not None:
+            await self.accountant.observe_engines()  # the engines' last token counts, before they close
         await self.router.aclose()
         await asyncio.to_thread(self.writer.close)
+        if self.accountant is not None:  # every turn is in the ledger now: attribute what is still pending
+            await asyncio.to_thread(self.accountant.finish)
+            self.accountant.close()
         self.ledger.close()
         self._started = False
 
 
-def build_runtime(settings: ServeSettings, cfg: FleetConfig | None = None,
-                  instances: Sequence[Any] | None = None) -> Runtime:
+def build_runtime(
+    settings: ServeSettings, cfg: FleetConfig | None = None, instances: Sequence[Any] | None = None
+) -> Runtime:
     """Everything `orchestrator serve` runs, from settings (and an already-loaded fleet, for tests).
 
     `instances` (objects with instance_id, tier, role, tier_model) overrides the plan for the sim backend.
@@ -326,8 +365,15 @@ def build_runtime(settings: ServeSettings, cfg: FleetConfig | None = None,
         fabric = SimKvFabric()
         clock = WallClock(settings.sim_speedup)
         for inst in instances:
-            engines[inst.instance_id] = SimEngine(inst.instance_id, inst.role, inst.tier, inst.tier_model,
-                                                  model_name=served, clock=clock, fabric=fabric)
+            engines[inst.instance_id] = SimEngine(
+                inst.instance_id,
+                inst.role,
+                inst.tier,
+                inst.tier_model,
+                model_name=served,
+                clock=clock,
+                fabric=fabric,
+            )
             caps[inst.instance_id] = inst.tier_model.kv_capacity_tokens
     else:
         try:
@@ -344,13 +390,40 @@ def build_runtime(settings: ServeSettings, cfg: FleetConfig | None = None,
     ledger = Ledger(db_url, run_id=settings.run_id, policy=policy.name, kind=RunKind.SERVE)
     ledger.upgrade()
     ledger.start_run(RunInfo(settings.run_id, RunKind.SERVE, policy.name, label=str(settings.fleet)))
-    writer = BackgroundLedgerWriter(ledger, batch_max=settings.ledger_batch_max,
-                                    flush_interval_s=settings.ledger_flush_interval_s)
-    router = Router(
-        engines, policy,
-        RouterConfig(model_name=served, max_context_tokens=spec.max_context_tokens, pin_ttl_s=settings.pin_ttl_s),
-        sink=writer, pin_lookup=LedgerPinLookup(ledger), kv_capacity_tokens=caps,
+    writer = BackgroundLedgerWriter(
+        ledger, batch_max=settings.ledger_batch_max, flush_interval_s=settings.ledger_flush_interval_s
     )
-    return Runtime(cfg=cfg, settings=settings, router=router, engines=engines, served_model_name=served,
-                   ledger=ledger, writer=writer, fleet_source=source, backend=cfg.backend,
-                   policy_name=policy.name)
+    router = Router(
+        engines,
+        policy,
+        RouterConfig(
+            model_name=served, max_context_tokens=spec.max_context_tokens, pin_ttl_s=settings.pin_ttl_s
+        ),
+        sink=writer,
+        pin_lookup=LedgerPinLookup(ledger),
+        kv_capacity_tokens=caps,
+    )
+    accountant = None
+    if settings.energy_interval_s > 0:  # meters -> attribution -> ledger (energy/accounting.py)
+        from energy.accounting import build_accountant
+        from orchestrator.fleet import tier_model as _tier_model
+
+        metered = (
+            instances
+            if cfg.backend == "sim"
+            else [SimInstance(e.id, e.tier, Role(e.role), _tier_model(cfg, e.tier)) for e in cfg.engines]
+        )
+        accountant = build_accountant(ledger, metered, engines=engines, cfg=cfg, lag_s=settings.energy_lag_s)
+    return Runtime(
+        cfg=cfg,
+        settings=settings,
+        router=router,
+        engines=engines,
+        served_model_name=served,
+        ledger=ledger,
+        writer=writer,
+        fleet_source=source,
+        backend=cfg.backend,
+        policy_name=policy.name,
+        accountant=accountant,
+    )
