@@ -44,9 +44,10 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
         summary="Energy-aware, conversation-level orchestration for agentic LLM serving (OpenAI-compatible).",
         description=(
             "OpenAI-compatible serving with conversation pinning. Send turns of one conversation with the "
-            "`X-Conversation-Id` header (or body `conversation_id`; the header wins); mark the last turn with "
-            "`X-Conversation-Final: true` (or body `conserve: {\"final\": true}`). Errors use OpenAI's body "
-            "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`."
+            "`X-Conversation-Id` header (or body `conversation_id`; the header wins); mark the last turn "
+            "with "
+            '`X-Conversation-Final: true` (or body `conserve: {"final": true}`). Errors use OpenAI\'s body '
+            '`{"error": {"message", "type", "param", "code"}}`.'
         ),
         lifespan=lifespan,
     )

@@ -26,8 +26,15 @@ log = logging.getLogger("conserve.api")
 class ApiError(Exception):
     """An error the API answers with a given status and OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -36,20 +43,27 @@ class ApiError(Exception):
         self.code = code
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 def sse_error(message: str, code: str = "engine_unavailable", status: int = 503) -> bytes:
-    body = error_body(message, "service_unavailable_error" if status >= 500 else "invalid_request_error",
-                      None, code)
+    body = error_body(
+        message, "service_unavailable_error" if status >= 500 else "invalid_request_error", None, code
+    )
     body["error"]["status"] = status
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -62,8 +76,9 @@ def to_api_error(err: BaseException) -> ApiError:
     if isinstance(err, EngineRejected):
         return ApiError(err.status, str(err), code="engine_rejected_request")
     if isinstance(err, ConversationNotFound):
-        return ApiError(404, str(err), type_="not_found_error", param="conversation_id",
-                        code="conversation_not_found")
+        return ApiError(
+            404, str(err), type_="not_found_error", param="conversation_id", code="conversation_not_found"
+        )
     if isinstance(err, ConServeError):
         return ApiError(400, str(err))
     return ApiError(500, "internal error (logged on the server)", type_="server_error", code="internal_error")
@@ -89,8 +104,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"{param}: field required", param
     if etype in ("model_attributes_type", "dict_type") and not loc:
         if isinstance(first.get("input"), bytes | str):
-            return ("request body is not JSON. To fix: send a JSON object with "
-                    "'Content-Type: application/json'."), None
+            return (
+                "request body is not JSON. To fix: send a JSON object with 'Content-Type: application/json'."
+            ), None
         return "request body must be a JSON object, not an array or a scalar", None
     more = f" (+{len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param
@@ -114,8 +130,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unexpected error serving a request")
-        return error_response(500, "internal error (logged on the server)", "server_error",
-                              code="internal_error")
+        return error_response(
+            500, "internal error (logged on the server)", "server_error", code="internal_error"
+        )
 
     app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]

@@ -28,18 +28,28 @@ class _FleetCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         labels = ["instance", "role", "tier"]
-        healthy = GaugeMetricFamily("conserve_instance_healthy", "1 if the instance is healthy", labels=labels)
-        occ = GaugeMetricFamily("conserve_instance_kv_occupancy",
-                                "KV used / capacity as the router sees it (max of engine and pin accounting)",
-                                labels=labels)
-        pins = GaugeMetricFamily("conserve_pinned_conversations", "conversations pinned to the instance",
-                                 labels=labels)
-        queued = GaugeMetricFamily("conserve_instance_queued_prefill_tokens",
-                                   "prefill tokens in flight on the instance (router accounting)", labels=labels)
-        running = GaugeMetricFamily("conserve_instance_running_requests", "requests in flight via this router",
-                                    labels=labels)
-        xfer = CounterMetricFamily("conserve_instance_kv_transfers_in", "KV transfers accepted by the instance",
-                                   labels=labels)
+        healthy = GaugeMetricFamily(
+            "conserve_instance_healthy", "1 if the instance is healthy", labels=labels
+        )
+        occ = GaugeMetricFamily(
+            "conserve_instance_kv_occupancy",
+            "KV used / capacity as the router sees it (max of engine and pin accounting)",
+            labels=labels,
+        )
+        pins = GaugeMetricFamily(
+            "conserve_pinned_conversations", "conversations pinned to the instance", labels=labels
+        )
+        queued = GaugeMetricFamily(
+            "conserve_instance_queued_prefill_tokens",
+            "prefill tokens in flight on the instance (router accounting)",
+            labels=labels,
+        )
+        running = GaugeMetricFamily(
+            "conserve_instance_running_requests", "requests in flight via this router", labels=labels
+        )
+        xfer = CounterMetricFamily(
+            "conserve_instance_kv_transfers_in", "KV transfers accepted by the instance", labels=labels
+        )
         for s in self._status():
             lv = [s["instance_id"], s["role"], s["tier"]]
             healthy.add_metric(lv, 1.0 if s["healthy"] else 0.0)
@@ -57,36 +67,58 @@ class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("conserve_requests", "HTTP requests to the serving endpoints",
-                                ["endpoint", "status"], registry=r)
-        self.turns = Counter("conserve_turns", "turns recorded, by status and whether final",
-                             ["status", "final", "remote_prefill"], registry=r)
-        self.ttft = Histogram("conserve_ttft_seconds", "arrival of a turn to its first token",
-                              buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.ttfet = Histogram("conserve_ttfet_seconds",
-                               "arrival of turn 1 to the first token of the final turn",
-                               buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.tbt = Histogram("conserve_tbt_seconds", "gap between consecutive tokens of a turn",
-                             buckets=_TBT_BUCKETS_S, registry=r)
+        self.requests = Counter(
+            "conserve_requests", "HTTP requests to the serving endpoints", ["endpoint", "status"], registry=r
+        )
+        self.turns = Counter(
+            "conserve_turns",
+            "turns recorded, by status and whether final",
+            ["status", "final", "remote_prefill"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "conserve_ttft_seconds",
+            "arrival of a turn to its first token",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.ttfet = Histogram(
+            "conserve_ttfet_seconds",
+            "arrival of turn 1 to the first token of the final turn",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.tbt = Histogram(
+            "conserve_tbt_seconds",
+            "gap between consecutive tokens of a turn",
+            buckets=_TBT_BUCKETS_S,
+            registry=r,
+        )
         self.output_tokens = Counter("conserve_output_tokens", "tokens decoded", registry=r)
         self.prompt_tokens = Counter("conserve_prompt_tokens", "prompt tokens of every turn", registry=r)
-        self.kv_transfers = Counter("conserve_kv_transfers", "KV transfers prefiller -> decoder",
-                                    ["prefill", "decode"], registry=r)
-        self.kv_transfer_bytes = Counter("conserve_kv_transfer_bytes", "bytes the prefillers reported sending",
-                                         registry=r)
-        self.replacements = Counter("conserve_replacements", "conversations re-placed on another decoder",
-                                    registry=r)
-        self.retries = Counter("conserve_retries", "turns retried after an engine failure", ["instance"],
-                               registry=r)
+        self.kv_transfers = Counter(
+            "conserve_kv_transfers", "KV transfers prefiller -> decoder", ["prefill", "decode"], registry=r
+        )
+        self.kv_transfer_bytes = Counter(
+            "conserve_kv_transfer_bytes", "bytes the prefillers reported sending", registry=r
+        )
+        self.replacements = Counter(
+            "conserve_replacements", "conversations re-placed on another decoder", registry=r
+        )
+        self.retries = Counter(
+            "conserve_retries", "turns retried after an engine failure", ["instance"], registry=r
+        )
 
     def attach_fleet(self, status: Callable[[], list[dict[str, Any]]]) -> None:
         self.registry.register(_FleetCollector(status))
 
     # RouterObserver
-    def turn_done(self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float],
-                  ttfet_s: float | None) -> None:
-        self.turns.labels(str(rec.status), "true" if rec.is_final else "false",
-                          "true" if rec.remote_prefill else "false").inc()
+    def turn_done(
+        self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float], ttfet_s: float | None
+    ) -> None:
+        self.turns.labels(
+            str(rec.status), "true" if rec.is_final else "false", "true" if rec.remote_prefill else "false"
+        ).inc()
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
         if ttfet_s is not None:

@@ -29,20 +29,37 @@ router = APIRouter()
 def conversation_response(view: ConversationView, active: bool) -> ConversationResponse:
     turns = [
         TurnView(
-            turn=t.turn, request_id=t.request_id, instance_id=t.instance_id, tier=t.tier,
-            prefill_instance_id=t.prefill_instance_id, remote_prefill=t.remote_prefill,
-            arrival_at=t.arrival_at, first_token_at=t.first_token_at, last_token_at=t.last_token_at,
+            turn=t.turn,
+            request_id=t.request_id,
+            instance_id=t.instance_id,
+            tier=t.tier,
+            prefill_instance_id=t.prefill_instance_id,
+            remote_prefill=t.remote_prefill,
+            arrival_at=t.arrival_at,
+            first_token_at=t.first_token_at,
+            last_token_at=t.last_token_at,
             ttft_s=(t.first_token_at - t.arrival_at).total_seconds() if t.first_token_at else None,
-            prompt_tokens=t.prompt_tokens, cached_tokens=t.cached_tokens, output_tokens=t.output_tokens,
-            finish_reason=t.finish_reason, is_final=t.is_final, status=str(t.status),
+            prompt_tokens=t.prompt_tokens,
+            cached_tokens=t.cached_tokens,
+            output_tokens=t.output_tokens,
+            finish_reason=t.finish_reason,
+            is_final=t.is_final,
+            status=str(t.status),
         )
         for t in view.turns
     ]
     pins = [PinView(instance_id=p.instance_id, at=p.at, reason=p.reason) for p in view.pins]
     return ConversationResponse(
-        conversation_id=view.conversation_id, run_id=view.run_id, policy=view.policy,
-        pinned_instance_id=view.pinned_instance_id, active=active, pins=pins, turns=turns,
-        final_turn=view.final_turn, ttfet_s=view.ttfet_s, e2e_s=view.e2e_s,
+        conversation_id=view.conversation_id,
+        run_id=view.run_id,
+        policy=view.policy,
+        pinned_instance_id=view.pinned_instance_id,
+        active=active,
+        pins=pins,
+        turns=turns,
+        final_turn=view.final_turn,
+        ttfet_s=view.ttfet_s,
+        e2e_s=view.e2e_s,
         replacements=sum(1 for p in view.pins if p.reason.startswith("replaced")),
     )
 
@@ -70,12 +87,20 @@ async def get_conversation(
     return conversation_response(view, active)
 
 
-@router.get("/v1/fleet", response_model=FleetResponse, tags=["fleet"],
-            summary="Instances: roles, tiers, health, KV occupancy, queues, pins")
+@router.get(
+    "/v1/fleet",
+    response_model=FleetResponse,
+    tags=["fleet"],
+    summary="Instances: roles, tiers, health, KV occupancy, queues, pins",
+)
 async def get_fleet(rt: RuntimeDep) -> FleetResponse:
     return FleetResponse(
-        backend=rt.backend, policy=rt.policy_name, model=rt.served_model_name, fleet_source=rt.fleet_source,
-        instances=[InstanceStatus(**s) for s in rt.router.instance_status()], stats=dict(rt.router.stats),
+        backend=rt.backend,
+        policy=rt.policy_name,
+        model=rt.served_model_name,
+        fleet_source=rt.fleet_source,
+        instances=[InstanceStatus(**s) for s in rt.router.instance_status()],
+        stats=dict(rt.router.stats),
     )
 
 
@@ -85,20 +110,30 @@ async def health() -> Health:
 
 
 @router.get(
-    "/ready", response_model=Health, tags=["ops"],
+    "/ready",
+    response_model=Health,
+    tags=["ops"],
     responses={503: {"model": Health, "description": "no healthy decode-capable engine"}},
     summary="Readiness: at least one healthy decode-capable engine",
 )
 async def ready(rt: RuntimeDep) -> Response:
     healthy = [s["instance_id"] for s in rt.router.instance_status() if s["healthy"]]
-    detail = {"healthy_instances": healthy, "ledger_pending": rt.writer.pending,
-              "ledger_last_error": rt.writer.last_error}
+    detail = {
+        "healthy_instances": healthy,
+        "ledger_pending": rt.writer.pending,
+        "ledger_last_error": rt.writer.last_error,
+    }
     if rt.router.ready():
         return JSONResponse(Health(status="ready", detail=detail).model_dump())
     return JSONResponse(Health(status="not ready", detail=detail).model_dump(), status_code=503)
 
 
-@router.get("/metrics", tags=["ops"], response_class=Response, summary="Prometheus metrics",
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=Response,
+    summary="Prometheus metrics",
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

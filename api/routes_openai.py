@@ -43,6 +43,7 @@ try:  # orjson is ~5x faster for the chunk-by-chunk SSE encoding; optional
     def _dumps(obj: Any) -> bytes:
         return orjson.dumps(obj)
 except ImportError:  # pragma: no cover
+
     def _dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -54,13 +55,20 @@ async def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ConversationHeader = Annotated[
     str | None,
-    Header(alias="X-Conversation-Id", min_length=1, max_length=CONVERSATION_ID_MAX_CHARS,
-           description="conversation this turn belongs to (wins over the body's conversation_id)"),
+    Header(
+        alias="X-Conversation-Id",
+        min_length=1,
+        max_length=CONVERSATION_ID_MAX_CHARS,
+        description="conversation this turn belongs to (wins over the body's conversation_id)",
+    ),
 ]
 FinalHeader = Annotated[
     str | None,
-    Header(alias="X-Conversation-Final", pattern="^(?i:true|false|1|0|yes|no)$",
-           description="'true' marks this turn as the conversation's final turn"),
+    Header(
+        alias="X-Conversation-Final",
+        pattern="^(?i:true|false|1|0|yes|no)$",
+        description="'true' marks this turn as the conversation's final turn",
+    ),
 ]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -79,9 +87,15 @@ def _sse_content(schema_ref: str) -> dict[str, Any]:
     }
 
 
-async def _serve(kind: RequestKind, req: ChatCompletionRequest | CompletionRequest, rt: Runtime,
-                 header_cid: str | None, header_final: str | None, endpoint: str,
-                 metrics: Any) -> Response:
+async def _serve(
+    kind: RequestKind,
+    req: ChatCompletionRequest | CompletionRequest,
+    rt: Runtime,
+    header_cid: str | None,
+    header_final: str | None,
+    endpoint: str,
+    metrics: Any,
+) -> Response:
     try:
         response = await _serve_inner(kind, req, rt, header_cid, header_final)
     except Exception as err:
@@ -92,11 +106,20 @@ async def _serve(kind: RequestKind, req: ChatCompletionRequest | CompletionReque
     return response
 
 
-async def _serve_inner(kind: RequestKind, req: ChatCompletionRequest | CompletionRequest, rt: Runtime,
-                       header_cid: str | None, header_final: str | None) -> Response:
+async def _serve_inner(
+    kind: RequestKind,
+    req: ChatCompletionRequest | CompletionRequest,
+    rt: Runtime,
+    header_cid: str | None,
+    header_final: str | None,
+) -> Response:
     if req.model != rt.served_model_name:
-        raise ApiError(404, f"model {req.model!r} is not served here. To fix: use {rt.served_model_name!r} "
-                       "(GET /v1/models).", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"model {req.model!r} is not served here. To fix: use {rt.served_model_name!r} (GET /v1/models).",
+            param="model",
+            code="model_not_found",
+        )
     body = req.model_dump(exclude_unset=True, exclude_none=False)
     body_cid = body.pop("conversation_id", None)
     conserve = body.pop("conserve", None) or {}
@@ -105,8 +128,9 @@ async def _serve_inner(kind: RequestKind, req: ChatCompletionRequest | Completio
     if kind is RequestKind.COMPLETION:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and (not prompt or (not isinstance(prompt[0], int) and len(prompt) != 1)):
-            raise ApiError(400, "prompt: send exactly one prompt per request (batches are not supported)",
-                           param="prompt")
+            raise ApiError(
+                400, "prompt: send exactly one prompt per request (batches are not supported)", param="prompt"
+            )
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list) and not prompt[0]:
             raise ApiError(400, "prompt: token list is empty", param="prompt")
     prompt_tokens = estimate_prompt_tokens(kind, body)
@@ -119,12 +143,19 @@ async def _serve_inner(kind: RequestKind, req: ChatCompletionRequest | Completio
             f"This model's maximum context length is {max_ctx} tokens. However, you requested "
             f"{prompt_tokens + max_out} tokens (~{prompt_tokens} in the {param} (estimated at ~4 characters "
             f"per token), {max_out} in the completion). To fix: shorten the {param} or lower max_tokens.",
-            param=param, code="context_length_exceeded",
+            param=param,
+            code="context_length_exceeded",
         )
     stream = bool(body.get("stream"))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    inp = TurnInput(kind=kind, body=body, conversation_id=cid, client_final=final,
-                    include_usage=include_usage, prompt_tokens=prompt_tokens)
+    inp = TurnInput(
+        kind=kind,
+        body=body,
+        conversation_id=cid,
+        client_final=final,
+        include_usage=include_usage,
+        prompt_tokens=prompt_tokens,
+    )
     headers = {"X-Conversation-Id": cid} if cid else {}
     if not stream:
         out = await rt.router.complete(inp)
@@ -165,7 +196,9 @@ class SseResponse(Response):
 
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             async for chunk in self._chunks:
                 if gone.is_set():
                     break
@@ -194,16 +227,22 @@ async def _sse(first: dict[str, Any] | None, gen: AsyncIterator[dict[str, Any]])
 @router.post(
     "/v1/chat/completions",
     response_model=None,
-    responses={200: {"model": ChatCompletionResponse, "content": _sse_content("ChatCompletionResponse")},
-               **_ERRORS},
+    responses={
+        200: {"model": ChatCompletionResponse, "content": _sse_content("ChatCompletionResponse")},
+        **_ERRORS,
+    },
     summary="Create a chat completion (OpenAI-compatible; SSE when stream is true)",
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, rt: RuntimeDep,
-    x_conversation_id: ConversationHeader = None, x_conversation_final: FinalHeader = None,
+    body: ChatCompletionRequest,
+    request: Request,
+    rt: RuntimeDep,
+    x_conversation_id: ConversationHeader = None,
+    x_conversation_final: FinalHeader = None,
 ) -> Response:
-    return await _serve(RequestKind.CHAT, body, rt, x_conversation_id, x_conversation_final,
-                        "chat", request.app.state.metrics)
+    return await _serve(
+        RequestKind.CHAT, body, rt, x_conversation_id, x_conversation_final, "chat", request.app.state.metrics
+    )
 
 
 @router.post(
@@ -213,14 +252,31 @@ async def chat_completions(
     summary="Create a text completion (OpenAI-compatible; SSE when stream is true)",
 )
 async def completions(
-    body: CompletionRequest, request: Request, rt: RuntimeDep,
-    x_conversation_id: ConversationHeader = None, x_conversation_final: FinalHeader = None,
+    body: CompletionRequest,
+    request: Request,
+    rt: RuntimeDep,
+    x_conversation_id: ConversationHeader = None,
+    x_conversation_final: FinalHeader = None,
 ) -> Response:
-    return await _serve(RequestKind.COMPLETION, body, rt, x_conversation_id, x_conversation_final,
-                        "completions", request.app.state.metrics)
+    return await _serve(
+        RequestKind.COMPLETION,
+        body,
+        rt,
+        x_conversation_id,
+        x_conversation_final,
+        "completions",
+        request.app.state.metrics,
+    )
 
 
 @router.get("/v1/models", response_model=ModelList, summary="Models served by this router")
 async def list_models(rt: RuntimeDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=rt.served_model_name, created=int(time.time()),
-                                     max_model_len=rt.router.config.max_context_tokens)])
+    return ModelList(
+        data=[
+            ModelCard(
+                id=rt.served_model_name,
+                created=int(time.time()),
+                max_model_len=rt.router.config.max_context_tokens,
+            )
+        ]
+    )

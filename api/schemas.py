@@ -22,7 +22,9 @@ class _Open(BaseModel):
 
 class ConserveOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    final: bool = Field(False, description="this turn is the conversation's last (ends the pin; TTFET from it)")
+    final: bool = Field(
+        False, description="this turn is the conversation's last (ends the pin; TTFET from it)"
+    )
 
 
 class StreamOptions(_Open):
@@ -64,7 +66,9 @@ class _Sampling(_Open):
     stop: str | list[str] | None = None
     seed: int | None = None
     conversation_id: str | None = Field(
-        None, min_length=1, max_length=CONVERSATION_ID_MAX_CHARS,
+        None,
+        min_length=1,
+        max_length=CONVERSATION_ID_MAX_CHARS,
         description="conversation this turn belongs to; the X-Conversation-Id header wins when both are set",
     )
     conserve: ConserveOptions | None = None

@@ -69,8 +69,14 @@ async def _wait_up(url: str, timeout_s: float = 60) -> None:
 
 
 def _body(stream: bool, max_tokens: int) -> bytes:
-    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
-                       "max_tokens": max_tokens, "stream": stream}).encode()
+    return json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+            "max_tokens": max_tokens,
+            "stream": stream,
+        }
+    ).encode()
 
 
 async def _one(session: aiohttp.ClientSession, url: str, body: bytes, stream: bool) -> float:
@@ -90,7 +96,9 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, stream: bo
         return ttft
 
 
-async def latency(direct: str, router: str, n: int, max_tokens: int, block: int = 50) -> dict[str, list[float]]:
+async def latency(
+    direct: str, router: str, n: int, max_tokens: int, block: int = 50
+) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"direct": [], "router": []}
     body = _body(True, max_tokens)
     conn = aiohttp.TCPConnector(limit=1)
@@ -107,7 +115,9 @@ async def latency(direct: str, router: str, n: int, max_tokens: int, block: int 
     return out
 
 
-async def throughput(url: str, concurrency: int, duration_s: float, stream: bool, max_tokens: int) -> dict[str, Any]:
+async def throughput(
+    url: str, concurrency: int, duration_s: float, stream: bool, max_tokens: int
+) -> dict[str, Any]:
     body = _body(stream, max_tokens)
     conn = aiohttp.TCPConnector(limit=concurrency)
     lat: list[float] = []
@@ -126,8 +136,14 @@ async def throughput(url: str, concurrency: int, duration_s: float, stream: bool
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return {"requests": len(lat), "errors": errors, "elapsed_s": elapsed, "req_per_s": len(lat) / elapsed,
-            "p50_ms": _pct(lat, 50) * 1e3 if lat else None, "p99_ms": _pct(lat, 99) * 1e3 if lat else None}
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "elapsed_s": elapsed,
+        "req_per_s": len(lat) / elapsed,
+        "p50_ms": _pct(lat, 50) * 1e3 if lat else None,
+        "p99_ms": _pct(lat, 99) * 1e3 if lat else None,
+    }
 
 
 def main() -> None:
@@ -156,18 +172,31 @@ def main() -> None:
         f"database_url: sqlite:///{tmp / 'ledger.db'}\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    stub = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "stub_engine.py"), "--port",
-                             str(stub_port)], env=env)
+    stub = subprocess.Popen(
+        [sys.executable, str(REPO / "benchmarks" / "stub_engine.py"), "--port", str(stub_port)], env=env
+    )
     router = subprocess.Popen(
-        [sys.executable, "-c", "from orchestrator.cli import main; main()", "serve", "--fleet", str(fleet),
-         "--port", str(router_port), "--log-level", "warning", "--json"],
-        env=env, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            "from orchestrator.cli import main; main()",
+            "serve",
+            "--fleet",
+            str(fleet),
+            "--port",
+            str(router_port),
+            "--log-level",
+            "warning",
+            "--json",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
     )
     direct_url = f"http://127.0.0.1:{stub_port}/v1/chat/completions"
     router_url = f"http://127.0.0.1:{router_port}/v1/chat/completions"
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
-                   f"{platform.python_version()}, {platform.platform()}",
+        f"{platform.python_version()}, {platform.platform()}",
         "args": vars(args),
     }
     try:
@@ -176,17 +205,25 @@ def main() -> None:
         lat = asyncio.run(latency(direct_url, router_url, args.requests, args.max_tokens))
         d50, d99 = _pct(lat["direct"], 50) * 1e3, _pct(lat["direct"], 99) * 1e3
         r50, r99 = _pct(lat["router"], 50) * 1e3, _pct(lat["router"], 99) * 1e3
-        result["ttft_ms"] = {"direct_p50": d50, "direct_p99": d99, "router_p50": r50, "router_p99": r99,
-                             "added_p50": r50 - d50, "added_p99": r99 - d99,
-                             "added_mean": (statistics.mean(lat["router"]) - statistics.mean(lat["direct"])) * 1e3}
+        result["ttft_ms"] = {
+            "direct_p50": d50,
+            "direct_p99": d99,
+            "router_p50": r50,
+            "router_p99": r99,
+            "added_p50": r50 - d50,
+            "added_p99": r99 - d99,
+            "added_mean": (statistics.mean(lat["router"]) - statistics.mean(lat["direct"])) * 1e3,
+        }
         tp: dict[str, Any] = {}
         for stream in (True, False):
             mode = "stream" if stream else "json"
-            tp[f"direct_{mode}"] = asyncio.run(throughput(direct_url, args.concurrency, args.duration_s, stream,
-                                                          args.max_tokens))
+            tp[f"direct_{mode}"] = asyncio.run(
+                throughput(direct_url, args.concurrency, args.duration_s, stream, args.max_tokens)
+            )
             cpu0 = _cpu_s(router.pid)
-            tp[f"router_{mode}"] = r = asyncio.run(throughput(router_url, args.concurrency, args.duration_s,
-                                                              stream, args.max_tokens))
+            tp[f"router_{mode}"] = r = asyncio.run(
+                throughput(router_url, args.concurrency, args.duration_s, stream, args.max_tokens)
+            )
             r["router_cpu_us_per_request"] = (_cpu_s(router.pid) - cpu0) / max(1, r["requests"]) * 1e6
             r["ratio_vs_direct"] = r["req_per_s"] / tp[f"direct_{mode}"]["req_per_s"]
         result["throughput"] = tp
@@ -203,14 +240,21 @@ def main() -> None:
         return
     t = result["ttft_ms"]
     print(f"machine: {result['machine']}")
-    print(f"TTFT direct p50 {t['direct_p50']:.3f} ms p99 {t['direct_p99']:.3f} ms | via router p50 "
-          f"{t['router_p50']:.3f} ms p99 {t['router_p99']:.3f} ms | added p50 {t['added_p50']:.3f} ms "
-          f"p99 {t['added_p99']:.3f} ms (target <= 1 ms p99)")
+    print(
+        f"TTFT direct p50 {t['direct_p50']:.3f} ms p99 {t['direct_p99']:.3f} ms | via router p50 "
+        f"{t['router_p50']:.3f} ms p99 {t['router_p99']:.3f} ms | added p50 {t['added_p50']:.3f} ms "
+        f"p99 {t['added_p99']:.3f} ms (target <= 1 ms p99)"
+    )
     for k, v in result["throughput"].items():
-        extra = (f", ratio {v['ratio_vs_direct']:.2f}, router CPU {v['router_cpu_us_per_request']:.0f} us/req"
-                 if "ratio_vs_direct" in v else "")
-        print(f"{k:14s} c={args.concurrency}: {v['req_per_s']:8.0f} req/s ({v['requests']} ok, {v['errors']} "
-              f"errors), p50 {v['p50_ms']:.2f} ms p99 {v['p99_ms']:.2f} ms{extra}")
+        extra = (
+            f", ratio {v['ratio_vs_direct']:.2f}, router CPU {v['router_cpu_us_per_request']:.0f} us/req"
+            if "ratio_vs_direct" in v
+            else ""
+        )
+        print(
+            f"{k:14s} c={args.concurrency}: {v['req_per_s']:8.0f} req/s ({v['requests']} ok, {v['errors']} "
+            f"errors), p50 {v['p50_ms']:.2f} ms p99 {v['p99_ms']:.2f} ms{extra}"
+        )
 
 
 if __name__ == "__main__":

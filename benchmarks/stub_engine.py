@@ -17,9 +17,9 @@ import time
 from aiohttp import web
 
 _METRICS = (
-    "# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.0\n"
-    "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{engine=\"0\"} 0.0\n"
-    "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{engine=\"0\"} 0.0\n"
+    '# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{engine="0"} 0.0\n'
+    '# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{engine="0"} 0.0\n'
+    '# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{engine="0"} 0.0\n'
     'vllm:cache_config_info{block_size="16",kv_cache_size_tokens="300000",num_gpu_blocks="18750"} 1.0\n'
 )
 
@@ -30,15 +30,30 @@ def _chunks(chat: bool, n: int, prompt_tokens: int, include_usage: bool) -> byte
     out = []
     for i in range(n):
         finish = "length" if i == n - 1 else None
-        choice = ({"index": 0, "delta": {"content": " tok"}, "finish_reason": finish} if chat
-                  else {"index": 0, "text": " tok", "finish_reason": finish})
+        choice = (
+            {"index": 0, "delta": {"content": " tok"}, "finish_reason": finish}
+            if chat
+            else {"index": 0, "text": " tok", "finish_reason": finish}
+        )
         out.append({"id": rid, "object": obj, "created": created, "model": "stub", "choices": [choice]})
     if include_usage:
-        out.append({"id": rid, "object": obj, "created": created, "model": "stub", "choices": [],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                              "total_tokens": prompt_tokens + n}})
+        out.append(
+            {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": "stub",
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": n,
+                    "total_tokens": prompt_tokens + n,
+                },
+            }
+        )
     return b"".join(b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n" for c in out) + (
-        b"data: [DONE]\n\n")
+        b"data: [DONE]\n\n"
+    )
 
 
 async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -48,21 +63,35 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     if body.get("stream"):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        await resp.write(_chunks(chat, n, prompt_tokens, bool((body.get("stream_options") or {})
-                                                             .get("include_usage"))))
+        await resp.write(
+            _chunks(chat, n, prompt_tokens, bool((body.get("stream_options") or {}).get("include_usage")))
+        )
         await resp.write_eof()
         return resp
     text = " tok" * n
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"} if chat
-              else {"index": 0, "text": text, "finish_reason": "length"})
-    out = {"id": "stub-1", "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-           "model": "stub", "choices": [choice],
-           "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}}
+    choice = (
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+        if chat
+        else {"index": 0, "text": text, "finish_reason": "length"}
+    )
+    out = {
+        "id": "stub-1",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": "stub",
+        "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n},
+    }
     kv = body.get("kv_transfer_params")
     if isinstance(kv, dict) and kv.get("do_remote_decode"):
-        out["kv_transfer_params"] = {"do_remote_prefill": True, "do_remote_decode": False,
-                                     "remote_engine_id": "stub", "remote_block_ids": [0],
-                                     "remote_host": "127.0.0.1", "remote_port": 0}
+        out["kv_transfer_params"] = {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": "stub",
+            "remote_block_ids": [0],
+            "remote_host": "127.0.0.1",
+            "remote_port": 0,
+        }
     return web.json_response(out)
 
 

@@ -105,8 +105,9 @@ class PinLookup(Protocol):
 class RouterObserver(Protocol):
     """Metrics hooks (the API implements them with prometheus_client)."""
 
-    def turn_done(self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float],
-                  ttfet_s: float | None) -> None: ...
+    def turn_done(
+        self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float], ttfet_s: float | None
+    ) -> None: ...
 
     def kv_transfer(self, prefill_instance: str, decode_instance: str, nbytes: int) -> None: ...
 
@@ -124,8 +125,9 @@ class _NullSink:
 
 
 class _NullObserver:
-    def turn_done(self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float],
-                  ttfet_s: float | None) -> None:
+    def turn_done(
+        self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float], ttfet_s: float | None
+    ) -> None:
         return None
 
     def kv_transfer(self, prefill_instance: str, decode_instance: str, nbytes: int) -> None:
@@ -290,7 +292,9 @@ class Router:
         kv_capacity_tokens: Mapping[str, int] | None = None,
     ) -> None:
         if not engines:
-            raise EngineUnavailable("the fleet has no engines. To fix: list engines or give a plan with instances.")
+            raise EngineUnavailable(
+                "the fleet has no engines. To fix: list engines or give a plan with instances."
+            )
         self.policy = policy
         self.config = config
         self.sink: TurnSink = sink or _NullSink()
@@ -299,8 +303,13 @@ class Router:
         self.clock = clock
         caps = kv_capacity_tokens or {}
         self._instances: dict[str, _Instance] = {
-            iid: _Instance(engine=e, instance_id=iid, role=Role(e.role), tier=e.tier,
-                           kv_capacity_tokens=max(1, int(caps.get(iid, 0) or getattr(e, "kv_capacity_tokens", 1))))
+            iid: _Instance(
+                engine=e,
+                instance_id=iid,
+                role=Role(e.role),
+                tier=e.tier,
+                kv_capacity_tokens=max(1, int(caps.get(iid, 0) or getattr(e, "kv_capacity_tokens", 1))),
+            )
             for iid, e in engines.items()
         }
         self._convs: dict[str, _Conversation] = {}
@@ -318,25 +327,32 @@ class Router:
         return FleetView(tuple(i.view() for i in self._instances.values()), self._pins)
 
     def instance_status(self) -> list[dict[str, Any]]:
-        """Per instance: id, role, tier, health, KV occupancy, queues, pins (for GET /v1/fleet and /metrics)."""
+        """Per instance: id, role, tier, health, KV occupancy, queues, pins (GET /v1/fleet, /metrics)."""
         out = []
         for inst in self._instances.values():
             v = inst.view()
             obs = inst.obs
-            out.append({
-                "instance_id": inst.instance_id, "role": str(inst.role), "tier": inst.tier,
-                "healthy": inst.healthy, "down_reason": inst.down_reason,
-                "kv_capacity_tokens": inst.kv_capacity_tokens, "kv_used_tokens": v.kv_used_tokens,
-                "kv_occupancy": v.kv_occupancy,
-                "engine_kv_usage_frac": obs.kv_usage_frac if obs is not None else None,
-                "running": obs.running if obs is not None else 0,
-                "waiting": obs.waiting if obs is not None else 0,
-                "inflight_requests": inst.inflight_requests,
-                "queued_prefill_tokens": inst.inflight_prefill_tokens,
-                "pinned_conversations": len(inst.pinned), "pinned_tokens": inst.pinned_tokens,
-                "kv_transfers_in": inst.kv_transfers_in,
-                "engine": dict(obs.extra) if obs is not None else {},
-            })
+            out.append(
+                {
+                    "instance_id": inst.instance_id,
+                    "role": str(inst.role),
+                    "tier": inst.tier,
+                    "healthy": inst.healthy,
+                    "down_reason": inst.down_reason,
+                    "kv_capacity_tokens": inst.kv_capacity_tokens,
+                    "kv_used_tokens": v.kv_used_tokens,
+                    "kv_occupancy": v.kv_occupancy,
+                    "engine_kv_usage_frac": obs.kv_usage_frac if obs is not None else None,
+                    "running": obs.running if obs is not None else 0,
+                    "waiting": obs.waiting if obs is not None else 0,
+                    "inflight_requests": inst.inflight_requests,
+                    "queued_prefill_tokens": inst.inflight_prefill_tokens,
+                    "pinned_conversations": len(inst.pinned),
+                    "pinned_tokens": inst.pinned_tokens,
+                    "kv_transfers_in": inst.kv_transfers_in,
+                    "engine": dict(obs.extra) if obs is not None else {},
+                }
+            )
         return out
 
     def ready(self) -> bool:
@@ -348,10 +364,16 @@ class Router:
         if conv is None:
             return None
         return ConversationView(
-            conversation_id=conv.conversation_id, run_id="live", policy=self.policy.name,
+            conversation_id=conv.conversation_id,
+            run_id="live",
+            policy=self.policy.name,
             created_at=_utc(conv.first_arrival_s) or datetime.now(UTC),
-            pinned_instance_id=conv.pins[-1].instance_id if conv.pins else None, pins=tuple(conv.pins),
-            turns=tuple(conv.records), final_turn=conv.final_turn, ttfet_s=conv.ttfet_s, e2e_s=conv.e2e_s,
+            pinned_instance_id=conv.pins[-1].instance_id if conv.pins else None,
+            pins=tuple(conv.pins),
+            turns=tuple(conv.records),
+            final_turn=conv.final_turn,
+            ttfet_s=conv.ttfet_s,
+            e2e_s=conv.e2e_s,
             first_arrival_at=_utc(conv.first_arrival_s),
         )
 
@@ -367,6 +389,7 @@ class Router:
 
     async def poll(self) -> None:
         """Observe every engine (scheduled job): update observations and health."""
+
         async def one(inst: _Instance) -> None:
             try:
                 obs = await asyncio.wait_for(inst.engine.observe(), self.config.observe_timeout_s)
@@ -402,7 +425,7 @@ class Router:
         return assemble_response(inp.kind, chunks, self.config.model_name)
 
     def stream(self, inp: TurnInput) -> AsyncIterator[dict[str, Any]]:
-        """Streaming: chunk dicts for the client. Errors before the first chunk raise from the first anext()."""
+        """Streaming: client chunk dicts; errors before the first chunk raise on the first anext()."""
         return self._run(inp, buffered=False)
 
     async def _conversation_for(self, inp: TurnInput, now_s: float) -> _Conversation:
@@ -461,8 +484,11 @@ class Router:
                     pre.inflight_prefill_tokens += prompt_tokens
                     pre.inflight_requests += 1
                     try:
-                        res = await pre.engine.prefill(EngineRequest(
-                            inp.kind, inp.body, att.request_id + "-p", conv.conversation_id, prompt_tokens))
+                        res = await pre.engine.prefill(
+                            EngineRequest(
+                                inp.kind, inp.body, att.request_id + "-p", conv.conversation_id, prompt_tokens
+                            )
+                        )
                     finally:
                         pre.inflight_prefill_tokens -= prompt_tokens
                         pre.inflight_requests -= 1
@@ -478,8 +504,14 @@ class Router:
                 dec.inflight_prefill_tokens += local_prefill
                 dec.inflight_requests += 1
                 try:
-                    ereq = EngineRequest(inp.kind, body, att.request_id, conv.conversation_id, prompt_tokens,
-                                         kv_transfer_params=kv_params)
+                    ereq = EngineRequest(
+                        inp.kind,
+                        body,
+                        att.request_id,
+                        conv.conversation_id,
+                        prompt_tokens,
+                        kv_transfer_params=kv_params,
+                    )
                     async with contextlib.aclosing(dec.engine.stream(ereq)) as chunks:
                         prev_s = 0.0
                         async for ch in chunks:
@@ -490,9 +522,15 @@ class Router:
                                 if c0.get("finish_reason"):
                                     att.finish_reason = c0["finish_reason"]
                                 delta = c0.get("delta")
-                                produced = (c0.get("text") if delta is None else
-                                            (delta.get("content") or delta.get("tool_calls")
-                                             or delta.get("reasoning_content")))
+                                produced = (
+                                    c0.get("text")
+                                    if delta is None
+                                    else (
+                                        delta.get("content")
+                                        or delta.get("tool_calls")
+                                        or delta.get("reasoning_content")
+                                    )
+                                )
                                 if produced:
                                     if att.first_s is None:
                                         att.first_s = now
@@ -534,7 +572,8 @@ class Router:
                     self.stats["errors"] += 1
                     raise EngineUnavailable(
                         f"engine {failed_on} failed while serving conversation {conv.conversation_id} "
-                        f"turn {turn}" + (" after output was streamed" if att.sent else " (retried once)")
+                        f"turn {turn}"
+                        + (" after output was streamed" if att.sent else " (retried once)")
                         + f": {err}. The conversation is kept; send the turn again to re-place it."
                     ) from err
                 self.stats["retries"] += 1
@@ -608,8 +647,15 @@ class Router:
         self.policy.forget(conv.conversation_id)
 
     # ---- recording ----------------------------------------------------------------------------------
-    def _finish(self, conv: _Conversation, treq: TurnRequest, att: _Attempt, arrival_s: float,
-                status: TurnStatus, client_final: bool) -> None:
+    def _finish(
+        self,
+        conv: _Conversation,
+        treq: TurnRequest,
+        att: _Attempt,
+        arrival_s: float,
+        status: TurnStatus,
+        client_final: bool,
+    ) -> None:
         pl = att.placement
         usage = att.usage or {}
         prompt = int(usage.get("prompt_tokens") or treq.input_tokens)
@@ -621,12 +667,22 @@ class Router:
         is_final = ok and (client_final or natural_final or conv.one_turn)
         dec = self._instances[pl.decode_instance]
         rec = TurnRecord(
-            conversation_id=conv.conversation_id, turn=treq.turn, request_id=att.request_id,
-            instance_id=pl.decode_instance, arrival_at=_utc(arrival_s) or datetime.now(UTC),
-            first_token_at=_utc(att.first_s), last_token_at=_utc(att.last_s),
-            prompt_tokens=prompt, output_tokens=output, finish_reason=att.finish_reason, is_final=is_final,
-            status=status, prefill_instance_id=pl.prefill_instance if pl.remote_prefill else None,
-            remote_prefill=pl.remote_prefill, tier=dec.tier, cached_tokens=min(cached, prompt),
+            conversation_id=conv.conversation_id,
+            turn=treq.turn,
+            request_id=att.request_id,
+            instance_id=pl.decode_instance,
+            arrival_at=_utc(arrival_s) or datetime.now(UTC),
+            first_token_at=_utc(att.first_s),
+            last_token_at=_utc(att.last_s),
+            prompt_tokens=prompt,
+            output_tokens=output,
+            finish_reason=att.finish_reason,
+            is_final=is_final,
+            status=status,
+            prefill_instance_id=pl.prefill_instance if pl.remote_prefill else None,
+            remote_prefill=pl.remote_prefill,
+            tier=dec.tier,
+            cached_tokens=min(cached, prompt),
             policy=self.policy.name,
         )
         self.sink.turn(rec)
@@ -646,8 +702,9 @@ class Router:
                 conv.e2e_s = (att.last_s - conv.first_arrival_s) if att.last_s is not None else None
             if client_final:
                 self._end(conv)
-        self.observer.turn_done(rec, (att.first_s - arrival_s) if att.first_s is not None else None,
-                                att.gaps_s, ttfet)
+        self.observer.turn_done(
+            rec, (att.first_s - arrival_s) if att.first_s is not None else None, att.gaps_s, ttfet
+        )
         if conv.one_turn and (ok or status is TurnStatus.ERROR):
             self._end(conv)
 
@@ -667,8 +724,10 @@ def _max_output(body: Mapping[str, Any]) -> int | None:
 
 def _has_history(inp: TurnInput) -> bool:
     if inp.kind is RequestKind.CHAT:
-        return any(isinstance(m, dict) and m.get("role") in ("assistant", "tool")
-                   for m in inp.body.get("messages") or ())
+        return any(
+            isinstance(m, dict) and m.get("role") in ("assistant", "tool")
+            for m in inp.body.get("messages") or ()
+        )
     return True
 
 
@@ -694,9 +753,10 @@ def assemble_response(kind: RequestKind, chunks: list[dict[str, Any]], model: st
             if delta.get("content"):
                 text.append(delta["content"])
             for tc in delta.get("tool_calls") or ():
-                slot = tool_calls.setdefault(int(tc.get("index", 0)),
-                                             {"id": None, "type": "function",
-                                              "function": {"name": "", "arguments": ""}})
+                slot = tool_calls.setdefault(
+                    int(tc.get("index", 0)),
+                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                )
                 if tc.get("id"):
                     slot["id"] = tc["id"]
                 fn = tc.get("function") or {}
@@ -704,13 +764,22 @@ def assemble_response(kind: RequestKind, chunks: list[dict[str, Any]], model: st
                     slot["function"]["name"] = fn["name"]
                 slot["function"]["arguments"] += fn.get("arguments") or ""
     if kind is RequestKind.COMPLETION:
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_out,
-                "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish, "logprobs": None}],
-                "usage": usage}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model_out,
+            "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish, "logprobs": None}],
+            "usage": usage,
+        }
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text else None}
     if tool_calls:
         message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model_out,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-            "usage": usage}
-
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model_out,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": usage,
+    }

@@ -25,7 +25,9 @@ def serve(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="port to bind"),
     db: str | None = typer.Option(None, "--db", help="ledger URL (default: the fleet's database_url)"),
     policy: str | None = typer.Option(None, "--policy", help="placement policy (default: the fleet's)"),
-    sim_speedup: float = typer.Option(1.0, "--sim-speedup", min=1e-3, help="run simulated engines X times faster"),
+    sim_speedup: float = typer.Option(
+        1.0, "--sim-speedup", min=1e-3, help="run simulated engines X times faster"
+    ),
     served_model_name: str | None = typer.Option(None, "--served-model-name", help="model id clients send"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     json_out: bool = typer.Option(False, "--json", help="print the fleet as JSON before serving"),
@@ -36,15 +38,30 @@ def serve(
     from api.app import create_app
     from orchestrator.runtime import ServeSettings, build_runtime
 
-    settings = ServeSettings(fleet=fleet, plan=plan, host=host, port=port, db=db, policy=policy,
-                             sim_speedup=sim_speedup, served_model_name=served_model_name)
+    settings = ServeSettings(
+        fleet=fleet,
+        plan=plan,
+        host=host,
+        port=port,
+        db=db,
+        policy=policy,
+        sim_speedup=sim_speedup,
+        served_model_name=served_model_name,
+    )
     rt = build_runtime(settings)
     app = create_app(settings, runtime=rt)
     status = rt.router.instance_status()
     if json_out:
-        print_json({"url": f"http://{host}:{port}", "backend": rt.backend, "policy": rt.policy_name,
-                    "model": rt.served_model_name, "fleet_source": rt.fleet_source,
-                    "instances": [{k: s[k] for k in ("instance_id", "role", "tier")} for s in status]})
+        print_json(
+            {
+                "url": f"http://{host}:{port}",
+                "backend": rt.backend,
+                "policy": rt.policy_name,
+                "model": rt.served_model_name,
+                "fleet_source": rt.fleet_source,
+                "instances": [{k: s[k] for k in ("instance_id", "role", "tier")} for s in status],
+            }
+        )
     else:
         from rich.table import Table
 
@@ -55,10 +72,15 @@ def serve(
             table.add_row(s["instance_id"], s["role"], s["tier"], f"{s['kv_capacity_tokens']:,}")
         console.print(table)
         sim_note = " (simulated engines: text is synthetic)" if rt.backend == "sim" else ""
-        console.print(f"serving model [bold]{rt.served_model_name}[/] on http://{host}:{port}/v1{sim_note}; "
-                      f"ledger {settings.db or rt.cfg.database_url}")
+        console.print(
+            f"serving model [bold]{rt.served_model_name}[/] on http://{host}:{port}/v1{sim_note}; "
+            f"ledger {settings.db or rt.cfg.database_url}"
+        )
     uvicorn.run(
-        app, host=host, port=port, log_level=log_level,
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
     )

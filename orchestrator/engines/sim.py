@@ -75,7 +75,9 @@ class WallClock:
 
     def __post_init__(self) -> None:
         if self.speedup <= 0:
-            raise EngineError(f"sim speedup must be > 0, got {self.speedup}. To fix: pass e.g. --sim-speedup 1")
+            raise EngineError(
+                f"sim speedup must be > 0, got {self.speedup}. To fix: pass e.g. --sim-speedup 1"
+            )
 
     def now(self) -> float:
         return time.monotonic()
@@ -223,7 +225,9 @@ class SimEngine:
             "sim_transfer_id": transfer_id,
             "sim_tokens": seq.prompt_tokens,
         }
-        return PrefillResult(kv_transfer_params=params, prompt_tokens=seq.prompt_tokens, transferred_bytes=nbytes)
+        return PrefillResult(
+            kv_transfer_params=params, prompt_tokens=seq.prompt_tokens, transferred_bytes=nbytes
+        )
 
     async def complete(self, req: EngineRequest) -> dict[str, Any]:
         parts: list[str] = []
@@ -263,8 +267,14 @@ class SimEngine:
                 ]
             choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
             obj = "chat.completion"
-        return {"id": rid, "object": obj, "created": created, "model": self.model_name,
-                "choices": [choice], "usage": usage}
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": self.model_name,
+            "choices": [choice],
+            "usage": usage,
+        }
 
     async def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
         self._check_alive()
@@ -315,7 +325,11 @@ class SimEngine:
             finish = "length" if capped else "stop"
         yield chunk({} if chat else "", finish)
         yield {
-            "id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": self.model_name,
+            "choices": [],
             "usage": {
                 "prompt_tokens": seq.prompt_tokens,
                 "completion_tokens": n,
@@ -376,7 +390,8 @@ class SimEngine:
             transfer_id = params.get("sim_transfer_id")
             if not isinstance(transfer_id, str):
                 raise EngineError(
-                    f"engine {self.instance_id}: kv_transfer_params lack 'sim_transfer_id'; a simulated decoder "
+                    f"engine {self.instance_id}: kv_transfer_params lack 'sim_transfer_id'; a simulated "
+                    "decoder "
                     "accepts only handles from a simulated prefiller of the same fleet."
                 )
             handle = self.fabric.claim(transfer_id)
@@ -410,7 +425,9 @@ class SimEngine:
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=f"sim-{self.instance_id}")
+            self._loop_task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"sim-{self.instance_id}"
+            )
 
     def _fail(self, seq: _Seq, message: str) -> None:
         err = EngineError(message)
@@ -425,7 +442,9 @@ class SimEngine:
             need = seq.prompt_tokens + seq.max_out
             if need > self.kv_capacity_tokens:
                 self._waiting.popleft()
-                self._fail(seq, f"prompt of {seq.prompt_tokens} tokens does not fit in {self.instance_id}'s KV")
+                self._fail(
+                    seq, f"prompt of {seq.prompt_tokens} tokens does not fit in {self.instance_id}'s KV"
+                )
                 continue
             free = self.kv_capacity_tokens - self.kv_used_tokens
             while free - sum(self._prefix.values()) < need and self._prefix:

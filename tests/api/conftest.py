@@ -17,8 +17,8 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from orchestrator.config import FleetConfig, parse_fleet
-from orchestrator.runtime import Runtime, ServeSettings, SimInstance, build_runtime
 from orchestrator.fleet import tier_model
+from orchestrator.runtime import Runtime, ServeSettings, SimInstance, build_runtime
 from placement.base import Role
 
 FLEET: dict[str, Any] = {
@@ -46,6 +46,7 @@ class Served:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the server's event loop (engines and router are not thread-safe)."""
+
         async def run() -> Any:
             return fn()
 
@@ -61,13 +62,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(tmp_path: Path, *, speedup: float = 50.0, policy: str | None = None,
-                 instances: Callable[[FleetConfig], list[Any]] | None = paper_instances,
-                 poll_interval_s: float = 0.2) -> tuple[Served, Callable[[], None]]:
+def start_server(
+    tmp_path: Path,
+    *,
+    speedup: float = 50.0,
+    policy: str | None = None,
+    instances: Callable[[FleetConfig], list[Any]] | None = paper_instances,
+    poll_interval_s: float = 0.2,
+) -> tuple[Served, Callable[[], None]]:
     db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
     cfg = parse_fleet(dict(FLEET, database_url=db_url))
-    settings = ServeSettings(fleet=Path("inline"), db=db_url, policy=policy, sim_speedup=speedup,
-                             poll_interval_s=poll_interval_s, ledger_flush_interval_s=0.01)
+    settings = ServeSettings(
+        fleet=Path("inline"),
+        db=db_url,
+        policy=policy,
+        sim_speedup=speedup,
+        poll_interval_s=poll_interval_s,
+        ledger_flush_interval_s=0.01,
+    )
     rt = build_runtime(settings, cfg, instances=instances(cfg) if instances else None)
     app = create_app(settings, runtime=rt)
     port = _free_port()

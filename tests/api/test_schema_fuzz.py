@@ -39,8 +39,16 @@ def test_schema_documents_every_route(served_shared: Any) -> None:
 
     spec = httpx.get(served_shared.base_url + "/openapi.json").json()
     paths = set(spec["paths"])
-    for p in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/conversations/{conversation_id}",
-              "/v1/fleet", "/health", "/ready", "/metrics"):
+    for p in (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/conversations/{conversation_id}",
+        "/v1/fleet",
+        "/health",
+        "/ready",
+        "/metrics",
+    ):
         assert p in paths
     chat = spec["paths"]["/v1/chat/completions"]["post"]
     assert {"200", "400", "404", "503"} <= set(chat["responses"])

@@ -20,21 +20,30 @@ def _client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
-def _turn(client: openai.OpenAI, messages: list[dict[str, Any]], cid: str, *, stream: bool,
-          final: bool = False, max_tokens: int = 16) -> tuple[str, str | None]:
+def _turn(
+    client: openai.OpenAI,
+    messages: list[dict[str, Any]],
+    cid: str,
+    *,
+    stream: bool,
+    final: bool = False,
+    max_tokens: int = 16,
+) -> tuple[str, str | None]:
     headers = {"X-Conversation-Id": cid}
     if final:
         headers["X-Conversation-Final"] = "true"
     if stream:
         text, finish = [], None
-        for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                                    stream=True, extra_headers=headers):
+        for chunk in client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=max_tokens, stream=True, extra_headers=headers
+        ):
             for c in chunk.choices:
                 text.append(c.delta.content or "")
                 finish = c.finish_reason or finish
         return "".join(text), finish
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                       extra_headers=headers)
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=max_tokens, extra_headers=headers
+    )
     return r.choices[0].message.content or "", r.choices[0].finish_reason
 
 
@@ -56,8 +65,10 @@ def _metric(base_url: str, name: str) -> float:
 def test_three_turn_conversation_is_prefilled_remotely_then_pinned(served: Any, stream: bool) -> None:
     client = _client(served.base_url)
     cid = f"conv-{'sse' if stream else 'json'}"
-    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM},
-                                      {"role": "user", "content": "Fix the failing test."}]
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Fix the failing test."},
+    ]
     for k in range(1, 4):
         text, finish = _turn(client, messages, cid, stream=stream, final=(k == 3))
         assert text.startswith("[simulated]")  # synthetic text says so
@@ -120,11 +131,14 @@ def test_tool_call_turn_is_not_final_but_stop_turn_is(served: Any) -> None:
     cid = "conv-tools"
     tools = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]
     msgs: list[dict[str, Any]] = [{"role": "user", "content": "list files"}]
-    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=tools, max_tokens=4,
-                                       extra_headers={"X-Conversation-Id": cid})
+    r = client.chat.completions.create(
+        model=MODEL, messages=msgs, tools=tools, max_tokens=4, extra_headers={"X-Conversation-Id": cid}
+    )
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls
-    msgs += [r.choices[0].message.model_dump(exclude_none=True),
-             {"role": "tool", "tool_call_id": r.choices[0].message.tool_calls[0].id, "content": "a b c"}]
+    msgs += [
+        r.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": r.choices[0].message.tool_calls[0].id, "content": "a b c"},
+    ]
     # no max_tokens: the simulated model stops by itself ("stop", no tool calls) -> a final turn
     r2 = client.chat.completions.create(model=MODEL, messages=msgs, extra_body={"conversation_id": cid})
     assert r2.choices[0].finish_reason == "stop"
@@ -200,8 +214,10 @@ def test_no_healthy_decoder_gives_503_with_openai_error(served: Any) -> None:
         if "decode" in iid:
             served.call(eng.kill)
     served.acall(served.runtime.router.poll())
-    r = httpx.post(served.base_url + "/v1/chat/completions",
-                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        served.base_url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "engine_unavailable"
     assert httpx.get(served.base_url + "/ready").status_code == 503
