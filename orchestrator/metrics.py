@@ -145,21 +145,36 @@ def geomean(vals: Iterable[float]) -> float:
 
 
 def conversation_energy_j(result: SimResult) -> dict[str, float]:
-    """Busy energy of each window split among its turns by work share.
+    """Busy energy of each window split among its turns by work share; the parts sum to the busy energy.
 
     A prefill token weighs as much as a decode token here (the energy ledger does the tier-model-weighted
-    attribution). Idle energy is excluded.
+    attribution). Busy energy of a window in which no step ended (a long step spanning it) is carried to the
+    instance's next window with work (or back to its last one). Idle energy is excluded.
     """
     out: dict[str, float] = {}
+    per_inst: dict[str, list] = {}
     for w in result.energy_windows:
-        busy = w.energy_j - w.idle_energy_j
-        total = sum(x.prefill_tokens + x.decode_tokens for x in w.work)
-        if total <= 0 or busy <= 0:
-            continue
-        for x in w.work:
-            out[x.conversation_id] = out.get(x.conversation_id, 0.0) + busy * (
-                (x.prefill_tokens + x.decode_tokens) / total
-            )
+        per_inst.setdefault(w.instance_id, []).append(w)
+    for wins in per_inst.values():
+        wins.sort(key=lambda w: w.start_s)
+        carry = 0.0
+        last_work = None
+        for w in wins:
+            busy = w.energy_j - w.idle_energy_j + carry
+            total = sum(x.prefill_tokens + x.decode_tokens for x in w.work)
+            if total <= 0:
+                carry = busy
+                continue
+            carry = 0.0
+            last_work = (w, total)
+            for x in w.work:
+                share = busy * (x.prefill_tokens + x.decode_tokens) / total
+                out[x.conversation_id] = out.get(x.conversation_id, 0.0) + share
+        if carry and last_work is not None:
+            w, total = last_work
+            for x in w.work:
+                share = carry * (x.prefill_tokens + x.decode_tokens) / total
+                out[x.conversation_id] = out.get(x.conversation_id, 0.0) + share
     return out
 
 

@@ -334,6 +334,7 @@ class _Sim:
         self.clock = VirtualClock()
         self.heap: list[tuple[float, int, int, Any, Any]] = []
         self.order = 0
+        self.calls = 0
         self.key = 0
         self.pins: dict[str, str] = {}
         self.decisions: list[Decision] = []
@@ -368,6 +369,10 @@ class _Sim:
     def _push(self, t: float, kind: int, a: Any, b: Any) -> None:
         self.order += 1
         heapq.heappush(self.heap, (t, self.order, kind, a, b))
+
+    def _next_call(self) -> int:
+        self.calls += 1
+        return self.calls
 
     def _new_seq(self, ts: _TurnState, kind: int) -> _Seq:
         self.key += 1
@@ -430,9 +435,9 @@ class _Sim:
         if self.opts.record_views:
             snap = FleetView(view.instances, {conv.conversation_id: self.pins[conv.conversation_id]}
                              if conv.conversation_id in self.pins else {})
-            self.decisions.append(Decision(t, req, pl, snap))
+            self.decisions.append(Decision(t, req, pl, snap, self._next_call()))
         else:
-            self.decisions.append(Decision(t, req, pl))
+            self.decisions.append(Decision(t, req, pl, None, self._next_call()))
         self._apply(ts, pl, t)
 
     def _instance(self, iid: str, what: str) -> _Instance:
@@ -700,7 +705,8 @@ class _Sim:
         inst.dirty = True
         cid = conv.conversation_id
         self.policy.observe_turn_end(cid, ts.turn, ts.output_tokens)
-        self.feedback.append(Feedback(t, cid, ts.turn, ts.output_tokens))
+        final = ts.turn >= len(conv.turns)
+        self.feedback.append(Feedback(t, cid, ts.turn, ts.output_tokens, final, self._next_call()))
         if ts.turn < len(conv.turns):
             gap = conv.turns[ts.turn].tool_gap_s
             if gap > 0:

@@ -97,6 +97,7 @@ class Decision:
     turn: TurnRequest
     placement: Placement
     view: FleetView | None = None  # recorded only with record_views=True
+    order: int = 0  # position among all policy calls (place, observe_turn_end) of the run
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,8 @@ class Feedback:
     conversation_id: str
     turn: int
     output_tokens: int
+    final: bool = False  # the conversation ended: forget() was called right after observe_turn_end()
+    order: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,446 @@
+"""`orchestrator simulate` and `orchestrator compare`: run policies on a fleet in the simulator.
+
+Thin edge over orchestrator.sim and orchestrator.metrics: parses options, shows a progress bar and tables,
+writes per-conversation CSV/JSON and PNG plots (matplotlib, Agg). Errors are one line with exit code 1.
+Every latency and energy figure printed here is simulated/modelled, not measured; the output says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from orchestrator.cli.common import console, fail, handle_errors, print_json
+from orchestrator.config import FleetConfig, load_fleet
+from orchestrator.fleet import InstanceSpec, Plan, load_plan
+from orchestrator.metrics import (
+    TOKENS_COUNTED,
+    Convention,
+    SloSpec,
+    StandaloneCache,
+    Summary,
+    conversation_metrics,
+    conversation_row,
+    summarize,
+)
+from orchestrator.sim.fleet import (
+    build_instances,
+    fleet_workload,
+    reference_tier_model,
+    simulate_fleet,
+    unallocated_idle_w,
+)
+from orchestrator.workload import ConversationSpec
+from placement.policies import POLICY_NAMES, make_policy
+from tiers.errors import ConfigError, SimulationError
+
+JSON_SCHEMA_VERSION = 1
+DEFAULT_MISPREDICT_RATE = 0.1  # the paper's AMPD emulation injected 10% mispredictions (DESIGN.md s5)
+
+
+def _policy_options(policy: str, mispredict_rate: float | None, threshold: int | None) -> dict[str, Any]:
+    key = policy.replace("_", "-").lower()
+    if key == "per-turn":
+        return {"mispredict_rate": DEFAULT_MISPREDICT_RATE if mispredict_rate is None else mispredict_rate}
+    if key == "conserve" and threshold is not None:
+        return {"local_prefill_below_tokens": threshold}
+    return {}
+
+
+def colocated_layout(instances: Sequence[InstanceSpec]) -> str:
+    """The same GPUs as `instances`, every one a colocated instance at TDP."""
+    per_tier: dict[str, int] = {}
+    for i in instances:
+        per_tier[i.tier] = per_tier.get(i.tier, 0) + i.gpus
+    return ",".join(f"{t}.colocated={n}" for t, n in per_tier.items())
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _summary_table(rows: list[tuple[str, float | None, Summary]], title: str) -> Table:
+    t = Table(
+        title=title, title_justify="left", caption="x: p95 slowdown; TTFET s: p95; TBT ms: mean last turn"
+    )
+    cols = (
+        "policy",
+        "rate",
+        "TTFETx",
+        "TBTx",
+        "E2Ex",
+        "viol%",
+        "TTFET s",
+        "TBT ms",
+        "tok/J",
+        "kJ",
+        "xfers",
+        "util",
+    )
+    for c in cols:
+        t.add_column(c, justify="left" if c == "policy" else "right", no_wrap=c == "policy")
+    for label, rate, s in rows:
+        u = s.utilisation_by_role
+        util = "/".join(f"{u[r]:.0%}" for r in ("prefill", "decode", "colocated") if r in u)
+        t.add_row(
+            label,
+            _fmt(rate, ".3g"),
+            _fmt(s.ttfet_slowdown["p95"]),
+            _fmt(s.tbt_slowdown["p95"]),
+            _fmt(s.e2e_slowdown["p95"]),
+            _fmt(s.slo_violation_pct, ".1f"),
+            _fmt(s.ttfet_s["p95"]),
+            _fmt(s.tbt_mean_ms["mean"], ".1f"),
+            _fmt(s.tokens_per_j),
+            _fmt(s.energy_j / 1e3, ",.1f"),
+            str(s.kv_transfers),
+            util,
+        )
+    return t
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _out_dir(out: Path | None) -> Path | None:
+    if out is None:
+        return None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a directory. To fix: pass a directory path.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _load(fleet: Path, plan_file: Path | None) -> tuple[FleetConfig, Plan | None]:
+    cfg = load_fleet(fleet)
+    plan = load_plan(plan_file) if plan_file is not None else None
+    return cfg, plan
+
+
+def _run_one(
+    cfg: FleetConfig,
+    plan: Plan | None,
+    layout: str | None,
+    policy: str,
+    convs: list[ConversationSpec],
+    seed: int,
+    opts: dict[str, Any],
+    standalone: StandaloneCache | None,
+    convention: Convention,
+    energy_window_s: float | None,
+    progress: Any = None,
+) -> tuple[Summary, list[dict[str, Any]], list[InstanceSpec]]:
+    res, insts = simulate_fleet(
+        cfg,
+        plan,
+        policy,
+        None,
+        layout=layout,
+        seed=seed,
+        conversations=convs,
+        policy_options=opts,
+        energy_window_s=energy_window_s,
+        progress=progress,
+    )
+    mets = conversation_metrics(res, convs, standalone, SloSpec.from_config(cfg.slo), convention)
+    summ = summarize(res, mets, convention, unallocated_idle_w(cfg, insts))
+    return summ, [conversation_row(m) for m in mets], insts
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("simulate")
+    @handle_errors
+    def simulate(
+        fleet: Path = typer.Option(..., "--fleet", help="fleet.yaml"),
+        plan_file: Path | None = typer.Option(
+            None, "--plan", help="plan file from `orchestrator plan --out`"
+        ),
+        layout: str | None = typer.Option(
+            None, "--layout", help="explicit instances, e.g. 'prefill=1,decode=3@200' or 'colocated=4'"
+        ),
+        policy: str | None = typer.Option(None, "--policy", help=f"one of {', '.join(POLICY_NAMES)}"),
+        rate: float | None = typer.Option(
+            None, "--rate", help="conversations/s (Poisson); default: the file's"
+        ),
+        seed: int = typer.Option(0, "--seed", help="seed of arrivals and of the per-turn policy's errors"),
+        conversations: int | None = typer.Option(None, "--conversations", help="override workload size"),
+        max_turns: int | None = typer.Option(None, "--max-turns", help="cap turns per conversation"),
+        mispredict_rate: float | None = typer.Option(
+            None,
+            "--mispredict-rate",
+            help="per-turn: injected misprediction rate (default 0.1, as the paper)",
+        ),
+        threshold: int | None = typer.Option(
+            None, "--local-prefill-below", help="conserve: turn-1 prompts shorter than this prefill locally"
+        ),
+        convention: Convention = typer.Option(Convention.HONEST, "--convention", help="honest or artifact"),
+        energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
+        no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
+        json_out: bool = typer.Option(False, "--json", help="print JSON for scripts"),
+        out: Path | None = typer.Option(
+            None, "--out", help="directory for conversations.csv and summary.json"
+        ),
+    ) -> None:
+        """Simulate one policy on a fleet (virtual time) and report latency, SLOs and tokens/J (modelled)."""
+        cfg, plan = _load(fleet, plan_file)
+        pol = policy or cfg.policy
+        make_policy(pol, **_policy_options(pol, mispredict_rate, threshold))  # validate early
+        out_dir = _out_dir(out)
+        convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
+        sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg))
+        opts = _policy_options(pol, mispredict_rate, threshold)
+        if json_out:
+            summ, rows, insts = _run_one(
+                cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window
+            )
+        else:
+            with Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            ) as prog:
+                task = prog.add_task(f"simulating {pol}", total=len(convs))
+
+                def tick(done: int, total: int) -> None:
+                    prog.update(task, completed=done)
+
+                summ, rows, insts = _run_one(
+                    cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, tick
+                )
+        doc = {
+            "schema_version": JSON_SCHEMA_VERSION,
+            "note": "simulated latencies; energy modelled by the tier power model, not measured",
+            "policy": pol,
+            "policy_options": opts,
+            "rate_per_s": rate if rate is not None else cfg.workload.arrival_rate_per_s,
+            "seed": seed,
+            "instances": [
+                {"id": i.instance_id, "tier": i.tier, "role": str(i.role), "tier_model": i.tier_model.name}
+                for i in insts
+            ],
+            "summary": summ.to_dict(),
+        }
+        if out_dir is not None:
+            _write_rows(out_dir / "conversations.csv", rows)
+            (out_dir / "summary.json").write_text(json.dumps(_clean(doc), indent=2, default=str))
+        if json_out:
+            doc["conversations"] = rows
+            print_json(_clean(doc))
+            return
+        lay = ", ".join(f"{i.instance_id} ({i.tier_model.name})" for i in insts)
+        console.print(f"[bold]{pol}[/] on {len(insts)} instances: {lay}", highlight=False, soft_wrap=True)
+        console.print(
+            _summary_table([(pol, doc["rate_per_s"], summ)], f"Simulated ({convention} convention)")
+        )
+        console.print(
+            f"tokens/J counts {TOKENS_COUNTED}; every GPU billed, idle ones included "
+            f"(energy modelled, not measured). SLO: slowdown > 5 on TTFET, mean last-turn TBT or E2E vs "
+            f"the conversation alone on an idle {reference_tier_model(cfg).name}.",
+            style="dim",
+        )
+        if summ.policy_stats:
+            ps = summ.policy_stats
+            console.print(
+                f"per-turn predictor: {ps.get('predictions', 0)} predictions, mean |error| "
+                f"{ps.get('mean_abs_error_tokens', 0):.1f} tokens ({ps.get('mean_abs_pct_error', 0):.0%}), "
+                f"{ps.get('injected_mispredictions', 0)} injected mispredictions, "
+                f"{ps.get('migrations', 0)} migrations."
+            )
+        if out_dir is not None:
+            console.print(f"Wrote {out_dir / 'conversations.csv'} and {out_dir / 'summary.json'}")
+
+    @app.command("compare")
+    @handle_errors
+    def compare(
+        fleet: Path = typer.Option(..., "--fleet", help="fleet.yaml"),
+        policies: str = typer.Option("conserve,per-turn,full-disagg,colocated", "--policies"),
+        rates: str | None = typer.Option(None, "--rates", help="comma-separated conversations/s"),
+        plan_file: Path | None = typer.Option(
+            None, "--plan", help="plan file for the disaggregated policies"
+        ),
+        layout: str | None = typer.Option(
+            None, "--layout", help="instances for the disaggregated policies, e.g. 'prefill=1,decode=3'"
+        ),
+        colocated: str | None = typer.Option(
+            None,
+            "--colocated-layout",
+            help="instances for colocated/round-robin/kv-aware (default: same GPUs)",
+        ),
+        decode_caps: str | None = typer.Option(
+            None, "--decode-caps", help="extra power configurations: decoder caps in W, e.g. '200'"
+        ),
+        seed: int = typer.Option(0, "--seed"),
+        conversations: int | None = typer.Option(None, "--conversations"),
+        max_turns: int | None = typer.Option(None, "--max-turns"),
+        mispredict_rate: float | None = typer.Option(None, "--mispredict-rate"),
+        convention: Convention = typer.Option(Convention.HONEST, "--convention"),
+        json_out: bool = typer.Option(False, "--json"),
+        out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
+    ) -> None:
+        """Compare policies across arrival rates (and decoder power caps) in the simulator."""
+        cfg, plan = _load(fleet, plan_file)
+        pols = [p.strip() for p in policies.split(",") if p.strip()]
+        for p in pols:
+            make_policy(p, **_policy_options(p, mispredict_rate, None))
+        try:
+            rate_list = (
+                [float(r) for r in rates.split(",") if r.strip()]
+                if rates
+                else [cfg.workload.arrival_rate_per_s]
+            )
+            caps = [float(c) for c in decode_caps.split(",") if c.strip()] if decode_caps else []
+        except ValueError:
+            fail("--rates and --decode-caps take comma-separated numbers, e.g. --rates 0.5,1,1.634")
+            return
+        if any(not r > 0 for r in rate_list):
+            fail("--rates must be > 0 conversations/s")
+        out_dir = _out_dir(out)
+        disagg_insts = build_instances(cfg, plan, layout)
+        coloc = colocated_layout(disagg_insts) if colocated is None else colocated
+        base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
+        sa = StandaloneCache(reference_tier_model(cfg))
+        configs: list[tuple[str, str, str | None, Plan | None]] = []  # label, policy, layout, plan
+        for p in pols:
+            key = p.replace("_", "-").lower()
+            if key in ("colocated", "round-robin", "kv-aware"):
+                configs.append((key, key, coloc, None))
+            else:
+                configs.append((key, key, layout, plan))
+                for cap in caps:
+                    configs.append((f"{key}@{cap:g}W", key, _capped_layout(disagg_insts, cap), None))
+        from orchestrator.workload import poisson_arrivals
+
+        results: list[dict[str, Any]] = []
+        table_rows: list[tuple[str, float | None, Summary]] = []
+        all_rows: list[dict[str, Any]] = []
+        total = len(configs) * len(rate_list)
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=json_out,
+        ) as prog:
+            task = prog.add_task("simulating", total=total)
+            for rate in rate_list:
+                convs = poisson_arrivals(base_convs, rate, seed)
+                for label, pol, lay, pl in configs:
+                    prog.update(task, description=f"{label} @ {rate:g} conv/s")
+                    summ, rows, _ = _run_one(
+                        cfg,
+                        pl,
+                        lay,
+                        pol,
+                        convs,
+                        seed,
+                        _policy_options(pol, mispredict_rate, None),
+                        sa,
+                        convention,
+                        1.0 if out_dir is not None else None,
+                    )
+                    table_rows.append((label, rate, summ))
+                    results.append(
+                        {"config": label, "policy": pol, "rate_per_s": rate, "summary": summ.to_dict()}
+                    )
+                    for r in rows:
+                        all_rows.append({"config": label, "rate_per_s": rate, **r})
+                    prog.advance(task)
+        doc = {
+            "schema_version": JSON_SCHEMA_VERSION,
+            "note": "simulated latencies; energy modelled by the tier power model, not measured",
+            "tokens_counted": TOKENS_COUNTED,
+            "convention": str(convention),
+            "runs": results,
+        }
+        if out_dir is not None:
+            _write_rows(out_dir / "conversations.csv", all_rows)
+            (out_dir / "compare.json").write_text(json.dumps(_clean(doc), indent=2, default=str))
+            _plots(out_dir, table_rows)
+        if json_out:
+            print_json(_clean(doc))
+            return
+        console.print(_summary_table(table_rows, f"Policies x rates (simulated, {convention} convention)"))
+        console.print(
+            f"x = slowdown vs the conversation alone on an idle {reference_tier_model(cfg).name}; tokens/J "
+            f"counts {TOKENS_COUNTED}, every GPU billed (modelled energy).",
+            style="dim",
+        )
+        if out_dir is not None:
+            console.print(f"Wrote {out_dir}/conversations.csv, compare.json and PNG plots")
+
+
+def _capped_layout(instances: Sequence[InstanceSpec], cap_w: float) -> str:
+    """The same instances with every decoder capped at `cap_w` (prefillers and colocated untouched)."""
+    counts: dict[tuple[str, str, float | None], int] = {}
+    for i in instances:
+        c = cap_w if str(i.role) == "decode" else i.tier_model.power_cap_w
+        counts[(i.tier, str(i.role), c)] = counts.get((i.tier, str(i.role), c), 0) + 1
+    if not any(r == "decode" for _, r, _ in counts):
+        raise SimulationError("--decode-caps needs decode instances in the layout or plan.")
+    return ",".join(f"{t}.{r}={n}" + (f"@{c:g}" if c is not None else "") for (t, r, c), n in counts.items())
+
+
+def _plots(out_dir: Path, rows: list[tuple[str, float | None, Summary]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({r[0] for r in rows}, key=[r[0] for r in rows].index)
+    for metric, fname, ylabel in (
+        ("ttfet_slowdown", "ttfet_p95_slowdown.png", "p95 TTFET slowdown (x standalone)"),
+        ("tbt_slowdown", "tbt_p95_slowdown.png", "p95 last-turn mean TBT slowdown"),
+        ("e2e_slowdown", "e2e_p95_slowdown.png", "p95 E2E slowdown"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for lab in labels:
+            pts = [(r[1], getattr(r[2], metric)["p95"]) for r in rows if r[0] == lab]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
+        ax.set_xlabel("arrival rate (conversations/s)")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.axhline(5.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title("simulated")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=120)
+        plt.close(fig)
+    top = max(r[1] or 0 for r in rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    vals = [(r[0], r[2].tokens_per_j) for r in rows if r[1] == top]
+    ax.bar([v[0] for v in vals], [v[1] for v in vals])
+    ax.set_ylabel("tokens/J (modelled, idle GPUs billed)")
+    ax.set_title(f"tokens per joule at {top:g} conv/s")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "tokens_per_j.png", dpi=120)
+    plt.close(fig)
