@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 # Virtual second 0 of a simulation is written as this UTC instant unless the caller chooses another.
 SIM_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+UNALLOCATED_ENGINE = "unallocated"  # pseudo-engine of a simulated fleet's unused GPUs, billed idle
+UNALLOCATED_TIER = "unallocated (idle)"  # the simulator's label for them (orchestrator/metrics.py)
 
 
 # ---- the one shared step ------------------------------------------------------------------------------
@@ -92,13 +94,21 @@ def write_simulation(
     tier_models: Mapping[str, Any] | None = None,
     label: str | None = None,
     write_samples: bool = True,
+    unallocated_idle_w: float = 0.0,
+    metrics: Sequence[Any] | None = None,
 ) -> SimulationWriteSummary:
     """Write one simulator run (orchestrator.sim.result.SimResult) into ``ledger`` as run ``run_id``.
 
     Virtual time t (s) is written as ``epoch + t``. Energy rows are ``modelled``. ``tier_models`` (tier
     model name -> tiers.perf.TierModel) sets the per-phase work weights; without it prefill and decode tokens
-    weigh the same. Raises EnergyError if the windows do not add up to the simulator's per-instance energy.
+    weigh the same. ``unallocated_idle_w`` (orchestrator.sim.fleet.unallocated_idle_w: GPUs of the fleet no
+    instance uses, billed idle) becomes one idle row of engine ``unallocated`` over the whole run, so the
+    ledger's energy is that of all GPUs, as the simulator's tokens/J counts it. Raises EnergyError if the
+    windows do not add up to the simulator's per-instance energy. ``metrics``
+    (orchestrator.metrics.conversation_metrics) adds TTFET/E2E/TBT slowdowns, in the metrics' convention.
     """
+    if unallocated_idle_w < 0:
+        raise EnergyError(f"unallocated_idle_w must be >= 0 W, got {unallocated_idle_w}")
     if ledger.run_id != run_id:
         ledger = Ledger(ledger.url, run_id=run_id, policy=policy, kind=RunKind.SIMULATE)
         own = True
@@ -106,7 +116,17 @@ def write_simulation(
         own = False
     try:
         return _write_simulation(
-            ledger, sim_result, policy, run_id, epoch, idle, tier_models or {}, label, write_samples
+            ledger,
+            sim_result,
+            policy,
+            run_id,
+            epoch,
+            idle,
+            tier_models or {},
+            label,
+            write_samples,
+            unallocated_idle_w,
+            metrics,
         )
     finally:
         if own:
@@ -127,6 +147,8 @@ def _write_simulation(
     tier_models: Mapping[str, Any],
     label: str | None,
     write_samples: bool,
+    unallocated_idle_w: float = 0.0,
+    metrics: Sequence[Any] | None = None,
 ) -> SimulationWriteSummary:
     ledger.upgrade()
     existing = [r for r in ledger.runs() if r.run_id == run_id]
@@ -165,14 +187,27 @@ def _write_simulation(
             )
         )
     ledger.record_turns(turns)
-    ledger.record_conversations(
-        [
-            ConversationSummary(
+    by_id = {m.conversation_id: m for m in (metrics or ())}
+
+    def summary(c: Any) -> ConversationSummary:
+        m = by_id.get(c.conversation_id)
+        if m is None:
+            return ConversationSummary(
                 c.conversation_id, policy, _at(epoch, c.arrival_s), c.turns, c.ttfet_s, c.e2e_s
             )
-            for c in res.conversations
-        ]
-    )
+        return ConversationSummary(
+            c.conversation_id,
+            policy,
+            _at(epoch, c.arrival_s),
+            c.turns,
+            m.ttfet_s,
+            m.e2e_s,
+            m.ttfet_slowdown,
+            m.e2e_slowdown,
+            m.tbt_slowdown,
+        )
+
+    ledger.record_conversations([summary(c) for c in res.conversations])
 
     weights = {name: tier_phase_weights(tm) for name, tm in tier_models.items()}
     intervals = list(_sim_intervals(res, epoch, weights, inst_tier))
@@ -186,6 +221,19 @@ def _write_simulation(
                 f"simulator energy windows of {inst} sum to {got.get(inst, 0.0)} J but the "
                 f"instance reports {e} J; cannot write a conserving ledger"
             )
+    if unallocated_idle_w > 0 and res.makespan_s > 0:
+        intervals.append(
+            EngineInterval(
+                UNALLOCATED_ENGINE,
+                epoch,
+                _at(epoch, res.makespan_s),
+                unallocated_idle_w * res.makespan_s,
+                unallocated_idle_w * res.makespan_s,
+                (),
+                Source.MODELLED,
+                UNALLOCATED_TIER,
+            )
+        )
     n_rows = account(ledger, intervals, idle)
 
     n_samples = 0
