@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,6 +46,52 @@ class LivePair:
     model_dir: Path
     served_model: str
     startup_s: float
+
+
+def tiny_fleet(pair: LivePair, db: Path, profile: Path | None = None) -> dict[str, Any]:
+    """fleet.yaml (as a dict) for the live pair: the tiny model inline and a placeholder CPU tier."""
+    # The tiny test model (orchestrator/engines/tiny_model.py), float32 on the CPU engines.
+    model = {
+        "name": pair.served_model,
+        "layers": 2,
+        "hidden_size": 64,
+        "attention_heads": 2,
+        "kv_heads": 2,
+        "head_dim": 32,
+        "params": 202688,
+        "dtype_bytes": 4,
+        "max_context_tokens": 1024,
+    }
+    # Placeholder tier for one CPU core: only the tier model reads these numbers (the router replaces its KV
+    # capacity with the engine's vllm:cache_config_info report); none of them is a measurement.
+    core = {
+        "name": "cpu-core",
+        "bf16_dense_tflops": 0.1,
+        "memory_gb": 8,
+        "memory_bandwidth_gbps": 10,
+        "tdp_w": 15,
+        "idle_w": 5,
+    }
+    tier: dict[str, Any] = {"name": "cpu", "count": 2, "gpu": core}
+    if profile is not None:
+        tier["profile"] = str(profile)
+    return {
+        "model": model,
+        "tiers": [tier],
+        "backend": "vllm",
+        "policy": "conserve",
+        "database_url": f"sqlite:///{db}",
+        "engines": [
+            {"id": "p0", "tier": "cpu", "role": "prefill", "url": pair.prefill.url},
+            {"id": "d0", "tier": "cpu", "role": "decode", "url": pair.decode.url},
+        ],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def fleet_for() -> Callable[..., dict[str, Any]]:
+    """The tiny_fleet builder, as a fixture (test modules must not import conftest)."""
+    return tiny_fleet
 
 
 @pytest.fixture(scope="session")

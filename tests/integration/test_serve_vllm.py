@@ -17,7 +17,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,32 +53,11 @@ def d(after: EngineObservation, before: EngineObservation, key: str) -> float:
     return float(getattr(after, key)) - float(getattr(before, key))
 
 
-def fleet_yaml(pair: Any, db: Path) -> dict[str, Any]:
-    # The tiny test model (orchestrator/engines/tiny_model.py), float32 on the CPU engines.
-    model = {"name": pair.served_model, "layers": 2, "hidden_size": 64, "attention_heads": 2, "kv_heads": 2,
-             "head_dim": 32, "params": 202688, "dtype_bytes": 4, "max_context_tokens": 1024}
-    # Placeholder tier for one CPU core: only the placement policy's tier model reads these numbers (KV
-    # capacity is replaced by the engine's own vllm:cache_config_info report); nothing here is measured.
-    core = {"name": "cpu-core", "bf16_dense_tflops": 0.1, "memory_gb": 8, "memory_bandwidth_gbps": 10,
-            "tdp_w": 15, "idle_w": 5}
-    return {
-        "model": model,
-        "tiers": [{"name": "cpu", "count": 2, "gpu": core}],
-        "backend": "vllm",
-        "policy": "conserve",
-        "database_url": f"sqlite:///{db}",
-        "engines": [
-            {"id": "p0", "tier": "cpu", "role": "prefill", "url": pair.prefill.url},
-            {"id": "d0", "tier": "cpu", "role": "decode", "url": pair.decode.url},
-        ],
-    }  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def serve_url(vllm_pair: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def serve_url(vllm_pair: Any, fleet_for: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("serve")
     fleet = tmp / "fleet.yaml"
-    fleet.write_text(yaml.safe_dump(fleet_yaml(vllm_pair, tmp / "ledger.db")))
+    fleet.write_text(yaml.safe_dump(fleet_for(vllm_pair, tmp / "ledger.db")))
     port = free_port()
     log = tmp / "serve.log"
     argv = [sys.executable, "-c", "from orchestrator.cli import main; main()", "serve", "--fleet", str(fleet),

@@ -1,0 +1,169 @@
+"""The profiler's sweep core, driven by a virtual engine in virtual time (no HTTP, no sleeping, no mocks).
+
+The virtual engine answers with latencies from a known law and advances a shared clock by them; meters read
+that clock: a constant-power "measured" meter (a real Meter implementation) and the energy helper's
+ModelMeter. The live vLLM path is covered by tests/integration/test_profile_vllm.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from energy.meters import Meter, MeterReading, ModelMeter
+from energy.records import Source
+from tiers.catalog import get_gpu
+from tiers.errors import ProfileError
+from tiers.models import get_model
+from tiers.perf import TierModel
+from tiers.profiler import ActivityLog, SweepPlan, build_profile, run_sweep
+from tiers.profiles import apply_profile, parse_profile, profile_to_dict
+
+STEP_BASE_S, STEP_PER_SEQ_S = 0.010, 0.0005  # the virtual engine's decode law
+PREFILL_BASE_S, PREFILL_PER_TOKEN_S = 0.050, 0.0001  # unlike any catalog tier's roofline
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.t = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += timedelta(seconds=s)
+
+
+class VirtualEngine:
+    max_model_len_tokens = 4096
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.clock = clock
+        self.calls: list[tuple[str, int, int, int]] = []
+
+    async def prefill_once(self, new_tokens: int) -> float:
+        s = PREFILL_BASE_S + PREFILL_PER_TOKEN_S * new_tokens
+        self.clock.advance(s)
+        self.calls.append(("prefill", 1, new_tokens, 1))
+        return s
+
+    async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
+        s = PREFILL_BASE_S + PREFILL_PER_TOKEN_S * prompt_tokens * batch
+        s += (output_tokens - 1) * (STEP_BASE_S + STEP_PER_SEQ_S * batch)
+        self.clock.advance(s)
+        self.calls.append(("batch", batch, prompt_tokens, output_tokens))
+        return s
+
+
+class ConstantPowerMeter:
+    """A Meter whose GPU draws `power_w` all the time (stands for a hardware counter)."""
+
+    source = Source.MEASURED
+
+    def __init__(self, clock: VirtualClock, power_w: float) -> None:
+        self.meter_id, self.gpu_indices, self.clock, self.power_w = "const", (0,), clock, power_w
+        self.t0 = clock()
+
+    def read(self) -> MeterReading:
+        return MeterReading(self.clock(), {0: (self.clock() - self.t0).total_seconds() * self.power_w})
+
+    def close(self) -> None:
+        return None
+
+
+PLAN = SweepPlan(prefill_lengths_tokens=(64, 512), decode_batches=(1, 8), decode_contexts_tokens=(256, 2048),
+                 decode_steps=16, repeats=2, idle_s=0.0)  # fmt: skip
+
+
+async def test_measured_meter_points_follow_the_engine() -> None:
+    clock = VirtualClock()
+    eng = VirtualEngine(clock)
+    meter = ConstantPowerMeter(clock, power_w=100.0)
+    assert isinstance(meter, Meter)
+    res = await run_sweep(eng, meter, PLAN, energy_measured=True)
+    assert [p.new_tokens for p in res.prefill] == [64, 512]
+    for p in res.prefill:
+        expect_s = PREFILL_BASE_S + PREFILL_PER_TOKEN_S * p.new_tokens
+        assert p.latency_ms == pytest.approx(expect_s * 1e3, abs=1e-3)
+        assert p.energy_j == pytest.approx(100.0 * expect_s, rel=1e-4)  # power x time
+        assert p.cached_tokens == 0
+    assert {(d.batch) for d in res.decode} == {1, 8}
+    for d in res.decode:
+        expect = STEP_BASE_S + STEP_PER_SEQ_S * d.batch
+        assert d.step_ms == pytest.approx(expect * 1e3, abs=1e-3)  # prefill and overheads cancel
+        assert d.energy_j == pytest.approx(100.0 * expect, rel=1e-4)
+    # context recorded is the batch's mean total context, close to what was asked
+    assert sorted(d.context_tokens for d in res.decode if d.batch == 8) == [256, 2048]
+    # the engine always saw fresh prompts of the planned lengths, each decode point twice per repeat
+    assert sum(1 for c in eng.calls if c[0] == "batch") == 2 * 2 * 2 * PLAN.repeats
+
+
+async def test_idle_power_measured_only_with_a_real_meter() -> None:
+    clock = VirtualClock()
+
+    class IdleEngine(VirtualEngine):
+        pass
+
+    plan = SweepPlan(prefill_lengths_tokens=(64,), decode_batches=(), decode_contexts_tokens=(), idle_s=0.01)
+    meter = ConstantPowerMeter(clock, power_w=42.0)
+
+    # asyncio.sleep does not advance the virtual clock; advance it from the meter's reads instead
+    class TickingMeter(ConstantPowerMeter):
+        def read(self) -> MeterReading:
+            clock.advance(0.5)
+            return super().read()
+
+    res = await run_sweep(IdleEngine(clock), TickingMeter(clock, 42.0), plan, energy_measured=True)
+    assert res.idle_w is not None and res.idle_w > 0
+    res2 = await run_sweep(IdleEngine(clock), meter, plan, energy_measured=False)
+    assert res2.idle_w is None
+
+
+async def test_model_meter_energy_is_modelled_and_flagged() -> None:
+    clock = VirtualClock()
+    tier = TierModel(get_gpu("A40"), get_model("Qwen3-0.6B"))
+    log = ActivityLog()
+    meter = ModelMeter(tier, log, clock=clock)
+    res = await run_sweep(VirtualEngine(clock), meter, PLAN, log, energy_measured=False)
+    prof = build_profile(res, gpu="A40", model="Qwen3-0.6B", tp=1, power_cap_w=None, source="test",
+                         energy_measured=False, inline_specs=False)  # fmt: skip
+    assert prof.energy_measured is False and prof.idle_w is None
+    # modelled prefill energy grows with the input (more modelled work) and is at least idle x latency
+    e = [p.energy_j for p in prof.prefill]
+    assert e[0] is not None and e[1] is not None and e[1] > e[0]
+    for p in prof.prefill:
+        assert p.energy_j is not None and p.energy_j >= tier.idle_w * p.latency_ms / 1e3 * 0.999
+    # round trip through the file format, and the profile moves the tier model to the measured latencies
+    again = parse_profile(profile_to_dict(prof))
+    assert again == prof
+    tm = apply_profile(tier, prof)
+    for p in prof.prefill:
+        assert tm.prefill_time_s(p.new_tokens) == pytest.approx(p.latency_ms / 1e3, rel=1e-6)
+        assert tier.prefill_time_s(p.new_tokens) != pytest.approx(p.latency_ms / 1e3, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prefill_lengths_tokens": (0,)}, "--prefill-lengths"),
+        ({"decode_batches": (-1,)}, "--decode-batches"),
+        ({"decode_steps": 1}, "--decode-steps"),
+        ({"repeats": 0}, "--repeats"),
+        ({"prefill_lengths_tokens": (), "decode_batches": ()}, "nothing to measure"),
+    ],
+    ids=["zero-length", "negative-batch", "one-step", "no-repeats", "empty"],
+)
+def test_bad_plans_name_the_option(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ProfileError, match=match):
+        SweepPlan(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_points_that_do_not_fit_the_engine_are_refused_before_running() -> None:
+    clock = VirtualClock()
+    eng = VirtualEngine(clock)
+    eng.max_model_len_tokens = 256
+    plan = SweepPlan(prefill_lengths_tokens=(64,), decode_batches=(1,), decode_contexts_tokens=(1024,))
+    with pytest.raises(ProfileError, match="--decode-contexts: 1024 tokens over batch 1"):
+        await run_sweep(eng, ConstantPowerMeter(clock, 1.0), plan)
+    assert eng.calls == []
