@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from orchestrator.cli.common import console, handle_errors
 
@@ -62,7 +63,9 @@ def register(app: typer.Typer) -> None:
                 )
             report = build_report(ledger, group, t0, t1, run)
         if form == Format.TABLE and out is None:
-            console.print(render_table(report))
+            # piped output gets a wide table rather than ellipsised numbers; a terminal keeps its width
+            target = console if console.is_terminal else Console(width=240)
+            target.print(render_table(report))
             return
         text = render(report, form)
         if out is not None:

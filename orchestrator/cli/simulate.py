@@ -153,6 +153,7 @@ def _run_one(
     convention: Convention,
     energy_window_s: float | None,
     progress: Any = None,
+    keep: dict[str, Any] | None = None,
 ) -> tuple[Summary, list[dict[str, Any]], list[InstanceSpec]]:
     res, insts = simulate_fleet(
         cfg,
@@ -168,6 +169,8 @@ def _run_one(
     )
     mets = conversation_metrics(res, convs, standalone, SloSpec.from_config(cfg.slo), convention)
     summ = summarize(res, mets, convention, unallocated_idle_w(cfg, insts))
+    if keep is not None:  # the raw result and metrics, for --db (energy/accounting.py writes the ledger)
+        keep.update(result=res, metrics=mets)
     return summ, [conversation_row(m) for m in mets], insts
 
 
@@ -204,6 +207,13 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(
             None, "--out", help="directory for conversations.csv and summary.json"
         ),
+        db: str | None = typer.Option(
+            None, "--db", help="also write the run (turns, conversations, modelled energy attributions) to "
+            "this SQL ledger, e.g. sqlite:///runs.db; read it with `orchestrator report energy --db`"
+        ),
+        run_id: str | None = typer.Option(
+            None, "--run-id", help="ledger run id (default: simulate-<policy>-<time>)"
+        ),
     ) -> None:
         """Simulate one policy on a fleet (virtual time) and report latency, SLOs and tokens/J (modelled)."""
         cfg, plan = _load(fleet, plan_file)
@@ -213,9 +223,10 @@ def register(app: typer.Typer) -> None:
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg))
         opts = _policy_options(pol, mispredict_rate, threshold)
+        kept: dict[str, Any] | None = {} if db else None
         if json_out:
             summ, rows, insts = _run_one(
-                cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window
+                cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, keep=kept
             )
         else:
             with Progress(
@@ -232,7 +243,8 @@ def register(app: typer.Typer) -> None:
                     prog.update(task, completed=done)
 
                 summ, rows, insts = _run_one(
-                    cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, tick
+                    cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, tick,
+                    keep=kept,
                 )
         doc = {
             "schema_version": JSON_SCHEMA_VERSION,
@@ -247,6 +259,8 @@ def register(app: typer.Typer) -> None:
             ],
             "summary": summ.to_dict(),
         }
+        if db and kept is not None:
+            doc["ledger"] = _write_ledger(db, run_id, pol, kept, cfg, insts)
         if out_dir is not None:
             _write_rows(out_dir / "conversations.csv", rows)
             (out_dir / "summary.json").write_text(json.dumps(_clean(doc), indent=2, default=str))
@@ -275,6 +289,13 @@ def register(app: typer.Typer) -> None:
             )
         if out_dir is not None:
             console.print(f"Wrote {out_dir / 'conversations.csv'} and {out_dir / 'summary.json'}")
+        if "ledger" in doc:
+            led = doc["ledger"]
+            console.print(
+                f"Ledger: run {led['run_id']!r} ({led['turns']} turns, {led['attribution_rows']} modelled "
+                f"energy rows) in {led['db']}; see `orchestrator report energy --db {led['db']} --by policy`",
+                highlight=False, soft_wrap=True,
+            )
 
     @app.command("compare")
     @handle_errors
@@ -444,3 +465,22 @@ def _plots(out_dir: Path, rows: list[tuple[str, float | None, Summary]]) -> None
     fig.tight_layout()
     fig.savefig(out_dir / "tokens_per_j.png", dpi=120)
     plt.close(fig)
+
+
+def _write_ledger(db: str, run_id: str | None, policy: str, kept: dict[str, Any], cfg: FleetConfig,
+                  insts: Sequence[InstanceSpec]) -> dict[str, Any]:
+    """--db: write the run to the SQL ledger (energy/accounting.py; the same code path serve uses)."""
+    from datetime import UTC, datetime
+
+    from energy.accounting import write_simulation
+    from energy.ledger import Ledger
+
+    rid = run_id or f"simulate-{policy}-{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}"
+    with Ledger(db, run_id=rid, policy=policy) as ledger:
+        w = write_simulation(
+            ledger, kept["result"], policy, rid, tier_models={i.tier_model.name: i.tier_model for i in insts},
+            unallocated_idle_w=unallocated_idle_w(cfg, insts), metrics=kept["metrics"],
+            label="orchestrator simulate",
+        )
+    return {"db": db, "run_id": rid, "turns": w.turns, "attribution_rows": w.attribution_rows,
+            "energy_j": w.energy_j, "tokens": w.tokens, "tokens_per_j": w.tokens_per_j, "source": "modelled"}
