@@ -7,6 +7,7 @@ The simulator drives the same policy objects as the live router. Must not import
 
 from orchestrator.sim.clock import VirtualClock
 from orchestrator.sim.core import SimOptions, run_simulation
+from orchestrator.sim.fleet import simulate_fleet, simulate_plan
 from orchestrator.sim.result import (
     ConversationRecord,
     Decision,
@@ -30,4 +31,6 @@ __all__ = [
     "VirtualClock",
     "WindowWork",
     "run_simulation",
+    "simulate_fleet",
+    "simulate_plan",
 ]
