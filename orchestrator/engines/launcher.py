@@ -288,6 +288,9 @@ def stop_engine(proc: EngineProcess, grace_s: float = 15.0) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):  # our own exited child: reap it (else it stays a zombie)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
