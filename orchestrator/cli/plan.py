@@ -124,11 +124,11 @@ def register(app: typer.Typer) -> None:
             fail(f"--time-limit must be > 0 seconds, got {time_limit}.")
         if rate is not None and max_rate:
             fail("--rate and --max-rate exclude each other. To fix: pass one of them.")
-        if validate and validate_hook() is None:
-            fail(
-                "--validate is not available yet: orchestrator.sim offers no plan runner in this build. "
-                "To fix: run without --validate and simulate the plan with `orchestrator simulate`."
-            )
+        if validate:
+            hook = validate_hook()
+            found = f" (orchestrator.sim.{hook} exists but is not called yet)" if hook else ""
+            fail(f"--validate is not wired in this build{found}. To fix: run without --validate and simulate "
+                 "the plan with `orchestrator simulate`.")
         cfg = load_fleet(fleet)
         run = make_plan(
             cfg, objective, solver.lower(), time_limit, str(fleet), rate_per_s=rate, max_rate=max_rate
