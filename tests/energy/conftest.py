@@ -44,9 +44,31 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+def _stop_orphans() -> None:
+    """Stop servers left by a test session that was killed (SIGTERM/SIGKILL skip fixture teardown)."""
+    for owner in Path(tempfile.gettempdir()).glob("conserve-pg-*/owner.pid"):
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)
+            continue  # its session is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, OSError):
+            continue
+        root = owner.parent
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "-w", "stop"]),
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class _PgServer:
     def __init__(self) -> None:
+        _stop_orphans()
         self.root = Path(tempfile.mkdtemp(prefix="conserve-pg-"))
+        (self.root / "owner.pid").write_text(str(os.getpid()))
         self.data = self.root / "data"
         self.sock = self.root / "sock"
         self.sock.mkdir()
