@@ -342,6 +342,10 @@ class _Sim:
         self.turn_states: list[list[_TurnState]] = [[] for _ in self.convs]
         self.inputs: list[list[int]] = []
         for c in self.convs:
+            if c.turns[0].appended_tokens < 1:
+                raise SimulationError(
+                    f"conversation {c.conversation_id!r}: turn 1 needs a prompt of >= 1 token"
+                )
             acc, ins = 0, []
             for k, t in enumerate(c.turns):
                 acc += t.appended_tokens

@@ -21,7 +21,7 @@ from orchestrator.sim.result import SimResult
 from orchestrator.workload import ConversationSpec, poisson_arrivals, workload_from_config
 from placement.base import Role
 from placement.policies import make_policy
-from tiers.errors import ConfigError, ConServeError, SimulationError
+from tiers.errors import ConfigError, SimulationError
 
 _ITEM = re.compile(
     r"^(?:(?P<tier>[A-Za-z0-9_\-]+)\.)?(?P<role>[a-z]+)=(?P<n>\d+)(?:@(?P<cap>\d+(?:\.\d+)?)W?)?$"
@@ -161,12 +161,14 @@ def simulate_fleet(
     if conversations is not None and rate is not None:
         convs = poisson_arrivals(convs, rate, seed)
     opts = dict(policy_options or {})
-    if policy_name.replace("_", "-").lower() == "per-turn":
+    key = policy_name.replace("_", "-").lower()
+    if key == "per-turn":
         opts.setdefault("seed", seed)
-    try:
-        policy = make_policy(policy_name, **opts)
-    except ConServeError:
-        raise
+    threshold = plan.predictions.conserve_threshold_tokens if plan is not None else 0
+    if key == "conserve" and threshold > 0:
+        # the planner's observable refinement: turn-1 prompts below this prefill on the decoder
+        opts.setdefault("local_prefill_below_tokens", threshold)
+    policy = make_policy(policy_name, **opts)
     if not any(i.role.can_decode for i in insts):
         raise SimulationError(
             "the fleet has no decode-capable instance. To fix: add decode or colocated instances."
