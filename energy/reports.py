@@ -65,9 +65,11 @@ def parse_time(value: str | None, name: str) -> datetime | None:
         return None
     try:
         t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise EnergyError(f"{name} {value!r} is not an ISO 8601 time; e.g. 2025-03-01T12:00:00Z") from None
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+        return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise EnergyError(
+            f"{name} {value!r} is not an ISO 8601 time in years 1-9999 UTC; e.g. 2025-03-01T12:00:00Z"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
