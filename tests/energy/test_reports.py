@@ -181,6 +181,7 @@ def test_api_bad_options_are_4xx_json(client: TestClient) -> None:
         {"by": "tiers"},
         {"since": "yesterday"},
         {"format": "xml"},
+        {"until": "0001-01-01T00:00:00+01:00"},  # valid ISO 8601, outside datetime's UTC range
         {"since": "2025-03-02", "until": "2025-03-01"},
     ):
         r = client.get("/v1/reports/energy", params=params)
