@@ -154,6 +154,7 @@ def _run_one(
     energy_window_s: float | None,
     progress: Any = None,
     keep: dict[str, Any] | None = None,
+    plan_rate: float | None = None,
 ) -> tuple[Summary, list[dict[str, Any]], list[InstanceSpec]]:
     res, insts = simulate_fleet(
         cfg,
@@ -166,6 +167,7 @@ def _run_one(
         policy_options=opts,
         energy_window_s=energy_window_s,
         progress=progress,
+        plan_rate=plan_rate,
     )
     mets = conversation_metrics(res, convs, standalone, SloSpec.from_config(cfg.slo), convention)
     summ = summarize(res, mets, convention, unallocated_idle_w(cfg, insts))
@@ -226,7 +228,8 @@ def register(app: typer.Typer) -> None:
         kept: dict[str, Any] | None = {} if db else None
         if json_out:
             summ, rows, insts = _run_one(
-                cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, keep=kept
+                cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, keep=kept,
+                plan_rate=rate,
             )
         else:
             with Progress(
@@ -244,7 +247,7 @@ def register(app: typer.Typer) -> None:
 
                 summ, rows, insts = _run_one(
                     cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, tick,
-                    keep=kept,
+                    keep=kept, plan_rate=rate,
                 )
         doc = {
             "schema_version": JSON_SCHEMA_VERSION,
@@ -343,8 +346,10 @@ def register(app: typer.Typer) -> None:
         if any(not r > 0 for r in rate_list):
             fail("--rates must be > 0 conversations/s")
         out_dir = _out_dir(out)
-        disagg_insts = build_instances(cfg, plan, layout)
+        disagg_insts = build_instances(cfg, plan, layout, rate=max(rate_list))
         coloc = colocated_layout(disagg_insts) if colocated is None else colocated
+        if plan is None and layout is None:  # the ILP's plan, made once at the highest rate, for every run
+            layout = _capped_layout(disagg_insts, None)
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
         sa = StandaloneCache(reference_tier_model(cfg))
         configs: list[tuple[str, str, str | None, Plan | None]] = []  # label, policy, layout, plan
@@ -419,14 +424,19 @@ def register(app: typer.Typer) -> None:
             console.print(f"Wrote {out_dir}/conversations.csv, compare.json and PNG plots")
 
 
-def _capped_layout(instances: Sequence[InstanceSpec], cap_w: float) -> str:
-    """The same instances with every decoder capped at `cap_w` (prefillers and colocated untouched)."""
+def _capped_layout(instances: Sequence[InstanceSpec], cap_w: float | None) -> str:
+    """The same instances as a --layout string, every decoder capped at `cap_w` (None: caps unchanged)."""
     counts: dict[tuple[str, str, float | None], int] = {}
     for i in instances:
-        c = cap_w if str(i.role) == "decode" else i.tier_model.power_cap_w
+        c = cap_w if str(i.role) == "decode" and cap_w is not None else i.tier_model.power_cap_w
         counts[(i.tier, str(i.role), c)] = counts.get((i.tier, str(i.role), c), 0) + 1
-    if not any(r == "decode" for _, r, _ in counts):
+    if cap_w is not None and not any(r == "decode" for _, r, _ in counts):
         raise SimulationError("--decode-caps needs decode instances in the layout or plan.")
+    if any(i.tier_model.tp != 1 for i in instances):
+        raise SimulationError(
+            "this plan uses tensor parallelism, which --layout cannot express. "
+            "To fix: pass --layout explicitly."
+        )
     return ",".join(f"{t}.{r}={n}" + (f"@{c:g}" if c is not None else "") for (t, r, c), n in counts.items())
 
 

@@ -126,8 +126,13 @@ def fleet_workload(
 
 
 def build_instances(
-    cfg: FleetConfig, plan: Plan | None = None, layout: str | None = None, policy_name: str = "conserve"
+    cfg: FleetConfig,
+    plan: Plan | None = None,
+    layout: str | None = None,
+    policy_name: str = "conserve",
+    rate: float | None = None,
 ) -> list[InstanceSpec]:
+    """Instances from an explicit layout, a plan, or else a plan the ILP makes now (at `rate` if given)."""
     if plan is not None and layout is not None:
         raise ConfigError("--plan and --layout exclude each other. To fix: pass one of them.")
     if layout is not None:
@@ -136,7 +141,7 @@ def build_instances(
         return instances_from_plan(cfg, plan)
     from orchestrator.planner import make_plan
 
-    run = make_plan(cfg)
+    run = make_plan(cfg, rate_per_s=rate)
     return instances_from_plan(cfg, run.plan)
 
 
@@ -154,9 +159,13 @@ def simulate_fleet(
     energy_window_s: float | None = 1.0,
     failures: Sequence[tuple[str, float]] = (),
     progress: Callable[[int, int], None] | None = None,
+    plan_rate: float | None = None,
 ) -> tuple[SimResult, list[InstanceSpec]]:
-    """Simulate the fleet file's workload (or `conversations`) on a plan / layout / the ILP's plan."""
-    insts = build_instances(cfg, plan, layout, policy_name)
+    """Simulate the fleet file's workload (or `conversations`) on a plan / layout / the ILP's plan.
+
+    Without a plan or layout the ILP plans the fleet now, for `plan_rate` (default: `rate`, else the file's).
+    """
+    insts = build_instances(cfg, plan, layout, policy_name, plan_rate if plan_rate is not None else rate)
     convs = list(conversations) if conversations is not None else fleet_workload(cfg, rate, seed)
     if conversations is not None and rate is not None:
         convs = poisson_arrivals(convs, rate, seed)
