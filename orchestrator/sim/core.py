@@ -41,7 +41,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -1093,12 +1093,17 @@ def run_simulation(
     links: Mapping[str, str] | None = None,
     failures: Sequence[tuple[str, float]] = (),
     progress: Callable[[int, int], None] | None = None,
+    reference_tier_model: TierModel | None = None,
+    slo: Any = None,
 ) -> SimResult:
     """Simulate `conversations` on `instances` under `policy`; deterministic for the same inputs and seed.
 
     `links` maps a tier label to its link type (tiers.links; default pcie). `failures` lists (instance_id,
     time_s) at which an instance stops; its conversations are re-placed. `seed` is recorded (the simulator
     itself draws no random numbers; seeded randomness lives in the workload and in policies' options).
+    With `reference_tier_model`, the result also carries per-conversation metrics and their summary
+    (orchestrator.metrics: slowdowns against each conversation alone on an idle instance of that tier, SLO
+    `slo` -- an orchestrator.metrics.SloSpec, default slowdown 5).
     """
     sim = _Sim(instances, conversations, policy, seed, options or SimOptions(), links, failures, progress)
     w0 = time.perf_counter()
@@ -1109,7 +1114,14 @@ def run_simulation(
     try:
         sim.run()
         wall = time.perf_counter() - w0
-        return sim.result(wall, energy_window_s)
+        res = sim.result(wall, energy_window_s)
     finally:
         if gc_was_enabled:
             gc.enable()
+    if reference_tier_model is None:
+        return res
+    from orchestrator import metrics as m  # imported here: metrics itself runs the simulator
+
+    sa = m.StandaloneCache(reference_tier_model, sim.opts)
+    mets = m.conversation_metrics(res, conversations, sa, slo if slo is not None else m.SloSpec())
+    return replace(res, metrics=tuple(mets), summary=m.summarize(res, mets))

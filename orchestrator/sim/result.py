@@ -130,6 +130,10 @@ class SimResult:
     wall_s: float  # wall time the run took (the only wall-clock figure; not used by the model)
     max_kv_used_tokens: dict[str, int] = field(default_factory=dict)  # per instance, peak reserved
     policy_stats: dict[str, Any] = field(default_factory=dict)  # e.g. the per-turn predictor's error
+    # per-conversation metrics with slowdowns (orchestrator.metrics.ConversationMetrics) and their summary,
+    # filled when run_simulation() gets a reference_tier_model
+    metrics: tuple[Any, ...] = ()
+    summary: Any = None
 
     @property
     def energy_j(self) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import Inst, a40, agentic, disagg
+from simkit import Inst, a40, agentic, disagg
 
 from orchestrator.metrics import (
     TOKENS_COUNTED,
@@ -84,3 +84,15 @@ def test_conversation_energy_is_part_of_busy_energy() -> None:
 def test_geomean() -> None:
     assert geomean([1.0, 4.0]) == pytest.approx(2.0)
     assert math.isnan(geomean([]))
+
+
+def test_run_simulation_with_reference_attaches_metrics() -> None:
+    tm = a40()
+    convs = agentic(12, spacing_s=0.1, turns=3)
+    res = run_simulation(disagg(tm, 1, 2), convs, make_policy("conserve"), reference_tier_model=tm)
+    assert len(res.metrics) == 12 and res.summary is not None
+    assert res.summary.tokens_per_j == pytest.approx(res.tokens_per_j)
+    # queueing behind others can only slow a conversation down relative to being alone
+    assert all(m.ttfet_slowdown >= 0.99 for m in res.metrics)
+    plain = run_simulation(disagg(tm, 1, 2), convs, make_policy("conserve"))
+    assert plain.metrics == () and plain.turns == res.turns

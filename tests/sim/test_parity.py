@@ -9,7 +9,7 @@ policy.
 from __future__ import annotations
 
 import pytest
-from conftest import a40, agentic, colocated, disagg
+from simkit import a40, agentic, colocated, disagg
 
 from orchestrator.sim import SimOptions, run_simulation
 from placement.base import FleetView, Policy

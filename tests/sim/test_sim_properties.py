@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import Inst, a40, agentic, colocated, disagg, small_gpu_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from simkit import Inst, a40, agentic, colocated, disagg, small_gpu_model
 
 from orchestrator.sim import SimOptions, run_simulation
 from orchestrator.workload import ConversationSpec, TurnSpec

@@ -1,10 +1,11 @@
-"""Small fleets and workloads for the simulator tests (built directly from the tier contracts)."""
+"""Small fleets and workloads for the simulator tests (built directly from the tier contracts).
+
+A plain module (not conftest.py) so `from simkit import ...` cannot pick up another directory's conftest.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import pytest
 
 from orchestrator.workload import ConversationSpec, TurnSpec
 from placement.base import Role
@@ -66,8 +67,3 @@ def agentic(
         ts += [TurnSpec(67, out + 13 * ((i + k) % 7), gap_s) for k in range(turns - 1)]
         convs.append(ConversationSpec(f"conv-{i}", i * spacing_s, tuple(ts)))
     return convs
-
-
-@pytest.fixture
-def tm_a40() -> TierModel:
-    return a40()
