@@ -40,7 +40,6 @@ from energy.meters import Activity, Meter, MeterReading, ModelMeter, make_meter,
 from energy.records import (
     ConversationSummary,
     EnergySample,
-    ReportFilter,
     RunInfo,
     RunKind,
     Source,
@@ -325,13 +324,8 @@ class LedgerTurnSource:
 
     def turns_overlapping(self, start: datetime, end: datetime) -> Sequence[TurnRecord]:
         # A turn overlaps when it arrived before `end` and its last token is at or after `start`; reading
-        # the turns that arrived in the last hour before `end` bounds the query.
-        flt = ReportFilter(since=start - timedelta(hours=1), until=end, run_ids=(self.ledger.run_id,))
-        return [
-            t
-            for _, t in self.ledger.turns(flt)
-            if t.status == TurnStatus.OK and (t.last_token_at or t.first_token_at or t.arrival_at) >= start
-        ]
+        # the turns that arrived in the last hour before `end` bounds the query (filtered in SQL).
+        return self.ledger.turns_overlapping(start, end, lookback=timedelta(hours=1))
 
 
 def spread_work(turns: Sequence[TurnRecord], engine_id: str, start: datetime, end: datetime) -> list[Work]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Select, and_, bindparam, func, insert, select, update
@@ -564,6 +564,33 @@ class Ledger:
         with self._tx("reading turns") as conn:
             rows = conn.execute(q).all()
         return [(r.run_id, _turn_from_row(r)) for r in rows]
+
+    def turns_overlapping(
+        self, start: datetime, end: datetime, *, lookback: timedelta = timedelta(hours=1)
+    ) -> list[TurnRecord]:
+        """OK turns of this run active in [start, end): arrived before ``end`` (and at most ``lookback``
+        before ``start``) with their last token (else first token, else arrival) at or after ``start``.
+
+        The overlap test runs in SQL: the energy accountant calls this every interval while serving, and
+        materialising every turn of the look-back window in Python cost ~20% of the router's CPU under
+        load (py-spy, router benchmark)."""
+        t = TurnRow
+        start = require_utc(start, "start")
+        last = func.coalesce(t.last_token_at, t.first_token_at, t.arrival_at)
+        q = (
+            select(t.__table__)
+            .where(
+                t.run_id == self.run_id,
+                t.arrival_at >= start - lookback,
+                t.arrival_at < require_utc(end, "end"),
+                t.status == str(TurnStatus.OK),
+                last >= start,
+            )
+            .order_by(t.arrival_at, t.pk)
+        )
+        with self._tx("reading active turns") as conn:
+            rows = conn.execute(q).all()
+        return [_turn_from_row(r) for r in rows]
 
     def conversation_facts(self, flt: ReportFilter | None = None) -> list[ConversationFacts]:
         """Conversations created in [since, until) with token totals of their OK turns, one SQL round trip."""
