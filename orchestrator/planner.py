@@ -249,15 +249,34 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
         used = sorted({p.option.power_cap_w for p in dec})
         note = f"Decoder power caps allowed {sorted(caps_tried)} W; the plan uses {used} W."
         low = min(caps_tried)
-        draws = [p.watts / p.instances for p in dec if p.instances]
-        if draws and max(draws) <= low:
-            note += (
-                f" The tier model's decode draw ({max(draws):.0f} W per decoder at the planned batch) "
-                "is below "
-                f"the lowest cap ({low:g} W), so decoder caps change neither speed nor power here; "
-                "caps pay off "
-                "on compute-bound prefill."
-            )
+        demand = _demand_like(ws)
+        for p in dec:
+            if p.instances <= 0 or p.batch <= 0:
+                continue
+            m = p.option.model
+            uncapped = replace(m, power_cap_w=None) if m.power_cap_w is not None else m
+            draw_tdp = ilp.decode_power_at_w(uncapped, demand, p.batch)
+            step_tdp = ilp.decode_step_s(uncapped, demand, p.batch, p.option.role == "colocated")
+            if draw_tdp <= low:
+                note += (
+                    f" At the planned batch ({p.batch:.1f}) an uncapped {p.option.tier} decoder draws "
+                    f"{draw_tdp:.0f} W (tier model, {p.batch:.1f} x {demand.decode_context_tokens:,.0f} "
+                    f"resident KV tokens), below the lowest cap ({low:g} W): caps change neither speed nor "
+                    "power there."
+                )
+            elif m.power_cap_w is not None:
+                slow = p.step_s / step_tdp - 1.0 if step_tdp > 0 else 0.0
+                note += (
+                    f" At the planned batch ({p.batch:.1f} x {demand.decode_context_tokens:,.0f} resident "
+                    f"KV tokens) an uncapped {p.option.tier} decoder would draw {draw_tdp:.0f} W; at "
+                    f"{m.power_cap_w:g} W it draws {p.watts / p.instances:.0f} W while its memory-bound step "
+                    f"slows by only {slow:+.1%}."
+                )
+            else:
+                note += (
+                    f" At the planned batch an uncapped {p.option.tier} decoder draws {draw_tdp:.0f} W; "
+                    "the capped shapes would not sustain the planned load or would cost more here."
+                )
         notes.append(note)
     if r.threshold_tokens:
         below = sum(1 for x in ws.turn1_input_tokens_quantiles if x < r.threshold_tokens)

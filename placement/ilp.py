@@ -47,9 +47,11 @@ Constraints
 Objective (``Objective``)
     energy: sum_j (F_j n_j + E_j l_j) [- sum_j idle_gpu_t(j) g_j n_j + const, when unallocated GPUs idle]
         prefill: F_j = idle power, E_j = S_j (prefill power - idle): dynamic joules per conversation;
-        decode:  F_j = decode power at batch 1 (a decoder with pinned conversations steps continuously;
+        decode:  F_j = P_j(1) (a decoder with pinned conversations steps continuously;
                  P(empty) = exp(-B) is negligible at planned load), E_j = R_j (P_j(B_j) - P_j(1)) / (B_j - 1):
-                 power affine in the batch between batch 1 and B_j, B = l R / n;
+                 power affine in the batch between batch 1 and B_j, B = l R / n. P_j(B) is the tier model's
+                 decode draw at batch B over B x ctx resident KV tokens [``decode_power_at_w``] (decode
+                 power is mostly memory traffic, so the context is passed, not left at its no-KV default);
         colocated: decode terms + S_j (prefill power - decode power at batch 1) per conversation.
     gpus: sum_j g_j n_j.     cost: sum_j g_j n_j $/GPU-hour of tier t(j).
 
@@ -366,6 +368,19 @@ def decode_step_s(m: TierModel, demand: Demand, batch: float, colocated: bool = 
     return t
 
 
+def decode_power_at_w(m: TierModel, demand: Demand, batch: float) -> float:
+    """P_j(B): mean draw of a decoder running `batch` conversations at the planned resident context.
+
+    The tier model's decode power at batch round(B) (at least 1) over B x ctx KV tokens (ctx = A / O, the
+    token-weighted mean context while decoding). Memory traffic is most of decode power, so the context
+    matters: an A40 with Qwen3-0.6B draws ~121 W for a weights-only step but ~260 W at batch 17 x 17k tokens
+    (tiers/perf.py). The tail-prefill share of a step (~1% of its time at the paper's load) is priced as
+    decode.
+    """
+    b = max(1, round(batch))
+    return m.decode_power_w(b, int(batch * demand.decode_context_tokens))
+
+
 def reference_latencies(m: TierModel, demand: Demand, tier: str) -> Reference:
     sample = demand.turn1_input_tokens
     s = sum(m.prefill_time_s(x) for x in sample) / len(sample)
@@ -477,8 +492,11 @@ def build_options(
                     mu = bmax / resid if resid > 0 else math.inf
                     kvts = demand.kv_decode_token_steps * tau_s + demand.kv_gap_token_seconds
                     w_tail = demand.tail_prefill_tokens * tail_token_s(m, demand)
-                    p1 = m.decode_power_w(1)
-                    pb = m.decode_power_w(max(1, math.floor(bmax)))
+                    # decode draw depends on the KV read per step: pass the planned resident context
+                    # (batch x the token-weighted mean context A / O); without it the tier model prices
+                    # a weights-only step, the lowest possible draw
+                    p1 = decode_power_at_w(m, demand, 1.0)
+                    pb = decode_power_at_w(m, demand, max(1.0, math.floor(bmax)))
                     fixed = p1
                     per_conv = resid * (pb - p1) / (bmax - 1.0) if bmax > 1.0 else 0.0
                     if colo:
@@ -833,7 +851,7 @@ def _predict(
         if o.role == "prefill":
             watts = k * o.fixed_w + load * o.joules_per_conversation
         else:
-            p_b = o.model.decode_power_w(max(1, round(batch))) if batch > 0 else o.model.idle_w
+            p_b = decode_power_at_w(o.model, demand, max(1.0, batch)) if batch > 0 else o.model.idle_w
             watts = k * p_b
             if o.role == "colocated":
                 pf_w = o.model.prefill_power_w(round(demand.turn1_mean_tokens))

@@ -193,3 +193,30 @@ def test_unknown_solver_and_cost_without_prices() -> None:
         ilp.plan(tiers, _demand(0.3), ilp.Slo(), ilp.Settings(solver="gurobi"))
     with pytest.raises(PlanningError, match="cost_per_gpu_hour"):
         ilp.plan(tiers, _demand(0.3), ilp.Slo(), ilp.Settings(objective=ilp.Objective.COST))
+
+
+def test_decoder_power_uses_the_planned_context_and_200w_caps_save_energy() -> None:
+    """Decode draw is priced at the planned resident KV (batch x mean context), not the tier model's no-KV
+    default; with it, a 200 W decoder cap on the A40 lowers predicted watts while decode barely slows."""
+    demand = _demand(0.5)
+    tdp_only = ilp.plan(_fleet(a40=4, l40s=0, caps=[300]), demand, ilp.Slo(), ilp.Settings())
+    dec = [p for p in tdp_only.pools if p.option.role == "decode"]
+    assert dec
+    for p in dec:
+        m = p.option.model
+        no_kv = m.decode_power_w(max(1, round(p.batch)))
+        with_kv = m.decode_power_w(max(1, round(p.batch)), int(p.batch * demand.decode_context_tokens))
+        assert with_kv > no_kv  # memory traffic is most of decode power
+        assert p.watts / p.instances == pytest.approx(with_kv, rel=1e-9)
+        assert p.option.fixed_w == pytest.approx(ilp.decode_power_at_w(m, demand, 1.0))
+        assert with_kv > 200.0  # above the cap, so the cap has something to save
+    capped = ilp.plan(_fleet(a40=4, l40s=0, caps=[300, 200]), demand, ilp.Slo(), ilp.Settings())
+    cdec = [p for p in capped.pools if p.option.role == "decode"]
+    assert {p.option.power_cap_w for p in cdec} == {200.0}
+    assert capped.watts_total < tdp_only.watts_total
+    # memory-bound decode: the capped step is within a few percent of the uncapped one at the same batch
+    for p in cdec:
+        uncapped = next(o for o in tdp_only.options if o.role == "decode").model
+        t_cap = ilp.decode_step_s(p.option.model, demand, p.batch)
+        t_tdp = ilp.decode_step_s(uncapped, demand, p.batch)
+        assert t_tdp <= t_cap < 1.05 * t_tdp
