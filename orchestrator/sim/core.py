@@ -621,7 +621,8 @@ class _Sim:
                     for s, c in chunks[1:]:
                         dt += tm.step_time_s(c, s.cached + s.prefill_done, nd, inst.ctx_sum) - base
                 ptok = sum(c for _, c in chunks)
-                pw = tm.step_power_w(ptok, nd)
+                # Decode power is mostly KV traffic: pass the batch's context, not just its size.
+                pw = tm.step_power_w(ptok, nd, inst.ctx_sum, s0.cached + s0.prefill_done)
                 inst.busy = True
                 inst.version += 1
                 inst.cur = (t, 1, dt, 0.0, pw, True, chunks)
@@ -631,7 +632,8 @@ class _Sim:
             n = inst.heap[0][0] - inst.steps_done
             a = tm.decode_step_time_s(nd, inst.ctx_sum)
             d = tm.decode_step_time_s(nd, inst.ctx_sum + nd) - a
-            pw = tm.step_power_w(0, nd)
+            # One draw for the whole stretch, at its mean context (context grows by nd tokens per step).
+            pw = tm.step_power_w(0, nd, inst.ctx_sum + (nd * n) // 2)
             inst.busy = True
             inst.version += 1
             inst.cur = (t, n, a, d, pw, False, [])
