@@ -12,18 +12,44 @@ import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.fastpath import PATHS, FastPath
 from api.metrics import ApiMetrics
 from orchestrator.runtime import Runtime, ServeSettings, build_runtime
 
 log = logging.getLogger("conserve.api")
 
 
-def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = None) -> FastAPI:
-    """Build the app. `runtime` may be given (tests); otherwise it is built from `settings` now."""
+class ConServeApp(FastAPI):
+    """FastAPI plus the raw-ASGI fast path (api/fastpath.py) for POST /v1/chat/completions and
+    /v1/completions: those requests skip Starlette's middleware, routing and dependency injection; the
+    fast path hands back to FastAPI (with the body) whatever it does not fully handle."""
+
+    fast_path: FastPath | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        fp = self.fast_path
+        if (
+            fp is not None
+            and scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] in PATHS
+            and not scope.get("root_path")
+        ):
+            await fp(scope, receive, send, super().__call__)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(
+    settings: ServeSettings | None = None, runtime: Runtime | None = None, *, fast_path: bool = True
+) -> FastAPI:
+    """Build the app. `runtime` may be given (tests); otherwise it is built from `settings` now.
+    `fast_path=False` serves every request through the FastAPI routes (tests compare the two)."""
     settings = settings or (runtime.settings if runtime is not None else ServeSettings())
     rt = runtime or build_runtime(settings)
     metrics = ApiMetrics()
@@ -38,7 +64,7 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
         finally:
             await rt.stop()
 
-    app = FastAPI(
+    app = ConServeApp(
         title="ConServe",
         version="0.1.0",
         summary="Energy-aware, conversation-level orchestration for agentic LLM serving (OpenAI-compatible).",
@@ -56,6 +82,8 @@ def create_app(settings: ServeSettings | None = None, runtime: Runtime | None = 
     app.state.metrics = metrics
     app.state.ledger = rt.ledger
     install_error_handlers(app)
+    if fast_path:
+        app.fast_path = FastPath(rt, metrics)
 
     from api import routes_fleet, routes_openai
 

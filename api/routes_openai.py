@@ -33,7 +33,7 @@ from api.schemas import (
     ModelList,
 )
 from orchestrator.engines.base import RequestKind
-from orchestrator.router import TurnInput, estimate_prompt_tokens
+from orchestrator.router import SSE_DONE, TurnInput, estimate_prompt_tokens
 from orchestrator.runtime import Runtime
 from tiers.errors import ConServeError
 
@@ -113,14 +113,38 @@ async def _serve_inner(
     header_cid: str | None,
     header_final: str | None,
 ) -> Response:
-    if req.model != rt.served_model_name:
+    body = req.model_dump(exclude_unset=True, exclude_none=False)
+    inp = prepare_turn(kind, body, rt, header_cid, header_final)
+    headers = {"X-Conversation-Id": inp.conversation_id} if inp.conversation_id else {}
+    if not body.get("stream"):
+        out = await rt.router.complete(inp)
+        return Response(_dumps(out), media_type="application/json", headers=headers)
+    gen = rt.router.stream_sse(inp)
+    try:
+        first = await gen.__anext__()
+    except StopAsyncIteration:
+        first = None
+    return SseResponse(sse_body(first, gen), headers={**headers, "Cache-Control": "no-cache"})
+
+
+def prepare_turn(
+    kind: RequestKind,
+    body: dict[str, Any],
+    rt: Runtime,
+    header_cid: str | None,
+    header_final: str | None,
+) -> TurnInput:
+    """The checks every request needs after schema validation (model, prompt shape, context length) and
+    the router's input. `body` is a validated request body; ConServe's own fields are popped from it.
+    Shared by the FastAPI routes and the raw-ASGI fast path (api/fastpath.py). Raises ApiError."""
+    if body.get("model") != rt.served_model_name:
         raise ApiError(
             404,
-            f"model {req.model!r} is not served here. To fix: use {rt.served_model_name!r} (GET /v1/models).",
+            f"model {body.get('model')!r} is not served here. To fix: use {rt.served_model_name!r} "
+            "(GET /v1/models).",
             param="model",
             code="model_not_found",
         )
-    body = req.model_dump(exclude_unset=True, exclude_none=False)
     body_cid = body.pop("conversation_id", None)
     conserve = body.pop("conserve", None) or {}
     cid = header_cid or body_cid
@@ -146,26 +170,14 @@ async def _serve_inner(
             param=param,
             code="context_length_exceeded",
         )
-    stream = bool(body.get("stream"))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    inp = TurnInput(
+    return TurnInput(
         kind=kind,
         body=body,
         conversation_id=cid,
         client_final=final,
-        include_usage=include_usage,
+        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         prompt_tokens=prompt_tokens,
     )
-    headers = {"X-Conversation-Id": cid} if cid else {}
-    if not stream:
-        out = await rt.router.complete(inp)
-        return Response(_dumps(out), media_type="application/json", headers=headers)
-    gen = rt.router.stream(inp)
-    try:
-        first = await gen.__anext__()
-    except StopAsyncIteration:
-        first = None
-    return SseResponse(_sse(first, gen), headers={**headers, "Cache-Control": "no-cache"})
 
 
 class SseResponse(Response):
@@ -210,18 +222,24 @@ class SseResponse(Response):
             await self._chunks.aclose()  # type: ignore[attr-defined]
 
 
-async def _sse(first: dict[str, Any] | None, gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def sse_body(first: bytes | None, gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The SSE body: the router's event blocks (already `data: ...` encoded, the last one ending with
+    `data: [DONE]`), or an error event then `data: [DONE]` if the engine failed mid-stream."""
+    done = False
     try:
         if first is not None:
-            yield b"data: " + _dumps(first) + b"\n\n"
-            async for ch in gen:
-                yield b"data: " + _dumps(ch) + b"\n\n"
+            done = first.endswith(SSE_DONE)
+            yield first
+            async for block in gen:
+                done = block.endswith(SSE_DONE)
+                yield block
     except ConServeError as err:
         e = to_api_error(err)
         yield sse_error(e.message, e.code or "error", e.status)
     finally:
         await gen.aclose()  # type: ignore[attr-defined]
-    yield b"data: [DONE]\n\n"
+    if not done:
+        yield SSE_DONE
 
 
 @router.post(

@@ -47,6 +47,22 @@ from orchestrator.engines.base import Engine, EngineObservation, EngineRequest, 
 from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
 from tiers.errors import ConServeError, EngineError, PlacementError
 
+try:  # orjson parses and encodes SSE chunks ~3-5x faster than json (measured on the dev box)
+    import orjson
+
+    _loads = orjson.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+except ImportError:  # pragma: no cover - a declared dependency
+    import json
+
+    _loads = json.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 __all__ = [
     "Router",
     "RouterConfig",
@@ -58,6 +74,9 @@ __all__ = [
     "ConversationNotFound",
     "estimate_prompt_tokens",
     "assemble_response",
+    "RawSseEngine",
+    "SseSplitter",
+    "SSE_DONE",
 ]
 
 # Tokenizer-free estimate: ~4 characters per token for English text with BPE tokenizers (OpenAI's rule of
@@ -426,7 +445,15 @@ class Router:
 
     def stream(self, inp: TurnInput) -> AsyncIterator[dict[str, Any]]:
         """Streaming: client chunk dicts; errors before the first chunk raise on the first anext()."""
-        return self._run(inp, buffered=False)
+        return self._run(inp, buffered=False)  # type: ignore[return-value]
+
+    def stream_sse(self, inp: TurnInput) -> AsyncIterator[bytes]:
+        """Streaming as SSE bytes (``data: {chunk}\n\n`` events): one block per read from the engine; the
+        last block, yielded once the turn is recorded, ends with ``data: [DONE]\n\n`` (only then).
+        Engines with ``stream_raw`` (OpenAI SSE over HTTP) are passed through byte for byte (parsed once
+        with orjson for timing and accounting, never re-encoded); others are encoded here. Errors before
+        the first block raise on the first anext()."""
+        return self._run(inp, buffered=False, sse=True)  # type: ignore[return-value]
 
     async def _conversation_for(self, inp: TurnInput, now_s: float) -> _Conversation:
         cid = inp.conversation_id
@@ -455,7 +482,7 @@ class Router:
         self._convs[cid] = conv
         return conv
 
-    async def _run(self, inp: TurnInput, buffered: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _run(self, inp: TurnInput, buffered: bool, sse: bool = False) -> AsyncIterator[Any]:
         arrival_s = self.clock()
         prompt_tokens = inp.prompt_tokens or estimate_prompt_tokens(inp.kind, inp.body)
         conv = await self._conversation_for(inp, arrival_s)
@@ -476,7 +503,7 @@ class Router:
             failed_on: str | None = None
             kv_params = None
             status = TurnStatus.OK
-            held: list[dict[str, Any]] = []  # buffered mode: this attempt's chunks, released on success
+            held: list[Any] = []  # buffered mode: this attempt's chunks, released on success
             try:
                 if placement.remote_prefill:
                     pre = self._instances[placement.prefill_instance]  # type: ignore[index]
@@ -512,46 +539,65 @@ class Router:
                         prompt_tokens,
                         kv_transfer_params=kv_params,
                     )
-                    async with contextlib.aclosing(dec.engine.stream(ereq)) as chunks:
+                    async with contextlib.aclosing(_engine_events(dec.engine, ereq)) as batches:
                         prev_s = 0.0
-                        async for ch in chunks:
+                        async for batch, last in batches:
                             now = self.clock()
-                            choices = ch.get("choices")
-                            if choices:
-                                c0 = choices[0]
-                                if c0.get("finish_reason"):
-                                    att.finish_reason = c0["finish_reason"]
-                                delta = c0.get("delta")
-                                produced = (
-                                    c0.get("text")
-                                    if delta is None
-                                    else (
-                                        delta.get("content")
-                                        or delta.get("tool_calls")
-                                        or delta.get("reasoning_content")
+                            out: list[Any] = []
+                            for ch, raw in batch:
+                                choices = ch.get("choices")
+                                if choices:
+                                    c0 = choices[0]
+                                    if c0.get("finish_reason"):
+                                        att.finish_reason = c0["finish_reason"]
+                                    delta = c0.get("delta")
+                                    produced = (
+                                        c0.get("text")
+                                        if delta is None
+                                        else (
+                                            delta.get("content")
+                                            or delta.get("tool_calls")
+                                            or delta.get("reasoning_content")
+                                        )
                                     )
-                                )
-                                if produced:
-                                    if att.first_s is None:
-                                        att.first_s = now
-                                        dec.inflight_prefill_tokens -= local_prefill
-                                        local_prefill = 0
-                                    else:
-                                        att.gaps_s.append(now - prev_s)
-                                    prev_s = now
-                                    att.tokens += 1
-                                    if delta is not None and delta.get("tool_calls"):
-                                        att.tool_calls = True
-                            usage = ch.get("usage")
-                            if usage:
-                                att.usage = usage
-                                if not choices and not inp.include_usage and not buffered:
-                                    continue
-                            if buffered:
-                                held.append(ch)
+                                    if produced:
+                                        if att.first_s is None:
+                                            att.first_s = now
+                                            dec.inflight_prefill_tokens -= local_prefill
+                                            local_prefill = 0
+                                        else:
+                                            att.gaps_s.append(now - prev_s)
+                                        prev_s = now
+                                        att.tokens += 1
+                                        if delta is not None and delta.get("tool_calls"):
+                                            att.tool_calls = True
+                                elif "error" in ch:
+                                    err = ch["error"]
+                                    msg = err.get("message", err) if isinstance(err, dict) else err
+                                    raise EngineError(f"engine {dec.instance_id!r} failed mid-stream: {msg}")
+                                usage = ch.get("usage")
+                                if usage:
+                                    att.usage = usage
+                                    if not choices and not inp.include_usage and not buffered:
+                                        continue
+                                if not sse:
+                                    out.append(ch)
+                                elif raw is not None:
+                                    out.append(raw)
+                                else:
+                                    out.append(b"data: " + _dumps(ch) + b"\n\n")
+                            if not out:
+                                continue
+                            if buffered or (sse and last):
+                                # the engine's last read: sent after the turn is recorded, with [DONE]
+                                held.extend(out)
+                            elif sse:
+                                att.sent = True
+                                yield out[0] if len(out) == 1 else b"".join(out)
                             else:
                                 att.sent = True
-                                yield ch
+                                for ch in out:
+                                    yield ch
                     att.last_s = self.clock()
                 finally:
                     dec.inflight_prefill_tokens -= local_prefill
@@ -584,6 +630,10 @@ class Router:
                 self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
                 raise
             self._finish(conv, treq, att, arrival_s, status, inp.client_final)
+            if sse:
+                held.append(SSE_DONE)
+                yield b"".join(held)
+                return
             for ch in held:
                 yield ch
             return
@@ -710,6 +760,102 @@ class Router:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(i.engine.aclose() for i in self._instances.values()), return_exceptions=True)
+
+
+# ---- engine event streams -----------------------------------------------------------------------------
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class RawSseEngine(Protocol):
+    """Optional engine capability: the engine's OpenAI SSE response bytes as they arrive (any blocks)."""
+
+    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]: ...
+
+
+async def _engine_events(
+    engine: Engine, req: EngineRequest
+) -> AsyncIterator[tuple[list[tuple[dict[str, Any], bytes | None]], bool]]:
+    """(batch, last): batches of (chunk dict, raw SSE event bytes or None), one per read from the engine;
+    `last` is True when the engine's ``[DONE]`` was in this read (known for SSE engines only)."""
+    raw = getattr(engine, "stream_raw", None)
+    if raw is None:
+        async with contextlib.aclosing(engine.stream(req)) as chunks:
+            async for ch in chunks:
+                yield [(ch, None)], False
+        return
+    parser = SseSplitter(getattr(engine, "instance_id", "?"))
+    async with contextlib.aclosing(raw(req)) as blocks:
+        async for block in blocks:
+            events = parser.feed(block)
+            if parser.done:
+                yield events, True
+                return
+            if events:
+                yield events, False
+    yield parser.close(), True
+
+
+class SseSplitter:
+    """Incremental OpenAI-style SSE parser: blocks of bytes in, (chunk dict, event bytes) out.
+
+    Events are separated by a blank line; ``data:`` lines carry JSON; ``data: [DONE]`` ends the stream;
+    comments (``:``) are skipped. The event bytes returned are ``data: {json}\n\n``, ready to forward.
+    """
+
+    __slots__ = ("_buf", "_engine", "done")
+
+    def __init__(self, engine_id: str = "?") -> None:
+        self._buf = b""
+        self._engine = engine_id
+        self.done = False
+
+    def feed(self, block: bytes) -> list[tuple[dict[str, Any], bytes]]:
+        if self._buf:
+            block = self._buf + block
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n")
+        parts = block.split(b"\n\n")
+        self._buf = parts.pop()  # incomplete last event (b"" when the block ended on a boundary)
+        out: list[tuple[dict[str, Any], bytes]] = []
+        for ev in parts:
+            if self.done:
+                break
+            self._event(ev, out)
+        return out
+
+    def close(self) -> list[tuple[dict[str, Any], bytes]]:
+        """The stream ended: an event without its trailing blank line still counts."""
+        out: list[tuple[dict[str, Any], bytes]] = []
+        if self._buf.strip() and not self.done:
+            self._event(self._buf.strip(b"\n"), out)
+        self._buf = b""
+        return out
+
+    def _event(self, ev: bytes, out: list[tuple[dict[str, Any], bytes]]) -> None:
+        if ev.startswith(b"data: ") and b"\n" not in ev:  # the usual form: one data line
+            payload, fwd = ev[6:], ev + b"\n\n"
+        else:
+            lines = [ln[5:].lstrip(b" ") for ln in ev.split(b"\n") if ln.startswith(b"data:")]
+            if not lines:
+                return  # comment / keep-alive / other field
+            payload = b"\n".join(lines)
+            fwd = b"data: " + payload + b"\n\n"
+        if payload.strip() == b"[DONE]":
+            self.done = True
+            return
+        try:
+            obj = _loads(payload)
+        except ValueError as err:
+            raise EngineError(
+                f"engine {self._engine!r} sent an SSE event that is not JSON: {payload[:200]!r}"
+            ) from err
+        if not isinstance(obj, dict):
+            raise EngineError(
+                f"engine {self._engine!r} sent an SSE event that is not a JSON object: {payload[:200]!r}"
+            )
+        out.append((obj, fwd))
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

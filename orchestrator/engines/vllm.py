@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 
 from orchestrator.engines.base import (
     REMOTE_DECODE_PARAMS,
@@ -265,6 +266,30 @@ class VllmEngine:
                         msg = err.get("message", err) if isinstance(err, dict) else err
                         raise EngineError(f"engine {self.instance_id!r} failed mid-stream: {msg}")
                     yield chunk
+        except (TimeoutError, aiohttp.ClientError) as err:
+            raise self._unreachable(err) from err
+
+    async def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
+        """Like :meth:`stream`, but the engine's SSE bytes as they arrive (whole or partial events), for the
+        router's pass-through (orchestrator.router.RawSseEngine): no per-chunk JSON decode here, no deep
+        copy of the body (only top-level keys change, on a shallow copy), body encoded with orjson."""
+        body = dict(req.body)
+        body["stream"] = True
+        if req.kv_transfer_params is not None:
+            body["kv_transfer_params"] = req.kv_transfer_params
+        opts = dict(body.get("stream_options") or {})
+        opts["include_usage"] = True
+        body["stream_options"] = opts
+        try:
+            async with self._client().post(
+                self.base_url + _PATHS[req.kind],
+                data=orjson.dumps(body),
+                headers={"X-Request-Id": req.request_id, "Content-Type": "application/json"},
+            ) as resp:
+                if resp.status >= 400:
+                    raise await self._http_error(resp)
+                async for block in resp.content.iter_any():
+                    yield block
         except (TimeoutError, aiohttp.ClientError) as err:
             raise self._unreachable(err) from err
 
