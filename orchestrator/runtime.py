@@ -257,7 +257,8 @@ def _sim_instances(cfg: FleetConfig, plan_path: Path | None) -> tuple[list[Any],
     make = getattr(planner, "make_plan", None) or getattr(planner, "plan_fleet", None) if planner else None
     if make is not None:
         try:
-            plan = make(cfg)
+            made = make(cfg)
+            plan = getattr(made, "plan", made)  # planner.make_plan returns a PlanRun wrapping the Plan
             return list(fleet.instances_from_plan(cfg, plan)), "planner (no --plan given)"
         except ConServeError as err:
             log.warning("planner could not plan this fleet (%s); using the default split", err)
