@@ -68,13 +68,24 @@ Queueing model of turn-1 prefills (TTFET)
 
 Levels
     tau couples both phases (a slower decode leaves less TTFET budget for prefill queueing). The planner
-    enumerates tau over a grid of fractions of the TBT SLO (``Settings.decode_levels``) and solves one ILP per
-    level; the best proven-optimal one wins. This equals one ILP with a binary choice of level.
+    considers tau over a grid of fractions of the TBT SLO (``Settings.decode_levels``) plus small multiples of
+    the standalone step; the best proven-optimal level wins (= one ILP with a binary choice of level).
+    Bound and prune (:func:`_best`): each level's LP relaxation (n_j continuous) bounds its ILP from below;
+    levels are solved in order of their bound and the search stops when the next bound cannot beat the
+    incumbent -- exact, and usually one ILP instead of ~10.
+
+Reductions before the solve (exact)
+    - tiers that differ only by name are merged and the solution split back (:func:`merge_identical_tiers`);
+    - an option dominated by another of the same tier, role and g_j (no less capacity, no higher objective
+      coefficients) is dropped (:func:`dominated`);
+    - the families (3)-(7) of one option are one row, l_j <= min_f cap_f n_j (same feasible set; the
+      per-family rows are kept only in the elastic diagnosis).
 
 Solver status
     A solution is accepted only when prob.status is Optimal AND LpSolution[prob.sol_status] says an optimal
     solution was found (CBC reports status Optimal with an integer-feasible, unproven solution after a
-    time-out). Integer values are rounded. Inputs are never mutated.
+    time-out), with both solvers told the same relative gap ``MIP_REL_GAP`` (1e-6). Integer values are
+    rounded. Inputs are never mutated.
 
 Infeasibility diagnosis (:func:`diagnose`)
     (a) elastic ILP: every family (3)-(7) gets a slack sigma >= 0 in conversations/s (l_j <= cap n_j + sigma),
@@ -85,6 +96,7 @@ Infeasibility diagnosis (:func:`diagnose`)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -97,6 +109,14 @@ from tiers.links import kv_transfer_time_s, link_spec
 from tiers.perf import TierModel
 
 TIE_BREAK_W = 1e-3  # W per allocated GPU added to the energy objective (see objective_coefficients)
+# Relative optimality gap at which a solve counts as proven optimal: |incumbent - bound| <= 1e-6 |incumbent|
+# (0.1 W on a 100 kW fleet). Passed to both solvers (HiGHS's own default would be 1e-4, CBC's 0).
+MIP_REL_GAP = 1e-6
+
+
+@functools.lru_cache(maxsize=1)
+def _highs_available() -> bool:
+    return bool(pulp.HiGHS().available())
 
 
 class Objective(StrEnum):
@@ -355,16 +375,27 @@ def turn1_token_s(m: TierModel, demand: Demand) -> float:
     return max(extra, 0.0) / n
 
 
-def decode_step_s(m: TierModel, demand: Demand, batch: float, colocated: bool = False) -> float:
-    """step_j(B): mean step of a decoder running `batch` conversations (decode + chunked prefill share)."""
+def decode_step_s(
+    m: TierModel,
+    demand: Demand,
+    batch: float,
+    colocated: bool = False,
+    token_costs_s: tuple[float, float] | None = None,
+) -> float:
+    """step_j(B): mean step of a decoder running `batch` conversations (decode + chunked prefill share).
+
+    token_costs_s: (tail_token_s, turn1_token_s) of `m` when already computed (they do not depend on B).
+    """
     if batch <= 0:
         return 0.0
+    if token_costs_s is None:
+        token_costs_s = (tail_token_s(m, demand), turn1_token_s(m, demand) if colocated else 0.0)
     ctx = demand.decode_context_tokens
     per_conv_tokens = demand.tail_prefill_tokens / demand.decode_tokens if demand.decode_tokens else 0.0
     t = m.decode_step_time_s(max(1, math.ceil(batch)), int(batch * ctx))
-    t += batch * per_conv_tokens * tail_token_s(m, demand)
+    t += batch * per_conv_tokens * token_costs_s[0]
     if colocated and demand.decode_tokens:
-        t += batch * demand.turn1_mean_tokens / demand.decode_tokens * turn1_token_s(m, demand)
+        t += batch * demand.turn1_mean_tokens / demand.decode_tokens * token_costs_s[1]
     return t
 
 
@@ -414,24 +445,65 @@ def decode_side_s(demand: Demand, tau_s: float) -> float:
     return (demand.decode_tokens_before_final + demand.later_turns) * tau_s + demand.tool_gap_s_total
 
 
-def build_options(
-    tiers: Sequence[TierSupply], demand: Demand, slo: Slo, ref: Reference, tau_s: float, settings: Settings
-) -> list[Option]:
-    """All options for decode step target tau_s, with their coefficients (unusable ones carry a reason)."""
-    ttfet_target, _ = slo_targets(slo, ref)
+@dataclass(frozen=True, slots=True)
+class _Static:
+    """Coefficients of one tier model that do not depend on the decode level (computed once per plan)."""
+
+    s_mean: float
+    s2: float
+    transfer_s: float
+    token_costs_s: tuple[float, float]  # (tail_token_s, turn1_token_s)
+    step1_s: tuple[float, float]  # decode_step_s at batch 1: (decode role, colocated role)
+    prefill_w: float
+    p1_w: float
+    w_tail: float
+
+
+def _static(m: TierModel, link: str, demand: Demand) -> _Static:
     sample = demand.turn1_input_tokens
     l1 = demand.turn1_mean_tokens
+    s_vals = [m.prefill_time_s(x) for x in sample]
+    costs = (tail_token_s(m, demand), turn1_token_s(m, demand))
+    return _Static(
+        s_mean=sum(s_vals) / len(s_vals),
+        s2=sum(v * v for v in s_vals) / len(s_vals),
+        transfer_s=kv_transfer_time_s(round(l1), m.model.kv_bytes_per_token, link),
+        token_costs_s=costs,
+        step1_s=(decode_step_s(m, demand, 1.0, False, costs), decode_step_s(m, demand, 1.0, True, costs)),
+        prefill_w=m.prefill_power_w(round(l1)),
+        p1_w=decode_power_at_w(m, demand, 1.0),
+        w_tail=demand.tail_prefill_tokens * costs[0],
+    )
+
+
+def build_options(
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    slo: Slo,
+    ref: Reference,
+    tau_s: float,
+    settings: Settings,
+    cache: dict[tuple[int, int], _Static] | None = None,
+) -> list[Option]:
+    """All options for decode step target tau_s, with their coefficients (unusable ones carry a reason).
+
+    cache: level-independent coefficients per (tier, model) index, shared by the calls of one planning run
+    (pass the same dict for every level; it is keyed by position, so only with the same tiers and demand).
+    """
+    ttfet_target, _ = slo_targets(slo, ref)
+    sample = demand.turn1_input_tokens
     d_side = decode_side_s(demand, tau_s)
+    if cache is None:
+        cache = {}
     out: list[Option] = []
-    for t in tiers:
+    for ti, t in enumerate(tiers):
         spec = link_spec(t.link)
-        for m in t.models:
+        for mi, m in enumerate(t.models):
             cap = m.cap_w
-            kvb = m.model.kv_bytes_per_token
-            s_vals = [m.prefill_time_s(x) for x in sample]
-            s_mean = sum(s_vals) / len(s_vals)
-            s2 = sum(v * v for v in s_vals) / len(s_vals)
-            x = kv_transfer_time_s(round(l1), kvb, t.link)
+            st = cache.get((ti, mi))
+            if st is None:
+                st = cache[(ti, mi)] = _static(m, t.link, demand)
+            s_mean, s2, x = st.s_mean, st.s2, st.transfer_s
             for role in t.roles:
                 if not settings.decoder_caps and role != "prefill" and m.power_cap_w is not None:
                     continue
@@ -458,7 +530,7 @@ def build_options(
                             f"KV capacity {m.kv_capacity_tokens} tokens < the longest turn-1 prompt {longest}"
                         )
                     opt = replace(opt, prefill_s=s_mean, prefill2_s2=s2, transfer_s=xj, rho_max=rho)
-                    pf_w = m.prefill_power_w(round(l1))
+                    pf_w = st.prefill_w
                 if role == "prefill":
                     fixed = m.idle_w
                     per_conv = s_mean * max(pf_w - m.idle_w, 0.0)
@@ -470,7 +542,7 @@ def build_options(
                             f"KV capacity {cap_kv} tokens < the longest conversation's "
                             f"{demand.final_context_tokens_max}"
                         )
-                    step1 = decode_step_s(m, demand, 1.0, colo)
+                    step1 = st.step1_s[1 if colo else 0]
                     if step1 > tau_s:
                         reasons.append(
                             f"a decode step at batch 1 takes {step1 * 1e3:.1f} ms > {tau_s * 1e3:.1f} ms"
@@ -478,24 +550,27 @@ def build_options(
                         bmax = 0.0
                     else:
                         hi = max(2.0, 4.0 * cap_kv / max(demand.decode_context_tokens, 1.0))
-                        model_j, colo_j = m, colo
+                        model_j, colo_j, costs_j = m, colo, st.token_costs_s
 
                         def fits(
-                            b: float, model_j: TierModel = model_j, colo_j: bool = colo_j
+                            b: float,
+                            model_j: TierModel = model_j,
+                            colo_j: bool = colo_j,
+                            costs_j: tuple[float, float] = costs_j,
                         ) -> bool:
-                            return decode_step_s(model_j, demand, b, colo_j) <= tau_s
+                            return decode_step_s(model_j, demand, b, colo_j, costs_j) <= tau_s
 
-                        bmax = _bisect_max(fits, 1.0, hi)
+                        bmax = _bisect_max(fits, 1.0, hi, iters=50)
                     resid = (
                         demand.decode_tokens * tau_s + demand.later_turns * tau_s + demand.tool_gap_s_total
                     )
                     mu = bmax / resid if resid > 0 else math.inf
                     kvts = demand.kv_decode_token_steps * tau_s + demand.kv_gap_token_seconds
-                    w_tail = demand.tail_prefill_tokens * tail_token_s(m, demand)
+                    w_tail = st.w_tail
                     # decode draw depends on the KV read per step: pass the planned resident context
                     # (batch x the token-weighted mean context A / O); without it the tier model prices
                     # a weights-only step, the lowest possible draw
-                    p1 = decode_power_at_w(m, demand, 1.0)
+                    p1 = st.p1_w
                     pb = decode_power_at_w(m, demand, max(1.0, math.floor(bmax)))
                     fixed = p1
                     per_conv = resid * (pb - p1) / (bmax - 1.0) if bmax > 1.0 else 0.0
@@ -542,18 +617,21 @@ class Solution:
     solver: str
 
 
-def _solver(settings: Settings) -> pulp.LpSolver:
+def _solver(settings: Settings, mip: bool = True) -> pulp.LpSolver:
+    """The configured solver. Both prove optimality to MIP_REL_GAP (relative gap between the incumbent and
+    the best bound); HiGHS's own default is 1e-4, CBC's 0 -- one explicit figure for both."""
     name = settings.solver.lower()
+    kw: dict[str, float] = {"gapRel": MIP_REL_GAP}
+    if settings.time_limit_s is not None:
+        kw["timeLimit"] = settings.time_limit_s
     if name == "highs":
-        if not pulp.HiGHS().available():
+        if not _highs_available():
             raise PlanningError(
                 "solver 'highs' is not available (pip install highspy). To fix: --solver cbc."
             )
-        kw = {} if settings.time_limit_s is None else {"timeLimit": settings.time_limit_s}
-        return pulp.HiGHS(msg=False, **kw)
+        return pulp.HiGHS(msg=False, mip=mip, **kw)
     if name == "cbc":
-        kw2 = {} if settings.time_limit_s is None else {"timeLimit": settings.time_limit_s}
-        return pulp.PULP_CBC_CMD(msg=False, **kw2)
+        return pulp.PULP_CBC_CMD(msg=False, mip=mip, **kw)
     raise PlanningError(f"unknown solver {settings.solver!r}. To fix: use 'highs' or 'cbc'.")
 
 
@@ -579,6 +657,108 @@ def objective_constant(tiers: Sequence[TierSupply], settings: Settings) -> float
     return 0.0
 
 
+def dominated(
+    options: Sequence[Option], tiers: Sequence[TierSupply], demand: Demand, settings: Settings
+) -> frozenset[int]:
+    """Indices of usable options that another usable option dominates (dropped before the ILP is built).
+
+    k dominates j when both are the same tier, role and GPUs per instance, and k is no worse on every
+    coefficient: capacity per instance (min over families) >= j's, objective per instance <= j's, objective
+    per conversation <= j's. Swapping every j instance for a k instance keeps the loads feasible and the
+    objective no higher, so dropping j never loses the optimum. Among equal options the first is kept.
+    """
+    by_tier = {t.name: t for t in tiers}
+    groups: dict[tuple[str, str, int], list[tuple[int, float, float, float]]] = {}
+    for i, o in enumerate(options):
+        if not o.usable:
+            continue
+        cn, cl = objective_coefficients(o, by_tier[o.tier], settings)
+        cap = o.capacity_per_instance(demand, settings)
+        groups.setdefault((o.tier, o.role, o.gpus), []).append((i, cap, cn, cl))
+    out: set[int] = set()
+    for rows in groups.values():
+        for i, cap_i, cn_i, cl_i in rows:
+            for k, cap_k, cn_k, cl_k in rows:
+                if k == i or k in out:
+                    continue
+                if cap_k >= cap_i and cn_k <= cn_i and cl_k <= cl_i:
+                    strictly = cap_k > cap_i or cn_k < cn_i or cl_k < cl_i
+                    if strictly or k < i:
+                        out.add(i)
+                        break
+    return frozenset(out)
+
+
+@dataclass(slots=True)
+class _Model:
+    prob: pulp.LpProblem
+    idx: list[int]
+    n: dict[int, pulp.LpVariable]
+    lv: dict[int, pulp.LpVariable]
+
+
+def _build(
+    options: Sequence[Option],
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    settings: Settings,
+    extra_gpus: dict[str, int] | None = None,
+    relax: bool = False,
+) -> _Model | None:
+    """The ILP of the module docstring over the usable, undominated options (None: a side has no option).
+
+    One capacity row per option, l_j <= min_f cap_f n_j: the same feasible set as the per-family rows
+    (3)-(7), which only the elastic diagnosis needs separately. relax: n_j continuous (the LP bound).
+    """
+    lam = demand.arrival_rate_per_s
+    by_tier = {t.name: t for t in tiers}
+    drop = dominated(options, tiers, demand, settings)
+    idx = [i for i, o in enumerate(options) if o.usable and i not in drop]
+    if not any(options[i].does_prefill for i in idx) or not any(options[i].does_decode for i in idx):
+        return None
+    cat = pulp.LpContinuous if relax else pulp.LpInteger
+    prob = pulp.LpProblem("conserve_plan", pulp.LpMinimize)
+    n = {i: pulp.LpVariable(f"n_{i}", lowBound=0, cat=cat) for i in idx}
+    lv = {i: pulp.LpVariable(f"l_{i}", lowBound=0) for i in idx}
+    coefs = [objective_coefficients(options[i], by_tier[options[i].tier], settings) for i in idx]
+    obj = pulp.lpSum([cn * n[i] for i, (cn, _) in zip(idx, coefs, strict=True)])
+    obj += pulp.lpSum([cl * lv[i] for i, (_, cl) in zip(idx, coefs, strict=True) if cl])
+    prob += obj + objective_constant(tiers, settings)
+    for t in tiers:
+        gpus = t.gpus + (extra_gpus or {}).get(t.name, 0)
+        terms = [options[i].gpus * n[i] for i in idx if options[i].tier == t.name]
+        if terms:
+            prob += pulp.lpSum(terms) <= gpus, f"gpus:{t.name}"
+    prob += pulp.lpSum([lv[i] for i in idx if options[i].does_prefill]) == lam, "cover:prefill"
+    prob += pulp.lpSum([lv[i] for i in idx if options[i].does_decode]) == lam, "cover:decode"
+    for i in idx:
+        cap = options[i].capacity_per_instance(demand, settings)
+        if math.isfinite(cap):
+            prob += lv[i] <= cap * n[i], f"cap:{i}"
+    return _Model(prob, idx, n, lv)
+
+
+def _status_ok(prob: pulp.LpProblem) -> bool:
+    return bool(prob.status == pulp.LpStatusOptimal and prob.sol_status == pulp.LpSolutionOptimal)
+
+
+def lp_bound(
+    options: Sequence[Option],
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    settings: Settings,
+    extra_gpus: dict[str, int] | None = None,
+) -> float:
+    """Objective of the LP relaxation (n_j continuous): a lower bound on :func:`solve`'s (inf: infeasible)."""
+    mdl = _build(options, tiers, demand, settings, extra_gpus, relax=True)
+    if mdl is None:
+        return math.inf
+    mdl.prob.solve(_solver(settings, mip=False))
+    if not _status_ok(mdl.prob):
+        return math.inf
+    return float(pulp.value(mdl.prob.objective))
+
+
 def solve(
     options: Sequence[Option],
     tiers: Sequence[TierSupply],
@@ -590,43 +770,18 @@ def solve(
 
     failure.
     """
-    lam = demand.arrival_rate_per_s
-    by_tier = {t.name: t for t in tiers}
-    prob = pulp.LpProblem("conserve_plan", pulp.LpMinimize)
-    idx = [i for i, o in enumerate(options) if o.usable]
-    n = {i: pulp.LpVariable(f"n_{i}", lowBound=0, cat="Integer") for i in idx}
-    lv = {i: pulp.LpVariable(f"l_{i}", lowBound=0) for i in idx}
-    obj = []
-    for i in idx:
-        o = options[i]
-        cn, cl = objective_coefficients(o, by_tier[o.tier], settings)
-        obj.append(cn * n[i] + cl * lv[i])
-    prob += pulp.lpSum(obj) + objective_constant(tiers, settings)
-    for t in tiers:
-        gpus = t.gpus + (extra_gpus or {}).get(t.name, 0)
-        terms = [options[i].gpus * n[i] for i in idx if options[i].tier == t.name]
-        if terms:
-            prob += pulp.lpSum(terms) <= gpus, f"gpus:{t.name}"
-    pre = [lv[i] for i in idx if options[i].does_prefill]
-    dec = [lv[i] for i in idx if options[i].does_decode]
-    if not pre or not dec:
-        return Solution("infeasible", math.inf, tuple(0 for _ in options), tuple(0.0 for _ in options), "")
-    prob += pulp.lpSum(pre) == lam, "cover:prefill"
-    prob += pulp.lpSum(dec) == lam, "cover:decode"
-    for i in idx:
-        o = options[i]
-        for fam, cap in o.caps_per_instance(demand, settings).items():
-            if math.isfinite(cap):
-                prob += lv[i] <= cap * n[i], f"{fam.value}:{i}"
+    empty = (tuple(0 for _ in options), tuple(0.0 for _ in options))
+    mdl = _build(options, tiers, demand, settings, extra_gpus)
+    if mdl is None:
+        return Solution("infeasible", math.inf, *empty, "")
+    prob, n, lv = mdl.prob, mdl.n, mdl.lv
     solver = _solver(settings)
     prob.solve(solver)
     status = pulp.LpStatus[prob.status]
     sol_status = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
     if prob.status == pulp.LpStatusInfeasible or prob.sol_status == pulp.LpSolutionInfeasible:
-        return Solution(
-            "infeasible", math.inf, tuple(0 for _ in options), tuple(0.0 for _ in options), solver.name
-        )
-    if prob.status != pulp.LpStatusOptimal or prob.sol_status != pulp.LpSolutionOptimal:
+        return Solution("infeasible", math.inf, *empty, solver.name)
+    if not _status_ok(prob):
         raise PlanningError(
             f"the solver stopped without a proven optimum (status {status!r}, solution {sol_status!r}). "
             "To fix: raise --time-limit or try --solver highs."
@@ -731,6 +886,7 @@ class PlanResult:
     threshold_tokens: int
     levels_tried: int
     cost_per_hour: float | None
+    ilps_solved: int = 0  # ILPs the level search solved (the others were pruned by their LP bound)
 
     @property
     def watts_total(self) -> float:
@@ -903,11 +1059,27 @@ def _predict(
 
 def _levels(tbt_target_s: float, ref: Reference, settings: Settings) -> list[float]:
     """Decode step targets tau: fractions of the TBT target, plus small multiples of the standalone step (so a
-    loose TBT SLO still leaves fast-decode levels, which a tight TTFET SLO may need)."""
+    loose TBT SLO still leaves fast-decode levels, which a tight TTFET SLO may need). Equal levels (within
+    1e-9 relative) are listed once."""
     base = tbt_target_s if math.isfinite(tbt_target_s) else 10.0 * ref.step_s
     levels = {base * f for f in settings.decode_levels if f > 0}
     levels |= {ref.step_s * m for m in settings.step_multiples if ref.step_s * m < base}
-    return sorted(levels, reverse=True)
+    out: list[float] = []
+    for tau in sorted(levels, reverse=True):
+        if not out or tau < out[-1] * (1 - 1e-9):
+            out.append(tau)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Search:
+    """The outcome of the level search: the best level's options and solution, and the search's effort."""
+
+    options: list[Option]
+    solution: Solution
+    tau_s: float
+    levels: int  # levels considered
+    ilps: int  # ILPs solved (the others were pruned by their LP bound)
 
 
 def _best(
@@ -917,21 +1089,48 @@ def _best(
     ref: Reference,
     settings: Settings,
     extra_gpus: dict[str, int] | None = None,
-) -> tuple[list[Option], Solution, float, int] | None:
+) -> _Search | None:
+    """Best proven optimum over the decode levels (= one ILP with a binary choice of level).
+
+    Bound-and-prune over levels: every level's LP relaxation is a lower bound on its ILP; levels are solved
+    in order of their bound and the search stops once the next bound cannot beat the incumbent (ties go to
+    the larger tau, the order of the level grid). Exact: a pruned level's ILP cannot be better.
+    """
     _, tbt_target = slo_targets(slo, ref)
-    best: tuple[list[Option], Solution, float, int] | None = None
     levels = _levels(tbt_target, ref, settings)
-    for tau in levels:
-        opts = build_options(tiers, demand, slo, ref, tau, settings)
+    cache: dict[tuple[int, int], _Static] = {}
+    cands: list[tuple[float, int, float, list[Option]]] = []
+    for rank, tau in enumerate(levels):
+        opts = build_options(tiers, demand, slo, ref, tau, settings, cache)
+        bound = lp_bound(opts, tiers, demand, settings, extra_gpus)
+        if math.isfinite(bound):
+            cands.append((bound, rank, tau, opts))
+    cands.sort(key=lambda c: (c[0], c[1]))
+    best: tuple[list[Option], Solution, float, int] | None = None
+    ilps = 0
+    for bound, rank, tau, opts in cands:
+        if best is not None:
+            tol = 1e-9 * max(1.0, abs(best[1].objective_value))
+            # a level can only win with a strictly lower objective, or an equal one at a larger tau
+            if bound > best[1].objective_value + tol or (
+                bound >= best[1].objective_value - tol and rank > best[3]
+            ):
+                continue
         sol = solve(opts, tiers, demand, settings, extra_gpus)
+        ilps += 1
         if sol.status != "optimal":
             continue
-        # ties: prefer the faster decode step (more TTFET/TBT margin)
-        if best is None or sol.objective_value < best[1].objective_value - 1e-9 * max(
-            1.0, abs(sol.objective_value)
+        if best is None:
+            best = (opts, sol, tau, rank)
+            continue
+        tol = 1e-9 * max(1.0, abs(sol.objective_value))
+        if sol.objective_value < best[1].objective_value - tol or (
+            sol.objective_value <= best[1].objective_value + tol and rank < best[3]
         ):
-            best = (opts, sol, tau, len(levels))
-    return best
+            best = (opts, sol, tau, rank)
+    if best is None:
+        return None
+    return _Search(best[0], best[1], best[2], len(levels), ilps)
 
 
 def reference_for(tiers: Sequence[TierSupply], demand: Demand, reference_tier: str | None) -> Reference:
@@ -961,53 +1160,183 @@ def plan(
     return plan_with_reference(tiers, demand, slo, settings, reference_for(tiers, demand, reference_tier))
 
 
+def merge_identical_tiers(
+    tiers: Sequence[TierSupply],
+) -> tuple[list[TierSupply], dict[str, list[TierSupply]]]:
+    """Merge tiers that differ only by name (same instance shapes, roles, link and price) into one.
+
+    Identical tiers make the ILP symmetric (swapping their instances changes nothing), which the solver must
+    still prove. Merging is exact when any merged solution can be split back: the TP sizes form a
+    divisibility chain (1, 2, 4, 8) and every tier's GPU count is a multiple of the largest, so placing
+    instances largest first fills the tiers without leftover fragments (:func:`split_merged`). Tiers that do
+    not meet this stay separate. Returns (tiers to solve, merged name -> the original tiers).
+    """
+    groups: dict[tuple[object, ...], list[TierSupply]] = {}
+    order: list[tuple[object, ...]] = []
+    for t in tiers:
+        tps = sorted({m.tp for m in t.models})
+        chain = all(b % a == 0 for a, b in zip(tps, tps[1:], strict=False))
+        ok = bool(tps) and chain and t.gpus % tps[-1] == 0
+        key: tuple[object, ...] = (t.models, t.roles, t.link, t.cost_per_gpu_hour) if ok else ("solo", t.name)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(t)
+    out: list[TierSupply] = []
+    members: dict[str, list[TierSupply]] = {}
+    for key in order:
+        g = groups[key]
+        merged = g[0] if len(g) == 1 else replace(g[0], gpus=sum(t.gpus for t in g))
+        out.append(merged)
+        members[merged.name] = g
+    return out, members
+
+
+def split_merged(
+    options: Sequence[Option], sol: Solution, members: dict[str, list[TierSupply]]
+) -> tuple[list[Option], Solution]:
+    """Expand a solution over merged tiers to the original tiers (largest instances first, loads pro rata)."""
+    out_opts: list[Option] = []
+    counts: list[int] = []
+    loads: list[float] = []
+    free = {t.name: t.gpus for g in members.values() for t in g}
+    order = sorted(range(len(options)), key=lambda i: -options[i].gpus)
+    placed: dict[tuple[int, str], int] = {}
+    for i in order:
+        o, k = options[i], sol.counts[i]
+        for t in members.get(o.tier, []):
+            take = min(k, free[t.name] // o.gpus)
+            if take > 0:
+                placed[(i, t.name)] = take
+                free[t.name] -= take * o.gpus
+                k -= take
+        if k > 0:
+            raise PlanningError(f"internal: cannot split {sol.counts[i]} x {o.key} over merged tiers")
+    for i, o in enumerate(options):
+        for t in members.get(o.tier, []):
+            k = placed.get((i, t.name), 0)
+            out_opts.append(o if t.name == o.tier else replace(o, tier=t.name))
+            counts.append(k)
+            loads.append(sol.loads[i] * k / sol.counts[i] if sol.counts[i] else 0.0)
+    return out_opts, replace(sol, counts=tuple(counts), loads=tuple(loads))
+
+
 def plan_with_reference(
     tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
 ) -> PlanResult:
     """:func:`plan` with given standalone latencies (to compare fleets against one baseline)."""
     if demand.arrival_rate_per_s <= 0:
         raise PlanningError("arrival rate must be > 0. To fix: set workload.arrival_rate_per_s.")
-    best = _best(tiers, demand, slo, ref, settings)
+    merged, members = merge_identical_tiers(tiers)
+    best = _best(merged, demand, slo, ref, settings)
     if best is None:
         d = diagnose(tiers, demand, slo, settings, ref)
         raise PlanningError(d.message)
-    opts, sol, tau, levels = best
-    return _predict(opts, sol, tiers, demand, slo, ref, tau, settings, levels)
+    opts, sol = best.options, best.solution
+    if len(merged) < len(tiers):
+        opts, sol = split_merged(opts, sol, members)
+    r = _predict(opts, sol, tiers, demand, slo, ref, best.tau_s, settings, best.levels)
+    return replace(r, ilps_solved=best.ilps)
+
+
+def _max_rate_model(
+    opts: Sequence[Option],
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    settings: Settings,
+    relax: bool,
+    prefill_instances: int | None = None,
+    fixed_counts: Sequence[int] | None = None,
+) -> tuple[pulp.LpProblem, pulp.LpVariable] | None:
+    """max lam s.t. (1)-(7) with lam a variable. Per (tier, role, GPUs) only the highest-capacity option is
+    kept (for the rate, capacity is all that matters). prefill_instances: fix the number of prefill-role
+    instances; fixed_counts: fix every n_j (then it is an LP over the loads)."""
+    best_of: dict[tuple[str, str, int], tuple[float, int]] = {}
+    for i, o in enumerate(opts):
+        if not o.usable or (fixed_counts is not None and fixed_counts[i] <= 0):
+            continue
+        cap = o.capacity_per_instance(demand, settings)
+        key = (o.tier, o.role, o.gpus) if fixed_counts is None else (o.tier, o.role, -1 - i)
+        if key not in best_of or cap > best_of[key][0]:
+            best_of[key] = (cap, i)
+    idx = sorted(i for _, i in best_of.values())
+    if not any(opts[i].does_prefill for i in idx) or not any(opts[i].does_decode for i in idx):
+        return None
+    cat = pulp.LpContinuous if relax or fixed_counts is not None else pulp.LpInteger
+    prob = pulp.LpProblem("conserve_max_rate", pulp.LpMaximize)
+    lam = pulp.LpVariable("lam", lowBound=0)
+    n = {i: pulp.LpVariable(f"n_{i}", lowBound=0, cat=cat) for i in idx}
+    lv = {i: pulp.LpVariable(f"l_{i}", lowBound=0) for i in idx}
+    prob += lam
+    for t in tiers:
+        terms = [opts[i].gpus * n[i] for i in idx if opts[i].tier == t.name]
+        if terms:
+            prob += pulp.lpSum(terms) <= t.gpus
+    prob += pulp.lpSum([lv[i] for i in idx if opts[i].does_prefill]) == lam
+    prob += pulp.lpSum([lv[i] for i in idx if opts[i].does_decode]) == lam
+    if prefill_instances is not None:
+        prob += pulp.lpSum([n[i] for i in idx if opts[i].role == "prefill"]) == prefill_instances
+    if fixed_counts is not None:
+        for i in idx:
+            prob += n[i] == fixed_counts[i]
+    for i in idx:
+        cap = opts[i].capacity_per_instance(demand, settings)
+        if math.isfinite(cap):
+            prob += lv[i] <= cap * n[i]
+    return prob, lam
 
 
 def max_rate_per_s(
-    tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    slo: Slo,
+    settings: Settings,
+    ref: Reference,
+    prefill_instances: int | None = None,
 ) -> float:
     """Highest arrival rate (conv/s) the fleet sustains within the SLOs: max lam over n, l (ILP per level).
 
     The options' coefficients do not depend on lam, so lam can be a variable; returns 0 when nothing fits.
+    Levels are solved in order of their LP bound and pruned once the bound cannot beat the incumbent.
+    prefill_instances: the same with the number of prefill-role instances fixed (to explain a split).
     """
     _, tbt_target = slo_targets(slo, ref)
-    best = 0.0
+    cache: dict[tuple[int, int], _Static] = {}
+    cands: list[tuple[float, list[Option]]] = []
     for tau in _levels(tbt_target, ref, settings):
-        opts = build_options(tiers, demand, slo, ref, tau, settings)
-        idx = [i for i, o in enumerate(opts) if o.usable]
-        if not any(opts[i].does_prefill for i in idx) or not any(opts[i].does_decode for i in idx):
+        opts = build_options(tiers, demand, slo, ref, tau, settings, cache)
+        built = _max_rate_model(opts, tiers, demand, settings, True, prefill_instances)
+        if built is None:
             continue
-        prob = pulp.LpProblem("conserve_max_rate", pulp.LpMaximize)
-        lam = pulp.LpVariable("lam", lowBound=0)
-        n = {i: pulp.LpVariable(f"n_{i}", lowBound=0, cat="Integer") for i in idx}
-        lv = {i: pulp.LpVariable(f"l_{i}", lowBound=0) for i in idx}
-        prob += lam
-        for t in tiers:
-            terms = [opts[i].gpus * n[i] for i in idx if opts[i].tier == t.name]
-            if terms:
-                prob += pulp.lpSum(terms) <= t.gpus
-        prob += pulp.lpSum(lv[i] for i in idx if opts[i].does_prefill) == lam
-        prob += pulp.lpSum(lv[i] for i in idx if opts[i].does_decode) == lam
-        for i in idx:
-            for cap in opts[i].caps_per_instance(demand, settings).values():
-                if math.isfinite(cap):
-                    prob += lv[i] <= cap * n[i]
+        prob, lam = built
+        prob.solve(_solver(settings, mip=False))
+        if _status_ok(prob):
+            cands.append((float(lam.value() or 0.0), opts))
+    best = 0.0
+    for bound, opts in sorted(cands, key=lambda c: -c[0]):
+        if bound <= best * (1 + 1e-9):
+            break
+        built = _max_rate_model(opts, tiers, demand, settings, False, prefill_instances)
+        if built is None:
+            continue
+        prob, lam = built
         prob.solve(_solver(settings))
-        if prob.status == pulp.LpStatusOptimal and prob.sol_status == pulp.LpSolutionOptimal:
+        if _status_ok(prob):
             best = max(best, float(lam.value() or 0.0))
     return best
+
+
+def max_rate_of_counts(
+    options: Sequence[Option], counts: Sequence[int], tiers: Sequence[TierSupply], demand: Demand,
+    settings: Settings,
+) -> float:
+    """Highest arrival rate (conv/s) a fixed set of instances sustains within the SLOs (an LP over loads)."""
+    built = _max_rate_model(options, tiers, demand, settings, True, fixed_counts=counts)
+    if built is None:
+        return 0.0
+    prob, lam = built
+    prob.solve(_solver(settings, mip=False))
+    return float(lam.value() or 0.0) if _status_ok(prob) else 0.0
 
 
 def diagnose(

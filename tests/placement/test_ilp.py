@@ -220,3 +220,60 @@ def test_decoder_power_uses_the_planned_context_and_200w_caps_save_energy() -> N
         t_cap = ilp.decode_step_s(p.option.model, demand, p.batch)
         t_tdp = ilp.decode_step_s(uncapped, demand, p.batch)
         assert t_tdp <= t_cap < 1.05 * t_tdp
+
+
+def _exhaustive_levels(
+    tiers: list[ilp.TierSupply], demand: ilp.Demand, s: ilp.Settings
+) -> float:
+    """Min over every decode level of the proven ILP optimum (no LP-bound pruning, no tier merging)."""
+    ref = ilp.reference_for(tiers, demand, None)
+    best = math.inf
+    for tau in ilp._levels(ilp.slo_targets(ilp.Slo(), ref)[1], ref, s):
+        sol = ilp.solve(ilp.build_options(tiers, demand, ilp.Slo(), ref, tau, s), tiers, demand, s)
+        if sol.status == "optimal":
+            best = min(best, sol.objective_value)
+    return best
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.9])
+def test_level_pruning_and_tier_merging_keep_the_optimum(rate: float) -> None:
+    from dataclasses import replace
+
+    base = _fleet(a40=4, l40s=2)
+    # a fleet with a duplicate of the A40 tier (same shapes, another name): merged for the solve, then split
+    twin = [*base, replace(base[0], name="a40b", gpus=2)]
+    s = ilp.Settings()
+    demand = _demand(rate)
+    for tiers in (base, twin):
+        r = ilp.plan(tiers, demand, ilp.Slo(), s)
+        assert r.solution.objective_value == pytest.approx(
+            _exhaustive_levels(tiers, demand, s), rel=1e-6, abs=1e-6
+        )
+        assert r.ilps_solved <= r.levels_tried
+        for t in tiers:  # the split respects every original tier's GPUs
+            used = sum(p.instances * p.option.gpus for p in r.pools if p.option.tier == t.name)
+            assert used <= t.gpus
+        assert sum(p.arrival_rate_per_s for p in r.pools if p.option.does_decode) == pytest.approx(rate)
+    merged, members = ilp.merge_identical_tiers(twin)
+    assert [t.name for t in merged] == ["a40", "l40s"] and merged[0].gpus == 6
+    assert [t.name for t in members["a40"]] == ["a40", "a40b"]
+
+
+def test_dominated_options_are_pruned_only_when_no_better() -> None:
+    tiers = _fleet()
+    demand = _demand(0.5)
+    s = ilp.Settings(objective=ilp.Objective.GPUS)  # every shape of a tier costs the same per instance
+    ref = ilp.reference_for(tiers, demand, None)
+    opts = ilp.build_options(tiers, demand, ilp.Slo(), ref, ilp.slo_targets(ilp.Slo(), ref)[1] * 0.6, s)
+    drop = ilp.dominated(opts, tiers, demand, s)
+    for i in drop:
+        o = opts[i]
+        keeper = [
+            k
+            for k, p in enumerate(opts)
+            if k not in drop and p.usable and (p.tier, p.role, p.gpus) == (o.tier, o.role, o.gpus)
+        ]
+        assert keeper
+        assert any(
+            opts[k].capacity_per_instance(demand, s) >= o.capacity_per_instance(demand, s) for k in keeper
+        )
