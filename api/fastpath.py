@@ -275,9 +275,13 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
 
 
 async def _stream(send: Send, receive: Receive, blocks: Any, headers: list[tuple[bytes, bytes]]) -> None:
-    """SSE body; stops (closing the router's generator, which records the turn as an error) when the client
-    disconnects. One ASGI send per block: the router yields one block per read from the engine."""
+    """SSE body, one ASGI send per block (the router yields one block per read from the engine); the block
+    ending with ``[DONE]`` also ends the response. From the second block on, a watcher task notices a client
+    disconnect, and the loop then stops and closes the router's generator (which records the turn as an
+    error and stops the engine request). When the first block is already the last one there is nothing
+    left to wait for, so no watcher is started (saves a task per short response)."""
     gone = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         while True:
@@ -286,7 +290,6 @@ async def _stream(send: Send, receive: Receive, blocks: Any, headers: list[tuple
                 gone.set()
                 return
 
-    watcher = asyncio.get_running_loop().create_task(watch())
     try:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + headers})
         ended = False
@@ -297,8 +300,11 @@ async def _stream(send: Send, receive: Receive, blocks: Any, headers: list[tuple
             await send({"type": "http.response.body", "body": block, "more_body": not ended})
             if ended:
                 break
+            if watcher is None:
+                watcher = asyncio.get_running_loop().create_task(watch())
         if not ended and not gone.is_set():
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         await blocks.aclose()

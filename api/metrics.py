@@ -109,6 +109,8 @@ class ApiMetrics:
             "conserve_retries", "turns retried after an engine failure", ["instance"], registry=r
         )
 
+        self._turn_children: dict[tuple[Any, bool, bool], Any] = {}
+
     def attach_fleet(self, status: Callable[[], list[dict[str, Any]]]) -> None:
         self.registry.register(_FleetCollector(status))
 
@@ -116,9 +118,12 @@ class ApiMetrics:
     def turn_done(
         self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float], ttfet_s: float | None
     ) -> None:
-        self.turns.labels(
-            str(rec.status), "true" if rec.is_final else "false", "true" if rec.remote_prefill else "false"
-        ).inc()
+        key = (rec.status, rec.is_final, rec.remote_prefill)
+        child = self._turn_children.get(key)
+        if child is None:  # bind the label set once (labels() costs a lock and a dict lookup per call)
+            final, remote = ("true" if f else "false" for f in (rec.is_final, rec.remote_prefill))
+            child = self._turn_children[key] = self.turns.labels(str(rec.status), final, remote)
+        child.inc()
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
         if ttfet_s is not None:
