@@ -83,11 +83,25 @@ class InstanceLike(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SimOptions:
-    max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS
+    max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS  # chunked-prefill token budget per step
     max_seqs: int = DEFAULT_MAX_SEQS
     prefix_cache: bool = True  # on every instance (vLLM's default)
     prefiller_prefix_cache: bool = True  # set False to model prefillers that never reuse a prefix
     record_views: bool = False  # keep the FleetView of every decision (parity test; memory-hungry)
+    # token budget of prefill-role instances (None: max_batched_tokens); the paper's artifact ran its
+    # prefiller with a larger budget than its decoders (orchestrator.sim.paper.PAPER_SIM_OPTIONS)
+    prefill_max_batched_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batched_tokens", "max_seqs", "prefill_max_batched_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise SimulationError(f"SimOptions.{name} must be >= 1, got {v}")
+
+    def budget_for(self, role: Role) -> int:
+        if role == Role.PREFILL and self.prefill_max_batched_tokens is not None:
+            return self.prefill_max_batched_tokens
+        return self.max_batched_tokens
 
 
 # sequence states: waiting, prefilling, held (prefill done, KV kept until transferred), in transfer,
@@ -181,7 +195,7 @@ class _Instance:
         self.block = int(self.tm.block_size_tokens)
         self.kvb = int(self.tm.model.kv_bytes_per_token)
         self.max_seqs = opts.max_seqs
-        self.budget = opts.max_batched_tokens
+        self.budget = opts.budget_for(self.role)
         self.healthy = True
         self.cache_on = opts.prefix_cache and (opts.prefiller_prefix_cache or self.role != Role.PREFILL)
         self.link = link
