@@ -113,9 +113,9 @@ def _prompt(v: Any) -> bool:
     )
 
 
-# Declared fields of api.schemas.{_Sampling, ChatCompletionRequest, CompletionRequest} -> exact check.
-# A declared field without an entry here (tools, tool_choice, temperature given as an int, ...) sends the
-# request to the FastAPI route. Keep in sync with api/schemas.py (tests/api/test_fastpath.py checks).
+# Every declared field of api.schemas.{ChatCompletionRequest, CompletionRequest} -> an exact check; a value
+# it does not accept (tools, temperature given as an int, content parts, ...) sends the request to the
+# FastAPI route. Keep in sync with api/schemas.py (tests/api/test_fastpath.py checks the key sets).
 _COMMON: dict[str, Callable[[Any], bool]] = {
     "model": lambda v: type(v) is str and len(v) >= 1,
     "max_tokens": _opt_int_ge1,
@@ -143,18 +143,6 @@ REQUIRED: dict[RequestKind, tuple[str, ...]] = {
     RequestKind.CHAT: ("model", "messages"),
     RequestKind.COMPLETION: ("model", "prompt"),
 }
-DECLARED: dict[RequestKind, frozenset[str]] = {
-    RequestKind.CHAT: frozenset(
-        {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed"}
-        | {"conversation_id", "conserve", "messages", "max_completion_tokens", "tools", "tool_choice"}
-    ),
-    RequestKind.COMPLETION: frozenset(
-        {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed"}
-        | {"conversation_id", "conserve", "prompt", "echo"}
-    ),
-}
-
-
 def simple_body_ok(kind: RequestKind, body: Any) -> bool:
     """True only if the pydantic request model would accept `body` and dump it back unchanged."""
     if type(body) is not dict:
@@ -181,6 +169,8 @@ class FastPath:
         self.metrics = metrics
         # pre-bound Prometheus children: no label lookup per request
         self._ok = {ep: metrics.requests.labels(ep, "200") for _, ep in PATHS.values()}
+        self.served = 0  # requests answered here (incl. errors from prepare_turn / the router)
+        self.fallbacks = 0  # requests handed to the FastAPI routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, fallback: AsgiApp) -> None:
         kind, endpoint = PATHS[scope["path"]]
@@ -214,8 +204,10 @@ class FastPath:
             or (cid is not None and not 1 <= len(cid) <= CONVERSATION_ID_MAX_CHARS)
             or (final is not None and final.lower() not in _FINAL_VALUES)
         ):
+            self.fallbacks += 1
             await fallback(scope, _replay(raw, receive), send)
             return
+        self.served += 1
         try:
             inp = prepare_turn(kind, body, self.rt, cid, final)
             cid_out = inp.conversation_id

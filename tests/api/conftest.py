@@ -69,6 +69,7 @@ def start_server(
     policy: str | None = None,
     instances: Callable[[FleetConfig], list[Any]] | None = paper_instances,
     poll_interval_s: float = 0.2,
+    fast_path: bool = True,
 ) -> tuple[Served, Callable[[], None]]:
     db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
     cfg = parse_fleet(dict(FLEET, database_url=db_url))
@@ -81,7 +82,7 @@ def start_server(
         ledger_flush_interval_s=0.01,
     )
     rt = build_runtime(settings, cfg, instances=instances(cfg) if instances else None)
-    app = create_app(settings, runtime=rt)
+    app = create_app(settings, runtime=rt, fast_path=fast_path)
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
@@ -105,6 +106,16 @@ def start_server(
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     s, stop = start_server(tmp_path)
+    try:
+        yield s
+    finally:
+        stop()
+
+
+@pytest.fixture(scope="module")
+def served_fastapi_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """Like served_shared but every request goes through the FastAPI routes (no raw-ASGI fast path)."""
+    s, stop = start_server(tmp_path_factory.mktemp("served-slow"), speedup=1000.0, fast_path=False)
     try:
         yield s
     finally:

@@ -1,0 +1,153 @@
+"""The router's SSE pass-through: SseSplitter over arbitrary block boundaries, and Router.stream_sse over an
+engine that offers stream_raw (accounting from the parsed events, bytes forwarded unchanged)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from energy.records import PinRecord, TurnRecord, TurnStatus
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.router import SSE_DONE, EngineUnavailable, Router, RouterConfig, SseSplitter, TurnInput
+from placement.base import Role
+from placement.policies import make_policy
+from tiers.errors import EngineError
+
+
+def _chunk(i: int, finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "x",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": f"t{i}"}, "finish_reason": finish}],
+    }
+
+
+USAGE = {"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+CHUNKS = [_chunk(0), _chunk(1), _chunk(2, "stop"), USAGE]
+
+
+def _events(chunks: list[dict[str, Any]]) -> list[bytes]:
+    return [b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n" for c in chunks]
+
+
+WIRE = b"".join(_events(CHUNKS)) + b": keep-alive\n\n" + SSE_DONE
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if b > a]
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(WIRE)), max_size=12), crlf=st.booleans())
+def test_splitter_finds_the_same_events_for_any_block_boundaries(cuts: list[int], crlf: bool) -> None:
+    wire = WIRE.replace(b"\n", b"\r\n") if crlf else WIRE
+    sp = SseSplitter()
+    got: list[tuple[dict[str, Any], bytes]] = []
+    for block in _split(wire, cuts):
+        got += sp.feed(block)
+    got += sp.close()
+    assert [d for d, _ in got] == CHUNKS
+    assert b"".join(raw for _, raw in got) == b"".join(_events(CHUNKS))
+    assert sp.done
+
+
+def test_splitter_joins_multiline_data_and_rejects_non_json() -> None:
+    sp = SseSplitter("e1")
+    ((obj, raw),) = sp.feed(b'data: {"a":\ndata: 1}\n\n')
+    assert obj == {"a": 1} and raw == b'data: {"a":\n1}\n\n'
+    with pytest.raises(EngineError, match="e1.*not JSON"):
+        sp.feed(b"data: {oops\n\n")
+    with pytest.raises(EngineError, match="not a JSON object"):
+        SseSplitter().feed(b"data: [1, 2]\n\n")
+
+
+# ---- Router.stream_sse over a raw-SSE engine -----------------------------------------------------------
+
+
+class CannedSseEngine:
+    """An engine whose stream_raw replays fixed SSE bytes in given blocks (the wire of a vLLM server)."""
+
+    role = Role.COLOCATED
+    tier = "t"
+    kv_capacity_tokens = 100_000
+
+    def __init__(self, blocks: list[bytes]) -> None:
+        self.instance_id = "e0"
+        self.blocks = blocks
+        self.bodies: list[dict[str, Any]] = []
+
+    async def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
+        self.bodies.append(req.body)
+        for b in self.blocks:
+            yield b
+
+    def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:  # pragma: no cover - not used
+        raise AssertionError("the router must use stream_raw")
+
+    async def prefill(self, req: EngineRequest) -> PrefillResult:  # pragma: no cover - colocated, no prefill
+        raise AssertionError
+
+    async def complete(self, req: EngineRequest) -> dict[str, Any]:  # pragma: no cover
+        raise AssertionError
+
+    async def observe(self) -> EngineObservation:
+        return EngineObservation(healthy=True)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.turns: list[TurnRecord] = []
+
+    def turn(self, rec: TurnRecord) -> None:
+        self.turns.append(rec)
+
+    def pin(self, rec: PinRecord) -> None:
+        return None
+
+
+def _router(engine: CannedSseEngine, sink: Sink) -> Router:
+    return Router({"e0": engine}, make_policy("conserve"), RouterConfig("m", 32_000), sink=sink)
+
+
+def _inp(include_usage: bool) -> TurnInput:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    return TurnInput(RequestKind.CHAT, body, None, include_usage=include_usage)
+
+
+@pytest.mark.parametrize("include_usage", [False, True], ids=["usage-dropped", "usage-asked"])
+@pytest.mark.parametrize(
+    "cuts", [[], [10, 200, 201], list(range(0, len(WIRE), 7))], ids=["one", "three", "many"]
+)
+async def test_stream_sse_forwards_engine_bytes_and_records_the_turn(
+    include_usage: bool, cuts: list[int]
+) -> None:
+    engine, sink = CannedSseEngine(_split(WIRE, cuts)), Sink()
+    blocks = [b async for b in _router(engine, sink).stream_sse(_inp(include_usage))]
+    expected = _events(CHUNKS if include_usage else CHUNKS[:3])
+    assert b"".join(blocks) == b"".join(expected) + SSE_DONE
+    assert all(not b.endswith(SSE_DONE) for b in blocks[:-1]) and blocks[-1].endswith(SSE_DONE)
+    assert engine.bodies[0]["stream_options"] == {"include_usage": True}  # the router always asks for usage
+    (rec,) = sink.turns
+    assert rec.status == TurnStatus.OK and rec.is_final and rec.finish_reason == "stop"
+    assert (rec.prompt_tokens, rec.output_tokens) == (7, 3)  # from the engine's usage, not the estimate
+    assert rec.first_token_at is not None and rec.last_token_at is not None
+
+
+async def test_engine_error_event_mid_stream_ends_the_turn_as_an_error() -> None:
+    err = b'data: {"error": {"message": "boom", "code": 500}}\n\n'
+    engine, sink = CannedSseEngine([_events([_chunk(0)])[0], err]), Sink()
+    got = []
+    with pytest.raises(EngineUnavailable, match="boom"):
+        async for b in _router(engine, sink).stream_sse(_inp(False)):
+            got.append(b)
+    assert got == [_events([_chunk(0)])[0]]
+    assert [r.status for r in sink.turns] == [TurnStatus.ERROR]
