@@ -1,19 +1,22 @@
 """Router overhead: added TTFT (p50/p99) and max requests/s of `orchestrator serve` vs the engine directly.
 
-One run starts a fast engine stub (benchmarks/stub_engine.py, answers instantly) and `orchestrator serve`
-in front of it (backend vllm, one colocated engine, conserve policy, SQLite ledger written by the
-background writer: every turn is recorded), then measures from this process with aiohttp:
+Three kinds of processes, as in production: a fast engine stub (benchmarks/stub_engine.py, answers at
+once), `orchestrator serve` in front of it (backend vllm, one colocated engine, conserve policy, SQLite
+ledger and energy accounting on: every turn is recorded), and the load generators, each its own process:
 
-1. latency: sequential streaming chat requests (1 connection), alternating direct/router in blocks;
-   TTFT = request sent -> first `data:` chunk with content. Added TTFT = router - direct (p50, p99).
-2. throughput: `--concurrency` connections for `--duration-s` each, streaming and non-streaming, against
-   the stub directly and through the router; req/s and the router's CPU time per request (from /proc).
+1. latency: streaming chat requests over 1 and over 8 connections (a Python aiohttp client process);
+   TTFT = request sent -> first `data:` event with content. Direct and routed back to back in each
+   repetition; added TTFT = routed - direct, p50 and p99.
+2. throughput: 64 connections for `--duration-s`, streaming and JSON, with `wrk` when installed (C: the
+   load generator then takes less of the shared CPU; `apt-get install wrk`), else the aiohttp client.
+   Requests/s direct and routed, and CPU time per request of the router process (all its threads, from
+   /proc/<pid>/stat) and of the stub - the CPU figure is the stable one on a shared machine.
 
-All three processes share this machine's cores, so the direct figure is also what the load generator
-itself can drive; the ratio router/direct is the honest comparison. Targets (issue 4): <= 1 ms p99 added
-TTFT, >= 2,000 requests/s.
+Every measurement is repeated `--reps` times (>= 3); the report gives the median of the repetitions and the
+load average before and after (other jobs on the machine inflate latency tails; the CPU figures much less).
+Targets (issue 4): <= 1 ms p99 added TTFT, >= 2,000 requests/s.
 
-    python benchmarks/bench_router.py [--requests 2000] [--duration-s 8] [--concurrency 64] [--json]
+    python benchmarks/bench_router.py [--reps 3] [--requests 1000] [--duration-s 5] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import asyncio
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -32,10 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "Qwen3-0.6B"
+TARGET_P99_ADDED_MS = 1.0  # issue 4
+TARGET_REQ_PER_S = 2000.0  # issue 4
 
 
 def _free_port() -> int:
@@ -45,6 +50,7 @@ def _free_port() -> int:
 
 
 def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all threads (fields 14 and 15 of /proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -54,18 +60,11 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-async def _wait_up(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:  # pragma: no cover - not Linux
+        return "?"
 
 
 def _body(stream: bool, max_tokens: int) -> bytes:
@@ -79,8 +78,11 @@ def _body(stream: bool, max_tokens: int) -> bytes:
     ).encode()
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes, stream: bool) -> float:
-    """Returns TTFT (s) for streams, total latency for JSON."""
+# ---- the load generator (runs in its own process: `--loadgen`) ---------------------------------------------
+
+
+async def _one(session: Any, url: str, body: bytes, stream: bool) -> float:
+    """TTFT (s) for streams, total latency for JSON."""
     t0 = time.perf_counter()
     async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
         if r.status != 200:
@@ -92,75 +94,112 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, stream: bo
         async for line in r.content:
             if ttft is None and line.startswith(b"data: {") and b'"choices":[{' in line:
                 ttft = time.perf_counter() - t0
-        assert ttft is not None
+        if ttft is None:
+            raise RuntimeError(f"{url}: stream without a content event")
         return ttft
 
 
-async def latency(
-    direct: str, router: str, n: int, max_tokens: int, block: int = 50
-) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"direct": [], "router": []}
-    body = _body(True, max_tokens)
-    conn = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(connector=conn) as s:
-        for _ in range(20):  # warm-up both paths
-            await _one(s, direct, body, True)
-            await _one(s, router, body, True)
-        done = 0
-        while done < n:
-            for name, url in (("direct", direct), ("router", router)):
-                for _ in range(block):
-                    out[name].append(await _one(s, url, body, True))
-            done += block
-    return out
-
-
-async def throughput(
-    url: str, concurrency: int, duration_s: float, stream: bool, max_tokens: int
+async def _loadgen(
+    url: str, conns: int, requests: int, duration_s: float, stream: bool, max_tokens: int
 ) -> dict[str, Any]:
+    import aiohttp
+
     body = _body(stream, max_tokens)
-    conn = aiohttp.TCPConnector(limit=concurrency)
     lat: list[float] = []
     errors = 0
-    async with aiohttp.ClientSession(connector=conn) as s:
-        stop_at = time.perf_counter() + duration_s
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conns)) as s:
+        for _ in range(max(10, conns)):  # warm-up: open the connections
+            await _one(s, url, body, stream)
+        left = requests
+        stop_at = time.perf_counter() + duration_s if duration_s > 0 else float("inf")
 
         async def worker() -> None:
-            nonlocal errors
-            while time.perf_counter() < stop_at:
+            nonlocal left, errors
+            while left > 0 if duration_s <= 0 else time.perf_counter() < stop_at:
+                left -= 1
                 try:
                     lat.append(await _one(s, url, body, stream))
                 except Exception:
                     errors += 1
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(conns)))
         elapsed = time.perf_counter() - t0
-    return {
-        "requests": len(lat),
-        "errors": errors,
-        "elapsed_s": elapsed,
-        "req_per_s": len(lat) / elapsed,
-        "p50_ms": _pct(lat, 50) * 1e3 if lat else None,
-        "p99_ms": _pct(lat, 99) * 1e3 if lat else None,
-    }
+    return {"latencies_s": lat, "errors": errors, "elapsed_s": elapsed, "requests": len(lat)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=2000, help="sequential requests per path (latency)")
-    ap.add_argument("--duration-s", type=float, default=8.0, help="seconds per throughput run")
-    ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    try:
-        import uvloop
+def _run_loadgen(
+    url: str, conns: int, *, requests: int = 0, duration_s: float = 0, stream: bool, max_tokens: int
+) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--loadgen",
+            url,
+            "--conns",
+            str(conns),
+            "--requests",
+            str(requests),
+            "--duration-s",
+            str(duration_s),
+            "--max-tokens",
+            str(max_tokens),
+            *(["--stream"] if stream else []),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
 
-        uvloop.install()
-    except ImportError:
-        pass
 
+def _wrk(url: str, conns: int, duration_s: float, stream: bool, max_tokens: int, tmp: Path) -> dict[str, Any]:
+    script = tmp / f"wrk-{'stream' if stream else 'json'}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{_body(stream, max_tokens).decode()}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration_s))}s", "-s", str(script), url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if m is None:
+        raise RuntimeError(f"could not parse wrk output:\n{out}")
+    n, elapsed = int(m.group(1)), float(m.group(2)) * (1e-3 if m.group(3) == "ms" else 1.0)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(int(g) for g in sock.groups()) if sock else 0)
+    return {"requests": n - errors, "errors": errors, "elapsed_s": elapsed}
+
+
+# ---- the benchmark ----------------------------------------------------------------------------------------
+
+
+def _wait_up(url: str, timeout_s: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up within {timeout_s:.0f} s")
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
     stub_port, router_port = _free_port(), _free_port()
     fleet = tmp / "fleet.yaml"
@@ -176,56 +215,73 @@ def main() -> None:
         [sys.executable, str(REPO / "benchmarks" / "stub_engine.py"), "--port", str(stub_port)], env=env
     )
     router = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from orchestrator.cli import main; main()",
-            "serve",
-            "--fleet",
-            str(fleet),
-            "--port",
-            str(router_port),
-            "--log-level",
-            "warning",
-            "--json",
-        ],
+        [sys.executable, "-c", "from orchestrator.cli import main; main()", "serve", "--fleet", str(fleet)]
+        + ["--port", str(router_port), "--log-level", "warning", "--json"],
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    direct_url = f"http://127.0.0.1:{stub_port}/v1/chat/completions"
-    router_url = f"http://127.0.0.1:{router_port}/v1/chat/completions"
+    urls = {
+        "direct": f"http://127.0.0.1:{stub_port}/v1/chat/completions",
+        "router": f"http://127.0.0.1:{router_port}/v1/chat/completions",
+    }
+    use_wrk = shutil.which("wrk") is not None and not args.no_wrk
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
         f"{platform.python_version()}, {platform.platform()}",
         "args": vars(args),
+        "load_generator": {"latency": "aiohttp (own process)", "throughput": "wrk" if use_wrk else "aiohttp"},
+        "loadavg_start": _loadavg(),
     }
     try:
-        asyncio.run(_wait_up(f"http://127.0.0.1:{stub_port}/health"))
-        asyncio.run(_wait_up(f"http://127.0.0.1:{router_port}/ready"))
-        lat = asyncio.run(latency(direct_url, router_url, args.requests, args.max_tokens))
-        d50, d99 = _pct(lat["direct"], 50) * 1e3, _pct(lat["direct"], 99) * 1e3
-        r50, r99 = _pct(lat["router"], 50) * 1e3, _pct(lat["router"], 99) * 1e3
-        result["ttft_ms"] = {
-            "direct_p50": d50,
-            "direct_p99": d99,
-            "router_p50": r50,
-            "router_p99": r99,
-            "added_p50": r50 - d50,
-            "added_p99": r99 - d99,
-            "added_mean": (statistics.mean(lat["router"]) - statistics.mean(lat["direct"])) * 1e3,
+        _wait_up(f"http://127.0.0.1:{stub_port}/health")
+        _wait_up(f"http://127.0.0.1:{router_port}/ready")
+        lat: dict[str, list[dict[str, float]]] = {}
+        for conns in (1, 8):
+            reps = []
+            for _ in range(args.reps):
+                rep: dict[str, float] = {}
+                for name, url in urls.items():
+                    r = _run_loadgen(
+                        url, conns, requests=args.requests, stream=True, max_tokens=args.max_tokens
+                    )
+                    xs = r["latencies_s"]
+                    rep[f"{name}_p50_ms"], rep[f"{name}_p99_ms"] = _pct(xs, 50) * 1e3, _pct(xs, 99) * 1e3
+                    rep[f"{name}_errors"] = r["errors"]
+                rep["added_p50_ms"] = rep["router_p50_ms"] - rep["direct_p50_ms"]
+                rep["added_p99_ms"] = rep["router_p99_ms"] - rep["direct_p99_ms"]
+                reps.append(rep)
+            lat[f"c{conns}"] = reps
+        result["ttft"] = {
+            k: {"median": {m: _median([r[m] for r in reps]) for m in reps[0]}, "reps": reps}
+            for k, reps in lat.items()
         }
         tp: dict[str, Any] = {}
         for stream in (True, False):
             mode = "stream" if stream else "json"
-            tp[f"direct_{mode}"] = asyncio.run(
-                throughput(direct_url, args.concurrency, args.duration_s, stream, args.max_tokens)
-            )
-            cpu0 = _cpu_s(router.pid)
-            tp[f"router_{mode}"] = r = asyncio.run(
-                throughput(router_url, args.concurrency, args.duration_s, stream, args.max_tokens)
-            )
-            r["router_cpu_us_per_request"] = (_cpu_s(router.pid) - cpu0) / max(1, r["requests"]) * 1e6
-            r["ratio_vs_direct"] = r["req_per_s"] / tp[f"direct_{mode}"]["req_per_s"]
+            reps = []
+            for _ in range(args.reps):
+                rep = {}
+                for name, url in urls.items():
+                    cpu0 = {"router": _cpu_s(router.pid), "stub": _cpu_s(stub.pid)}
+                    if use_wrk:
+                        r = _wrk(url, args.concurrency, args.duration_s, stream, args.max_tokens, tmp)
+                    else:
+                        r = _run_loadgen(
+                            url,
+                            args.concurrency,
+                            duration_s=args.duration_s,
+                            stream=stream,
+                            max_tokens=args.max_tokens,
+                        )
+                    n = max(1, r["requests"])
+                    rep[f"{name}_req_per_s"] = r["requests"] / r["elapsed_s"]
+                    rep[f"{name}_errors"] = r["errors"]
+                    rep[f"{name}_stub_cpu_us_per_req"] = (_cpu_s(stub.pid) - cpu0["stub"]) / n * 1e6
+                    if name == "router":
+                        rep["router_cpu_us_per_req"] = (_cpu_s(router.pid) - cpu0["router"]) / n * 1e6
+                rep["ratio"] = rep["router_req_per_s"] / rep["direct_req_per_s"]
+                reps.append(rep)
+            tp[mode] = {"median": {m: _median([r[m] for r in reps]) for m in reps[0]}, "reps": reps}
         result["throughput"] = tp
     finally:
         for p in (router, stub):
@@ -235,26 +291,81 @@ def main() -> None:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["loadavg_end"] = _loadavg()
+    t1, t8 = result["ttft"]["c1"]["median"], result["ttft"]["c8"]["median"]
+    rps = result["throughput"]["stream"]["median"]["router_req_per_s"]
+    result["targets"] = {
+        "p99_added_ms_c1": t1["added_p99_ms"],
+        "p99_added_ms_c8": t8["added_p99_ms"],
+        "p99_target_met": max(t1["added_p99_ms"], t8["added_p99_ms"]) <= TARGET_P99_ADDED_MS,
+        "req_per_s_stream": rps,
+        "req_per_s_target_met": rps >= TARGET_REQ_PER_S,
+    }
+    return result
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"machine: {result['machine']}")
+    print(f"load average at start {result['loadavg_start']}, at end {result['loadavg_end']}")
+    print(f"load generators: {result['load_generator']}; medians of {result['args']['reps']} repetitions")
+    for k, v in result["ttft"].items():
+        m = v["median"]
+        print(
+            f"TTFT {k}: direct p50 {m['direct_p50_ms']:.3f} p99 {m['direct_p99_ms']:.3f} ms | router p50 "
+            f"{m['router_p50_ms']:.3f} p99 {m['router_p99_ms']:.3f} ms | added p50 {m['added_p50_ms']:.3f} "
+            f"p99 {m['added_p99_ms']:.3f} ms"
+        )
+    for k, v in result["throughput"].items():
+        m = v["median"]
+        print(
+            f"{k:6s} c={result['args']['concurrency']}: direct {m['direct_req_per_s']:7.0f} req/s | router "
+            f"{m['router_req_per_s']:7.0f} req/s (ratio {m['ratio']:.2f}, errors {m['router_errors']:.0f}) | "
+            f"router CPU {m['router_cpu_us_per_req']:.0f} us/req, "
+            f"stub CPU {m['direct_stub_cpu_us_per_req']:.0f} us/req"
+        )
+    t = result["targets"]
+    print(
+        f"targets: p99 added <= {TARGET_P99_ADDED_MS} ms: {'met' if t['p99_target_met'] else 'MISSED'} "
+        f"(c1 {t['p99_added_ms_c1']:.3f}, c8 {t['p99_added_ms_c8']:.3f} ms); "
+        f">= {TARGET_REQ_PER_S:.0f} req/s: "
+        f"{'met' if t['req_per_s_target_met'] else 'MISSED'} ({t['req_per_s_stream']:.0f} streaming)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median reported)")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per latency run")
+    ap.add_argument("--duration-s", type=float, default=5.0, help="seconds per throughput run")
+    ap.add_argument("--concurrency", type=int, default=64, help="connections for the throughput runs")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--no-wrk", action="store_true", help="use the aiohttp load generator for throughput")
+    ap.add_argument("--json", action="store_true")
+    # internal: the load-generator process
+    ap.add_argument("--loadgen", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--conns", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if args.loadgen:
+        out = asyncio.run(
+            _loadgen(args.loadgen, args.conns, args.requests, args.duration_s, args.stream, args.max_tokens)
+        )
+        print(json.dumps(out))
+        return
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    result = run(args)
     if args.json:
         print(json.dumps(result, indent=2))
-        return
-    t = result["ttft_ms"]
-    print(f"machine: {result['machine']}")
-    print(
-        f"TTFT direct p50 {t['direct_p50']:.3f} ms p99 {t['direct_p99']:.3f} ms | via router p50 "
-        f"{t['router_p50']:.3f} ms p99 {t['router_p99']:.3f} ms | added p50 {t['added_p50']:.3f} ms "
-        f"p99 {t['added_p99']:.3f} ms (target <= 1 ms p99)"
-    )
-    for k, v in result["throughput"].items():
-        extra = (
-            f", ratio {v['ratio_vs_direct']:.2f}, router CPU {v['router_cpu_us_per_request']:.0f} us/req"
-            if "ratio_vs_direct" in v
-            else ""
-        )
-        print(
-            f"{k:14s} c={args.concurrency}: {v['req_per_s']:8.0f} req/s ({v['requests']} ok, {v['errors']} "
-            f"errors), p50 {v['p50_ms']:.2f} ms p99 {v['p99_ms']:.2f} ms{extra}"
-        )
+    else:
+        _print(result)
 
 
 if __name__ == "__main__":
