@@ -31,6 +31,7 @@ from orchestrator.metrics import (
     conversation_row,
     summarize,
 )
+from orchestrator.sim.core import SimOptions
 from orchestrator.sim.fleet import (
     build_instances,
     fleet_workload,
@@ -53,6 +54,25 @@ def _policy_options(policy: str, mispredict_rate: float | None, threshold: int |
     if key == "conserve" and threshold is not None:
         return {"local_prefill_below_tokens": threshold}
     return {}
+
+
+_BUDGET_HELP = (
+    "chunked-prefill token budget per step of decode/colocated engines (vLLM --max-num-batched-tokens; "
+    "default 8192; the paper's artifact used 2944)"
+)
+_PREFILL_BUDGET_HELP = "the same for prefill engines (default: --max-batched-tokens; the artifact used 8192)"
+
+
+def _sim_options(max_batched: int | None, prefill_max_batched: int | None) -> SimOptions:
+    pairs = (("--max-batched-tokens", max_batched), ("--prefill-max-batched-tokens", prefill_max_batched))
+    for name, v in pairs:
+        if v is not None and v < 1:
+            raise ConfigError(f"{name} must be >= 1 token, got {v}. To fix: e.g. 2944 (the paper's engines).")
+    base = SimOptions()
+    return SimOptions(
+        max_batched_tokens=max_batched if max_batched is not None else base.max_batched_tokens,
+        prefill_max_batched_tokens=prefill_max_batched,
+    )
 
 
 def colocated_layout(instances: Sequence[InstanceSpec]) -> str:
@@ -155,6 +175,7 @@ def _run_one(
     progress: Any = None,
     keep: dict[str, Any] | None = None,
     plan_rate: float | None = None,
+    sim_options: SimOptions | None = None,
 ) -> tuple[Summary, list[dict[str, Any]], list[InstanceSpec]]:
     res, insts = simulate_fleet(
         cfg,
@@ -168,6 +189,7 @@ def _run_one(
         energy_window_s=energy_window_s,
         progress=progress,
         plan_rate=plan_rate,
+        options=sim_options,
     )
     mets = conversation_metrics(res, convs, standalone, SloSpec.from_config(cfg.slo), convention)
     summ = summarize(res, mets, convention, unallocated_idle_w(cfg, insts))
@@ -203,6 +225,10 @@ def register(app: typer.Typer) -> None:
             None, "--local-prefill-below", help="conserve: turn-1 prompts shorter than this prefill locally"
         ),
         convention: Convention = typer.Option(Convention.HONEST, "--convention", help="honest or artifact"),
+        max_batched: int | None = typer.Option(None, "--max-batched-tokens", help=_BUDGET_HELP),
+        prefill_max_batched: int | None = typer.Option(
+            None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
+        ),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
         json_out: bool = typer.Option(False, "--json", help="print JSON for scripts"),
@@ -222,14 +248,15 @@ def register(app: typer.Typer) -> None:
         pol = policy or cfg.policy
         make_policy(pol, **_policy_options(pol, mispredict_rate, threshold))  # validate early
         out_dir = _out_dir(out)
+        sim_opts = _sim_options(max_batched, prefill_max_batched)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
-        sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg))
+        sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg), sim_opts)
         opts = _policy_options(pol, mispredict_rate, threshold)
         kept: dict[str, Any] | None = {} if db else None
         if json_out:
             summ, rows, insts = _run_one(
                 cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, keep=kept,
-                plan_rate=rate,
+                plan_rate=rate, sim_options=sim_opts,
             )
         else:
             with Progress(
@@ -247,7 +274,7 @@ def register(app: typer.Typer) -> None:
 
                 summ, rows, insts = _run_one(
                     cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, tick,
-                    keep=kept, plan_rate=rate,
+                    keep=kept, plan_rate=rate, sim_options=sim_opts,
                 )
         doc = {
             "schema_version": JSON_SCHEMA_VERSION,
@@ -325,6 +352,10 @@ def register(app: typer.Typer) -> None:
         max_turns: int | None = typer.Option(None, "--max-turns"),
         mispredict_rate: float | None = typer.Option(None, "--mispredict-rate"),
         convention: Convention = typer.Option(Convention.HONEST, "--convention"),
+        max_batched: int | None = typer.Option(None, "--max-batched-tokens", help=_BUDGET_HELP),
+        prefill_max_batched: int | None = typer.Option(
+            None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
+        ),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
     ) -> None:
@@ -350,8 +381,9 @@ def register(app: typer.Typer) -> None:
         coloc = colocated_layout(disagg_insts) if colocated is None else colocated
         if plan is None and layout is None:  # the ILP's plan, made once at the highest rate, for every run
             layout = _capped_layout(disagg_insts, None)
+        sim_opts = _sim_options(max_batched, prefill_max_batched)
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
-        sa = StandaloneCache(reference_tier_model(cfg))
+        sa = StandaloneCache(reference_tier_model(cfg), sim_opts)
         configs: list[tuple[str, str, str | None, Plan | None]] = []  # label, policy, layout, plan
         for p in pols:
             key = p.replace("_", "-").lower()
@@ -392,6 +424,7 @@ def register(app: typer.Typer) -> None:
                         sa,
                         convention,
                         1.0 if out_dir is not None else None,
+                        sim_options=sim_opts,
                     )
                     table_rows.append((label, rate, summ))
                     results.append(

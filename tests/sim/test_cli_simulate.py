@@ -103,3 +103,18 @@ def test_errors_are_one_line_exit_1(tmp_path: Path) -> None:
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 1, (args, r.output)
         assert msg in r.output and "Traceback" not in r.output
+
+
+def test_batch_budget_options(tmp_path: Path) -> None:
+    """A smaller chunked-prefill budget on the decoders changes the run; a bad one is a one-line error."""
+    base = ["simulate", "--fleet", str(fleet_file(tmp_path)), "--layout", "colocated=2", "--policy",
+            "colocated", "--json", "--no-standalone"]
+    runs = {}
+    for budget in ("8192", "512"):
+        r = CliRunner().invoke(app, base + ["--max-batched-tokens", budget])
+        assert r.exit_code == 0, r.output
+        runs[budget] = json.loads(r.output)["summary"]["ttft_s"]["mean"]
+    assert runs["512"] > runs["8192"]  # 4k-token prompts take 8 chunks instead of 1: later first tokens
+    r = CliRunner().invoke(app, base + ["--prefill-max-batched-tokens", "0"])
+    assert r.exit_code == 1
+    assert "--prefill-max-batched-tokens must be >= 1" in r.output

@@ -34,6 +34,7 @@ def paper(shared_data: Path, repo_root: Path):  # type: ignore[no-untyped-def]
     fleet = repo_root / "examples" / "paper-a40.yaml"
     if not fleet.is_file():
         pytest.skip("examples/paper-a40.yaml is missing")
+    # the artifact's engine budgets (PAPER_SIM_OPTIONS, run_sweep's default)
     runs = run_sweep(load_fleet(fleet), rates=(1.25, RATE), seeds=(0,), labels=LABELS)
     for run in runs.values():
         assert run.honest.conversations == 255 and run.honest.turns == 255 * 5
@@ -54,7 +55,7 @@ def p95(s: Summary) -> float:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured 20.42 (artifact) / 27.64 = 0.74 > 0.6: " + DECODE_BOUND,
+    reason="measured 26.57 (artifact) / 26.94 = 0.99 > 0.6: " + DECODE_BOUND,
 )
 def test_conserve_p95_ttfet_at_most_0_6x_per_turn(paper) -> None:  # type: ignore[no-untyped-def]
     # like for like with the paper: ConServe under the artifact's convention, the baseline honest
@@ -63,7 +64,7 @@ def test_conserve_p95_ttfet_at_most_0_6x_per_turn(paper) -> None:  # type: ignor
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured 145.08 / 20.44 = 7.1x: full-disagg collapses but ConServe is itself overloaded; "
+    reason="measured 141.81 / 26.60 = 5.3x: full-disagg collapses but ConServe is itself overloaded; "
     + DECODE_BOUND,
 )
 def test_full_disagg_at_least_10x_conserve(paper) -> None:  # type: ignore[no-untyped-def]
@@ -72,8 +73,9 @@ def test_full_disagg_at_least_10x_conserve(paper) -> None:  # type: ignore[no-un
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured 53.3 vs per-turn 54.4 tokens/J: overloaded ConServe drains its backlog over a longer "
-    "makespan (495 s vs 449 s) with the idle GPUs billed; " + DECODE_BOUND,
+    reason="measured 50.7 vs per-turn 54.5 tokens/J: overloaded ConServe piles conversations on one decoder, "
+    "which thrashes (re-prefills evicted histories) and ends 116 s later (565 s vs 449 s) while the other "
+    "GPUs are billed idle; " + DECODE_BOUND,
 )
 def test_conserve_tokens_per_j_at_least_per_turn(paper) -> None:  # type: ignore[no-untyped-def]
     assert honest(paper, "conserve").tokens_per_j >= honest(paper, "per-turn").tokens_per_j
@@ -90,7 +92,7 @@ def test_decoder_cap_raises_tokens_per_j_15pct(paper) -> None:  # type: ignore[n
     assert capped.tokens_per_j >= 1.15 * base.tokens_per_j
 
 
-@pytest.mark.xfail(strict=True, reason="measured 34.1% violations with 200 W decoders: " + DECODE_BOUND)
+@pytest.mark.xfail(strict=True, reason="measured 33.7% violations with 200 W decoders: " + DECODE_BOUND)
 def test_decoder_cap_keeps_slo_violations_at_most_2pct(paper) -> None:  # type: ignore[no-untyped-def]
     assert honest(paper, "conserve@200W").slo_violation_pct <= 2.0
 

@@ -212,3 +212,26 @@ def test_bad_scenarios_raise_clear_errors() -> None:
         run_simulation([Inst("p0", "a40", Role.PREFILL, tm)], agentic(1), make_policy("conserve"))
     opts = SimOptions()
     assert opts.max_batched_tokens > 0
+
+
+def test_prefill_engines_can_have_their_own_token_budget() -> None:
+    """The paper's artifact ran its prefiller at 8192 tokens per step and its decoders at 2944."""
+    opts = SimOptions(max_batched_tokens=2944, prefill_max_batched_tokens=8192)
+    assert opts.budget_for(Role.PREFILL) == 8192
+    assert opts.budget_for(Role.DECODE) == opts.budget_for(Role.COLOCATED) == 2944
+    assert SimOptions(max_batched_tokens=2944).budget_for(Role.PREFILL) == 2944
+    with pytest.raises(SimulationError, match="prefill_max_batched_tokens"):
+        SimOptions(prefill_max_batched_tokens=0)
+    tm = a40()
+    convs = [ConversationSpec("c", 0.0, (TurnSpec(16000, 4),))]
+    spans = {}
+    for budget in (1024, 16384):
+        res = run_simulation(
+            disagg(tm, 1, 1), convs, make_policy("conserve"),
+            options=SimOptions(max_batched_tokens=2944, prefill_max_batched_tokens=budget),
+        )
+        t = res.turns[0]
+        assert t.remote_prefill
+        spans[budget] = t.prefill_end_s - t.prefill_start_s
+    # 16 chunks each paying the per-step prefill overhead vs one step
+    assert spans[1024] > spans[16384] + 10 * tm.calibration.prefill_overhead_s
