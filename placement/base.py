@@ -91,6 +91,9 @@ class Placement:
     prefill_instance None: prefill locally on the decode instance (from its prefix cache where it holds one).
     transfer_kv: the prefill instance's KV for ``transfer_tokens`` tokens is shipped to decode_instance.
     pin: bind the conversation to decode_instance for its later turns.
+    history_tokens (remote prefill only): a KV round trip, as AMPD-style per-turn systems do for a turn they
+    send to a prefiller: the conversation's first ``history_tokens`` tokens of KV are first shipped from
+    decode_instance (which holds them) to prefill_instance, which then prefills only the rest. 0: none.
     """
 
     decode_instance: str
@@ -99,6 +102,7 @@ class Placement:
     transfer_tokens: int = 0
     pin: bool = False
     reason: str = ""
+    history_tokens: int = 0
 
     @property
     def remote_prefill(self) -> bool:

@@ -222,7 +222,10 @@ class PerTurnPolicy:
     free KV). Increments longer than ``remote_prefill_above_tokens`` prefill remotely even when it stays.
 
     ``mispredict_rate`` emulates the paper's injected error (10%): that fraction of follow-up turns is
-    wrongly sent to the prefiller, which prefills the whole prompt and ships the KV back.
+    wrongly sent to the prefiller as a KV round trip (``Placement.history_tokens``), as the paper's AMPD
+    emulation costed it: the history's KV goes decoder -> prefiller, the prefiller queues and prefills the new
+    tokens over it, their KV comes back, and both sides pay block bookkeeping. A migration (growth does not
+    fit at home) re-prefills the whole prompt on the prefiller and ships it to the new decoder.
     """
 
     name = "per-turn"
@@ -304,14 +307,17 @@ class PerTurnPolicy:
                 self._injected += 1
             if remote and pre is not None and pre.instance_id != home.instance_id:
                 self._remote_followups += 1
+                # AMPD-style round trip (the paper's emulation): the history's KV goes from the decoder to the
+                # prefiller, which prefills only the new tokens and ships their KV back.
                 return Placement(
                     decode_instance=home.instance_id,
                     prefill_instance=pre.instance_id,
                     transfer_kv=True,
-                    transfer_tokens=turn.input_tokens,
-                    reason="injected misprediction: remote re-prefill"
+                    transfer_tokens=turn.new_tokens,
+                    history_tokens=turn.input_tokens - turn.new_tokens,
+                    reason="injected misprediction: KV round trip via the prefiller"
                     if injected
-                    else "long increment: remote prefill",
+                    else "long increment: remote prefill over the shipped history",
                 )
             return Placement(
                 decode_instance=home.instance_id,

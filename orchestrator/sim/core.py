@@ -67,6 +67,19 @@ from tiers.perf import TierModel
 DEFAULT_MAX_BATCHED_TOKENS = 8192
 DEFAULT_MAX_SEQS = 256
 
+# KV bookkeeping of a per-turn KV round trip (Placement.history_tokens): identifying, packing and appending
+# the blocks on both sides. The ConServe artifact's AMPD emulation (conserve/src/per_turn_cost_model.py;
+# shared/data/conserve/cost_model_constants.csv KV_MGMT_BASE_MS = 2.0 ms and KV_MGMT_PER_BLOCK_US = 5.0 us per
+# 16-token block, per side, x2 sides) charges it over history + new tokens.
+KV_MGMT_BASE_S = 2.0e-3
+KV_MGMT_PER_BLOCK_S = 5.0e-6
+KV_MGMT_BLOCK_TOKENS = 16
+
+
+def kv_round_trip_bookkeeping_s(tokens: int) -> float:
+    """Both sides' bookkeeping for a round trip over `tokens` tokens (the artifact's kv_mgmt_ms, in s)."""
+    return 2.0 * (KV_MGMT_BASE_S + KV_MGMT_PER_BLOCK_S * tokens / KV_MGMT_BLOCK_TOKENS)
+
 
 class InstanceLike(Protocol):
     """What the simulator needs of an instance (orchestrator.fleet.InstanceSpec satisfies it)."""
@@ -121,7 +134,7 @@ class _TurnState:
         "conv", "turn", "arrival_s", "input_tokens", "output_tokens", "decode_inst", "prefill_inst", "remote",
         "prefill_start_s", "prefill_end_s", "kv_admit_s", "first_token_s", "last_token_s", "cached_tokens",
         "prefilled_tokens", "transfer_tokens", "transfer_bytes", "restarts", "first_step", "last_step",
-        "epoch", "seqs",
+        "epoch", "seqs", "history_tokens",
     )
 
     def __init__(self, conv: int, turn: int, arrival_s: float, inp: int, out: int) -> None:
@@ -147,12 +160,14 @@ class _TurnState:
         self.first_step = 0
         self.last_step = 0
         self.epoch = 0  # bumped on restart; stale sequences compare and drop out
+        self.history_tokens = 0  # KV shipped decoder -> prefiller before the prefill (a per-turn round trip)
 
 
 class _Seq:
     __slots__ = (
         "key", "ts", "kind", "cid", "reserve", "prefill_total", "prefill_done", "cached", "ctx_entry",
         "entry_step", "last_step", "partner", "admitted", "epoch", "queued_estimate", "inst", "state",
+        "pulled",
     )
 
     def __init__(self, key: int, ts: _TurnState, kind: int, cid: str) -> None:
@@ -173,6 +188,7 @@ class _Seq:
         self.queued_estimate = 0
         self.inst = -1
         self.state = _X
+        self.pulled = 0  # prompt tokens whose KV was shipped in before the prefill (counts as cached)
         ts.seqs.append(self)
 
 
@@ -310,6 +326,7 @@ _ARRIVE = 0
 _STEP = 1
 _XFER = 2
 _FAIL = 3
+_PULL = 4
 
 
 class _Sim:
@@ -411,6 +428,8 @@ class _Sim:
                 self._arrive(a, b, t)
             elif kind == _XFER:
                 self._xfer_done(a, t)
+            elif kind == _PULL:
+                self._pull_done(a, b, t)
             else:
                 self._fail(a, t)
         if self.done != len(self.convs):
@@ -504,6 +523,18 @@ class _Sim:
             d = self._new_seq(ts, _DECODE_ONLY)
             d.reserve = need
             s.partner, d.partner = d, s
+            hist = self._history_to_pull(ts, pl, dec, cid)
+            if hist > 0:
+                # KV round trip: the history's KV goes decoder -> prefiller, then the prefill of the rest
+                ts.history_tokens = hist
+                nbytes = hist * dec.kvb
+                self.kv_transfers += 1
+                self.kv_transfer_bytes += nbytes
+                link = dec.link if dec.link == pre.link else _slower(dec.link, pre.link)
+                s.pulled = hist
+                s.inst = pre.idx
+                self._push(t + kv_transfer_time_s(hist, dec.kvb, link), _PULL, s, pre)
+                return
             self._enqueue(pre, s, t)
         else:
             ts.prefill_inst = dec.idx
@@ -512,11 +543,30 @@ class _Sim:
             s.reserve = need
             self._enqueue(dec, s, t)
 
+    def _history_to_pull(self, ts: _TurnState, pl: Placement, dec: _Instance, cid: str) -> int:
+        """History tokens a round-trip placement ships to the prefiller: what the decoder still holds of it
+        (whole blocks); 0 when the placement asks for none or the decoder has lost it."""
+        if pl.history_tokens <= 0 or ts.turn == 1:
+            return 0
+        held = dec.cache.get(cid, 0) if dec.cache_on else 0
+        hist = min(pl.history_tokens, held, ts.input_tokens - 1)
+        return hist // dec.block * dec.block
+
+    def _pull_done(self, s: _Seq, pre: _Instance, t: float) -> None:
+        """The history KV has reached the prefiller: queue the prefill of the rest there."""
+        ts = s.ts
+        if s.epoch != ts.epoch:
+            return  # the turn was restarted after a failure
+        if not pre.healthy:
+            self._restart(ts, t)
+            return
+        self._enqueue(pre, s, t)
+
     # ---- instance mechanics --------------------------------------------------------------------------
     def _enqueue(self, inst: _Instance, s: _Seq, t: float) -> None:
         if s.kind != _DECODE_ONLY:
             hit = inst.cache.get(s.cid, 0) if inst.cache_on else 0
-            s.queued_estimate = max(1, s.ts.input_tokens - hit)
+            s.queued_estimate = max(1, s.ts.input_tokens - max(hit, s.pulled))
             inst.queued_prefill += s.queued_estimate
         s.inst = inst.idx
         s.state = _W
@@ -573,6 +623,8 @@ class _Sim:
                 src = self.insts[ts.prefill_inst]
                 link = inst.link if inst.link == src.link else _slower(inst.link, src.link)
                 dur = kv_transfer_time_s(tokens, inst.kvb, link)
+                if ts.history_tokens:  # a round trip: both sides' block bookkeeping over history + new
+                    dur += kv_round_trip_bookkeeping_s(ts.input_tokens)
                 ts.kv_admit_s = t
                 ts.transfer_tokens = tokens
                 ts.transfer_bytes = nbytes
@@ -584,6 +636,8 @@ class _Sim:
                 self._push(t + dur, _XFER, s, None)
                 continue
             hit = min(own, ts.input_tokens - 1) // blk * blk if inst.cache_on else 0
+            if s.pulled > hit:  # history KV shipped in from the decoder (a round trip)
+                hit = min(s.pulled, ts.input_tokens - 1) // blk * blk
             s.cached = hit
             s.prefill_total = ts.input_tokens - hit
             s.prefill_done = 0
@@ -816,7 +870,7 @@ class _Sim:
         ts.seqs = []
         ts.restarts += 1
         ts.prefill_start_s = ts.prefill_end_s = ts.kv_admit_s = ts.first_token_s = math.nan
-        ts.transfer_tokens = ts.transfer_bytes = ts.first_step = ts.last_step = 0
+        ts.transfer_tokens = ts.transfer_bytes = ts.first_step = ts.last_step = ts.history_tokens = 0
         for inst in touched:
             self._wake(inst, t)
         self._arrive(ts.conv, ts.turn, t, ts)
@@ -936,6 +990,7 @@ class _Sim:
             transfer_tokens=ts.transfer_tokens,
             transfer_bytes=ts.transfer_bytes,
             restarts=ts.restarts,
+            history_transfer_tokens=ts.history_tokens,
         )
 
 

@@ -32,6 +32,7 @@ class TurnRecord:
     transfer_tokens: int
     transfer_bytes: int
     restarts: int = 0  # times the turn was re-placed because an instance failed
+    history_transfer_tokens: int = 0  # KV round trip: history shipped decoder -> prefiller before the prefill
 
     @property
     def ttft_s(self) -> float:
