@@ -6,8 +6,9 @@ lifespan). It owns:
 - the engines: simulated ones (orchestrator/engines/sim.py) from a plan's instances for ``backend: sim``,
   or ``VllmEngine`` clients for the fleet's ``engines:`` list for ``backend: vllm``;
 - the :class:`orchestrator.router.Router` with the configured policy (placement/policies.make_policy);
-- a :class:`BackgroundLedgerWriter`: turns and pins are queued by the router (no SQL on the event loop) and
-  written in batches by one thread; ``stop()`` drains the queue, so no ledger row is lost on shutdown;
+- a ledger writer: turns and pins are queued by the router (no SQL on the event loop) and written in
+  batches by a child process (:class:`ProcessLedgerWriter`, default) or a thread
+  (:class:`BackgroundLedgerWriter`); ``stop()`` drains the queue, so no ledger row is lost on shutdown;
 - APScheduler jobs (AsyncIOScheduler): poll engine health/metrics every ``poll_interval_s``, release pins of
   conversations idle for ``pin_ttl_s``.
 
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import queue
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,7 +42,14 @@ from tiers.errors import ConfigError, ConServeError, EnergyError
 
 log = logging.getLogger("conserve.runtime")
 
-__all__ = ["ServeSettings", "Runtime", "BackgroundLedgerWriter", "build_runtime", "default_sim_instances"]
+__all__ = [
+    "ServeSettings",
+    "Runtime",
+    "BackgroundLedgerWriter",
+    "ProcessLedgerWriter",
+    "build_runtime",
+    "default_sim_instances",
+]
 
 
 class ServeSettings(BaseSettings):
@@ -63,6 +72,11 @@ class ServeSettings(BaseSettings):
     poll_interval_s: float = Field(1.0, gt=0, description="engine health/metrics poll period")
     pin_ttl_s: float = Field(900.0, gt=0, description="release the pin of a conversation idle this long")
     run_id: str = Field("live", min_length=1, description="ledger run the turns are recorded in")
+    ledger_writer: Literal["process", "thread"] = Field(
+        "process",
+        description="where ledger SQL runs: a child process (default; keeps it off the serving GIL) or a "
+        "thread of this process (always used for in-memory SQLite, which another process cannot open)",
+    )
     ledger_batch_max: int = Field(500, ge=1)
     ledger_flush_interval_s: float = Field(0.05, gt=0)
     energy_interval_s: float = Field(
@@ -201,6 +215,185 @@ class BackgroundLedgerWriter:
                 delay_s = min(5.0, delay_s * 2)
 
 
+class ProcessLedgerWriter:
+    """TurnSink whose SQL runs in a child process, so ledger writes never hold the serving process's GIL.
+
+    Why: a writer *thread* doing ~70-100 us of SQLAlchemy work per turn competes with the event loop for
+    the GIL; an I/O-bound loop thread that gives the GIL up at every await waits up to the switch interval
+    (5 ms) to get it back (the convoy effect), which showed as 7-100 ms TTFT p99 in benchmarks/
+    bench_router.py. Here the serving process only appends records to a list; a shipper thread pickles the
+    list every ``flush_interval_s`` (or at ``batch_max``) and sends it down a pipe to the child, which runs
+    a :class:`BackgroundLedgerWriter` on its own connection to the same database (pins before turns, retries,
+    duplicates one by one). If the child dies, records go to an in-process BackgroundLedgerWriter instead,
+    so no row is lost. ``flush()``/``close()`` wait for the child's acknowledgement.
+    """
+
+    def __init__(
+        self,
+        ledger: Any,
+        *,
+        batch_max: int = 500,
+        flush_interval_s: float = 0.05,
+        start_timeout_s: float = 60.0,
+    ) -> None:
+        import multiprocessing
+
+        self.ledger = ledger  # the parent's ledger: the fallback writer's
+        self.batch_max = batch_max
+        self.flush_interval_s = flush_interval_s
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and an event loop
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(
+            target=_ledger_process_main,
+            args=(
+                child,
+                ledger.url,
+                ledger.run_id,
+                ledger.policy,
+                str(ledger.kind),
+                batch_max,
+                flush_interval_s,
+            ),
+            name="conserve-ledger-writer",
+            daemon=True,
+        )
+        self._proc.start()
+        child.close()
+        self._buf: list[Any] = []
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._fallback: BackgroundLedgerWriter | None = None
+        self._start_timeout_s = start_timeout_s
+        self.written_turns = 0
+        self.written_pins = 0
+        self.failed_batches = 0
+        self.last_error: str | None = None
+        self._shipper = threading.Thread(target=self._ship_loop, name="conserve-ledger-shipper", daemon=True)
+        self._shipper.start()
+
+    # TurnSink: called on the event loop; a list append only
+    def turn(self, rec: TurnRecord) -> None:
+        self._buf.append(rec)
+        if len(self._buf) >= self.batch_max:
+            self._wake.set()
+
+    def pin(self, rec: PinRecord) -> None:
+        self._buf.append(rec)
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf) + (self._fallback.pending if self._fallback is not None else 0)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def _ship_loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            self._ship()
+
+    def _ship(self) -> None:
+        with self._send_lock:
+            batch, self._buf = self._buf, []
+            if not batch:
+                return
+            if self._fallback is None:
+                try:
+                    self._conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+                    return
+                except (OSError, ValueError) as err:
+                    self._use_fallback(f"ledger process unreachable ({type(err).__name__}: {err})")
+            assert self._fallback is not None
+            for rec in batch:
+                if isinstance(rec, TurnRecord):
+                    self._fallback.turn(rec)
+                else:
+                    self._fallback.pin(rec)
+
+    def _use_fallback(self, why: str) -> None:
+        log.error("%s; writing the ledger from this process instead", why)
+        self.last_error = why
+        self._fallback = BackgroundLedgerWriter(
+            self.ledger, batch_max=self.batch_max, flush_interval_s=self.flush_interval_s
+        )
+
+    def _request(self, what: str, timeout_s: float) -> bool:
+        """Ship what is buffered, ask the child to `what` ("flush" or "stop"), wait for its answer."""
+        self._ship()
+        with self._send_lock:
+            if self._fallback is not None:
+                return self._fallback.flush(timeout_s) if what == "flush" else True
+            try:
+                self._conn.send_bytes(pickle.dumps((what, timeout_s)))
+                if not self._conn.poll(timeout_s + self._start_timeout_s):
+                    return False
+                _, ok, stats = pickle.loads(self._conn.recv_bytes())
+            except (OSError, EOFError, ValueError) as err:
+                self._use_fallback(f"ledger process failed ({type(err).__name__}: {err})")
+                return False
+            self.written_turns, self.written_pins, self.failed_batches, last_error = stats
+            self.last_error = last_error or self.last_error
+            return bool(ok)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Block until everything queued so far is written (for tests and shutdown)."""
+        return self._request("flush", timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        if self._closed:
+            return
+        self._request("stop", timeout_s)
+        self._closed = True
+        self._wake.set()
+        self._shipper.join(timeout_s)
+        self._ship()  # anything recorded meanwhile (goes to the fallback: the child is gone)
+        if self._fallback is not None:
+            self._fallback.close(timeout_s)
+        self._proc.join(timeout_s)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+
+
+def _ledger_process_main(
+    conn: Any, url: str, run_id: str, policy: str | None, kind: str, batch_max: int, flush_interval_s: float
+) -> None:
+    """The ledger writer process: batches of records in, SQL out (see ProcessLedgerWriter)."""
+    from energy.ledger import Ledger
+    from energy.records import RunKind
+
+    ledger = Ledger(url, run_id=run_id, policy=policy, kind=RunKind(kind))
+    writer = BackgroundLedgerWriter(ledger, batch_max=batch_max, flush_interval_s=flush_interval_s)
+    try:
+        while True:
+            try:
+                msg = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):  # the serving process is gone: write what we have
+                break
+            if isinstance(msg, list):
+                for rec in msg:
+                    if isinstance(rec, TurnRecord):
+                        writer.turn(rec)
+                    else:
+                        writer.pin(rec)
+                continue
+            what, timeout_s = msg
+            ok = writer.flush(timeout_s)
+            stats = (writer.written_turns, writer.written_pins, writer.failed_batches, writer.last_error)
+            if what == "stop":
+                writer.close(timeout_s)
+                stats = (writer.written_turns, writer.written_pins, writer.failed_batches, writer.last_error)
+                conn.send_bytes(pickle.dumps(("stopped", ok, stats)))
+                return
+            conn.send_bytes(pickle.dumps(("flushed", ok, stats)))
+    finally:
+        writer.close()
+        ledger.close()
+
+
 class LedgerPinLookup:
     """Router PinLookup over the ledger (shared pins across replicas), off the event loop."""
 
@@ -273,7 +466,7 @@ class Runtime:
     engines: dict[str, Engine]
     served_model_name: str
     ledger: Any
-    writer: BackgroundLedgerWriter
+    writer: BackgroundLedgerWriter | ProcessLedgerWriter
     fleet_source: str
     backend: str
     policy_name: str
@@ -391,9 +584,18 @@ def build_runtime(
     ledger = Ledger(db_url, run_id=settings.run_id, policy=policy.name, kind=RunKind.SERVE)
     ledger.upgrade()
     ledger.start_run(RunInfo(settings.run_id, RunKind.SERVE, policy.name, label=str(settings.fleet)))
-    writer = BackgroundLedgerWriter(
-        ledger, batch_max=settings.ledger_batch_max, flush_interval_s=settings.ledger_flush_interval_s
+    writer: BackgroundLedgerWriter | ProcessLedgerWriter
+    in_memory = db_url.startswith("sqlite") and (
+        db_url.endswith(":memory:") or db_url.rstrip("/") == "sqlite:"
     )
+    if settings.ledger_writer == "process" and not in_memory:
+        writer = ProcessLedgerWriter(
+            ledger, batch_max=settings.ledger_batch_max, flush_interval_s=settings.ledger_flush_interval_s
+        )
+    else:
+        writer = BackgroundLedgerWriter(
+            ledger, batch_max=settings.ledger_batch_max, flush_interval_s=settings.ledger_flush_interval_s
+        )
     router = Router(
         engines,
         policy,
