@@ -10,7 +10,8 @@ ledger and energy accounting on: every turn is recorded), and the load generator
 2. throughput: 64 connections for `--duration-s`, streaming and JSON, with `wrk` when installed (C: the
    load generator then takes less of the shared CPU; `apt-get install wrk`), else the aiohttp client.
    Requests/s direct and routed, and CPU time per request of the router process (all its threads, from
-   /proc/<pid>/stat) and of the stub - the CPU figure is the stable one on a shared machine.
+   /proc/<pid>/stat), of its ledger writer child process and of the stub - the CPU figure is the stable
+   one on a shared machine.
 
 Every measurement is repeated `--reps` times (>= 3); the report gives the median of the repetitions and the
 load average before and after (other jobs on the machine inflate latency tails; the CPU figures much less).
@@ -53,6 +54,27 @@ def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process, all threads (fields 14 and 15 of /proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of `pid` (the router's ledger writer), from /proc/<pid>/task/*/children."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _tree_cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for p in pids:
+        try:
+            total += _cpu_s(p)
+        except OSError:  # exited
+            continue
+    return total
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -262,7 +284,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.reps):
                 rep = {}
                 for name, url in urls.items():
-                    cpu0 = {"router": _cpu_s(router.pid), "stub": _cpu_s(stub.pid)}
+                    kids = _children(router.pid)
+                    cpu0 = {"router": _cpu_s(router.pid), "stub": _cpu_s(stub.pid), "kids": _tree_cpu_s(kids)}
                     if use_wrk:
                         r = _wrk(url, args.concurrency, args.duration_s, stream, args.max_tokens, tmp)
                     else:
@@ -279,6 +302,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rep[f"{name}_stub_cpu_us_per_req"] = (_cpu_s(stub.pid) - cpu0["stub"]) / n * 1e6
                     if name == "router":
                         rep["router_cpu_us_per_req"] = (_cpu_s(router.pid) - cpu0["router"]) / n * 1e6
+                        # the ledger writer process (ProcessLedgerWriter), 0 with the thread writer
+                        rep["ledger_process_cpu_us_per_req"] = (_tree_cpu_s(kids) - cpu0["kids"]) / n * 1e6
                 rep["ratio"] = rep["router_req_per_s"] / rep["direct_req_per_s"]
                 reps.append(rep)
             tp[mode] = {"median": {m: _median([r[m] for r in reps]) for m in reps[0]}, "reps": reps}
@@ -321,7 +346,8 @@ def _print(result: dict[str, Any]) -> None:
         print(
             f"{k:6s} c={result['args']['concurrency']}: direct {m['direct_req_per_s']:7.0f} req/s | router "
             f"{m['router_req_per_s']:7.0f} req/s (ratio {m['ratio']:.2f}, errors {m['router_errors']:.0f}) | "
-            f"router CPU {m['router_cpu_us_per_req']:.0f} us/req, "
+            f"router CPU {m['router_cpu_us_per_req']:.0f} us/req "
+            f"(+ ledger process {m['ledger_process_cpu_us_per_req']:.0f}), "
             f"stub CPU {m['direct_stub_cpu_us_per_req']:.0f} us/req"
         )
     t = result["targets"]

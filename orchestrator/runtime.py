@@ -224,8 +224,10 @@ class ProcessLedgerWriter:
     bench_router.py. Here the serving process only appends records to a list; a shipper thread pickles the
     list every ``flush_interval_s`` (or at ``batch_max``) and sends it down a pipe to the child, which runs
     a :class:`BackgroundLedgerWriter` on its own connection to the same database (pins before turns, retries,
-    duplicates one by one). If the child dies, records go to an in-process BackgroundLedgerWriter instead,
-    so no row is lost. ``flush()``/``close()`` wait for the child's acknowledgement.
+    duplicates one by one). If the child dies, later records go to an in-process BackgroundLedgerWriter
+    instead; what the child had received but not yet committed when it died is lost (as the thread
+    writer's queue would be if the server process died). ``flush()``/``close()`` wait for the child's
+    acknowledgement, so a clean shutdown loses nothing.
     """
 
     def __init__(

@@ -1,0 +1,80 @@
+"""The serving runtime's ledger writers: every record queued is written, also when the writer process dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from energy.ledger import Ledger
+from energy.records import PinRecord, RunKind, TurnRecord, TurnStatus
+from orchestrator.runtime import BackgroundLedgerWriter, ProcessLedgerWriter
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _turn(i: int, conv: str) -> TurnRecord:
+    at = T0 + timedelta(seconds=i)
+    return TurnRecord(
+        conversation_id=conv,
+        turn=1,
+        request_id=f"r{i}",
+        instance_id="d0",
+        arrival_at=at,
+        first_token_at=at + timedelta(milliseconds=5),
+        last_token_at=at + timedelta(milliseconds=50),
+        prompt_tokens=10,
+        output_tokens=4,
+        finish_reason="stop",
+        is_final=True,
+        status=TurnStatus.OK,
+        prefill_instance_id=None,
+        remote_prefill=False,
+        tier="t",
+        cached_tokens=0,
+        policy="p",
+    )
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    led = Ledger(f"sqlite:///{tmp_path / 'l.db'}", run_id="live", policy="p", kind=RunKind.SERVE)
+    led.upgrade()
+    led.start_run()
+    return led
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_every_record_is_written_and_summaries_filled(ledger: Ledger, kind: str) -> None:
+    make = ProcessLedgerWriter if kind == "process" else BackgroundLedgerWriter
+    w = make(ledger, batch_max=7, flush_interval_s=0.01)
+    for i in range(40):
+        w.pin(PinRecord(f"c{i}", "d0", T0 + timedelta(seconds=i), "placed"))
+        w.turn(_turn(i, f"c{i}"))
+    assert w.flush(30)
+    assert (w.written_turns, w.written_pins) == (40, 40)
+    w.close()
+    turns = ledger.turns()
+    assert sorted(t.request_id for _, t in turns) == sorted(f"r{i}" for i in range(40))
+    view = ledger.get_conversation("c3")
+    assert view is not None and view.final_turn == 1 and view.ttfet_s == pytest.approx(0.005)
+    assert ledger.current_pins()["c39"] == "d0"
+
+
+def test_records_survive_the_writer_process_dying(ledger: Ledger) -> None:
+    w = ProcessLedgerWriter(ledger, batch_max=5, flush_interval_s=0.01)
+    for i in range(10):
+        w.turn(_turn(i, f"c{i}"))
+    assert w.flush(30)
+    assert w.pid is not None
+    os.kill(w.pid, signal.SIGKILL)
+    w._proc.join(10)
+    for i in range(10, 25):
+        w.turn(_turn(i, f"c{i}"))
+    w.flush(10)  # notices the dead child and hands everything to the in-process fallback writer
+    w.close()
+    assert w.last_error is not None and "ledger process" in w.last_error
+    assert len(ledger.turns()) == 25
