@@ -1,0 +1,174 @@
+"""orchestrator/engines/http1.py against a real local aiohttp server: streaming, keep-alive reuse (also when
+the consumer stops early), a stale keep-alive connection, errors and timeouts. And VllmEngine.stream_raw
+through it. No mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from orchestrator.engines.base import EngineRequest, RequestKind
+from orchestrator.engines.http1 import Http1Pool
+from orchestrator.engines.vllm import EngineHTTPError, VllmEngine
+from placement.base import Role
+from tiers.errors import EngineError
+
+
+class Server:
+    """Records the client port of every request (one port = one connection)."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+        self.release = asyncio.Event()
+        self.bodies: list[bytes] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/stream", self.stream)
+        app.router.add_post("/json", self.json)
+        app.router.add_post("/slow", self.slow)
+        app.router.add_post("/v1/chat/completions", self.stream)
+        app.router.add_post("/bad", self.bad)
+        return app
+
+    def _seen(self, request: web.Request) -> None:
+        self.ports.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        self._seen(request)
+        self.bodies.append(await request.read())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(f'data: {{"i": {i}}}\n\n'.encode())
+            await asyncio.sleep(0.01)
+        await resp.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.02)  # the chunked terminator arrives in a later read
+        await resp.write_eof()
+        return resp
+
+    async def json(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        return web.json_response({"ok": True, "echo": (await request.read()).decode()})
+
+    async def slow(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    async def bad(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        return web.json_response({"error": {"message": "nope"}}, status=400)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[Server, TestServer]]:
+    s = Server()
+    ts = TestServer(s.app(), host="127.0.0.1")
+    await ts.start_server()
+    try:
+        yield s, ts
+    finally:
+        await ts.close()
+
+
+async def test_streams_blocks_as_they_are_sent_and_reuses_the_connection(server: Any) -> None:
+    s, ts = server
+    pool = Http1Pool("127.0.0.1", ts.port)
+    for _ in range(3):
+        async with await pool.post("/stream", b'{"a": 1}', {"Content-Type": "application/json"}) as r:
+            assert r.status == 200 and (b"content-type", b"text/event-stream") in r.headers
+            blocks = [b async for b in r.iter_blocks()]
+        assert len(blocks) >= 4  # one per write: nothing waits for the end of the response
+        assert b"".join(blocks) == b'data: {"i": 0}\n\ndata: {"i": 1}\n\ndata: {"i": 2}\n\ndata: [DONE]\n\n'
+    assert s.bodies == [b'{"a": 1}'] * 3
+    assert len(set(s.ports)) == 1
+    await pool.aclose()
+
+
+async def test_consumer_stopping_at_done_still_returns_the_connection(server: Any) -> None:
+    s, ts = server
+    pool = Http1Pool("127.0.0.1", ts.port)
+    for _ in range(3):
+        async with await pool.post("/stream", b"{}", {}) as r:
+            async for b in r.iter_blocks():
+                if b.endswith(b"[DONE]\n\n"):
+                    break  # like the router: stop at [DONE], before the chunked terminator arrived
+        await asyncio.sleep(0.1)  # the terminator arrives; the drained connection goes back to the pool
+    assert len(set(s.ports)) == 1
+    r = await pool.post("/json", b"x", {})
+    assert r.status == 200 and (await r.read()) == b'{"ok": true, "echo": "x"}'
+    r.release()
+    await pool.aclose()
+
+
+async def test_stale_keepalive_connection_is_retried_on_a_new_one(server: Any) -> None:
+    s, ts = server
+    pool = Http1Pool("127.0.0.1", ts.port)
+    r = await pool.post("/json", b"1", {})
+    await r.read()
+    r.release()
+    (idle,) = pool._idle
+    idle.transport.abort()  # the server side would see the same: the idle connection is gone
+    idle.transport = None  # connection_lost runs on the next loop turn; look stale now
+    pool._idle = [idle]
+    r = await pool.post("/json", b"2", {})
+    assert r.status == 200 and b'"echo": "2"' in await r.read()
+    r.release()
+    await pool.aclose()
+
+
+async def test_errors_are_oserrors(server: Any) -> None:
+    _, ts = server
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    with pytest.raises(OSError):
+        await Http1Pool("127.0.0.1", dead_port).post("/json", b"", {})
+    pool = Http1Pool("127.0.0.1", ts.port, request_timeout_s=0.2)
+    with pytest.raises(TimeoutError):
+        await pool.post("/slow", b"", {})
+    await pool.aclose()
+
+
+async def test_vllm_engine_stream_raw_uses_the_pool_and_maps_errors(server: Any) -> None:
+    s, ts = server
+    eng = VllmEngine("d0", Role.DECODE, "t", f"http://127.0.0.1:{ts.port}")
+    req = EngineRequest(RequestKind.CHAT, {"model": "m", "messages": []}, "r1", "c1")
+    for _ in range(2):
+        data = b"".join([b async for b in eng.stream_raw(req)])
+        assert data.endswith(b"data: [DONE]\n\n")
+    assert len(set(s.ports)) == 1
+    assert b'"stream_options":{"include_usage":true}' in s.bodies[0] and req.body == {
+        "model": "m",
+        "messages": [],
+    }
+    await eng.aclose()
+    bad = VllmEngine("d1", Role.DECODE, "t", f"http://127.0.0.1:{ts.port}/bad-prefix")
+    with pytest.raises(EngineError):
+        [b async for b in bad.stream_raw(req)]  # 404 from the server: an HTTP error
+    await bad.aclose()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    down = VllmEngine("d2", Role.DECODE, "t", f"http://127.0.0.1:{dead}")
+    with pytest.raises(EngineError, match="check that the vLLM server is running"):
+        [b async for b in down.stream_raw(req)]
+
+
+async def test_http_error_body_is_kept(server: Any) -> None:
+    _, ts = server
+    pool = Http1Pool("127.0.0.1", ts.port)
+    r = await pool.post("/bad", b"", {})
+    assert r.status == 400 and b"nope" in await r.read()
+    r.release()
+    await pool.aclose()
+    eng = VllmEngine("d0", Role.DECODE, "t", f"http://127.0.0.1:{ts.port}")
+    err = eng._http_error_from(400, '{"error": {"message": "nope"}}')
+    assert isinstance(err, EngineHTTPError) and err.status == 400 and "nope" in str(err)
