@@ -251,6 +251,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
         f"{platform.python_version()}, {platform.platform()}",
         "args": vars(args),
+        # ServeSettings from the environment (e.g. CONSERVE_ENERGY_INTERVAL_S=0 turns energy accounting off)
+        "router_env": {k: v for k, v in os.environ.items() if k.startswith("CONSERVE_")},
+        "commit": subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "load_generator": {"latency": "aiohttp (own process)", "throughput": "wrk" if use_wrk else "aiohttp"},
         "loadavg_start": _loadavg(),
     }
@@ -334,6 +339,7 @@ def _print(result: dict[str, Any]) -> None:
     print(f"machine: {result['machine']}")
     print(f"load average at start {result['loadavg_start']}, at end {result['loadavg_end']}")
     print(f"load generators: {result['load_generator']}; medians of {result['args']['reps']} repetitions")
+    print(f"commit {result['commit']}, router environment {result['router_env'] or '(defaults)'}")
     for k, v in result["ttft"].items():
         m = v["median"]
         print(
