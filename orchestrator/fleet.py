@@ -145,6 +145,30 @@ class PlanPredictions:
 
 
 @dataclass(frozen=True, slots=True)
+class FiniteRun:
+    """A finite run whose arrival rate exceeds what the fleet sustains in steady state (docs/planning.md).
+
+    The plan's pools and predictions are for `plan_rate_per_s`; these figures say what happens to the run of
+    `conversations` arriving at `requested_rate_per_s` (fluid backlog model, placement.ilp.Burst). Modelled.
+    """
+
+    conversations: int
+    requested_rate_per_s: float
+    sustainable_rate_per_s: float  # the most any split of this fleet sustains within the SLOs
+    plan_rate_per_s: float  # the most the planned instances sustain within the SLOs
+    excess_pct: float  # requested / plan_rate - 1, in percent
+    arrival_span_s: float
+    backlog_conversations: float  # waiting when the last conversation arrives
+    drain_s: float  # after the last arrival
+    makespan_s: float
+    extra_wait_mean_s: float  # admission wait beyond the planned (steady-state) waits
+    extra_wait_p95_s: float
+    ttfet_p95_run_s: float  # planned p95 TTFET + p95 extra wait
+    ttfet_p95_run_slowdown: float
+    energy_run_j: float  # watts_total / plan rate x conversations (the plan's joules per conversation)
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     model: str
     objective: str
@@ -156,6 +180,7 @@ class Plan:
     notes: tuple[str, ...] = ()  # why the plan looks the way it does, in sentences
     fleet_file: str | None = None
     version: int = PLAN_FORMAT_VERSION
+    finite_run: FiniteRun | None = None  # set when a finite run's rate exceeds the steady-state capacity
 
     @property
     def gpus_used(self) -> int:
@@ -214,6 +239,23 @@ class _PredictionsFile(_Strict):
     cost_per_hour: float | None = None
 
 
+class _FiniteRunFile(_Strict):
+    conversations: int
+    requested_rate_per_s: float
+    sustainable_rate_per_s: float
+    plan_rate_per_s: float
+    excess_pct: float
+    arrival_span_s: float
+    backlog_conversations: float
+    drain_s: float
+    makespan_s: float
+    extra_wait_mean_s: float
+    extra_wait_p95_s: float
+    ttfet_p95_run_s: float
+    ttfet_p95_run_slowdown: float
+    energy_run_j: float
+
+
 class _PlanFile(_Strict):
     version: int = PLAN_FORMAT_VERSION
     model: str
@@ -225,6 +267,7 @@ class _PlanFile(_Strict):
     solve_time_s: float = 0.0
     notes: list[str] = Field(default_factory=list)
     fleet_file: str | None = None
+    finite_run: _FiniteRunFile | None = None
 
 
 def plan_from_dict(data: Any, source: str = "plan") -> Plan:
@@ -260,6 +303,7 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
         notes=tuple(pf.notes),
         fleet_file=pf.fleet_file,
         version=pf.version,
+        finite_run=None if pf.finite_run is None else FiniteRun(**pf.finite_run.model_dump()),
     )
 
 

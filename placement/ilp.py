@@ -1327,7 +1327,10 @@ def max_rate_per_s(
 
 
 def max_rate_of_counts(
-    options: Sequence[Option], counts: Sequence[int], tiers: Sequence[TierSupply], demand: Demand,
+    options: Sequence[Option],
+    counts: Sequence[int],
+    tiers: Sequence[TierSupply],
+    demand: Demand,
     settings: Settings,
 ) -> float:
     """Highest arrival rate (conv/s) a fixed set of instances sustains within the SLOs (an LP over loads)."""
@@ -1337,6 +1340,52 @@ def max_rate_of_counts(
     prob, lam = built
     prob.solve(_solver(settings, mip=False))
     return float(lam.value() or 0.0) if _status_ok(prob) else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """A finite run of N conversations arriving at lam above the rate mu the plan sustains (fluid model).
+
+    Arrivals at rate lam over T_a = N / lam; the fleet admits conversations at mu < lam, so an admission
+    backlog builds up during the arrivals and drains after them. The k-th arrival (t = k / lam) starts at
+    k / mu: it waits w_k = k (1/mu - 1/lam) beyond the steady-state (planned) waits. Hence
+        backlog when arrivals stop  N (1 - mu / lam)
+        drain after the last arrival  N (1/mu - 1/lam)  (= the last conversation's extra wait)
+        makespan  N / mu;  extra wait: mean = drain / 2, p-th percentile = p/100 x drain.
+    A steady stream at lam would have no such bound: its backlog grows without limit.
+    """
+
+    conversations: int
+    requested_rate_per_s: float  # lam
+    sustainable_rate_per_s: float  # the most any split of the fleet sustains within the SLOs
+    plan_rate_per_s: float  # mu: the most the planned instances sustain within the SLOs
+    excess_fraction: float  # lam / mu - 1
+    arrival_span_s: float
+    backlog_conversations: float
+    drain_s: float
+    makespan_s: float
+    extra_wait_mean_s: float
+    extra_wait_p_s: float
+
+
+def burst(conversations: int, lam: float, mu: float, sustainable: float, percentile: float) -> Burst:
+    """The fluid estimate of :class:`Burst` (mu > 0)."""
+    n = float(conversations)
+    mu_eff = min(mu, lam)
+    drain = n * (1.0 / mu_eff - 1.0 / lam)
+    return Burst(
+        conversations=conversations,
+        requested_rate_per_s=lam,
+        sustainable_rate_per_s=sustainable,
+        plan_rate_per_s=mu,
+        excess_fraction=lam / mu - 1.0,
+        arrival_span_s=n / lam,
+        backlog_conversations=n * (1.0 - mu_eff / lam),
+        drain_s=drain,
+        makespan_s=n / mu_eff,
+        extra_wait_mean_s=drain / 2.0,
+        extra_wait_p_s=drain * percentile / 100.0,
+    )
 
 
 def diagnose(

@@ -6,10 +6,12 @@ writes the plan file atomically. Errors are one line with exit code 1 (orchestra
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.panel import Panel
 from rich.table import Table
 
 from orchestrator.cli.common import console, fail, handle_errors, print_json
@@ -115,7 +117,9 @@ def register(app: typer.Typer) -> None:
         max_rate: bool = typer.Option(
             False, "--max-rate", help="plan for the highest arrival rate the fleet sustains within the SLOs"
         ),
-        validate: bool = typer.Option(False, "--validate", help="simulate the plan (needs orchestrator.sim)"),
+        validate: bool = typer.Option(
+            False, "--validate", help="simulate the plan on the workload and print predicted vs simulated"
+        ),
     ) -> None:
         """Size prefill/decode pools per GPU tier and power cap for a workload and SLOs (PuLP ILP)."""
         if solver.lower() not in ("highs", "cbc"):
@@ -124,21 +128,25 @@ def register(app: typer.Typer) -> None:
             fail(f"--time-limit must be > 0 seconds, got {time_limit}.")
         if rate is not None and max_rate:
             fail("--rate and --max-rate exclude each other. To fix: pass one of them.")
-        if validate:
-            hook = validate_hook()
-            found = f" (orchestrator.sim.{hook} exists but is not called yet)" if hook else ""
-            fail(f"--validate is not wired in this build{found}. To fix: run without --validate and simulate "
-                 "the plan with `orchestrator simulate`.")
         cfg = load_fleet(fleet)
         run = make_plan(
             cfg, objective, solver.lower(), time_limit, str(fleet), rate_per_s=rate, max_rate=max_rate
         )
         homog: list[tuple[str, PlanRun | None, str]] = []
         if compare:
-            homog = compare_homogeneous(cfg, run.stats, objective, solver.lower(), time_limit)
+            # at the plan's rate (below the requested one for a finite run above capacity)
+            at_rate = replace(run.stats, arrival_rate_per_s=run.plan.predictions.arrival_rate_per_s)
+            homog = compare_homogeneous(cfg, at_rate, objective, solver.lower(), time_limit)
         caps = caps_comparison(cfg, run, objective, solver.lower(), time_limit)
         if out is not None:
             save_plan(run.plan, out)
+        if validate:
+            hook = validate_hook()
+            found = f" (orchestrator.sim.{hook} exists but is not called yet)" if hook else ""
+            fail(
+                f"--validate is not wired in this build{found}. To fix: run without --validate and "
+                "simulate the plan with `orchestrator simulate`."
+            )
         if json_out:
             doc: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION, "plan": run.plan.to_dict()}
             doc["workload"] = {
@@ -167,6 +175,24 @@ def register(app: typer.Typer) -> None:
             "turns each, "
             f"turn-1 p50 {run.stats.turn1_input_tokens_p50:,.0f} tokens), objective {run.plan.objective}"
         )
+        fr = run.plan.finite_run
+        if fr is not None:
+            console.print(
+                Panel(
+                    f"The requested {fr.requested_rate_per_s:.4g} conv/s exceeds the steady-state capacity "
+                    f"of this plan ({fr.plan_rate_per_s:.4g} conv/s within the SLOs; best split "
+                    f"{fr.sustainable_rate_per_s:.4g}) by [bold]{fr.excess_pct:.0f}%[/]. A steady stream at "
+                    "this rate is infeasible; this plan is for the FINITE run of "
+                    f"{fr.conversations} conversations: arrivals last {fr.arrival_span_s:.0f} s, "
+                    f"~{fr.backlog_conversations:.0f} conversations still wait when they stop, the backlog "
+                    f"drains in ~{fr.drain_s:.0f} s more (run ~{fr.makespan_s:.0f} s); extra wait mean "
+                    f"~{fr.extra_wait_mean_s:.0f} s, p95 ~{fr.extra_wait_p95_s:.0f} s; run p95 TTFET "
+                    f"~{fr.ttfet_p95_run_s:.1f} s ({fr.ttfet_p95_run_slowdown:.1f}x standalone). "
+                    "Pools and totals below are at the plan's rate. Modelled (fluid backlog), not measured.",
+                    title="OVERLOAD: finite run above steady-state capacity",
+                    border_style="bold red",
+                )
+            )
         console.print(_pool_table(run.plan, "Pools"))
         plans: list[tuple[str, Plan]] = [("plan", run.plan)]
         if compare:
@@ -191,11 +217,12 @@ def register(app: typer.Typer) -> None:
                 )
         if caps is not None:
             console.print(
-                f"Power caps: with the allowed caps the plan draws {caps['watts_total']:,.0f} W; at "
-                "TDP only it would "
-                f"draw {caps['watts_total_tdp_only']:,.0f} W ({caps['watts_saved']:+,.0f} W saved; "
-                "decoder caps "
-                f"alone save {caps['watts_saved_by_decoder_caps']:+,.0f} W)."
+                f"Power caps: with the allowed caps the plan draws {_fmt(caps['watts_total'], ',.0f')} W; "
+                f"at TDP only it would draw {_fmt(caps['watts_total_tdp_only'], ',.0f')} W "
+                f"({_fmt(caps['watts_saved'], '+,.0f')} W saved; decoders held at TDP would draw "
+                f"{_fmt(caps['watts_total_decoders_at_tdp'], ',.0f')} W, so decoder caps save "
+                f"{_fmt(caps['watts_saved_by_decoder_caps'], '+,.0f')} W) at "
+                f"{run.plan.predictions.arrival_rate_per_s:.4g} conv/s. '-': infeasible without the caps."
             )
         for note in run.plan.notes:
             console.print(f"- {note}", highlight=False)

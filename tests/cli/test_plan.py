@@ -79,9 +79,9 @@ def test_errors_are_one_line_exit_1(repo_root: Path, args: list[str], match: str
 
 def test_infeasible_fleet_exit_1_with_diagnosis(tmp_path: Path) -> None:
     f = tmp_path / "fleet.yaml"
+    # no workload.conversations: a steady stream, which an overloaded fleet cannot serve
     f.write_text(
-        "model: Qwen3-0.6B\ntiers: [{name: a40, gpu: A40, count: 2}]\n"
-        "workload: {conversations: 100, arrival_rate_per_s: 5.0}\n"
+        "model: Qwen3-0.6B\ntiers: [{name: a40, gpu: A40, count: 2}]\nworkload: {arrival_rate_per_s: 5.0}\n"
     )
     res = _run("--fleet", str(f))
     assert res.exit_code == 1
@@ -92,14 +92,79 @@ def test_infeasible_fleet_exit_1_with_diagnosis(tmp_path: Path) -> None:
 
 
 def test_paper_example(repo_root: Path, shared_data: Path) -> None:
+    """The paper's 4 x A40 at 1.634 conv/s: a finite burst above the modelled steady-state capacity."""
     fleet = str(repo_root / "examples" / "paper-a40.yaml")
-    res = _run("--fleet", fleet, "--max-rate", "--json")
+    res = _run("--fleet", fleet, "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    pools = doc["plan"]["pools"]
+    plan = doc["plan"]
+    pools = plan["pools"]
     n_pre = sum(p["instances"] for p in pools if p["role"] == "prefill")
     n_dec = sum(p["instances"] for p in pools if p["role"] == "decode")
     assert (n_pre, n_dec) == (1, 3)  # the paper's split
-    assert any("Prefill on" in n for n in doc["plan"]["notes"])
+    fr = plan["finite_run"]
+    assert fr is not None and fr["conversations"] == 255 and fr["requested_rate_per_s"] == 1.634
+    assert fr["excess_pct"] > 0 and fr["backlog_conversations"] > 0
+    assert plan["predictions"]["arrival_rate_per_s"] < 1.634
+    notes = " ".join(plan["notes"])
+    assert plan["notes"][0].startswith("OVERLOAD")
+    assert "1 prefill + 3 decode" in notes and "(chosen)" in notes
+    # the split's explanation ranks 1 + 3 above the others
+    assert "2 prefill + 2 decode" in notes
+    # 200 W decoder caps: the plan uses them and they lower predicted watts at the same rate
+    assert {p["power_cap_w"] for p in pools if p["role"] == "decode"} == {200.0}
     caps = doc["caps_comparison"]
-    assert caps["watts_total"] <= caps["watts_total_tdp_only"]  # allowing caps never costs energy
+    assert caps["watts_total_decoders_at_tdp"] > caps["watts_total"]
+    assert caps["watts_saved_by_decoder_caps"] > 0
+    # --max-rate still plans the steady-state maximum, with the same split
+    res = _run("--fleet", fleet, "--max-rate", "--json")
+    assert res.exit_code == 0, res.output
+    mr = json.loads(res.stdout)["plan"]
+    assert mr["finite_run"] is None
+    assert sum(p["instances"] for p in mr["pools"] if p["role"] == "decode") == 3
+
+
+def _small_fleet(tmp_path: Path, conversations: int | None, rate: float, count: int = 2) -> Path:
+    f = tmp_path / "fleet.yaml"
+    conv = f"conversations: {conversations}, " if conversations is not None else ""
+    f.write_text(
+        f"model: Qwen3-0.6B\ntiers: [{{name: a40, gpu: A40, count: {count}, power_caps_w: [300, 200]}}]\n"
+        f"workload: {{{conv}arrival_rate_per_s: {rate}, synthetic: {{turn1_input_tokens_median: 8000, "
+        "turns_mean: 4}}\n"
+    )
+    return f
+
+
+def test_finite_run_above_capacity_is_planned_with_a_prominent_overload(tmp_path: Path) -> None:
+    f = _small_fleet(tmp_path, 60, 5.0)
+    res = _run("--fleet", str(f), "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)["plan"]
+    fr = plan["finite_run"]
+    assert fr["requested_rate_per_s"] == 5.0 and fr["conversations"] == 60
+    assert 0 < fr["plan_rate_per_s"] < 5.0 and fr["sustainable_rate_per_s"] >= fr["plan_rate_per_s"] * 0.98
+    assert fr["excess_pct"] == pytest.approx(100 * (5.0 / fr["plan_rate_per_s"] - 1), rel=1e-3)
+    assert fr["makespan_s"] == pytest.approx(fr["arrival_span_s"] + fr["drain_s"], rel=1e-3)
+    assert fr["ttfet_p95_run_s"] > plan["predictions"]["ttfet_p95_s"]
+    assert plan["notes"][0].startswith("OVERLOAD")
+    # the pools are sized for the plan's rate
+    dec_rate = sum(p["arrival_rate_per_s"] for p in plan["pools"] if p["role"] != "prefill")
+    assert dec_rate == pytest.approx(plan["predictions"]["arrival_rate_per_s"], rel=1e-4)
+    # people see it before the table; the plan file keeps it
+    out = tmp_path / "plan.yaml"
+    res = _run("--fleet", str(f), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert "OVERLOAD" in res.stdout.split("Pools")[0]
+    loaded = load_plan(out)
+    assert loaded.finite_run is not None and loaded.finite_run.conversations == 60
+    # the same rate as a steady stream (no workload.conversations) is infeasible: exit 1 with the diagnosis
+    res = _run("--fleet", str(_small_fleet(tmp_path, None, 5.0)))
+    assert res.exit_code == 1 and "short by" in res.stderr
+
+
+def test_finite_run_within_capacity_has_no_overload(tmp_path: Path) -> None:
+    res = _run("--fleet", str(_small_fleet(tmp_path, 40, 0.1)), "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)["plan"]
+    assert plan["finite_run"] is None
+    assert not any(n.startswith("OVERLOAD") for n in plan["notes"])

@@ -222,9 +222,7 @@ def test_decoder_power_uses_the_planned_context_and_200w_caps_save_energy() -> N
         assert t_tdp <= t_cap < 1.05 * t_tdp
 
 
-def _exhaustive_levels(
-    tiers: list[ilp.TierSupply], demand: ilp.Demand, s: ilp.Settings
-) -> float:
+def _exhaustive_levels(tiers: list[ilp.TierSupply], demand: ilp.Demand, s: ilp.Settings) -> float:
     """Min over every decode level of the proven ILP optimum (no LP-bound pruning, no tier merging)."""
     ref = ilp.reference_for(tiers, demand, None)
     best = math.inf
@@ -277,3 +275,39 @@ def test_dominated_options_are_pruned_only_when_no_better() -> None:
         assert any(
             opts[k].capacity_per_instance(demand, s) >= o.capacity_per_instance(demand, s) for k in keeper
         )
+
+
+def test_burst_fluid_model() -> None:
+    b = ilp.burst(255, 1.634, 0.9, 0.91, 95)
+    assert b.arrival_span_s == pytest.approx(255 / 1.634)
+    assert b.backlog_conversations == pytest.approx(255 * (1 - 0.9 / 1.634))
+    assert b.drain_s == pytest.approx(b.backlog_conversations / 0.9)
+    assert b.makespan_s == pytest.approx(b.arrival_span_s + b.drain_s)
+    assert b.extra_wait_mean_s == pytest.approx(b.drain_s / 2)
+    assert b.extra_wait_p_s == pytest.approx(0.95 * b.drain_s)
+    assert b.excess_fraction == pytest.approx(1.634 / 0.9 - 1)
+    # a higher rate or a slower fleet never shortens the backlog
+    assert ilp.burst(255, 2.0, 0.9, 0.9, 95).backlog_conversations > b.backlog_conversations
+    assert ilp.burst(255, 1.634, 0.8, 0.9, 95).drain_s > b.drain_s
+    # at or below capacity there is no backlog
+    ok = ilp.burst(255, 0.5, 0.9, 0.9, 95)
+    assert ok.backlog_conversations == 0 and ok.drain_s == 0
+
+
+def test_split_rates_with_fixed_prefill_count() -> None:
+    tiers = _fleet(a40=4, l40s=0)
+    demand = _demand(0.5)
+    s = ilp.Settings()
+    ref = ilp.reference_for(tiers, demand, None)
+    top = ilp.max_rate_per_s(tiers, demand, ilp.Slo(), s, ref)
+    by_k = [ilp.max_rate_per_s(tiers, demand, ilp.Slo(), s, ref, prefill_instances=k) for k in (1, 2, 3)]
+    assert max(by_k) == pytest.approx(top, rel=1e-6)
+    r = ilp.plan(tiers, replace_rate(demand, top * 0.99), ilp.Slo(), s)
+    mu = ilp.max_rate_of_counts(r.options, r.solution.counts, tiers, demand, s)
+    assert top * 0.99 * (1 - 1e-6) <= mu <= top * (1 + 1e-6)
+
+
+def replace_rate(d: ilp.Demand, rate: float) -> ilp.Demand:
+    from dataclasses import replace
+
+    return replace(d, arrival_rate_per_s=rate)
