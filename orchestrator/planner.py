@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from orchestrator.config import FleetConfig, Objective
@@ -528,6 +529,124 @@ def best_homogeneous(rows: list[tuple[str, PlanRun | None, str]]) -> tuple[str, 
     return max(ok, key=lambda x: x[1].plan.predictions.tokens_per_j)
 
 
+@dataclass(frozen=True, slots=True)
+class ValidationRow:
+    metric: str
+    predicted: float | None
+    simulated: float | None
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """The plan simulated on the fleet file's own workload (orchestrator.sim), next to its predictions."""
+
+    policy: str
+    conversations: int
+    arrival_rate_per_s: float
+    seed: int
+    rows: tuple[ValidationRow, ...]
+    slo_violation_pct: float
+    sim_wall_s: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "policy": self.policy,
+            "conversations": self.conversations,
+            "arrival_rate_per_s": self.arrival_rate_per_s,
+            "seed": self.seed,
+            "slo_violation_pct": round(self.slo_violation_pct, 2),
+            "sim_wall_s": round(self.sim_wall_s, 3),
+            "metrics": {
+                r.metric: {"predicted": r.predicted, "simulated": r.simulated, "note": r.note or None}
+                for r in self.rows
+            },
+        }
+
+
+def validate_plan(
+    cfg: FleetConfig,
+    run: PlanRun,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Validation:
+    """Simulate the plan just made on the fleet file's workload (its own conversations, at the rate planned
+    for -- the requested rate for a finite run above capacity) with the fleet's policy, and compare.
+
+    Predicted decode busy fraction: 1 - exp(-B) (the planner's assumption that a decoder with B resident
+    conversations on average is idle with probability exp(-B)); prefill: rho. Simulated: busy time / run.
+    """
+    from orchestrator.metrics import SloSpec, StandaloneCache, conversation_metrics, summarize
+    from orchestrator.sim import simulate_fleet
+    from orchestrator.sim.fleet import fleet_workload, reference_tier_model, unallocated_idle_w
+
+    rate = run.stats.arrival_rate_per_s
+    convs = fleet_workload(cfg, rate, seed)
+    t0 = time.perf_counter()
+    res, insts = simulate_fleet(
+        cfg,
+        run.plan,
+        cfg.policy,
+        None,
+        seed=seed,
+        conversations=convs,
+        energy_window_s=None,
+        progress=progress,
+    )
+    mets = conversation_metrics(
+        res, convs, StandaloneCache(reference_tier_model(cfg)), SloSpec.from_config(cfg.slo)
+    )
+    summ = summarize(res, mets, "honest", unallocated_idle_w(cfg, insts))
+    wall = time.perf_counter() - t0
+    p = run.plan.predictions
+    fr = run.plan.finite_run
+
+    def wmean(vals: list[tuple[float, int]]) -> float | None:
+        n = sum(k for _, k in vals)
+        return sum(v * k for v, k in vals) / n if n else None
+
+    pre = wmean([(x.utilisation, x.instances) for x in run.plan.pools if x.role == "prefill"])
+    dec = wmean(
+        [
+            (1.0 - math.exp(-x.batch), x.instances)
+            for x in run.plan.pools
+            if x.role != "prefill" and x.batch > 0
+        ]
+    )
+    pctl = f"p{cfg.slo.percentile:g}"
+    ttfet_pred = fr.ttfet_p95_run_s if fr is not None else p.ttfet_p95_s
+    rows = [
+        ValidationRow(
+            f"{pctl} TTFET s",
+            ttfet_pred,
+            summ.ttfet_s.get("p95"),
+            "predicted: finite-run estimate (planned + backlog wait)" if fr is not None else "",
+        ),
+        ValidationRow(
+            f"{pctl} TTFET slowdown",
+            fr.ttfet_p95_run_slowdown if fr is not None else p.ttfet_p95_slowdown,
+            summ.ttfet_slowdown.get("p95"),
+            "standalone: planner's mean conversation vs the simulator's per-conversation runs",
+        ),
+        ValidationRow("mean TBT ms", p.tbt_mean_ms, summ.tbt_mean_ms.get("mean")),
+        ValidationRow("tokens/J", p.tokens_per_j, summ.tokens_per_j, "all GPUs, idle included"),
+        ValidationRow("prefill utilisation", pre, summ.utilisation_by_role.get("prefill")),
+        ValidationRow(
+            "decode busy fraction",
+            dec,
+            summ.utilisation_by_role.get("decode"),
+            "predicted: 1 - exp(-planned batch)",
+        ),
+        ValidationRow(
+            "run s",
+            fr.makespan_s if fr is not None else None,
+            res.makespan_s,
+            "predicted: finite-run makespan" if fr is not None else "",
+        ),
+    ]
+    return Validation(cfg.policy, len(convs), rate, seed, tuple(rows), summ.slo_violation_pct, wall)
+
+
 def validate_hook() -> str | None:
     """Name of the simulator entry point that can run a plan, when orchestrator.sim offers one."""
     try:
@@ -551,4 +670,5 @@ __all__ = [
     "slo_from_config",
     "tier_supplies",
     "validate_hook",
+    "validate_plan",
 ]

@@ -12,18 +12,21 @@ from typing import Any
 
 import typer
 from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.cli.common import console, fail, handle_errors, print_json
-from orchestrator.config import Objective, load_fleet
+from orchestrator.cli.common import console, err_console, fail, handle_errors, print_json
+from orchestrator.config import FleetConfig, Objective, load_fleet
 from orchestrator.fleet import Plan, save_plan
 from orchestrator.planner import (
     PlanRun,
+    Validation,
     best_homogeneous,
     caps_comparison,
     compare_homogeneous,
     make_plan,
     validate_hook,
+    validate_plan,
 )
 from tiers.errors import PlanningError
 
@@ -96,6 +99,47 @@ def _totals_table(plans: list[tuple[str, Plan]]) -> Table:
     return t
 
 
+def _validate(cfg: FleetConfig, run: PlanRun, quiet: bool) -> Validation:
+    """Simulate the plan (orchestrator.planner.validate_plan) with a progress bar on stderr for people."""
+    if quiet:
+        return validate_plan(cfg, run)
+    with Progress(
+        TextColumn("simulating the plan"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("sim", total=run.stats.conversations)
+
+        def tick(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return validate_plan(cfg, run, progress=tick)
+
+
+def _validation_table(v: Validation) -> Table:
+    t = Table(
+        title=(
+            f"Validation: predicted vs simulated ({v.policy}, {v.conversations} conversations at "
+            f"{v.arrival_rate_per_s:.4g} conv/s, seed {v.seed}; both modelled -- the simulator runs the same "
+            f"tier models step by step; {v.slo_violation_pct:.1f}% of simulated conversations miss an SLO)"
+        ),
+        title_justify="left",
+    )
+    for col in ("metric", "predicted", "simulated", "sim / pred", "note"):
+        t.add_column(col, justify="left" if col in ("metric", "note") else "right")
+    for r in v.rows:
+        ratio = (
+            f"{r.simulated / r.predicted:.2f}"
+            if r.predicted and r.simulated is not None and r.predicted != 0
+            else "-"
+        )
+        t.add_row(r.metric, _fmt(r.predicted, ".4g"), _fmt(r.simulated, ".4g"), ratio, r.note)
+    return t
+
+
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     @handle_errors
@@ -140,13 +184,11 @@ def register(app: typer.Typer) -> None:
         caps = caps_comparison(cfg, run, objective, solver.lower(), time_limit)
         if out is not None:
             save_plan(run.plan, out)
+        validation: Validation | None = None
         if validate:
-            hook = validate_hook()
-            found = f" (orchestrator.sim.{hook} exists but is not called yet)" if hook else ""
-            fail(
-                f"--validate is not wired in this build{found}. To fix: run without --validate and "
-                "simulate the plan with `orchestrator simulate`."
-            )
+            if validate_hook() is None:
+                fail("--validate needs orchestrator.sim (the simulator), which this build lacks.")
+            validation = _validate(cfg, run, json_out)
         if json_out:
             doc: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION, "plan": run.plan.to_dict()}
             doc["workload"] = {
@@ -166,7 +208,8 @@ def register(app: typer.Typer) -> None:
                 doc["best_homogeneous"] = best[0] if best else None
             doc["caps_comparison"] = caps
             doc["out"] = str(out) if out else None
-            doc["validated"] = False
+            doc["validated"] = validation is not None
+            doc["validation"] = None if validation is None else validation.to_dict()
             print_json(doc)
             return
         console.print(
@@ -226,7 +269,10 @@ def register(app: typer.Typer) -> None:
             )
         for note in run.plan.notes:
             console.print(f"- {note}", highlight=False)
-        console.print("--validate: not wired (orchestrator.sim has no plan runner yet).", style="dim")
+        if validation is not None:
+            console.print(_validation_table(validation))
+        else:
+            console.print("Check it in the simulator with --validate.", style="dim")
         if out is not None:
             console.print(f"Plan written to {out}")
 

@@ -168,3 +168,22 @@ def test_finite_run_within_capacity_has_no_overload(tmp_path: Path) -> None:
     plan = json.loads(res.stdout)["plan"]
     assert plan["finite_run"] is None
     assert not any(n.startswith("OVERLOAD") for n in plan["notes"])
+
+
+def test_validate_simulates_the_plan(tmp_path: Path) -> None:
+    f = _small_fleet(tmp_path, 24, 0.1, count=3)
+    res = _run("--fleet", str(f), "--validate", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["validated"] is True
+    v = doc["validation"]
+    assert v["conversations"] == 24 and v["arrival_rate_per_s"] == pytest.approx(0.1)
+    m = v["metrics"]
+    for key in ("p95 TTFET s", "mean TBT ms", "tokens/J", "prefill utilisation", "decode busy fraction"):
+        assert m[key]["predicted"] is not None and m[key]["predicted"] > 0
+        assert m[key]["simulated"] is not None and m[key]["simulated"] > 0
+    assert m["tokens/J"]["predicted"] == doc["plan"]["predictions"]["tokens_per_j"]
+    assert 0 <= v["slo_violation_pct"] <= 100
+    res = _run("--fleet", str(f), "--validate")
+    assert res.exit_code == 0, res.output
+    assert "Validation: predicted vs simulated" in res.stdout
