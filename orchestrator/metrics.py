@@ -10,9 +10,11 @@ Energy: tokens per joule with *every* GPU of the deployment billed, idle ones in
 between steps, and unallocated GPUs when the fleet bills them). Tokens counted: prompt + output tokens of
 every turn (the paper's count). All energy here is modelled by the tier power model, not measured.
 
-Two measurement conventions for TTFET/E2E: ``honest`` (t0 = arrival of turn 1; every queue included) and
-``artifact`` (t0 = when turn 1 was admitted on the instance that prefilled it: the turn-1 prefiller queueing
-left out, as the ConServe artifact's correction did for ConServe).
+Two measurement conventions for TTFET/E2E: ``honest`` (t0 = arrival of turn 1; every queue included, the
+router-side admission wait too when the run models it) and ``artifact`` (t0 = the conversation's router-side
+KV admission -- arrival when the run has no admission, ``SimOptions.router_admission`` -- and, for conserve
+and per-turn, past turn 1's prefiller queue, as the artifact's correction did; orchestrator.sim.admission).
+The admission wait is reported separately (``Summary.admission_wait_s``) so it is never mistaken for free.
 
 Must not import fastapi, sqlalchemy or httpx.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -91,7 +93,8 @@ class StandaloneCache:
 
     def __init__(self, reference: TierModel, options: SimOptions | None = None) -> None:
         self.reference = reference
-        self.options = options or SimOptions()
+        # the normaliser is the conversation alone on an idle instance: no router-side admission
+        self.options = replace(options or SimOptions(), router_admission=False)
         self._cache: dict[tuple[TurnSpec, ...], Standalone] = {}
 
     def get(self, conv: ConversationSpec) -> Standalone:
@@ -270,6 +273,9 @@ class Summary:
     kv_transfer_bytes: int
     utilisation_by_role: dict[str, float]
     policy_stats: dict[str, Any] = field(default_factory=dict)
+    # arrival of turn 1 -> router-side KV admission, per conversation (all 0 when the run has no admission);
+    # outside the artifact convention's clock, inside the honest one's
+    admission_wait_s: dict[str, float] = field(default_factory=dict)
     energy_note: str = "modelled by the tier power model, not measured"
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,6 +341,7 @@ def summarize(
         kv_transfer_bytes=result.kv_transfer_bytes,
         utilisation_by_role=result.utilisation_by_role(),
         policy_stats=dict(result.policy_stats),
+        admission_wait_s=_dist([c.admission_wait_s for c in result.conversations]),
     )
 
 

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from orchestrator.sim.admission import AdmissionRule, Reserve, rule_for
 from orchestrator.sim.clock import VirtualClock
 from orchestrator.sim.result import (
     ConversationRecord,
@@ -104,6 +105,8 @@ class SimOptions:
     # token budget of prefill-role instances (None: max_batched_tokens); the paper's artifact ran its
     # prefiller with a larger budget than its decoders (orchestrator.sim.paper.PAPER_SIM_OPTIONS)
     prefill_max_batched_tokens: int | None = None
+    # router-side KV admission as the paper's artifact ran it (orchestrator.sim.admission): off by default
+    router_admission: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batched_tokens", "max_seqs", "prefill_max_batched_tokens"):
@@ -198,7 +201,7 @@ class _Instance:
         "waiting", "prefilling", "heap", "n_decode", "ctx_sum", "pending_join", "reserved", "nondecode_kv",
         "cache", "cache_total", "steps_done", "busy", "cur", "version", "segments", "prefill_log",
         "queued_prefill", "running_other", "pinned", "view", "dirty", "peak_reserved", "kvb", "link",
-        "prefill_tokens", "decode_tokens", "live", "live_total",
+        "prefill_tokens", "decode_tokens", "live", "live_total", "adm_used",
     )
 
     def __init__(self, idx: int, spec: InstanceLike, opts: SimOptions, link: str) -> None:
@@ -245,6 +248,7 @@ class _Instance:
         self.peak_reserved = 0
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        self.adm_used = 0  # router-side KV reservations on this instance (SimOptions.router_admission)
 
     def cache_take(self, cid: str) -> int:
         tok = self.cache.pop(cid, 0)
@@ -290,7 +294,10 @@ class _Instance:
                 tier=self.tier,
                 healthy=self.healthy,
                 queued_prefill_tokens=self.queued_prefill,
-                kv_used_tokens=min(self.cap, self.ctx_sum + self.nondecode_kv + self.live_total),
+                # with router-side admission the router also knows what it reserved here
+                kv_used_tokens=min(
+                    self.cap, max(self.ctx_sum + self.nondecode_kv + self.live_total, self.adm_used)
+                ),
                 kv_capacity_tokens=self.cap,
                 running_seqs=len(self.prefilling) + self.n_decode,
                 waiting_seqs=len(self.waiting),
@@ -393,6 +400,25 @@ class _Sim:
         self.kv_transfers = 0
         self.kv_transfer_bytes = 0
         self.views: list[InstanceView] = [i.make_view() for i in self.insts]
+        # router-side KV admission (orchestrator.sim.admission); None: conversations are placed on arrival
+        self.rule: AdmissionRule = rule_for(policy.name)
+        self.admission = opts.router_admission
+        self.admitted_s = [math.nan] * len(self.convs)
+        self.adm_dec: list[tuple[int, int] | None] = [None] * len(self.convs)  # (instance, tokens) held
+        self.adm_pre: list[tuple[int, int] | None] = [None] * len(self.convs)
+        self.adm_waiting: list[_TurnState] = []  # turns waiting for room, in arrival order
+        self.adm_parked: list[tuple[_TurnState, Placement]] = []  # placed; the chosen engine has no room yet
+        self.adm_parked_count = 0
+        if self.admission:
+            caps = [i.cap for i in self.insts if i.role.can_decode]
+            for ci, c in enumerate(self.convs):
+                need = max(self._adm_need(ci, k + 1)[0] for k in range(len(c.turns)))
+                if caps and need > max(caps):
+                    raise SimulationError(
+                        f"conversation {c.conversation_id!r} needs a router-side KV reservation of {need} "
+                        f"tokens but the largest decode-capable instance holds {max(caps)}; it would wait "
+                        "forever. To fix: cap the turns (--max-turns) or turn router admission off."
+                    )
         for inst_id, t in failures:
             if inst_id not in self.by_id:
                 raise SimulationError(f"failure names unknown instance {inst_id!r}; instances: {ids}")
@@ -452,13 +478,121 @@ class _Sim:
                 views[inst.idx] = inst.make_view()
         return FleetView(tuple(views), self.pins)
 
+    # ---- router-side KV admission (SimOptions.router_admission; orchestrator.sim.admission) ------------
+    def _adm_need(self, ci: int, turn: int) -> tuple[int, int]:
+        """(decoder tokens, prefiller tokens) a turn reserves when it is admitted; (0, 0): no admission."""
+        conv = self.convs[ci]
+        rule = self.rule.reserve
+        if rule is Reserve.TURN:
+            inp = self.inputs[ci][turn - 1]
+            return inp + conv.turns[turn - 1].output_tokens, inp
+        if turn != 1:
+            return 0, 0
+        if rule is Reserve.CONVERSATION:
+            return self.inputs[ci][-1] + conv.turns[-1].output_tokens, 0  # the whole final context
+        return self.inputs[ci][0] + conv.turns[0].output_tokens, 0
+
+    def _adm_open(self, ts: _TurnState) -> bool:
+        """Some healthy engine has room for the reservation (then the policy is asked to place)."""
+        nd, npre = self._adm_need(ts.conv, ts.turn)
+        dec_ok = any(
+            i.healthy and i.role.can_decode and i.cap - i.adm_used >= nd for i in self.insts
+        )
+        if not dec_ok or npre == 0:
+            return dec_ok
+        pre = [i for i in self.insts if i.healthy and i.role == Role.PREFILL]
+        return not pre or any(i.cap - i.adm_used >= npre for i in pre)
+
+    def _adm_fits(self, ts: _TurnState, pl: Placement) -> bool:
+        nd, npre = self._adm_need(ts.conv, ts.turn)
+        dec = self.by_id[pl.decode_instance]
+        if dec.cap - dec.adm_used < nd:
+            return False
+        if npre and pl.remote_prefill:
+            pre = self._instance(pl.prefill_instance or "", "prefill")
+            return pre.role != Role.PREFILL or pre.cap - pre.adm_used >= npre
+        return True
+
+    def _adm_hold(self, held: list[tuple[int, int] | None], ci: int, idx: int, tokens: int) -> None:
+        old = held[ci]
+        if old is not None:
+            self.insts[old[0]].adm_used -= old[1]
+            self.insts[old[0]].dirty = True
+        held[ci] = (idx, tokens) if tokens else None
+        if tokens:
+            self.insts[idx].adm_used += tokens
+            self.insts[idx].dirty = True
+
+    def _adm_account(
+        self, ts: _TurnState, pl: Placement, admitting: bool, fresh: bool, t: float
+    ) -> None:
+        """Reserve (admitting), grow (per-turn rule, a new later turn) or move (the decoder changed)."""
+        ci = ts.conv
+        dec = self.by_id[pl.decode_instance]
+        if admitting:
+            nd, npre = self._adm_need(ci, ts.turn)
+            self._adm_hold(self.adm_dec, ci, dec.idx, nd)
+            if npre and pl.remote_prefill and self.by_id[pl.prefill_instance or ""].role == Role.PREFILL:
+                self._adm_hold(self.adm_pre, ci, self.by_id[pl.prefill_instance or ""].idx, npre)
+            if ts.turn == 1:
+                self.admitted_s[ci] = t
+            return
+        held = self.adm_dec[ci]
+        if held is None:
+            return
+        tokens = held[1]
+        if fresh and self.rule.reserve is Reserve.FIRST_TURN:  # AMPD: grow, never block
+            spec = self.convs[ci].turns[ts.turn - 1]
+            tokens += spec.appended_tokens + spec.output_tokens
+        if tokens != held[1] or held[0] != dec.idx:
+            self._adm_hold(self.adm_dec, ci, dec.idx, tokens)
+
+    def _adm_release(self, ci: int, t: float) -> None:
+        self._adm_hold(self.adm_dec, ci, 0, 0)
+        self._adm_hold(self.adm_pre, ci, 0, 0)
+        self._adm_retry(t)
+
+    def _adm_retry(self, t: float) -> None:
+        """Room was freed: placed turns waiting for their engine first, then waiting turns in arrival
+        order, each admitted when it fits (no head-of-line blocking, like the artifact's polling clients)."""
+        if self.adm_parked:
+            parked, self.adm_parked = self.adm_parked, []
+            for ts, pl in parked:
+                if self._adm_fits(ts, pl) and self.by_id[pl.decode_instance].healthy:
+                    self._adm_account(ts, pl, True, True, t)
+                    self._apply(ts, pl, t)
+                else:
+                    self.adm_parked.append((ts, pl))
+        if self.adm_waiting:
+            waiting, self.adm_waiting = self.adm_waiting, []
+            for ts in waiting:
+                if self._adm_open(ts):
+                    self._place(ts, t, admitting=True, fresh=True)
+                else:
+                    self.adm_waiting.append(ts)
+
     def _arrive(self, ci: int, turn: int, t: float, ts: _TurnState | None = None) -> None:
         conv = self.convs[ci]
         inp = self.inputs[ci][turn - 1]
         spec = conv.turns[turn - 1]
+        fresh = ts is None
         if ts is None:
             ts = _TurnState(ci, turn, t, inp, spec.output_tokens)
             self.turn_states[ci].append(ts)
+        admitting = False
+        if self.admission and fresh and self._adm_need(ci, turn)[0] > 0:
+            if not self._adm_open(ts):
+                self.adm_waiting.append(ts)
+                return
+            admitting = True
+        self._place(ts, t, admitting, fresh)
+
+    def _place(self, ts: _TurnState, t: float, admitting: bool = False, fresh: bool = True) -> None:
+        """Ask the policy where the turn goes and apply it (after the router-side reservation, if any)."""
+        ci, turn = ts.conv, ts.turn
+        conv = self.convs[ci]
+        inp = ts.input_tokens
+        spec = conv.turns[turn - 1]
         new = spec.appended_tokens
         req = TurnRequest(conv.conversation_id, turn, inp, new)
         view = self._fleet_view()
@@ -475,6 +609,13 @@ class _Sim:
             self.decisions.append(Decision(t, req, pl, snap, self._next_call()))
         else:
             self.decisions.append(Decision(t, req, pl, None, self._next_call()))
+        if self.admission:
+            self._instance(pl.decode_instance, "decode")
+            if admitting and not self._adm_fits(ts, pl):
+                self.adm_parked.append((ts, pl))  # KvTracker.wait_for_engine: hold the decision until room
+                self.adm_parked_count += 1
+                return
+            self._adm_account(ts, pl, admitting, fresh, t)
         self._apply(ts, pl, t)
 
     def _instance(self, iid: str, what: str) -> _Instance:
@@ -781,6 +922,8 @@ class _Sim:
         self.policy.observe_turn_end(cid, ts.turn, ts.output_tokens)
         final = ts.turn >= len(conv.turns)
         self.feedback.append(Feedback(t, cid, ts.turn, ts.output_tokens, final, self._next_call()))
+        if self.admission and (final or self.rule.reserve is Reserve.TURN):
+            self._adm_release(ts.conv, t)
         if ts.turn < len(conv.turns):
             gap = conv.turns[ts.turn].tool_gap_s
             if gap > 0:
@@ -858,6 +1001,13 @@ class _Sim:
                 if q.inst == inst.idx:
                     q.state = _X
             self._restart(ts, t)
+        if self.adm_parked:  # decisions waiting for room on the failed instance are taken again
+            lost = [ts for ts, pl in self.adm_parked if pl.decode_instance == inst.id
+                    or pl.prefill_instance == inst.id]
+            self.adm_parked = [(ts, pl) for ts, pl in self.adm_parked if ts not in lost]
+            self.adm_waiting[:0] = lost
+        if self.admission:
+            self._adm_retry(t)
 
     def _restart(self, ts: _TurnState, t: float) -> None:
         """Re-place a turn that lost an instance: release its footprint on healthy instances, place again."""
@@ -925,7 +1075,12 @@ class _Sim:
             tbt_mean, tbt_p95 = _tbt(
                 dec, last.first_step, last.last_step, last.first_token_s, last.last_token_s, starts[dec.idx]
             )
-            t0_adm = first.prefill_start_s if first.remote else first.arrival_s
+            # the artifact's convention: t0 = router-side admission (= arrival without it), and past turn
+            # 1's prefiller queue for the policies whose halves the artifact ran separately
+            admitted = self.admitted_s[ci] if self.admission else first.arrival_s
+            t0_adm = admitted
+            if self.rule.exclude_turn1_prefill_queue and first.remote:
+                t0_adm = max(admitted, first.prefill_start_s)
             convs.append(
                 ConversationRecord(
                     conversation_id=c.conversation_id,
@@ -939,6 +1094,7 @@ class _Sim:
                     last_turn_tbt_mean_s=tbt_mean,
                     last_turn_tbt_p95_s=tbt_p95,
                     decoders=tuple(self.insts[ts.decode_inst].id for ts in states),
+                    admission_wait_s=admitted - c.arrival_s,
                 )
             )
         decoded: dict[int, list[_TurnState]] = {}
@@ -968,6 +1124,8 @@ class _Sim:
             wall_s=wall_s,
             max_kv_used_tokens={i.id: i.peak_reserved for i in self.insts},
             policy_stats=pstats,
+            router_admission=self.admission,
+            admission_parked=self.adm_parked_count,
         )
 
     def _turn_record(self, ts: _TurnState) -> TurnRecord:

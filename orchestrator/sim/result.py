@@ -47,11 +47,14 @@ class ConversationRecord:
     tokens: int  # prompt + output tokens of every turn (the paper's tokens/J numerator)
     ttfet_s: float  # arrival of turn 1 -> first token of the final turn
     e2e_s: float  # arrival of turn 1 -> last token of the final turn
-    ttfet_admission_s: float  # the artifact's convention: t0 = turn 1 admitted where it prefills
+    # the artifact's convention (orchestrator.sim.admission): t0 = router-side KV admission (= arrival when
+    # the run has none), moved past turn 1's prefiller queue for conserve and per-turn
+    ttfet_admission_s: float
     e2e_admission_s: float
     last_turn_tbt_mean_s: float  # 0.0 when the final turn has a single output token
     last_turn_tbt_p95_s: float
     decoders: tuple[str, ...]  # decode instance of each turn
+    admission_wait_s: float = 0.0  # arrival of turn 1 -> router-side KV admission (0 without admission)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,8 @@ class SimResult:
     # filled when run_simulation() gets a reference_tier_model
     metrics: tuple[Any, ...] = ()
     summary: Any = None
+    router_admission: bool = False  # SimOptions.router_admission was on (orchestrator.sim.admission)
+    admission_parked: int = 0  # admissions whose chosen engine had no room yet (waited for that engine)
 
     @property
     def energy_j(self) -> float:
