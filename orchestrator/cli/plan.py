@@ -123,8 +123,10 @@ def _validation_table(v: Validation) -> Table:
     t = Table(
         title=(
             f"Validation: predicted vs simulated ({v.policy}, {v.conversations} conversations at "
-            f"{v.arrival_rate_per_s:.4g} conv/s, seed {v.seed}; both modelled -- the simulator runs the same "
-            f"tier models step by step; {v.slo_violation_pct:.1f}% of simulated conversations miss an SLO)"
+            f"{v.arrival_rate_per_s:.4g} conv/s, seed {v.seed}, every turn 1 on a prefiller as sized; "
+            f"arrivals span {v.arrival_span_s:.0f} s of a {v.run_s:.0f} s run; both modelled -- the "
+            "simulator steps the same tier models with the online policy; "
+            f"{v.slo_violation_pct:.1f}% of simulated conversations miss an SLO)"
         ),
         title_justify="left",
     )
