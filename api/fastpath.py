@@ -143,6 +143,8 @@ REQUIRED: dict[RequestKind, tuple[str, ...]] = {
     RequestKind.CHAT: ("model", "messages"),
     RequestKind.COMPLETION: ("model", "prompt"),
 }
+
+
 def simple_body_ok(kind: RequestKind, body: Any) -> bool:
     """True only if the pydantic request model would accept `body` and dump it back unchanged."""
     if type(body) is not dict:
