@@ -63,7 +63,15 @@ _BUDGET_HELP = (
 _PREFILL_BUDGET_HELP = "the same for prefill engines (default: --max-batched-tokens; the artifact used 8192)"
 
 
-def _sim_options(max_batched: int | None, prefill_max_batched: int | None) -> SimOptions:
+_ADMISSION_HELP = (
+    "admit conversations through a router-side KV tracker as the paper's artifact did (orchestrator.sim."
+    "admission); the admission wait is inside the honest convention's clock, outside the artifact's"
+)
+
+
+def _sim_options(
+    max_batched: int | None, prefill_max_batched: int | None, router_admission: bool = False
+) -> SimOptions:
     pairs = (("--max-batched-tokens", max_batched), ("--prefill-max-batched-tokens", prefill_max_batched))
     for name, v in pairs:
         if v is not None and v < 1:
@@ -72,6 +80,7 @@ def _sim_options(max_batched: int | None, prefill_max_batched: int | None) -> Si
     return SimOptions(
         max_batched_tokens=max_batched if max_batched is not None else base.max_batched_tokens,
         prefill_max_batched_tokens=prefill_max_batched,
+        router_admission=router_admission,
     )
 
 
@@ -89,7 +98,10 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 
 def _summary_table(rows: list[tuple[str, float | None, Summary]], title: str) -> Table:
     t = Table(
-        title=title, title_justify="left", caption="x: p95 slowdown; TTFET s: p95; TBT ms: mean last turn"
+        title=title,
+        title_justify="left",
+        caption="x: p95 slowdown; TTFET s: p95; TBT ms: mean last turn; admit s: router-side admission "
+        "wait, mean/p95 (--router-admission)",
     )
     cols = (
         "policy",
@@ -104,6 +116,7 @@ def _summary_table(rows: list[tuple[str, float | None, Summary]], title: str) ->
         "kJ",
         "xfers",
         "util",
+        "admit s",
     )
     for c in cols:
         t.add_column(c, justify="left" if c == "policy" else "right", no_wrap=c == "policy")
@@ -123,6 +136,7 @@ def _summary_table(rows: list[tuple[str, float | None, Summary]], title: str) ->
             _fmt(s.energy_j / 1e3, ",.1f"),
             str(s.kv_transfers),
             util,
+            f"{_fmt(s.admission_wait_s.get('mean'), '.1f')}/{_fmt(s.admission_wait_s.get('p95'), '.1f')}",
         )
     return t
 
@@ -229,6 +243,7 @@ def register(app: typer.Typer) -> None:
         prefill_max_batched: int | None = typer.Option(
             None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
         ),
+        router_admission: bool = typer.Option(False, "--router-admission", help=_ADMISSION_HELP),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
         json_out: bool = typer.Option(False, "--json", help="print JSON for scripts"),
@@ -248,7 +263,7 @@ def register(app: typer.Typer) -> None:
         pol = policy or cfg.policy
         make_policy(pol, **_policy_options(pol, mispredict_rate, threshold))  # validate early
         out_dir = _out_dir(out)
-        sim_opts = _sim_options(max_batched, prefill_max_batched)
+        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg), sim_opts)
         opts = _policy_options(pol, mispredict_rate, threshold)
@@ -356,6 +371,7 @@ def register(app: typer.Typer) -> None:
         prefill_max_batched: int | None = typer.Option(
             None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
         ),
+        router_admission: bool = typer.Option(False, "--router-admission", help=_ADMISSION_HELP),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
     ) -> None:
@@ -381,7 +397,7 @@ def register(app: typer.Typer) -> None:
         coloc = colocated_layout(disagg_insts) if colocated is None else colocated
         if plan is None and layout is None:  # the ILP's plan, made once at the highest rate, for every run
             layout = _capped_layout(disagg_insts, None)
-        sim_opts = _sim_options(max_batched, prefill_max_batched)
+        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
         sa = StandaloneCache(reference_tier_model(cfg), sim_opts)
         configs: list[tuple[str, str, str | None, Plan | None]] = []  # label, policy, layout, plan
