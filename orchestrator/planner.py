@@ -100,7 +100,7 @@ def _settings(
 def make_plan(
     cfg: FleetConfig,
     objective: Objective | None = None,
-    solver: str = "highs",
+    solver: str = "auto",
     time_limit_s: float | None = 30.0,
     fleet_file: str | None = None,
     stats: WorkloadStats | None = None,
@@ -442,7 +442,7 @@ def caps_comparison(
     cfg: FleetConfig,
     run: PlanRun,
     objective: Objective | None = None,
-    solver: str = "highs",
+    solver: str = "auto",
     time_limit_s: float | None = 30.0,
 ) -> dict[str, float | None] | None:
     """What the allowed power caps save: the plan's watts vs TDP only, and vs decoders held at TDP.
@@ -486,7 +486,7 @@ def compare_homogeneous(
     cfg: FleetConfig,
     stats: WorkloadStats,
     objective: Objective | None = None,
-    solver: str = "highs",
+    solver: str = "auto",
     time_limit_s: float | None = 30.0,
 ) -> list[tuple[str, PlanRun | None, str]]:
     """Plan each tier alone with the fleet's whole GPU budget: [(tier, run or None, error message)]."""

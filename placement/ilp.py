@@ -218,7 +218,7 @@ class Settings:
     decode_levels: tuple[float, ...] = (1.0, 0.85, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # tau / TBT SLO
     step_multiples: tuple[float, ...] = (1.1, 1.25, 1.5, 2.0, 3.0)  # extra tau levels, x the standalone step
     decoder_caps: bool = True  # False: decode/colocated instances only at TDP (to price the decoder caps)
-    solver: str = "highs"  # or "cbc"
+    solver: str = "auto"  # "highs", "cbc", or "auto" (see resolve_solver)
     time_limit_s: float | None = 30.0
 
 
@@ -617,10 +617,27 @@ class Solution:
     solver: str
 
 
+# "auto" picks CBC for fleets of at least this many GPUs, HiGHS below. Measured (BENCHMARKS.md, "Plan solve
+# time", 2-core EPYC VM): whole plan, 10 tiers x 10,000 GPUs HiGHS 4.3-4.4 s vs CBC 0.23-0.41 s, 5 x 10,000
+# HiGHS 1.3-1.8 s vs CBC 0.2-0.3 s; at <= 1,000 GPUs HiGHS (in-process) is as fast or faster than CBC
+# (a subprocess per solve), e.g. 2 x 100: 0.06 s vs 0.12-0.21 s.
+AUTO_CBC_MIN_GPUS = 5_000
+
+
+def resolve_solver(settings: Settings, tiers: Sequence[TierSupply]) -> Settings:
+    """settings with solver "auto" replaced by the measured faster solver for this fleet's size."""
+    if settings.solver.lower() != "auto":
+        return settings
+    gpus = sum(t.gpus for t in tiers)
+    return replace(settings, solver="cbc" if gpus >= AUTO_CBC_MIN_GPUS else "highs")
+
+
 def _solver(settings: Settings, mip: bool = True) -> pulp.LpSolver:
     """The configured solver. Both prove optimality to MIP_REL_GAP (relative gap between the incumbent and
     the best bound); HiGHS's own default is 1e-4, CBC's 0 -- one explicit figure for both."""
     name = settings.solver.lower()
+    if name == "auto":  # callers resolve it per fleet (resolve_solver); HiGHS when they did not
+        name = "highs"
     kw: dict[str, float] = {"gapRel": MIP_REL_GAP}
     if settings.time_limit_s is not None:
         kw["timeLimit"] = settings.time_limit_s
@@ -632,7 +649,7 @@ def _solver(settings: Settings, mip: bool = True) -> pulp.LpSolver:
         return pulp.HiGHS(msg=False, mip=mip, **kw)
     if name == "cbc":
         return pulp.PULP_CBC_CMD(msg=False, mip=mip, **kw)
-    raise PlanningError(f"unknown solver {settings.solver!r}. To fix: use 'highs' or 'cbc'.")
+    raise PlanningError(f"unknown solver {settings.solver!r}. To fix: use 'highs', 'cbc' or 'auto'.")
 
 
 def objective_coefficients(opt: Option, tier: TierSupply, settings: Settings) -> tuple[float, float]:
@@ -1227,6 +1244,7 @@ def plan_with_reference(
     """:func:`plan` with given standalone latencies (to compare fleets against one baseline)."""
     if demand.arrival_rate_per_s <= 0:
         raise PlanningError("arrival rate must be > 0. To fix: set workload.arrival_rate_per_s.")
+    settings = resolve_solver(settings, tiers)
     merged, members = merge_identical_tiers(tiers)
     best = _best(merged, demand, slo, ref, settings)
     if best is None:
@@ -1300,6 +1318,7 @@ def max_rate_per_s(
     Levels are solved in order of their LP bound and pruned once the bound cannot beat the incumbent.
     prefill_instances: the same with the number of prefill-role instances fixed (to explain a split).
     """
+    settings = resolve_solver(settings, tiers)
     _, tbt_target = slo_targets(slo, ref)
     cache: dict[tuple[int, int], _Static] = {}
     cands: list[tuple[float, list[Option]]] = []
@@ -1334,6 +1353,7 @@ def max_rate_of_counts(
     settings: Settings,
 ) -> float:
     """Highest arrival rate (conv/s) a fixed set of instances sustains within the SLOs (an LP over loads)."""
+    settings = resolve_solver(settings, tiers)
     built = _max_rate_model(options, tiers, demand, settings, True, fixed_counts=counts)
     if built is None:
         return 0.0
@@ -1392,6 +1412,7 @@ def diagnose(
     tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
 ) -> Diagnosis:
     """Explain an infeasible fleet (see the module docstring, 'Infeasibility diagnosis')."""
+    settings = resolve_solver(settings, tiers)
     _, tbt_target = slo_targets(slo, ref)
     levels = _levels(tbt_target, ref, settings)
     # (a) elastic ILP at the level whose shortfall is smallest

@@ -155,7 +155,9 @@ def register(app: typer.Typer) -> None:
         compare: bool = typer.Option(
             False, "--compare-homogeneous", help="also plan each tier alone with the fleet's whole GPU budget"
         ),
-        solver: str = typer.Option("highs", "--solver", help="highs | cbc"),
+        solver: str = typer.Option(
+            "auto", "--solver", help="highs | cbc | auto (CBC from 5,000 GPUs, else HiGHS; measured)"
+        ),
         time_limit: float = typer.Option(30.0, "--time-limit", help="seconds per ILP solve"),
         rate: float | None = typer.Option(
             None, "--rate", help="override workload.arrival_rate_per_s (conv/s)"
@@ -168,8 +170,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Size prefill/decode pools per GPU tier and power cap for a workload and SLOs (PuLP ILP)."""
-        if solver.lower() not in ("highs", "cbc"):
-            fail(f"--solver {solver!r} is not known. To fix: use highs or cbc.")
+        if solver.lower() not in ("highs", "cbc", "auto"):
+            fail(f"--solver {solver!r} is not known. To fix: use highs, cbc or auto.")
         if time_limit <= 0:
             fail(f"--time-limit must be > 0 seconds, got {time_limit}.")
         if rate is not None and max_rate:

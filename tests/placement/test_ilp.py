@@ -311,3 +311,10 @@ def replace_rate(d: ilp.Demand, rate: float) -> ilp.Demand:
     from dataclasses import replace
 
     return replace(d, arrival_rate_per_s=rate)
+
+
+def test_auto_solver_by_fleet_size() -> None:
+    small, large = _fleet(a40=4, l40s=2), _fleet(a40=4000, l40s=1000)
+    assert ilp.resolve_solver(ilp.Settings(), small).solver == "highs"
+    assert ilp.resolve_solver(ilp.Settings(), large).solver == "cbc"
+    assert ilp.resolve_solver(ilp.Settings(solver="highs"), large).solver == "highs"
