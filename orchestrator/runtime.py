@@ -363,7 +363,14 @@ class ProcessLedgerWriter:
 def _ledger_process_main(
     conn: Any, url: str, run_id: str, policy: str | None, kind: str, batch_max: int, flush_interval_s: float
 ) -> None:
-    """The ledger writer process: batches of records in, SQL out (see ProcessLedgerWriter)."""
+    """The ledger writer process: batches of records in, SQL out (see ProcessLedgerWriter).
+
+    It ignores SIGINT/SIGTERM (Ctrl-C or `timeout` signal the whole process group): it stops when the
+    server says "stop" after its last records, or when the pipe closes because the server is gone."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from energy.ledger import Ledger
     from energy.records import RunKind
 
