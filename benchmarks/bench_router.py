@@ -2,7 +2,9 @@
 
 Three kinds of processes, as in production: a fast engine stub (benchmarks/stub_engine.py, answers at
 once), `orchestrator serve` in front of it (backend vllm, one colocated engine, conserve policy, SQLite
-ledger and energy accounting on: every turn is recorded), and the load generators, each its own process:
+ledger and energy accounting on: every turn is recorded), and the load generators, each its own process.
+For context a fourth server, benchmarks/passthrough_proxy.py (uvicorn + the same HTTP client, no router
+logic at all), is measured the same way: the floor any Python proxy pays on this machine.
 
 1. latency: streaming chat requests over 1 and over 8 connections (a Python aiohttp client process);
    TTFT = request sent -> first `data:` event with content. Direct and routed back to back in each
@@ -217,6 +219,23 @@ def _wait_up(url: str, timeout_s: float = 90) -> None:
     raise RuntimeError(f"{url} did not come up within {timeout_s:.0f} s")
 
 
+def _wait_up_post(url: str, timeout_s: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    body = _body(False, 1)
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up within {timeout_s:.0f} s")
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -242,8 +261,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env=env,
         stdout=subprocess.DEVNULL,
     )
+    floor_port = _free_port()
+    floor = subprocess.Popen(
+        [sys.executable, str(REPO / "benchmarks" / "passthrough_proxy.py"), "--port", str(floor_port)]
+        + ["--engine-port", str(stub_port)],
+        env=env,
+    )
     urls = {
         "direct": f"http://127.0.0.1:{stub_port}/v1/chat/completions",
+        "floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
         "router": f"http://127.0.0.1:{router_port}/v1/chat/completions",
     }
     use_wrk = shutil.which("wrk") is not None and not args.no_wrk
@@ -262,6 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         _wait_up(f"http://127.0.0.1:{stub_port}/health")
         _wait_up(f"http://127.0.0.1:{router_port}/ready")
+        _wait_up_post(urls["floor"])
         lat: dict[str, list[dict[str, float]]] = {}
         for conns in (1, 8):
             reps = []
@@ -276,6 +303,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rep[f"{name}_errors"] = r["errors"]
                 rep["added_p50_ms"] = rep["router_p50_ms"] - rep["direct_p50_ms"]
                 rep["added_p99_ms"] = rep["router_p99_ms"] - rep["direct_p99_ms"]
+                rep["floor_added_p50_ms"] = rep["floor_p50_ms"] - rep["direct_p50_ms"]
+                rep["floor_added_p99_ms"] = rep["floor_p99_ms"] - rep["direct_p99_ms"]
                 reps.append(rep)
             lat[f"c{conns}"] = reps
         result["ttft"] = {
@@ -290,7 +319,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rep = {}
                 for name, url in urls.items():
                     kids = _children(router.pid)
-                    cpu0 = {"router": _cpu_s(router.pid), "stub": _cpu_s(stub.pid), "kids": _tree_cpu_s(kids)}
+                    cpu0 = {
+                        "router": _cpu_s(router.pid),
+                        "floor": _cpu_s(floor.pid),
+                        "stub": _cpu_s(stub.pid),
+                        "kids": _tree_cpu_s(kids),
+                    }
                     if use_wrk:
                         r = _wrk(url, args.concurrency, args.duration_s, stream, args.max_tokens, tmp)
                     else:
@@ -305,18 +339,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rep[f"{name}_req_per_s"] = r["requests"] / r["elapsed_s"]
                     rep[f"{name}_errors"] = r["errors"]
                     rep[f"{name}_stub_cpu_us_per_req"] = (_cpu_s(stub.pid) - cpu0["stub"]) / n * 1e6
+                    if name == "floor":
+                        rep["floor_cpu_us_per_req"] = (_cpu_s(floor.pid) - cpu0["floor"]) / n * 1e6
                     if name == "router":
                         rep["router_cpu_us_per_req"] = (_cpu_s(router.pid) - cpu0["router"]) / n * 1e6
                         # the ledger writer process (ProcessLedgerWriter), 0 with the thread writer
                         rep["ledger_process_cpu_us_per_req"] = (_tree_cpu_s(kids) - cpu0["kids"]) / n * 1e6
                 rep["ratio"] = rep["router_req_per_s"] / rep["direct_req_per_s"]
+                rep["floor_ratio"] = rep["floor_req_per_s"] / rep["direct_req_per_s"]
                 reps.append(rep)
             tp[mode] = {"median": {m: _median([r[m] for r in reps]) for m in reps[0]}, "reps": reps}
         result["throughput"] = tp
     finally:
-        for p in (router, stub):
+        for p in (router, floor, stub):
             p.terminate()
-        for p in (router, stub):
+        for p in (router, floor, stub):
             try:
                 p.wait(15)
             except subprocess.TimeoutExpired:
@@ -345,7 +382,8 @@ def _print(result: dict[str, Any]) -> None:
         print(
             f"TTFT {k}: direct p50 {m['direct_p50_ms']:.3f} p99 {m['direct_p99_ms']:.3f} ms | router p50 "
             f"{m['router_p50_ms']:.3f} p99 {m['router_p99_ms']:.3f} ms | added p50 {m['added_p50_ms']:.3f} "
-            f"p99 {m['added_p99_ms']:.3f} ms"
+            f"p99 {m['added_p99_ms']:.3f} ms | pass-through floor adds p50 {m['floor_added_p50_ms']:.3f} "
+            f"p99 {m['floor_added_p99_ms']:.3f} ms"
         )
     for k, v in result["throughput"].items():
         m = v["median"]
@@ -354,7 +392,9 @@ def _print(result: dict[str, Any]) -> None:
             f"{m['router_req_per_s']:7.0f} req/s (ratio {m['ratio']:.2f}, errors {m['router_errors']:.0f}) | "
             f"router CPU {m['router_cpu_us_per_req']:.0f} us/req "
             f"(+ ledger process {m['ledger_process_cpu_us_per_req']:.0f}), "
-            f"stub CPU {m['direct_stub_cpu_us_per_req']:.0f} us/req"
+            f"stub CPU {m['direct_stub_cpu_us_per_req']:.0f} us/req | "
+            f"floor {m['floor_req_per_s']:.0f} req/s, "
+            f"{m['floor_cpu_us_per_req']:.0f} us/req"
         )
     t = result["targets"]
     print(
