@@ -618,9 +618,12 @@ def validate_plan(
 
     pre = wmean([(x.utilisation, x.instances) for x in run.plan.pools if x.role == "prefill"])
     # the prefill side works while conversations arrive: compare rho with busy time over the arrival span
+    # (a finite run above capacity keeps prefilling its backlog after the arrivals: over the whole run)
     span = max(c.arrival_s for c in convs) - min(c.arrival_s for c in convs) if len(convs) > 1 else 0.0
+    window = res.makespan_s if fr is not None else span
     pre_insts = [i for i in res.instances if i.role == "prefill"]
-    pre_sim = sum(i.busy_s for i in pre_insts) / (len(pre_insts) * span) if pre_insts and span > 0 else None
+    pre_busy = sum(i.busy_s for i in pre_insts)
+    pre_sim = pre_busy / (len(pre_insts) * window) if pre_insts and window > 0 else None
     dec = wmean(
         [
             (1.0 - math.exp(-x.batch), x.instances)
@@ -650,7 +653,12 @@ def validate_plan(
             summ.tokens_per_j,
             "all GPUs, idle included; sim: whole run incl. ramp-up and drain",
         ),
-        ValidationRow("prefill utilisation", pre, pre_sim, "sim: prefill busy time / arrival span"),
+        ValidationRow(
+            "prefill utilisation",
+            pre,
+            pre_sim,
+            "sim: prefill busy time / " + ("whole run (backlog)" if fr is not None else "arrival span"),
+        ),
         ValidationRow(
             "decode busy fraction",
             dec,
