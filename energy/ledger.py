@@ -596,36 +596,28 @@ class Ledger:
         """Conversations created in [since, until) with token totals of their OK turns, one SQL round trip."""
         c, t = ConversationRow, TurnRow
         ok = and_(t.run_id == c.run_id, t.conversation_id == c.id, t.status == str(TurnStatus.OK))
+        conversation_cols = (
+            c.run_id,
+            c.id,
+            c.policy,
+            c.created_at,
+            c.final_turn,
+            c.ttfet_s,
+            c.e2e_s,
+            c.ttfet_slowdown,
+            c.e2e_slowdown,
+            c.tbt_slowdown,
+        )
         totals = (
             select(
-                c.run_id,
-                c.id,
-                c.policy,
-                c.created_at,
-                c.final_turn,
-                c.ttfet_s,
-                c.e2e_s,
-                c.ttfet_slowdown,
-                c.e2e_slowdown,
-                c.tbt_slowdown,
+                *conversation_cols,
                 func.count(t.pk).label("n_turns"),
                 func.coalesce(func.sum(t.prompt_tokens), 0).label("prompt_tokens"),
                 func.coalesce(func.sum(t.output_tokens), 0).label("output_tokens"),
             )
             .select_from(c)
             .outerjoin(t, ok)
-            .group_by(
-                c.run_id,
-                c.id,
-                c.policy,
-                c.created_at,
-                c.final_turn,
-                c.ttfet_s,
-                c.e2e_s,
-                c.ttfet_slowdown,
-                c.e2e_slowdown,
-                c.tbt_slowdown,
-            )
+            .group_by(*conversation_cols)
             .order_by(c.created_at, c.run_id, c.id)
         )
         totals = _time_filter(totals, c.created_at, c.created_at, c.run_id, flt)
