@@ -97,6 +97,26 @@ def _settings(
     return ilp.Settings(objective=obj, unallocated=cfg.unallocated, solver=solver, time_limit_s=time_limit_s)
 
 
+def _highest_rate(
+    cfg: FleetConfig,
+    supplies: list[ilp.TierSupply],
+    demand: ilp.Demand,
+    slo: ilp.Slo,
+    settings: ilp.Settings,
+    context: str = "",
+) -> tuple[ilp.Reference, float]:
+    """The reference tier and the highest arrival rate (conv/s) any split of the fleet sustains within the
+    SLOs (an ILP). Raises PlanningError when no rate fits; `context` is added to its first sentence."""
+    ref = ilp.reference_for(supplies, demand, cfg.reference_tier)
+    top = ilp.max_rate_per_s(supplies, demand, slo, settings, ref)
+    if top <= 0:
+        raise PlanningError(
+            f"no arrival rate fits this fleet within the SLOs (no instance shape meets them){context}. To "
+            "fix: relax the SLOs or add a tier whose KV capacity holds the longest conversation."
+        )
+    return ref, top
+
+
 def make_plan(
     cfg: FleetConfig,
     objective: Objective | None = None,
@@ -126,14 +146,7 @@ def make_plan(
     slo = slo_from_config(cfg)
     t0 = time.perf_counter()
     if max_rate:
-        ref = ilp.reference_for(supplies, demand, cfg.reference_tier)
-        top = ilp.max_rate_per_s(supplies, demand, slo, settings, ref)
-        if top <= 0:
-            raise PlanningError(
-                "no arrival rate fits this fleet within the SLOs (no instance shape meets them). To "
-                "fix: relax "
-                "the SLOs or add a tier whose KV capacity holds the longest conversation."
-            )
+        _, top = _highest_rate(cfg, supplies, demand, slo, settings)
         ws = replace(ws, arrival_rate_per_s=top * 0.999)
         demand = demand_from_stats(ws)
     overload: tuple[ilp.Burst, str] | None = None
@@ -176,14 +189,7 @@ def plan_burst(
     mu* (1 - BURST_RATE_TOLERANCE), then takes the rate those instances sustain (mu >= that, an LP) for the
     fluid backlog estimate (placement.ilp.Burst). Raises PlanningError when no rate fits at all.
     """
-    ref = ilp.reference_for(supplies, demand, cfg.reference_tier)
-    top = ilp.max_rate_per_s(supplies, demand, slo, settings, ref)
-    if top <= 0:
-        raise PlanningError(
-            "no arrival rate fits this fleet within the SLOs (no instance shape meets them), not even for a "
-            "finite run. To fix: relax the SLOs or add a tier whose KV capacity holds the longest "
-            "conversation."
-        )
+    ref, top = _highest_rate(cfg, supplies, demand, slo, settings, ", not even for a finite run")
     result: ilp.PlanResult | None = None
     for frac in (1.0 - BURST_RATE_TOLERANCE, 0.999):
         try:
