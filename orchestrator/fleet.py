@@ -10,8 +10,6 @@ Must not import fastapi, sqlalchemy or httpx. Pydantic appears only at the plan 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestrator.config import FleetConfig, TierConfig
 from placement.base import Role
 from tiers.errors import ConfigError, did_you_mean
+from tiers.fileio import write_text_atomic
 from tiers.perf import TierModel
 
 PLAN_FORMAT_VERSION = 1
@@ -320,16 +319,7 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
             f"cannot write plan to {str(p)!r}: directory {str(directory)!r} does not exist. "
             "To fix: create it or choose another --out path."
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(p, text)
     return p
 
 

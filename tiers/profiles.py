@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tiers.catalog import get_gpu
 from tiers.errors import CatalogError, ProfileError
+from tiers.fileio import write_text_atomic
 from tiers.models import get_model
 
 if TYPE_CHECKING:
@@ -234,16 +233,7 @@ def save_profile(profile: MeasuredProfile, path: str | Path) -> None:
     text = yaml.safe_dump(profile_to_dict(profile), sort_keys=False)
     parse_profile(yaml.safe_load(text), str(path))  # never write a file we could not read back
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 # ---- applying a profile ---------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_save_is_atomic(tmp_path: Path) -> None:
     save_plan(good, target)
     before = target.read_text()
     with (
-        mock.patch("orchestrator.fleet.os.replace", autospec=True, side_effect=OSError("disk full")),
+        mock.patch("tiers.fileio.os.replace", autospec=True, side_effect=OSError("disk full")),
         pytest.raises(OSError),
     ):
         save_plan(_plan((Pool("a40", "decode", 2, 1, 300.0, 2),)), target)

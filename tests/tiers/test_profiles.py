@@ -66,7 +66,7 @@ def test_save_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def boom(*_: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("tiers.profiles.os.replace", boom)
+    monkeypatch.setattr("tiers.fileio.os.replace", boom)
     with pytest.raises(OSError):
         save_profile(profile(source="other"), path)
     assert path.read_text() == before
