@@ -71,7 +71,9 @@ class TierConfig(_Strict):
     name: str = Field(description="label of this tier, unique in the fleet (e.g. 'h100')")
     gpu: str | InlineGpu
     count: int = Field(ge=0, description="GPUs of this type available")
-    power_caps_w: list[float] | None = Field(None, description="allowed power caps; default: the GPU's TDP only")
+    power_caps_w: list[float] | None = Field(
+        None, description="allowed power caps; default: the GPU's TDP only"
+    )
     tp: list[int] = Field(default_factory=lambda: [1], description="allowed tensor-parallel sizes")
     roles: list[Literal["prefill", "decode", "colocated"]] = Field(
         default_factory=lambda: ["prefill", "decode"], description="roles this tier may take"
@@ -107,7 +109,9 @@ class WorkloadConfig(_Strict):
     path: Path | None = Field(None, description="trace file for format conserve or mooncake")
     synthetic: SyntheticWorkload = Field(default_factory=SyntheticWorkload)
     arrival_rate_per_s: float = Field(1.0, gt=0, description="conversations per second (Poisson)")
-    conversations: int | None = Field(None, gt=0, description="use this many conversations (default: all/1000)")
+    conversations: int | None = Field(
+        None, gt=0, description="use this many conversations (default: all/1000)"
+    )
     max_turns: int | None = Field(None, gt=0, description="cap turns per conversation")
     tool_gap_s: float | None = Field(None, ge=0, description="override the gap between turns")
     seed: int = 0
@@ -229,11 +233,17 @@ def _resolve_paths(cfg: FleetConfig, base: Path) -> FleetConfig:
 def load_fleet(path: str | Path) -> FleetConfig:
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"fleet file {str(p)!r} does not exist. To fix: pass --fleet examples/fleet.yaml or a path.")
+        raise ConfigError(
+            f"fleet file {str(p)!r} does not exist. To fix: pass --fleet examples/fleet.yaml or a path."
+        )
+    return parse_fleet(read_yaml(p), source=str(p), base_dir=p.parent)
+
+
+def read_yaml(p: Path) -> Any:
+    """Parse the YAML file `p` (fleet or plan file); ConfigError naming file and line if it is not YAML."""
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
-    return parse_fleet(data, source=str(p), base_dir=p.parent)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.config import FleetConfig, TierConfig
+from orchestrator.config import FleetConfig, TierConfig, read_yaml
 from placement.base import Role
 from tiers.errors import ConfigError, did_you_mean
 from tiers.fileio import write_text_atomic
@@ -330,13 +330,7 @@ def load_plan(path: str | Path) -> Plan:
             f"plan file {str(p)!r} does not exist. To fix: create one with "
             "`orchestrator plan --fleet FILE --out plan.yaml`."
         )
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
-    return plan_from_dict(data, source=str(p))
+    return plan_from_dict(read_yaml(p), source=str(p))
 
 
 # ---------------------------------------------------------------------------------------------------------
