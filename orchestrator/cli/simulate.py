@@ -141,6 +141,19 @@ def _summary_table(rows: list[tuple[str, float | None, Summary]], title: str) ->
     return t
 
 
+def _progress(disable: bool = False) -> Progress:
+    """The progress bar of simulate and compare: description, bar, done/total, elapsed; cleared when done."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=disable,
+    )
+
+
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
@@ -274,14 +287,7 @@ def register(app: typer.Typer) -> None:
                 plan_rate=rate, sim_options=sim_opts,
             )
         else:
-            with Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            ) as prog:
+            with _progress() as prog:
                 task = prog.add_task(f"simulating {pol}", total=len(convs))
 
                 def tick(done: int, total: int) -> None:
@@ -415,15 +421,7 @@ def register(app: typer.Typer) -> None:
         table_rows: list[tuple[str, float | None, Summary]] = []
         all_rows: list[dict[str, Any]] = []
         total = len(configs) * len(rate_list)
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            disable=json_out,
-        ) as prog:
+        with _progress(disable=json_out) as prog:
             task = prog.add_task("simulating", total=total)
             for rate in rate_list:
                 convs = poisson_arrivals(base_convs, rate, seed)
