@@ -19,7 +19,9 @@ Must not import fastapi (the API imports this, not the reverse).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import pickle
 import queue
 import threading
@@ -95,6 +97,10 @@ class ServeSettings(BaseSettings):
 
 # ---- the ledger writer --------------------------------------------------------------------------------
 
+
+# Niceness of the ledger writer process: it only has to keep up on average (batches every
+# ledger_flush_interval_s), never to answer fast.
+LEDGER_PROCESS_NICE = 10
 
 _FLUSH = object()
 _STOP = object()
@@ -371,6 +377,8 @@ def _ledger_process_main(
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # background work: the serving process gets the CPU first
+        os.nice(LEDGER_PROCESS_NICE)
     from energy.ledger import Ledger
     from energy.records import RunKind
 
