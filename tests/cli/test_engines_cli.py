@@ -8,8 +8,8 @@ tests/integration.
 from __future__ import annotations
 
 import json
-import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,15 +34,9 @@ http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def fleet(tmp_path: Path) -> Path:
-    ports = [_free_port(), _free_port()]
+def fleet(tmp_path: Path, free_port: Callable[[], int]) -> Path:
+    ports = [free_port(), free_port()]
     data = {
         "model": "Qwen3-0.6B",
         "backend": "vllm",
@@ -57,7 +51,7 @@ def fleet(tmp_path: Path) -> Path:
     return path
 
 
-def test_up_status_down(tmp_path: Path, fleet: Path) -> None:
+def test_up_status_down(tmp_path: Path, fleet: Path, free_port: Callable[[], int]) -> None:
     fake = tmp_path / "fakepy"
     fake.write_text(FAKE_PY % sys.executable)
     fake.chmod(0o755)
@@ -68,7 +62,7 @@ def test_up_status_down(tmp_path: Path, fleet: Path) -> None:
     common = ["--state", str(state), "--json"]
     up = runner.invoke(app, ["engines", "up", "--fleet", str(fleet), "--model", str(model),
                              "--vllm-python", str(fake), "--log-dir", str(tmp_path / "logs"),
-                             "--side-channel-base", str(_free_port()), "--timeout", "30",
+                             "--side-channel-base", str(free_port()), "--timeout", "30",
                              *common])  # fmt: skip
     try:
         assert up.exit_code == 0, up.output
@@ -115,7 +109,7 @@ def test_profile_bad_arguments(tmp_path: Path, args: list[str], match: str) -> N
     assert not (tmp_path / "p.yaml").exists()
 
 
-def test_profile_unreachable_engine(tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["profile", "--engine", f"http://127.0.0.1:{_free_port()}", "--tier", "A40",
+def test_profile_unreachable_engine(tmp_path: Path, free_port: Callable[[], int]) -> None:
+    res = CliRunner().invoke(app, ["profile", "--engine", f"http://127.0.0.1:{free_port()}", "--tier", "A40",
                                    "--model", "Qwen3-0.6B", "--out", str(tmp_path / "p.yaml")])  # fmt: skip
     assert res.exit_code == 1 and "To fix" in res.output and "--engine" in res.output

@@ -5,7 +5,7 @@ The PostgreSQL server starts once per session (initdb + pg_ctl, < 1 s) when its 
 socket directory only, and is stopped and deleted at session end. Without the binaries, PostgreSQL tests
 skip (or fail when CONSERVE_REQUIRE_POSTGRES=1, as .ci/run sets).
 
-`require_or_skip` comes from tests/conftest.py through pytest's plugin registry (never `import tests`).
+`require_or_skip` and `free_port` are fixtures of tests/conftest.py (never `import tests`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,21 +21,7 @@ from pathlib import Path
 import pytest
 
 PG_BIN = Path(os.environ.get("CONSERVE_PG_BIN", "/usr/lib/postgresql/15/bin"))
-ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
 _db_counter = itertools.count()
-
-
-def root_require_or_skip(config: pytest.Config) -> Callable[[str, str], None]:
-    plugin = config.pluginmanager.get_plugin(str(ROOT_CONFTEST))
-    if plugin is None:  # pragma: no cover - only if pytest changes its conftest registration names
-        raise RuntimeError(f"tests/conftest.py not registered as a plugin under {ROOT_CONFTEST}")
-    return plugin.require_or_skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -65,14 +50,14 @@ def _stop_orphans() -> None:
 
 
 class _PgServer:
-    def __init__(self) -> None:
+    def __init__(self, port: int) -> None:
         _stop_orphans()
         self.root = Path(tempfile.mkdtemp(prefix="conserve-pg-"))
         (self.root / "owner.pid").write_text(str(os.getpid()))
         self.data = self.root / "data"
         self.sock = self.root / "sock"
         self.sock.mkdir()
-        self.port = _free_port()
+        self.port = port
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres")
             shutil.chown(self.sock, "postgres")
@@ -124,13 +109,15 @@ class _PgServer:
 
 
 @pytest.fixture(scope="session")
-def pg_server(pytestconfig: pytest.Config) -> Iterator[_PgServer]:
+def pg_server(
+    require_or_skip: Callable[[str, str], None], free_port: Callable[[], int]
+) -> Iterator[_PgServer]:
     if not (PG_BIN / "initdb").exists():
-        root_require_or_skip(pytestconfig)(
+        require_or_skip(
             "CONSERVE_REQUIRE_POSTGRES",
             f"PostgreSQL 15 binaries not found in {PG_BIN} (apt-get install postgresql)",
         )
-    server = _PgServer()
+    server = _PgServer(free_port())
     try:
         yield server
     finally:

@@ -252,15 +252,10 @@ def _png_colours(path: Path) -> int:
     return len(colours)
 
 
-def test_html_report_renders_in_headless_chromium(db_url: str, tmp_path: Path, pytestconfig) -> None:
+def test_html_report_renders_in_headless_chromium(db_url: str, tmp_path: Path, require_or_skip) -> None:
     browser = _chromium()
     if browser is None:
-        plugin = pytestconfig.pluginmanager.get_plugin(
-            str(Path(__file__).resolve().parent.parent / "conftest.py")
-        )
-        plugin.require_or_skip(
-            "CONSERVE_REQUIRE_CHROMIUM", "chromium not installed (apt-get install chromium)"
-        )
+        require_or_skip("CONSERVE_REQUIRE_CHROMIUM", "chromium not installed (apt-get install chromium)")
     page = tmp_path / "report.html"
     res = cli("--db", db_url, "--by", "policy", "--format", "html", "--out", str(page))
     assert res.exit_code == 0, res.output

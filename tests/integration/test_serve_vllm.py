@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -36,12 +35,6 @@ TOOL_RESULTS = [
 MAX_TOKENS = 12
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def scrape(url: str) -> EngineObservation:
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         return observation_from_metrics(resp.read().decode())
@@ -54,7 +47,12 @@ def d(after: EngineObservation, before: EngineObservation, key: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def serve_url(vllm_pair: Any, fleet_for: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def serve_url(
+    vllm_pair: Any,
+    fleet_for: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    free_port: Callable[[], int],
+) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("serve")
     fleet = tmp / "fleet.yaml"
     fleet.write_text(yaml.safe_dump(fleet_for(vllm_pair, tmp / "ledger.db")))

@@ -7,9 +7,9 @@ vLLM launch is covered by tests/integration). No mocks.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,12 +102,6 @@ http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def fake_python(tmp_path: Path) -> Path:
     p = tmp_path / "fakepy"
@@ -116,8 +110,8 @@ def fake_python(tmp_path: Path) -> Path:
     return p
 
 
-def test_start_wait_stop_roundtrip(tmp_path: Path, fake_python: Path) -> None:
-    spec = EngineSpec("c0", Role.COLOCATED, port=_free_port(), cpu_core=0)
+def test_start_wait_stop_roundtrip(tmp_path: Path, fake_python: Path, free_port: Callable[[], int]) -> None:
+    spec = EngineSpec("c0", Role.COLOCATED, port=free_port(), cpu_core=0)
     s = settings(tmp_path, python=str(fake_python), startup_timeout_s=20)
     procs = launcher.start_engines([spec], s)
     try:
@@ -136,16 +130,18 @@ def test_start_wait_stop_roundtrip(tmp_path: Path, fake_python: Path) -> None:
 
 
 def test_early_exit_reports_log_tail(
-    tmp_path: Path, fake_python: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_python: Path, monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]
 ) -> None:
     monkeypatch.setenv("FAKE_DIE", "1")
-    spec = EngineSpec("p0", Role.COLOCATED, port=_free_port())
+    spec = EngineSpec("p0", Role.COLOCATED, port=free_port())
     with pytest.raises(EngineError, match="(?s)'p0' exited with code 3.*boom: CUDA not found"):
         launcher.start_engines([spec], settings(tmp_path, python=str(fake_python), startup_timeout_s=20))
 
 
-def test_timeout_stops_the_engine_and_shows_log(tmp_path: Path, fake_python: Path) -> None:
-    spec = EngineSpec("slow", Role.COLOCATED, port=_free_port())
+def test_timeout_stops_the_engine_and_shows_log(
+    tmp_path: Path, fake_python: Path, free_port: Callable[[], int]
+) -> None:
+    spec = EngineSpec("slow", Role.COLOCATED, port=free_port())
     s = settings(tmp_path, python=str(fake_python), startup_timeout_s=1.0, extra_env=(("FAKE_DELAY", "30"),))
     t0 = time.monotonic()
     with pytest.raises(EngineError, match="(?s)not healthy after 1 s.*fake engine starting"):
@@ -154,8 +150,8 @@ def test_timeout_stops_the_engine_and_shows_log(tmp_path: Path, fake_python: Pat
     assert not launcher._port_in_use(spec.port)
 
 
-def test_missing_python_and_model_are_clear(tmp_path: Path) -> None:
-    spec = EngineSpec("c0", Role.COLOCATED, port=_free_port())
+def test_missing_python_and_model_are_clear(tmp_path: Path, free_port: Callable[[], int]) -> None:
+    spec = EngineSpec("c0", Role.COLOCATED, port=free_port())
     with pytest.raises(EngineError, match="vllm-venv.sh"):
         launcher.start_engine(spec, settings(tmp_path, python=str(tmp_path / "nope")))
     s = LaunchSettings(python=Path(sys.executable), model_dir=tmp_path / "none", log_dir=tmp_path)
