@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -20,28 +21,19 @@ def test_simulate_db_then_report_by_policy_reproduces_tokens_per_joule(
 ) -> None:
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     runner = CliRunner()
+
+    def simulate(policy: str, conversations: int, *extra: str) -> Result:
+        fleet = str(repo_root / "examples" / "paper-a40.yaml")
+        return runner.invoke(
+            app,
+            ["simulate", "--fleet", fleet, "--layout", layout, "--policy", policy,
+             "--conversations", str(conversations), "--no-standalone",
+             "--db", db, "--run-id", f"paper-{policy}", *extra],
+        )  # fmt: skip
+
     sims = {}
     for policy in ("conserve", "full-disagg"):
-        res = runner.invoke(
-            app,
-            [
-                "simulate",
-                "--fleet",
-                str(repo_root / "examples" / "paper-a40.yaml"),
-                "--layout",
-                layout,
-                "--policy",
-                policy,
-                "--conversations",
-                "40",
-                "--no-standalone",
-                "--db",
-                db,
-                "--run-id",
-                f"paper-{policy}",
-                "--json",
-            ],
-        )
+        res = simulate(policy, 40, "--json")
         assert res.exit_code == 0, res.output
         sims[policy] = json.loads(res.stdout)
         assert sims[policy]["ledger"]["run_id"] == f"paper-{policy}"
@@ -53,23 +45,5 @@ def test_simulate_db_then_report_by_policy_reproduces_tokens_per_joule(
         assert rows[policy]["tokens"] == own["tokens"]
         assert rows[policy]["tokens_per_j"] == pytest.approx(own["tokens_per_j"], rel=1e-3)
         assert rows[policy]["measured_share"] == 0.0
-    again = runner.invoke(
-        app,
-        [
-            "simulate",
-            "--fleet",
-            str(repo_root / "examples" / "paper-a40.yaml"),
-            "--layout",
-            layout,
-            "--policy",
-            "conserve",
-            "--conversations",
-            "5",
-            "--no-standalone",
-            "--db",
-            db,
-            "--run-id",
-            "paper-conserve",
-        ],
-    )
+    again = simulate("conserve", 5)
     assert again.exit_code == 1 and "already in the ledger" in again.output
