@@ -330,16 +330,9 @@ def rho_for_wait(budget_s: float, s_mean: float, s2_mean: float, percentile: flo
     """Largest utilisation whose p-quantile wait is <= budget_s (0 when budget_s < 0)."""
     if budget_s < 0 or s_mean <= 0:
         return 0.0
-    lo, hi = 0.0, 1.0 - 1e-9
-    if mg1_wait_quantile_s(hi, s_mean, s2_mean, percentile) <= budget_s:
-        return hi
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if mg1_wait_quantile_s(mid, s_mean, s2_mean, percentile) <= budget_s:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return _bisect_max(
+        lambda rho: mg1_wait_quantile_s(rho, s_mean, s2_mean, percentile) <= budget_s, 0.0, 1.0 - 1e-9, 100
+    )
 
 
 def _bisect_max(f: Callable[[float], bool], lo: float, hi: float, iters: int = 80) -> float:
