@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -30,7 +31,7 @@ import orjson
 
 from api.errors import error_body, to_api_error
 from api.routes_openai import prepare_turn, sse_body
-from api.schemas import CONVERSATION_ID_MAX_CHARS
+from api.schemas import CONVERSATION_ID_MAX_CHARS, CONVERSATION_ID_PATTERN
 from orchestrator.engines.base import RequestKind
 from orchestrator.router import SSE_DONE
 from orchestrator.runtime import Runtime
@@ -47,6 +48,7 @@ PATHS: dict[str, tuple[RequestKind, str]] = {
     "/v1/completions": (RequestKind.COMPLETION, "completions"),
 }
 _FINAL_VALUES = frozenset({"true", "false", "1", "0", "yes", "no"})  # FinalHeader's pattern, lower-cased
+_CID = re.compile(CONVERSATION_ID_PATTERN)
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})  # ChatMessage.role
 
 
@@ -78,7 +80,12 @@ def _conserve(v: Any) -> bool:
 
 
 def _conversation_id(v: Any) -> bool:
-    return v is None or (type(v) is str and 1 <= len(v) <= CONVERSATION_ID_MAX_CHARS)
+    return v is None or (type(v) is str and _valid_cid(v))
+
+
+def _valid_cid(v: str) -> bool:
+    # fullmatch: with re.match, "$" would also accept a final "\n" (pydantic's regex does not)
+    return len(v) <= CONVERSATION_ID_MAX_CHARS and _CID.fullmatch(v) is not None
 
 
 def _message(m: Any) -> bool:
@@ -203,7 +210,7 @@ class FastPath:
         if (
             body is None
             or not simple_body_ok(kind, body)
-            or (cid is not None and not 1 <= len(cid) <= CONVERSATION_ID_MAX_CHARS)
+            or (cid is not None and not _valid_cid(cid))
             or (final is not None and final.lower() not in _FINAL_VALUES)
         ):
             self.fallbacks += 1

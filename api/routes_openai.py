@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from api.errors import ApiError, sse_error, to_api_error
 from api.schemas import (
     CONVERSATION_ID_MAX_CHARS,
+    CONVERSATION_ID_PATTERN,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -59,7 +60,8 @@ ConversationHeader = Annotated[
         alias="X-Conversation-Id",
         min_length=1,
         max_length=CONVERSATION_ID_MAX_CHARS,
-        description="conversation this turn belongs to (wins over the body's conversation_id)",
+        pattern=CONVERSATION_ID_PATTERN,
+        description="conversation this turn belongs to (visible ASCII; wins over the body's conversation_id)",
     ),
 ]
 FinalHeader = Annotated[

@@ -14,6 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 CONVERSATION_ID_MAX_CHARS = 256
+# Visible ASCII only: the id is echoed in the X-Conversation-Id response header, which cannot carry other
+# characters (a body id with "€" used to end in a 500, one with a newline in a broken response).
+CONVERSATION_ID_PATTERN = r"^[!-~]+$"
 
 
 class _Open(BaseModel):
@@ -69,7 +72,9 @@ class _Sampling(_Open):
         None,
         min_length=1,
         max_length=CONVERSATION_ID_MAX_CHARS,
-        description="conversation this turn belongs to; the X-Conversation-Id header wins when both are set",
+        pattern=CONVERSATION_ID_PATTERN,
+        description="conversation this turn belongs to (visible ASCII); the X-Conversation-Id header wins "
+        "when both are set",
     )
     conserve: ConserveOptions | None = None
 
