@@ -17,6 +17,7 @@ from pathlib import Path
 import typer
 
 from orchestrator.cli.common import console, handle_errors, print_json
+from tiers.errors import ConfigError
 
 SWITCH_INTERVAL_S = 0.0002  # GIL switch interval while serving (measured; see serve())
 
@@ -33,6 +34,11 @@ def serve(
         1.0, "--sim-speedup", min=1e-3, help="run simulated engines X times faster"
     ),
     served_model_name: str | None = typer.Option(None, "--served-model-name", help="model id clients send"),
+    ledger_writer: str = typer.Option(
+        "process",
+        "--ledger-writer",
+        help="where ledger SQL runs: 'process' (a child process, off the serving GIL) or 'thread'",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     json_out: bool = typer.Option(False, "--json", help="print the fleet as JSON before serving"),
 ) -> None:
@@ -42,6 +48,8 @@ def serve(
     from api.app import create_app
     from orchestrator.runtime import ServeSettings, build_runtime
 
+    if ledger_writer not in ("process", "thread"):
+        raise ConfigError(f"--ledger-writer {ledger_writer!r}: use 'process' or 'thread'")
     settings = ServeSettings(
         fleet=fleet,
         plan=plan,
@@ -51,6 +59,7 @@ def serve(
         policy=policy,
         sim_speedup=sim_speedup,
         served_model_name=served_model_name,
+        ledger_writer=ledger_writer,  # type: ignore[arg-type]  # validated by ServeSettings
     )
     rt = build_runtime(settings)
     app = create_app(settings, runtime=rt)
