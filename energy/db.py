@@ -110,6 +110,8 @@ class TurnRow(Base):
         UniqueConstraint("run_id", "request_id", name="uq_turns_request"),
         Index("ix_turns_conv", "run_id", "conversation_id", "turn"),
         Index("ix_turns_arrival", "arrival_at"),
+        # The energy accountant asks every interval for turns that ended at or after its start.
+        Index("ix_turns_last_token", "run_id", "last_token_at"),
     )
 
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -202,3 +202,25 @@ def test_bad_urls_give_one_line_errors(tmp_path) -> None:
         Ledger("mysql://x@localhost/db")
     with pytest.raises(EnergyError, match="does not exist"):
         Ledger(f"sqlite:///{tmp_path}/missing/dir/ledger.db")
+
+
+def test_turns_overlapping_uses_last_token_then_first_token_within_lookback(ledger: Ledger) -> None:
+    t0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    s = timedelta(seconds=1)
+
+    def mk(rid: str, arrival: datetime, first: datetime | None, last: datetime | None) -> TurnRecord:
+        return TurnRecord(f"c-{rid}", 1, rid, "d0", arrival, first, last, 10, 2)
+
+    ledger.record_turns(
+        [
+            mk("ended-before", t0 - 5 * s, t0 - 4 * s, t0 - 1 * s),  # ended before the interval
+            mk("spans", t0 - 5 * s, t0 - 4 * s, t0 + 5 * s),  # runs through the interval
+            mk("inside", t0 + 1 * s, t0 + 2 * s, t0 + 3 * s),
+            mk("after", t0 + 20 * s, t0 + 21 * s, t0 + 22 * s),  # arrives after the interval
+            mk("long", t0 - timedelta(hours=3), t0 - timedelta(hours=3), t0 + 1 * s),  # older than lookback
+            mk("no-last", t0 + 1 * s, t0 + 2 * s, None),  # no last token: counted by its first token
+            mk("no-last-old", t0 - timedelta(hours=2), t0 + 2 * s, None),  # no last token, beyond lookback
+        ]
+    )
+    got = [r.request_id for r in ledger.turns_overlapping(t0, t0 + 10 * s)]
+    assert got == ["long", "spans", "inside", "no-last"]
