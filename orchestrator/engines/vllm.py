@@ -16,7 +16,6 @@ Must not import fastapi or sqlalchemy.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections.abc import AsyncIterator
@@ -225,7 +224,7 @@ class VllmEngine:
 
     # ---- Engine protocol ----
     async def prefill(self, req: EngineRequest) -> PrefillResult:
-        body = copy.deepcopy(req.body)
+        body = dict(req.body)  # shallow: only top-level keys are set or popped
         body["kv_transfer_params"] = dict(REMOTE_DECODE_PARAMS)
         body["stream"] = False
         body["max_tokens"] = 1
@@ -245,7 +244,7 @@ class VllmEngine:
         return PrefillResult(kv_transfer_params=params, prompt_tokens=int(usage.get("prompt_tokens", 0)))
 
     def _decode_body(self, req: EngineRequest, stream: bool) -> dict[str, Any]:
-        body = copy.deepcopy(req.body)
+        body = dict(req.body)  # shallow: only top-level keys are set or popped
         body["stream"] = stream
         if req.kv_transfer_params is not None:
             body["kv_transfer_params"] = req.kv_transfer_params

@@ -146,9 +146,11 @@ async def test_complete_forwards_kv_handle_and_original_body(fake: FakeVllm, eng
 
 
 async def test_stream_parses_sse_and_requests_usage(fake: FakeVllm, engine: VllmEngine) -> None:
-    chunks = [c async for c in engine.stream(chat_req())]
+    req = chat_req(stream_options={"include_usage": False})
+    chunks = [c async for c in engine.stream(req)]
     sent = fake.requests[-1][1]
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert req.body["stream_options"] == {"include_usage": False}  # caller's nested values untouched
     text = "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
     assert text == "alpha beta gamma delta"
     assert chunks[-1]["usage"]["completion_tokens"] == 4  # usage arrives last
