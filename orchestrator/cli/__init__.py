@@ -1,4 +1,5 @@
-"""The `orchestrator` command: one subcommand per job (plan, simulate, compare, serve, report, profile, engines).
+"""The `orchestrator` command: one subcommand per job (plan, simulate, compare, serve, report, profile,
+engines).
 
 Each job lives in its own module and registers itself on `app`; this file only assembles them.
 """
