@@ -26,7 +26,10 @@ step in progress. Per-sequence progress is implicit: a decoding sequence knows t
 emits its first and its last token, so committing a stretch costs O(log batch), never O(batch) or O(tokens).
 
 Observables for the policies (``FleetView``) are refreshed whenever an instance's batch composition changes,
-like a metrics scrape; they never include a sequence's future (its output length).
+like a metrics scrape; they never include a sequence's future (its output length). KV used is what the live
+router reports (orchestrator/router.py): the larger of the resident KV and the router's own accounting, i.e.
+the tokens its pinned conversations hold (prompt while a turn runs, prompt + output between turns, counted
+even when the engine has evicted them) and, with router-side admission, its reservations; capped at capacity.
 
 Nothing here reads the wall clock except ``wall_s`` in the result (run time, for benchmarks). No module or
 class state: every run builds its own objects.
@@ -201,7 +204,7 @@ class _Instance:
         "waiting", "prefilling", "heap", "n_decode", "ctx_sum", "pending_join", "reserved", "nondecode_kv",
         "cache", "cache_total", "steps_done", "busy", "cur", "version", "segments", "prefill_log",
         "queued_prefill", "running_other", "pinned", "view", "dirty", "peak_reserved", "kvb", "link",
-        "prefill_tokens", "decode_tokens", "live", "live_total", "adm_used",
+        "prefill_tokens", "decode_tokens", "live", "live_total", "adm_used", "pin_tokens",
     )
 
     def __init__(self, idx: int, spec: InstanceLike, opts: SimOptions, link: str) -> None:
@@ -249,6 +252,10 @@ class _Instance:
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.adm_used = 0  # router-side KV reservations on this instance (SimOptions.router_admission)
+        # the router's accounting of its pins (orchestrator/router.py _Instance.pinned_tokens): the KV tokens
+        # the conversations pinned here hold (prompt while a turn runs, prompt + output after it), whether or
+        # not the engine still has them resident
+        self.pin_tokens = 0
 
     def cache_take(self, cid: str) -> int:
         tok = self.cache.pop(cid, 0)
@@ -294,9 +301,12 @@ class _Instance:
                 tier=self.tier,
                 healthy=self.healthy,
                 queued_prefill_tokens=self.queued_prefill,
-                # with router-side admission the router also knows what it reserved here
+                # the router reports the larger of the engine's resident KV and its own accounting: what it
+                # reserved here (router-side admission) and what its pinned conversations hold (even when
+                # the engine has evicted it), as orchestrator/router.py _Instance.view
                 kv_used_tokens=min(
-                    self.cap, max(self.ctx_sum + self.nondecode_kv + self.live_total, self.adm_used)
+                    self.cap,
+                    max(self.ctx_sum + self.nondecode_kv + self.live_total, self.adm_used, self.pin_tokens),
                 ),
                 kv_capacity_tokens=self.cap,
                 running_seqs=len(self.prefilling) + self.n_decode,
@@ -375,6 +385,9 @@ class _Sim:
         self.calls = 0
         self.key = 0
         self.pins: dict[str, str] = {}
+        # per conversation: the instance index it is pinned to (-1: none) and the tokens counted there
+        self.pin_of: list[int] = [-1] * len(self.convs)
+        self.pin_tok: list[int] = [0] * len(self.convs)
         self.decisions: list[Decision] = []
         self.feedback: list[Feedback] = []
         self.turn_states: list[list[_TurnState]] = [[] for _ in self.convs]
@@ -633,15 +646,21 @@ class _Sim:
             raise SimulationError(
                 f"policy {self.policy.name!r} chose {dec.id!r} (role {dec.role}) to decode; it cannot decode"
             )
+        ci = ts.conv
         if pl.pin:
             old = self.pins.get(cid)
             if old != dec.id:
                 if old is not None:
                     self.by_id[old].pinned -= 1
                     self.by_id[old].dirty = True
+                self._unpin_tokens(ci)
                 self.pins[cid] = dec.id
+                self.pin_of[ci] = dec.idx
                 dec.pinned += 1
                 dec.dirty = True
+        # the router counts a placed turn's prompt (+ the client's max_tokens, which the simulator's turns
+        # do not carry) against the pinned decoder until the turn ends (Router._place -> _account)
+        self._pin_account(ci, ts.input_tokens)
         ts.decode_inst = dec.idx
         need = dec.block_round(ts.input_tokens + ts.output_tokens)
         if need > dec.cap:
@@ -683,6 +702,26 @@ class _Sim:
             s = self._new_seq(ts, _FULL)
             s.reserve = need
             self._enqueue(dec, s, t)
+
+    def _pin_account(self, ci: int, tokens: int) -> None:
+        """Set the KV tokens conversation `ci` is counted for on its pinned instance (none: no-op)."""
+        k = self.pin_of[ci]
+        if k < 0:
+            return
+        inst = self.insts[k]
+        inst.pin_tokens += tokens - self.pin_tok[ci]
+        self.pin_tok[ci] = tokens
+        inst.dirty = True
+
+    def _unpin_tokens(self, ci: int) -> None:
+        k = self.pin_of[ci]
+        if k < 0:
+            return
+        inst = self.insts[k]
+        inst.pin_tokens -= self.pin_tok[ci]
+        inst.dirty = True
+        self.pin_of[ci] = -1
+        self.pin_tok[ci] = 0
 
     def _history_to_pull(self, ts: _TurnState, pl: Placement, dec: _Instance, cid: str) -> int:
         """History tokens a round-trip placement ships to the prefiller: what the decoder still holds of it
@@ -921,6 +960,8 @@ class _Sim:
         cid = conv.conversation_id
         self.policy.observe_turn_end(cid, ts.turn, ts.output_tokens)
         final = ts.turn >= len(conv.turns)
+        if not final:  # the router's accounting after a turn: its whole context (Router._finish)
+            self._pin_account(ts.conv, ts.input_tokens + ts.output_tokens)
         self.feedback.append(Feedback(t, cid, ts.turn, ts.output_tokens, final, self._next_call()))
         if self.admission and (final or self.rule.reserve is Reserve.TURN):
             self._adm_release(ts.conv, t)
@@ -937,6 +978,7 @@ class _Sim:
                 p = self.by_id[old_pin]
                 p.pinned -= 1
                 p.dirty = True
+            self._unpin_tokens(ts.conv)
             self.done += 1
             if self.progress is not None:
                 self.progress(self.done, len(self.convs))
