@@ -194,18 +194,7 @@ class VllmEngine:
         )
 
     async def _http_error(self, resp: aiohttp.ClientResponse) -> EngineHTTPError:
-        raw = await resp.text()
-        try:
-            body: Any = json.loads(raw)
-        except ValueError:
-            body = raw
-        detail = body
-        if isinstance(body, dict):
-            err = body.get("error", body)
-            detail = err.get("message", err) if isinstance(err, dict) else err
-        return EngineHTTPError(
-            f"engine {self.instance_id!r} answered HTTP {resp.status}: {str(detail)[:300]}", resp.status, body
-        )
+        return self._http_error_from(resp.status, await resp.text())
 
     async def _post_json(self, path: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         try:
