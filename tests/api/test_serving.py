@@ -213,11 +213,14 @@ def test_no_healthy_decoder_gives_503_with_openai_error(served: Any) -> None:
     for iid, eng in served.runtime.engines.items():
         if "decode" in iid:
             served.call(eng.kill)
-    served.acall(served.runtime.router.poll())
+    router = served.runtime.router
+    for _ in range(router.config.down_after_failed_polls):  # one missed poll is not a dead engine
+        served.acall(router.poll())
     r = httpx.post(
         served.base_url + "/v1/chat/completions",
         json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
     )
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "engine_unavailable"
+    assert "Down: " in r.json()["error"]["message"]  # names each down instance and why
     assert httpx.get(served.base_url + "/ready").status_code == 503

@@ -73,6 +73,29 @@ def tiny_fleet(pair: LivePair, db: Path, profile: Path | None = None) -> dict[st
     }  # fmt: skip
 
 
+# Logs of `orchestrator serve` processes started by the tests: appended to the report of a failing test that
+# used them, so a CI failure shows the router's side (e.g. why an engine was marked down).
+_SERVER_LOGS: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def server_logs() -> dict[str, Path]:
+    """Register `fixture name -> log path` here to have the log's tail attached to failing tests' reports."""
+    return _SERVER_LOGS
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for name, path in _SERVER_LOGS.items():
+        if name in getattr(item, "fixturenames", ()) and path.exists():
+            tail = path.read_text(errors="replace")[-6000:]
+            report.sections.append((f"{name}: tail of {path}", tail))
+
+
 @pytest.fixture(scope="session")
 def fleet_for() -> Callable[..., dict[str, Any]]:
     """The tiny_fleet builder, as a fixture (test modules must not import conftest)."""

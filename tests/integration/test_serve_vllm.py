@@ -52,12 +52,14 @@ def serve_url(
     fleet_for: Any,
     tmp_path_factory: pytest.TempPathFactory,
     free_port: Callable[[], int],
+    server_logs: dict[str, Any],
 ) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("serve")
     fleet = tmp / "fleet.yaml"
     fleet.write_text(yaml.safe_dump(fleet_for(vllm_pair, tmp / "ledger.db")))
     port = free_port()
     log = tmp / "serve.log"
+    server_logs["serve_url"] = log
     argv = [sys.executable, "-c", "from orchestrator.cli import main; main()", "serve", "--fleet", str(fleet),
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
     with open(log, "wb") as out:
