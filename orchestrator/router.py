@@ -21,11 +21,13 @@ from the arrival of turn 1 to the first token of the latest final turn. The pin 
 marks a turn final, the conversation is idle for ``pin_ttl_s``, or its decoder fails (a ``stop`` turn does
 not end it: a chat may go on). A request without a conversation id is a one-turn conversation.
 
-Failure: an engine that raises is marked down (the health poll brings it back). A failed attempt is recorded
-with status ``replaced`` and retried once through the policy (which re-places a pinned conversation on a
-healthy decoder with a full re-prefill) when nothing was sent to the client yet; otherwise the turn is
-recorded with status ``error`` and :class:`EngineUnavailable` is raised (the API answers 503, or an SSE error
-event mid-stream).
+Failure: an engine that cannot be reached (refused, reset, timed out) is marked down at once; one that
+answers with an error (HTTP 5xx, an error event in its stream) stays up; a health poll marks an engine down
+after ``down_after_failed_polls`` failed polls in a row and brings it back on its first good poll. A failed
+attempt is recorded with status ``replaced`` and retried once through the policy (which re-places a pinned
+conversation on a healthy decoder with a full re-prefill) when nothing was sent to the client yet; otherwise
+the turn is recorded with status ``error`` and :class:`EngineUnavailable` is raised (the API answers 503, or
+an SSE error event mid-stream).
 
 Must not import fastapi, starlette or sqlalchemy (the API and the ledger are edges).
 """
@@ -89,6 +91,10 @@ CHARS_PER_TOKEN = 4
 CHAT_MESSAGE_OVERHEAD_TOKENS = 4
 
 ENGINE_FAILURES: tuple[type[BaseException], ...] = (EngineError, OSError, asyncio.TimeoutError)
+
+
+class EngineAnsweredError(EngineError):
+    """The engine answered, with an error event in its stream: it is alive (not marked down)."""
 
 
 class EngineUnavailable(ConServeError):
@@ -515,7 +521,6 @@ class Router:
             new_tokens = prompt_tokens
         max_out = _max_output(inp.body)
         treq = TurnRequest(conv.conversation_id, turn, prompt_tokens, new_tokens, max_out)
-        exclude: set[str] = set()
         last_err: BaseException | None = None
         for attempt_no in range(self.config.max_attempts):
             placement = self._place(treq, conv, arrival_s)
@@ -595,7 +600,9 @@ class Router:
                                 elif "error" in ch:
                                     err = ch["error"]
                                     msg = err.get("message", err) if isinstance(err, dict) else err
-                                    raise EngineError(f"engine {dec.instance_id!r} failed mid-stream: {msg}")
+                                    raise EngineAnsweredError(
+                                        f"engine {dec.instance_id!r} failed mid-stream: {msg}"
+                                    )
                                 usage = ch.get("usage")
                                 if usage:
                                     att.usage = usage
@@ -631,8 +638,12 @@ class Router:
                     # the engine judged the request invalid: not an engine failure, no retry
                     self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
                     raise EngineRejected(str(err), status_code) from err
-                self.mark_down(failed_on, f"{type(err).__name__}: {err}")
-                exclude.add(failed_on)
+                if isinstance(err, EngineAnsweredError) or isinstance(status_code, int):
+                    # it answered (HTTP 5xx, or an error event in the stream): alive, e.g. a failed KV pull;
+                    # the health polls decide whether it is down, the retry may land on it again
+                    log.warning("engine %s answered with an error (kept up): %s", failed_on, err)
+                else:  # unreachable, reset or timed out: down until a health poll sees it again
+                    self.mark_down(failed_on, f"{type(err).__name__}: {err}")
                 status = TurnStatus.ERROR if att.sent else TurnStatus.REPLACED
                 self._finish(conv, treq, att, arrival_s, status, inp.client_final)
                 if att.sent or attempt_no + 1 >= self.config.max_attempts:

@@ -89,3 +89,65 @@ async def test_a_failed_poll_keeps_the_last_good_observation() -> None:
     router = _router(ScriptedObserveEngine(["ok", "unhealthy"]))
     await _health(router)
     assert router.fleet_view().get("e0").running_seqs == 1
+
+
+# ---- request failures: unreachable -> down at once; answered with an error -> kept up, retried -----------
+
+
+class FlakyStreamEngine(ScriptedObserveEngine):
+    """Colocated engine whose stream() fails per a script ("error-event", "unreachable") before succeeding."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__(["ok"] * 10)
+        self.failures = list(failures)
+        self.calls = 0
+
+    async def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+        self.calls += 1
+        if self.failures:
+            kind = self.failures.pop(0)
+            if kind == "unreachable":
+                raise EngineError("engine 'e0' failed (ClientConnectorError: refused)")
+            yield {"error": {"message": "KV transfer failed", "code": 500}}
+            return
+        yield {"id": "x", "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.turns: list[Any] = []
+
+    def turn(self, rec: Any) -> None:
+        self.turns.append(rec)
+
+    def pin(self, rec: Any) -> None:
+        return None
+
+
+def _inp() -> Any:
+    from orchestrator.engines.base import RequestKind
+    from orchestrator.router import TurnInput
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    return TurnInput(RequestKind.CHAT, body, "c1")
+
+
+async def test_an_engine_that_answers_with_an_error_stays_up_and_the_retry_succeeds() -> None:
+    from energy.records import TurnStatus
+
+    engine, sink = FlakyStreamEngine(["error-event"]), Sink()
+    router = Router({"e0": engine}, make_policy("conserve"), RouterConfig("m", 32_000), sink=sink)
+    out = await router.complete(_inp())
+    assert out["choices"][0]["message"]["content"] == "ok"
+    assert engine.calls == 2 and router.fleet_view().get("e0").healthy  # type: ignore[union-attr]
+    assert [t.status for t in sink.turns] == [TurnStatus.REPLACED, TurnStatus.OK]
+
+
+async def test_an_unreachable_engine_is_marked_down_at_once() -> None:
+    from orchestrator.router import EngineUnavailable
+
+    engine = FlakyStreamEngine(["unreachable"])
+    router = Router({"e0": engine}, make_policy("conserve"), RouterConfig("m", 32_000), sink=Sink())
+    with pytest.raises(EngineUnavailable, match="Down: e0: EngineError"):
+        await router.complete(_inp())
+    assert engine.calls == 1 and not router.ready()
