@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for k, reps in lat.items()
         }
         tp: dict[str, Any] = {}
-        for stream in (True, False):
+        for stream in () if args.latency_only else (True, False):
             mode = "stream" if stream else "json"
             reps = []
             for _ in range(args.reps):
@@ -361,7 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     result["loadavg_end"] = _loadavg()
     t1, t8 = result["ttft"]["c1"]["median"], result["ttft"]["c8"]["median"]
-    rps = result["throughput"]["stream"]["median"]["router_req_per_s"]
+    rps = result["throughput"]["stream"]["median"]["router_req_per_s"] if tp else float("nan")
     result["targets"] = {
         "p99_added_ms_c1": t1["added_p99_ms"],
         "p99_added_ms_c8": t8["added_p99_ms"],
@@ -401,7 +401,11 @@ def _print(result: dict[str, Any]) -> None:
         f"targets: p99 added <= {TARGET_P99_ADDED_MS} ms: {'met' if t['p99_target_met'] else 'MISSED'} "
         f"(c1 {t['p99_added_ms_c1']:.3f}, c8 {t['p99_added_ms_c8']:.3f} ms); "
         f">= {TARGET_REQ_PER_S:.0f} req/s: "
-        f"{'met' if t['req_per_s_target_met'] else 'MISSED'} ({t['req_per_s_stream']:.0f} streaming)"
+        + (
+            "not measured (--latency-only)"
+            if result["args"]["latency_only"]
+            else f"{'met' if t['req_per_s_target_met'] else 'MISSED'} ({t['req_per_s_stream']:.0f} streaming)"
+        )
     )
 
 
@@ -414,6 +418,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--no-wrk", action="store_true", help="use the aiohttp load generator for throughput")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--latency-only", action="store_true", help="only the TTFT runs (no throughput runs)")
     # internal: the load-generator process
     ap.add_argument("--loadgen", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--conns", type=int, default=1, help=argparse.SUPPRESS)

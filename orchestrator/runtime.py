@@ -80,7 +80,12 @@ class ServeSettings(BaseSettings):
         "thread of this process (always used for in-memory SQLite, which another process cannot open)",
     )
     ledger_batch_max: int = Field(500, ge=1)
-    ledger_flush_interval_s: float = Field(0.05, gt=0)
+    ledger_flush_interval_s: float = Field(
+        0.25,
+        gt=0,
+        description="ship ledger records to the writer this often; larger batches cost less CPU per turn "
+        "(SQLite, dev box: ~180 us/turn in batches of 40, ~60 us in batches of 500)",
+    )
     energy_interval_s: float = Field(
         1.0,
         ge=0,
@@ -106,23 +111,67 @@ _FLUSH = object()
 _STOP = object()
 
 
-class BackgroundLedgerWriter:
+class LedgerBatchWriter:
+    """Writes batches of records to the ledger, pins before turns, synchronously.
+
+    A failed batch is retried with back-off (up to 5 s between tries) and never dropped while serving; once
+    ``_closed`` is set (shutdown) it gives up after the back-off reached 5 s, logging what it gave up. A batch
+    rejected for a duplicate request_id is written one turn at a time so one bad row cannot block the rest.
+    """
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+        self.written_turns = 0
+        self.written_pins = 0
+        self.failed_batches = 0
+        self.last_error: str | None = None
+        self._closed = False
+
+    def _write(self, pins: Sequence[PinRecord], turns: Sequence[TurnRecord]) -> bool:
+        """Write the batch; False only when it gave up at shutdown."""
+        delay_s = 0.05
+        while True:
+            try:
+                if pins:
+                    self.ledger.record_pins(list(pins))
+                    self.written_pins += len(pins)
+                    pins = []
+                if turns:
+                    self.ledger.record_turns(list(turns))
+                    self.written_turns += len(turns)
+                return True
+            except EnergyError as err:
+                self.failed_batches += 1
+                self.last_error = str(err)
+                if "already in run" in str(err) and len(turns) > 1:
+                    # one duplicate request_id must not block the rest: write them one by one
+                    for t in turns:
+                        try:
+                            self.ledger.record_turns([t])
+                            self.written_turns += 1
+                        except EnergyError as one:
+                            log.error("ledger rejected turn %s: %s", t.request_id, one)
+                    return True
+                log.error("ledger write failed (retrying in %.2f s): %s", delay_s, err)
+                if self._closed and delay_s >= 5.0:
+                    log.error("giving up on %d pins and %d turns at shutdown", len(pins), len(turns))
+                    return False
+                time.sleep(delay_s)
+                delay_s = min(5.0, delay_s * 2)
+
+
+class BackgroundLedgerWriter(LedgerBatchWriter):
     """TurnSink that queues records and writes them from one thread in batches (pins before turns).
 
     A failed batch is retried (back-off up to 5 s) and never dropped; ``close()`` drains everything.
     """
 
     def __init__(self, ledger: Any, *, batch_max: int = 500, flush_interval_s: float = 0.05) -> None:
-        self.ledger = ledger
+        super().__init__(ledger)
         self.batch_max = batch_max
         self.flush_interval_s = flush_interval_s
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="conserve-ledger-writer", daemon=True)
-        self.written_turns = 0
-        self.written_pins = 0
-        self.failed_batches = 0
-        self.last_error: str | None = None
-        self._closed = False
         self._thread.start()
 
     # TurnSink
@@ -189,37 +238,6 @@ class BackgroundLedgerWriter:
             for ev in events:
                 ev.set()
 
-    def _write(self, pins: Sequence[PinRecord], turns: Sequence[TurnRecord]) -> None:
-        delay_s = 0.05
-        while True:
-            try:
-                if pins:
-                    self.ledger.record_pins(list(pins))
-                    self.written_pins += len(pins)
-                    pins = []
-                if turns:
-                    self.ledger.record_turns(list(turns))
-                    self.written_turns += len(turns)
-                return
-            except EnergyError as err:
-                self.failed_batches += 1
-                self.last_error = str(err)
-                if "already in run" in str(err) and len(turns) > 1:
-                    # one duplicate request_id must not block the rest: write them one by one
-                    for t in turns:
-                        try:
-                            self.ledger.record_turns([t])
-                            self.written_turns += 1
-                        except EnergyError as one:
-                            log.error("ledger rejected turn %s: %s", t.request_id, one)
-                    return
-                log.error("ledger write failed (retrying in %.2f s): %s", delay_s, err)
-                if self._closed and delay_s >= 5.0:
-                    log.error("giving up on %d pins and %d turns at shutdown", len(pins), len(turns))
-                    return
-                time.sleep(delay_s)
-                delay_s = min(5.0, delay_s * 2)
-
 
 class ProcessLedgerWriter:
     """TurnSink whose SQL runs in a child process, so ledger writes never hold the serving process's GIL.
@@ -228,12 +246,12 @@ class ProcessLedgerWriter:
     the GIL; an I/O-bound loop thread that gives the GIL up at every await waits up to the switch interval
     (5 ms) to get it back (the convoy effect), which showed as 7-100 ms TTFT p99 in benchmarks/
     bench_router.py. Here the serving process only appends records to a list; a shipper thread pickles the
-    list every ``flush_interval_s`` (or at ``batch_max``) and sends it down a pipe to the child, which runs
-    a :class:`BackgroundLedgerWriter` on its own connection to the same database (pins before turns, retries,
-    duplicates one by one). If the child dies, later records go to an in-process BackgroundLedgerWriter
-    instead; what the child had received but not yet committed when it died is lost (as the thread
-    writer's queue would be if the server process died). ``flush()``/``close()`` wait for the child's
-    acknowledgement, so a clean shutdown loses nothing.
+    list every ``flush_interval_s`` (or at ``batch_max``) and sends it down a pipe to the child, which writes
+    each shipment in one transaction with a :class:`LedgerBatchWriter` on its own connection to the same
+    database (pins before turns, retries, duplicates one by one). If the child dies, later records go to an
+    in-process BackgroundLedgerWriter instead; what the child had received but not yet committed when it
+    died is lost (as the thread writer's queue would be if the server process died). ``flush()`` and
+    ``close()`` wait for the child's acknowledgement, so a clean shutdown loses nothing.
     """
 
     def __init__(
@@ -241,7 +259,7 @@ class ProcessLedgerWriter:
         ledger: Any,
         *,
         batch_max: int = 500,
-        flush_interval_s: float = 0.05,
+        flush_interval_s: float = 0.25,
         start_timeout_s: float = 60.0,
     ) -> None:
         import multiprocessing
@@ -260,7 +278,6 @@ class ProcessLedgerWriter:
                 ledger.policy,
                 str(ledger.kind),
                 batch_max,
-                flush_interval_s,
             ),
             name="conserve-ledger-writer",
             daemon=True,
@@ -367,7 +384,7 @@ class ProcessLedgerWriter:
 
 
 def _ledger_process_main(
-    conn: Any, url: str, run_id: str, policy: str | None, kind: str, batch_max: int, flush_interval_s: float
+    conn: Any, url: str, run_id: str, policy: str | None, kind: str, batch_max: int
 ) -> None:
     """The ledger writer process: batches of records in, SQL out (see ProcessLedgerWriter).
 
@@ -383,31 +400,42 @@ def _ledger_process_main(
     from energy.records import RunKind
 
     ledger = Ledger(url, run_id=run_id, policy=policy, kind=RunKind(kind))
-    writer = BackgroundLedgerWriter(ledger, batch_max=batch_max, flush_interval_s=flush_interval_s)
+    # One thread: receive what the server shipped (everything already in the pipe, up to batch_max records),
+    # write it in one transaction, answer a flush/stop after the records sent before it are written. The
+    # per-transaction cost dominates at small batches: this process used 740-870 ms CPU for 3,000 turns
+    # shipped every 50 ms and 325-400 ms shipped every 250 ms (1 connection, benchmarks/bench_router.py
+    # stub setup, dev box), hence the 0.25 s default ledger_flush_interval_s.
+    writer = LedgerBatchWriter(ledger)
+    pins: list[PinRecord] = []
+    turns: list[TurnRecord] = []
+    gone = False
     try:
-        while True:
+        while not gone:
+            control = None
             try:
                 msg = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):  # the serving process is gone: write what we have
-                break
-            if isinstance(msg, list):
-                for rec in msg:
-                    if isinstance(rec, TurnRecord):
-                        writer.turn(rec)
-                    else:
-                        writer.pin(rec)
-                continue
-            what, timeout_s = msg
-            ok = writer.flush(timeout_s)
-            stats = (writer.written_turns, writer.written_pins, writer.failed_batches, writer.last_error)
-            if what == "stop":
-                writer.close(timeout_s)
+                while True:
+                    if not isinstance(msg, list):
+                        control = msg
+                        break
+                    for rec in msg:
+                        (turns if isinstance(rec, TurnRecord) else pins).append(rec)  # type: ignore[arg-type]
+                    if len(turns) + len(pins) >= batch_max or not conn.poll(0):
+                        break
+                    msg = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):  # the serving process is gone: write what we have, then exit
+                gone = writer._closed = True
+            if control is not None and control[0] == "stop":
+                writer._closed = True
+            ok = writer._write(pins, turns)
+            pins, turns = [], []
+            if control is not None:
+                what, _timeout_s = control
                 stats = (writer.written_turns, writer.written_pins, writer.failed_batches, writer.last_error)
-                conn.send_bytes(pickle.dumps(("stopped", ok, stats)))
-                return
-            conn.send_bytes(pickle.dumps(("flushed", ok, stats)))
+                conn.send_bytes(pickle.dumps(("stopped" if what == "stop" else "flushed", ok, stats)))
+                if what == "stop":
+                    return
     finally:
-        writer.close()
         ledger.close()
 
 
