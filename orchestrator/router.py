@@ -265,7 +265,9 @@ class _Instance:
             tier=self.tier,
             healthy=self.healthy,
             queued_prefill_tokens=self.inflight_prefill_tokens,
-            kv_used_tokens=max(used, self.pinned_tokens),
+            # pinned conversations' tokens can exceed what the engine holds (evicted histories) and, when
+            # over-committed, its capacity; the policy sees at most a full instance (as in the simulator)
+            kv_used_tokens=min(self.kv_capacity_tokens, max(used, self.pinned_tokens)),
             kv_capacity_tokens=self.kv_capacity_tokens,
             running_seqs=max(obs.running if obs is not None else 0, self.inflight_requests),
             waiting_seqs=obs.waiting if obs is not None else 0,
@@ -683,7 +685,10 @@ class Router:
             if iid is not None and iid not in self._instances:
                 raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")
         old = conv.pin
-        if old != placement.decode_instance:
+        # Placement.pin asks to (re)bind the conversation; without it an existing pin stays as it is and
+        # none is made, as in the simulator: policies that never pin (per-turn, full-disagg, round-robin,
+        # kv-aware) have nothing held for a conversation between turns
+        if placement.pin and old != placement.decode_instance:
             if old is not None or (treq.turn > 1 and not conv.one_turn):
                 reason = f"replaced: {placement.reason or 'pinned decoder unavailable'}"
                 self.stats["replacements"] += 1
