@@ -165,6 +165,16 @@ class Http1Response:
     async def read(self) -> bytes:
         return b"".join([b async for b in self.iter_blocks()])
 
+    def abort(self) -> None:
+        """Close the connection now (the consumer went away mid-response): the server sees the disconnect
+        and stops the request (vLLM aborts a generation whose client disconnected)."""
+        c = self._conn
+        self._timer.cancel()
+        if c.error is None:
+            c.error = ConnectionAbortedError("response abandoned by the consumer")
+        if c.transport is not None:
+            c.transport.close()
+
     def release(self) -> None:
         """Back to the pool: at once when the whole response was parsed (also when the consumer stopped
         reading early, e.g. at an SSE ``[DONE]``); otherwise once the rest has arrived and been dropped

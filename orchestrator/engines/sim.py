@@ -135,6 +135,7 @@ class _Seq:
     out: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     produced: int = 0
     prefill_done: asyncio.Future[None] | None = None
+    ended: bool = False  # finished or aborted: out of the batch
 
     @property
     def context_tokens(self) -> int:
@@ -210,7 +211,12 @@ class SimEngine:
         self._check_alive()
         seq = await self._submit(req, prefill_only=True)
         assert seq.prefill_done is not None
-        await seq.prefill_done
+        try:
+            await seq.prefill_done
+        except asyncio.CancelledError:  # the caller gave up (client disconnect): drop the prefill
+            if not seq.ended:
+                self._abort(seq)
+            raise
         transfer_id = self.fabric.register(self.instance_id, req.conversation_id, seq.prompt_tokens)
         self.kv_transfers_sent += 1
         nbytes = seq.prompt_tokens * self.tier_model.model.kv_bytes_per_token
@@ -295,29 +301,28 @@ class SimEngine:
 
         n = 0
         call_id = f"call_{req.request_id}"
-        while True:
-            item = await seq.out.get()
-            if item is _END:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            n += 1
-            last = n == seq.max_out
-            if tool is not None:
-                piece = ('{"note": "' + SIM_TEXT_PREFIX) if n == 1 else " token"
-                if last:
-                    piece += '"}'
-                tc: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
-                if n == 1:
-                    tc.update(id=call_id, type="function")
-                    tc["function"]["name"] = tool
-                delta: Any = {"tool_calls": [tc]}
-            else:
-                text = SIM_TEXT_PREFIX if n == 1 else " token"
-                delta = {"content": text} if chat else text
-            if chat and n == 1:
-                delta = {"role": "assistant", **delta}
-            yield chunk(delta)
+        try:
+            async for _ in self._tokens(seq):
+                n += 1
+                last = n == seq.max_out
+                if tool is not None:
+                    piece = ('{"note": "' + SIM_TEXT_PREFIX) if n == 1 else " token"
+                    if last:
+                        piece += '"}'
+                    tc: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
+                    if n == 1:
+                        tc.update(id=call_id, type="function")
+                        tc["function"]["name"] = tool
+                    delta: Any = {"tool_calls": [tc]}
+                else:
+                    text = SIM_TEXT_PREFIX if n == 1 else " token"
+                    delta = {"content": text} if chat else text
+                if chat and n == 1:
+                    delta = {"role": "assistant", **delta}
+                yield chunk(delta)
+        finally:
+            if not seq.ended:  # the consumer went away (client disconnect): vLLM aborts the request
+                self._abort(seq)
         if tool is not None:
             finish = "tool_calls"
         else:
@@ -429,6 +434,28 @@ class SimEngine:
                 self._run(), name=f"sim-{self.instance_id}"
             )
 
+    async def _tokens(self, seq: _Seq) -> AsyncIterator[int]:
+        """Token indices of a sequence as the engine loop emits them; raises what the engine failed with."""
+        while True:
+            item = await seq.out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _abort(self, seq: _Seq) -> None:
+        """Drop a sequence nobody reads any more; what it computed stays in the prefix cache (as vLLM's
+        freed blocks do)."""
+        seq.ended = True
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        elif seq in self._running:
+            self._running.remove(seq)
+            self._prefix[seq.conversation_id] = seq.context_tokens - seq.prefill_left
+            self._prefix.move_to_end(seq.conversation_id)
+        self._wake.set()
+
     def _fail(self, seq: _Seq, message: str) -> None:
         err = EngineError(message)
         if seq.prefill_done is not None and not seq.prefill_done.done():
@@ -486,6 +513,8 @@ class SimEngine:
                 return
             finished: list[_Seq] = []
             for seq, n in chunks:
+                if seq.ended:  # aborted during the step
+                    continue
                 seq.prefill_left -= n
                 if seq.prefill_left == 0:
                     if seq.max_out == 0:
@@ -496,8 +525,10 @@ class SimEngine:
                     else:
                         self._emit(seq, finished)  # the prefill step yields the first token
             for seq in decoders:
-                self._emit(seq, finished)
+                if not seq.ended:
+                    self._emit(seq, finished)
             for seq in finished:
+                seq.ended = True
                 self._running.remove(seq)
                 if seq.max_out > 0:
                     seq.out.put_nowait(_END)

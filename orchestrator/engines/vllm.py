@@ -306,8 +306,17 @@ class VllmEngine:
                 if r.status >= 400:
                     raw = await r.read()
                     raise self._http_error_from(r.status, raw.decode("utf-8", "replace"))
-                async for block in r.iter_blocks():
-                    yield block
+                done = False
+                try:
+                    async for block in r.iter_blocks():
+                        done = done or b"[DONE]" in block
+                        yield block
+                except GeneratorExit:
+                    # closed before [DONE]: the client went away. Close the connection so the engine
+                    # aborts the generation (keeping it for reuse would let the engine decode the rest)
+                    if not done:
+                        r.abort()
+                    raise
         except OSError as err:  # ConnectionError, TimeoutError
             raise self._unreachable(err) from err
 

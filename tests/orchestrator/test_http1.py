@@ -27,6 +27,8 @@ class Server:
         self.ports: list[int] = []
         self.release = asyncio.Event()
         self.bodies: list[bytes] = []
+        self.long_written = 0
+        self.long_gone = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -35,7 +37,26 @@ class Server:
         app.router.add_post("/slow", self.slow)
         app.router.add_post("/v1/chat/completions", self.stream)
         app.router.add_post("/bad", self.bad)
+        app.router.add_post("/long/v1/chat/completions", self.long)
         return app
+
+    async def long(self, request: web.Request) -> web.StreamResponse:
+        """200 events 10 ms apart (a long generation); counts what it wrote until the client went away."""
+        self._seen(request)
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(200):
+                await resp.write(f'data: {{"i": {i}}}\n\n'.encode())
+                self.long_written += 1
+                await asyncio.sleep(0.01)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.long_gone.set()
+            raise
+        return resp
 
     def _seen(self, request: web.Request) -> None:
         self.ports.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
@@ -172,3 +193,17 @@ async def test_http_error_body_is_kept(server: Any) -> None:
     eng = VllmEngine("d0", Role.DECODE, "t", f"http://127.0.0.1:{ts.port}")
     err = eng._http_error_from(400, '{"error": {"message": "nope"}}')
     assert isinstance(err, EngineHTTPError) and err.status == 400 and "nope" in str(err)
+
+
+async def test_vllm_engine_stream_raw_closed_early_disconnects_so_the_engine_stops(server: Any) -> None:
+    """The router closes stream_raw when its client went away: the connection must be closed (vLLM aborts a
+    request whose client disconnected), not drained and kept for reuse while the engine decodes the rest."""
+    s, ts = server
+    eng = VllmEngine("d0", Role.DECODE, "t", f"http://127.0.0.1:{ts.port}/long")
+    req = EngineRequest(RequestKind.CHAT, {"model": "m", "messages": []}, "r1", "c1")
+    gen = eng.stream_raw(req)
+    assert (await gen.__anext__()).startswith(b'data: {"i": 0}')
+    await gen.aclose()
+    await asyncio.wait_for(s.long_gone.wait(), 2.0)  # the server saw the disconnect within 2 s ...
+    assert s.long_written < 200  # ... long before it had written everything (200 x 10 ms)
+    await eng.aclose()
