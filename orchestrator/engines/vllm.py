@@ -60,6 +60,16 @@ EXTRA_COUNTERS = {
 _PATHS = {RequestKind.CHAT: "/v1/chat/completions", RequestKind.COMPLETION: "/v1/completions"}
 
 
+# Idle keep-alive connections to an engine are closed after this long, before the engine's server closes
+# them: vLLM's OpenAI server runs uvicorn with VLLM_HTTP_TIMEOUT_KEEP_ALIVE = 5 s (vllm/envs.py; uvicorn's
+# own default timeout_keep_alive is 5 s too). Reusing a connection the server is closing failed a CI run
+# with "Connection reset by peer" (a prefill took > 5 s after the previous request to the decoder).
+IDLE_KEEPALIVE_S = 2.0
+# What a request on a keep-alive connection the server has just closed fails with (nothing was processed):
+# retried once on a fresh connection.
+_STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
 class EngineHTTPError(EngineError):
     """The engine answered with a non-2xx status; `status` and the engine's `body` are kept for the API."""
 
@@ -166,7 +176,7 @@ class VllmEngine:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
+            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=IDLE_KEEPALIVE_S)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         return self._session
 
@@ -197,15 +207,21 @@ class VllmEngine:
         return self._http_error_from(resp.status, await resp.text())
 
     async def _post_json(self, path: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        try:
-            async with self._client().post(
-                self.base_url + path, json=body, headers={"X-Request-Id": request_id}
-            ) as resp:
-                if resp.status >= 400:
-                    raise await self._http_error(resp)
-                data = await resp.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError) as err:
-            raise self._unreachable(err) from err
+        for attempt in (0, 1):
+            try:
+                async with self._client().post(
+                    self.base_url + path, json=body, headers={"X-Request-Id": request_id}
+                ) as resp:
+                    if resp.status >= 400:
+                        raise await self._http_error(resp)
+                    data = await resp.json(content_type=None)
+                break
+            except _STALE_CONNECTION as err:
+                if attempt == 0:  # a keep-alive connection the server closed as we reused it: once more
+                    continue
+                raise self._unreachable(err) from err
+            except (TimeoutError, aiohttp.ClientError) as err:
+                raise self._unreachable(err) from err
         if not isinstance(data, dict):
             kind = type(data).__name__
             raise EngineError(f"engine {self.instance_id!r} returned {kind}, expected a JSON object")
@@ -335,13 +351,19 @@ class VllmEngine:
 
     async def observe(self) -> EngineObservation:
         """Scrape /metrics; an engine that does not answer is reported unhealthy (not raised)."""
-        try:
-            async with self._client().get(self.base_url + "/metrics", timeout=self._observe_timeout) as resp:
-                if resp.status != 200:
+        url = self.base_url + "/metrics"
+        for attempt in (0, 1):
+            try:
+                async with self._client().get(url, timeout=self._observe_timeout) as resp:
+                    if resp.status != 200:
+                        return EngineObservation(healthy=False)
+                    text = await resp.text()
+                break
+            except _STALE_CONNECTION:
+                if attempt == 1:
                     return EngineObservation(healthy=False)
-                text = await resp.text()
-        except (TimeoutError, aiohttp.ClientError):
-            return EngineObservation(healthy=False)
+            except (TimeoutError, aiohttp.ClientError):
+                return EngineObservation(healthy=False)
         return observation_from_metrics(text)
 
     async def health(self) -> bool:

@@ -207,3 +207,59 @@ async def test_vllm_engine_stream_raw_closed_early_disconnects_so_the_engine_sto
     await asyncio.wait_for(s.long_gone.wait(), 2.0)  # the server saw the disconnect within 2 s ...
     assert s.long_written < 200  # ... long before it had written everything (200 x 10 ms)
     await eng.aclose()
+
+
+class ClosingKeepAliveServer:
+    """HTTP/1.1 server that answers one request per connection with keep-alive, then closes the connection
+    without answering when a second request arrives on it: the race of reusing a keep-alive connection the
+    server is closing (vLLM's uvicorn closes idle ones after 5 s)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.answered = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                await reader.readexactly(length)
+                if served:  # a reused connection: drop it unanswered
+                    writer.close()
+                    return
+                served += 1
+                self.answered += 1
+                path = head.split(b" ", 2)[1]
+                body = b"# HELP x\n" if path == b"/metrics" else b'{"id": "x", "choices": []}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+async def test_vllm_engine_retries_once_when_a_reused_keepalive_connection_was_closed() -> None:
+    srv = ClosingKeepAliveServer()
+    server = await asyncio.start_server(srv.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    eng = VllmEngine("d0", Role.DECODE, "t", f"http://127.0.0.1:{port}")
+    req = EngineRequest(RequestKind.COMPLETION, {"model": "m", "prompt": "p"}, "r1", "c1")
+    try:
+        assert (await eng.observe()).healthy
+        out = await eng.complete(req)  # reuses the /metrics connection, which the server drops
+        assert out == {"id": "x", "choices": []}
+        assert (await eng.observe()).healthy
+        assert srv.answered == 3 and srv.connections >= 3
+    finally:
+        await eng.aclose()
+        server.close()
+        await server.wait_closed()
