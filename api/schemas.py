@@ -182,7 +182,10 @@ class ConversationResponse(BaseModel):
     conversation_id: str
     run_id: str
     policy: str | None
-    pinned_instance_id: str | None = Field(description="the latest pin (None once released or never pinned)")
+    pinned_instance_id: str | None = Field(
+        description="decoder of the latest pin, kept after the pin is released (`active` says whether it "
+        "still holds); None if the conversation was never pinned (policies that do not pin)"
+    )
     active: bool = Field(description="held in this router's memory with a live pin")
     pins: list[PinView]
     turns: list[TurnView]

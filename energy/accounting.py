@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -391,12 +392,20 @@ class EnergyAccountant:
     clock: Callable[[], datetime] = utc_now
     observe: ObserveFn | None = None  # engines' observations, for model meters' activity
     activity: dict[str, Activity] = field(default_factory=dict)
+    # Turns still running are not in the ledger yet: `horizon()` (called on the event loop each tick) gives
+    # the arrival of the oldest one, and no interval ending after it is attributed until it is recorded.
+    # `settle()` (worker thread) makes everything recorded so far durable (the ledger writer's flush) before
+    # the turns are read. Without them a turn running longer than lag_s lost the energy of its first
+    # intervals to the conversations that finished sooner.
+    horizon: Callable[[], datetime | None] | None = None
+    settle: Callable[[], bool] | None = None
     _last: dict[str, MeterReading] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
     _counters: dict[str, tuple[float, float]] = field(default_factory=dict)
     samples_written: int = 0
     rows_written: int = 0
     _baseline_written: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         for b in self.bindings:
@@ -458,11 +467,17 @@ class EnergyAccountant:
         self.samples_written += n
         return n
 
-    def attribute_ready(self, *, all_pending: bool = False) -> int:
-        """Attribute buffered intervals that ended at least ``lag_s`` ago (or all of them)."""
+    def attribute_ready(self, *, all_pending: bool = False, horizon: datetime | None = None) -> int:
+        """Attribute buffered intervals that ended at least ``lag_s`` ago and no later than ``horizon`` (the
+        arrival of the oldest turn still running), or all of them."""
         cutoff = self.clock() - timedelta(seconds=self.lag_s)
+        if horizon is not None:
+            cutoff = min(cutoff, horizon)
         ready = [p for p in self._pending if all_pending or p.end <= cutoff]
         if not ready:
+            return 0
+        if not all_pending and self.settle is not None and not self.settle():
+            log.warning("energy: the ledger writer did not confirm its writes; attributing on the next tick")
             return 0
         ready_ids = {id(p) for p in ready}
         self._pending = [p for p in self._pending if id(p) not in ready_ids]
@@ -496,18 +511,27 @@ class EnergyAccountant:
         the next tick retries."""
         try:
             await self.observe_engines()
-            await asyncio.to_thread(self._sample_and_attribute)
+            horizon = self.horizon() if self.horizon is not None else None
+            await asyncio.to_thread(self._sample_and_attribute, horizon)
         except EnergyError as err:
             log.error("energy accounting tick failed: %s", err)
 
-    def _sample_and_attribute(self) -> None:
-        self.sample()
-        self.attribute_ready()
+    def _sample_and_attribute(self, horizon: datetime | None = None) -> None:
+        with self._lock:
+            self.sample()
+            self.attribute_ready(horizon=horizon)
+
+    def wait_idle(self) -> None:
+        """Return once no tick is running in a worker thread."""
+        with self._lock:
+            return
 
     def finish(self) -> None:
-        """At shutdown, after the last turns are in the ledger: a last sample, then attribute everything."""
-        self.sample()
-        self.attribute_ready(all_pending=True)
+        """At shutdown, after the last turns are in the ledger: a last sample, then attribute everything.
+        Waits for a tick still running in its worker thread (a cancelled job's thread runs on)."""
+        with self._lock:
+            self.sample()
+            self.attribute_ready(all_pending=True)
 
     async def flush(self, observe: bool = True) -> None:
         if observe:
@@ -540,6 +564,8 @@ def build_accountant(
     idle: IdlePolicy = IdlePolicy.ROW,
     lag_s: float = 10.0,
     clock: Callable[[], datetime] = utc_now,
+    horizon: Callable[[], datetime | None] | None = None,
+    settle: Callable[[], bool] | None = None,
 ) -> EnergyAccountant:
     """An accountant for a serving fleet.
 
@@ -610,5 +636,7 @@ def build_accountant(
         clock=clock,
         observe=observe,
         activity=acc_activity,
+        horizon=horizon,
+        settle=settle,
     )
     return acct

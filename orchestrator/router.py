@@ -350,6 +350,8 @@ class Router:
         }
         self._convs: dict[str, _Conversation] = {}
         self._pins: dict[str, str] = {}  # conversation -> decoder, what FleetView.pins shows
+        self._inflight: dict[int, float] = {}  # turn -> arrival (s), while it runs (settled_before)
+        self._turn_keys = itertools.count()
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
         self.stats = {"turns": 0, "replacements": 0, "retries": 0, "kv_transfers": 0, "errors": 0}
@@ -412,6 +414,11 @@ class Router:
             e2e_s=conv.e2e_s,
             first_arrival_at=_utc(conv.first_arrival_s),
         )
+
+    def settled_before(self) -> datetime | None:
+        """Arrival of the oldest turn still running (its record is not written yet), or None when idle:
+        everything that ran before this instant is recorded (energy accounting waits for it)."""
+        return _utc(min(self._inflight.values())) if self._inflight else None
 
     def active_pin(self, conversation_id: str) -> str | None:
         return self._pins.get(conversation_id)
@@ -505,6 +512,7 @@ class Router:
                     conv.first_arrival_s = seen.first_arrival_at.timestamp()
                 last = seen.turns[-1]
                 conv.context_tokens = last.prompt_tokens + last.output_tokens
+                conv.pins.extend(seen.pins)  # the pin history (already in the ledger: not re-recorded)
                 pin = seen.pinned_instance_id
                 if pin in self._instances:
                     self._pin(conv, pin, now_s, reason=None)
@@ -513,165 +521,174 @@ class Router:
 
     async def _run(self, inp: TurnInput, buffered: bool, sse: bool = False) -> AsyncGenerator[Any, None]:
         arrival_s = self.clock()
-        prompt_tokens = inp.prompt_tokens or estimate_prompt_tokens(inp.kind, inp.body)
-        conv = await self._conversation_for(inp, arrival_s)
-        conv.turns += 1
-        turn = conv.turns
-        conv.last_active_s = arrival_s
-        new_tokens = prompt_tokens - conv.context_tokens if turn > 1 else prompt_tokens
-        if new_tokens <= 0:  # the client rewrote its history: treat the whole prompt as new
-            new_tokens = prompt_tokens
-        max_out = _max_output(inp.body)
-        treq = TurnRequest(conv.conversation_id, turn, prompt_tokens, new_tokens, max_out)
-        last_err: BaseException | None = None
-        for attempt_no in range(self.config.max_attempts):
-            placement = self._place(treq, conv, arrival_s)
-            att = _Attempt(request_id=f"req-{self._id_prefix}-{next(self._ids)}", placement=placement)
-            dec = self._instances[placement.decode_instance]
-            failed_on: str | None = None
-            kv_params = None
-            status = TurnStatus.OK
-            held: list[Any] = []  # buffered mode: this attempt's chunks, released on success
-            try:
-                if placement.remote_prefill:
-                    pre = self._instances[placement.prefill_instance]  # type: ignore[index]
-                    failed_on = pre.instance_id
-                    pre.inflight_prefill_tokens += prompt_tokens
-                    pre.inflight_requests += 1
-                    try:
-                        res = await pre.engine.prefill(
-                            EngineRequest(
-                                inp.kind, inp.body, att.request_id + "-p", conv.conversation_id, prompt_tokens
-                            )
-                        )
-                    finally:
-                        pre.inflight_prefill_tokens -= prompt_tokens
-                        pre.inflight_requests -= 1
-                    kv_params = res.kv_transfer_params
-                    self.stats["kv_transfers"] += 1
-                    dec.kv_transfers_in += 1
-                    self.observer.kv_transfer(pre.instance_id, dec.instance_id, res.transferred_bytes)
-                failed_on = dec.instance_id
-                body = dict(inp.body)
-                body["stream"] = True
-                body["stream_options"] = {"include_usage": True}
-                local_prefill = 0 if placement.remote_prefill else new_tokens
-                dec.inflight_prefill_tokens += local_prefill
-                dec.inflight_requests += 1
+        key = next(self._turn_keys)
+        self._inflight[key] = arrival_s
+        try:
+            prompt_tokens = inp.prompt_tokens or estimate_prompt_tokens(inp.kind, inp.body)
+            conv = await self._conversation_for(inp, arrival_s)
+            conv.turns += 1
+            turn = conv.turns
+            conv.last_active_s = arrival_s
+            new_tokens = prompt_tokens - conv.context_tokens if turn > 1 else prompt_tokens
+            if new_tokens <= 0:  # the client rewrote its history: treat the whole prompt as new
+                new_tokens = prompt_tokens
+            max_out = _max_output(inp.body)
+            treq = TurnRequest(conv.conversation_id, turn, prompt_tokens, new_tokens, max_out)
+            last_err: BaseException | None = None
+            for attempt_no in range(self.config.max_attempts):
+                placement = self._place(treq, conv, arrival_s)
+                att = _Attempt(request_id=f"req-{self._id_prefix}-{next(self._ids)}", placement=placement)
+                dec = self._instances[placement.decode_instance]
+                failed_on: str | None = None
+                kv_params = None
+                status = TurnStatus.OK
+                held: list[Any] = []  # buffered mode: this attempt's chunks, released on success
                 try:
-                    ereq = EngineRequest(
-                        inp.kind,
-                        body,
-                        att.request_id,
-                        conv.conversation_id,
-                        prompt_tokens,
-                        kv_transfer_params=kv_params,
-                    )
-                    async with contextlib.aclosing(_engine_events(dec.engine, ereq)) as batches:
-                        prev_s = 0.0
-                        async for batch, last in batches:
-                            now = self.clock()
-                            out: list[Any] = []
-                            for ch, raw in batch:
-                                choices = ch.get("choices")
-                                if choices:
-                                    c0 = choices[0]
-                                    if c0.get("finish_reason"):
-                                        att.finish_reason = c0["finish_reason"]
-                                    delta = c0.get("delta")
-                                    produced = (
-                                        c0.get("text")
-                                        if delta is None
-                                        else (
-                                            delta.get("content")
-                                            or delta.get("tool_calls")
-                                            or delta.get("reasoning_content")
+                    if placement.remote_prefill:
+                        pre = self._instances[placement.prefill_instance]  # type: ignore[index]
+                        failed_on = pre.instance_id
+                        pre.inflight_prefill_tokens += prompt_tokens
+                        pre.inflight_requests += 1
+                        try:
+                            res = await pre.engine.prefill(
+                                EngineRequest(
+                                    inp.kind,
+                                    inp.body,
+                                    att.request_id + "-p",
+                                    conv.conversation_id,
+                                    prompt_tokens,
+                                )
+                            )
+                        finally:
+                            pre.inflight_prefill_tokens -= prompt_tokens
+                            pre.inflight_requests -= 1
+                        kv_params = res.kv_transfer_params
+                        self.stats["kv_transfers"] += 1
+                        dec.kv_transfers_in += 1
+                        self.observer.kv_transfer(pre.instance_id, dec.instance_id, res.transferred_bytes)
+                    failed_on = dec.instance_id
+                    body = dict(inp.body)
+                    body["stream"] = True
+                    body["stream_options"] = {"include_usage": True}
+                    local_prefill = 0 if placement.remote_prefill else new_tokens
+                    dec.inflight_prefill_tokens += local_prefill
+                    dec.inflight_requests += 1
+                    try:
+                        ereq = EngineRequest(
+                            inp.kind,
+                            body,
+                            att.request_id,
+                            conv.conversation_id,
+                            prompt_tokens,
+                            kv_transfer_params=kv_params,
+                        )
+                        async with contextlib.aclosing(_engine_events(dec.engine, ereq)) as batches:
+                            prev_s = 0.0
+                            async for batch, last in batches:
+                                now = self.clock()
+                                out: list[Any] = []
+                                for ch, raw in batch:
+                                    choices = ch.get("choices")
+                                    if choices:
+                                        c0 = choices[0]
+                                        if c0.get("finish_reason"):
+                                            att.finish_reason = c0["finish_reason"]
+                                        delta = c0.get("delta")
+                                        produced = (
+                                            c0.get("text")
+                                            if delta is None
+                                            else (
+                                                delta.get("content")
+                                                or delta.get("tool_calls")
+                                                or delta.get("reasoning_content")
+                                            )
                                         )
-                                    )
-                                    if produced:
-                                        if att.first_s is None:
-                                            att.first_s = now
-                                            dec.inflight_prefill_tokens -= local_prefill
-                                            local_prefill = 0
-                                        else:
-                                            att.gaps_s.append(now - prev_s)
-                                        prev_s = now
-                                        att.tokens += 1
-                                        if delta is not None and delta.get("tool_calls"):
-                                            att.tool_calls = True
-                                elif "error" in ch:
-                                    err = ch["error"]
-                                    msg = err.get("message", err) if isinstance(err, dict) else err
-                                    raise EngineAnsweredError(
-                                        f"engine {dec.instance_id!r} failed mid-stream: {msg}"
-                                    )
-                                usage = ch.get("usage")
-                                if usage:
-                                    att.usage = usage
-                                    if not choices and not inp.include_usage and not buffered:
-                                        continue
-                                if not sse:
-                                    out.append(ch)
-                                elif raw is not None:
-                                    out.append(raw)
+                                        if produced:
+                                            if att.first_s is None:
+                                                att.first_s = now
+                                                dec.inflight_prefill_tokens -= local_prefill
+                                                local_prefill = 0
+                                            else:
+                                                att.gaps_s.append(now - prev_s)
+                                            prev_s = now
+                                            att.tokens += 1
+                                            if delta is not None and delta.get("tool_calls"):
+                                                att.tool_calls = True
+                                    elif "error" in ch:
+                                        err = ch["error"]
+                                        msg = err.get("message", err) if isinstance(err, dict) else err
+                                        raise EngineAnsweredError(
+                                            f"engine {dec.instance_id!r} failed mid-stream: {msg}"
+                                        )
+                                    usage = ch.get("usage")
+                                    if usage:
+                                        att.usage = usage
+                                        if not choices and not inp.include_usage and not buffered:
+                                            continue
+                                    if not sse:
+                                        out.append(ch)
+                                    elif raw is not None:
+                                        out.append(raw)
+                                    else:
+                                        out.append(b"data: " + _dumps(ch) + b"\n\n")
+                                if not out:
+                                    continue
+                                if buffered or (sse and last):
+                                    # the engine's last read: sent after the turn is recorded, with [DONE]
+                                    held.extend(out)
+                                elif sse:
+                                    att.sent = True
+                                    yield out[0] if len(out) == 1 else b"".join(out)
                                 else:
-                                    out.append(b"data: " + _dumps(ch) + b"\n\n")
-                            if not out:
-                                continue
-                            if buffered or (sse and last):
-                                # the engine's last read: sent after the turn is recorded, with [DONE]
-                                held.extend(out)
-                            elif sse:
-                                att.sent = True
-                                yield out[0] if len(out) == 1 else b"".join(out)
-                            else:
-                                att.sent = True
-                                for ch in out:
-                                    yield ch
-                    att.last_s = self.clock()
-                finally:
-                    dec.inflight_prefill_tokens -= local_prefill
-                    dec.inflight_requests -= 1
-            except ENGINE_FAILURES as err:
-                last_err = err
-                assert failed_on is not None
-                status_code = getattr(err, "status", None)
-                if isinstance(status_code, int) and 400 <= status_code < 500:
-                    # the engine judged the request invalid: not an engine failure, no retry
+                                    att.sent = True
+                                    for ch in out:
+                                        yield ch
+                        att.last_s = self.clock()
+                    finally:
+                        dec.inflight_prefill_tokens -= local_prefill
+                        dec.inflight_requests -= 1
+                except ENGINE_FAILURES as err:
+                    last_err = err
+                    assert failed_on is not None
+                    status_code = getattr(err, "status", None)
+                    if isinstance(status_code, int) and 400 <= status_code < 500:
+                        # the engine judged the request invalid: not an engine failure, no retry
+                        self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
+                        raise EngineRejected(str(err), status_code) from err
+                    if isinstance(err, EngineAnsweredError) or isinstance(status_code, int):
+                        # it answered (HTTP 5xx, or an error event in the stream): alive, e.g. a failed
+                        # KV pull; the health polls decide whether it is down, the retry may land on it
+                        log.warning("engine %s answered with an error (kept up): %s", failed_on, err)
+                    else:  # unreachable, reset or timed out: down until a health poll sees it again
+                        self.mark_down(failed_on, f"{type(err).__name__}: {err}")
+                    status = TurnStatus.ERROR if att.sent else TurnStatus.REPLACED
+                    self._finish(conv, treq, att, arrival_s, status, inp.client_final)
+                    if att.sent or attempt_no + 1 >= self.config.max_attempts:
+                        self.stats["errors"] += 1
+                        raise EngineUnavailable(
+                            f"engine {failed_on} failed while serving conversation {conv.conversation_id} "
+                            f"turn {turn}"
+                            + (" after output was streamed" if att.sent else " (retried once)")
+                            + f": {err}. The conversation is kept; send the turn again to re-place it."
+                        ) from err
+                    self.stats["retries"] += 1
+                    self.observer.retried(failed_on)
+                    continue
+                except BaseException:
+                    # client went away (cancelled / generator closed) or an unexpected bug: record, re-raise
                     self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
-                    raise EngineRejected(str(err), status_code) from err
-                if isinstance(err, EngineAnsweredError) or isinstance(status_code, int):
-                    # it answered (HTTP 5xx, or an error event in the stream): alive, e.g. a failed KV pull;
-                    # the health polls decide whether it is down, the retry may land on it again
-                    log.warning("engine %s answered with an error (kept up): %s", failed_on, err)
-                else:  # unreachable, reset or timed out: down until a health poll sees it again
-                    self.mark_down(failed_on, f"{type(err).__name__}: {err}")
-                status = TurnStatus.ERROR if att.sent else TurnStatus.REPLACED
+                    raise
                 self._finish(conv, treq, att, arrival_s, status, inp.client_final)
-                if att.sent or attempt_no + 1 >= self.config.max_attempts:
-                    self.stats["errors"] += 1
-                    raise EngineUnavailable(
-                        f"engine {failed_on} failed while serving conversation {conv.conversation_id} "
-                        f"turn {turn}"
-                        + (" after output was streamed" if att.sent else " (retried once)")
-                        + f": {err}. The conversation is kept; send the turn again to re-place it."
-                    ) from err
-                self.stats["retries"] += 1
-                self.observer.retried(failed_on)
-                continue
-            except BaseException:
-                # client went away (cancelled / generator closed) or an unexpected bug: record, re-raise
-                self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
-                raise
-            self._finish(conv, treq, att, arrival_s, status, inp.client_final)
-            if sse:
-                held.append(SSE_DONE)
-                yield b"".join(held)
+                if sse:
+                    held.append(SSE_DONE)
+                    yield b"".join(held)
+                    return
+                for ch in held:
+                    yield ch
                 return
-            for ch in held:
-                yield ch
-            return
-        raise EngineUnavailable(f"no engine could serve the turn: {last_err}")  # pragma: no cover
+            raise EngineUnavailable(f"no engine could serve the turn: {last_err}")  # pragma: no cover
+        finally:
+            self._inflight.pop(key, None)
 
     # ---- placement and pins -------------------------------------------------------------------------
     def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:

@@ -95,8 +95,8 @@ class ServeSettings(BaseSettings):
     energy_lag_s: float = Field(
         10.0,
         ge=0,
-        description="attribute an interval this long after it ends, "
-        "so the turns that overlapped it are in the ledger",
+        description="attribute an interval at least this long after it ends; an interval also waits "
+        "for the turns still running in it (they are recorded when they end)",
     )
 
 
@@ -364,7 +364,9 @@ class ProcessLedgerWriter:
             return bool(ok)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Block until everything queued so far is written (for tests and shutdown)."""
+        """Block until everything queued so far is written (for tests, shutdown and energy accounting)."""
+        if self._closed:  # close() wrote everything (or handed it to the fallback writer)
+            return self._fallback.flush(timeout_s) if self._fallback is not None else True
         return self._request("flush", timeout_s)
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -568,6 +570,7 @@ class Runtime:
             self._scheduler = None
         if self.accountant is not None:
             await self.accountant.observe_engines()  # the engines' last token counts, before they close
+            await asyncio.to_thread(self.accountant.wait_idle)  # a cancelled tick runs on in its thread
         await self.router.aclose()
         await asyncio.to_thread(self.writer.close)
         if self.accountant is not None:  # every turn is in the ledger now: attribute what is still pending
@@ -661,7 +664,15 @@ def build_runtime(
             if cfg.backend == "sim"
             else [SimInstance(e.id, e.tier, Role(e.role), _tier_model(cfg, e.tier)) for e in cfg.engines]
         )
-        accountant = build_accountant(ledger, metered, engines=engines, cfg=cfg, lag_s=settings.energy_lag_s)
+        accountant = build_accountant(
+            ledger,
+            metered,
+            engines=engines,
+            cfg=cfg,
+            lag_s=settings.energy_lag_s,
+            horizon=router.settled_before,  # running turns are not recorded yet: wait for them
+            settle=writer.flush,  # what ended is handed to the writer: make it durable before reading
+        )
     return Runtime(
         cfg=cfg,
         settings=settings,

@@ -1,13 +1,23 @@
-"""Root test configuration: locations of shared reference data and skip rules for optional services.
+"""Root test configuration: locations of shared reference data, skip rules for optional services, and a
+throwaway PostgreSQL 15 server.
+
+The PostgreSQL server starts once per session (initdb + pg_ctl, < 1 s) when its binaries exist under
+/usr/lib/postgresql/15/bin (Debian `apt-get install postgresql`), listens on 127.0.0.1 and a private
+socket directory only, and is stopped and deleted at session end. Without the binaries, PostgreSQL tests
+skip (or fail when CONSERVE_REQUIRE_POSTGRES=1, as .ci/run sets).
 
 Never `import tests` (the zeus wheel installs a top-level `tests` package into site-packages).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import socket
-from collections.abc import Callable
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +63,115 @@ def free_port() -> int:
 def _free_port_fixture() -> Callable[[], int]:
     """`free_port` for tests and sub-conftests (they cannot import this module)."""
     return free_port
+
+
+# ---- PostgreSQL ------------------------------------------------------------------------------------------
+
+PG_BIN = Path(os.environ.get("CONSERVE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+_db_counter = itertools.count()
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # initdb refuses to run as root; run the server binaries as the 'postgres' system user then.
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _stop_orphans() -> None:
+    """Stop servers left by a test session that was killed (SIGTERM/SIGKILL skip fixture teardown)."""
+    for owner in Path(tempfile.gettempdir()).glob("conserve-pg-*/owner.pid"):
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)
+            continue  # its session is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, OSError):
+            continue
+        root = owner.parent
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "-w", "stop"]),
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class _PgServer:
+    def __init__(self, port: int) -> None:
+        _stop_orphans()
+        self.root = Path(tempfile.mkdtemp(prefix="conserve-pg-"))
+        (self.root / "owner.pid").write_text(str(os.getpid()))
+        self.data = self.root / "data"
+        self.sock = self.root / "sock"
+        self.sock.mkdir()
+        self.port = port
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.sock, "postgres")
+        run = {"check": True, "capture_output": True, "timeout": 120}
+        subprocess.run(
+            _as_postgres(
+                [str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"]
+            ),
+            **run,
+        )
+        opts = f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(PG_BIN / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-o",
+                    opts,
+                    "-l",
+                    str(self.root / "log"),
+                    "-w",
+                    "start",
+                ]
+            ),
+            **run,
+        )
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = f"ledger_{os.getpid()}_{next(_db_counter)}"
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]),
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(
+    require_or_skip: Callable[[str, str], None], free_port: Callable[[], int]
+) -> Iterator[_PgServer]:
+    if not (PG_BIN / "initdb").exists():
+        require_or_skip(
+            "CONSERVE_REQUIRE_POSTGRES",
+            f"PostgreSQL 15 binaries not found in {PG_BIN} (apt-get install postgresql)",
+        )
+    server = _PgServer(free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: _PgServer) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    return pg_server.create_database()

@@ -70,8 +70,9 @@ def start_server(
     instances: Callable[[FleetConfig], list[Any]] | None = paper_instances,
     poll_interval_s: float = 0.2,
     fast_path: bool = True,
+    db_url: str | None = None,
 ) -> tuple[Served, Callable[[], None]]:
-    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    db_url = db_url or f"sqlite:///{tmp_path / 'ledger.db'}"
     cfg = parse_fleet(dict(FLEET, database_url=db_url))
     settings = ServeSettings(
         fleet=Path("inline"),
@@ -130,3 +131,20 @@ def served_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield s
     finally:
         stop()
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., Served]]:
+    """Start extra servers (start_server's arguments); all are stopped at the end of the test."""
+    stops: list[Callable[[], None]] = []
+
+    def start(tmp_path: Path, **kwargs: Any) -> Served:
+        s, stop = start_server(tmp_path, **kwargs)
+        stops.append(stop)
+        return s
+
+    try:
+        yield start
+    finally:
+        for stop in reversed(stops):
+            stop()

@@ -261,3 +261,34 @@ def test_client_disconnect_mid_stream_stops_the_engine_and_records_the_turn(serv
     assert served.runtime.writer.flush()
     rows = Ledger(served.db_url).get_conversation(cid).turns  # type: ignore[union-attr]
     assert [t.status for t in rows] == [TurnStatus.OK, TurnStatus.ERROR, TurnStatus.OK]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_ledger(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def test_a_second_replica_continues_a_conversation_on_its_pinned_decoder(
+    shared_ledger: str, tmp_path: Any, server_factory: Any
+) -> None:
+    """Two `orchestrator serve` replicas on one ledger (how several router processes share pins): turn 1 on
+    replica A pins a decoder; turn 2, sent to replica B which has never seen the conversation, finds the pin
+    in the ledger and goes to the same decoder with a local prefill (no KV transfer, no re-placement)."""
+    a = server_factory(tmp_path / "a", db_url=shared_ledger)
+    b = server_factory(tmp_path / "b", db_url=shared_ledger)
+    cid = "replicated-1"
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Run the tests."}]
+    text, _ = _turn(_client(a.base_url), msgs, cid, stream=True)
+    pinned = _conversation(a.base_url, cid)["pinned_instance_id"]
+    assert a.runtime.writer.flush()  # A's pin and turn are in the shared ledger
+    msgs += [{"role": "assistant", "content": text}, {"role": "user", "content": "Tool result: ok."}]
+    _turn(_client(b.base_url), msgs, cid, stream=False)
+    conv = _conversation(b.base_url, cid)
+    (t2,) = conv["turns"]  # B holds only what it served ...
+    assert t2["turn"] == 2 and t2["instance_id"] == pinned and not t2["remote_prefill"]  # ... on A's pin
+    assert conv["pinned_instance_id"] == pinned and conv["replacements"] == 0
+    assert b.runtime.writer.flush()
+    rows = Ledger(shared_ledger).get_conversation(cid).turns  # type: ignore[union-attr]
+    assert [(t.turn, t.instance_id) for t in rows] == [(1, pinned), (2, pinned)]

@@ -202,6 +202,68 @@ def test_serving_accountant_samples_meters_and_attributes_conserving_rows(ledger
     ledger.close()
 
 
+@pytest.mark.parametrize("with_horizon", [True, False], ids=["horizon", "lag-only"])
+def test_a_turn_running_longer_than_the_lag_gets_all_its_energy(sqlite_url: str, with_horizon: bool) -> None:
+    """A turn that runs 30 s with lag_s = 5: it is recorded only when it ends, so without the horizon (the
+    arrival of the oldest running turn) its first 25 s of decoder energy go to the idle row; with it they wait
+    for the record and all go to the turn. `settle` (the ledger writer's flush) runs before turns are read."""
+    clock = Clock()
+    ledger = Ledger(sqlite_url, policy="conserve")
+    ledger.upgrade()
+    recorded = [EnergySample("node", 0, T0 + timedelta(seconds=s), 250.0 * s) for s in range(0, 41)]
+    meter = ReplayMeter(recorded, clock=clock, meter_id="node")
+    tm = a40()
+    running: dict[str, datetime] = {"c1": T0 + timedelta(seconds=1)}
+    settled: list[datetime] = []
+
+    def settle() -> bool:
+        settled.append(clock.t)
+        return True
+
+    acct = EnergyAccountant(
+        ledger,
+        {"node": meter},
+        [EngineMeterBinding("d0", "node", (0,), tm.name, tm.idle_w)],
+        LedgerTurnSource(ledger),
+        lag_s=5.0,
+        clock=clock,
+        horizon=(lambda: min(running.values(), default=None)) if with_horizon else None,
+        settle=settle,
+    )
+    for s in range(1, 41):
+        clock.t = T0 + timedelta(seconds=s)
+        if s == 31:  # the turn ends and is recorded
+            running.clear()
+            ledger.record_turn(
+                TurnRecord(
+                    "c1",
+                    1,
+                    "c1-1",
+                    "d0",
+                    arrival_at=T0 + timedelta(seconds=1),
+                    first_token_at=T0 + timedelta(seconds=2),
+                    last_token_at=T0 + timedelta(seconds=31),
+                    prompt_tokens=500,
+                    output_tokens=3000,
+                    tier=tm.name,
+                )
+            )
+        acct.sample()
+        acct.attribute_ready(horizon=acct.horizon() if acct.horizon else None)
+    acct.attribute_ready(all_pending=True)
+    rows = [a for _, a in ledger.attributions()]
+    c1_j = math.fsum(a.joules for a in rows if a.conversation_id == "c1")
+    # decode ran over [2 s, 31 s]: 29 s of the decoder's 250 W above its idle floor belong to c1
+    expected = 29 * (250.0 - min(250.0, tm.idle_w))
+    if with_horizon:
+        assert c1_j >= expected * 0.99
+        assert settled  # the writer was asked to settle before turns were read
+    else:
+        assert c1_j < expected * 0.5  # the energy before the turn was recorded went elsewhere
+    assert math.fsum(a.joules for a in rows) == pytest.approx(250.0 * 40, rel=1e-9)
+    ledger.close()
+
+
 async def test_build_accountant_for_sim_engines_uses_model_meters(tmp_path: Path) -> None:
     """Engines without a configured meter get a model meter fed by their token counters."""
     clock = Clock()
