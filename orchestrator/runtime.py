@@ -19,6 +19,7 @@ Must not import fastapi (the API imports this, not the reverse).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -284,7 +285,9 @@ class ProcessLedgerWriter:
         )
         self._proc.start()
         child.close()
-        self._buf: list[Any] = []
+        # appended on the event loop, drained by the shipper: a deque (append/popleft are atomic), not a
+        # list swapped out, which could lose a record appended to the old list after it was pickled
+        self._buf: collections.deque[Any] = collections.deque()
         self._send_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -322,7 +325,8 @@ class ProcessLedgerWriter:
 
     def _ship(self) -> None:
         with self._send_lock:
-            batch, self._buf = self._buf, []
+            buf = self._buf
+            batch = [buf.popleft() for _ in range(len(buf))]  # only this thread pops
             if not batch:
                 return
             if self._fallback is None:
