@@ -178,19 +178,26 @@ def _run_loadgen(
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def _wrk(url: str, conns: int, duration_s: float, stream: bool, max_tokens: int, tmp: Path) -> dict[str, Any]:
+def _run_wrk(
+    url: str, conns: int, duration_s: float, stream: bool, max_tokens: int, tmp: Path, *extra: str
+) -> str:
+    """wrk's report for POSTing the benchmark body over `conns` connections for `duration_s`."""
     script = tmp / f"wrk-{'stream' if stream else 'json'}.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{_body(stream, max_tokens).decode()}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
     )
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration_s))}s", "-s", str(script), url],
+    return subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration_s))}s", *extra, "-s", str(script), url],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
+
+
+def _wrk(url: str, conns: int, duration_s: float, stream: bool, max_tokens: int, tmp: Path) -> dict[str, Any]:
+    out = _run_wrk(url, conns, duration_s, stream, max_tokens, tmp)
     m = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
     if m is None:
         raise RuntimeError(f"could not parse wrk output:\n{out}")
@@ -208,18 +215,7 @@ def _wrk_latency(url: str, conns: int, duration_s: float, max_tokens: int, tmp: 
     """Latency percentiles (ms) of whole streamed responses from `wrk --latency` (C, ~20x less CPU per
     request than the Python load generator, so the measuring client takes less of the two shared cores).
     A whole response is an upper bound on TTFT; with the stub (all tokens at once) the two nearly coincide."""
-    script = tmp / "wrk-latency.lua"
-    script.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = '{_body(True, max_tokens).decode()}'\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration_s))}s", "--latency", "-s", str(script), url],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = _run_wrk(url, conns, duration_s, True, max_tokens, tmp, "--latency")
     pct = {
         int(m.group(1)): float(m.group(2)) * _WRK_UNITS[m.group(3)]
         for m in re.finditer(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
