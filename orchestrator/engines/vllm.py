@@ -63,10 +63,12 @@ _PATHS = {RequestKind.CHAT: "/v1/chat/completions", RequestKind.COMPLETION: "/v1
 # Idle keep-alive connections to an engine are closed after this long, before the engine's server closes
 # them: vLLM's OpenAI server runs uvicorn with VLLM_HTTP_TIMEOUT_KEEP_ALIVE = 5 s (vllm/envs.py; uvicorn's
 # own default timeout_keep_alive is 5 s too). Reusing a connection the server is closing failed a CI run
-# with "Connection reset by peer" (a prefill took > 5 s after the previous request to the decoder).
+# with "Connection reset by peer" (a decoder request reused the connection of a /metrics call made before a
+# prefill on the other engine).
 IDLE_KEEPALIVE_S = 2.0
-# What a request on a keep-alive connection the server has just closed fails with (nothing was processed):
-# retried once on a fresh connection.
+# What a request fails with on a keep-alive connection the server has just closed: retried once on a fresh
+# connection. (The same errors can come from a connection that broke mid-request; repeating a prefill or a
+# generation then costs the engine work, never a wrong answer.)
 _STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
