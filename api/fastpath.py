@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from api.errors import error_body, to_api_error
-from api.routes_openai import prepare_turn, sse_body
+from api.routes_openai import prepare_turn, sse_body, watch_disconnect
 from api.schemas import CONVERSATION_ID_MAX_CHARS, CONVERSATION_ID_PATTERN
 from orchestrator.engines.base import RequestKind
 from orchestrator.router import SSE_DONE
@@ -283,14 +283,6 @@ async def _stream(send: Send, receive: Receive, blocks: Any, headers: list[tuple
     left to wait for, so no watcher is started (saves a task per short response)."""
     gone = asyncio.Event()
     watcher: asyncio.Task[None] | None = None
-
-    async def watch() -> None:
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                gone.set()
-                return
-
     try:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + headers})
         ended = False
@@ -302,7 +294,7 @@ async def _stream(send: Send, receive: Receive, blocks: Any, headers: list[tuple
             if ended:
                 break
             if watcher is None:
-                watcher = asyncio.get_running_loop().create_task(watch())
+                watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, gone))
         if not ended and not gone.is_set():
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:

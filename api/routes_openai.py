@@ -200,15 +200,7 @@ class SseResponse(Response):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         gone = asyncio.Event()
-
-        async def watch() -> None:
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    gone.set()
-                    return
-
-        watcher = asyncio.get_running_loop().create_task(watch())
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, gone))
         try:
             await send(
                 {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
@@ -222,6 +214,15 @@ class SseResponse(Response):
         finally:
             watcher.cancel()
             await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
+    """Set `gone` when the ASGI server reports the client's disconnect (run as a task beside a stream)."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            gone.set()
+            return
 
 
 async def sse_body(first: bytes | None, gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -229,29 +229,15 @@ def _wrk_latency(url: str, conns: int, duration_s: float, max_tokens: int, tmp: 
 # ---- the benchmark ----------------------------------------------------------------------------------------
 
 
-def _wait_up(url: str, timeout_s: float = 90) -> None:
+def _wait_up(url: str, timeout_s: float = 90, body: bytes | None = None) -> None:
+    """Wait for HTTP 200 from a GET of `url`, or from a JSON POST of `body` when given."""
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
+    headers = {"Content-Type": "application/json"} if body is not None else {}
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up within {timeout_s:.0f} s")
-
-
-def _wait_up_post(url: str, timeout_s: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    body = _body(False, 1)
-    while time.monotonic() < deadline:
-        try:
-            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(url, data=body, headers=headers)
             with urllib.request.urlopen(req, timeout=2) as r:
                 if r.status == 200:
                     return
@@ -313,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         _wait_up(f"http://127.0.0.1:{stub_port}/health")
         _wait_up(f"http://127.0.0.1:{router_port}/ready")
-        _wait_up_post(urls["floor"])
+        _wait_up(urls["floor"], 60, body=_body(False, 1))
         lat: dict[str, list[dict[str, float]]] = {}
         for conns in (1, 8):
             reps = []
