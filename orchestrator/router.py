@@ -448,7 +448,7 @@ class Router:
                 failed(inst, f"observe failed: {type(err).__name__}: {err}")
                 return
             if not obs.healthy:
-                failed(inst, "engine reports unhealthy or does not answer /metrics")
+                failed(inst, obs.error or "engine reports unhealthy")
                 return
             inst.obs = obs
             inst.failed_polls = 0

@@ -65,6 +65,7 @@ class EngineObservation:
     prefix_cache_queries_tokens: float = 0.0  # vllm:prefix_cache_queries_total (counter)
     kv_transfer_bytes: float = 0.0  # vllm:nixl_bytes_transferred (counter), 0 where absent
     extra: dict[str, float] = field(default_factory=dict)
+    error: str = ""  # why the engine is reported unhealthy (empty when healthy)
 
 
 @runtime_checkable

@@ -345,7 +345,9 @@ class SimEngine:
 
     async def observe(self) -> EngineObservation:
         if self._dead:
-            return EngineObservation(healthy=False, kv_capacity_tokens=self.kv_capacity_tokens)
+            return EngineObservation(
+                healthy=False, kv_capacity_tokens=self.kv_capacity_tokens, error="simulated engine is down"
+            )
         return EngineObservation(
             healthy=True,
             kv_usage_frac=self.kv_used_tokens / self.kv_capacity_tokens if self.kv_capacity_tokens else 1.0,

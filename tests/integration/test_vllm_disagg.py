@@ -37,6 +37,25 @@ def text_of_chunks(chunks: list[dict[str, Any]]) -> str:
     )
 
 
+# The engines share the machine's cores with the test and each other: a /metrics scrape right after a turn
+# can be slow (CI once saw a scrape fail and read its all-zero observation as a counter going backwards).
+OBSERVE_TIMEOUT_S = 30.0
+
+
+def engines(pair: Any) -> tuple[VllmEngine, VllmEngine]:
+    return (
+        VllmEngine("p0", Role.PREFILL, "cpu", pair.prefill.url, observe_timeout_s=OBSERVE_TIMEOUT_S),
+        VllmEngine("d0", Role.DECODE, "cpu", pair.decode.url, observe_timeout_s=OBSERVE_TIMEOUT_S),
+    )
+
+
+async def scrape(engine: VllmEngine) -> EngineObservation:
+    """The engine's counters; a failed scrape fails the test with its reason, never reads as zeros."""
+    obs = await engine.observe()
+    assert obs.healthy, f"{engine.instance_id}: could not read /metrics: {obs.error}"
+    return obs
+
+
 def delta(after: EngineObservation, before: EngineObservation, key: str) -> float:
     if key in after.extra:
         return after.extra[key] - before.extra.get(key, 0.0)
@@ -44,13 +63,11 @@ def delta(after: EngineObservation, before: EngineObservation, key: str) -> floa
 
 
 async def test_three_turns_prefill_once_then_pinned_decoder(vllm_pair: Any) -> None:
-    p = VllmEngine("p0", Role.PREFILL, "cpu", vllm_pair.prefill.url)
-    d = VllmEngine("d0", Role.DECODE, "cpu", vllm_pair.decode.url)
+    p, d = engines(vllm_pair)
     model = vllm_pair.served_model
     try:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}]
-        p0, d0 = await p.observe(), await d.observe()
-        assert p0.healthy and d0.healthy
+        p0, d0 = await scrape(p), await scrape(d)
 
         # Turn 1: prefill on the prefiller, KV over NIXL, decode (streamed) on the decoder.
         req1 = EngineRequest(RequestKind.CHAT, body(messages, model), "t1", "conv-1")
@@ -63,7 +80,7 @@ async def test_three_turns_prefill_once_then_pinned_decoder(vllm_pair: Any) -> N
         chunks = [c async for c in d.stream(req1d)]
         turn1 = text_of_chunks(chunks)
         assert chunks[-1]["usage"]["completion_tokens"] >= 1
-        p1, d1 = await p.observe(), await d.observe()
+        p1, d1 = await scrape(p), await scrape(d)
         assert delta(d1, d0, "kv_transfer_bytes") > 0, "no NIXL bytes arrived at the decoder"
         assert delta(d1, d0, "nixl_transfers") == 1
         assert delta(p1, p0, "requests_finished") == 1  # the 1-token prefill
@@ -80,14 +97,14 @@ async def test_three_turns_prefill_once_then_pinned_decoder(vllm_pair: Any) -> N
             ]
             out = await d.complete(EngineRequest(RequestKind.CHAT, body(messages, model), f"t{k}", "conv-1"))
             texts.append(out["choices"][0]["message"]["content"])
-            now = await d.observe()
+            now = await scrape(d)
             hits = delta(now, prev, "prefix_cache_hits_tokens")
             assert hits >= 128, (
                 f"turn {k}: decoder prefix-cache hits rose by {hits} tokens, expected >= 1 block"
             )
             assert delta(now, prev, "nixl_transfers") == 0  # no KV transfer after turn 1
             prev = now
-        p3 = await p.observe()
+        p3 = await scrape(p)
         assert delta(p3, p1, "requests_finished") == 0 and delta(p3, p1, "prompt_tokens") == 0, (
             "turns 2-3 touched the prefiller"
         )
@@ -103,18 +120,17 @@ async def test_three_turns_prefill_once_then_pinned_decoder(vllm_pair: Any) -> N
 
 async def test_completions_endpoint_disaggregated(vllm_pair: Any) -> None:
     """The same protocol on /v1/completions (prompt strings), and streamed text equals non-streamed text."""
-    p = VllmEngine("p0", Role.PREFILL, "cpu", vllm_pair.prefill.url)
-    d = VllmEngine("d0", Role.DECODE, "cpu", vllm_pair.decode.url)
+    p, d = engines(vllm_pair)
     b = {"model": vllm_pair.served_model, "prompt": SYSTEM + TASK, "max_tokens": 8, "temperature": 0.0}
     try:
-        before = await d.observe()
+        before = await scrape(d)
         req = EngineRequest(RequestKind.COMPLETION, b, "c1", "conv-c")
         pre = await p.prefill(req)
         dreq = EngineRequest(
             RequestKind.COMPLETION, b, "c1", "conv-c", kv_transfer_params=pre.kv_transfer_params
         )
         out = await d.complete(dreq)
-        after = await d.observe()
+        after = await scrape(d)
         assert delta(after, before, "kv_transfer_bytes") > 0
         chunks = [c async for c in d.stream(EngineRequest(RequestKind.COMPLETION, b, "c2", "x"))]
         streamed = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))

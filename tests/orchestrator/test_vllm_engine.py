@@ -7,6 +7,7 @@ and error mapping. No mocks.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from pathlib import Path
@@ -38,6 +39,8 @@ class FakeVllm:
         self.requests: list[tuple[str, dict[str, Any], Any]] = []
         self.metrics_text = METRICS_SAMPLE.read_text()
         self.mid_stream_error = False
+        self.metrics_delay_s = 0.0
+        self.metrics_status = 200
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -51,7 +54,8 @@ class FakeVllm:
         return web.Response(text="")
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics_text, content_type="text/plain")
+        await asyncio.sleep(self.metrics_delay_s)
+        return web.Response(text=self.metrics_text, content_type="text/plain", status=self.metrics_status)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -190,6 +194,7 @@ async def test_unreachable_engine_is_a_clear_error_and_unhealthy() -> None:
             [c async for c in e.stream(chat_req())]
         obs = await e.observe()
         assert obs.healthy is False
+        assert obs.error.startswith("GET /metrics: ClientConnectorError")
         assert await e.health() is False
     finally:
         await e.aclose()
@@ -204,6 +209,21 @@ async def test_observe_reads_live_metric_names(engine: VllmEngine) -> None:
     assert obs.kv_capacity_tokens == 1048576
     assert obs.running == 0 and obs.waiting == 0 and 0.0 <= obs.kv_usage_frac <= 1.0
     assert obs.extra["nixl_transfers"] >= 1 and obs.extra["requests_finished"] >= 1
+
+
+async def test_failed_scrape_says_why(fake: FakeVllm) -> None:
+    """An unhealthy observation carries its reason (router logs it; tests show it), never just zeros."""
+    e = VllmEngine("d0", Role.DECODE, "a40", fake.url, observe_timeout_s=0.2)  # type: ignore[attr-defined]
+    try:
+        assert (await e.observe()).error == ""
+        fake.metrics_status = 503
+        obs = await e.observe()
+        assert not obs.healthy and obs.error == "GET /metrics answered HTTP 503"
+        fake.metrics_status, fake.metrics_delay_s = 200, 1.0
+        obs = await e.observe()
+        assert not obs.healthy and obs.error == "GET /metrics timed out after 0.2 s"
+    finally:
+        await e.aclose()
 
 
 async def test_session_is_reused(engine: VllmEngine) -> None:
