@@ -358,12 +358,16 @@ class VllmEngine:
             try:
                 async with self._client().get(url, timeout=self._observe_timeout) as resp:
                     if resp.status != 200:
-                        return EngineObservation(healthy=False, error=f"GET /metrics answered HTTP {resp.status}")
+                        return EngineObservation(
+                            healthy=False, error=f"GET /metrics answered HTTP {resp.status}"
+                        )
                     text = await resp.text()
                 break
             except _STALE_CONNECTION as err:
                 if attempt == 1:
-                    return EngineObservation(healthy=False, error=f"GET /metrics: {type(err).__name__}: {err}")
+                    return EngineObservation(
+                        healthy=False, error=f"GET /metrics: {type(err).__name__}: {err}"
+                    )
             except TimeoutError:
                 total = self._observe_timeout.total
                 return EngineObservation(healthy=False, error=f"GET /metrics timed out after {total} s")
