@@ -36,6 +36,7 @@ from energy.attribution import (
     check_conservation,
 )
 from energy.attribution import phase_weights as tier_phase_weights
+from energy.lease import Lease
 from energy.ledger import Ledger
 from energy.meters import Activity, Meter, MeterReading, ModelMeter, make_meter, utc_now
 from energy.records import (
@@ -399,6 +400,10 @@ class EnergyAccountant:
     # intervals to the conversations that finished sooner.
     horizon: Callable[[], datetime | None] | None = None
     settle: Callable[[], bool] | None = None
+    # Router replicas sharing a ledger and engines: only the holder of the run's lease (energy/lease.py)
+    # samples and attributes; the others try to take it over on each tick. None: always account.
+    lease: Lease | None = None
+    leading: bool = False
     _last: dict[str, MeterReading] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
     _counters: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -406,6 +411,7 @@ class EnergyAccountant:
     rows_written: int = 0
     _baseline_written: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _takeover: bool = False
 
     def __post_init__(self) -> None:
         for b in self.bindings:
@@ -414,6 +420,8 @@ class EnergyAccountant:
                     f"engine {b.engine_id!r} names meter {b.meter_id!r}, which is not configured; "
                     f"meters are {sorted(self.meters)}"
                 )
+        if self.lease is not None:
+            self.leading = self.lease.try_acquire()  # at startup: no takeover, the baseline is now
         for mid, m in self.meters.items():
             self._last[mid] = m.read()  # baseline, written with the first sample() so the ledger shows it
         self._baseline_written = False
@@ -505,11 +513,53 @@ class EnergyAccountant:
         self.rows_written += n
         return n
 
+    def hold_lease(self) -> bool:
+        """Whether this accountant accounts now (worker thread: the lease may do SQL). Taking the lease over
+        starts from fresh meter baselines: the energy between the previous holder's last sample and now is
+        not in the ledger (logged), and none is counted twice."""
+        if self.lease is None:
+            return True
+        if self.leading:
+            if self.lease.still_held():
+                return True
+            self.leading = False
+            log.error(
+                "energy accounting: lost the lease (%s); another replica may take over",
+                self.lease.description,
+            )
+            return False
+        if not self.lease.try_acquire():
+            return False
+        self.leading = True
+        self._takeover = True
+        return True
+
+    def _rebaseline(self) -> None:
+        """Meter baselines from now on: what they counted before this replica held the lease is not ours."""
+        with self._lock:
+            for mid, m in self.meters.items():
+                self._last[mid] = m.read()
+            self._baseline_written = False
+
     async def tick(self) -> None:
         """One scheduled job run: observe the engines, then sample and attribute in a worker thread (SQL stays
         off the event loop). Errors are logged, not raised: a failed tick keeps its intervals pending and
-        the next tick retries."""
+        the next tick retries. A replica without the lease does nothing but try to take it."""
         try:
+            if self.lease is not None and not await asyncio.to_thread(self.hold_lease):
+                return
+            if self._takeover:
+                self._counters.clear()  # the engines' counters now are the baseline
+                await self.observe_engines()
+                self.activity.clear()
+                await asyncio.to_thread(self._rebaseline)
+                self._takeover = False
+                log.warning(
+                    "energy accounting: this replica accounts from now on (%s); energy before now, since the "
+                    "previous holder's last sample (if any), is not in the ledger",
+                    self.lease.description if self.lease is not None else "no lease",
+                )
+                return
             await self.observe_engines()
             horizon = self.horizon() if self.horizon is not None else None
             await asyncio.to_thread(self._sample_and_attribute, horizon)
@@ -528,9 +578,11 @@ class EnergyAccountant:
 
     def finish(self) -> None:
         """At shutdown, after the last turns are in the ledger: a last sample, then attribute everything.
-        Waits for a tick still running in its worker thread (a cancelled job's thread runs on)."""
+        Waits for a tick still running in its worker thread (a cancelled job's thread runs on). A replica
+        that does not hold the lease only attributes intervals it metered while it did."""
         with self._lock:
-            self.sample()
+            if self.lease is None or (self.leading and not self._takeover and self.lease.still_held()):
+                self.sample()
             self.attribute_ready(all_pending=True)
 
     async def flush(self, observe: bool = True) -> None:
@@ -553,6 +605,9 @@ class EnergyAccountant:
     def close(self) -> None:
         for m in self.meters.values():
             m.close()
+        if self.lease is not None:
+            self.lease.release()
+            self.leading = False
 
 
 def build_accountant(
@@ -566,6 +621,7 @@ def build_accountant(
     clock: Callable[[], datetime] = utc_now,
     horizon: Callable[[], datetime | None] | None = None,
     settle: Callable[[], bool] | None = None,
+    lease: Lease | None = None,
 ) -> EnergyAccountant:
     """An accountant for a serving fleet.
 
@@ -638,5 +694,6 @@ def build_accountant(
         activity=acc_activity,
         horizon=horizon,
         settle=settle,
+        lease=lease,
     )
     return acct

@@ -661,6 +661,7 @@ def build_runtime(
     accountant = None
     if settings.energy_interval_s > 0:  # meters -> attribution -> ledger (energy/accounting.py)
         from energy.accounting import build_accountant
+        from energy.lease import lease_for
         from orchestrator.fleet import tier_model as _tier_model
 
         metered = (
@@ -676,6 +677,7 @@ def build_runtime(
             lag_s=settings.energy_lag_s,
             horizon=router.settled_before,  # running turns are not recorded yet: wait for them
             settle=writer.flush,  # what ended is handed to the writer: make it durable before reading
+            lease=lease_for(db_url, settings.run_id),  # one replica per run accounts (energy/lease.py)
         )
     return Runtime(
         cfg=cfg,

@@ -43,6 +43,7 @@ class Served:
     app: FastAPI
     loop: asyncio.AbstractEventLoop
     db_url: str
+    stop: Callable[[], None] = lambda: None  # stops the server (idempotent)
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the server's event loop (engines and router are not thread-safe)."""
@@ -97,11 +98,13 @@ def start_server(
         time.sleep(0.02)
 
     def stop() -> None:
+        if loop.is_closed():
+            return
         server.should_exit = True
         thread.join(20)
         loop.close()
 
-    return Served(f"http://127.0.0.1:{port}", rt, app, loop, db_url), stop
+    return Served(f"http://127.0.0.1:{port}", rt, app, loop, db_url, stop), stop
 
 
 @pytest.fixture

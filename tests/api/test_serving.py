@@ -292,3 +292,26 @@ def test_a_second_replica_continues_a_conversation_on_its_pinned_decoder(
     assert b.runtime.writer.flush()
     rows = Ledger(shared_ledger).get_conversation(cid).turns  # type: ignore[union-attr]
     assert [(t.turn, t.instance_id) for t in rows] == [(1, pinned), (2, pinned)]
+
+
+def test_replicas_on_one_ledger_account_energy_once_and_hand_over(
+    shared_ledger: str, tmp_path: Any, server_factory: Any
+) -> None:
+    """Two replicas on one ledger: only the first meters and attributes the run's energy (a second accountant
+    would count every engine again); when it stops, the other takes over on its next accounting tick."""
+    a = server_factory(tmp_path / "a", db_url=shared_ledger)
+    b = server_factory(tmp_path / "b", db_url=shared_ledger)
+    acct_a, acct_b = a.runtime.accountant, b.runtime.accountant
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Run the tests."}]
+    for i, served in enumerate((a, b, a, b)):
+        _turn(_client(served.base_url), msgs, f"rep-energy-{i}", stream=bool(i % 2))
+    time.sleep(2.5)  # both replicas' accounting jobs (every 1 s) have run since the traffic
+    assert acct_a.samples_written > 0
+    assert acct_b.samples_written == 0 and acct_b.rows_written == 0, "the second replica accounted too"
+    assert acct_a.leading and not acct_b.leading
+    a.stop()  # A's shutdown attributes what it metered and frees the lease
+    assert len(Ledger(shared_ledger).samples()) == acct_a.samples_written  # nobody else wrote any
+    deadline = time.monotonic() + 10
+    while acct_b.samples_written == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert acct_b.leading and acct_b.samples_written > 0
