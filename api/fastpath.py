@@ -176,8 +176,6 @@ class FastPath:
     def __init__(self, runtime: Runtime, metrics: Any) -> None:
         self.rt = runtime
         self.metrics = metrics
-        # pre-bound Prometheus children: no label lookup per request
-        self._ok = {ep: metrics.requests.labels(ep, "200") for _, ep in PATHS.values()}
         self.served = 0  # requests answered here (incl. errors from prepare_turn / the router)
         self.fallbacks = 0  # requests handed to the FastAPI routes
 
@@ -224,7 +222,7 @@ class FastPath:
             if not body.get("stream"):
                 out = orjson.dumps(await self.rt.router.complete(inp))
                 await _respond(send, 200, out, headers)
-                self._ok[endpoint].inc()
+                self.metrics.request_done(endpoint, 200)
                 return
             gen = self.rt.router.stream_sse(inp)
             try:
@@ -235,11 +233,11 @@ class FastPath:
             api_err = to_api_error(err)
             if api_err.status >= 500 and api_err.code == "internal_error":
                 log.exception("unexpected error serving a request")
-            self.metrics.requests.labels(endpoint, str(api_err.status)).inc()
+            self.metrics.request_done(endpoint, api_err.status)
             body_out = orjson.dumps(error_body(api_err.message, api_err.type, api_err.param, api_err.code))
             await _respond(send, api_err.status, body_out, [])
             return
-        self._ok[endpoint].inc()
+        self.metrics.request_done(endpoint, 200)
         await _stream(send, receive, sse_body(first, gen), headers)
 
 

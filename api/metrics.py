@@ -1,17 +1,23 @@
 """Prometheus metrics of one app: its own CollectorRegistry (no process globals), router hooks, fleet gauges.
 
-Counters/histograms are updated by the router through the RouterObserver hooks (once per turn, not per
-chunk); the per-instance gauges (health, KV occupancy, pins, queues) are read from the router when
-/metrics is scraped, so they cost nothing on the request path.
+Request and turn counters and the latency histograms are plain Python numbers updated by the router's
+RouterObserver hooks and the serving endpoints, once per turn, on the event loop only; a collector turns
+them into Prometheus families when /metrics is scraped (an async route: on the same loop, so a scrape never
+sees half an update). prometheus_client's own Counter/Histogram take a lock per increment and two per
+observation: ~22 locked increments per streamed 8-token turn, ~15% of the router's Python time per request
+(cProfile of the in-process request path, BENCHMARKS.md router overhead). The per-instance gauges (health,
+KV occupancy, pins, queues) are read from the router at scrape time too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from energy.records import TurnRecord
@@ -61,86 +67,136 @@ class _FleetCollector(Collector):
         yield from (healthy, occ, pins, queued, running, xfer)
 
 
-class ApiMetrics:
-    """The app's metrics; implements orchestrator.router.RouterObserver."""
+class LoopHistogram:
+    """A Prometheus histogram kept as bucket counts (event loop only, no lock). ``le`` is inclusive."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "conserve_requests", "HTTP requests to the serving endpoints", ["endpoint", "status"], registry=r
+    __slots__ = ("name", "doc", "bounds", "counts", "total")
+
+    def __init__(self, name: str, doc: str, bounds: Iterable[float]) -> None:
+        self.name, self.doc = name, doc
+        self.bounds = tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, bounds = self.counts, self.bounds
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1
+            self.total += v
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def family(self) -> HistogramMetricFamily:
+        buckets, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.total)
+
+
+def _labelled(name: str, doc: str, labels: list[str], values: Tally[tuple[str, ...]]) -> CounterMetricFamily:
+    fam = CounterMetricFamily(name, doc, labels=labels)
+    for lv, n in sorted(values.items()):
+        fam.add_metric(list(lv), float(n))
+    return fam
+
+
+class _ServingCollector(Collector):
+    def __init__(self, m: ApiMetrics) -> None:
+        self._m = m
+
+    def collect(self) -> Iterator[Any]:
+        m = self._m
+        yield _labelled(
+            "conserve_requests", "HTTP requests to the serving endpoints", ["endpoint", "status"], m.requests
         )
-        self.turns = Counter(
+        turns: Tally[tuple[str, ...]] = Tally()
+        for (status, final, remote), n in m.turns.items():
+            turns[(str(status), "true" if final else "false", "true" if remote else "false")] += n
+        yield _labelled(
             "conserve_turns",
             "turns recorded, by status and whether final",
             ["status", "final", "remote_prefill"],
-            registry=r,
+            turns,
         )
-        self.ttft = Histogram(
-            "conserve_ttft_seconds",
-            "arrival of a turn to its first token",
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
+        yield from (m.ttft.family(), m.ttfet.family(), m.tbt.family())
+        yield CounterMetricFamily("conserve_output_tokens", "tokens decoded", value=m.output_tokens)
+        yield CounterMetricFamily(
+            "conserve_prompt_tokens", "prompt tokens of every turn", value=m.prompt_tokens
         )
-        self.ttfet = Histogram(
+        yield _labelled(
+            "conserve_kv_transfers",
+            "KV transfers prefiller -> decoder",
+            ["prefill", "decode"],
+            m.kv_transfers,
+        )
+        yield CounterMetricFamily(
+            "conserve_kv_transfer_bytes", "bytes the prefillers reported sending", value=m.kv_transfer_bytes
+        )
+        yield CounterMetricFamily(
+            "conserve_replacements", "conversations re-placed on another decoder", value=m.replacements
+        )
+        yield _labelled("conserve_retries", "turns retried after an engine failure", ["instance"], m.retries)
+
+
+class ApiMetrics:
+    """The app's metrics; implements orchestrator.router.RouterObserver. Updated on the event loop only."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests: Tally[tuple[str, ...]] = Tally()  # (endpoint, status)
+        self.turns: Tally[tuple[Any, bool, bool]] = Tally()  # (status, final, remote prefill)
+        self.ttft = LoopHistogram(
+            "conserve_ttft_seconds", "arrival of a turn to its first token", _LATENCY_BUCKETS_S
+        )
+        self.ttfet = LoopHistogram(
             "conserve_ttfet_seconds",
             "arrival of turn 1 to the first token of the final turn",
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
+            _LATENCY_BUCKETS_S,
         )
-        self.tbt = Histogram(
-            "conserve_tbt_seconds",
-            "gap between consecutive tokens of a turn",
-            buckets=_TBT_BUCKETS_S,
-            registry=r,
+        self.tbt = LoopHistogram(
+            "conserve_tbt_seconds", "gap between consecutive tokens of a turn", _TBT_BUCKETS_S
         )
-        self.output_tokens = Counter("conserve_output_tokens", "tokens decoded", registry=r)
-        self.prompt_tokens = Counter("conserve_prompt_tokens", "prompt tokens of every turn", registry=r)
-        self.kv_transfers = Counter(
-            "conserve_kv_transfers", "KV transfers prefiller -> decoder", ["prefill", "decode"], registry=r
-        )
-        self.kv_transfer_bytes = Counter(
-            "conserve_kv_transfer_bytes", "bytes the prefillers reported sending", registry=r
-        )
-        self.replacements = Counter(
-            "conserve_replacements", "conversations re-placed on another decoder", registry=r
-        )
-        self.retries = Counter(
-            "conserve_retries", "turns retried after an engine failure", ["instance"], registry=r
-        )
-
-        self._turn_children: dict[tuple[Any, bool, bool], Any] = {}
+        self.output_tokens = 0
+        self.prompt_tokens = 0
+        self.kv_transfers: Tally[tuple[str, ...]] = Tally()  # (prefill, decode)
+        self.kv_transfer_bytes = 0
+        self.replacements = 0
+        self.retries: Tally[tuple[str, ...]] = Tally()  # (instance,)
+        self.registry.register(_ServingCollector(self))
 
     def attach_fleet(self, status: Callable[[], list[dict[str, Any]]]) -> None:
         self.registry.register(_FleetCollector(status))
+
+    def request_done(self, endpoint: str, status: int | str) -> None:
+        self.requests[(endpoint, str(status))] += 1
 
     # RouterObserver
     def turn_done(
         self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float], ttfet_s: float | None
     ) -> None:
-        key = (rec.status, rec.is_final, rec.remote_prefill)
-        child = self._turn_children.get(key)
-        if child is None:  # bind the label set once (labels() costs a lock and a dict lookup per call)
-            final, remote = ("true" if f else "false" for f in (rec.is_final, rec.remote_prefill))
-            child = self._turn_children[key] = self.turns.labels(str(rec.status), final, remote)
-        child.inc()
+        self.turns[(rec.status, rec.is_final, rec.remote_prefill)] += 1
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
         if ttfet_s is not None:
             self.ttfet.observe(ttfet_s)
-        obs = self.tbt.observe
-        for g in tbt_gaps_s:
-            obs(g)
-        self.output_tokens.inc(rec.output_tokens)
-        self.prompt_tokens.inc(rec.prompt_tokens)
+        if tbt_gaps_s:
+            self.tbt.observe_many(tbt_gaps_s)
+        self.output_tokens += rec.output_tokens
+        self.prompt_tokens += rec.prompt_tokens
 
     def kv_transfer(self, prefill_instance: str, decode_instance: str, nbytes: int) -> None:
-        self.kv_transfers.labels(prefill_instance, decode_instance).inc()
-        if nbytes:
-            self.kv_transfer_bytes.inc(nbytes)
+        self.kv_transfers[(prefill_instance, decode_instance)] += 1
+        self.kv_transfer_bytes += nbytes
 
     def replaced(self, conversation_id: str, old_instance: str | None, new_instance: str) -> None:
-        self.replacements.inc()
+        self.replacements += 1
 
     def retried(self, instance_id: str) -> None:
-        self.retries.labels(instance_id).inc()
+        self.retries[(instance_id,)] += 1

@@ -102,9 +102,9 @@ async def _serve(
         response = await _serve_inner(kind, req, rt, header_cid, header_final)
     except Exception as err:
         api_err = to_api_error(err)
-        metrics.requests.labels(endpoint, str(api_err.status)).inc()
+        metrics.request_done(endpoint, api_err.status)
         raise api_err from err
-    metrics.requests.labels(endpoint, "200").inc()
+    metrics.request_done(endpoint, 200)
     return response
 
 
