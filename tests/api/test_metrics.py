@@ -56,7 +56,9 @@ def test_loop_histogram_matches_prometheus_client(xs: list[float]) -> None:
 
 def test_turn_counters_in_the_exposition() -> None:
     m = ApiMetrics()
-    rec = TurnRecord("c", 1, "r", "d0", T0, output_tokens=5, prompt_tokens=40, is_final=True, remote_prefill=True)
+    rec = TurnRecord(
+        "c", 1, "r", "d0", T0, output_tokens=5, prompt_tokens=40, is_final=True, remote_prefill=True
+    )
     m.turn_done(rec, 0.2, [0.01, 0.02], 0.3)
     m.turn_done(TurnRecord("c", 2, "r2", "d0", T0, status=TurnStatus.ERROR), None, [], None)
     m.request_done("chat", 200)
