@@ -7,9 +7,11 @@ Must not import fastapi, sqlalchemy or httpx.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from tiers.errors import EnergyError
 
@@ -78,6 +80,11 @@ class TurnRecord:
     cached_tokens: int = 0  # prompt tokens served from a prefix cache
     policy: str | None = None  # the policy that placed it; defaults to the run's policy
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # pickled by value tuple (the ledger writer process gets batches of these): dataclasses' generic
+        # __getstate__ for slots classes costs ~3x more per record (2.9 vs 0.9 us, dev box)
+        return (TurnRecord, _turn_fields(self))
+
     def __post_init__(self) -> None:
         if self.turn < 1:
             raise EnergyError(f"TurnRecord.turn must be >= 1 (1-based), got {self.turn}")
@@ -88,12 +95,18 @@ class TurnRecord:
             raise EnergyError("TurnRecord.conversation_id must be a non-empty string")
 
 
+_turn_fields = operator.attrgetter(*(f.name for f in fields(TurnRecord)))
+
+
 @dataclass(frozen=True, slots=True)
 class PinRecord:
     conversation_id: str
     instance_id: str
     at: datetime
     reason: str = "placed"  # "placed" for the first pin; "replaced: <why>" for a re-placement
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (PinRecord, (self.conversation_id, self.instance_id, self.at, self.reason))
 
 
 @dataclass(frozen=True, slots=True)

@@ -224,3 +224,27 @@ def test_turns_overlapping_uses_last_token_then_first_token_within_lookback(ledg
     )
     got = [r.request_id for r in ledger.turns_overlapping(t0, t0 + 10 * s)]
     assert got == ["long", "spans", "inside", "no-last"]
+
+
+def test_records_survive_the_pipe_to_the_ledger_process() -> None:
+    """TurnRecord/PinRecord pickle by value tuple (ProcessLedgerWriter ships them): all fields round-trip."""
+    import pickle
+    from dataclasses import fields
+
+    from energy.records import PinRecord, TurnRecord, TurnStatus
+
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    values = {
+        "conversation_id": "c", "turn": 3, "request_id": "r-3", "instance_id": "d1",
+        "arrival_at": t0, "first_token_at": t0 + timedelta(seconds=1),
+        "last_token_at": t0 + timedelta(seconds=2),
+        "prompt_tokens": 11, "output_tokens": 7, "finish_reason": "tool_calls", "is_final": True,
+        "status": TurnStatus.REPLACED, "prefill_instance_id": "p0", "remote_prefill": True, "tier": "a40",
+        "cached_tokens": 5, "policy": "per-turn",
+    }  # fmt: skip
+    assert set(values) == {f.name for f in fields(TurnRecord)}, "a new TurnRecord field: add it here"
+    rec = TurnRecord(**values)  # type: ignore[arg-type]
+    back = pickle.loads(pickle.dumps([rec], pickle.HIGHEST_PROTOCOL))[0]
+    assert back == rec and type(back.status) is TurnStatus
+    pin = PinRecord("c", "d1", t0, "replaced: d0 down")
+    assert pickle.loads(pickle.dumps(pin)) == pin
