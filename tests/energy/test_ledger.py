@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect
@@ -248,3 +249,24 @@ def test_records_survive_the_pipe_to_the_ledger_process() -> None:
     assert back == rec and type(back.status) is TurnStatus
     pin = PinRecord("c", "d1", t0, "replaced: d0 down")
     assert pickle.loads(pickle.dumps(pin)) == pin
+
+
+def test_turn_times_are_stored_in_one_format_so_range_queries_compare_them(tmp_path: Path) -> None:
+    """Turn rows go through a driver-level executemany (energy/ledger.py _executemany); on SQLite their times
+    must be stored exactly as SQLAlchemy stores them elsewhere ('YYYY-MM-DD HH:MM:SS.ffffff', also for whole
+    seconds), or string comparisons in range queries (turns_overlapping) would miss rows."""
+    import sqlite3
+
+    from energy.records import TurnRecord
+
+    path = tmp_path / "fmt.db"
+    ledger = Ledger(f"sqlite:///{path}")
+    ledger.upgrade()
+    whole = datetime(2025, 1, 1, 0, 0, 5, tzinfo=UTC)
+    ledger.record_turns([TurnRecord("c", 1, "r1", "d0", whole, whole, whole + timedelta(seconds=1))])
+    with sqlite3.connect(path) as db:
+        (arrival, last), = db.execute("SELECT arrival_at, last_token_at FROM turns").fetchall()
+        (created,) = db.execute("SELECT created_at FROM conversations").fetchone()
+    assert (arrival, last, created) == ("2025-01-01 00:00:05.000000", "2025-01-01 00:00:06.000000", arrival)
+    found = ledger.turns_overlapping(whole + timedelta(seconds=1), whole + timedelta(seconds=2))
+    assert [t.request_id for t in found] == ["r1"]
