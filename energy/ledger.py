@@ -170,6 +170,10 @@ class Ledger:
     )  # fmt: skip
     _CONV_COLUMNS = ("run_id", "id", "policy", "created_at")
     _SUMMARY_BINDS = ("b_run", "b_id", "final_turn", "ttfet_s", "e2e_s")
+    _ATTR_COLUMNS = (
+        "run_id", "interval_start", "interval_end", "engine_id", "tier", "conversation_id", "turn", "joules",
+        "work_share", "source",
+    )  # fmt: skip
 
     def _executemany(
         self,
@@ -524,24 +528,31 @@ class Ledger:
             if a.joules < 0 or a.work_share < 0:
                 raise EnergyError(f"attribution rows must be non-negative, got {a}")
             rows.append(
-                {
-                    "run_id": self.run_id,
-                    "interval_start": require_utc(a.interval_start, "interval_start"),
-                    "interval_end": require_utc(a.interval_end, "interval_end"),
-                    "engine_id": a.engine_id,
-                    "tier": a.tier,
-                    "conversation_id": a.conversation_id,
-                    "turn": a.turn,
-                    "joules": float(a.joules),
-                    "work_share": float(a.work_share),
-                    "source": str(a.source),
-                }
+                (
+                    self.run_id,
+                    require_utc(a.interval_start, "interval_start"),
+                    require_utc(a.interval_end, "interval_end"),
+                    a.engine_id,
+                    a.tier,
+                    a.conversation_id,
+                    a.turn,
+                    float(a.joules),
+                    float(a.work_share),
+                    str(a.source),
+                )
             )
         if not rows:
             return 0
         self._ensure_run()
-        with self._tx("recording attributions") as conn:
-            conn.execute(insert(AttributionRowModel), rows)
+        with self._tx("recording attributions") as conn:  # one row per conversation, engine and interval
+            self._executemany(
+                conn,
+                "insert-attributions",
+                lambda: insert(AttributionRowModel),
+                self._ATTR_COLUMNS,
+                self._column_types(AttributionRowModel, self._ATTR_COLUMNS),
+                rows,
+            )
         return len(rows)
 
     # ---- queries for reports ---------------------------------------------------------------------
