@@ -80,6 +80,11 @@ class ServeSettings(BaseSettings):
         description="where ledger SQL runs: a child process (default; keeps it off the serving GIL) or a "
         "thread of this process (always used for in-memory SQLite, which another process cannot open)",
     )
+    ledger_process_priority: Literal["idle", "nice"] = Field(
+        "idle",
+        description="CPU priority of the ledger writer process: 'idle' (SCHED_IDLE: runs only on a CPU "
+        "nothing else wants; raised to nice 10 if it falls behind) or 'nice' (nice 10 throughout)",
+    )
     ledger_batch_max: int = Field(500, ge=1)
     ledger_flush_interval_s: float = Field(
         0.25,
@@ -107,6 +112,9 @@ class ServeSettings(BaseSettings):
 # Niceness of the ledger writer process: it only has to keep up on average (batches every
 # ledger_flush_interval_s), never to answer fast.
 LEDGER_PROCESS_NICE = 10
+# With priority "idle" (SCHED_IDLE) the writer could starve on a host whose CPUs are all busy; when this many
+# batches (x batch_max records) are waiting in the server, it is raised to SCHED_OTHER at nice 10.
+LEDGER_BACKLOG_BATCHES = 20
 
 _FLUSH = object()
 _STOP = object()
@@ -262,6 +270,7 @@ class ProcessLedgerWriter:
         batch_max: int = 500,
         flush_interval_s: float = 0.25,
         start_timeout_s: float = 60.0,
+        priority: str = "idle",
     ) -> None:
         import multiprocessing
 
@@ -279,6 +288,7 @@ class ProcessLedgerWriter:
                 ledger.policy,
                 str(ledger.kind),
                 batch_max,
+                priority,
             ),
             name="conserve-ledger-writer",
             daemon=True,
@@ -299,12 +309,46 @@ class ProcessLedgerWriter:
         self.last_error: str | None = None
         self._shipper = threading.Thread(target=self._ship_loop, name="conserve-ledger-shipper", daemon=True)
         self._shipper.start()
+        self.priority = priority
+        self._backlog_limit = LEDGER_BACKLOG_BATCHES * batch_max
+        self._raised = priority != "idle"
 
     # TurnSink: called on the event loop; a list append only
     def turn(self, rec: TurnRecord) -> None:
-        self._buf.append(rec)
-        if len(self._buf) >= self.batch_max:
+        buf = self._buf
+        buf.append(rec)
+        n = len(buf)
+        if n >= self.batch_max:
             self._wake.set()
+            if n > self._backlog_limit and not self._raised:
+                self.raise_priority()
+
+    def raise_priority(self) -> bool:
+        """The idle-priority writer fell behind (its records pile up here): give it a normal time share at
+        nice 10. Needs the right to raise a priority (root, CAP_SYS_NICE or RLIMIT_NICE); without it the
+        records stay buffered until the writer catches up, and the log says what to set."""
+        self._raised = True
+        pid = self._proc.pid
+        if pid is None:
+            return False
+        try:
+            os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, pid, LEDGER_PROCESS_NICE)
+        except OSError as err:
+            log.error(
+                "ledger writer process fell behind (%d records waiting) and its idle CPU priority could not "
+                "be raised (%s); records stay buffered in memory until it catches up. To avoid: "
+                "CONSERVE_LEDGER_PROCESS_PRIORITY=nice",
+                len(self._buf),
+                err,
+            )
+            return False
+        log.warning(
+            "ledger writer process fell behind (%d records waiting): raised from idle to nice %d",
+            len(self._buf),
+            LEDGER_PROCESS_NICE,
+        )
+        return True
 
     def pin(self, rec: PinRecord) -> None:
         self._buf.append(rec)
@@ -390,7 +434,7 @@ class ProcessLedgerWriter:
 
 
 def _ledger_process_main(
-    conn: Any, url: str, run_id: str, policy: str | None, kind: str, batch_max: int
+    conn: Any, url: str, run_id: str, policy: str | None, kind: str, batch_max: int, priority: str = "nice"
 ) -> None:
     """The ledger writer process: batches of records in, SQL out (see ProcessLedgerWriter).
 
@@ -402,6 +446,12 @@ def _ledger_process_main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):  # background work: the serving process gets the CPU first
         os.nice(LEDGER_PROCESS_NICE)
+    if priority == "idle":
+        # SCHED_IDLE: only CPU time nothing else wants. At nice 10 the writer's bursts (a batch every
+        # ledger_flush_interval_s) still took cores from the serving path on the 2-core dev box: added TTFT
+        # p99 at 1 connection was lower with idle in paired runs (BENCHMARKS.md, router overhead).
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     from energy.ledger import Ledger
     from energy.records import RunKind
 
@@ -642,7 +692,10 @@ def build_runtime(
     )
     if settings.ledger_writer == "process" and not in_memory:
         writer = ProcessLedgerWriter(
-            ledger, batch_max=settings.ledger_batch_max, flush_interval_s=settings.ledger_flush_interval_s
+            ledger,
+            batch_max=settings.ledger_batch_max,
+            flush_interval_s=settings.ledger_flush_interval_s,
+            priority=settings.ledger_process_priority,
         )
     else:
         writer = BackgroundLedgerWriter(

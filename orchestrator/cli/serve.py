@@ -109,5 +109,21 @@ def serve(
     )
 
 
+# ServeSettings without a flag, settable as environment variables (tests/cli/test_serve_cli.py keeps this
+# list in step with ServeSettings).
+ENV_SETTINGS_EPILOG = (
+    "Environment settings (CONSERVE_<NAME>, defaults in brackets): "
+    "CONSERVE_POLL_INTERVAL_S [1.0] engine health/metrics poll period; "
+    "CONSERVE_PIN_TTL_S [900] release the pin of a conversation idle this long; "
+    "CONSERVE_RUN_ID [live] ledger run the turns are recorded in; "
+    "CONSERVE_LEDGER_PROCESS_PRIORITY [idle] ledger writer CPU priority, 'idle' (SCHED_IDLE; nice 10 if it "
+    "falls behind) or 'nice'; "
+    "CONSERVE_LEDGER_BATCH_MAX [500] records per ledger transaction at most; "
+    "CONSERVE_LEDGER_FLUSH_INTERVAL_S [0.25] ship ledger records this often; "
+    "CONSERVE_ENERGY_INTERVAL_S [1.0] energy accounting period, 0 turns it off; "
+    "CONSERVE_ENERGY_LAG_S [10] attribute an energy interval this long after it ends."
+)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
+    app.command("serve", epilog=ENV_SETTINGS_EPILOG)(serve)

@@ -103,3 +103,22 @@ def test_three_turn_conversation_on_the_embedded_default_fleet(served_default: s
     assert conv["pinned_instance_id"] == decoder and conv["replacements"] == 0
     assert _metric(url, "conserve_turns_total") - turns_before == 3
     assert _metric(url, "conserve_kv_transfers_total") >= 1
+
+
+def test_serve_help_lists_every_environment_only_setting() -> None:
+    """`serve --help` names each ServeSettings field without a flag, as its environment variable."""
+    import inspect
+
+    from orchestrator.cli.serve import ENV_SETTINGS_EPILOG, serve
+    from orchestrator.runtime import ServeSettings
+
+    flags = set(inspect.signature(serve).parameters)
+    env_only = [name for name in ServeSettings.model_fields if name not in flags]
+    assert env_only, "every setting has a flag now: drop the epilog"
+    for name in env_only:
+        assert f"CONSERVE_{name.upper()} [" in ENV_SETTINGS_EPILOG, name
+    out = subprocess.run(
+        [sys.executable, "-c", "from orchestrator.cli import main; main()", "serve", "--help"],
+        capture_output=True, text=True, check=True, env=dict(os.environ, COLUMNS="200"),
+    )  # fmt: skip
+    assert "CONSERVE_LEDGER_PROCESS_PRIORITY" in out.stdout

@@ -78,3 +78,50 @@ def test_records_survive_the_writer_process_dying(ledger: Ledger) -> None:
     w.close()
     assert w.last_error is not None and "ledger process" in w.last_error
     assert len(ledger.turns()) == 25
+
+
+def _policy_of(pid: int, want: int, timeout_s: float = 30.0) -> int:
+    """The scheduling policy of `pid` once it is `want` (the child sets it as it starts), or the last seen."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = os.sched_getscheduler(pid)
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def test_idle_priority_writer_is_raised_when_it_falls_behind(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer process runs SCHED_IDLE; when records pile up in the server (here: the shipper is held, as
+    a starved writer would hold it in a full pipe) it gets a normal time share at nice 10; nothing is lost."""
+    w = ProcessLedgerWriter(ledger, batch_max=2, flush_interval_s=0.01, priority="idle")
+    try:
+        pid = w.pid
+        assert pid is not None
+        assert _policy_of(pid, os.SCHED_IDLE) == os.SCHED_IDLE
+        with w._send_lock:  # the shipper cannot drain: the backlog grows past 20 batches
+            for i in range(45):
+                w.turn(_turn(i, f"c{i}"))
+        if os.geteuid() == 0:  # root may raise a priority; an ordinary user gets the logged explanation
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 10
+            assert "raised from idle to nice 10" in caplog.text
+        else:  # pragma: no cover - CI runs as root
+            assert "CONSERVE_LEDGER_PROCESS_PRIORITY=nice" in caplog.text
+        assert w.flush(30) and w.written_turns == 45
+    finally:
+        w.close()
+
+
+def test_nice_priority_writer_is_never_idle(ledger: Ledger) -> None:
+    w = ProcessLedgerWriter(ledger, batch_max=5, flush_interval_s=0.01, priority="nice")
+    try:
+        w.turn(_turn(0, "c0"))
+        assert w.flush(30)  # the child is up and has applied its priority
+        assert w.pid is not None and os.sched_getscheduler(w.pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, w.pid) == 10
+    finally:
+        w.close()
