@@ -131,7 +131,7 @@ class PinLookup(Protocol):
 
 
 class RouterObserver(Protocol):
-    """Metrics hooks (the API implements them with prometheus_client)."""
+    """Metrics hooks (the API implements them in api/metrics.py, exposed in Prometheus format)."""
 
     def turn_done(
         self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float], ttfet_s: float | None
