@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,10 +77,9 @@ def main() -> None:
         url = args.db or f"sqlite:///{Path(d) / 'ledger.db'}"
         res = run(url, args.batch, args.batches, args.reps)
     res["db"] = url.split(":", 1)[0]
-    res["commit"] = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    res["machine"] = f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
+    import provenance  # benchmarks/provenance.py: this script's directory is on sys.path
+
+    res["commit"], res["machine"] = provenance.commit(), provenance.machine()
     if args.json:
         print(json.dumps(res, indent=2))
         return

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -252,6 +251,8 @@ def _median(xs: list[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import provenance  # benchmarks/provenance.py: this script's directory is on sys.path
+
     tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
     stub_port, router_port = _free_port(), _free_port()
     fleet = tmp / "fleet.yaml"
@@ -285,14 +286,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     use_wrk = shutil.which("wrk") is not None and not args.no_wrk
     result: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
-        f"{platform.python_version()}, {platform.platform()}",
+        "machine": provenance.machine(),
         "args": vars(args),
         # ServeSettings from the environment (e.g. CONSERVE_ENERGY_INTERVAL_S=0 turns energy accounting off)
         "router_env": {k: v for k, v in os.environ.items() if k.startswith("CONSERVE_")},
-        "commit": subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": provenance.commit(),
         "load_generator": {"latency": "aiohttp (own process)", "throughput": "wrk" if use_wrk else "aiohttp"},
         "loadavg_start": _loadavg(),
     }

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -131,10 +129,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-inproc-") as d:
         res = asyncio.run(_run(args.requests, args.reps, Path(d)))
-    res["commit"] = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    res["machine"] = f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
+    import provenance  # benchmarks/provenance.py: this script's directory is on sys.path
+
+    res["commit"], res["machine"] = provenance.commit(), provenance.machine()
     if args.json:
         print(json.dumps(res, indent=2))
         return
