@@ -274,6 +274,8 @@ class ProcessLedgerWriter:
     ) -> None:
         import multiprocessing
 
+        if priority not in ("idle", "nice"):
+            raise ValueError(f"ProcessLedgerWriter priority must be 'idle' or 'nice', got {priority!r}")
         self.ledger = ledger  # the parent's ledger: the fallback writer's
         self.batch_max = batch_max
         self.flush_interval_s = flush_interval_s
@@ -307,11 +309,11 @@ class ProcessLedgerWriter:
         self.written_pins = 0
         self.failed_batches = 0
         self.last_error: str | None = None
-        self._shipper = threading.Thread(target=self._ship_loop, name="conserve-ledger-shipper", daemon=True)
-        self._shipper.start()
         self.priority = priority
         self._backlog_limit = LEDGER_BACKLOG_BATCHES * batch_max
         self._raised = priority != "idle"
+        self._shipper = threading.Thread(target=self._ship_loop, name="conserve-ledger-shipper", daemon=True)
+        self._shipper.start()
 
     # TurnSink: called on the event loop; a list append only
     def turn(self, rec: TurnRecord) -> None:
