@@ -13,7 +13,7 @@ Must not import fastapi.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -181,12 +181,13 @@ class Ledger:
         key: str,
         make: Callable[[], Any],
         names: tuple[str, ...],
-        types: Mapping[str, Any],
+        model: Any,
         rows: list[tuple[Any, ...]],
     ) -> None:
         """One DBAPI executemany of the statement ``make()`` (compiled once per ledger, cached under ``key``)
         with ``rows`` as tuples in ``names`` order (bind names; for an INSERT, column keys), each value put
-        through its type's bind processor (the dialect's, UTCDateTime's) here. Used for the rows written for
+        through its column's bind processor (the dialect's, UTCDateTime's; columns of ``model``, None when
+        every bind is a plain value) here. Used for the rows written for
         every turn served: SQLAlchemy's per-row parameter dicts cost ~3x SQLite's own insert work (cProfile,
         batches of 500 turns, dev box)."""
         prepared = self._prepared.get(key)
@@ -198,8 +199,10 @@ class Ledger:
                 raise EnergyError(f"ledger: unexpected bind names {order} for {key} (expected {names})")
             # dialect_impl: the type as the dialect stores it (SQLite's DATETIME string format, not the
             # driver's default adapter), exactly what SQLAlchemy's own execution would bind
+            cols = model.__table__.c if model is not None else {}
             procs = [
-                types[n].dialect_impl(dialect).bind_processor(dialect) if n in types else None for n in names
+                cols[n].type.dialect_impl(dialect).bind_processor(dialect) if n in cols else None
+                for n in names
             ]
             prepared = self._prepared[key] = (compiled.string, order, compiled.positional, procs)
         sql, order, positional, procs = prepared
@@ -216,10 +219,6 @@ class Ledger:
                 named = dict(zip(names, vals, strict=True))
                 params.append(tuple(named[k] for k in order) if positional else named)
         conn.exec_driver_sql(sql, params)
-
-    def _column_types(self, model: Any, names: tuple[str, ...]) -> dict[str, Any]:
-        cols = model.__table__.c
-        return {n: cols[n].type for n in names}
 
     def _insert_ignore(self, model: Any) -> Any:
         if self.dialect == "postgresql":
@@ -291,7 +290,7 @@ class Ledger:
                 "insert-conversations",
                 lambda: self._insert_ignore(ConversationRow),
                 self._CONV_COLUMNS,
-                self._column_types(ConversationRow, self._CONV_COLUMNS),
+                ConversationRow,
                 [(self.run_id, cid, c["policy"], c["created_at"]) for cid, c in convs.items()],
             )
             try:
@@ -300,7 +299,7 @@ class Ledger:
                     "insert-turns",
                     lambda: insert(TurnRow),
                     self._TURN_COLUMNS,
-                    self._column_types(TurnRow, self._TURN_COLUMNS),
+                    TurnRow,
                     turn_rows,
                 )
             except IntegrityError as err:
@@ -320,7 +319,7 @@ class Ledger:
         The SELECT reads the chunk's turns with one index range scan and folds them here. It used to join two
         grouped subqueries in SQL; on PostgreSQL, whose statistics do not know a run that just started, the
         planner chose a nested loop that re-aggregated one subquery per row: 355 ms per batch of 500
-        one-turn conversations (EXPLAIN ANALYZE), ~1,000 conversations/s at most for the whole ledger."""
+        one-turn conversations (EXPLAIN ANALYZE), ~1,200 conversations/s at most for the whole ledger."""
         t = TurnRow
         ok = str(TurnStatus.OK)
         for i in range(0, len(conversation_ids), 500):  # bounded IN lists (SQLite variable limits)
@@ -364,7 +363,7 @@ class Ledger:
                         e2e_s=bindparam("e2e_s"),
                     ),
                     self._SUMMARY_BINDS,
-                    {},
+                    None,
                     values,
                 )
 
@@ -546,7 +545,7 @@ class Ledger:
                 "insert-attributions",
                 lambda: insert(AttributionRowModel),
                 self._ATTR_COLUMNS,
-                self._column_types(AttributionRowModel, self._ATTR_COLUMNS),
+                AttributionRowModel,
                 rows,
             )
         return len(rows)
