@@ -19,6 +19,7 @@ Must not import fastapi (the API imports this, not the reverse).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import logging
@@ -112,9 +113,13 @@ class ServeSettings(BaseSettings):
 # Niceness of the ledger writer process: it only has to keep up on average (batches every
 # ledger_flush_interval_s), never to answer fast.
 LEDGER_PROCESS_NICE = 10
-# With priority "idle" (SCHED_IDLE) the writer could starve on a host whose CPUs are all busy; when this many
-# batches (x batch_max records) are waiting in the server, it is raised to SCHED_OTHER at nice 10.
+# With priority "idle" (SCHED_IDLE) the writer starves on a host whose CPUs are all busy: CI saw a flush wait
+# 90 s for a writer that had not even finished starting. It is raised to SCHED_OTHER at nice 10 when this many
+# batches (x batch_max records) are waiting in the server, ...
 LEDGER_BACKLOG_BATCHES = 20
+# ... or when a shipment or a flush/stop has gone unanswered this long. Unstarved, the writer answers in
+# milliseconds (a batch of 500 turns is ~30 ms of SQL, benchmarks/bench_ledger.py).
+LEDGER_STARVED_S = 2.0
 
 _FLUSH = object()
 _STOP = object()
@@ -312,8 +317,15 @@ class ProcessLedgerWriter:
         self.priority = priority
         self._backlog_limit = LEDGER_BACKLOG_BATCHES * batch_max
         self._raised = priority != "idle"
+        # shipments the child has not acknowledged yet: (records shipped so far, monotonic time shipped)
+        self._unacked: collections.deque[tuple[int, float]] = collections.deque()
+        self._shipped = 0
         self._shipper = threading.Thread(target=self._ship_loop, name="conserve-ledger-shipper", daemon=True)
         self._shipper.start()
+        # A server that exits without close() must not hang in multiprocessing's exit handler, which joins
+        # the child while the child waits for this end of the pipe to close: close it first (atexit runs
+        # handlers last-registered first; multiprocessing registered its handler when it was imported).
+        atexit.register(self._close_at_exit)
 
     # TurnSink: called on the event loop; a list append only
     def turn(self, rec: TurnRecord) -> None:
@@ -325,11 +337,13 @@ class ProcessLedgerWriter:
             if n > self._backlog_limit and not self._raised:
                 self.raise_priority()
 
-    def raise_priority(self) -> bool:
-        """The idle-priority writer fell behind (its records pile up here): give it a normal time share at
-        nice 10. Needs the right to raise a priority (root, CAP_SYS_NICE or RLIMIT_NICE); without it the
-        records stay buffered until the writer catches up, and the log says what to set."""
+    def raise_priority(self, why: str | None = None) -> bool:
+        """The idle-priority writer fell behind (records pile up here, or it leaves shipments unanswered):
+        give it a normal time share at nice 10, for the rest of the run. Needs the right to raise a priority
+        (root, CAP_SYS_NICE or RLIMIT_NICE); without it the records wait until the writer catches up, and
+        the log says what to set."""
         self._raised = True
+        why = why or f"{len(self._buf)} records waiting"
         pid = self._proc.pid
         if pid is None:
             return False
@@ -338,19 +352,36 @@ class ProcessLedgerWriter:
             os.setpriority(os.PRIO_PROCESS, pid, LEDGER_PROCESS_NICE)
         except OSError as err:
             log.error(
-                "ledger writer process fell behind (%d records waiting) and its idle CPU priority could not "
-                "be raised (%s); records stay buffered in memory until it catches up. To avoid: "
-                "CONSERVE_LEDGER_PROCESS_PRIORITY=nice",
-                len(self._buf),
+                "ledger writer process fell behind (%s) and its idle CPU priority could not be raised (%s); "
+                "records wait until it catches up. To avoid: CONSERVE_LEDGER_PROCESS_PRIORITY=nice",
+                why,
                 err,
             )
             return False
         log.warning(
-            "ledger writer process fell behind (%d records waiting): raised from idle to nice %d",
-            len(self._buf),
-            LEDGER_PROCESS_NICE,
+            "ledger writer process fell behind (%s): raised from idle to nice %d", why, LEDGER_PROCESS_NICE
         )
         return True
+
+    def _read_acks(self) -> Any:
+        """Take the child's acknowledgements off the pipe (caller holds _send_lock); return the first other
+        message (a flush/stop answer) or None."""
+        conn = self._conn
+        while conn.poll(0):
+            msg = pickle.loads(conn.recv_bytes())
+            if msg[0] != "ack":
+                return msg
+            self._ack(msg[1])
+        return None
+
+    def _ack(self, received: int) -> None:
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= received:
+            unacked.popleft()
+
+    def _check_starved(self, now: float) -> None:
+        if not self._raised and self._unacked and now - self._unacked[0][1] > LEDGER_STARVED_S:
+            self.raise_priority(f"a shipment unanswered for {now - self._unacked[0][1]:.1f} s")
 
     def pin(self, rec: PinRecord) -> None:
         self._buf.append(rec)
@@ -373,14 +404,23 @@ class ProcessLedgerWriter:
         with self._send_lock:
             buf = self._buf
             batch = [buf.popleft() for _ in range(len(buf))]  # only this thread pops
+            if self._fallback is None and (batch or self._unacked):
+                try:
+                    unasked = self._read_acks()
+                    if unasked is not None:  # cannot happen: answers are read by _request, which asked
+                        log.error("ledger process sent %r unasked; ignored", unasked[0])
+                    now = time.monotonic()
+                    self._check_starved(now)
+                    if not batch:
+                        return
+                    self._conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+                    self._shipped += len(batch)
+                    self._unacked.append((self._shipped, now))
+                    return
+                except (OSError, EOFError, ValueError) as err:
+                    self._use_fallback(f"ledger process unreachable ({type(err).__name__}: {err})")
             if not batch:
                 return
-            if self._fallback is None:
-                try:
-                    self._conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
-                    return
-                except (OSError, ValueError) as err:
-                    self._use_fallback(f"ledger process unreachable ({type(err).__name__}: {err})")
             assert self._fallback is not None
             for rec in batch:
                 if isinstance(rec, TurnRecord):
@@ -403,9 +443,21 @@ class ProcessLedgerWriter:
                 return self._fallback.flush(timeout_s) if what == "flush" else True
             try:
                 self._conn.send_bytes(pickle.dumps((what, timeout_s)))
-                if not self._conn.poll(timeout_s + self._start_timeout_s):
-                    return False
-                _, ok, stats = pickle.loads(self._conn.recv_bytes())
+                asked = time.monotonic()
+                deadline = asked + timeout_s + self._start_timeout_s
+                while True:
+                    answer = self._read_acks()
+                    if answer is not None:
+                        break
+                    now = time.monotonic()
+                    if now >= deadline:
+                        return False
+                    self._check_starved(now)
+                    if not self._raised and now - asked > LEDGER_STARVED_S:
+                        self.raise_priority(f"a {what} unanswered for {now - asked:.1f} s")
+                    self._conn.poll(min(deadline - now, 0.1 if not self._raised else 1.0))
+                _, ok, stats = answer
+                self._unacked.clear()  # the child answers after writing everything shipped before the request
             except (OSError, EOFError, ValueError) as err:
                 self._use_fallback(f"ledger process failed ({type(err).__name__}: {err})")
                 return False
@@ -419,9 +471,15 @@ class ProcessLedgerWriter:
             return self._fallback.flush(timeout_s) if self._fallback is not None else True
         return self._request("flush", timeout_s)
 
+    def _close_at_exit(self) -> None:
+        if not self._closed:
+            log.warning("ledger writer not closed before exit: closing it now (writes what it holds)")
+            self.close()
+
     def close(self, timeout_s: float = 30.0) -> None:
         if self._closed:
             return
+        atexit.unregister(self._close_at_exit)
         self._request("stop", timeout_s)
         self._closed = True
         self._wake.set()
@@ -448,16 +506,18 @@ def _ledger_process_main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):  # background work: the serving process gets the CPU first
         os.nice(LEDGER_PROCESS_NICE)
-    if priority == "idle":
-        # SCHED_IDLE: only CPU time nothing else wants. At nice 10 the writer's bursts (a batch every
-        # ledger_flush_interval_s) still took cores from the serving path on the 2-core dev box: added TTFT
-        # p99 at 1 connection was lower with idle in paired runs (BENCHMARKS.md, router overhead).
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     from energy.ledger import Ledger
     from energy.records import RunKind
 
     ledger = Ledger(url, run_id=run_id, policy=policy, kind=RunKind(kind))
+    if priority == "idle":
+        # SCHED_IDLE: only CPU time nothing else wants. At nice 10 the writer's bursts (a batch every
+        # ledger_flush_interval_s) still took cores from the serving path on the 2-core dev box: added TTFT
+        # p99 at 1 connection was lower with idle in paired runs (BENCHMARKS.md, router overhead).
+        # Set after the imports above (~1 s of CPU), which at idle priority can starve on a busy host; the
+        # server raises it back to nice 10 if it starves later (LEDGER_STARVED_S, LEDGER_BACKLOG_BATCHES).
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     # One thread: receive what the server shipped (everything already in the pipe, up to batch_max records),
     # write it in one transaction, answer a flush/stop after the records sent before it are written. The
     # per-transaction cost dominates at small batches: this process used 740-870 ms CPU for 3,000 turns
@@ -466,6 +526,7 @@ def _ledger_process_main(
     writer = LedgerBatchWriter(ledger)
     pins: list[PinRecord] = []
     turns: list[TurnRecord] = []
+    received = 0  # records received, acknowledged after each transaction (the server's starvation check)
     gone = False
     try:
         while not gone:
@@ -476,6 +537,7 @@ def _ledger_process_main(
                     if not isinstance(msg, list):
                         control = msg
                         break
+                    received += len(msg)
                     for rec in msg:
                         (turns if isinstance(rec, TurnRecord) else pins).append(rec)  # type: ignore[arg-type]
                     if len(turns) + len(pins) >= batch_max or not conn.poll(0):
@@ -487,6 +549,11 @@ def _ledger_process_main(
                 writer._closed = True
             ok = writer._write(pins, turns)
             pins, turns = [], []
+            if control is None and not gone:
+                try:
+                    conn.send_bytes(pickle.dumps(("ack", received)))
+                except OSError:  # the serving process is gone; what it shipped is written
+                    gone = True
             if control is not None:
                 what, _timeout_s = control
                 stats = (writer.written_turns, writer.written_pins, writer.failed_batches, writer.last_error)
