@@ -139,7 +139,30 @@ class LedgerBatchWriter:
         self.written_pins = 0
         self.failed_batches = 0
         self.last_error: str | None = None
+        self.written_samples = 0
+        self.written_attributions = 0
+        self.failed_energy_jobs = 0
         self._closed = False
+
+    def _run_energy(self, jobs: Sequence[Any]) -> None:
+        """Run the energy accountant's jobs (energy/accounting.py EnergyJob), after the records queued before
+        them are written. A failed job is logged and counted, as a failed tick was in the serving process
+        (its intervals are not retried: samples and rows are separate transactions, a retry could write the
+        samples twice)."""
+        if not jobs:
+            return
+        from energy.accounting import run_energy_job
+
+        for job in jobs:
+            try:
+                n_samples, n_rows = run_energy_job(self.ledger, job)
+            except Exception as err:  # noqa: BLE001 - SQL or conservation errors: logged, the writer goes on
+                self.failed_energy_jobs += 1
+                self.last_error = f"energy attribution failed: {type(err).__name__}: {err}"
+                log.error("%s (%d intervals not attributed)", self.last_error, len(job.intervals))
+                continue
+            self.written_samples += n_samples
+            self.written_attributions += n_rows
 
     def _write(self, pins: Sequence[PinRecord], turns: Sequence[TurnRecord]) -> bool:
         """Write the batch; False only when it gave up at shutdown."""
@@ -195,6 +218,13 @@ class BackgroundLedgerWriter(LedgerBatchWriter):
     def pin(self, rec: PinRecord) -> None:
         self._q.put(rec)
 
+    def energy(self, job: Any) -> bool:
+        """Queue an energy job (EnergyJob) to run after the records queued before it; False once closed."""
+        if self._closed:
+            return False
+        self._q.put(job)
+        return True
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything queued so far is written (for tests and shutdown)."""
         done = threading.Event()
@@ -212,6 +242,17 @@ class BackgroundLedgerWriter(LedgerBatchWriter):
     def pending(self) -> int:
         return self._q.qsize()
 
+    @staticmethod
+    def _sort(it: Any, turns: list[Any], pins: list[Any], jobs: list[Any], events: list[Any]) -> None:
+        if isinstance(it, TurnRecord):
+            turns.append(it)
+        elif isinstance(it, PinRecord):
+            pins.append(it)
+        elif isinstance(it, tuple) and it and it[0] is _FLUSH:
+            events.append(it[1])
+        elif it is not _STOP:
+            jobs.append(it)
+
     def _loop(self) -> None:
         stop = False
         while not stop:
@@ -226,29 +267,22 @@ class BackgroundLedgerWriter(LedgerBatchWriter):
                     break
             turns: list[TurnRecord] = []
             pins: list[PinRecord] = []
+            jobs: list[Any] = []
             events: list[threading.Event] = []
             for it in batch:
                 if it is _STOP:
                     stop = True
-                elif isinstance(it, tuple) and it and it[0] is _FLUSH:
-                    events.append(it[1])
-                elif isinstance(it, TurnRecord):
-                    turns.append(it)
-                elif isinstance(it, PinRecord):
-                    pins.append(it)
+                else:
+                    self._sort(it, turns, pins, jobs, events)
             if stop:  # drain what is left
                 while True:
                     try:
                         it = self._q.get_nowait()
                     except queue.Empty:
                         break
-                    if isinstance(it, TurnRecord):
-                        turns.append(it)
-                    elif isinstance(it, PinRecord):
-                        pins.append(it)
-                    elif isinstance(it, tuple) and it and it[0] is _FLUSH:
-                        events.append(it[1])
+                    self._sort(it, turns, pins, jobs, events)
             self._write(pins, turns)
+            self._run_energy(jobs)
             for ev in events:
                 ev.set()
 
@@ -313,6 +347,9 @@ class ProcessLedgerWriter:
         self.written_turns = 0
         self.written_pins = 0
         self.failed_batches = 0
+        self.written_samples = 0
+        self.written_attributions = 0
+        self.failed_energy_jobs = 0
         self.last_error: str | None = None
         self.priority = priority
         self._backlog_limit = LEDGER_BACKLOG_BATCHES * batch_max
@@ -386,6 +423,15 @@ class ProcessLedgerWriter:
     def pin(self, rec: PinRecord) -> None:
         self._buf.append(rec)
 
+    def energy(self, job: Any) -> bool:
+        """Queue an energy job (EnergyJob: samples and intervals to attribute, energy/accounting.py) to run
+        in the writer process after the records queued before it; False once closed (the caller runs it)."""
+        if self._closed:
+            return False
+        self._buf.append(job)
+        self._wake.set()
+        return True
+
     @property
     def pending(self) -> int:
         return len(self._buf) + (self._fallback.pending if self._fallback is not None else 0)
@@ -425,8 +471,10 @@ class ProcessLedgerWriter:
             for rec in batch:
                 if isinstance(rec, TurnRecord):
                     self._fallback.turn(rec)
-                else:
+                elif isinstance(rec, PinRecord):
                     self._fallback.pin(rec)
+                else:
+                    self._fallback.energy(rec)
 
     def _use_fallback(self, why: str) -> None:
         log.error("%s; writing the ledger from this process instead", why)
@@ -461,7 +509,15 @@ class ProcessLedgerWriter:
             except (OSError, EOFError, ValueError) as err:
                 self._use_fallback(f"ledger process failed ({type(err).__name__}: {err})")
                 return False
-            self.written_turns, self.written_pins, self.failed_batches, last_error = stats
+            (
+                self.written_turns,
+                self.written_pins,
+                self.failed_batches,
+                last_error,
+                self.written_samples,
+                self.written_attributions,
+                self.failed_energy_jobs,
+            ) = stats
             self.last_error = last_error or self.last_error
             return bool(ok)
 
@@ -526,6 +582,7 @@ def _ledger_process_main(
     writer = LedgerBatchWriter(ledger)
     pins: list[PinRecord] = []
     turns: list[TurnRecord] = []
+    jobs: list[Any] = []  # energy jobs: run after the records before them are written
     received = 0  # records received, acknowledged after each transaction (the server's starvation check)
     gone = False
     try:
@@ -539,7 +596,12 @@ def _ledger_process_main(
                         break
                     received += len(msg)
                     for rec in msg:
-                        (turns if isinstance(rec, TurnRecord) else pins).append(rec)  # type: ignore[arg-type]
+                        if isinstance(rec, TurnRecord):
+                            turns.append(rec)
+                        elif isinstance(rec, PinRecord):
+                            pins.append(rec)
+                        else:
+                            jobs.append(rec)
                     if len(turns) + len(pins) >= batch_max or not conn.poll(0):
                         break
                     msg = pickle.loads(conn.recv_bytes())
@@ -548,7 +610,8 @@ def _ledger_process_main(
             if control is not None and control[0] == "stop":
                 writer._closed = True
             ok = writer._write(pins, turns)
-            pins, turns = [], []
+            writer._run_energy(jobs)
+            pins, turns, jobs = [], [], []
             if control is None and not gone:
                 try:
                     conn.send_bytes(pickle.dumps(("ack", received)))
@@ -556,7 +619,15 @@ def _ledger_process_main(
                     gone = True
             if control is not None:
                 what, _timeout_s = control
-                stats = (writer.written_turns, writer.written_pins, writer.failed_batches, writer.last_error)
+                stats = (
+                    writer.written_turns,
+                    writer.written_pins,
+                    writer.failed_batches,
+                    writer.last_error,
+                    writer.written_samples,
+                    writer.written_attributions,
+                    writer.failed_energy_jobs,
+                )
                 conn.send_bytes(pickle.dumps(("stopped" if what == "stop" else "flushed", ok, stats)))
                 if what == "stop":
                     return
@@ -695,9 +766,10 @@ class Runtime:
             await self.accountant.observe_engines()  # the engines' last token counts, before they close
             await asyncio.to_thread(self.accountant.wait_idle)  # a cancelled tick runs on in its thread
         await self.router.aclose()
-        await asyncio.to_thread(self.writer.close)
-        if self.accountant is not None:  # every turn is in the ledger now: attribute what is still pending
-            await asyncio.to_thread(self.accountant.finish)
+        if self.accountant is not None:  # every turn is handed to the writer: attribute what is still pending
+            await asyncio.to_thread(self.accountant.finish)  # a last job, queued behind those turns
+        await asyncio.to_thread(self.writer.close)  # writes the turns, then runs the job
+        if self.accountant is not None:
             self.accountant.close()
         self.ledger.close()
         self._started = False
@@ -798,7 +870,8 @@ def build_runtime(
             cfg=cfg,
             lag_s=settings.energy_lag_s,
             horizon=router.settled_before,  # running turns are not recorded yet: wait for them
-            settle=writer.flush,  # what ended is handed to the writer: make it durable before reading
+            # samples and attribution run in the ledger writer, after the turns handed to it before them
+            offload=writer.energy,
             lease=lease_for(db_url, settings.run_id),  # one replica per run accounts (energy/lease.py)
         )
     return Runtime(

@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from energy.accounting import (
     EnergyAccountant,
+    EnergyJob,
     EngineMeterBinding,
     LedgerTurnSource,
     build_accountant,
@@ -262,6 +264,101 @@ def test_a_turn_running_longer_than_the_lag_gets_all_its_energy(sqlite_url: str,
         assert c1_j < expected * 0.5  # the energy before the turn was recorded went elsewhere
     assert math.fsum(a.joules for a in rows) == pytest.approx(250.0 * 40, rel=1e-9)
     ledger.close()
+
+
+def _long_turns_scenario(ledger: Ledger, record: Any, offload: Any, settle: Any) -> EnergyAccountant:
+    """Two engines on one recorded meter, turns running 3-30 s, recorded through `record` as they end; the
+    accountant ticks once a (virtual) second with the running turns' horizon."""
+    clock = Clock()
+    recorded = [
+        EnergySample("node", g, T0 + timedelta(seconds=s), (250.0 if g == 0 else 90.0) * s)
+        for s in range(0, 41)
+        for g in (0, 1)
+    ]
+    meter = ReplayMeter(recorded, clock=clock, meter_id="node")
+    tm = a40()
+    turns = [  # (conversation, arrival s, first token s, end s, decoder)
+        ("c1", 1, 2, 31, "d0"),
+        ("c2", 3, 4, 7, "d1"),
+        ("c3", 5, 9, 12, "d0"),
+        ("c4", 14, 15, 38, "d1"),
+    ]
+    running = {c: T0 + timedelta(seconds=a) for c, a, *_ in turns}
+    acct = EnergyAccountant(
+        ledger,
+        {"node": meter},
+        [
+            EngineMeterBinding("d0", "node", (0,), tm.name, tm.idle_w),
+            EngineMeterBinding("d1", "node", (1,), tm.name, tm.idle_w),
+        ],
+        LedgerTurnSource(ledger),
+        lag_s=5.0,
+        clock=clock,
+        horizon=lambda: min((t for t in running.values() if t <= clock.t), default=None),
+        settle=settle,
+        offload=offload,
+    )
+    for s in range(1, 41):
+        clock.t = T0 + timedelta(seconds=s)
+        for c, a, f, e, d in turns:
+            if e == s:
+                running.pop(c)
+                record(
+                    TurnRecord(
+                        c,
+                        1,
+                        f"{c}-1",
+                        d,
+                        arrival_at=T0 + timedelta(seconds=a),
+                        first_token_at=T0 + timedelta(seconds=f),
+                        last_token_at=T0 + timedelta(seconds=e),
+                        prompt_tokens=500,
+                        output_tokens=100 * (e - f),
+                        tier=tm.name,
+                    )
+                )
+        acct.sample()
+        acct.attribute_ready(horizon=acct.horizon() if acct.horizon else None)
+    acct.attribute_ready(all_pending=True)
+    return acct
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_attribution_offloaded_to_the_ledger_writer_equals_in_process(tmp_path: Path, kind: str) -> None:
+    """`serve` hands samples and intervals to the ledger writer (EnergyJob), which attributes them after the
+    turns queued before them are written, with no flush in between. Same rows as attributing in-process with
+    the turns written synchronously; a job queued behind a turn sees that turn."""
+    from orchestrator.runtime import BackgroundLedgerWriter, ProcessLedgerWriter
+
+    local = Ledger(f"sqlite:///{tmp_path / 'local.db'}", policy="conserve")
+    local.upgrade()
+    _long_turns_scenario(local, local.record_turn, None, lambda: True)
+
+    off = Ledger(f"sqlite:///{tmp_path / 'off.db'}", policy="conserve")
+    off.upgrade()
+    make = ProcessLedgerWriter if kind == "process" else BackgroundLedgerWriter
+    writer = make(off, batch_max=3, flush_interval_s=0.01)
+    acct = _long_turns_scenario(off, writer.turn, writer.energy, None)
+    writer.close()
+    assert acct.jobs_offloaded > 0 and acct.rows_written == 0  # all rows written by the writer
+    assert writer.failed_energy_jobs == 0
+    assert writer.written_samples == acct.samples_written == len(off.samples()) == 82  # baseline + 40 reads
+
+    def rows(led: Ledger) -> list[tuple[Any, ...]]:
+        return sorted(
+            (a.conversation_id or "", a.engine_id, a.interval_start, a.interval_end, round(a.joules, 9))
+            for _, a in led.attributions()
+        )
+
+    assert writer.written_attributions == len(rows(off))
+    assert rows(off) == rows(local)
+    c1 = math.fsum(a.joules for _, a in off.attributions() if a.conversation_id == "c1")
+    assert c1 >= 29 * (250.0 - a40().idle_w) * 0.99 / 2  # c1 decoded 29 s on d0, sharing it with c3 for 3 s
+    assert math.fsum(a.joules for _, a in off.attributions()) == pytest.approx((250.0 + 90.0) * 40, rel=1e-9)
+    # a closed writer refuses jobs; the accountant then attributes in its own process
+    assert writer.energy(EnergyJob((), ())) is False
+    local.close()
+    off.close()
 
 
 async def test_build_accountant_for_sim_engines_uses_model_meters(tmp_path: Path) -> None:
