@@ -628,10 +628,13 @@ class EnergyAccountant:
             await self.observe_engines()
         await asyncio.to_thread(self.finish)
 
-    def install(self, scheduler: Any, interval_s: float = 1.0) -> None:
-        """Add the accounting job to an APScheduler (AsyncIOScheduler) scheduler."""
+    def install(
+        self, scheduler: Any, interval_s: float = 1.0, wrap: Callable[[Any], Any] | None = None
+    ) -> None:
+        """Add the accounting job to an APScheduler (AsyncIOScheduler) scheduler (``wrap``: the caller's job
+        wrapper, e.g. the runtime's, which lets a running tick finish at shutdown)."""
         scheduler.add_job(
-            self.tick,
+            wrap(self.tick) if wrap is not None else self.tick,
             "interval",
             seconds=interval_s,
             id="energy-accounting",

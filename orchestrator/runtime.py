@@ -22,6 +22,7 @@ import asyncio
 import atexit
 import collections
 import contextlib
+import inspect
 import logging
 import os
 import pickle
@@ -120,6 +121,9 @@ LEDGER_BACKLOG_BATCHES = 20
 # ... or when a shipment or a flush/stop has gone unanswered this long. Unstarved, the writer answers in
 # milliseconds (a batch of 500 turns is ~30 ms of SQL, benchmarks/bench_ledger.py).
 LEDGER_STARVED_S = 2.0
+
+# At shutdown, scheduled job runs in progress (an engine poll, an energy tick) get this long to end.
+JOB_DRAIN_S = 10.0
 
 _FLUSH = object()
 _STOP = object()
@@ -713,6 +717,7 @@ class Runtime:
     policy_name: str
     _scheduler: Any = None
     _started: bool = False
+    _jobs: set[asyncio.Task[Any]] = field(default_factory=set)  # scheduled job runs in progress
     notes: list[str] = field(default_factory=list)
     accountant: Any = None  # energy.accounting.EnergyAccountant (None: energy accounting off)
 
@@ -725,7 +730,7 @@ class Runtime:
         await self.router.poll()
         sched = AsyncIOScheduler()
         sched.add_job(
-            self.router.poll,
+            self._job(self.router.poll),
             "interval",
             seconds=self.settings.poll_interval_s,
             id="poll-engines",
@@ -734,7 +739,7 @@ class Runtime:
             misfire_grace_time=None,
         )
         sched.add_job(
-            self.router.expire_idle,
+            self._job(self.router.expire_idle),  # on the loop: it edits the router's conversations
             "interval",
             seconds=min(30.0, self.settings.pin_ttl_s),
             id="expire-pins",
@@ -743,10 +748,28 @@ class Runtime:
             misfire_grace_time=None,
         )
         if self.accountant is not None:
-            self.accountant.install(sched, self.settings.energy_interval_s)
+            self.accountant.install(sched, self.settings.energy_interval_s, wrap=self._job)
         sched.start()
         self._scheduler = sched
         self._started = True
+
+    def _job(self, fn: Any) -> Any:
+        """A scheduled job as a coroutine on the event loop whose runs `stop()` can wait for: APScheduler's
+        shutdown cancels runs in progress and logs each as "Error running job" with a traceback."""
+
+        async def run() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._jobs.add(task)
+            try:
+                result = fn()
+                if inspect.isawaitable(result):
+                    await result
+            finally:
+                self._jobs.discard(task)
+
+        run.__qualname__ = getattr(fn, "__qualname__", "job")
+        return run
 
     def scheduler_pause(self) -> None:
         """Pause the scheduled jobs (tests: make a failure invisible to the health poll)."""
@@ -760,6 +783,10 @@ class Runtime:
     async def stop(self) -> None:
         """Stop jobs, close engines, drain the ledger queue (no row lost), close the ledger."""
         if self._scheduler is not None:
+            self._scheduler.pause()  # no new runs; let those in progress end (a poll, a tick: seconds)
+            await asyncio.sleep(0)  # a run submitted just now starts and registers
+            if self._jobs:
+                await asyncio.wait(set(self._jobs), timeout=JOB_DRAIN_S)
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
         if self.accountant is not None:
