@@ -728,6 +728,10 @@ class Runtime:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         await self.router.poll()
+        if self.accountant is not None:
+            # the engines' token counters now are the baseline of the model meters' activity: without it the
+            # first tick took its own reading as the baseline and the work served before it got no energy
+            await self.accountant.observe_engines()
         sched = AsyncIOScheduler()
         sched.add_job(
             self._job(self.router.poll),

@@ -106,3 +106,35 @@ def test_serve_load_writes_samples_and_attributions_and_reports_agree(tmp_path: 
     assert len(per_conv) >= 0.9 * n_conv  # conversations got energy (a few may finish inside one sample)
     assert all(j >= 0 for j in per_conv.values())
     assert any(a.is_idle for a in rows)
+
+
+def test_work_served_before_the_first_energy_tick_gets_its_energy(tmp_path: Path) -> None:
+    """A request answered before the accounting job's first run: the engines' token counters are baselined
+    when `serve` starts, so that work is in the first tick's activity. (The first tick used to take its own
+    reading as the baseline, and the modelled energy of everything served before it went to the idle row.)"""
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    cfg = parse_fleet(dict(FLEET, database_url=db_url))
+    tm = tier_model(cfg, "a40")
+    instances = [SimInstance("a40-prefill-0", "a40", Role.PREFILL, tm)] + [
+        SimInstance("a40-decode-0", "a40", Role.DECODE, tm)
+    ]
+    settings = ServeSettings(
+        fleet=Path("inline"), db=db_url, energy_interval_s=2.0, energy_lag_s=0.1, ledger_flush_interval_s=0.01
+    )
+    rt = build_runtime(settings, cfg, instances=instances)
+    with TestClient(create_app(settings, runtime=rt)) as client:
+        t0 = time.monotonic()
+        r = client.post(
+            "/v1/chat/completions",
+            headers={"X-Conversation-Id": "early"},
+            json={
+                "model": "Qwen3-0.6B",
+                "messages": [{"role": "user", "content": "go " * 200}],
+                "max_tokens": 8,
+            },
+        )
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - t0 < 2.0  # answered before the first tick
+    with Ledger(db_url) as lg:
+        early = math.fsum(a.joules for _, a in lg.attributions() if a.conversation_id == "early")
+    assert early > 0
