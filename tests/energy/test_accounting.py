@@ -140,6 +140,16 @@ def test_spread_work_splits_prefill_and_decode_over_their_spans() -> None:
     assert spread_work([t], "d1", T0, T0 + timedelta(seconds=20)) == []
 
 
+def _constant_draw(watts: dict[int, float], seconds: int) -> list[EnergySample]:
+    """A recorded node meter ("node"): each GPU's cumulative joules once a second for `seconds` s at a
+    constant draw."""
+    return [
+        EnergySample("node", g, T0 + timedelta(seconds=s), w * s)
+        for s in range(seconds + 1)
+        for g, w in watts.items()
+    ]
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = T0
@@ -153,11 +163,7 @@ def test_serving_accountant_samples_meters_and_attributes_conserving_rows(ledger
     ledger = Ledger(ledger_url, policy="conserve")
     ledger.upgrade()
     # a measured meter replaying a recorded counter: 2 GPUs, GPU 0 is d0 and GPU 1 is p0, ~250 W and ~100 W
-    recorded = [
-        EnergySample("node", g, T0 + timedelta(seconds=s), (250.0 if g == 0 else 100.0) * s)
-        for s in range(0, 31)
-        for g in (0, 1)
-    ]
+    recorded = _constant_draw({0: 250.0, 1: 100.0}, 30)
     meter = ReplayMeter(recorded, clock=clock, meter_id="node")
     tm = a40()
     bindings = [
@@ -212,7 +218,7 @@ def test_a_turn_running_longer_than_the_lag_gets_all_its_energy(sqlite_url: str,
     clock = Clock()
     ledger = Ledger(sqlite_url, policy="conserve")
     ledger.upgrade()
-    recorded = [EnergySample("node", 0, T0 + timedelta(seconds=s), 250.0 * s) for s in range(0, 41)]
+    recorded = _constant_draw({0: 250.0}, 40)
     meter = ReplayMeter(recorded, clock=clock, meter_id="node")
     tm = a40()
     running: dict[str, datetime] = {"c1": T0 + timedelta(seconds=1)}
@@ -270,11 +276,7 @@ def _long_turns_scenario(ledger: Ledger, record: Any, offload: Any, settle: Any)
     """Two engines on one recorded meter, turns running 3-30 s, recorded through `record` as they end; the
     accountant ticks once a (virtual) second with the running turns' horizon."""
     clock = Clock()
-    recorded = [
-        EnergySample("node", g, T0 + timedelta(seconds=s), (250.0 if g == 0 else 90.0) * s)
-        for s in range(0, 41)
-        for g in (0, 1)
-    ]
+    recorded = _constant_draw({0: 250.0, 1: 90.0}, 40)
     meter = ReplayMeter(recorded, clock=clock, meter_id="node")
     tm = a40()
     turns = [  # (conversation, arrival s, first token s, end s, decoder)
