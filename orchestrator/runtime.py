@@ -127,6 +127,26 @@ JOB_DRAIN_S = 10.0
 
 _FLUSH = object()
 _STOP = object()
+# The writers' counters, as the writer process reports them to the server (ProcessLedgerWriter._request).
+_WRITER_STATS = (
+    "written_turns",
+    "written_pins",
+    "failed_batches",
+    "last_error",
+    "written_samples",
+    "written_attributions",
+    "failed_energy_jobs",
+)
+
+
+def _sort_record(rec: Any, turns: list[Any], pins: list[Any], jobs: list[Any]) -> None:
+    """A record handed to a ledger writer, by kind: turn, pin, or else an energy job (EnergyJob)."""
+    if isinstance(rec, TurnRecord):
+        turns.append(rec)
+    elif isinstance(rec, PinRecord):
+        pins.append(rec)
+    else:
+        jobs.append(rec)
 
 
 class LedgerBatchWriter:
@@ -248,14 +268,10 @@ class BackgroundLedgerWriter(LedgerBatchWriter):
 
     @staticmethod
     def _sort(it: Any, turns: list[Any], pins: list[Any], jobs: list[Any], events: list[Any]) -> None:
-        if isinstance(it, TurnRecord):
-            turns.append(it)
-        elif isinstance(it, PinRecord):
-            pins.append(it)
-        elif isinstance(it, tuple) and it and it[0] is _FLUSH:
+        if isinstance(it, tuple) and it and it[0] is _FLUSH:
             events.append(it[1])
         elif it is not _STOP:
-            jobs.append(it)
+            _sort_record(it, turns, pins, jobs)
 
     def _loop(self) -> None:
         stop = False
@@ -513,16 +529,9 @@ class ProcessLedgerWriter:
             except (OSError, EOFError, ValueError) as err:
                 self._use_fallback(f"ledger process failed ({type(err).__name__}: {err})")
                 return False
-            (
-                self.written_turns,
-                self.written_pins,
-                self.failed_batches,
-                last_error,
-                self.written_samples,
-                self.written_attributions,
-                self.failed_energy_jobs,
-            ) = stats
-            self.last_error = last_error or self.last_error
+            for name, value in zip(_WRITER_STATS, stats, strict=True):
+                if name != "last_error" or value:  # keep the server's own last error if the child has none
+                    setattr(self, name, value)
             return bool(ok)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -600,12 +609,7 @@ def _ledger_process_main(
                         break
                     received += len(msg)
                     for rec in msg:
-                        if isinstance(rec, TurnRecord):
-                            turns.append(rec)
-                        elif isinstance(rec, PinRecord):
-                            pins.append(rec)
-                        else:
-                            jobs.append(rec)
+                        _sort_record(rec, turns, pins, jobs)
                     if len(turns) + len(pins) >= batch_max or not conn.poll(0):
                         break
                     msg = pickle.loads(conn.recv_bytes())
@@ -623,15 +627,7 @@ def _ledger_process_main(
                     gone = True
             if control is not None:
                 what, _timeout_s = control
-                stats = (
-                    writer.written_turns,
-                    writer.written_pins,
-                    writer.failed_batches,
-                    writer.last_error,
-                    writer.written_samples,
-                    writer.written_attributions,
-                    writer.failed_energy_jobs,
-                )
+                stats = tuple(getattr(writer, name) for name in _WRITER_STATS)
                 conn.send_bytes(pickle.dumps(("stopped" if what == "stop" else "flushed", ok, stats)))
                 if what == "stop":
                     return
