@@ -508,7 +508,7 @@ class EnergyAccountant:
                 _Pending(b.engine_id, prev.at, cur.at, max(delta, 0.0), self.meters[b.meter_id].source)
             )
         self._last.update(readings)
-        if self.offload is not None:  # written with the next job (attribute_ready / ship)
+        if self.offload is not None:  # handed to the writer with the next job (attribute_ready)
             self._outbox.extend(samples)
             self.samples_written += len(samples)
             return len(samples)
