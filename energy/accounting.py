@@ -426,7 +426,7 @@ class EnergyAccountant:
     activity: dict[str, Activity] = field(default_factory=dict)
     # Turns still running are not in the ledger yet: `horizon()` (called on the event loop each tick) gives
     # the arrival of the oldest one, and no interval ending after it is attributed until it is recorded.
-    # `settle()` (worker thread) makes everything recorded so far durable (the ledger writer's flush) before
+    # `settle()` (attributing in this process: no `offload`) makes what was recorded durable (a flush) before
     # the turns are read. Without them a turn running longer than lag_s lost the energy of its first
     # intervals to the conversations that finished sooner.
     horizon: Callable[[], datetime | None] | None = None
@@ -661,7 +661,6 @@ def build_accountant(
     lag_s: float = 10.0,
     clock: Callable[[], datetime] = utc_now,
     horizon: Callable[[], datetime | None] | None = None,
-    settle: Callable[[], bool] | None = None,
     lease: Lease | None = None,
     offload: Callable[[EnergyJob], bool] | None = None,
 ) -> EnergyAccountant:
@@ -735,7 +734,6 @@ def build_accountant(
         observe=observe,
         activity=acc_activity,
         horizon=horizon,
-        settle=settle,
         lease=lease,
         offload=offload,
     )
