@@ -63,11 +63,14 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     prompt_tokens = 8
     if body.get("stream"):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(
-            _chunks(chat, n, prompt_tokens, bool((body.get("stream_options") or {}).get("include_usage")))
-        )
-        await resp.write_eof()
+        try:
+            await resp.prepare(request)
+            await resp.write(
+                _chunks(chat, n, prompt_tokens, bool((body.get("stream_options") or {}).get("include_usage")))
+            )
+            await resp.write_eof()
+        except ConnectionError:  # the client closed mid-response (wrk does at the end of a timed run)
+            pass
         return resp
     text = " tok" * n
     choice = (

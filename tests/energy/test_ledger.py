@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, inspect
 
 from energy import db
@@ -228,27 +230,49 @@ def test_turns_overlapping_uses_last_token_then_first_token_within_lookback(ledg
 
 
 def test_records_survive_the_pipe_to_the_ledger_process() -> None:
-    """TurnRecord/PinRecord pickle by value tuple (ProcessLedgerWriter ships them): all fields round-trip."""
+    """ProcessLedgerWriter ships turns as turn_to_wire tuples of plain values and pins as PinRecords (pickled
+    by value tuple): every field round-trips, and the wire tuple holds no object pickle would call back into
+    Python for (datetimes, enums: what made the shipper thread hold the GIL)."""
     import pickle
     from dataclasses import fields
 
-    from energy.records import PinRecord, TurnRecord, TurnStatus
+    from energy.records import PinRecord, TurnRecord, TurnStatus, turn_from_wire, turn_to_wire
 
-    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    t0 = datetime(2025, 1, 1, 12, 0, 0, 999_999, tzinfo=UTC)
     values = {
         "conversation_id": "c", "turn": 3, "request_id": "r-3", "instance_id": "d1",
-        "arrival_at": t0, "first_token_at": t0 + timedelta(seconds=1),
-        "last_token_at": t0 + timedelta(seconds=2),
+        "arrival_at": t0, "first_token_at": t0 + timedelta(seconds=1, microseconds=1),
+        "last_token_at": None,
         "prompt_tokens": 11, "output_tokens": 7, "finish_reason": "tool_calls", "is_final": True,
         "status": TurnStatus.REPLACED, "prefill_instance_id": "p0", "remote_prefill": True, "tier": "a40",
         "cached_tokens": 5, "policy": "per-turn",
     }  # fmt: skip
     assert set(values) == {f.name for f in fields(TurnRecord)}, "a new TurnRecord field: add it here"
     rec = TurnRecord(**values)  # type: ignore[arg-type]
-    back = pickle.loads(pickle.dumps([rec], pickle.HIGHEST_PROTOCOL))[0]
-    assert back == rec and type(back.status) is TurnStatus
+    wire = turn_to_wire(rec)
+    assert {type(v) for v in wire} <= {str, int, float, bool, type(None)}
+    back = turn_from_wire(pickle.loads(pickle.dumps([wire], pickle.HIGHEST_PROTOCOL))[0])
+    assert back == rec and type(back.status) is TurnStatus and back.arrival_at.tzinfo is UTC
     pin = PinRecord("c", "d1", t0, "replaced: d0 down")
     assert pickle.loads(pickle.dumps(pin)) == pin
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    at=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2105, 12, 31), timezones=st.just(UTC)),
+    other=st.sampled_from([timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]),
+)
+def test_wire_timestamps_keep_the_microsecond(at: datetime, other: timezone) -> None:
+    """A POSIX float holds a 2000-2105 timestamp to < 0.5 us, so the wire format gives back the same
+    microsecond, also for an aware non-UTC time; a naive time travels as it is, for the ledger to reject."""
+    from energy.records import TurnRecord, turn_from_wire, turn_to_wire
+
+    for value in (at, at.astimezone(other)):
+        back = turn_from_wire(turn_to_wire(TurnRecord("c", 1, "r", "d", value, value, value)))
+        assert back.arrival_at == value and back.last_token_at == value
+        assert back.arrival_at.microsecond == at.microsecond and back.arrival_at.tzinfo is UTC
+    naive = at.replace(tzinfo=None)
+    assert turn_from_wire(turn_to_wire(TurnRecord("c", 1, "r", "d", naive))).arrival_at is naive
 
 
 def test_turn_times_are_stored_in_one_format_so_range_queries_compare_them(tmp_path: Path) -> None:
