@@ -39,7 +39,16 @@ from energy.attribution import (
 from energy.attribution import phase_weights as tier_phase_weights
 from energy.lease import Lease
 from energy.ledger import Ledger
-from energy.meters import Activity, Meter, MeterReading, ModelMeter, make_meter, utc_now
+from energy.meters import (
+    GENERATION_TOKENS_TOTAL,
+    PROMPT_TOKENS_TOTAL,
+    Activity,
+    Meter,
+    MeterReading,
+    ModelMeter,
+    make_meter,
+    utc_now,
+)
 from energy.records import (
     ConversationSummary,
     EnergySample,
@@ -469,9 +478,14 @@ class EnergyAccountant:
             return
         obs = await self.observe()
         for engine_id, o in obs.items():
+            if not getattr(o, "healthy", True):
+                # a failed scrape has no counters: keep the last ones, so the next good scrape counts the
+                # tokens of the gap (a reset to 0 made it count the engine's whole lifetime at once)
+                self.activity.pop(engine_id, None)
+                continue
             extra = getattr(o, "extra", {}) or {}
-            prompt = float(extra.get("prompt_tokens_total", 0.0))
-            gen = float(extra.get("generation_tokens_total", 0.0))
+            prompt = float(extra.get(PROMPT_TOKENS_TOTAL, 0.0))
+            gen = float(extra.get(GENERATION_TOKENS_TOTAL, 0.0))
             p0, g0 = self._counters.get(engine_id, (prompt, gen))
             self._counters[engine_id] = (prompt, gen)
             running = max(int(getattr(o, "running", 0)), 1)

@@ -347,6 +347,12 @@ class DcgmMeter:
 
 
 # ---- model meter ------------------------------------------------------------------------------------
+# The engine counters the accountant turns into Activity: keys of EngineObservation.extra that every engine
+# (orchestrator/engines/) reports, lifetime totals (vLLM: vllm:prompt_tokens_total, generation_tokens_total).
+PROMPT_TOKENS_TOTAL = "prompt_tokens_total"
+GENERATION_TOKENS_TOTAL = "generation_tokens_total"
+
+
 @dataclass(frozen=True, slots=True)
 class Activity:
     """Work an engine did in an interval, as the engine (or the router) reports it."""

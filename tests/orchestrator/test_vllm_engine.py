@@ -263,4 +263,4 @@ def test_observation_reads_only_its_metrics_and_equals_the_full_parse() -> None:
     assert len(full) > 5 * len(only)
     obs = observation_from_metrics(text)
     assert obs.kv_capacity_tokens == 1048576 and obs.kv_transfer_bytes == 262144.0
-    assert obs.running == 0 and obs.extra["prompt_tokens"] == 173.0
+    assert obs.running == 0 and obs.extra["prompt_tokens_total"] == 173.0
