@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 class Lease(Protocol):
     description: str
+    # False: try_acquire/still_held are a few syscalls, fine on the event loop; True: they query a database
+    # (the accountant then calls them in a worker thread)
+    blocking: bool
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free (non-blocking). True if this object holds it now."""
@@ -53,6 +56,7 @@ class LocalLease:
     """A database no other process can see (SQLite in memory): always held."""
 
     description = "in-memory database (no other replica can share it)"
+    blocking = False
 
     def try_acquire(self) -> bool:
         return True
@@ -66,6 +70,8 @@ class LocalLease:
 
 class FileLease:
     """``flock(LOCK_EX | LOCK_NB)`` on a lock file; held while the file stays open."""
+
+    blocking = False  # open + flock(LOCK_NB) once, then an attribute check
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -109,6 +115,8 @@ def advisory_key(run_id: str) -> int:
 
 class PgAdvisoryLease:
     """``pg_try_advisory_lock(key)`` on a dedicated connection; held while that connection lives."""
+
+    blocking = True  # each check is a round trip to the database
 
     def __init__(self, url: str, run_id: str) -> None:
         self.key = advisory_key(run_id)

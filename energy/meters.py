@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from energy.records import EnergySample, Source, require_utc
 from tiers.errors import EnergyError
@@ -66,6 +66,13 @@ class Meter(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def reads_inline(meter: Meter) -> bool:
+    """Whether ``meter.read()`` is cheap arithmetic that may run on the event loop (a class attribute
+    ``reads_inline = True``: the model and replay meters); hardware meters (NVML, zeus, DCGM) are read in a
+    worker thread."""
+    return bool(getattr(meter, "reads_inline", False))
 
 
 # ---- counters --------------------------------------------------------------------------------------
@@ -407,6 +414,7 @@ class ModelMeter:
     """
 
     source = Source.MODELLED
+    reads_inline = True  # arithmetic only: the accountant may read it on the event loop (see Meter)
 
     def __init__(
         self,
@@ -447,6 +455,7 @@ class ReplayMeter:
     by ``write_samples``.
     """
 
+    reads_inline: ClassVar[bool] = True  # interpolation in memory
     samples: Sequence[EnergySample]
     clock: Clock = utc_now
     meter_id: str = "replay"

@@ -443,7 +443,9 @@ class Router:
 
         async def one(inst: _Instance) -> None:
             try:
-                obs = await asyncio.wait_for(inst.engine.observe(), self.config.observe_timeout_s)
+                # vLLM engines share one scrape between this poll and the energy tick (observe_shared)
+                observe = getattr(inst.engine, "observe_shared", inst.engine.observe)
+                obs = await asyncio.wait_for(observe(), self.config.observe_timeout_s)
             except Exception as err:  # an engine we cannot observe is failing, whatever the cause
                 failed(inst, f"observe failed: {type(err).__name__}: {err}")
                 return

@@ -16,6 +16,7 @@ Must not import fastapi or sqlalchemy.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -59,6 +60,11 @@ EXTRA_COUNTERS = {
     "external_prefix_cache_hits_tokens": "vllm:external_prefix_cache_hits_total",
     "preemptions": "vllm:num_preemptions_total",
 }
+
+# observe_shared(): a /metrics scrape that started at most this long ago answers another caller. The health
+# poll and the energy tick run every second in the same scheduler tick (a few ms apart); 0.1 s shares their
+# scrape without handing either a reading older than the jitter of the tick itself.
+SHARED_SCRAPE_S = 0.1
 
 _PATHS = {RequestKind.CHAT: "/v1/chat/completions", RequestKind.COMPLETION: "/v1/completions"}
 
@@ -206,6 +212,8 @@ class VllmEngine:
         self._request_timeout_s = request_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._pool: Http1Pool | None = None  # stream_raw's keep-alive pool (plain http:// only)
+        self._scrape: asyncio.Future[EngineObservation] | None = None  # the /metrics scrape in flight
+        self._scraped: tuple[float, EngineObservation] | None = None  # (loop time it started, result)
 
     def __repr__(self) -> str:
         return f"VllmEngine({self.instance_id!r}, role={self.role.value}, url={self.base_url!r})"
@@ -387,6 +395,32 @@ class VllmEngine:
 
     async def observe(self) -> EngineObservation:
         """Scrape /metrics; an engine that does not answer is reported unhealthy (not raised)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        shared: asyncio.Future[EngineObservation] = loop.create_future()
+        self._scrape = shared
+        obs = EngineObservation(healthy=False, error="GET /metrics: the scrape was cancelled")
+        try:
+            obs = await self._scrape_metrics()
+            return obs
+        finally:
+            shared.set_result(obs)
+            if self._scrape is shared:
+                self._scrape = None
+                self._scraped = (started, obs) if obs.healthy else None  # a failure is scraped again
+
+    async def observe_shared(self, max_age_s: float = SHARED_SCRAPE_S) -> EngineObservation:
+        """:meth:`observe`, shared between callers: a scrape still in flight, or a successful one that started
+        at most `max_age_s` ago, answers this call too. The router's health poll and the energy accountant's
+        tick both observe every engine each second, in the same scheduler tick: one scrape serves both."""
+        if self._scrape is not None:
+            return await asyncio.shield(self._scrape)
+        last = self._scraped
+        if last is not None and asyncio.get_running_loop().time() - last[0] <= max_age_s:
+            return last[1]
+        return await self.observe()
+
+    async def _scrape_metrics(self) -> EngineObservation:
         url = self.base_url + "/metrics"
         for attempt in (0, 1):
             try:

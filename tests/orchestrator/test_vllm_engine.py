@@ -264,3 +264,40 @@ def test_observation_reads_only_its_metrics_and_equals_the_full_parse() -> None:
     obs = observation_from_metrics(text)
     assert obs.kv_capacity_tokens == 1048576 and obs.kv_transfer_bytes == 262144.0
     assert obs.running == 0 and obs.extra["prompt_tokens_total"] == 173.0
+
+
+async def test_the_health_poll_and_the_energy_tick_share_one_metrics_scrape() -> None:
+    """observe_shared(): callers at the same moment (the router's poll and the energy tick, same scheduler
+    tick) get one scrape; a caller after max_age_s scrapes again; a failed scrape is not reused; observe()
+    always scrapes."""
+    hits = 0
+    fail = False
+
+    async def metrics(_: web.Request) -> web.Response:
+        nonlocal hits
+        hits += 1
+        await asyncio.sleep(0.05)
+        if fail:
+            return web.Response(status=500)
+        return web.Response(text=METRICS_SAMPLE.read_text())
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    engine = VllmEngine("d0", Role.DECODE, "t", str(server.make_url("")))
+    try:
+        a, b = await asyncio.gather(engine.observe_shared(), engine.observe_shared())
+        assert hits == 1 and a is b and a.healthy
+        assert await engine.observe_shared(max_age_s=60) is a and hits == 1
+        await engine.observe()
+        assert hits == 2
+        await asyncio.sleep(0.15)
+        await engine.observe_shared(max_age_s=0.1)
+        assert hits == 3
+        fail = True
+        assert not (await engine.observe_shared(max_age_s=0)).healthy
+        assert not (await engine.observe_shared(max_age_s=60)).healthy and hits == 5  # not reused
+    finally:
+        await engine.aclose()
+        await server.close()
