@@ -234,6 +234,13 @@ def make_engine(url: str) -> Engine:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
+    # Write-ahead log for a file database: the server's readers (GET /v1/conversations, the accountant) and
+    # the ledger writer process no longer block each other, and a commit costs one fsync of the log instead
+    # of the rollback journal's several (benchmarks/bench_ledger.py, batches of 50: 80-82 vs 103-107 us CPU,
+    # 168 vs 198-203 us elapsed per conversation). synchronous FULL: a committed row survives a power cut.
+    # The mode is stored in the file; an in-memory database answers "memory".
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
     cur.close()
 
 

@@ -11,7 +11,7 @@ import operator
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from tiers.errors import EnergyError
 
@@ -122,8 +122,8 @@ def turn_to_wire(rec: TurnRecord) -> tuple[Any, ...]:
 def turn_from_wire(t: tuple[Any, ...]) -> TurnRecord:
     """The TurnRecord that :func:`turn_to_wire` encoded (equal to it, timestamps in UTC)."""
     return TurnRecord(
-        t[0], t[1], t[2], t[3], _from_posix(t[4]), _from_posix(t[5]), _from_posix(t[6]), t[7], t[8], t[9],
-        t[10], TurnStatus(t[11]), t[12], t[13], t[14], t[15], t[16],
+        t[0], t[1], t[2], t[3], cast(datetime, _from_posix(t[4])), _from_posix(t[5]), _from_posix(t[6]),
+        t[7], t[8], t[9], t[10], TurnStatus(t[11]), t[12], t[13], t[14], t[15], t[16],
     )  # fmt: skip
 
 

@@ -360,7 +360,6 @@ class ProcessLedgerWriter:
                 ledger.policy,
                 str(ledger.kind),
                 batch_max,
-                priority,
             ),
             name="conserve-ledger-writer",
             daemon=True,
@@ -385,6 +384,11 @@ class ProcessLedgerWriter:
         self.priority = priority
         self._backlog_limit = LEDGER_BACKLOG_BATCHES * batch_max
         self._raised = priority != "idle"
+        # The child starts at nice 10 and says "ready" once set up; only then does this process move it to
+        # SCHED_IDLE (_read_acks), under this lock with raise_priority: a child that lowered itself could do
+        # so after a raise (its start-up is slow on a busy host) and starve for good, as CI saw.
+        self._prio_lock = threading.Lock()
+        self._ready = False
         # shipments the child has not acknowledged yet: (records shipped so far, monotonic time shipped)
         self._unacked: collections.deque[tuple[int, float]] = collections.deque()
         self._shipped = 0
@@ -410,26 +414,47 @@ class ProcessLedgerWriter:
         give it a normal time share at nice 10, for the rest of the run. Needs the right to raise a priority
         (root, CAP_SYS_NICE or RLIMIT_NICE); without it the records wait until the writer catches up, and
         the log says what to set."""
-        self._raised = True
         why = why or f"{len(self._buf)} records waiting"
         pid = self._proc.pid
         if pid is None:
             return False
-        try:
-            os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
-            os.setpriority(os.PRIO_PROCESS, pid, LEDGER_PROCESS_NICE)
-        except OSError as err:
+        with self._prio_lock:
+            self._raised = True
+            was_idle = self._ready  # before "ready" the child was never idle: it runs at nice 10
+            failed: OSError | None = None
+            try:
+                os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+                os.setpriority(os.PRIO_PROCESS, pid, LEDGER_PROCESS_NICE)
+            except OSError as err:
+                failed = err
+        if failed is not None:
             log.error(
                 "ledger writer process fell behind (%s) and its idle CPU priority could not be raised (%s); "
                 "records wait until it catches up. To avoid: CONSERVE_LEDGER_PROCESS_PRIORITY=nice",
                 why,
-                err,
+                failed,
             )
             return False
         log.warning(
-            "ledger writer process fell behind (%s): raised from idle to nice %d", why, LEDGER_PROCESS_NICE
+            "ledger writer process fell behind (%s): %s nice %d for the rest of the run",
+            why,
+            "raised from idle to" if was_idle else "kept at",
+            LEDGER_PROCESS_NICE,
         )
         return True
+
+    def _lower_priority(self) -> None:
+        """The child is set up: move it to SCHED_IDLE (priority "idle"), unless it was raised meanwhile."""
+        with self._prio_lock:
+            self._ready = True
+            if self._raised or self._proc.pid is None:
+                return
+            # SCHED_IDLE: only CPU time nothing else wants. At nice 10 the writer's bursts (a batch every
+            # ledger_flush_interval_s) still took cores from the serving path on the 2-core dev box: added
+            # TTFT p99 at 1 connection was lower with idle in paired runs (BENCHMARKS.md, router overhead).
+            # Not before "ready": its start-up (~1 s of CPU) could starve at idle priority on a busy host.
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setscheduler(self._proc.pid, os.SCHED_IDLE, os.sched_param(0))
 
     def _read_acks(self) -> Any:
         """Take the child's acknowledgements off the pipe (caller holds _send_lock); return the first other
@@ -437,9 +462,12 @@ class ProcessLedgerWriter:
         conn = self._conn
         while conn.poll(0):
             msg = pickle.loads(conn.recv_bytes())
-            if msg[0] != "ack":
+            if msg[0] == "ready":
+                self._lower_priority()
+            elif msg[0] != "ack":
                 return msg
-            self._ack(msg[1])
+            else:
+                self._ack(msg[1])
         return None
 
     def _ack(self, received: int) -> None:
@@ -481,7 +509,7 @@ class ProcessLedgerWriter:
         with self._send_lock:
             buf = self._buf
             batch = [buf.popleft() for _ in range(len(buf))]  # only this thread pops
-            if self._fallback is None and (batch or self._unacked):
+            if self._fallback is None and (batch or self._unacked or not self._ready):
                 try:
                     unasked = self._read_acks()
                     if unasked is not None:  # cannot happen: answers are read by _request, which asked
@@ -574,7 +602,7 @@ class ProcessLedgerWriter:
 
 
 def _ledger_process_main(
-    conn: Any, url: str, run_id: str, policy: str | None, kind: str, batch_max: int, priority: str = "nice"
+    conn: Any, url: str, run_id: str, policy: str | None, kind: str, batch_max: int
 ) -> None:
     """The ledger writer process: batches of records in, SQL out (see ProcessLedgerWriter).
 
@@ -585,19 +613,17 @@ def _ledger_process_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):  # background work: the serving process gets the CPU first
-        os.nice(LEDGER_PROCESS_NICE)
+        # absolute, not os.nice()'s increment: the server may have set nice 10 already (raise_priority)
+        if os.getpriority(os.PRIO_PROCESS, 0) < LEDGER_PROCESS_NICE:
+            os.setpriority(os.PRIO_PROCESS, 0, LEDGER_PROCESS_NICE)
     from energy.ledger import Ledger
     from energy.records import RunKind
 
     ledger = Ledger(url, run_id=run_id, policy=policy, kind=RunKind(kind))
-    if priority == "idle":
-        # SCHED_IDLE: only CPU time nothing else wants. At nice 10 the writer's bursts (a batch every
-        # ledger_flush_interval_s) still took cores from the serving path on the 2-core dev box: added TTFT
-        # p99 at 1 connection was lower with idle in paired runs (BENCHMARKS.md, router overhead).
-        # Set after the imports above (~1 s of CPU), which at idle priority can starve on a busy host; the
-        # server raises it back to nice 10 if it starves later (LEDGER_STARVED_S, LEDGER_BACKLOG_BATCHES).
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    # Set up: the server moves this process to SCHED_IDLE (priority "idle") when it reads this, unless it
+    # has raised it meanwhile (ProcessLedgerWriter._lower_priority). Never lower ourselves: that could undo
+    # a raise.
+    conn.send_bytes(pickle.dumps(("ready",)))
     # One thread: receive what the server shipped (everything already in the pipe, up to batch_max records),
     # write it in one transaction, answer a flush/stop after the records sent before it are written. The
     # per-transaction cost dominates at small batches: this process used 740-870 ms CPU for 3,000 turns

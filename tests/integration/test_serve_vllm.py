@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from energy.meters import PROMPT_TOKENS_TOTAL
 from orchestrator.engines.base import EngineObservation
 from orchestrator.engines.vllm import observation_from_metrics
 
@@ -155,7 +156,7 @@ def test_three_turn_conversation_through_our_api(vllm_pair: Any, serve_url: str)
         assert d(now, prev, "nixl_transfers") == 0
         prev = now
     p3 = scrape(P)
-    assert d(p3, p1, "requests_finished") == 0 and d(p3, p1, "prompt_tokens") == 0, "turns 2-3 touched p0"
+    assert d(p3, p1, "requests_finished") == 0 and d(p3, p1, PROMPT_TOKENS_TOTAL) == 0, "turns 2-3 touched p0"
 
     # What our API recorded.
     conv = _conversation(serve_url, cid)

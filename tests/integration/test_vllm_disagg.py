@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from energy.meters import PROMPT_TOKENS_TOTAL
 from orchestrator.engines.base import EngineObservation, EngineRequest, RequestKind
 from orchestrator.engines.vllm import VllmEngine
 from placement.base import Role
@@ -84,7 +85,7 @@ async def test_three_turns_prefill_once_then_pinned_decoder(vllm_pair: Any) -> N
         assert delta(d1, d0, "kv_transfer_bytes") > 0, "no NIXL bytes arrived at the decoder"
         assert delta(d1, d0, "nixl_transfers") == 1
         assert delta(p1, p0, "requests_finished") == 1  # the 1-token prefill
-        assert delta(p1, p0, "prompt_tokens") == pre.prompt_tokens
+        assert delta(p1, p0, PROMPT_TOKENS_TOTAL) == pre.prompt_tokens
 
         # Turns 2-3: decoder only, incremental prefill from its prefix cache.
         texts = [turn1]
@@ -105,7 +106,7 @@ async def test_three_turns_prefill_once_then_pinned_decoder(vllm_pair: Any) -> N
             assert delta(now, prev, "nixl_transfers") == 0  # no KV transfer after turn 1
             prev = now
         p3 = await scrape(p)
-        assert delta(p3, p1, "requests_finished") == 0 and delta(p3, p1, "prompt_tokens") == 0, (
+        assert delta(p3, p1, "requests_finished") == 0 and delta(p3, p1, PROMPT_TOKENS_TOTAL) == 0, (
             "turns 2-3 touched the prefiller"
         )
 

@@ -116,6 +116,25 @@ def test_idle_priority_writer_is_raised_when_it_falls_behind(
         w.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a process's priority needs root or CAP_SYS_NICE")
+def test_a_writer_raised_while_starting_is_never_lowered_to_idle(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CI: on a host busy with two vLLM engines the writer's start-up took seconds, the server raised it (a
+    shipment unanswered for 2 s), then the child set itself SCHED_IDLE as it finished starting and starved:
+    a flush went unanswered for 90 s. Only the server changes the child's class now, under one lock."""
+    w = ProcessLedgerWriter(ledger, batch_max=5, flush_interval_s=0.01, priority="idle")
+    try:
+        assert w.raise_priority("raised by the test during start-up")  # the child is still importing
+        w.turn(_turn(0, "c0"))
+        assert w.flush(30)  # the child said "ready" before answering, and the server has read it
+        assert w.pid is not None and os.sched_getscheduler(w.pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, w.pid) == 10
+        assert "kept at nice 10" in caplog.text
+    finally:
+        w.close()
+
+
 def test_nice_priority_writer_is_never_idle(ledger: Ledger) -> None:
     w = ProcessLedgerWriter(ledger, batch_max=5, flush_interval_s=0.01, priority="nice")
     try:

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from energy.meters import PROMPT_TOKENS_TOTAL
 from orchestrator.engines.base import REMOTE_DECODE_PARAMS, Engine, EngineRequest, RequestKind
 from orchestrator.engines.vllm import (
     OBSERVED_METRICS,
@@ -263,7 +264,7 @@ def test_observation_reads_only_its_metrics_and_equals_the_full_parse() -> None:
     assert len(full) > 5 * len(only)
     obs = observation_from_metrics(text)
     assert obs.kv_capacity_tokens == 1048576 and obs.kv_transfer_bytes == 262144.0
-    assert obs.running == 0 and obs.extra["prompt_tokens_total"] == 173.0
+    assert obs.running == 0 and obs.extra[PROMPT_TOKENS_TOTAL] == 173.0
 
 
 async def test_the_health_poll_and_the_energy_tick_share_one_metrics_scrape() -> None:

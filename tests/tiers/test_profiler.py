@@ -167,3 +167,37 @@ async def test_points_that_do_not_fit_the_engine_are_refused_before_running() ->
     with pytest.raises(ProfileError, match="--decode-contexts: 1024 tokens over batch 1"):
         await run_sweep(eng, ConstantPowerMeter(clock, 1.0), plan)
     assert eng.calls == []
+
+
+class StallingEngine(VirtualEngine):
+    """The virtual engine, but the 1-token batch runs listed in `stall_s` (by call number) stall that long."""
+
+    def __init__(self, clock: VirtualClock, stall_s: dict[int, float]) -> None:
+        super().__init__(clock)
+        self.stall_s, self.one_token_runs = stall_s, 0
+
+    async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
+        s = await super().run_batch(batch, prompt_tokens, output_tokens)
+        if output_tokens == 1:
+            self.one_token_runs += 1
+            extra = self.stall_s.get(self.one_token_runs, 0.0)
+            self.clock.advance(extra)
+            s += extra
+        return s
+
+
+async def test_a_stalled_repeat_does_not_decide_the_decode_step() -> None:
+    """CI saw one of two 1-token runs stall 1.2 s, which made the median per-repeat step negative."""
+    clock = VirtualClock()
+    plan = SweepPlan(prefill_lengths_tokens=(), decode_batches=(1,), decode_contexts_tokens=(256,),
+                     decode_steps=16, repeats=2, idle_s=0.0)  # fmt: skip
+    res = await run_sweep(StallingEngine(clock, {2: 1.2}), ConstantPowerMeter(clock, 1.0), plan)
+    assert res.decode[0].step_ms == pytest.approx((STEP_BASE_S + STEP_PER_SEQ_S) * 1e3)
+
+
+async def test_a_step_below_the_noise_in_every_repeat_is_refused() -> None:
+    clock = VirtualClock()
+    plan = SweepPlan(prefill_lengths_tokens=(), decode_batches=(1,), decode_contexts_tokens=(256,),
+                     decode_steps=16, repeats=2, idle_s=0.0)  # fmt: skip
+    with pytest.raises(ProfileError, match="below the timing noise. To fix: raise --decode-steps"):
+        await run_sweep(StallingEngine(clock, {1: 1.2, 2: 1.2}), ConstantPowerMeter(clock, 1.0), plan)
