@@ -457,17 +457,17 @@ class ProcessLedgerWriter:
                 os.sched_setscheduler(self._proc.pid, os.SCHED_IDLE, os.sched_param(0))
 
     def _read_acks(self) -> Any:
-        """Take the child's acknowledgements off the pipe (caller holds _send_lock); return the first other
-        message (a flush/stop answer) or None."""
+        """Take the child's acknowledgements (and its "ready") off the pipe (caller holds _send_lock); return
+        the first other message (a flush/stop answer) or None."""
         conn = self._conn
         while conn.poll(0):
             msg = pickle.loads(conn.recv_bytes())
-            if msg[0] == "ready":
-                self._lower_priority()
-            elif msg[0] != "ack":
-                return msg
-            else:
+            if msg[0] == "ack":
                 self._ack(msg[1])
+            elif msg[0] == "ready":
+                self._lower_priority()
+            else:
+                return msg
         return None
 
     def _ack(self, received: int) -> None:
