@@ -4,7 +4,10 @@ no load generator: what is left is the Python work ConServe adds per request, so
 compared with far less noise than benchmarks/bench_router.py (whose figures include uvicorn, the kernel and
 CPU sharing).
 
-    python benchmarks/bench_router_inproc.py [--requests 20000] [--reps 3] [--json]
+    python benchmarks/bench_router_inproc.py [--requests 20000] [--reps 3] [--engines 1] [--json]
+
+``--engines N`` puts N colocated engines in the fleet (all answering with the same canned bytes): placement
+then looks at N instances per request, as a router in front of a real fleet does.
 
 Reports the event-loop thread's CPU per request (time.thread_time) and the whole process's
 (time.process_time: adds the ledger shipper and energy accounting threads; the ledger writer child process
@@ -57,18 +60,22 @@ SCOPE: dict[str, Any] = {
 }
 
 
-async def _run(requests: int, reps: int, tmp: Path) -> dict[str, Any]:
+async def _run(requests: int, reps: int, tmp: Path, engines: int = 1) -> dict[str, Any]:
     from stub_engine import _chunks
 
     from api.app import create_app
     from orchestrator.runtime import ServeSettings, build_runtime
 
     fleet = tmp / "fleet.yaml"
+    listed = "".join(
+        f"  - {{id: stub-{i}, tier: stub, role: colocated, url: 'http://127.0.0.1:{9 + i}'}}\n"
+        for i in range(engines)
+    )
     fleet.write_text(
         f"model: {MODEL}\n"
-        "tiers:\n  - {name: stub, gpu: A40, count: 1, roles: [colocated]}\n"
+        f"tiers:\n  - {{name: stub, gpu: A40, count: {engines}, roles: [colocated]}}\n"
         "backend: vllm\n"
-        "engines:\n  - {id: stub-0, tier: stub, role: colocated, url: 'http://127.0.0.1:9'}\n"
+        f"engines:\n{listed}"
         f"database_url: sqlite:///{tmp / 'ledger.db'}\n"
     )
     settings = ServeSettings(fleet=fleet, port=0, poll_interval_s=3600.0)  # no health polls of port 9
@@ -79,8 +86,8 @@ async def _run(requests: int, reps: int, tmp: Path) -> dict[str, Any]:
     async def stream_raw(req: Any) -> AsyncIterator[bytes]:
         yield canned
 
-    engine = next(iter(rt.engines.values()))
-    engine.stream_raw = stream_raw  # type: ignore[attr-defined]
+    for engine in rt.engines.values():
+        engine.stream_raw = stream_raw  # type: ignore[attr-defined]
 
     async def receive() -> MutableMapping[str, Any]:
         return {"type": "http.request", "body": BODY, "more_body": False}
@@ -97,7 +104,7 @@ async def _run(requests: int, reps: int, tmp: Path) -> dict[str, Any]:
             raise RuntimeError(f"request failed: HTTP {status}")
 
     await rt.start()
-    for inst in rt.router._instances.values():  # the engine at port 9 is never reached: keep it up
+    for inst in rt.router._instances.values():  # the engines at ports 9... are never reached: keep them up
         inst.healthy = True
     try:
         for _ in range(500):  # warm-up
@@ -125,10 +132,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=20000, help="requests per repetition")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--engines", type=int, default=1, help="colocated engines in the fleet")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-inproc-") as d:
-        res = asyncio.run(_run(args.requests, args.reps, Path(d)))
+        res = asyncio.run(_run(args.requests, args.reps, Path(d), args.engines))
     import provenance  # benchmarks/provenance.py: this script's directory is on sys.path
 
     res["commit"], res["machine"] = provenance.commit(), provenance.machine()
@@ -136,7 +144,10 @@ def main() -> None:
         print(json.dumps(res, indent=2))
         return
     m = res["median"]
-    print(f"commit {res['commit']}, {res['machine']}; median of {args.reps} x {args.requests} requests")
+    print(
+        f"commit {res['commit']}, {res['machine']}; {args.engines} engine(s); "
+        f"median of {args.reps} x {args.requests} requests"
+    )
     print(f"event-loop thread CPU per request: {m['loop_thread_us_per_req']:.1f} us")
     print(f"process CPU per request (+ shipper and energy threads): {m['process_us_per_req']:.1f} us")
 
