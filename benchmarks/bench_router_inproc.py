@@ -78,7 +78,7 @@ async def _run(requests: int, reps: int, tmp: Path, engines: int = 1) -> dict[st
         f"engines:\n{listed}"
         f"database_url: sqlite:///{tmp / 'ledger.db'}\n"
     )
-    settings = ServeSettings(fleet=fleet, port=0, poll_interval_s=3600.0)  # no health polls of port 9
+    settings = ServeSettings(fleet=fleet, port=0, poll_interval_s=3600.0)  # no health polls of ports 9...
     rt = build_runtime(settings)
     app = create_app(settings, runtime=rt)
     canned = _chunks(True, 8, 8, True)  # what the stub engine answers: 8 tokens, usage, [DONE]
