@@ -2,7 +2,8 @@
 
     orchestrator profile --engine http://127.0.0.1:8100 --tier a40 --meter model --out a40.yaml \
         [--fleet fleet.yaml] [--model Qwen3-0.6B] [--prefill-lengths 32,128,512] [--decode-batches 1,4] \
-        [--decode-contexts 256,1024] [--decode-steps 32] [--repeats 3] [--gpu-indices 0] [--meter-url URL]
+        [--decode-contexts 256,1024] [--decode-steps 32] [--repeats 3] [--noise-retries 4] [--gpu-indices 0]
+        [--meter-url URL]
 
 With --fleet, --tier names a tier of that fleet (its GPU, model, tp and power cap); without it, --tier is a
 catalog GPU name and --model a catalog model. Latency is always measured; energy is measured with zeus, nvml
@@ -54,7 +55,12 @@ def profile(
         "256,1024", "--decode-contexts", help="total KV tokens over the batch"
     ),
     decode_steps: int = typer.Option(32, "--decode-steps", help="tokens generated per sequence per point"),
-    repeats: int = typer.Option(3, "--repeats", help="prefill requests per length"),
+    repeats: int = typer.Option(
+        3, "--repeats", help="requests per prefill length; 1-token/K-token run pairs per decode point"
+    ),
+    noise_retries: int = typer.Option(
+        4, "--noise-retries", help="extra run pairs for a decode point whose step is below the timing noise"
+    ),
     idle_s: float = typer.Option(2.0, "--idle-s", min=0, help="idle window for idle_w (measured meters)"),
     gpu_indices: str = typer.Option("", "--gpu-indices", help="GPU indices the engine uses (zeus/nvml/dcgm)"),
     meter_url: str | None = typer.Option(None, "--meter-url", help="DCGM exporter URL (--meter dcgm)"),
@@ -80,6 +86,7 @@ def profile(
         decode_contexts_tokens=_int_list("--decode-contexts", decode_contexts),
         decode_steps=decode_steps,
         repeats=repeats,
+        noise_retries=noise_retries,
         idle_s=idle_s,
     )
     if fleet is not None:
