@@ -133,6 +133,27 @@ class _Conn(asyncio.Protocol):
         return data
 
 
+class _Blocks:
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn = conn
+
+    def __aiter__(self) -> _Blocks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        c = self._conn
+        while True:
+            if c.chunks:
+                return c.take()
+            if c.complete:
+                raise StopAsyncIteration
+            if c.error is not None:
+                raise c.error
+            await c.wait()
+
+
 class Http1Response:
     """Status, headers, and the body as an async iterator of byte blocks (use as an async context manager:
     leaving early closes the connection instead of returning it to the pool)."""
@@ -150,17 +171,12 @@ class Http1Response:
     async def __aexit__(self, *exc: object) -> None:
         self.release()
 
-    async def iter_blocks(self) -> AsyncIterator[bytes]:
-        c = self._conn
-        while True:
-            if c.chunks:
-                yield c.take()
-                continue
-            if c.complete:
-                return
-            if c.error is not None:
-                raise c.error
-            await c.wait()
+    def iter_blocks(self) -> AsyncIterator[bytes]:
+        """The body's blocks as they arrive. An iterator object, not an async generator: a consumer that
+        stops early (the router at an SSE ``[DONE]``) would leave an unfinished generator whose finalizer
+        makes the event loop schedule an ``aclose()`` task through ``call_soon_threadsafe`` (an eventfd
+        write and wake-up per request, seen with strace)."""
+        return _Blocks(self._conn)
 
     async def read(self) -> bytes:
         return b"".join([b async for b in self.iter_blocks()])

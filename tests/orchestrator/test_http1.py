@@ -5,6 +5,7 @@ through it. No mocks."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -110,6 +111,34 @@ async def test_streams_blocks_as_they_are_sent_and_reuses_the_connection(server:
         assert b"".join(blocks) == b'data: {"i": 0}\n\ndata: {"i": 1}\n\ndata: {"i": 2}\n\ndata: [DONE]\n\n'
     assert s.bodies == [b'{"a": 1}'] * 3
     assert len(set(s.ports)) == 1
+    await pool.aclose()
+
+
+async def test_stopping_early_leaves_nothing_for_the_loop_to_finalize(server: Any) -> None:
+    """An abandoned async generator makes the loop schedule its aclose() via call_soon_threadsafe (an eventfd
+    write and an extra wake-up per routed request, seen with strace); the block iterator must not need it."""
+    _, ts = server
+    loop = asyncio.get_running_loop()
+    scheduled: list[Any] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        scheduled.append(callback)
+        return real(callback, *args, **kwargs)
+
+    pool = Http1Pool("127.0.0.1", ts.port)
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        for _ in range(3):
+            async with await pool.post("/stream", b"{}", {}) as r:
+                async for b in r.iter_blocks():
+                    if b.endswith(b"[DONE]\n\n"):
+                        break
+            gc.collect()
+            await asyncio.sleep(0.05)
+    finally:
+        del loop.call_soon_threadsafe
+    assert scheduled == []
     await pool.aclose()
 
 
