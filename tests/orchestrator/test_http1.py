@@ -127,7 +127,7 @@ async def test_stopping_early_leaves_nothing_for_the_loop_to_finalize(server: An
         return real(callback, *args, **kwargs)
 
     pool = Http1Pool("127.0.0.1", ts.port)
-    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
     try:
         for _ in range(3):
             async with await pool.post("/stream", b"{}", {}) as r:
