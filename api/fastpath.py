@@ -274,16 +274,18 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
 
 
 async def _stream(send: Send, receive: Receive, blocks: Any, headers: list[tuple[bytes, bytes]]) -> None:
-    """SSE body, one ASGI send per block (the router yields one block per read from the engine); the block
-    ending with ``[DONE]`` also ends the response. From the second block on, a watcher task notices a client
-    disconnect, and the loop then stops and closes the router's generator (which records the turn as an
-    error and stops the engine request). When the first block is already the last one there is nothing
-    left to wait for, so no watcher is started (saves a task per short response)."""
+    """SSE body, one ASGI send per block (the router yields one block per read from the engine, the first
+    token on its own); the block ending with ``[DONE]`` also ends the response. From the third block on, a
+    watcher task notices a client disconnect, and the loop then stops and closes the router's generator
+    (which records the turn as an error and stops the engine request); a disconnect before that is seen
+    when the watcher starts, one block later. A short response (the first token, then the rest of the same
+    read with ``[DONE]``) ends before a watcher is needed (saves a task per short response)."""
     gone = asyncio.Event()
     watcher: asyncio.Task[None] | None = None
     try:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + headers})
         ended = False
+        sent = 0
         async for block in blocks:
             if gone.is_set():
                 break
@@ -291,7 +293,8 @@ async def _stream(send: Send, receive: Receive, blocks: Any, headers: list[tuple
             await send({"type": "http.response.body", "body": block, "more_body": not ended})
             if ended:
                 break
-            if watcher is None:
+            sent += 1
+            if watcher is None and sent >= 2:
                 watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, gone))
         if not ended and not gone.is_set():
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -506,8 +506,11 @@ class Router:
         return self._run(inp, buffered=False)  # type: ignore[return-value]
 
     def stream_sse(self, inp: TurnInput) -> AsyncIterator[bytes]:
-        """Streaming as SSE bytes (``data: {chunk}\n\n`` events): one block per read from the engine; the
-        last block, yielded once the turn is recorded, ends with ``data: [DONE]\n\n`` (only then).
+        """Streaming as SSE bytes (``data: {chunk}\n\n`` events): one block per read from the engine, except
+        that the block with the first token ends at that token's event and leaves as soon as it is parsed
+        (not after the rest of the read, nor, when that read was the engine's last, after the turn is
+        recorded); the last block, yielded once the turn is recorded, ends with ``data: [DONE]\n\n`` (only
+        then).
         Engines with ``stream_raw`` (OpenAI SSE over HTTP) are passed through byte for byte (parsed once
         with orjson for timing and accounting, never re-encoded); others are encoded here. Errors before
         the first block raise on the first anext()."""
@@ -609,7 +612,9 @@ class Router:
                             async for batch, last in batches:
                                 now = self.clock()
                                 out: list[Any] = []
-                                for ch, raw in batch:
+                                for item, raw in batch:
+                                    ch = item if raw is None else parse_event(item, dec.instance_id)
+                                    first_token = False
                                     choices = ch.get("choices")
                                     if choices:
                                         c0 = choices[0]
@@ -630,6 +635,7 @@ class Router:
                                                 att.first_s = now
                                                 dec.inflight_prefill_tokens -= local_prefill
                                                 local_prefill = 0
+                                                first_token = True
                                             else:
                                                 att.gaps_s.append(now - prev_s)
                                             prev_s = now
@@ -653,6 +659,12 @@ class Router:
                                         out.append(raw)
                                     else:
                                         out.append(b"data: " + _dumps(ch) + b"\n\n")
+                                    if first_token and sse and not buffered:
+                                        # the first token leaves now, before the rest of this read is
+                                        # parsed and (if it was the engine's last read) the turn recorded
+                                        att.sent = True
+                                        yield out[0] if len(out) == 1 else b"".join(out)
+                                        out = []
                                 if not out:
                                     continue
                                 if buffered or (sse and last):
@@ -853,11 +865,14 @@ class RawSseEngine(Protocol):
 
 
 _Events = list[tuple[dict[str, Any], bytes | None]]
+# What _engine_events yields per read: (chunk dict, None) from engines that stream dicts, or (JSON payload,
+# event bytes) from raw-SSE engines, parsed by the router one event at a time (parse_event).
+_RawEvents = list[tuple[Any, bytes | None]]
 
 
-async def _engine_events(engine: Engine, req: EngineRequest) -> AsyncGenerator[tuple[_Events, bool], None]:
-    """(batch, last): batches of (chunk dict, raw SSE event bytes or None), one per read from the engine;
-    `last` is True when the engine's ``[DONE]`` was in this read (known for SSE engines only)."""
+async def _engine_events(engine: Engine, req: EngineRequest) -> AsyncGenerator[tuple[_RawEvents, bool], None]:
+    """(batch, last): one batch per read from the engine; `last` is True when the engine's ``[DONE]`` was
+    in this read (known for SSE engines only)."""
     raw = getattr(engine, "stream_raw", None)
     if raw is None:
         async with contextlib.aclosing(engine.stream(req)) as chunks:  # type: ignore[type-var]
@@ -867,13 +882,13 @@ async def _engine_events(engine: Engine, req: EngineRequest) -> AsyncGenerator[t
     parser = SseSplitter(getattr(engine, "instance_id", "?"))
     async with contextlib.aclosing(raw(req)) as blocks:
         async for block in blocks:
-            events = parser.feed(block)
+            events: _RawEvents = parser.split(block)  # type: ignore[assignment]
             if parser.done:
                 yield events, True
                 return
             if events:
                 yield events, False
-    yield parser.close(), True
+    yield parser.close_raw(), True  # type: ignore[misc]
 
 
 class SseSplitter:
@@ -891,13 +906,19 @@ class SseSplitter:
         self.done = False
 
     def feed(self, block: bytes) -> _Events:
+        """The complete events in `block` (after what came before), parsed: (chunk dict, event bytes)."""
+        return [(parse_event(p, self._engine), fwd) for p, fwd in self.split(block)]
+
+    def split(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The complete events in `block`, unparsed: (JSON payload, event bytes to forward). The router
+        parses them one at a time, so the first token can leave before the rest of a read is parsed."""
         if self._buf:
             block = self._buf + block
         if b"\r" in block:
             block = block.replace(b"\r\n", b"\n")
         parts = block.split(b"\n\n")
         self._buf = parts.pop()  # incomplete last event (b"" when the block ended on a boundary)
-        out: _Events = []
+        out: list[tuple[bytes, bytes]] = []
         for ev in parts:
             if self.done:
                 break
@@ -906,13 +927,16 @@ class SseSplitter:
 
     def close(self) -> _Events:
         """The stream ended: an event without its trailing blank line still counts."""
-        out: _Events = []
+        return [(parse_event(p, self._engine), fwd) for p, fwd in self.close_raw()]
+
+    def close_raw(self) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
         if self._buf.strip() and not self.done:
             self._event(self._buf.strip(b"\n"), out)
         self._buf = b""
         return out
 
-    def _event(self, ev: bytes, out: _Events) -> None:
+    def _event(self, ev: bytes, out: list[tuple[bytes, bytes]]) -> None:
         if ev.startswith(b"data: ") and b"\n" not in ev:  # the usual form: one data line
             payload, fwd = ev[6:], ev + b"\n\n"
         else:
@@ -924,17 +948,22 @@ class SseSplitter:
         if payload.strip() == b"[DONE]":
             self.done = True
             return
-        try:
-            obj = _loads(payload)
-        except ValueError as err:
-            raise EngineError(
-                f"engine {self._engine!r} sent an SSE event that is not JSON: {payload[:200]!r}"
-            ) from err
-        if not isinstance(obj, dict):
-            raise EngineError(
-                f"engine {self._engine!r} sent an SSE event that is not a JSON object: {payload[:200]!r}"
-            )
-        out.append((obj, fwd))
+        out.append((payload, fwd))
+
+
+def parse_event(payload: bytes, engine_id: str = "?") -> dict[str, Any]:
+    """One SSE event's JSON payload -> the chunk dict (an EngineError names the engine otherwise)."""
+    try:
+        obj = _loads(payload)
+    except ValueError as err:
+        raise EngineError(
+            f"engine {engine_id!r} sent an SSE event that is not JSON: {payload[:200]!r}"
+        ) from err
+    if not isinstance(obj, dict):
+        raise EngineError(
+            f"engine {engine_id!r} sent an SSE event that is not a JSON object: {payload[:200]!r}"
+        )
+    return obj
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

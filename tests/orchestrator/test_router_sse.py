@@ -151,3 +151,49 @@ async def test_engine_error_event_mid_stream_ends_the_turn_as_an_error() -> None
             got.append(b)
     assert got == [_events([_chunk(0)])[0]]
     assert [r.status for r in sink.turns] == [TurnStatus.ERROR]
+
+
+ROLE = {
+    "id": "x",
+    "object": "chat.completion.chunk",
+    "choices": [{"index": 0, "delta": {"role": "assistant"}}],
+}
+
+
+class RecordingSink(Sink):
+    """A sink that notes how many blocks the client had received when the turn was recorded."""
+
+    def __init__(self, received: list[bytes]) -> None:
+        super().__init__()
+        self.received = received
+        self.blocks_at_record: list[int] = []
+
+    def turn(self, rec: TurnRecord) -> None:
+        self.blocks_at_record.append(len(self.received))
+        super().turn(rec)
+
+
+async def test_the_first_token_leaves_before_the_rest_of_the_read_and_before_the_turn_is_recorded() -> None:
+    """A whole response in one engine read (a short answer, or a fast engine): the client gets the role and
+    first-token events as their own block; the rest follows with [DONE] once the turn is recorded."""
+    wire = b"".join(_events([ROLE, *CHUNKS])) + SSE_DONE
+    got: list[bytes] = []
+    engine, sink = CannedSseEngine([wire]), RecordingSink(got)
+    async for b in _router(engine, sink).stream_sse(_inp(False)):
+        got.append(b)
+    assert got[0] == b"".join(_events([ROLE, _chunk(0)]))  # nothing after the first token's event
+    assert got[1:] == [b"".join(_events([_chunk(1), _chunk(2, "stop")])) + SSE_DONE]
+    assert sink.blocks_at_record == [1]  # recorded after the first token left, before [DONE]
+    (rec,) = sink.turns
+    assert rec.status == TurnStatus.OK and rec.output_tokens == 3
+
+
+async def test_a_bad_event_after_the_first_token_in_the_same_read_fails_the_turn_after_output() -> None:
+    wire = _events([_chunk(0)])[0] + b"data: {oops\n\n" + SSE_DONE
+    got: list[bytes] = []
+    engine, sink = CannedSseEngine([wire]), Sink()
+    with pytest.raises(EngineUnavailable, match="after output was streamed.*not JSON"):
+        async for b in _router(engine, sink).stream_sse(_inp(False)):
+            got.append(b)
+    assert got == [_events([_chunk(0)])[0]]
+    assert [r.status for r in sink.turns] == [TurnStatus.ERROR]
