@@ -40,7 +40,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -81,6 +81,7 @@ __all__ = [
     "assemble_response",
     "RawSseEngine",
     "SseSplitter",
+    "parse_event",
     "SSE_DONE",
 ]
 
@@ -864,13 +865,12 @@ class RawSseEngine(Protocol):
     def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]: ...
 
 
-_Events = list[tuple[dict[str, Any], bytes | None]]
 # What _engine_events yields per read: (chunk dict, None) from engines that stream dicts, or (JSON payload,
 # event bytes) from raw-SSE engines, parsed by the router one event at a time (parse_event).
-_RawEvents = list[tuple[Any, bytes | None]]
+_Events = Sequence[tuple[Any, bytes | None]]
 
 
-async def _engine_events(engine: Engine, req: EngineRequest) -> AsyncGenerator[tuple[_RawEvents, bool], None]:
+async def _engine_events(engine: Engine, req: EngineRequest) -> AsyncGenerator[tuple[_Events, bool], None]:
     """(batch, last): one batch per read from the engine; `last` is True when the engine's ``[DONE]`` was
     in this read (known for SSE engines only)."""
     raw = getattr(engine, "stream_raw", None)
@@ -879,35 +879,31 @@ async def _engine_events(engine: Engine, req: EngineRequest) -> AsyncGenerator[t
             async for ch in chunks:
                 yield [(ch, None)], False
         return
-    parser = SseSplitter(getattr(engine, "instance_id", "?"))
+    parser = SseSplitter()
     async with contextlib.aclosing(raw(req)) as blocks:
         async for block in blocks:
-            events: _RawEvents = parser.split(block)  # type: ignore[assignment]
+            events = parser.split(block)
             if parser.done:
                 yield events, True
                 return
             if events:
                 yield events, False
-    yield parser.close_raw(), True  # type: ignore[misc]
+    yield parser.close(), True
 
 
 class SseSplitter:
-    """Incremental OpenAI-style SSE parser: blocks of bytes in, (chunk dict, event bytes) out.
+    """Incremental OpenAI-style SSE splitter: blocks of bytes in, (JSON payload, event bytes) out; the
+    payloads are parsed with :func:`parse_event`.
 
     Events are separated by a blank line; ``data:`` lines carry JSON; ``data: [DONE]`` ends the stream;
     comments (``:``) are skipped. The event bytes returned are ``data: {json}\n\n``, ready to forward.
     """
 
-    __slots__ = ("_buf", "_engine", "done")
+    __slots__ = ("_buf", "done")
 
-    def __init__(self, engine_id: str = "?") -> None:
+    def __init__(self) -> None:
         self._buf = b""
-        self._engine = engine_id
         self.done = False
-
-    def feed(self, block: bytes) -> _Events:
-        """The complete events in `block` (after what came before), parsed: (chunk dict, event bytes)."""
-        return [(parse_event(p, self._engine), fwd) for p, fwd in self.split(block)]
 
     def split(self, block: bytes) -> list[tuple[bytes, bytes]]:
         """The complete events in `block`, unparsed: (JSON payload, event bytes to forward). The router
@@ -925,11 +921,8 @@ class SseSplitter:
             self._event(ev, out)
         return out
 
-    def close(self) -> _Events:
+    def close(self) -> list[tuple[bytes, bytes]]:
         """The stream ended: an event without its trailing blank line still counts."""
-        return [(parse_event(p, self._engine), fwd) for p, fwd in self.close_raw()]
-
-    def close_raw(self) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         if self._buf.strip() and not self.done:
             self._event(self._buf.strip(b"\n"), out)

@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 
 from energy.records import PinRecord, TurnRecord, TurnStatus
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
-from orchestrator.router import SSE_DONE, EngineUnavailable, Router, RouterConfig, SseSplitter, TurnInput
+from orchestrator.router import (
+    SSE_DONE,
+    EngineUnavailable,
+    Router,
+    RouterConfig,
+    SseSplitter,
+    TurnInput,
+    parse_event,
+)
 from placement.base import Role
 from placement.policies import make_policy
 from tiers.errors import EngineError
@@ -48,23 +56,22 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
 def test_splitter_finds_the_same_events_for_any_block_boundaries(cuts: list[int], crlf: bool) -> None:
     wire = WIRE.replace(b"\n", b"\r\n") if crlf else WIRE
     sp = SseSplitter()
-    got: list[tuple[dict[str, Any], bytes]] = []
+    got: list[tuple[bytes, bytes]] = []
     for block in _split(wire, cuts):
-        got += sp.feed(block)
+        got += sp.split(block)
     got += sp.close()
-    assert [d for d, _ in got] == CHUNKS
+    assert [parse_event(p) for p, _ in got] == CHUNKS
     assert b"".join(raw for _, raw in got) == b"".join(_events(CHUNKS))
     assert sp.done
 
 
-def test_splitter_joins_multiline_data_and_rejects_non_json() -> None:
-    sp = SseSplitter("e1")
-    ((obj, raw),) = sp.feed(b'data: {"a":\ndata: 1}\n\n')
-    assert obj == {"a": 1} and raw == b'data: {"a":\n1}\n\n'
+def test_splitter_joins_multiline_data_and_the_parser_rejects_non_json() -> None:
+    ((payload, raw),) = SseSplitter().split(b'data: {"a":\ndata: 1}\n\n')
+    assert parse_event(payload) == {"a": 1} and raw == b'data: {"a":\n1}\n\n'
     with pytest.raises(EngineError, match="e1.*not JSON"):
-        sp.feed(b"data: {oops\n\n")
+        parse_event(b"{oops", "e1")
     with pytest.raises(EngineError, match="not a JSON object"):
-        SseSplitter().feed(b"data: [1, 2]\n\n")
+        parse_event(b"[1, 2]")
 
 
 # ---- Router.stream_sse over a raw-SSE engine -----------------------------------------------------------
