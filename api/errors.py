@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from conserve.errors import ConServeError
 from orchestrator.router import ConversationNotFound, EngineRejected, EngineUnavailable
-from tiers.errors import ConServeError
 
 log = logging.getLogger("conserve.api")
 

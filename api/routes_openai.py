@@ -33,10 +33,10 @@ from api.schemas import (
     ModelCard,
     ModelList,
 )
+from conserve.errors import ConServeError
 from orchestrator.engines.base import RequestKind
 from orchestrator.router import SSE_DONE, TurnInput, estimate_prompt_tokens
 from orchestrator.runtime import Runtime
-from tiers.errors import ConServeError
 
 try:  # orjson is ~5x faster for the chunk-by-chunk SSE encoding; optional
     import orjson

@@ -23,7 +23,7 @@ from orchestrator.config import SyntheticWorkload, parse_fleet
 from orchestrator.planner import demand_from_stats, tier_supplies
 from orchestrator.workload import synthetic_conversations, workload_stats
 from placement import ilp
-from tiers.errors import PlanningError
+from placement.errors import PlanningError
 
 GPUS = [
     "H100-SXM",

@@ -37,6 +37,7 @@ from energy.attribution import (
     check_conservation,
 )
 from energy.attribution import phase_weights as tier_phase_weights
+from energy.errors import EnergyError
 from energy.lease import Lease
 from energy.ledger import Ledger
 from energy.meters import (
@@ -59,7 +60,6 @@ from energy.records import (
     TurnRecord,
     TurnStatus,
 )
-from tiers.errors import EnergyError
 
 log = logging.getLogger(__name__)
 

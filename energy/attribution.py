@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from energy.errors import EnergyError
 from energy.records import AttributionRow, Source
-from tiers.errors import EnergyError
 
 
 class IdlePolicy(StrEnum):

@@ -42,7 +42,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 
-from tiers.errors import EnergyError
+from energy.errors import EnergyError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 

@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from tiers.errors import EnergyError
+from energy.errors import EnergyError
 
 log = logging.getLogger(__name__)
 

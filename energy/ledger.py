@@ -33,6 +33,7 @@ from energy.db import (
     RunRow,
     TurnRow,
 )
+from energy.errors import EnergyError
 from energy.records import (
     DEFAULT_RUN_ID,
     AttributionRow,
@@ -48,7 +49,6 @@ from energy.records import (
     TurnStatus,
     require_utc,
 )
-from tiers.errors import EnergyError
 
 __all__ = ["Ledger", "RunView", "ConversationFacts"]
 

@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from energy.errors import EnergyError
 from energy.records import EnergySample, Source, require_utc
-from tiers.errors import EnergyError
 
 Clock = Callable[[], datetime]
 
@@ -580,7 +580,7 @@ def make_meter(
         if path is None:
             raise EnergyError(f"meter {mid!r} (kind replay) needs 'path' to recorded samples")
         return ReplayMeter.from_file(path, clock, mid)
-    from tiers.errors import did_you_mean
+    from conserve.errors import did_you_mean
 
     raise EnergyError(
         f"unknown meter kind {kind!r}; choose one of {', '.join(METER_KINDS)}."

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from tiers.errors import EnergyError
+from energy.errors import EnergyError
 
 
 class Source(StrEnum):

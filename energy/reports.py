@@ -30,9 +30,10 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any
 
+from conserve.errors import did_you_mean
+from energy.errors import EnergyError
 from energy.ledger import ConversationFacts, Ledger
 from energy.records import AttributionRow, ReportFilter, Source
-from tiers.errors import EnergyError, did_you_mean
 
 
 class GroupBy(StrEnum):

@@ -13,8 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from conserve.errors import ConServeError
+from orchestrator.errors import ConfigError
 from tiers.catalog import GpuSpec, get_gpu
-from tiers.errors import ConfigError, ConServeError
 from tiers.models import ModelSpec, get_model
 
 

@@ -17,9 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from conserve.errors import did_you_mean
 from orchestrator.config import FleetConfig, TierConfig, read_yaml
+from orchestrator.errors import ConfigError
 from placement.base import Role
-from tiers.errors import ConfigError, did_you_mean
 from tiers.fileio import write_text_atomic
 from tiers.perf import TierModel
 

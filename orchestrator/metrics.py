@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.errors import SimulationError
 from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.result import SimResult
 from orchestrator.workload import ConversationSpec, TurnSpec
 from placement.base import Role
 from placement.policies import ColocatedPolicy
-from tiers.errors import SimulationError
 from tiers.perf import TierModel
 
 TOKENS_COUNTED = "prompt + output tokens of every turn"

@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from conserve.errors import ConServeError
 from orchestrator.config import FleetConfig, Objective
 from orchestrator.fleet import FiniteRun, Plan, PlanPredictions, Pool, allowed_caps_w, tier_model
 from orchestrator.workload import WorkloadStats, workload_from_config, workload_stats
 from placement import ilp
-from tiers.errors import ConServeError, PlanningError
+from placement.errors import PlanningError
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,10 +45,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from conserve.errors import ConServeError
 from energy.records import ConversationView, PinRecord, TurnRecord, TurnStatus
 from orchestrator.engines.base import Engine, EngineObservation, EngineRequest, RequestKind
+from orchestrator.errors import EngineError
 from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
-from tiers.errors import ConServeError, EngineError, PlacementError
+from placement.errors import PlacementError
 
 try:  # orjson parses and encodes SSE chunks ~3-5x faster than json (measured on the dev box)
     import orjson

@@ -37,6 +37,8 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from conserve.errors import ConServeError
+from energy.errors import EnergyError
 from energy.records import (
     ConversationView,
     PinRecord,
@@ -49,9 +51,9 @@ from energy.records import (
 from orchestrator.config import FleetConfig, load_fleet
 from orchestrator.engines.base import Engine
 from orchestrator.engines.sim import SimEngine, SimKvFabric, WallClock
+from orchestrator.errors import ConfigError
 from orchestrator.router import Router, RouterConfig
 from placement.base import Role
-from tiers.errors import ConfigError, ConServeError, EnergyError
 
 log = logging.getLogger("conserve.runtime")
 

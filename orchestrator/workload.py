@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.config import SyntheticWorkload, WorkloadConfig
-from tiers.errors import WorkloadError
+from orchestrator.errors import WorkloadError
 
 
 @dataclass(frozen=True, slots=True)

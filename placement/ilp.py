@@ -104,7 +104,7 @@ from enum import StrEnum
 
 import pulp
 
-from tiers.errors import PlanningError
+from placement.errors import PlanningError
 from tiers.links import kv_transfer_time_s, link_spec
 from tiers.perf import TierModel
 

@@ -30,8 +30,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from conserve.errors import did_you_mean
 from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
-from tiers.errors import PlacementError, did_you_mean
+from placement.errors import PlacementError
 
 __all__ = [
     "POLICY_NAMES",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tiers.errors import CatalogError, did_you_mean
+from conserve.errors import did_you_mean
+from tiers.errors import CatalogError
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tiers.errors import EngineError, ProfileError
+from orchestrator.errors import EngineError
+from tiers.errors import ProfileError
 from tiers.profiles import DecodePoint, MeasuredProfile, PrefillPoint
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from tiers.errors import ConServeError
+from conserve.errors import ConServeError
 
 console = Console()
 err_console = Console(stderr=True)

@@ -15,8 +15,8 @@ import typer
 from orchestrator.cli.common import console, handle_errors, print_json
 from orchestrator.config import load_fleet
 from orchestrator.engines import launcher
+from orchestrator.errors import ConfigError
 from placement.base import Role
-from tiers.errors import ConfigError
 
 _STATE_HELP = "state file written by `engines up`"
 _COLS = ("id", "role", "tier", "url", "pid", "side_channel_port", "cpu_core", "log")

@@ -28,7 +28,7 @@ from orchestrator.planner import (
     validate_hook,
     validate_plan,
 )
-from tiers.errors import PlanningError
+from placement.errors import PlanningError
 
 JSON_SCHEMA_VERSION = 1
 

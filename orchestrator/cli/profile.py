@@ -21,7 +21,7 @@ from pathlib import Path
 import typer
 
 from orchestrator.cli.common import console, handle_errors, print_json
-from tiers.errors import ConfigError
+from orchestrator.errors import ConfigError
 
 
 def _int_list(name: str, text: str) -> tuple[int, ...]:
@@ -75,7 +75,7 @@ def profile(
     from tiers.profiles import profile_to_dict, save_profile
 
     if meter not in ("zeus", "nvml", "dcgm", "model"):
-        from tiers.errors import did_you_mean
+        from conserve.errors import did_you_mean
 
         raise ConfigError(
             f"--meter: {meter!r} is not one of zeus, nvml, dcgm, model.{did_you_mean(meter, METER_KINDS)}"

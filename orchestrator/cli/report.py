@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         _check_sqlite_exists(db)
         with Ledger(db) as ledger:
             if ledger.revision() is None:
-                from tiers.errors import EnergyError
+                from energy.errors import EnergyError
 
                 raise EnergyError(
                     f"{db} holds no ConServe ledger (no schema). To fix: point --db at the "
@@ -82,7 +82,7 @@ def _check_sqlite_exists(url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    from tiers.errors import EnergyError
+    from energy.errors import EnergyError
 
     try:
         u = make_url(url)

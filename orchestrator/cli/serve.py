@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from orchestrator.cli.common import console, handle_errors, print_json
-from tiers.errors import ConfigError
+from orchestrator.errors import ConfigError
 
 SWITCH_INTERVAL_S = 0.0002  # GIL switch interval while serving (measured; see serve())
 

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from orchestrator.cli.common import console, fail, handle_errors, print_json
 from orchestrator.config import FleetConfig, load_fleet
+from orchestrator.errors import ConfigError, SimulationError
 from orchestrator.fleet import InstanceSpec, Plan, load_plan
 from orchestrator.metrics import (
     TOKENS_COUNTED,
@@ -41,7 +42,6 @@ from orchestrator.sim.fleet import (
 )
 from orchestrator.workload import ConversationSpec
 from placement.policies import POLICY_NAMES, make_policy
-from tiers.errors import ConfigError, SimulationError
 
 JSON_SCHEMA_VERSION = 1
 DEFAULT_MISPREDICT_RATE = 0.1  # the paper's AMPD emulation injected 10% mispredictions (DESIGN.md s5)

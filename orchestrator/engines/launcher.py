@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from orchestrator.errors import ConfigError, EngineError
 from placement.base import Role
-from tiers.errors import ConfigError, EngineError
 
 DEFAULT_CACHE = Path(os.environ.get("CONSERVE_CACHE", str(Path.home() / ".cache" / "conserve")))
 DEFAULT_VLLM_PYTHON = DEFAULT_CACHE / "vllm-venv" / "bin" / "python"

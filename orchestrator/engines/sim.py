@@ -32,8 +32,8 @@ from typing import Any, Protocol
 
 from energy.meters import GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.errors import EngineError
 from placement.base import Role
-from tiers.errors import EngineError
 from tiers.perf import TierModel
 
 __all__ = ["SimClock", "WallClock", "SimKvFabric", "SimEngine", "kv_transfer_time_s", "SIM_TEXT_PREFIX"]

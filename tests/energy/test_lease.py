@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from energy.accounting import EnergyAccountant, EngineMeterBinding, LedgerTurnSource
+from energy.errors import EnergyError
 from energy.lease import FileLease, LocalLease, PgAdvisoryLease, advisory_key, lease_for
 from energy.ledger import Ledger
 from energy.meters import ReplayMeter
 from energy.records import EnergySample
-from tiers.errors import EnergyError
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, inspect
 
 from energy import db
+from energy.errors import EnergyError
 from energy.ledger import Ledger
 from energy.records import (
     AttributionRow,
@@ -23,7 +24,6 @@ from energy.records import (
     TurnRecord,
     TurnStatus,
 )
-from tiers.errors import EnergyError
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 

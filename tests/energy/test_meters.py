@@ -11,6 +11,7 @@ import pynvml
 import pytest
 
 from energy import meters
+from energy.errors import EnergyError
 from energy.meters import (
     U64,
     Activity,
@@ -28,7 +29,6 @@ from energy.meters import (
 )
 from energy.records import EnergySample, Source
 from tiers.catalog import get_gpu
-from tiers.errors import EnergyError
 from tiers.models import get_model
 from tiers.perf import TierModel
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from orchestrator.config import load_fleet, parse_fleet
-from tiers.errors import ConfigError, WorkloadError
+from orchestrator.errors import ConfigError, WorkloadError
 
 BASE: dict[str, Any] = {
     "model": "Llama-3.1-8B",

@@ -8,6 +8,7 @@ from unittest import mock
 import pytest
 
 from orchestrator.config import parse_fleet
+from orchestrator.errors import ConfigError
 from orchestrator.fleet import (
     Plan,
     PlanPredictions,
@@ -18,7 +19,6 @@ from orchestrator.fleet import (
     tier_model,
 )
 from placement.base import Role
-from tiers.errors import ConfigError
 
 CFG = parse_fleet(
     {

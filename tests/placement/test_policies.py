@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from placement.base import FleetView, InstanceView, Policy, Role, TurnRequest
+from placement.errors import PlacementError
 from placement.policies import POLICY_NAMES, PerTurnPolicy, make_policy
-from tiers.errors import PlacementError
 
 
 def fleet(decoder_free: list[int], prefill_queue: list[int], unhealthy: set[str] = frozenset(), pins=None):

@@ -13,12 +13,12 @@ import pytest
 from simkit import a40, agentic, colocated, disagg, small_gpu_model
 from test_parity import replay
 
+from orchestrator.errors import SimulationError
 from orchestrator.metrics import Convention, StandaloneCache, conversation_metrics
 from orchestrator.sim import SimOptions, run_simulation
 from orchestrator.sim.admission import RULES, Reserve, rule_for
 from orchestrator.workload import ConversationSpec, TurnSpec
 from placement.policies import make_policy
-from tiers.errors import SimulationError
 
 ADMIT = SimOptions(router_admission=True, record_views=True)
 

@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simkit import Inst, a40, agentic, colocated, disagg, small_gpu_model
 
+from orchestrator.errors import SimulationError
 from orchestrator.sim import SimOptions, run_simulation
 from orchestrator.workload import ConversationSpec, TurnSpec
 from placement.base import Role
 from placement.policies import POLICY_NAMES, make_policy
-from tiers.errors import SimulationError
 
 
 def fleet_for(policy: str, tm, n: int = 3):  # type: ignore[no-untyped-def]
