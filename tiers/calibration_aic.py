@@ -1,4 +1,4 @@
-"""Per-GPU calibrations fitted on AIConfigurator's kernel-table estimates; the tier model's error against them.
+"""Per-GPU calibrations fitted on AIConfigurator estimates; the tier model's error against them.
 
 Offline, like tiers/calibration.py: ``python -m tiers.calibration_aic [GPU ...]`` queries the installed
 AIConfigurator (tiers/aiconfigurator.py) on each covered model and TP size of a GPU, fits the speed constants

@@ -242,7 +242,7 @@ class TierModel:
         gemm, attn, comm = self._prefill_parts(new_tokens, cached_tokens, 1)
         t = self._prefill_fixed_s + gemm + attn + comm
         if self._correction is not None:
-            t *= self._correction.prefill_time_ratio(new_tokens)
+            t *= self._correction.prefill_time_ratio(new_tokens, cached_tokens)
         return t
 
     def prefill_batch_time_s(
@@ -254,7 +254,7 @@ class TierModel:
         gemm, attn, comm = self._prefill_parts(new_tokens_each, cached_tokens_each, sequences)
         t = self._prefill_fixed_s + gemm + attn + comm
         if self._correction is not None:
-            t *= self._correction.prefill_time_ratio(new_tokens_each * sequences)
+            t *= self._correction.prefill_time_ratio(new_tokens_each * sequences, cached_tokens_each)
         return t
 
     def decode_step_time_s(self, batch: int, context_tokens: int) -> float:
@@ -277,7 +277,7 @@ class TierModel:
         gemm, attn, comm = self._prefill_parts(prefill_tokens, prefill_cached_tokens, 1)
         pre = gemm + attn + comm
         if self._correction is not None:
-            pre *= self._correction.prefill_time_ratio(prefill_tokens)
+            pre *= self._correction.prefill_time_ratio(prefill_tokens, prefill_cached_tokens)
         return self.decode_step_time_s(decode_batch, decode_context_tokens) + pre
 
     def kv_transfer_time_s(self, tokens: int, link: LinkType | str = LinkType.PCIE) -> float:
@@ -318,7 +318,7 @@ class TierModel:
         e, dur = self._prefill_energy_gpu_j(new_tokens, cached_tokens)
         e *= self.tp
         if self._correction is not None:
-            r_t = self._correction.prefill_time_ratio(new_tokens)
+            r_t = self._correction.prefill_time_ratio(new_tokens, cached_tokens)
             r_p = self._correction.prefill_power_ratio(new_tokens)
             e *= r_t * r_p
             e = max(e, self.idle_w * dur * r_t)

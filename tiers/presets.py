@@ -234,7 +234,7 @@ def _default_for(gpu_name: str, hidden_size: int) -> Calibration:
         return base
     name = base.name if x == 0.0 else f"{base.name}+gemm-power-h{hidden_size}"
     if label:
-        name = f"fallback({gpu_name}<-{base.name})" + name[len(base.name):]
+        name = f"fallback({gpu_name}<-{base.name})" + name[len(base.name) :]
     return replace(
         base,
         power_gemm_frac=lo + (hi - lo) * x,
