@@ -424,7 +424,7 @@ def build_correction(tm: TierModel, profile: MeasuredProfile) -> ProfileCorrecti
         if use_energy and d.energy_j is not None:
             model_w = base.decode_power_w(d.batch, d.context_tokens) + idle_shift_w
             dp.append((x, y, d.energy_j / (d.step_ms / 1e3) / model_w))
-    # prefill points over cached prefixes: a grid in (log2 new, log2(cached + 1)); else piecewise in new tokens
+    # prefill points over cached prefixes: a grid in (log2 new, log2(cached + 1)); else piecewise in new
     with_prefix = any(p.cached_tokens > 0 for p in profile.prefill)
     return ProfileCorrection(
         (_Grid2D(pt2) if with_prefix else _Interp1D(pt)) if pt else None,

@@ -88,9 +88,9 @@ def test_tier_model_within_10pct_of_aiconfigurator(gpu: str, model: str, tp: int
 
 @pytest.mark.parametrize("gpu", list(aic.AIC_SYSTEMS))
 def test_fitted_gpu_calibration_without_the_package(gpu: str) -> None:
-    """The per-GPU preset alone (no profile): what planning uses when the extra is not installed. Medians within
-    10% over the GPU's combinations; the worst points are reported (A100 Llama-3.1-8B decode 176 x 100: -35.5%,
-    where the A100 table steps), bounded at 40%: the roofline has no GEMM tile steps."""
+    """The per-GPU preset alone (no profile): what planning uses when the extra is not installed.
+    Medians within 10% over the GPU's combinations; the worst points are reported (A100 Llama-3.1-8B decode
+    176 x 100: -35.5%, where the A100 table steps), bounded at 40%: the roofline has no GEMM tile steps."""
     pre_all: list[tuple[str, float]] = []
     dec_all: list[tuple[str, float]] = []
     for g, model, tp in COMBOS:
