@@ -273,7 +273,7 @@ async def test_a_decode_curve_not_monotone_in_batch_is_re_measured() -> None:
 async def test_a_decode_curve_that_stays_inverted_is_refused() -> None:
     clock = VirtualClock()
     eng = SlowBatchOneEngine(clock, stalled=0, per_seq_s=-0.001)  # batch 8 really steps faster than batch 1
-    match = r"not monotone in batch beyond the 5% noise allowance .*context 256: batch 4 .* < batch 1 .*To fix"
+    match = r"not monotone in batch beyond the 5% noise allowance .*context 256: batch 4 .* < batch 1 .*fix"
     with pytest.raises(ProfileError, match=match):
         await run_sweep(eng, ConstantPowerMeter(clock, 1.0), MONO_PLAN)
     assert eng.k_runs_b1 == 2 + 3 * 2  # the first repeats, then 3 rounds of 2
