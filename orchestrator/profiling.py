@@ -242,8 +242,8 @@ class _DecodeRuns:
     def step_s(self) -> float:
         # Fastest of the runs on each side: noise (a preempted core, a GC pause) only adds time, so the
         # minimum is the least disturbed run. A median of per-repeat differences failed in CI when one 1-token
-        # run of two stalled 1.2 s (steps [0.014, -0.082] s, median < 0); later both 1-token runs of a point stalled
-        # >= 1.5 s on a box kept busy by two idle NIXL engines, hence the retries.
+        # run of two stalled 1.2 s (steps [0.014, -0.082] s, median < 0); later both 1-token runs of a point
+        # stalled >= 1.5 s on a box kept busy by two idle NIXL engines, hence the retries.
         return (min(self.t_ks) - min(self.t_1s)) / (self.steps - 1) if self.t_ks else 0.0
 
     def step_j(self) -> float:
