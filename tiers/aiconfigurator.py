@@ -99,13 +99,15 @@ def supported(gpu: str, model: str, tp: int) -> bool:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """AIConfigurator logs INFO/WARNING lines (fallback rows, deprecations) on import and per query."""
-    log = logging.getLogger("aiconfigurator")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    logs = [logging.getLogger(n) for n in ("aiconfigurator", "aiconfigurator_core")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 @dataclass(frozen=True, slots=True)
