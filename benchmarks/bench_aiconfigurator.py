@@ -1,11 +1,11 @@
-"""Side by side with NVIDIA AIConfigurator (issue 10 acceptance): the same serving questions asked of both tools.
+"""Side by side with NVIDIA AIConfigurator (issue 10 acceptance): the same serving questions to both tools.
 
-Each question: a dense model on N GPUs of one system, single-turn requests of fixed input/output length, a TTFT
-bound and a TPOT bound. AIConfigurator (``cli_default``, backend vLLM, its measured kernel tables) answers with
-its best aggregated and best disaggregated configuration and their output tokens/s per GPU. ConServe answers
-through ``orchestrator plan --max-rate --json`` on a generated fleet file (one tier of N GPUs, the model from
-the catalog, a synthetic single-turn workload with those lengths, absolute SLOs ``ttfet_s`` and ``tbt_ms``):
-output tokens/s per GPU = planned conversations/s x output tokens / GPUs the plan uses.
+Each question: a dense model on N GPUs of one system, single-turn requests of fixed input/output length, a
+TTFT bound and a TPOT bound. AIConfigurator (``cli_default``, backend vLLM, its measured kernel tables)
+answers with its best aggregated and best disaggregated configuration and their output tokens/s per GPU.
+ConServe answers through ``orchestrator plan --max-rate --json`` on a generated fleet file (one tier of N
+GPUs, the model from the catalog, a synthetic single-turn workload with those lengths, absolute SLOs
+``ttfet_s`` and ``tbt_ms``): output tokens/s per GPU = planned conversations/s x output tokens / GPUs used.
 
 TTFT definitions (they differ; the table says which is which):
 - AIConfigurator: the modelled prefill latency of a request inside its in-flight-batching step model (agg) or
@@ -116,18 +116,21 @@ def fleet_file(q: Question, mode: str, path: Path) -> Path:
 def ask_conserve(q: Question, workdir: Path) -> dict[str, object]:
     fleet = fleet_file(q, "energy", workdir / f"{q.model}-{q.gpu}.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-c", "from orchestrator.cli import main; main()", "plan", "--fleet", str(fleet), "--max-rate", "--json"]
+    cli = "from orchestrator.cli import main; main()"
+    cmd = [sys.executable, "-c", cli, "plan", "--fleet", str(fleet), "--max-rate", "--json"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     elapsed = time.perf_counter() - t0
     if p.returncode != 0:
         return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:], "elapsed_s": elapsed}
-    plan = json.loads(p.stdout)
+    # from the first "{": HiGHS may print its banner on stdout first (issue 10 item 6, engineer plan's fix)
+    doc = json.loads(p.stdout[p.stdout.index("{") :])
+    plan = doc.get("plan", doc)
     pred = plan.get("predictions", {})
     pools = plan.get("pools", [])
     gpus = sum(int(x.get("instances", 0)) * int(x.get("tp", 1)) for x in pools) or q.gpus
     roles = sorted({str(x.get("role")) for x in pools if int(x.get("instances", 0)) > 0})
-    rate = float(plan.get("arrival_rate_per_s") or pred.get("arrival_rate_per_s") or 0.0)
+    rate = float(doc.get("workload", {}).get("arrival_rate_per_s") or plan.get("arrival_rate_per_s") or 0.0)
     return {
         "mode": "disagg" if "prefill" in roles else "agg",
         "roles": roles,
@@ -154,12 +157,15 @@ def main() -> None:
             ours = ask_conserve(q, Path(tmp))
             rows.append({"question": asdict(q), "aiconfigurator": theirs, "conserve": ours})
             print(f"done: {q.model} on {q.gpus} x {q.gpu}", file=sys.stderr, flush=True)
-    meta = {"aiconfigurator": metadata.version("aiconfigurator"), "backend": "vllm", "python": sys.version.split()[0]}
+    meta = {"aiconfigurator": metadata.version("aiconfigurator"), "backend": "vllm"}
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
         return
-    print(f"AIConfigurator {meta['aiconfigurator']} (backend vllm) vs ConServe `orchestrator plan --max-rate`")
-    print("| question | AIC agg tok/s/GPU | AIC disagg tok/s/GPU | AIC choice | ours tok/s/GPU | ours mode | ours/AIC best |")
+    print(f"AIConfigurator {meta['aiconfigurator']} (vllm) vs ConServe `orchestrator plan --max-rate`")
+    print(
+        "| question | AIC agg tok/s/GPU | AIC disagg tok/s/GPU | AIC choice | ours tok/s/GPU | ours mode "
+        "| ours/AIC best |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         q, t, o = r["question"], r["aiconfigurator"], r["conserve"]
@@ -167,7 +173,8 @@ def main() -> None:
         dis = t.get("disagg") or {}
         best = max(float(agg.get("tokens_per_s_per_gpu", 0.0)), float(dis.get("tokens_per_s_per_gpu", 0.0)))
         ours = float(o.get("tokens_per_s_per_gpu", 0.0))
-        label = f"{q['model']} {q['gpus']}x{q['gpu']} {q['isl']}/{q['osl']} TTFT {q['ttft_ms']:g} ms TPOT {q['tpot_ms']:g} ms"
+        label = f"{q['model']} {q['gpus']}x{q['gpu']} {q['isl']}/{q['osl']}"
+        label += f" TTFT {q['ttft_ms']:g} ms TPOT {q['tpot_ms']:g} ms"
         print(
             f"| {label} | {agg.get('tokens_per_s_per_gpu', 0):,.0f} (TTFT {agg.get('ttft_ms', 0):.0f} ms) "
             f"| {dis.get('tokens_per_s_per_gpu', 0):,.0f} | {t.get('chosen')} | {ours:,.0f} | "
