@@ -59,8 +59,9 @@ _MODELS: tuple[ModelSpec, ...] = (
     # meta-llama/Llama-3.1-8B config.json: 32 layers, hidden 4096, 32 heads, 8 KV heads, 8.03B params.
     ModelSpec("Llama-3.1-8B", 32, 4096, 32, 8, 128, 8.03e9, 2, 131072, "meta-llama/Llama-3.1-8B config.json"),
     # meta-llama/Llama-3.1-70B config.json: 80 layers, hidden 8192, 64 heads, 8 KV heads, 70.6B params.
-    ModelSpec("Llama-3.1-70B", 80, 8192, 64, 8, 128, 70.6e9, 2, 131072,
-              "meta-llama/Llama-3.1-70B config.json"),
+    ModelSpec(
+        "Llama-3.1-70B", 80, 8192, 64, 8, 128, 70.6e9, 2, 131072, "meta-llama/Llama-3.1-70B config.json"
+    ),
     # meta-llama/Llama-2-70b-hf config.json: 80 layers, hidden 8192, 64 heads, 8 KV heads (GQA), 69.0B params.
     ModelSpec("Llama-2-70B", 80, 8192, 64, 8, 128, 68.98e9, 2, 4096, "meta-llama/Llama-2-70b-hf config.json"),
     # bigscience/bloom config.json: 70 layers, hidden 14336, 112 heads (MHA), 176B params

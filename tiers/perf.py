@@ -33,160 +33,41 @@ tp_latency_s = tp_layer_latency_s*layers*log2(tp), gpu_fixed_s = layer_overhead_
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tiers.catalog import GpuSpec
+from tiers.catalog import GpuSpec, get_gpu
 from tiers.errors import CatalogError
 from tiers.links import LinkType, kv_transfer_time_s, tp_link_bandwidth_bytes_per_s
-from tiers.models import ModelSpec
+from tiers.models import ModelSpec, get_model
 from tiers.power import cap_slowdown, check_cap, draw_w
+from tiers.presets import (  # re-exported: the names other packages and tests import from tiers.perf
+    _AUTO,
+    CONSERVE_A40_VLLM011,
+    SPLITWISE_VLLM,
+    Calibration,
+    default_calibration,
+)
+
+__all__ = ["CONSERVE_A40_VLLM011", "SPLITWISE_VLLM", "Calibration", "TierModel", "default_calibration"]
 
 if TYPE_CHECKING:
     from tiers.profiles import MeasuredProfile, ProfileCorrection
 
 
-@dataclass(frozen=True, slots=True)
-class Calibration:
-    """Efficiencies, overheads and power fractions of one engine stack, fitted to measurements.
+def _imported_profile(gpu: GpuSpec, model: ModelSpec, tp: int) -> MeasuredProfile | None:
+    """AIConfigurator's profile of a catalog GPU x catalog model x TP size (tiers/aiconfigurator.py), or None.
 
-    Speed: compute_efficiency (achieved fraction of dense BF16 peak at full clocks, prefill GEMMs and
-    attention), bandwidth_efficiency (of datasheet memory bandwidth), prefill_overhead_s (fixed per prefill),
-    step_overhead_s + per_sequence_s*B (host-side time per decode step, overlapped with GPU work),
-    layer_overhead_s (GPU fixed time per layer per step), gpu_per_sequence_s (GPU time per running sequence
-    per step), tp_layer_latency_s (collective latency per layer per log2(tp)), tp_link_efficiency (achieved
-    fraction of the intra-node link bandwidth in all-reduces).
-    Power (fractions of tdp_w - idle_w that an activity demands at full clocks, see tiers.power):
-    power_active_frac (GPU busy but waiting: launches, host work), power_mem_frac (per unit of memory-time
-    share of a decode step), power_gemm_frac (dense GEMMs), power_attn_frac (attention kernels),
-    cap_exponent (dynamic power ~ clock ** cap_exponent).
-    The presets below record each value's source and fit quality; the fits live in tiers/calibration.py.
-    """
+    Only for the catalog's own specs: an inline GPU or model that borrows a catalog name is not what was
+    measured."""
+    from tiers import aiconfigurator as aic
 
-    name: str = "custom"
-    compute_efficiency: float = 0.57
-    bandwidth_efficiency: float = 0.8
-    prefill_overhead_s: float = 0.024
-    step_overhead_s: float = 0.0105
-    per_sequence_s: float = 24.1e-6
-    layer_overhead_s: float = 0.0
-    gpu_per_sequence_s: float = 0.0
-    tp_layer_latency_s: float = 0.0
-    tp_link_efficiency: float = 1.0
-    power_active_frac: float = 0.17
-    power_mem_frac: float = 0.83
-    power_gemm_frac: float = 1.0
-    power_attn_frac: float = 1.0
-    cap_exponent: float = 2.0
-    source: str = "hand-set defaults (not fitted)"
-
-    def __post_init__(self) -> None:
-        for name in ("compute_efficiency", "bandwidth_efficiency", "tp_link_efficiency", "cap_exponent"):
-            if getattr(self, name) <= 0:
-                raise CatalogError(f"calibration {self.name}: {name} must be > 0, got {getattr(self, name)}")
-        for name in (
-            "prefill_overhead_s",
-            "step_overhead_s",
-            "per_sequence_s",
-            "layer_overhead_s",
-            "gpu_per_sequence_s",
-            "tp_layer_latency_s",
-            "power_active_frac",
-            "power_mem_frac",
-            "power_gemm_frac",
-            "power_attn_frac",
-        ):
-            if getattr(self, name) < 0:
-                raise CatalogError(f"calibration {self.name}: {name} must be >= 0, got {getattr(self, name)}")
-
-
-# ---- fitted presets ----------------------------------------------------------------------------------------
-# Values written by hand from the output of `python -m tiers.calibration` (see each fit function's docstring);
-# fit quality is reproduced by tests/tiers/test_calibration.py (run with -s to print the per-point table).
-
-# vLLM 0.11 on an NVIDIA A40, Qwen3-0.6B (ConServe artifact). Speed: fitted by
-# tiers/calibration.py::fit_conserve_a40 on conserve/prefill_vs_L_300W_200W.csv (cold prefill, 300 W and
-# 200 W) and conserve/decode_grid_300W.csv (p50 step). Power: active/mem fractions carried over from the
-# Splitwise A100 fit (no A40 decode power in shared/data); gemm/attn fractions and cap_exponent fitted to the
-# 200 W/300 W prefill ratio.
-CONSERVE_A40_VLLM011 = Calibration(
-    name="conserve-a40-vllm0.11",
-    # prefill: 38 points (19 lengths x 300/200 W), median |err| 2.8%, max 10.0%
-    compute_efficiency=0.6511,  # of 149.7 TFLOP/s at full clocks (attention is throttled even at 300 W)
-    prefill_overhead_s=0.02466,
-    power_gemm_frac=0.4453,  # Qwen3-0.6B's small GEMMs draw ~176 W at full clocks
-    power_attn_frac=1.4315,  # long-context attention would draw ~396 W: throttled at 300 W, more at 200 W
-    cap_exponent=1.6617,
-    # decode: 101 points (B 1-128 x L 128-32k), median |err| 1.7%, max 13.0%
-    bandwidth_efficiency=0.8488,  # of 696 GB/s
-    step_overhead_s=0.01394,  # host-side floor per step, overlapped with GPU work
-    per_sequence_s=29.10e-6,
-    layer_overhead_s=104.9e-6,  # x 28 layers = 2.94 ms of GPU fixed time per step
-    gpu_per_sequence_s=48.65e-6,
-    tp_layer_latency_s=0.0,  # TP 1 only in the data: not identifiable; Splitwise's value is the reference
-    tp_link_efficiency=1.0,
-    # decode power: carried over from fit_splitwise (no A40 decode power in shared/data). Check: a KV-heavy
-    # A40 decode step then draws ~258 W, in line with the ~245-270 W implied by the paper's +22.8% tokens/J
-    # when its 3 decoders were capped to 200 W (DESIGN.md section 1) -- a consistency check, not a fit.
-    power_active_frac=0.07637,
-    power_mem_frac=0.8193,
-    source="fit_conserve_a40 on conserve/prefill_vs_L_300W_200W.csv + decode_grid_300W.csv "
-    "(vLLM 0.11, Qwen3-0.6B, A40); power active/mem fractions from fit_splitwise",
-)
-
-# Splitwise's profiling stack (vLLM-era 2023 on DGX-A100 / DGX-H100, llama2-70b and bloom-176b, TP 2/4/8).
-# Fitted by tiers/calibration.py::fit_splitwise on splitwise/perf_model.csv (median prompt_time/token_time per
-# configuration) and, for power, on its peak_power/average_power columns (A100 rows; H100 rows have none).
-SPLITWISE_VLLM = Calibration(
-    name="splitwise",
-    # prefill: 102 points (batched prompts 128-32k tokens), median |err| 12.2%, max 41.3%
-    compute_efficiency=0.6369,
-    prefill_overhead_s=0.01462,
-    tp_layer_latency_s=67.59e-6,  # per layer per log2(tp): 80 layers x TP8 -> 16.2 ms per step
-    tp_link_efficiency=0.2102,  # of NVLink per-direction bandwidth in prefill all-reduces
-    # decode: 150 points (B 1-64, context 192-37k), median |err| 7.0%, max 22.3%
-    bandwidth_efficiency=0.8211,
-    step_overhead_s=0.0001,  # not identifiable on this stack (folded into the GPU terms); held, not fitted
-    per_sequence_s=1e-6,  # idem
-    layer_overhead_s=114.1e-6,
-    gpu_per_sequence_s=284.7e-6,
-    # power: average_power of 40 A100 runs, median |err| 2.2%, max 17.1%
-    power_active_frac=0.07637,
-    power_mem_frac=0.8193,
-    power_gemm_frac=1.0,  # prefill reaches TDP (peak_power ~1.0); Splitwise's constant model: prompt = TDP
-    power_attn_frac=1.0,
-    cap_exponent=1.6617,  # not identifiable from Splitwise's data: the A40 fit's value
-    source="fit_splitwise on splitwise/perf_model.csv (DGX-A100/H100, llama2-70b, bloom-176b)",
-)
-
-_AUTO = Calibration(name="auto", source="placeholder: replaced by default_calibration() in TierModel")
-
-
-def default_calibration(gpu: GpuSpec, model: ModelSpec) -> Calibration:
-    """The calibration a tier gets when none is given: the project's own engine stack (vLLM 0.11, fitted on
-    the A40), with the GEMM power demand adjusted to the model's size.
-
-    GEMM power density grows with GEMM size: Qwen3-0.6B's (hidden 1,024) GEMMs demand 0.445 of the dynamic
-    range on the A40 (fit_conserve_a40), while llama2-70b/bloom-176b prefills (hidden 8,192/14,336) reach TDP
-    (Splitwise peak_power ~1.0). Between the two anchors we interpolate linearly in log2(hidden_size), clamped
-    -- modelled, not measured. Splitwise's stack is available as SPLITWISE_VLLM for its older, slower engine.
-    """
-    return _default_for_hidden(model.hidden_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _default_for_hidden(hidden_size: int) -> Calibration:
-    lo, hi = CONSERVE_A40_VLLM011.power_gemm_frac, SPLITWISE_VLLM.power_gemm_frac
-    x = min(max(math.log2(max(hidden_size, 1) / 1024) / 3.0, 0.0), 1.0)  # 1,024 -> 0, 8,192 -> 1
-    if x == 0.0:
-        return CONSERVE_A40_VLLM011
-    return replace(
-        CONSERVE_A40_VLLM011,
-        power_gemm_frac=lo + (hi - lo) * x,
-        name=f"{CONSERVE_A40_VLLM011.name}+gemm-power-h{hidden_size}",
-    )
+    if not aic.enabled() or not aic.supported(gpu.name, model.name, tp):
+        return None
+    if get_gpu(gpu.name) != gpu or get_model(model.name) != model:
+        return None
+    return aic.lookup(gpu.name, model.name, tp)
 
 
 def _log2(x: int) -> float:
@@ -247,6 +128,8 @@ class TierModel:
             raise CatalogError(f"block_size_tokens must be >= 1, got {self.block_size_tokens}")
         if self.calibration is _AUTO:
             object.__setattr__(self, "calibration", default_calibration(g, m))
+            if self.profile is None:
+                object.__setattr__(self, "profile", _imported_profile(g, m, tp))
         c = self.calibration
         cap_w = self.cap_w
         check_cap(cap_w, g.idle_w, g.name)
@@ -300,6 +183,14 @@ class TierModel:
     def name(self) -> str:
         return f"{self.gpu.name}@{self.cap_w:g}W/tp{self.tp}"
 
+    @property
+    def source(self) -> str:
+        """Where this tier's speed numbers come from: 'measured profile: ...' (orchestrator profile or
+        AIConfigurator's tables), else 'calibration <name>: ...' (a fitted preset, or a labelled fallback)."""
+        if self.profile is not None:
+            return f"measured profile: {self.profile.source} (roofline: {self.calibration.name})"
+        return f"calibration {self.calibration.name}: {self.calibration.source}"
+
     def without_profile(self) -> TierModel:
         """The same tier with the pure (calibrated roofline) model."""
         if self.profile is None:
@@ -351,7 +242,7 @@ class TierModel:
         gemm, attn, comm = self._prefill_parts(new_tokens, cached_tokens, 1)
         t = self._prefill_fixed_s + gemm + attn + comm
         if self._correction is not None:
-            t *= self._correction.prefill_time_ratio(new_tokens)
+            t *= self._correction.prefill_time_ratio(new_tokens, cached_tokens)
         return t
 
     def prefill_batch_time_s(
@@ -363,7 +254,7 @@ class TierModel:
         gemm, attn, comm = self._prefill_parts(new_tokens_each, cached_tokens_each, sequences)
         t = self._prefill_fixed_s + gemm + attn + comm
         if self._correction is not None:
-            t *= self._correction.prefill_time_ratio(new_tokens_each * sequences)
+            t *= self._correction.prefill_time_ratio(new_tokens_each * sequences, cached_tokens_each)
         return t
 
     def decode_step_time_s(self, batch: int, context_tokens: int) -> float:
@@ -386,7 +277,7 @@ class TierModel:
         gemm, attn, comm = self._prefill_parts(prefill_tokens, prefill_cached_tokens, 1)
         pre = gemm + attn + comm
         if self._correction is not None:
-            pre *= self._correction.prefill_time_ratio(prefill_tokens)
+            pre *= self._correction.prefill_time_ratio(prefill_tokens, prefill_cached_tokens)
         return self.decode_step_time_s(decode_batch, decode_context_tokens) + pre
 
     def kv_transfer_time_s(self, tokens: int, link: LinkType | str = LinkType.PCIE) -> float:
@@ -427,7 +318,7 @@ class TierModel:
         e, dur = self._prefill_energy_gpu_j(new_tokens, cached_tokens)
         e *= self.tp
         if self._correction is not None:
-            r_t = self._correction.prefill_time_ratio(new_tokens)
+            r_t = self._correction.prefill_time_ratio(new_tokens, cached_tokens)
             r_p = self._correction.prefill_power_ratio(new_tokens)
             e *= r_t * r_p
             e = max(e, self.idle_w * dur * r_t)

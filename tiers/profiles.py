@@ -323,15 +323,19 @@ class ProfileCorrection:
 
     def __init__(
         self,
-        prefill_time: _Interp1D | None,
+        prefill_time: _Interp1D | _Grid2D | None,
         prefill_power: _Interp1D | None,
         decode_time: _Grid2D | None,
         decode_power: _Grid2D | None,
     ) -> None:
         self._pt, self._pp, self._dt, self._dp = prefill_time, prefill_power, decode_time, decode_power
 
-    def prefill_time_ratio(self, new_tokens: int) -> float:
-        return self._pt(new_tokens) if self._pt is not None else 1.0
+    def prefill_time_ratio(self, new_tokens: int, cached_tokens: int = 0) -> float:
+        if self._pt is None:
+            return 1.0
+        if isinstance(self._pt, _Grid2D):
+            return self._pt(math.log2(new_tokens), math.log2(cached_tokens + 1))
+        return self._pt(new_tokens)
 
     def prefill_power_ratio(self, new_tokens: int) -> float:
         return self._pp(new_tokens) if self._pp is not None else 1.0
@@ -403,10 +407,12 @@ def build_correction(tm: TierModel, profile: MeasuredProfile) -> ProfileCorrecti
     # the tier model's draws include the profile's idle override: shift the base's modelled power to match
     idle_shift_w = 0.0 if profile.idle_w is None else profile.idle_w - base.idle_w
     pt: list[tuple[float, float]] = []
+    pt2: list[tuple[float, float, float]] = []
     pp: list[tuple[float, float]] = []
     for p in profile.prefill:
         model_s = base.roofline_prefill_time_s(p.new_tokens, p.cached_tokens)
         pt.append((p.new_tokens, p.latency_ms / 1e3 / model_s))
+        pt2.append((math.log2(p.new_tokens), math.log2(p.cached_tokens + 1), p.latency_ms / 1e3 / model_s))
         if use_energy and p.energy_j is not None:
             model_w = base.prefill_energy_j(p.new_tokens, p.cached_tokens) / model_s + idle_shift_w
             pp.append((p.new_tokens, p.energy_j / (p.latency_ms / 1e3) / model_w))
@@ -418,8 +424,10 @@ def build_correction(tm: TierModel, profile: MeasuredProfile) -> ProfileCorrecti
         if use_energy and d.energy_j is not None:
             model_w = base.decode_power_w(d.batch, d.context_tokens) + idle_shift_w
             dp.append((x, y, d.energy_j / (d.step_ms / 1e3) / model_w))
+    # prefill points over cached prefixes: a grid in (log2 new, log2(cached + 1)); else piecewise in new
+    with_prefix = any(p.cached_tokens > 0 for p in profile.prefill)
     return ProfileCorrection(
-        _Interp1D(pt) if pt else None,
+        (_Grid2D(pt2) if with_prefix else _Interp1D(pt)) if pt else None,
         _Interp1D(pp) if pp else None,
         _Grid2D(dt) if dt else None,
         _Grid2D(dp) if dp else None,

@@ -68,10 +68,10 @@ def profile(
 ) -> None:
     """Profile a running vLLM engine (prefill and decode sweeps) into a measured tier profile."""
     from energy.meters import METER_KINDS, make_meter
+    from orchestrator.profiling import ActivityLog, SweepPlan, VllmHttpDriver, build_profile, run_sweep
     from tiers.catalog import get_gpu
     from tiers.models import get_model
     from tiers.perf import TierModel
-    from tiers.profiler import ActivityLog, SweepPlan, VllmHttpDriver, build_profile, run_sweep
     from tiers.profiles import profile_to_dict, save_profile
 
     if meter not in ("zeus", "nvml", "dcgm", "model"):

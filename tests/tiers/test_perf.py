@@ -10,7 +10,8 @@ import pytest
 from tiers.catalog import get_gpu
 from tiers.errors import CatalogError
 from tiers.models import get_model
-from tiers.perf import CONSERVE_A40_VLLM011, SPLITWISE_VLLM, Calibration, TierModel
+from tiers.perf import CONSERVE_A40_VLLM011, SPLITWISE_VLLM, Calibration, TierModel, default_calibration
+from tiers.presets import AIC_GPU_CALIBRATIONS
 
 
 def tier(gpu: str = "A40", model: str = "Qwen3-0.6B", tp: int = 1, cap: float | None = None) -> TierModel:
@@ -28,17 +29,29 @@ TIERS = [
 IDS = [t.name + "-" + t.model.name for t in TIERS]
 
 
-def test_default_calibration_is_the_project_stack() -> None:
+def test_default_calibration_is_the_gpus_own() -> None:
+    """Issue 10 item 5: each GPU gets its own fitted speed constants (the A40's only on the A40); GPUs with no
+    measurement get a labelled fallback; the power model (GEMM demand by model size) is ours everywhere."""
     assert tier().calibration is CONSERVE_A40_VLLM011
-    # bigger GEMMs draw more power: the same stack, GEMM power demand interpolated up to Splitwise's TDP
-    big = tier("H100-SXM", "Llama-3.1-70B").calibration
-    assert big.compute_efficiency == CONSERVE_A40_VLLM011.compute_efficiency
+    for gpu, preset in AIC_GPU_CALIBRATIONS.items():
+        cal = default_calibration(get_gpu(gpu), get_model("Qwen3-0.6B"))
+        assert cal.compute_efficiency == preset.compute_efficiency
+        assert cal.bandwidth_efficiency == preset.bandwidth_efficiency
+        assert "AIConfigurator" in cal.source
+    # no GPU but the A40 carries the A40 host's overheads (issue 10: 24.7 ms per prefill, 105 us per layer)
+    assert all(p.prefill_overhead_s < 0.005 for p in AIC_GPU_CALIBRATIONS.values())
+    l4 = default_calibration(get_gpu("L4"), get_model("Qwen3-0.6B"))
+    assert l4.compute_efficiency == AIC_GPU_CALIBRATIONS["L40S"].compute_efficiency
+    assert l4.name.startswith("fallback(L4<-") and "no measurement" in l4.source
+    # bigger GEMMs draw more power: GEMM power demand interpolated up to Splitwise's TDP
+    big = default_calibration(get_gpu("H100-SXM"), get_model("Llama-3.1-70B"))
     assert big.power_gemm_frac == pytest.approx(SPLITWISE_VLLM.power_gemm_frac)
-    mid = tier("H100-SXM", "Llama-3.1-8B").calibration.power_gemm_frac
+    mid = default_calibration(get_gpu("H100-SXM"), get_model("Llama-3.1-8B")).power_gemm_frac
     assert CONSERVE_A40_VLLM011.power_gemm_frac < mid < SPLITWISE_VLLM.power_gemm_frac
     explicit = TierModel(get_gpu("H100-SXM"), get_model("Llama-2-70B"), tp=4, calibration=SPLITWISE_VLLM)
-    assert explicit.calibration is SPLITWISE_VLLM
+    assert explicit.calibration is SPLITWISE_VLLM and explicit.profile is None
     assert replace(explicit, power_cap_w=400).calibration is SPLITWISE_VLLM
+    assert explicit.source.startswith("calibration splitwise:")
 
 
 @pytest.mark.parametrize("tm", TIERS, ids=IDS)

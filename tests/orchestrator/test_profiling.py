@@ -13,11 +13,11 @@ import pytest
 
 from energy.meters import Meter, MeterReading, ModelMeter
 from energy.records import Source
+from orchestrator.profiling import ActivityLog, SweepPlan, build_profile, run_sweep
 from tiers.catalog import get_gpu
 from tiers.errors import ProfileError
 from tiers.models import get_model
 from tiers.perf import TierModel
-from tiers.profiler import ActivityLog, SweepPlan, build_profile, run_sweep
 from tiers.profiles import apply_profile, parse_profile, profile_to_dict
 
 STEP_BASE_S, STEP_PER_SEQ_S = 0.010, 0.0005  # the virtual engine's decode law
@@ -229,3 +229,58 @@ async def test_a_step_below_the_noise_in_every_try_is_refused(retries: int) -> N
     ):
         await run_sweep(eng, ConstantPowerMeter(clock, 1.0), plan)
     assert eng.one_token_runs == 2 + retries
+
+
+class SlowBatchOneEngine(VirtualEngine):
+    """The virtual engine, but the first `stalled` K-token runs at batch 1 stall 0.1 s each (a loaded
+    machine), and with `per_seq_s` the decode law's per-sequence slope."""
+
+    def __init__(self, clock: VirtualClock, stalled: int, per_seq_s: float = STEP_PER_SEQ_S) -> None:
+        super().__init__(clock)
+        self.stalled, self.per_seq_s, self.k_runs_b1 = stalled, per_seq_s, 0
+
+    async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
+        s = PREFILL_BASE_S + PREFILL_PER_TOKEN_S * prompt_tokens * batch
+        s += (output_tokens - 1) * (STEP_BASE_S + self.per_seq_s * batch)
+        if batch == 1 and output_tokens > 1:
+            self.k_runs_b1 += 1
+            if self.k_runs_b1 <= self.stalled:
+                s += 0.1
+        self.clock.advance(s)
+        self.calls.append(("batch", batch, prompt_tokens, output_tokens))
+        return s
+
+
+MONO_PLAN = SweepPlan(prefill_lengths_tokens=(), decode_batches=(1, 4, 8), decode_contexts_tokens=(256,),
+                      decode_steps=16, repeats=2, noise_retries=3, idle_s=0.0)  # fmt: skip
+
+
+async def test_a_decode_curve_not_monotone_in_batch_is_re_measured() -> None:
+    """Issue 14 item 7: on a loaded machine batch 4 stepped faster than batch 1. Here both K-token runs of
+    batch 1 stall (+6.7 ms per step: 17.2 ms vs 12 ms at batch 4); the re-measured curve is the engine's."""
+    clock = VirtualClock()
+    eng = SlowBatchOneEngine(clock, stalled=2)
+    notes: list[str] = []
+    res = await run_sweep(eng, ConstantPowerMeter(clock, 1.0), MONO_PLAN, on_point=notes.append)
+    steps = {d.batch: d.step_ms for d in res.decode}
+    for b, ms in steps.items():
+        assert ms == pytest.approx((STEP_BASE_S + STEP_PER_SEQ_S * b) * 1e3, abs=1e-3)
+    assert steps[1] < steps[4] < steps[8]
+    assert any("not monotone in batch" in n and "batch 4" in n for n in notes)
+    assert eng.k_runs_b1 == 4  # one round: 2 more run pairs at batch 1
+
+
+async def test_a_decode_curve_that_stays_inverted_is_refused() -> None:
+    clock = VirtualClock()
+    eng = SlowBatchOneEngine(clock, stalled=0, per_seq_s=-0.001)  # batch 8 really steps faster than batch 1
+    match = r"not monotone in batch beyond the 5% noise allowance .*context 256: batch 4 .* < batch 1 .*fix"
+    with pytest.raises(ProfileError, match=match):
+        await run_sweep(eng, ConstantPowerMeter(clock, 1.0), MONO_PLAN)
+    assert eng.k_runs_b1 == 2 + 3 * 2  # the first repeats, then 3 rounds of 2
+
+
+async def test_a_monotone_curve_within_noise_is_accepted_as_measured() -> None:
+    clock = VirtualClock()
+    eng = SlowBatchOneEngine(clock, stalled=0, per_seq_s=-0.00001)  # batch 8 0.7% faster: within 5%
+    res = await run_sweep(eng, ConstantPowerMeter(clock, 1.0), MONO_PLAN)
+    assert eng.k_runs_b1 == 2 and len(res.decode) == 3

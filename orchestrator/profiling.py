@@ -1,5 +1,7 @@
-"""The tier profiler: drive a running vLLM engine through a prefill sweep and a decode sweep, measure latency
-(and energy from a meter) per point, and produce the measured profile of tiers/profiles.py.
+"""The tier profiler (``orchestrator profile``): drive a running vLLM engine through a prefill and a decode
+sweep, measure latency (and energy from a meter) per point, and produce the measured profile of
+tiers/profiles.py. It lives beside the commands that measure (it reads energy/ meters and talks HTTP), so the
+model layer tiers/ imports nothing above it (issue 11 item 6).
 
     prefill sweep   for each input length n: `repeats` one-token completions of n fresh tokens (no
                     prefix-cache hit possible); latency_ms = median client-side latency;
@@ -11,8 +13,11 @@
                     fastest run is the least disturbed one, as noise only adds time; streamed chunk times are
                     not used because vLLM delivers a fast model's tokens in bursts). When that difference is
                     not positive the point is re-measured, up to `noise_retries` more repeats, before it is
-                    refused. context_tokens records the batch's mean total context B * (p + K/2);
-                    energy_j = median over repeats of (E_K - E_1) / (K - 1) from the meter.
+                    refused. A decode curve not monotone in batch at one context (a larger batch stepping
+                    faster than a smaller one by more than `monotone_tolerance`) is re-measured, both points,
+                    up to `noise_retries` rounds, then refused. context_tokens records the batch's mean total
+                    context B * (p + K/2); energy_j = median over repeats of (E_K - E_1) / (K - 1) from the
+                    meter.
     idle            with a measured meter: idle_w = energy over `idle_s` seconds of no requests / idle_s.
 
 Energy comes from an energy/meters.py Meter (zeus, nvml, dcgm: measured; model: the tier power model and the
@@ -57,6 +62,10 @@ class SweepPlan:
     decode_steps: int = 32  # tokens generated per sequence at each decode point
     repeats: int = 3  # prefill requests per length; (1-token, K-token) run pairs per decode point
     noise_retries: int = 4  # extra run pairs for a decode point whose step is still below the timing noise
+    # (and rounds of re-measuring a decode curve that is not monotone in batch)
+    # a larger batch may step faster than a smaller one by this fraction before it counts as noise: a step of
+    # more sequences over the same total KV does at least the same work
+    monotone_tolerance: float = 0.05
     idle_s: float = 2.0  # idle window for idle_w (measured meters only)
     seed: int = 0
 
@@ -80,6 +89,8 @@ class SweepPlan:
             raise ProfileError(f"--repeats must be >= 1, got {self.repeats}")
         if self.noise_retries < 0:
             raise ProfileError(f"--noise-retries must be >= 0, got {self.noise_retries}")
+        if not 0 <= self.monotone_tolerance < 1:
+            raise ProfileError(f"monotone_tolerance must be in [0, 1), got {self.monotone_tolerance}")
 
     def decode_prompt_tokens(self, batch: int, context_tokens: int) -> int:
         """Per-sequence prompt so that the batch's mean total context over the K steps is context_tokens."""
@@ -194,56 +205,149 @@ async def run_sweep(
         if on_point:
             on_point(f"prefill {n} tokens: {statistics.median(lat) * 1e3:.1f} ms")
 
+    points: dict[tuple[int, int], _DecodeRuns] = {}
     for b in plan.decode_batches:
         for c in plan.decode_contexts_tokens:
-            p = plan.decode_prompt_tokens(b, c)
-            k = plan.decode_steps
-            mean_context = b * (p + k / 2)
-            t_1s: list[float] = []
-            t_ks: list[float] = []
-            steps_j: list[float] = []
-            # Fastest of the repeats on each side: noise (a preempted core, a GC pause) only adds time, so the
-            # minimum is the least disturbed run. A median of per-repeat differences failed in CI when one
-            # 1-token run of two stalled 1.2 s (steps [0.014, -0.082] s, median < 0); later both 1-token runs
-            # of a point stalled >= 1.5 s on a box kept busy by two idle NIXL engines, hence the retries.
-            runs = 0
-            step_s = 0.0
-            while runs < plan.repeats or (step_s <= 0 and runs < plan.repeats + plan.noise_retries):
-                e0 = _total_j(meter)
-                log.add(Activity(prefill_tokens=b * p))
-                t_1 = await driver.run_batch(b, p, 1)
-                e1 = _total_j(meter)
-                log.add(Activity(prefill_tokens=b * p))
-                log.add(
-                    Activity(decode_tokens=b * (k - 1), decode_batch=b, decode_context_tokens=mean_context)
-                )
-                t_k = await driver.run_batch(b, p, k)
-                e2 = _total_j(meter)
-                t_1s.append(t_1)
-                t_ks.append(t_k)
-                steps_j.append(((e2 - e1) - (e1 - e0)) / (k - 1))
-                runs += 1
-                step_s = (min(t_ks) - min(t_1s)) / (k - 1)
-                if runs == plan.repeats and step_s <= 0 and plan.noise_retries and on_point:
-                    on_point(
-                        f"decode batch {b} x context {round(mean_context)}: {k} tokens no slower than 1 "
-                        f"token so far (timing noise); re-measuring, up to {plan.noise_retries} more times"
-                    )
-            if step_s <= 0:
-                raise ProfileError(
-                    f"decode batch {b} x context {c}: {k} tokens took no longer than 1 token in {runs} "
-                    f"tries ({k}-token runs {_seconds(t_ks)} s, 1-token runs {_seconds(t_1s)} s); the "
-                    "step is below the timing noise. To fix: raise --decode-steps, --repeats or "
-                    "--noise-retries, or profile on a quieter machine."
-                )
-            step_ms = round(step_s * 1e3, 4)
-            out.decode.append(
-                DecodePoint(b, round(mean_context), step_ms, _positive(statistics.median(steps_j)))
-            )
-            if on_point:
-                on_point(f"decode batch {b} x context {round(mean_context)}: {step_s * 1e3:.3f} ms/step")
+            runs = _DecodeRuns(b, c, plan.decode_prompt_tokens(b, c), plan.decode_steps)
+            await _measure_decode(driver, meter, log, plan, runs, on_point)
+            points[(b, c)] = runs
+    await _check_monotone_in_batch(driver, meter, log, plan, points, on_point)
+    for (b, _c), runs in points.items():
+        step_s = runs.step_s()
+        out.decode.append(
+            DecodePoint(b, round(runs.mean_context), round(step_s * 1e3, 4), _positive(runs.step_j()))
+        )
+        if on_point:
+            on_point(f"decode batch {b} x context {round(runs.mean_context)}: {step_s * 1e3:.3f} ms/step")
     out.elapsed_s = time.monotonic() - t_start
     return out
+
+
+@dataclass(slots=True)
+class _DecodeRuns:
+    """Every (1-token, K-token) run pair of one decode point; the step uses the fastest run on each side."""
+
+    batch: int
+    context_tokens: int
+    prompt_tokens: int
+    steps: int
+    t_1s: list[float] = field(default_factory=list)
+    t_ks: list[float] = field(default_factory=list)
+    steps_j: list[float] = field(default_factory=list)
+
+    @property
+    def mean_context(self) -> float:
+        return self.batch * (self.prompt_tokens + self.steps / 2)
+
+    def step_s(self) -> float:
+        # Fastest of the runs on each side: noise (a preempted core, a GC pause) only adds time, so the
+        # minimum is the least disturbed run. A median of per-repeat differences failed in CI when one 1-token
+        # run of two stalled 1.2 s (steps [0.014, -0.082] s, median < 0); later both 1-token runs of a point
+        # stalled >= 1.5 s on a box kept busy by two idle NIXL engines, hence the retries.
+        return (min(self.t_ks) - min(self.t_1s)) / (self.steps - 1) if self.t_ks else 0.0
+
+    def step_j(self) -> float:
+        return statistics.median(self.steps_j)
+
+
+async def _decode_pair(driver: EngineDriver, meter: Meter, log: ActivityLog, r: _DecodeRuns) -> None:
+    from energy.meters import Activity
+
+    b, p, k = r.batch, r.prompt_tokens, r.steps
+    e0 = _total_j(meter)
+    log.add(Activity(prefill_tokens=b * p))
+    t_1 = await driver.run_batch(b, p, 1)
+    e1 = _total_j(meter)
+    log.add(Activity(prefill_tokens=b * p))
+    log.add(Activity(decode_tokens=b * (k - 1), decode_batch=b, decode_context_tokens=r.mean_context))
+    t_k = await driver.run_batch(b, p, k)
+    e2 = _total_j(meter)
+    r.t_1s.append(t_1)
+    r.t_ks.append(t_k)
+    r.steps_j.append(((e2 - e1) - (e1 - e0)) / (k - 1))
+
+
+async def _measure_decode(
+    driver: EngineDriver,
+    meter: Meter,
+    log: ActivityLog,
+    plan: SweepPlan,
+    r: _DecodeRuns,
+    on_point: Callable[[str], None] | None,
+) -> None:
+    """`plan.repeats` run pairs, plus up to `noise_retries` more while the step is not positive."""
+    k = plan.decode_steps
+    while len(r.t_ks) < plan.repeats or (r.step_s() <= 0 and len(r.t_ks) < plan.repeats + plan.noise_retries):
+        await _decode_pair(driver, meter, log, r)
+        if len(r.t_ks) == plan.repeats and r.step_s() <= 0 and plan.noise_retries and on_point:
+            on_point(
+                f"decode batch {r.batch} x context {round(r.mean_context)}: {k} tokens no slower than 1 "
+                f"token so far (timing noise); re-measuring, up to {plan.noise_retries} more times"
+            )
+    if r.step_s() <= 0:
+        raise ProfileError(
+            f"decode batch {r.batch} x context {r.context_tokens}: {k} tokens took no longer than 1 token in "
+            f"{len(r.t_ks)} tries ({k}-token runs {_seconds(r.t_ks)} s, 1-token runs {_seconds(r.t_1s)} s); "
+            "the step is below the timing noise. To fix: raise --decode-steps, --repeats or "
+            "--noise-retries, or profile on a quieter machine."
+        )
+
+
+def _batch_inversions(
+    plan: SweepPlan, points: dict[tuple[int, int], _DecodeRuns]
+) -> list[tuple[_DecodeRuns, _DecodeRuns]]:
+    """(smaller batch, larger batch) pairs at one context whose larger batch steps faster beyond the noise
+    allowance: a step of more sequences over the same total context does at least the same work."""
+    out = []
+    for c in plan.decode_contexts_tokens:
+        curve = sorted((r for (_b, cc), r in points.items() if cc == c), key=lambda r: r.batch)
+        for i, lo in enumerate(curve):
+            for hi in curve[i + 1 :]:
+                if hi.step_s() < lo.step_s() * (1.0 - plan.monotone_tolerance):
+                    out.append((lo, hi))
+    return out
+
+
+async def _check_monotone_in_batch(
+    driver: EngineDriver,
+    meter: Meter,
+    log: ActivityLog,
+    plan: SweepPlan,
+    points: dict[tuple[int, int], _DecodeRuns],
+    on_point: Callable[[str], None] | None,
+) -> None:
+    """Issue 14: on a loaded machine a decode step at batch 4 came out faster than at batch 1. Both points of
+    every such inversion get `repeats` more run pairs (their fastest runs only improve), up to `noise_retries`
+    rounds; an inversion that survives is refused."""
+    for _round in range(plan.noise_retries):
+        bad = _batch_inversions(plan, points)
+        if not bad:
+            return
+        again = {id(r): r for pair in bad for r in pair}
+        if on_point:
+            on_point(
+                "decode steps not monotone in batch ("
+                + "; ".join(_inversion(lo, hi) for lo, hi in bad)
+                + f"): re-measuring {len(again)} points"
+            )
+        for r in again.values():
+            for _ in range(plan.repeats):
+                await _decode_pair(driver, meter, log, r)
+    bad = _batch_inversions(plan, points)
+    if bad:
+        raise ProfileError(
+            "decode steps are not monotone in batch beyond the "
+            f"{plan.monotone_tolerance:.0%} noise allowance after re-measuring: "
+            + "; ".join(_inversion(lo, hi) for lo, hi in bad)
+            + ". To fix: profile on a quieter machine, or raise --repeats or --noise-retries."
+        )
+
+
+def _inversion(lo: _DecodeRuns, hi: _DecodeRuns) -> str:
+    return (
+        f"context {lo.context_tokens}: batch {hi.batch} {hi.step_s() * 1e3:.3f} ms/step < batch {lo.batch} "
+        f"{lo.step_s() * 1e3:.3f} ms/step ({len(hi.t_ks)} and {len(lo.t_ks)} runs)"
+    )
 
 
 def _seconds(times: Sequence[float]) -> str:
