@@ -443,7 +443,8 @@ def _apply_request(
             if g is None:
                 g = st.gpus[gpu.uuid] = _GpuState(gpu.nvml_index, gpu.pci_bus_id, gpu.name, current_mw)
             undo = None
-            g.layers.append(_Layer(holder, req.engine_id, current_mw, target_mw))
+            new_layer = _Layer(holder, req.engine_id, current_mw, target_mw)
+            g.layers.append(new_layer)
         st.save()  # recorded before the limit changes: a crash from here on is restored from the file
         try:
             if current_mw != target_mw:
@@ -451,7 +452,7 @@ def _apply_request(
             readback_mw = dev.limit_mw(gpu.uuid)
         except dev.NVMLError as err:
             if undo is None:
-                _pop_layer(st, gpu.uuid, g.layers[-1])
+                _pop_layer(st, gpu.uuid, new_layer)
             else:
                 undo[0].target_mw = undo[1]
             st.save()
