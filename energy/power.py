@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from energy.errors import EnergyError
+from energy.records import PowerCapRecord
 
 STATE_VERSION = 1
 DEFAULT_STATE_FILE = (
@@ -107,6 +108,13 @@ class CapResult:
         d = asdict(self)
         d["status"] = str(self.status)
         return d
+
+    def record(self, event: str, at: datetime | None = None) -> PowerCapRecord:
+        """This result as a ledger row (``event``: apply or restore)."""
+        return PowerCapRecord(
+            self.engine_id, event, str(self.status), at or datetime.now(UTC), self.tier, self.requested_w,
+            self.applied_w, self.previous_w, self.gpu_index, self.gpu_uuid, self.message,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,6 +140,9 @@ class EngineConfig(_Strict):
     url: str = Field(description="base URL of a vLLM OpenAI server, e.g. http://127.0.0.1:8100")
     meter: str | None = Field(None, description="id of a meter in 'meters'")
     gpu_indices: list[int] = Field(default_factory=list)
+    power_cap_w: float | None = Field(
+        None, gt=0, description="power limit per GPU, applied through NVML by serve / engines up (W)"
+    )
 
 
 class MeterConfig(_Strict):

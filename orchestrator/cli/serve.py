@@ -121,7 +121,9 @@ ENV_SETTINGS_EPILOG = (
     "CONSERVE_LEDGER_BATCH_MAX [500] records per ledger transaction at most; "
     "CONSERVE_LEDGER_FLUSH_INTERVAL_S [0.25] ship ledger records this often; "
     "CONSERVE_ENERGY_INTERVAL_S [1.0] energy accounting period, 0 turns it off; "
-    "CONSERVE_ENERGY_LAG_S [10] attribute an energy interval this long after it ends."
+    "CONSERVE_ENERGY_LAG_S [10] attribute an energy interval this long after it ends; "
+    "CONSERVE_POWER_STATE_FILE [~/.cache/conserve/power-caps.json] GPU power limits serve changed, "
+    "restored at stop or by `orchestrator power restore` after a crash."
 )
 
 
