@@ -79,6 +79,10 @@ def test_serve_applies_records_shows_and_restores_caps(tmp_path: Path) -> None:
     assert caps_in_ledger(fleet["database_url"]) == [
         ("d0", "apply", "applied", 200.0), ("d0", "restore", "restored", 300.0)
     ]  # fmt: skip
+    from energy.reports import build_report
+
+    with Ledger(fleet["database_url"]) as lg:
+        assert "power caps of run live: d0 GPU 1 200 W applied (read back 200 W)" in build_report(lg).notes
 
 
 def test_a_refused_permission_leaves_serving_up_and_says_not_applied(tmp_path: Path) -> None:
@@ -90,6 +94,11 @@ def test_a_refused_permission_leaves_serving_up_and_says_not_applied(tmp_path: P
         assert "needs root" in cap["message"]
         assert nvml.sets == []
     assert caps_in_ledger(fleet["database_url"]) == [("d0", "apply", "no_permission", None)]
+    from energy.reports import build_report
+
+    with Ledger(fleet["database_url"]) as lg:
+        notes = build_report(lg, "engine").notes
+    assert "power caps of run live: d0 GPU 1 200 W NOT applied (no_permission)" in notes
 
 
 def test_without_nvml_serving_goes_on_and_the_cap_is_reported_not_applied(tmp_path: Path) -> None:
