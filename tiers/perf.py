@@ -45,6 +45,7 @@ from tiers.models import ModelSpec
 from tiers.power import cap_slowdown, check_cap, draw_w
 
 if TYPE_CHECKING:
+    from tiers.capcurves import CapCurves
     from tiers.profiles import MeasuredProfile, ProfileCorrection
 
 
@@ -206,6 +207,7 @@ class TierModel:
     block_size_tokens: int = 16
     calibration: Calibration = _AUTO
     profile: MeasuredProfile | None = None
+    cap_curves: CapCurves | None = None  # measured cap slowdowns (tiers/capcurves.py); None: modelled (DVFS)
 
     # derived constants (computed in __post_init__; not part of the constructor)
     _k_dense: float = field(init=False, repr=False, compare=False, default=0.0)
@@ -273,6 +275,12 @@ class TierModel:
         s(self, "_gpu_per_seq_s", c.gpu_per_sequence_s)
         s(self, "_s_gemm", cap_slowdown(c.power_gemm_frac, g.idle_w, g.tdp_w, cap_w, c.cap_exponent))
         s(self, "_s_attn", cap_slowdown(c.power_attn_frac, g.idle_w, g.tdp_w, cap_w, c.cap_exponent))
+        if self.cap_curves is not None:  # measured (orchestrator profile --micro) instead of modelled
+            s_compute, s_memory = self.cap_curves.slowdowns(cap_w)
+            s(self, "_s_gemm", s_compute)
+            s(self, "_s_attn", s_compute)
+            s(self, "_weights_read_s", self._weights_read_s * s_memory)
+            s(self, "_kv_read_s", self._kv_read_s * s_memory)
         idle = g.idle_w
         if self.profile is not None and self.profile.idle_w is not None:
             idle = self.profile.idle_w / tp
@@ -314,6 +322,7 @@ class TierModel:
             self.block_size_tokens,
             self.calibration,
             None,
+            self.cap_curves,
         )
 
     # ---- speed: the roofline ----------------------------------------------------------------------
