@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from orchestrator.cli.common import console, err_console, handle_errors, print_json
 from orchestrator.config import FleetConfig, load_fleet
@@ -171,7 +172,7 @@ def _apply_power_caps(cfg: FleetConfig, plan: Path | None, state: Path | None, q
             console.print(f"  power cap {r.engine_id}: GPU {r.gpu_index} at {r.applied_w:g} W ({r.status})")
         else:
             err_console.print(f"[yellow]warning:[/] power cap of {r.engine_id} NOT applied ({r.status}): "
-                              f"{r.message}", highlight=False, soft_wrap=True)  # fmt: skip
+                              f"{escape(r.message)}", highlight=False, soft_wrap=True)  # fmt: skip
     return results
 
 
@@ -182,7 +183,7 @@ def _restore_power_caps(power_state: Path | None, quiet: bool) -> list[Any]:
     try:
         results = restore_caps(Holder("engines"), state_path=power_state or DEFAULT_STATE_FILE)
     except EnergyError as err:
-        err_console.print(f"[yellow]warning:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return []
     for r in results if not quiet else ():
         back = f"  power limit of GPU {r.gpu_index} back to {_w(r.applied_w)} W ({r.status})"

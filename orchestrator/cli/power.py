@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from orchestrator.cli.common import console, err_console, handle_errors, print_json
+from orchestrator.cli.common import console, fail, handle_errors, print_json
 
 _STATE_HELP = "power-cap state file (default ~/.cache/conserve/power-caps.json)"
 
@@ -154,12 +154,8 @@ def apply(
         _results_table("power caps (kept until `orchestrator power restore`)", results)
     bad = [r for r in results if not r.status.in_force]
     if bad:
-        first = bad[0]
-        err_console.print(
-            f"[bold red]error:[/] {len(bad)} of {len(results)} caps not applied; {first.engine_id}: "
-            f"{first.status}: {first.message}", highlight=False, soft_wrap=True,
-        )  # fmt: skip
-        raise typer.Exit(code=1)
+        b = bad[0]
+        fail(f"{len(bad)} of {len(results)} caps not applied; {b.engine_id}: {b.status}: {b.message}")
 
 
 def restore(
@@ -179,8 +175,7 @@ def restore(
         _results_table("restored power limits", results)
     failed = [r for r in results if r.status.value == "failed"]
     if failed:
-        err_console.print(f"[bold red]error:[/] {failed[0].message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1)
+        fail(failed[0].message)
 
 
 def register(app: typer.Typer) -> None:
