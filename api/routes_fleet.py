@@ -99,7 +99,10 @@ async def get_fleet(rt: RuntimeDep) -> FleetResponse:
         policy=rt.policy_name,
         model=rt.served_model_name,
         fleet_source=rt.fleet_source,
-        instances=[InstanceStatus(**s) for s in rt.router.instance_status()],
+        instances=[
+            InstanceStatus(**s, power_cap=rt.power.view(s["instance_id"]) if rt.power is not None else None)
+            for s in rt.router.instance_status()
+        ],
         stats=dict(rt.router.stats),
     )
 

@@ -195,6 +195,19 @@ class ConversationResponse(BaseModel):
     replacements: int
 
 
+class PowerCapView(BaseModel):
+    """The power cap asked for an engine and what happened (orchestrator/power.py, energy/power.py)."""
+
+    requested_w: float | None = Field(description="cap per GPU the fleet or plan asked for")
+    applied_w: float | None = Field(description="limit NVML read back on every GPU; null: not applied")
+    applied: bool = Field(description="true only when every GPU of the engine runs at the requested cap")
+    status: str = Field(description="applied, differs, simulated (modelled, no GPU), no_nvml, no_permission, "
+                        "out_of_range, no_gpus, remote, held or failed")  # fmt: skip
+    message: str = Field(description="why it was not applied, and how to fix it")
+    source: str = Field(description="where the cap came from (fleet.yaml field, plan pool, tier model)")
+    gpus: list[dict[str, Any]] = Field(default_factory=list, description="per GPU: nvml_index, uuid, status")
+
+
 class InstanceStatus(BaseModel):
     instance_id: str
     role: str
@@ -213,6 +226,7 @@ class InstanceStatus(BaseModel):
     pinned_tokens: int
     kv_transfers_in: int
     engine: dict[str, float]
+    power_cap: PowerCapView | None = Field(None, description="null: no cap asked for this engine")
 
 
 class FleetResponse(BaseModel):

@@ -280,3 +280,27 @@ def head_revision() -> str:
     if head is None:
         raise EnergyError(f"no Alembic revisions found under {MIGRATIONS_DIR}")
     return head
+
+
+class PowerCapRow(Base):
+    """Power caps asked per engine GPU and what NVML did (migration 0003_power_caps)."""
+
+    __tablename__ = "power_caps"
+    __table_args__ = (
+        ForeignKeyConstraint(["run_id"], ["runs.id"], name="fk_power_caps_run"),
+        Index("ix_power_caps_run_engine", "run_id", "engine_id", "at"),
+    )
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(128))
+    engine_id: Mapped[str] = mapped_column(String(128))
+    tier: Mapped[str | None] = mapped_column(String(128))
+    event: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    requested_w: Mapped[float | None] = mapped_column(Double)
+    applied_w: Mapped[float | None] = mapped_column(Double)
+    previous_w: Mapped[float | None] = mapped_column(Double)
+    gpu_index: Mapped[int | None] = mapped_column(Integer)
+    gpu_uuid: Mapped[str | None] = mapped_column(String(128))
+    message: Mapped[str] = mapped_column(String(1024))

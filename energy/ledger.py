@@ -30,6 +30,7 @@ from energy.db import (
     ConversationRow,
     EnergySampleRow,
     PinRow,
+    PowerCapRow,
     RunRow,
     TurnRow,
 )
@@ -41,6 +42,7 @@ from energy.records import (
     ConversationView,
     EnergySample,
     PinRecord,
+    PowerCapRecord,
     ReportFilter,
     RunInfo,
     RunKind,
@@ -549,6 +551,34 @@ class Ledger:
                 rows,
             )
         return len(rows)
+
+    # ---- power caps (energy/power.py) ------------------------------------------------------------
+    def record_power_caps(self, recs: Iterable[PowerCapRecord]) -> int:
+        rows = [
+            {"run_id": self.run_id, "engine_id": r.engine_id, "tier": r.tier, "event": r.event,
+             "status": r.status, "at": require_utc(r.at, "PowerCapRecord.at"), "requested_w": r.requested_w,
+             "applied_w": r.applied_w, "previous_w": r.previous_w, "gpu_index": r.gpu_index,
+             "gpu_uuid": r.gpu_uuid, "message": r.message[:1024]}
+            for r in recs
+        ]  # fmt: skip
+        if not rows:
+            return 0
+        self._ensure_run()
+        with self._tx("recording power caps") as conn:
+            conn.execute(insert(PowerCapRow), rows)
+        return len(rows)
+
+    def power_caps(self, flt: ReportFilter | None = None) -> list[tuple[str, PowerCapRecord]]:
+        """(run_id, record) for every power-cap event at or after ``since`` and before ``until``."""
+        c = PowerCapRow
+        q = _time_filter(select(c.__table__).order_by(c.at, c.pk), c.at, c.at, c.run_id, flt)
+        with self._tx("reading power caps") as conn:
+            rows = conn.execute(q).all()
+        return [
+            (r.run_id, PowerCapRecord(r.engine_id, r.event, r.status, r.at, r.tier, r.requested_w,
+                                      r.applied_w, r.previous_w, r.gpu_index, r.gpu_uuid, r.message))
+            for r in rows
+        ]  # fmt: skip
 
     # ---- queries for reports ---------------------------------------------------------------------
     def samples(self, meter_id: str | None = None, flt: ReportFilter | None = None) -> list[EnergySample]:

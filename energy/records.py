@@ -213,3 +213,21 @@ class ReportFilter:
     since: datetime | None = None
     until: datetime | None = None
     run_ids: tuple[str, ...] = field(default_factory=tuple)  # empty: all runs
+
+
+@dataclass(frozen=True, slots=True)
+class PowerCapRecord:
+    """A power cap asked for one engine GPU, and what happened (energy/power.py): applied and read back, not
+    applied (with the reason), modelled (simulated engines), or restored at stop. Append-only."""
+
+    engine_id: str
+    event: str  # "apply" | "restore"
+    status: str  # energy.power.CapStatus value
+    at: datetime
+    tier: str | None = None
+    requested_w: float | None = None  # per GPU
+    applied_w: float | None = None  # the limit NVML read back after the change (None: not applied)
+    previous_w: float | None = None  # the limit before the change
+    gpu_index: int | None = None  # NVML index at the time
+    gpu_uuid: str | None = None
+    message: str = ""

@@ -155,6 +155,28 @@ class _Acc:
             self.tiers.add(a.tier)
 
 
+def power_cap_notes(ledger: Ledger, run_ids: Sequence[str]) -> list[str]:
+    """One note per run whose engines were given power caps (ledger power_caps, energy/power.py): which caps
+    were applied (read back from NVML), which were modelled only (simulated engines) and which were NOT
+    applied, with the reason. Selected by run (none given: all), not by time: caps are set as a run starts."""
+    caps = ledger.power_caps(ReportFilter(run_ids=tuple(run_ids)))
+    rows = [(run, r) for run, r in caps if r.event == "apply"]
+    out = []
+    for run in sorted({run for run, _ in rows}):
+        parts = []
+        for _, r in (x for x in rows if x[0] == run):
+            gpu = "" if r.gpu_index is None else f" GPU {r.gpu_index}"
+            cap = f"{r.requested_w:g} W" if r.requested_w is not None else "cap"
+            if r.status in ("applied", "differs"):
+                parts.append(f"{r.engine_id}{gpu} {cap} applied (read back {r.applied_w:g} W)")
+            elif r.status == "simulated":
+                parts.append(f"{r.engine_id} {cap} modelled (simulated engine)")
+            else:
+                parts.append(f"{r.engine_id}{gpu} {cap} NOT applied ({r.status})")
+        out.append(f"power caps of run {run}: " + "; ".join(parts))
+    return out
+
+
 def build_report(
     ledger: Ledger,
     by: GroupBy | str = GroupBy.CONVERSATION,
@@ -198,6 +220,7 @@ def build_report(
     ]
     if not attrs:
         notes.append("no attribution rows in this window")
+    notes += power_cap_notes(ledger, run_ids)
 
     cols: list[Column]
     rows: list[dict[str, Any]]

@@ -80,6 +80,9 @@ class TierConfig(_Strict):
         default_factory=lambda: ["prefill", "decode"], description="roles this tier may take"
     )
     profile: Path | None = Field(None, description="measured profile YAML (orchestrator profile --out)")
+    cap_curves: Path | None = Field(
+        None, description="measured power-cap curves YAML (orchestrator profile --micro --out)"
+    )
     link: LinkType = LinkType.PCIE
     cost_per_gpu_hour: float | None = Field(None, ge=0, description="$ per GPU-hour, for objective: cost")
 
@@ -140,6 +143,9 @@ class EngineConfig(_Strict):
     url: str = Field(description="base URL of a vLLM OpenAI server, e.g. http://127.0.0.1:8100")
     meter: str | None = Field(None, description="id of a meter in 'meters'")
     gpu_indices: list[int] = Field(default_factory=list)
+    power_cap_w: float | None = Field(
+        None, gt=0, description="power limit per GPU, applied through NVML by serve / engines up (W)"
+    )
 
 
 class MeterConfig(_Strict):
@@ -226,7 +232,9 @@ def _resolve_paths(cfg: FleetConfig, base: Path) -> FleetConfig:
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p)
 
-    tiers = [t.model_copy(update={"profile": fix(t.profile)}) for t in cfg.tiers]
+    tiers = [
+        t.model_copy(update={"profile": fix(t.profile), "cap_curves": fix(t.cap_curves)}) for t in cfg.tiers
+    ]
     wl = cfg.workload.model_copy(update={"path": fix(cfg.workload.path)})
     return cfg.model_copy(update={"tiers": tiers, "workload": wl})
 

@@ -82,7 +82,13 @@ def tier_model(cfg: FleetConfig, tier_name: str, power_cap_w: float | None = Non
             "To fix: lower tp or raise count."
         )
     cap = None if power_cap_w is None or power_cap_w >= gpu.tdp_w else float(power_cap_w)
-    tm = TierModel(gpu=gpu, model=cfg.model_spec(), tp=tp, power_cap_w=cap)
+    curves = None
+    if tier.cap_curves is not None:  # measured cap slowdowns (tiers/capcurves.py)
+        from tiers.capcurves import load_cap_curves
+
+        curves = load_cap_curves(tier.cap_curves)
+        curves.check_usable(gpu.name, f"tiers.{tier_name}.cap_curves")
+    tm = TierModel(gpu=gpu, model=cfg.model_spec(), tp=tp, power_cap_w=cap, cap_curves=curves)
     return _apply_profile(tm, tier)
 
 

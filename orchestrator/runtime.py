@@ -116,6 +116,11 @@ class ServeSettings(BaseSettings):
         description="attribute an interval at least this long after it ends; an interval also waits "
         "for the turns still running in it (they are recorded when they end)",
     )
+    power_state_file: Path | None = Field(
+        None,
+        description="state file of the GPU power limits serve changed (orchestrator/power.py); "
+        "default ~/.cache/conserve/power-caps.json",
+    )
 
 
 # ---- the ledger writer --------------------------------------------------------------------------------
@@ -755,6 +760,7 @@ class Runtime:
     _jobs: set[asyncio.Task[Any]] = field(default_factory=set)  # scheduled job runs in progress
     notes: list[str] = field(default_factory=list)
     accountant: Any = None  # energy.accounting.EnergyAccountant (None: energy accounting off)
+    power: Any = None  # orchestrator.power.SessionPowerCaps: GPU caps applied at start, restored at stop
 
     async def start(self) -> None:
         """Start scheduled jobs (needs the running event loop) and take a first observation."""
@@ -762,6 +768,8 @@ class Runtime:
             return
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+        if self.power is not None:  # caps before the first request (NVML calls block: off the loop)
+            await asyncio.to_thread(self.power.start, self.ledger)
         await self.router.poll()
         if self.accountant is not None:
             # the engines' token counters now are the baseline of the model meters' activity: without it the
@@ -837,6 +845,8 @@ class Runtime:
         await asyncio.to_thread(self.writer.close)  # writes the turns, then runs the job
         if self.accountant is not None:
             self.accountant.close()
+        if self.power is not None:  # the previous GPU power limits back (a crash: the next start does it)
+            await asyncio.to_thread(self.power.stop, self.ledger)
         self.ledger.close()
         self._started = False
 
@@ -889,6 +899,16 @@ def build_runtime(
             engines[e.id] = VllmEngine(e.id, Role(e.role), e.tier, e.url)
             caps[e.id] = tier_model(cfg, e.tier).kv_capacity_tokens  # replaced by the engine's own report
         source = f"engines: in {settings.fleet}"
+    # GPU power caps (fleet.yaml / plan), applied in start(); decided before anything is started, so a bad cap
+    # fails here with one line
+    from orchestrator.power import SessionPowerCaps
+
+    plan = None
+    if cfg.backend == "vllm" and settings.plan is not None:
+        from orchestrator.fleet import load_plan
+
+        plan = load_plan(settings.plan)
+    power = SessionPowerCaps.for_fleet(cfg, plan, settings.power_state_file, instances or ())
     db_url = settings.db or cfg.database_url
     ledger = Ledger(db_url, run_id=settings.run_id, policy=policy.name, kind=RunKind.SERVE)
     ledger.upgrade()
@@ -952,4 +972,5 @@ def build_runtime(
         backend=cfg.backend,
         policy_name=policy.name,
         accountant=accountant,
+        power=power,
     )

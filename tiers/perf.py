@@ -53,6 +53,7 @@ from tiers.presets import (  # re-exported: the names other packages and tests i
 __all__ = ["CONSERVE_A40_VLLM011", "SPLITWISE_VLLM", "Calibration", "TierModel", "default_calibration"]
 
 if TYPE_CHECKING:
+    from tiers.capcurves import CapCurves
     from tiers.profiles import MeasuredProfile, ProfileCorrection
 
 
@@ -87,6 +88,7 @@ class TierModel:
     block_size_tokens: int = 16
     calibration: Calibration = _AUTO
     profile: MeasuredProfile | None = None
+    cap_curves: CapCurves | None = None  # measured cap slowdowns (tiers/capcurves.py); None: modelled (DVFS)
 
     # derived constants (computed in __post_init__; not part of the constructor)
     _k_dense: float = field(init=False, repr=False, compare=False, default=0.0)
@@ -156,6 +158,12 @@ class TierModel:
         s(self, "_gpu_per_seq_s", c.gpu_per_sequence_s)
         s(self, "_s_gemm", cap_slowdown(c.power_gemm_frac, g.idle_w, g.tdp_w, cap_w, c.cap_exponent))
         s(self, "_s_attn", cap_slowdown(c.power_attn_frac, g.idle_w, g.tdp_w, cap_w, c.cap_exponent))
+        if self.cap_curves is not None:  # measured (orchestrator profile --micro) instead of modelled
+            s_compute, s_memory = self.cap_curves.slowdowns(cap_w)
+            s(self, "_s_gemm", s_compute)
+            s(self, "_s_attn", s_compute)
+            s(self, "_weights_read_s", self._weights_read_s * s_memory)
+            s(self, "_kv_read_s", self._kv_read_s * s_memory)
         idle = g.idle_w
         if self.profile is not None and self.profile.idle_w is not None:
             idle = self.profile.idle_w / tp
@@ -205,6 +213,7 @@ class TierModel:
             self.block_size_tokens,
             self.calibration,
             None,
+            self.cap_curves,
         )
 
     # ---- speed: the roofline ----------------------------------------------------------------------

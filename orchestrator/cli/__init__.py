@@ -1,5 +1,5 @@
 """The `orchestrator` command: one subcommand per job (plan, simulate, compare, serve, report, profile,
-engines).
+engines, power).
 
 Each job lives in its own module and registers itself on `app`; this file only assembles them.
 """
@@ -20,7 +20,7 @@ app = typer.Typer(
 
 # Each module defines `register(app)`. A module that is not there yet is skipped, so the CLI keeps working
 # while capabilities land one by one.
-_COMMAND_MODULES = ("plan", "simulate", "serve", "report", "profile", "engines")
+_COMMAND_MODULES = ("plan", "simulate", "serve", "report", "profile", "engines", "power")
 
 for _name in _COMMAND_MODULES:
     try:

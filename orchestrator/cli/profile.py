@@ -23,6 +23,8 @@ import typer
 from orchestrator.cli.common import console, handle_errors, print_json
 from orchestrator.errors import ConfigError
 
+_MICRO_HELP = "torch GEMM and memory-bandwidth kernels across power caps -> cap curves (no engine)"
+
 
 def _int_list(name: str, text: str) -> tuple[int, ...]:
     try:
@@ -35,9 +37,9 @@ def _int_list(name: str, text: str) -> tuple[int, ...]:
 
 
 def profile(
-    engine: str = typer.Option(..., "--engine", help="base URL of a running vLLM OpenAI server"),
-    tier: str = typer.Option(
-        ..., "--tier", help="tier name in --fleet, or a catalog GPU name without --fleet"
+    engine: str | None = typer.Option(None, "--engine", help="base URL of a running vLLM OpenAI server"),
+    tier: str | None = typer.Option(
+        None, "--tier", help="tier name in --fleet, or a catalog GPU name without --fleet"
     ),
     meter: str = typer.Option("model", "--meter", help="zeus | nvml | dcgm | model"),
     out: Path = typer.Option(..., "--out", help="profile YAML to write"),
@@ -65,8 +67,20 @@ def profile(
     gpu_indices: str = typer.Option("", "--gpu-indices", help="GPU indices the engine uses (zeus/nvml/dcgm)"),
     meter_url: str | None = typer.Option(None, "--meter-url", help="DCGM exporter URL (--meter dcgm)"),
     json_out: bool = typer.Option(False, "--json", help="print the profile as JSON"),
+    micro: bool = typer.Option(False, "--micro", help=_MICRO_HELP),
+    caps: str = typer.Option("", "--caps", help="--micro: caps to sweep in W (default: the tier's)"),
+    micro_seconds: float = typer.Option(0.25, "--micro-seconds", help="--micro: s per kernel per repeat"),
 ) -> None:
-    """Profile a running vLLM engine (prefill and decode sweeps) into a measured tier profile."""
+    """Profile a running vLLM engine (prefill and decode sweeps) into a measured tier profile; with --micro,
+    measure GEMM and memory-bandwidth kernels across power caps into cap curves instead."""
+    if micro:  # orchestrator/cli/micro.py: no engine involved
+        from orchestrator.cli.micro import profile_micro
+
+        caps_w = tuple(float(c) for c in _int_list("--caps", caps))
+        gpu = (_int_list("--gpu-indices", gpu_indices) or (0,))[0]
+        return profile_micro(out, fleet, tier, caps_w, gpu, micro_seconds, repeats, json_out)
+    if engine is None or tier is None:
+        raise ConfigError(f"--{'engine' if engine is None else 'tier'} is required (or pass --micro)")
     from energy.meters import METER_KINDS, make_meter
     from orchestrator.profiling import ActivityLog, SweepPlan, VllmHttpDriver, build_profile, run_sweep
     from tiers.catalog import get_gpu

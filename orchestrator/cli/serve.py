@@ -25,7 +25,9 @@ SWITCH_INTERVAL_S = 0.0002  # GIL switch interval while serving (measured; see s
 @handle_errors
 def serve(
     fleet: Path = typer.Option(Path("examples/fleet.yaml"), "--fleet", help="fleet.yaml to serve"),
-    plan: Path | None = typer.Option(None, "--plan", help="plan.yaml from `orchestrator plan` (sim backend)"),
+    plan: Path | None = typer.Option(
+        None, "--plan", help="plan.yaml (orchestrator plan): sim instances, or vllm engines' power caps"
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="port to bind"),
     db: str | None = typer.Option(None, "--db", help="ledger URL (default: the fleet's database_url)"),
@@ -121,7 +123,9 @@ ENV_SETTINGS_EPILOG = (
     "CONSERVE_LEDGER_BATCH_MAX [500] records per ledger transaction at most; "
     "CONSERVE_LEDGER_FLUSH_INTERVAL_S [0.25] ship ledger records this often; "
     "CONSERVE_ENERGY_INTERVAL_S [1.0] energy accounting period, 0 turns it off; "
-    "CONSERVE_ENERGY_LAG_S [10] attribute an energy interval this long after it ends."
+    "CONSERVE_ENERGY_LAG_S [10] attribute an energy interval this long after it ends; "
+    "CONSERVE_POWER_STATE_FILE [~/.cache/conserve/power-caps.json] GPU power limits serve changed, "
+    "restored at stop or by `orchestrator power restore` after a crash."
 )
 
 

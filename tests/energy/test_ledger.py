@@ -307,3 +307,17 @@ def test_a_sqlite_file_ledger_uses_the_write_ahead_log_and_full_sync(tmp_path: P
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
     engine.dispose()
+
+
+def test_power_caps_round_trip(ledger: Ledger) -> None:
+    from energy.records import PowerCapRecord, ReportFilter
+
+    recs = [
+        PowerCapRecord("d0", "apply", "applied", T0, "a40", 200.0, 200.0, 300.0, 1, "GPU-b", ""),
+        PowerCapRecord("d1", "apply", "no_permission", T0, "a40", 200.0, None, 300.0, 2, "GPU-c", "root"),
+        PowerCapRecord("d0", "restore", "restored", T0 + timedelta(seconds=5), "a40", 300.0, 300.0),
+    ]
+    assert ledger.record_power_caps(recs) == 3
+    got = ledger.power_caps()
+    assert [r for _, r in got] == recs and {run for run, _ in got} == {"live"}
+    assert len(ledger.power_caps(ReportFilter(since=T0 + timedelta(seconds=1)))) == 1
