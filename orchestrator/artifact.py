@@ -12,14 +12,14 @@ which of them.
   (``conserve/common/extract_arrival_traces.py`` lines 67-98) and replays them: the prefill starts for
   colocated and full disaggregation, the decode starts for ConServe and the per-turn baseline
   (``conserve/run_sweep.sh`` lines 149-178). The rate labelled 1.634 conv/s replays the run at 2 conv/s
-  (``run_sweep.sh`` line 152, ``rerun_cell.sh`` line 205, ``s5_metrics.py`` line 199), whose prefiller was
+  (``run_sweep.sh`` line 152, ``rerun_cell.sh`` line 93, ``s5_metrics.py`` line 199), whose prefiller was
   over-saturated (``s5_metrics.py`` lines 449-452): 1.634 is the rate its prefiller got through, and every
   replay at "1.634" sees arrivals paced by that prefiller. :func:`artifact_arrival_offsets_s`,
   :func:`recorded_rate`, :func:`replay_offsets_s`.
 - **The per-turn baseline's wrong predictions wait for a virtual prefiller** seeded from that recorded run
   (``conserve/src/virtual_prefiller.py``): a wrongly predicted turn waits until every recorded turn-1
   request that is in flight at that moment has finished, where "in flight" spans the client's send to the
-  response (``per_step_latency.csv`` start/end, ``virtual_prefiller.py`` lines 217-247 and 271-295), i.e.
+  response (``per_step_latency.csv`` start/end, ``virtual_prefiller.py`` lines 73-103 and 127-151), i.e.
   the recorded prefiller's whole backlog. At 1.634 that is the backlog of the over-saturated 2 conv/s run.
   :class:`VirtualPrefiller`.
 - **Which turns are wrong** is drawn once per run from ``random.Random(42)`` over (conversation, turn >= 2)
@@ -55,7 +55,7 @@ from orchestrator.errors import WorkloadError
 
 # scheduler.py line 8: random.seed(42) at import; every Poisson draw of the sweep comes from it
 ARTIFACT_ARRIVAL_SEED = 42
-# scheduler.py line 366: --wrong-pred-seed default 42 (run_sweep.sh line 83, rerun_cell.sh line 195)
+# scheduler.py line 366: --wrong-pred-seed default 42 (run_sweep.sh line 83, rerun_cell.sh line 83)
 WRONG_PREDICTION_SEED = 42
 # run_sweep.sh line 82: AMPD's wrong-predict rate in the paper's runs
 PAPER_WRONG_PREDICTION_RATE = 0.10
@@ -144,7 +144,7 @@ class VirtualPrefiller:
     time ``t`` waits until the latest end among the recorded requests in flight at ``t`` (their starts pushed
     past earlier blocks) and then blocks the prefiller for ``block_s``; a recorded start that falls inside a
     block moves to the block's end. Replay time 0 is the first conversation reaching a decoder, which the
-    artifact aligns with the recorded run's first send (virtual_prefiller.py lines 207-215).
+    artifact aligns with the recorded run's first send (virtual_prefiller.py lines 63-71).
     """
 
     def __init__(self, records: Iterable[RecordedTurn1]) -> None:
