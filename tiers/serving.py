@@ -19,7 +19,8 @@ i.e. a roughly constant ~1.2 ms per step once two or more requests run (40 cells
 10-90 % 0.94-1.46 ms; the walls are rounded to 0.1 s, +-0.17 ms per step). Per-request output processing
 in the server (detokenising and streaming each running request's token every step) is the likely cause; the
 data cannot say whether it grows at contexts far beyond the cells' (<= 32 x 308 tokens), so it is modelled
-as a constant. :func:`fit_step_overhead_s` reproduces the fit from the CSV (tests/tiers/test_serving_overhead.py).
+as a constant. :func:`fit_step_overhead_s` reproduces the fit from the CSV
+(tests/tiers/test_serving_overhead.py).
 
 Not yet applied by the simulator (issue 12 item 1, round 2: add it to the decode step in tiers.perf).
 """
