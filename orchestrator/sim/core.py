@@ -65,6 +65,7 @@ from orchestrator.sim.result import (
 from orchestrator.workload import ConversationSpec
 from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
 from placement.errors import PlacementError
+from tiers.connector import kv_bookkeeping_s
 from tiers.links import kv_transfer_time_s
 from tiers.perf import TierModel
 
@@ -73,17 +74,11 @@ DEFAULT_MAX_BATCHED_TOKENS = 8192
 DEFAULT_MAX_SEQS = 256
 
 # KV bookkeeping of a per-turn KV round trip (Placement.history_tokens): identifying, packing and appending
-# the blocks on both sides. The ConServe artifact's AMPD emulation (conserve/src/per_turn_cost_model.py;
-# shared/data/conserve/cost_model_constants.csv KV_MGMT_BASE_MS = 2.0 ms and KV_MGMT_PER_BLOCK_US = 5.0 us per
-# 16-token block, per side, x2 sides) charges it over history + new tokens.
-KV_MGMT_BASE_S = 2.0e-3
-KV_MGMT_PER_BLOCK_S = 5.0e-6
-KV_MGMT_BLOCK_TOKENS = 16
-
-
-def kv_round_trip_bookkeeping_s(tokens: int) -> float:
-    """Both sides' bookkeeping for a round trip over `tokens` tokens (the artifact's kv_mgmt_ms, in s)."""
-    return 2.0 * (KV_MGMT_BASE_S + KV_MGMT_PER_BLOCK_S * tokens / KV_MGMT_BLOCK_TOKENS)
+# the blocks on both sides. One home for the constants: tiers.connector (the ConServe artifact's AMPD
+# emulation, conserve/src/per_turn_cost_model.py; shared/data/conserve/cost_model_constants.csv
+# KV_MGMT_BASE_MS = 2.0 ms and KV_MGMT_PER_BLOCK_US = 5.0 us per 16-token block, per side, x2 sides), charged
+# over history + new tokens. The name stays importable from here.
+kv_round_trip_bookkeeping_s = kv_bookkeeping_s
 
 
 class InstanceLike(Protocol):
