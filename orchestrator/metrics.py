@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.artifact import pooled_token_slowdowns
 from orchestrator.errors import SimulationError
 from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.result import SimResult
@@ -132,6 +133,10 @@ class ConversationMetrics:
     tbt_slowdown: float | None
     violated: tuple[str, ...]
     decoders: tuple[str, ...]
+    # every final-turn inter-token gap / the standalone mean last-turn TBT (the paper's per-token statistic,
+    # orchestrator.artifact.pooled_token_slowdowns); None unless the run recorded its gaps
+    # (SimOptions.record_tbt_gaps)
+    tbt_token_slowdowns: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def violates(self) -> bool:
@@ -207,6 +212,11 @@ def conversation_metrics(
         s_ttfet = ttfet / sa.ttfet_s if sa and sa.ttfet_s > 0 else None
         s_e2e = e2e / sa.e2e_s if sa and sa.e2e_s > 0 else None
         s_tbt = c.last_turn_tbt_mean_s / sa.tbt_mean_s if sa and sa.tbt_mean_s > 0 else None
+        tok = None
+        if c.last_turn_gaps_s is not None and sa and sa.tbt_mean_s > 0:
+            tok = pooled_token_slowdowns(
+                {c.conversation_id: c.last_turn_gaps_s}, {c.conversation_id: sa.tbt_mean_s}
+            )
         v: list[str] = []
         if slo.ttfet_slowdown is not None and s_ttfet is not None and s_ttfet > slo.ttfet_slowdown:
             v.append("ttfet_slowdown")
@@ -240,6 +250,7 @@ def conversation_metrics(
                 tbt_slowdown=s_tbt,
                 violated=tuple(v),
                 decoders=c.decoders,
+                tbt_token_slowdowns=tok,
             )
         )
     return out
@@ -277,9 +288,17 @@ class Summary:
     # outside the artifact convention's clock, inside the honest one's
     admission_wait_s: dict[str, float] = field(default_factory=dict)
     energy_note: str = "modelled by the tier power model, not measured"
+    # the paper's "p95 last-turn TBT": every final-turn gap / its conversation's standalone mean TBT, pooled
+    # over conversations (a per-token distribution); empty unless the run recorded its gaps
+    # (SimOptions.record_tbt_gaps). tbt_slowdown above is per conversation (mean gap / standalone mean).
+    tbt_token_slowdown: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        # fields that are empty unless an option asked for them are left out (outputs stay as they were)
+        return {k: getattr(self, k) for k in self.__slots__ if k not in _OPTIONAL or getattr(self, k)}
+
+
+_OPTIONAL = frozenset({"tbt_token_slowdown"})
 
 
 def _dist(vals: Sequence[float | None]) -> dict[str, float]:
@@ -302,6 +321,7 @@ def summarize(
     unallocated_idle_w: float = 0.0,
 ) -> Summary:
     n = len(metrics)
+    tok = [m.tbt_token_slowdowns for m in metrics if m.tbt_token_slowdowns is not None]
     unalloc_j = unallocated_idle_w * result.makespan_s
     energy = result.energy_j + unalloc_j
     by_role: dict[str, float] = {}
@@ -342,6 +362,7 @@ def summarize(
         utilisation_by_role=result.utilisation_by_role(),
         policy_stats=dict(result.policy_stats),
         admission_wait_s=_dist([c.admission_wait_s for c in result.conversations]),
+        tbt_token_slowdown=_dist(np.concatenate(tok).tolist()) if tok else {},
     )
 
 

@@ -106,6 +106,11 @@ class SimOptions:
     prefill_max_batched_tokens: int | None = None
     # router-side KV admission as the paper's artifact ran it (orchestrator.sim.admission): off by default
     router_admission: bool = False
+    # keep every inter-token gap of each conversation's final turn in its ConversationRecord
+    # (last_turn_gaps_s), for the per-token last-turn TBT statistic the paper reports
+    # (orchestrator.artifact.pooled_token_slowdowns; s5_metrics.py lines 587-599). Off by default: memory
+    # grows with the final turns' output tokens. Changes no simulated figure.
+    record_tbt_gaps: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batched_tokens", "max_seqs", "prefill_max_batched_tokens"):
@@ -1110,7 +1115,7 @@ class _Sim:
                 turns.append(self._turn_record(ts))
             first, last = states[0], states[-1]
             dec = self.insts[last.decode_inst]
-            tbt_mean, tbt_p95 = _tbt(
+            tbt_mean, tbt_p95, gaps = _tbt(
                 dec, last.first_step, last.last_step, last.first_token_s, last.last_token_s, starts[dec.idx]
             )
             # the artifact's convention: t0 = router-side admission (= arrival without it), and past turn
@@ -1133,6 +1138,7 @@ class _Sim:
                     last_turn_tbt_p95_s=tbt_p95,
                     decoders=tuple(self.insts[ts.decode_inst].id for ts in states),
                     admission_wait_s=admitted - c.arrival_s,
+                    last_turn_gaps_s=gaps if self.opts.record_tbt_gaps else None,
                 )
             )
         decoded: dict[int, list[_TurnState]] = {}
@@ -1230,14 +1236,15 @@ def _step_end_s(inst: _Instance, step: int, starts: list[list[int]]) -> float:
 
 def _tbt(
     inst: _Instance, first_step: int, last_step: int, t_first: float, t_last: float, starts: list[int]
-) -> tuple[float, float]:
+) -> tuple[float, float, np.ndarray]:
+    """Mean and p95 inter-token gap of a turn, and the gaps (the durations of its steps 2..n)."""
     n = last_step - first_step
     if n <= 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, np.empty(0)
     gaps = _step_durations(inst, first_step + 1, last_step, starts)
     mean = (t_last - t_first) / n
     p95 = float(np.percentile(gaps, 95)) if len(gaps) else mean
-    return mean, p95
+    return mean, p95, gaps
 
 
 def _steps_done_at(inst: _Instance, t: float, seg_idx: int) -> tuple[int, int]:

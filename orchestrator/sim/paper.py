@@ -75,8 +75,11 @@ PAPER: dict[str, tuple[float | None, float | None, float | None]] = {
 # The artifact's engines: decoders and colocated engines run with --max-num-batched-tokens 2944
 # (MAX_NUM_BATCHED_TOKENS in conserve/profile_1pxd.sh and conserve/common/disagg_vllm_launcher.sh), the
 # prefiller with 8192 (PREFILLER_MAX_NUM_BATCHED_TOKENS there). --max-num-seqs 1024 everywhere; with ~19
-# resident 16k-token conversations per A40 the KV, not the sequence cap, binds.
-PAPER_SIM_OPTIONS = SimOptions(max_batched_tokens=2944, prefill_max_batched_tokens=8192, max_seqs=1024)
+# resident 16k-token conversations per A40 the KV, not the sequence cap, binds. The final turns' gaps are
+# kept for the paper's per-token last-turn TBT (Summary.tbt_token_slowdown; changes no simulated figure).
+PAPER_SIM_OPTIONS = SimOptions(
+    max_batched_tokens=2944, prefill_max_batched_tokens=8192, max_seqs=1024, record_tbt_gaps=True
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ run of the same arrival sequence as the paper's one run. The spread over seeds 0
 changes are in docs/paper-reproduction.md, section "Fidelity to measurement", with the evidence for every
 mark below.
 
-Today the simulator's "last-turn TBT" is per conversation (mean gap / standalone mean, p95 over
-conversations); the paper's is per token (every gap / standalone mean, p95 over all last-turn tokens): the TBT
-cases compare the closest statistic the simulator offers until W1 of the wiring plan lands.
+The TBT cases compare the paper's per-token statistic (every final-turn gap / the conversation's standalone
+mean TBT, p95 over all final-turn tokens; ``Summary.tbt_token_slowdown``, wiring item W1), not the
+simulator's per-conversation one.
 
 Cases that need a mechanism wired into the simulator are strict xfails naming it; cases the doc shows no
 measured mechanism reaches are strict xfails saying so. A strict xfail that starts passing fails the suite:
@@ -116,7 +116,7 @@ def value(s: Summary, metric: str) -> float:
     if metric == "ttfet":
         return s.ttfet_slowdown["p95"]
     if metric == "tbt":
-        return s.tbt_slowdown["p95"]
+        return s.tbt_token_slowdown["p95"]
     if metric == "viol":
         return s.slo_violation_pct
     if metric == "tokJ":
