@@ -68,6 +68,7 @@ from placement.errors import PlacementError
 from tiers.connector import kv_bookkeeping_s
 from tiers.links import kv_transfer_time_s
 from tiers.perf import TierModel
+from tiers.serving import with_serving_overhead
 
 # vLLM's default block size (16 tokens) and a common chunked-prefill budget; both configurable per run.
 DEFAULT_MAX_BATCHED_TOKENS = 8192
@@ -111,6 +112,10 @@ class SimOptions:
     # (orchestrator.artifact.pooled_token_slowdowns; s5_metrics.py lines 587-599). Off by default: memory
     # grows with the final turns' output tokens. Changes no simulated figure.
     record_tbt_gaps: bool = False
+    # the serving path's per-step overhead over the offline decode grid the tier model is fitted to
+    # (tiers.serving: +1.17 ms per decode step with >= 2 running requests, measured on the paper's A40
+    # `vllm serve` engines, shared/data/conserve/interference_cell_wall.csv); off by default
+    serving_step_overhead: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batched_tokens", "max_seqs", "prefill_max_batched_tokens"):
@@ -213,7 +218,9 @@ class _Instance:
         self.id = spec.instance_id
         self.tier = spec.tier
         self.role = Role(spec.role)
-        self.tm: TierModel = spec.tier_model
+        self.tm: TierModel = (
+            with_serving_overhead(spec.tier_model) if opts.serving_step_overhead else spec.tier_model
+        )
         self.cap = int(self.tm.kv_capacity_tokens)
         self.block = int(self.tm.block_size_tokens)
         self.kvb = int(self.tm.model.kv_bytes_per_token)

@@ -58,3 +58,39 @@ def test_per_token_tbt_pools_every_gap_over_its_standalone_mean() -> None:
     )
     s0 = summarize(res0, conversation_metrics(res0, convs, sa))
     assert s0.tbt_token_slowdown == {} and "tbt_token_slowdown" not in s0.to_dict()
+
+
+# ---- W5: the serving path's per-step overhead ------------------------------------------------------
+
+
+def test_serving_overhead_adds_the_measured_constant_to_every_decode_step_with_two_or_more() -> None:
+    from orchestrator.workload import ConversationSpec, TurnSpec
+    from tiers.serving import SERVING_STEP_OVERHEAD_S
+
+    tm = a40()
+    twins = [ConversationSpec(f"c{i}", 0.0, (TurnSpec(3000, 40), TurnSpec(67, 50))) for i in range(2)]
+    opts = SimOptions(max_batched_tokens=8192, record_tbt_gaps=True)
+    runs = {
+        on: run_simulation(
+            colocated(tm, 1), twins, make_policy("colocated"), options=replace(opts, serving_step_overhead=on)
+        )
+        for on in (False, True)
+    }
+    off, on = (runs[k].conversations[0].last_turn_gaps_s for k in (False, True))
+    assert off is not None and on is not None and len(on) == len(off) == 49
+    # once both twins decode (batch 2) every gap is longer by exactly the measured overhead; the first gap
+    # is the step that prefills the other twin's turn next to this one's decode (batch 1): unchanged
+    diff = on - off
+    assert np.allclose(diff[1:], SERVING_STEP_OVERHEAD_S, rtol=0, atol=1e-12)
+    assert diff[0] == pytest.approx(0.0, abs=1e-12)
+    # alone (batch 1) nothing changes: the standalone normaliser is unaffected
+    alone = twins[:1]
+    a0, a1 = (
+        run_simulation(
+            colocated(tm, 1), alone, make_policy("colocated"), options=replace(opts, serving_step_overhead=on)
+        ).conversations[0]
+        for on in (False, True)
+    )
+    assert a0.e2e_s == a1.e2e_s
+    # the tier model itself is unchanged unless asked (tiers' contract and tests)
+    assert tm.serving_overhead_s == 0.0
