@@ -92,10 +92,20 @@ class StandaloneCache:
     same shape share one run.
     """
 
-    def __init__(self, reference: TierModel, options: SimOptions | None = None) -> None:
+    def __init__(
+        self, reference: TierModel, options: SimOptions | None = None, reference_prefix_cache: bool = True
+    ) -> None:
         self.reference = reference
-        # the normaliser is the conversation alone on an idle instance: no router-side admission
-        self.options = replace(options or SimOptions(), router_admission=False)
+        # the normaliser is the conversation alone on an idle instance of the *reference engine*: no
+        # router-side admission, and prefix caching as that engine has it (vLLM's default, on; the paper's
+        # normaliser ran plain `vllm serve`, conserve/src/scheduler.py run_conversation_serial), whatever the
+        # run under test does (e.g. the artifact's proxy path without prefix caching, SimOptions.prefix_cache)
+        self.options = replace(
+            options or SimOptions(),
+            router_admission=False,
+            prefix_cache=reference_prefix_cache,
+            prefiller_prefix_cache=reference_prefix_cache,
+        )
         self._cache: dict[tuple[TurnSpec, ...], Standalone] = {}
 
     def get(self, conv: ConversationSpec) -> Standalone:

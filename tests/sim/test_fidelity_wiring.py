@@ -94,3 +94,36 @@ def test_serving_overhead_adds_the_measured_constant_to_every_decode_step_with_t
     assert a0.e2e_s == a1.e2e_s
     # the tier model itself is unchanged unless asked (tiers' contract and tests)
     assert tm.serving_overhead_s == 0.0
+
+
+# ---- W3: prefix caching off on the run under test, the normaliser keeps the reference engine's ----------
+
+
+def test_the_normaliser_keeps_the_reference_engines_prefix_cache() -> None:
+    tm = a40()
+    conv = agentic(1, turns=4)[0]
+    ref = StandaloneCache(tm, SimOptions(max_batched_tokens=2944)).get(conv)
+    assert StandaloneCache(tm, SimOptions(max_batched_tokens=2944, prefix_cache=False)).get(conv) == ref
+    # asked explicitly, a normaliser without a prefix cache re-prefills every turn's whole history
+    cold = StandaloneCache(tm, SimOptions(max_batched_tokens=2944), reference_prefix_cache=False).get(conv)
+    assert cold.ttft_s[0] == ref.ttft_s[0]
+    assert all(c > 5 * r for c, r in zip(cold.ttft_s[1:], ref.ttft_s[1:], strict=True))
+
+
+def test_full_disaggregation_without_prefix_cache_reprefills_and_ships_every_turn() -> None:
+    tm = a40()
+    convs = agentic(3, spacing_s=50.0, turns=3)
+    opts = SimOptions(max_batched_tokens=2944, prefix_cache=False)
+    res = run_simulation(disagg(tm, 1, 1), convs, make_policy("full-disagg"), options=opts)
+    for t in res.turns:
+        assert t.remote_prefill and t.cached_tokens == 0
+        assert t.prefilled_tokens == t.input_tokens and t.transfer_tokens == t.input_tokens
+    # through run_simulation's own metrics the normaliser keeps its cache, so each conversation (alone on
+    # the fleet) shows the re-prefills as a slowdown; a normaliser that also lost its cache would hide them
+    res_m = run_simulation(
+        disagg(tm, 1, 1), convs, make_policy("full-disagg"), options=opts, reference_tier_model=tm
+    )
+    assert min(m.ttfet_slowdown for m in res_m.metrics) > 1.15
+    cold = StandaloneCache(tm, opts, reference_prefix_cache=False)
+    hidden = conversation_metrics(res, convs, cold)
+    assert max(m.ttfet_slowdown for m in hidden) < min(m.ttfet_slowdown for m in res_m.metrics)
