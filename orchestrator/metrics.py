@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.artifact import pooled_token_slowdowns
+from orchestrator.artifact import pooled_token_slowdowns, split_window_energy_j
 from orchestrator.errors import SimulationError
 from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.result import SimResult
@@ -267,6 +267,19 @@ def conversation_metrics(
 
 
 @dataclass(frozen=True, slots=True)
+class SplitEnergyWindow:
+    """The ConServe artifact's energy window for ConServe and the per-turn baseline (an option of the artifact
+    convention, for the like-for-like side by side): their decoders over their own run, the prefiller GPU
+    over the *recorded prefiller-only run's* window, idle only inside it (s5_metrics.py ``workload_energy``,
+    lines 376-404; orchestrator.artifact.split_window_energy_j). Build it from that run's prefiller."""
+
+    prefiller_busy_energy_j: float
+    prefiller_busy_s: float
+    prefiller_window_s: float
+    prefiller_idle_w: float
+
+
+@dataclass(frozen=True, slots=True)
 class Summary:
     policy: str
     convention: str
@@ -329,8 +342,18 @@ def summarize(
     metrics: Sequence[ConversationMetrics],
     convention: Convention | str = Convention.HONEST,
     unallocated_idle_w: float = 0.0,
+    split_window: SplitEnergyWindow | None = None,
 ) -> Summary:
+    """Aggregate per-conversation metrics. With `split_window` (artifact convention only; an error with the
+    honest one) the prefill instances' energy is replaced by the recorded prefiller run's, as the artifact
+    measured ConServe and the per-turn baseline."""
     n = len(metrics)
+    conv = Convention(convention)
+    if split_window is not None and conv is not Convention.ARTIFACT:
+        raise SimulationError(
+            "the artifact's split energy window applies to the artifact convention only. To fix: summarize "
+            "with convention='artifact' or drop split_window."
+        )
     tok = [m.tbt_token_slowdowns for m in metrics if m.tbt_token_slowdowns is not None]
     unalloc_j = unallocated_idle_w * result.makespan_s
     energy = result.energy_j + unalloc_j
@@ -338,6 +361,15 @@ def summarize(
     for i in result.instances:
         by_role[i.role] = by_role.get(i.role, 0.0) + i.energy_j
     by_tier = result.energy_by_tier_j()
+    if split_window is not None:
+        prefill = str(Role.PREFILL)
+        dec_j = sum(i.energy_j for i in result.instances if i.role != prefill)
+        w = split_window
+        with_pre = split_window_energy_j(
+            dec_j, w.prefiller_busy_energy_j, w.prefiller_busy_s, w.prefiller_window_s, w.prefiller_idle_w
+        )
+        energy = with_pre + unalloc_j
+        by_role[prefill] = with_pre - dec_j
     if unalloc_j:
         by_tier["unallocated (idle)"] = unalloc_j
     viol_by: dict[str, float] = {}
@@ -346,7 +378,7 @@ def summarize(
             viol_by[name] = viol_by.get(name, 0.0) + 1
     return Summary(
         policy=result.policy,
-        convention=str(Convention(convention)),
+        convention=str(conv),
         conversations=n,
         turns=len(result.turns),
         makespan_s=result.makespan_s,

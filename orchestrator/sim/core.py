@@ -95,6 +95,21 @@ class InstanceLike(Protocol):
     def tier_model(self) -> TierModel: ...
 
 
+class TurnDelay(Protocol):
+    """A wait the driver inserts before a later turn is placed (an emulated client-side delay, e.g. the
+    ConServe artifact's AMPD emulation, orchestrator.artifact.AmpdEmulation). The turn's arrival stays when
+    it was issued, so its TTFT and the conversation's TTFET count the wait."""
+
+    def delay_s(self, conversation_id: str, turn: int, t: float) -> float:
+        """Seconds turn `turn` (>= 2) of the conversation, issued at virtual time `t`, waits; called in
+        event order, once per turn."""
+        ...
+
+    def conversation_offset_s(self, conversation_id: str) -> float:
+        """Seconds added to the conversation's TTFET and E2E (both clocks) after the run."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class SimOptions:
     max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS  # chunked-prefill token budget per step
@@ -352,6 +367,7 @@ _STEP = 1
 _XFER = 2
 _FAIL = 3
 _PULL = 4
+_RESUME = 5
 
 
 class _Sim:
@@ -365,6 +381,7 @@ class _Sim:
         links: Mapping[str, str] | None,
         failures: Sequence[tuple[str, float]],
         progress: Callable[[int, int], None] | None,
+        turn_delay: TurnDelay | None = None,
     ) -> None:
         if not instances:
             raise SimulationError("no instances to simulate. To fix: give the fleet at least one instance.")
@@ -380,6 +397,7 @@ class _Sim:
             if not math.isfinite(c.arrival_s) or c.arrival_s < 0:
                 raise SimulationError(f"conversation {c.conversation_id!r}: arrival_s must be >= 0")
         self.opts = opts
+        self.turn_delay = turn_delay
         self.insts = [
             _Instance(k, s, opts, (links or {}).get(s.tier, "pcie")) for k, s in enumerate(instances)
         ]
@@ -477,6 +495,8 @@ class _Sim:
                 self._xfer_done(a, t)
             elif kind == _PULL:
                 self._pull_done(a, b, t)
+            elif kind == _RESUME:
+                self._arrive(a.conv, a.turn, t, a, resumed=True)
             else:
                 self._fail(a, t)
         if self.done != len(self.convs):
@@ -592,14 +612,21 @@ class _Sim:
                 else:
                     self.adm_waiting.append(ts)
 
-    def _arrive(self, ci: int, turn: int, t: float, ts: _TurnState | None = None) -> None:
+    def _arrive(
+        self, ci: int, turn: int, t: float, ts: _TurnState | None = None, resumed: bool = False
+    ) -> None:
         conv = self.convs[ci]
         inp = self.inputs[ci][turn - 1]
         spec = conv.turns[turn - 1]
-        fresh = ts is None
+        fresh = ts is None or resumed
         if ts is None:
             ts = _TurnState(ci, turn, t, inp, spec.output_tokens)
             self.turn_states[ci].append(ts)
+            if self.turn_delay is not None and turn > 1:
+                wait = self.turn_delay.delay_s(conv.conversation_id, turn, t)
+                if wait > 0:  # issued now (ts.arrival_s), placed after the wait
+                    self._push(t + wait, _RESUME, ts, None)
+                    return
         admitting = False
         if self.admission and fresh and self._adm_need(ci, turn)[0] > 0:
             if not self._adm_open(ts):
@@ -1131,16 +1158,18 @@ class _Sim:
             t0_adm = admitted
             if self.rule.exclude_turn1_prefill_queue and first.remote:
                 t0_adm = max(admitted, first.prefill_start_s)
+            # an emulated delay the run's clocks must count (TurnDelay.conversation_offset_s)
+            off = self.turn_delay.conversation_offset_s(c.conversation_id) if self.turn_delay else 0.0
             convs.append(
                 ConversationRecord(
                     conversation_id=c.conversation_id,
                     arrival_s=c.arrival_s,
                     turns=len(states),
                     tokens=c.total_tokens,
-                    ttfet_s=last.first_token_s - first.arrival_s,
-                    e2e_s=last.last_token_s - first.arrival_s,
-                    ttfet_admission_s=last.first_token_s - t0_adm,
-                    e2e_admission_s=last.last_token_s - t0_adm,
+                    ttfet_s=last.first_token_s - first.arrival_s + off,
+                    e2e_s=last.last_token_s - first.arrival_s + off,
+                    ttfet_admission_s=last.first_token_s - t0_adm + off,
+                    e2e_admission_s=last.last_token_s - t0_adm + off,
                     last_turn_tbt_mean_s=tbt_mean,
                     last_turn_tbt_p95_s=tbt_p95,
                     decoders=tuple(self.insts[ts.decode_inst].id for ts in states),
@@ -1376,6 +1405,7 @@ def run_simulation(
     progress: Callable[[int, int], None] | None = None,
     reference_tier_model: TierModel | None = None,
     slo: Any = None,
+    turn_delay: TurnDelay | None = None,
 ) -> SimResult:
     """Simulate `conversations` on `instances` under `policy`; deterministic for the same inputs and seed.
 
@@ -1384,9 +1414,12 @@ def run_simulation(
     itself draws no random numbers; seeded randomness lives in the workload and in policies' options).
     With `reference_tier_model`, the result also carries per-conversation metrics and their summary
     (orchestrator.metrics: slowdowns against each conversation alone on an idle instance of that tier, SLO
-    `slo` -- an orchestrator.metrics.SloSpec, default slowdown 5).
+    `slo` -- an orchestrator.metrics.SloSpec, default slowdown 5). `turn_delay` inserts a wait before later
+    turns are placed (an emulated client-side delay; :class:`TurnDelay`).
     """
-    sim = _Sim(instances, conversations, policy, seed, options or SimOptions(), links, failures, progress)
+    sim = _Sim(
+        instances, conversations, policy, seed, options or SimOptions(), links, failures, progress, turn_delay
+    )
     w0 = time.perf_counter()
     # The run allocates millions of small objects that all stay alive until the end; the cyclic garbage
     # collector would rescan them over and over (a 2-3x slowdown) without ever freeing any.

@@ -127,3 +127,67 @@ def test_full_disaggregation_without_prefix_cache_reprefills_and_ships_every_tur
     cold = StandaloneCache(tm, opts, reference_prefix_cache=False)
     hidden = conversation_metrics(res, convs, cold)
     assert max(m.ttfet_slowdown for m in hidden) < min(m.ttfet_slowdown for m in res_m.metrics)
+
+
+# ---- W4: a client-side wait before a later turn (the artifact's AMPD emulation plugs in here) ----------
+
+
+class _Delay:
+    """Delays one turn by a fixed wait and offsets one conversation's clock (a core.TurnDelay)."""
+
+    def __init__(self, key: tuple[str, int], wait_s: float, offset: tuple[str, float]) -> None:
+        self.key, self.wait_s, self.offset = key, wait_s, offset
+        self.calls: list[tuple[str, int, float]] = []
+
+    def delay_s(self, conversation_id: str, turn: int, t: float) -> float:
+        self.calls.append((conversation_id, turn, t))
+        return self.wait_s if (conversation_id, turn) == self.key else 0.0
+
+    def conversation_offset_s(self, conversation_id: str) -> float:
+        return self.offset[1] if conversation_id == self.offset[0] else 0.0
+
+
+def test_turn_delay_holds_a_later_turn_back_and_its_clocks_count_it() -> None:
+    tm = a40()
+    convs = agentic(2, spacing_s=30.0, turns=3)
+    opts = SimOptions(max_batched_tokens=2944)
+    base = run_simulation(disagg(tm, 1, 1), convs, make_policy("conserve"), options=opts)
+    hook = _Delay(("conv-0", 2), 3.0, ("conv-1", 0.25))
+    res = run_simulation(disagg(tm, 1, 1), convs, make_policy("conserve"), options=opts, turn_delay=hook)
+    # asked once per later turn, in event order, never for turn 1
+    assert sorted((c, k) for c, k, _ in hook.calls) == [(f"conv-{i}", k) for i in range(2) for k in (2, 3)]
+    assert [t for *_, t in hook.calls] == sorted(t for *_, t in hook.calls)
+    t0 = {(t.conversation_id, t.turn): t for t in base.turns}
+    t1 = {(t.conversation_id, t.turn): t for t in res.turns}
+    delayed = t1[("conv-0", 2)]
+    assert delayed.arrival_s == pytest.approx(t0[("conv-0", 2)].arrival_s)  # issued when it was
+    assert delayed.ttft_s == pytest.approx(t0[("conv-0", 2)].ttft_s + 3.0, abs=1e-6)
+    c0, c1 = res.conversations
+    b0, b1 = base.conversations
+    assert c0.ttfet_s == pytest.approx(b0.ttfet_s + 3.0, abs=1e-6)
+    assert c1.ttfet_s == pytest.approx(b1.ttfet_s + 0.25, abs=1e-9)  # the offset, on both clocks
+    assert c1.ttfet_admission_s == pytest.approx(b1.ttfet_admission_s + 0.25, abs=1e-9)
+
+
+# ---- W6: the artifact's energy window ----------------------------------------------------------------
+
+
+def test_split_energy_window_replaces_the_prefillers_energy_under_the_artifact_convention_only() -> None:
+    from orchestrator.errors import SimulationError
+    from orchestrator.metrics import SplitEnergyWindow
+
+    tm = a40()
+    convs = agentic(6, spacing_s=1.0, turns=2)
+    res = run_simulation(disagg(tm, 1, 2), convs, make_policy("conserve"), options=SimOptions())
+    ms = conversation_metrics(res, convs, None, convention=Convention.ARTIFACT)
+    win = SplitEnergyWindow(
+        prefiller_busy_energy_j=500.0, prefiller_busy_s=2.0, prefiller_window_s=10.0, prefiller_idle_w=77.0
+    )
+    s = summarize(res, ms, Convention.ARTIFACT, split_window=win)
+    dec = sum(i.energy_j for i in res.instances if i.role != "prefill")
+    assert s.energy_j == pytest.approx(dec + 500.0 + 77.0 * 8.0)
+    assert s.tokens_per_j == pytest.approx(res.tokens / s.energy_j)
+    assert s.energy_by_role_j["prefill"] == pytest.approx(500.0 + 77.0 * 8.0)
+    assert summarize(res, ms, Convention.ARTIFACT).energy_j == pytest.approx(res.energy_j)
+    with pytest.raises(SimulationError, match="artifact convention only"):
+        summarize(res, ms, Convention.HONEST, split_window=win)
