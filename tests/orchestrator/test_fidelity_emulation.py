@@ -105,3 +105,16 @@ def test_split_energy_window_bills_the_prefiller_over_its_own_run(
 def test_unknown_configuration_is_named(cfg: FleetConfig) -> None:
     with pytest.raises(SimulationError, match="unknown configuration 'nope'"):
         fid.run_point(cfg, "nope", RATE, 0)
+
+
+def test_the_paper_sweep_runs_through_the_harness_on_request(cfg: FleetConfig, sa: StandaloneCache) -> None:
+    from orchestrator.sim.paper import run_sweep
+
+    mech = fid.Mechanisms(replay_arrivals=True)
+    runs = run_sweep(cfg, [RATE], [0], labels=["colocated"], harness=mech)
+    direct = fid.run_point(cfg, "colocated", RATE, 0, mech, standalone=sa)
+    run = runs[("colocated", RATE, 0)]
+    assert run.artifact.ttfet_slowdown == direct.artifact.ttfet_slowdown
+    assert run.honest.tokens_per_j == direct.honest.tokens_per_j
+    plain = run_sweep(cfg, [RATE], [0], labels=["colocated"])[("colocated", RATE, 0)]
+    assert plain.artifact.ttfet_slowdown != run.artifact.ttfet_slowdown  # the replay moved the arrivals
