@@ -329,8 +329,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--harness", choices=("none", "artifact"), default="none",
         help="artifact: run every configuration through the artifact's harness (orchestrator.fidelity: "
         "arrival replay, proxy engines without prefix caching for full-disagg, the AMPD emulation, the "
-        "serving overhead); the engine-budget options are then the paper's. Tokens/J stays every GPU "
-        "over the whole run (the artifact's split energy window is in benchmarks/fidelity_predict.py)",
+        "serving overhead, the split energy window); the engine-budget options are then the paper's. "
+        "Tokens/J in the side-by-side and sweep tables is every GPU over the whole run; the detail tables "
+        "(artifact convention) use the artifact's split energy window for conserve and per-turn",
     )
     args = ap.parse_args(argv)
     cfg = load_fleet(args.fleet)
