@@ -96,9 +96,13 @@ Infeasibility diagnosis (:func:`diagnose`)
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import math
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -625,6 +629,45 @@ def resolve_solver(settings: Settings, tiers: Sequence[TierSupply]) -> Settings:
     return replace(settings, solver="cbc" if gpus >= AUTO_CBC_MIN_GPUS else "highs")
 
 
+@contextlib.contextmanager
+def _c_stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr while C code runs, so nothing it prints reaches stdout.
+
+    HiGHS (highspy 1.16) prints its banner ("Running HiGHS 1.16.0 ...") from C++ on the process's stdout when
+    its first model is constructed, before any option (output_flag, pulp's msg=False) can be set; stdout
+    carries `plan --json`. Python's own buffers are flushed first and C's stdio buffers before the swap back.
+    Without a usable fd 1 or 2 (closed, or a test harness's replacement) it does nothing."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).fflush(None)  # C stdio may hold the banner in its buffer
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+if hasattr(pulp, "HiGHS"):
+
+    class _QuietHiGHS(pulp.HiGHS):  # type: ignore[misc,name-defined]
+        """pulp's in-process HiGHS with its model constructed while stdout points at stderr (banner)."""
+
+        def createAndConfigureSolver(self, lp: pulp.LpProblem) -> None:  # noqa: N802 (pulp's name)
+            with _c_stdout_to_stderr():
+                super().createAndConfigureSolver(lp)
+
+
 def _solver(settings: Settings, mip: bool = True) -> pulp.LpSolver:
     """The configured solver. Both prove optimality to MIP_REL_GAP (relative gap between the incumbent and
     the best bound); HiGHS's own default is 1e-4, CBC's 0 -- one explicit figure for both."""
@@ -639,7 +682,7 @@ def _solver(settings: Settings, mip: bool = True) -> pulp.LpSolver:
             raise PlanningError(
                 "solver 'highs' is not available (pip install highspy). To fix: --solver cbc."
             )
-        return pulp.HiGHS(msg=False, mip=mip, **kw)
+        return _QuietHiGHS(msg=False, mip=mip, **kw)
     if name == "cbc":
         return pulp.PULP_CBC_CMD(msg=False, mip=mip, **kw)
     raise PlanningError(f"unknown solver {settings.solver!r}. To fix: use 'highs', 'cbc' or 'auto'.")
