@@ -614,19 +614,35 @@ class Solution:
     solver: str
 
 
-# "auto" picks CBC for fleets of at least this many GPUs, HiGHS below. Measured (BENCHMARKS.md, "Plan solve
-# time", 2-core EPYC VM): whole plan, 10 tiers x 10,000 GPUs HiGHS 4.3-4.4 s vs CBC 0.23-0.41 s, 5 x 10,000
-# HiGHS 1.3-1.8 s vs CBC 0.2-0.3 s; at <= 1,000 GPUs HiGHS (in-process) is as fast or faster than CBC
-# (a subprocess per solve), e.g. 2 x 100: 0.06 s vs 0.12-0.21 s.
-AUTO_CBC_MIN_GPUS = 5_000
+# "auto" (benchmarks/bench_solver.py; BENCHMARKS.md, "Solver choice"; 2-core EPYC VM, load average 4.5-6):
+# - LP relaxations (level bounds, rate searches) on HiGHS, in-process: CBC runs a subprocess per solve;
+# - MIPs on CBC, except small problems (fewer than AUTO_HIGHS_MAX_GPUS GPUs and at most AUTO_HIGHS_MAX_SHAPES
+#   instance shapes), where HiGHS in-process saves CBC's ~35 ms subprocess (2 tiers = 16 shapes x 100 /
+#   1,000 GPUs: MIPs 0.04-0.05 s vs 0.07-0.09 s). In every larger cell CBC proved the optimum faster:
+#   10 tiers x 100 GPUs 1.2 s vs HiGHS 2.4 s, 5 x 5,000 0.08 s vs 2.9 s, 10 x 10,000 0.3 s vs 3.2 s.
+AUTO_HIGHS_MAX_GPUS = 2_000
+AUTO_HIGHS_MAX_SHAPES = 16
+
+
+def instance_shapes(tiers: Sequence[TierSupply]) -> int:
+    """Instance shapes the ILP chooses among: tier x (power cap, TP) x role (the solver's problem size)."""
+    return sum(len(t.models) * len(t.roles) for t in tiers)
 
 
 def resolve_solver(settings: Settings, tiers: Sequence[TierSupply]) -> Settings:
-    """settings with solver "auto" replaced by the measured faster solver for this fleet's size."""
-    if settings.solver.lower() != "auto":
+    """settings with solver "auto" replaced by "auto:<MIP solver>", the measured faster one for this size.
+
+    With "auto:<name>" LPs go to HiGHS (if installed) and MIPs to <name>; without highspy everything is CBC.
+    """
+    name = settings.solver.lower()
+    if name != "auto":
         return settings
-    gpus = sum(t.gpus for t in tiers)
-    return replace(settings, solver="cbc" if gpus >= AUTO_CBC_MIN_GPUS else "highs")
+    if not _highs_available():
+        return replace(settings, solver="cbc")
+    small = (
+        sum(t.gpus for t in tiers) < AUTO_HIGHS_MAX_GPUS and instance_shapes(tiers) <= AUTO_HIGHS_MAX_SHAPES
+    )
+    return replace(settings, solver="auto:highs" if small else "auto:cbc")
 
 
 @contextlib.contextmanager
@@ -672,8 +688,9 @@ def _solver(settings: Settings, mip: bool = True) -> pulp.LpSolver:
     """The configured solver. Both prove optimality to MIP_REL_GAP (relative gap between the incumbent and
     the best bound); HiGHS's own default is 1e-4, CBC's 0 -- one explicit figure for both."""
     name = settings.solver.lower()
-    if name == "auto":  # callers resolve it per fleet (resolve_solver); HiGHS when they did not
-        name = "highs"
+    if name == "auto" or name.startswith("auto:"):  # resolve_solver; unresolved: HiGHS if installed
+        mip_name = name.partition(":")[2] or ("highs" if _highs_available() else "cbc")
+        name = mip_name if mip or not _highs_available() else "highs"
     kw: dict[str, float] = {"gapRel": MIP_REL_GAP}
     if settings.time_limit_s is not None:
         kw["timeLimit"] = settings.time_limit_s
