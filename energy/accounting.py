@@ -194,7 +194,10 @@ def _write_simulation(
                 prefill_instance_id=t.prefill_instance if t.remote_prefill else None,
                 remote_prefill=t.remote_prefill,
                 tier=inst_tier.get(t.decode_instance),
-                cached_tokens=t.cached_tokens,
+                # as serve records them: the decoder received a remote prefill's whole KV; the simulator's
+                # cached_tokens is the prefix-cache hit where the prompt was prefilled
+                cached_tokens=t.input_tokens if t.remote_prefill else t.cached_tokens,
+                prefill_cached_tokens=t.cached_tokens if t.remote_prefill else 0,
                 policy=policy,
             )
         )
@@ -343,16 +346,21 @@ class LedgerTurnSource:
 
 def spread_work(turns: Sequence[TurnRecord], engine_id: str, start: datetime, end: datetime) -> list[Work]:
     """Tokens each turn processed on ``engine_id`` within [start, end), assuming uniform progress:
-    prefill (prompt - cached tokens) over [arrival, first token) on the prefilling instance, decode
-    (output tokens) over [first token, last token] on the decoding instance."""
+    prefill over [arrival, first token) -- on a remote prefiller the tokens it computed (prompt - its own
+    prefix-cache hit, ``prefill_cached_tokens``), on the decoder the tokens it computed (prompt - what it had
+    cached or received by KV transfer, ``cached_tokens``) -- and decode (output tokens) over [first token,
+    last token] on the decoding instance."""
     out: list[Work] = []
     for t in turns:
         first = t.first_token_at or t.arrival_at
         last = t.last_token_at or first
-        pre_on = t.prefill_instance_id if t.remote_prefill and t.prefill_instance_id else t.instance_id
+        remote = t.prefill_instance_id if t.remote_prefill and t.prefill_instance_id else None
         pre = 0.0
-        if pre_on == engine_id:
-            pre = max(t.prompt_tokens - t.cached_tokens, 0) * _overlap(t.arrival_at, first, start, end)
+        if remote == engine_id:
+            computed = max(t.prompt_tokens - t.prefill_cached_tokens, 0)
+            pre += computed * _overlap(t.arrival_at, first, start, end)
+        if t.instance_id == engine_id:
+            pre += max(t.prompt_tokens - t.cached_tokens, 0) * _overlap(t.arrival_at, first, start, end)
         dec = t.output_tokens * _overlap(first, last, start, end) if t.instance_id == engine_id else 0.0
         if pre > 0 or dec > 0:
             out.append(Work(t.conversation_id, t.turn, pre, dec))

@@ -133,6 +133,8 @@ class TurnRow(Base):
     is_final: Mapped[bool] = mapped_column(Boolean)
     status: Mapped[str] = mapped_column(String(16))
     policy: Mapped[str | None] = mapped_column(String(64))
+    prefill_cached_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
+    tenant: Mapped[str] = mapped_column(String(128), server_default="default")
 
 
 class PinRow(Base):

@@ -168,7 +168,7 @@ class Ledger:
     _TURN_COLUMNS = (
         "run_id", "conversation_id", "turn", "request_id", "instance_id", "tier", "prefill_instance_id",
         "remote_prefill", "arrival_at", "first_token_at", "last_token_at", "prompt_tokens", "cached_tokens",
-        "output_tokens", "finish_reason", "is_final", "status", "policy",
+        "output_tokens", "finish_reason", "is_final", "status", "policy", "prefill_cached_tokens", "tenant",
     )  # fmt: skip
     _CONV_COLUMNS = ("run_id", "id", "policy", "created_at")
     _SUMMARY_BINDS = ("b_run", "b_id", "final_turn", "ttfet_s", "e2e_s")
@@ -283,6 +283,7 @@ class Ledger:
                     self.run_id, r.conversation_id, r.turn, r.request_id, r.instance_id, r.tier,
                     r.prefill_instance_id, r.remote_prefill, arrival, first, last, r.prompt_tokens,
                     r.cached_tokens, r.output_tokens, r.finish_reason, r.is_final, str(r.status), policy,
+                    r.prefill_cached_tokens, r.tenant,
                 )
             )  # fmt: skip
         finals = {r.conversation_id for r in recs if r.is_final and r.status == TurnStatus.OK}
@@ -758,6 +759,8 @@ def _turn_from_row(t: Any) -> TurnRecord:
         tier=t.tier,
         cached_tokens=t.cached_tokens,
         policy=t.policy,
+        prefill_cached_tokens=t.prefill_cached_tokens,
+        tenant=t.tenant,
     )
 
 

@@ -330,6 +330,7 @@ class _Attempt:
     tool_calls: bool = False
     gaps_s: list[float] = field(default_factory=list)
     sent: bool = False  # something reached the client
+    prefill_cached_tokens: int = 0  # the remote prefiller's prefix-cache hit (PrefillResult.cached_tokens)
 
 
 # ---- the router ---------------------------------------------------------------------------------------
@@ -591,6 +592,7 @@ class Router:
                             pre.inflight_prefill_tokens -= prompt_tokens
                             pre.inflight_requests -= 1
                         kv_params = res.kv_transfer_params
+                        att.prefill_cached_tokens = res.cached_tokens
                         self.stats["kv_transfers"] += 1
                         dec.kv_transfers_in += 1
                         self.observer.kv_transfer(pre.instance_id, dec.instance_id, res.transferred_bytes)
@@ -827,6 +829,7 @@ class Router:
             tier=dec.tier,
             cached_tokens=min(cached, prompt),
             policy=self.policy.name,
+            prefill_cached_tokens=min(att.prefill_cached_tokens, prompt) if pl.remote_prefill else 0,
         )
         self.sink.turn(rec)
         if not conv.one_turn:

@@ -233,7 +233,10 @@ class SimEngine:
             "sim_tokens": seq.prompt_tokens,
         }
         return PrefillResult(
-            kv_transfer_params=params, prompt_tokens=seq.prompt_tokens, transferred_bytes=nbytes
+            kv_transfer_params=params,
+            prompt_tokens=seq.prompt_tokens,
+            transferred_bytes=nbytes,
+            cached_tokens=seq.cached_tokens,
         )
 
     async def complete(self, req: EngineRequest) -> dict[str, Any]:

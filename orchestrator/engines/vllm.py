@@ -290,7 +290,11 @@ class VllmEngine:
                 "--kv-transfer-config (NixlConnector; see DEVELOPERS.md)."
             )
         usage = data.get("usage") or {}
-        return PrefillResult(kv_transfer_params=params, prompt_tokens=int(usage.get("prompt_tokens", 0)))
+        details = usage.get("prompt_tokens_details")
+        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        return PrefillResult(
+            kv_transfer_params=params, prompt_tokens=int(usage.get("prompt_tokens", 0)), cached_tokens=cached
+        )
 
     def _decode_body(self, req: EngineRequest, stream: bool) -> dict[str, Any]:
         body = dict(req.body)  # shallow: only top-level keys are set or popped
