@@ -77,7 +77,7 @@ class TurnRecord:
     prefill_instance_id: str | None = None  # where the prompt was prefilled, if not the decoder
     remote_prefill: bool = False
     tier: str | None = None  # tier label of instance_id
-    cached_tokens: int = 0  # prompt tokens the decoding instance did not compute (prefix-cache hit, KV received)
+    cached_tokens: int = 0  # prompt tokens the decoder did not compute (prefix-cache hit, KV received)
     policy: str | None = None  # the policy that placed it; defaults to the run's policy
     # prompt tokens the prefilling instance found in its prefix cache (remote prefill only): it computed
     # prompt_tokens - prefill_cached_tokens; the decoder computed prompt_tokens - cached_tokens
