@@ -37,6 +37,17 @@ class RunKind(StrEnum):
 DEFAULT_RUN_ID = "live"
 
 
+def new_run_id(kind: RunKind = RunKind.SERVE, now: datetime | None = None) -> str:
+    """A run id unique per start: ``live-20261207T142501Z-3fa9c2`` (serve) or ``simulate-...``. A server
+    restarted on the same ledger starts a new run, so a reused conversation id is a new conversation (it was
+    merged with the old one's turns under the fixed id 'live')."""
+    import secrets
+
+    at = (now or datetime.now(UTC)).astimezone(UTC)
+    prefix = "live" if kind is RunKind.SERVE else str(kind)
+    return f"{prefix}-{at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
 def require_utc(value: datetime, name: str) -> datetime:
     """Return ``value`` in UTC; raise EnergyError naming the field when it is naive."""
     if value.tzinfo is None or value.utcoffset() is None:

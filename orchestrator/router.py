@@ -185,6 +185,7 @@ class RouterConfig:
     # connection the server closes as it is reused): the engine is marked down after this many consecutive
     # failed polls, or at once when a request cannot reach it (see Router._run).
     down_after_failed_polls: int = 3
+    run_id: str = "live"  # the ledger run this router records into (unique per serve start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,7 +428,7 @@ class Router:
             return None
         return ConversationView(
             conversation_id=conv.conversation_id,
-            run_id="live",
+            run_id=self.config.run_id,
             policy=self.policy.name,
             created_at=_utc(conv.first_arrival_s) or datetime.now(UTC),
             pinned_instance_id=conv.pins[-1].instance_id if conv.pins else None,
