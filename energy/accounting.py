@@ -311,13 +311,17 @@ def _sim_intervals(
         )
     for i in res.instances:
         tier = inst_tier.get(i.instance_id)
+        # the documented idle rule: idle draw x the whole run (the instance's idle_energy_j is only the draw
+        # while no step ran); the idle power is that draw over the non-busy time
+        free_s = res.makespan_s - i.busy_s
+        idle_w = i.idle_energy_j / free_s if free_s > 0 else 0.0
         out.append(
             EngineInterval(
                 i.instance_id,
                 epoch,
                 _at(epoch, res.makespan_s),
                 float(i.energy_j),
-                float(i.idle_energy_j),
+                min(float(i.energy_j), idle_w * res.makespan_s),
                 tuple(work.get(i.instance_id, ())),
                 Source.MODELLED,
                 tier,
