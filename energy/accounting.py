@@ -63,7 +63,9 @@ from energy.records import (
 
 log = logging.getLogger(__name__)
 
-# Virtual second 0 of a simulation is written as this UTC instant unless the caller chooses another.
+# A fixed instant for callers that want reproducible timestamps (tests). By default virtual second 0 of a
+# simulation is written as the wall-clock time the run is written (issue 14: runs dated at a virtual epoch
+# in 2000 stretched every timeline over 26 years when a ledger held simulated and served runs).
 SIM_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 UNALLOCATED_ENGINE = "unallocated"  # pseudo-engine of a simulated fleet's unused GPUs, billed idle
 UNALLOCATED_TIER = "unallocated (idle)"  # the simulator's label for them (orchestrator/metrics.py)
@@ -101,7 +103,7 @@ def write_simulation(
     policy: str,
     run_id: str,
     *,
-    epoch: datetime = SIM_EPOCH,
+    epoch: datetime | None = None,
     idle: IdlePolicy = IdlePolicy.ROW,
     tier_models: Mapping[str, Any] | None = None,
     label: str | None = None,
@@ -111,7 +113,8 @@ def write_simulation(
 ) -> SimulationWriteSummary:
     """Write one simulator run (orchestrator.sim.result.SimResult) into ``ledger`` as run ``run_id``.
 
-    Virtual time t (s) is written as ``epoch + t``. Energy rows are ``modelled``. ``tier_models`` (tier
+    Virtual time t (s) is written as ``epoch + t`` (default epoch: now, real timestamps; the run's kind
+    ``simulate`` keeps it apart from served runs in every report). Energy rows are ``modelled``. ``tier_models`` (tier
     model name -> tiers.perf.TierModel) sets the per-phase work weights; without it prefill and decode tokens
     weigh the same. ``unallocated_idle_w`` (orchestrator.sim.fleet.unallocated_idle_w: GPUs of the fleet no
     instance uses, billed idle) becomes one idle row of engine ``unallocated`` over the whole run, so the
@@ -119,6 +122,8 @@ def write_simulation(
     windows do not add up to the simulator's per-instance energy. ``metrics``
     (orchestrator.metrics.conversation_metrics) adds TTFET/E2E/TBT slowdowns, in the metrics' convention.
     """
+    if epoch is None:
+        epoch = datetime.now(UTC)
     if unallocated_idle_w < 0:
         raise EnergyError(f"unallocated_idle_w must be >= 0 W, got {unallocated_idle_w}")
     if ledger.run_id != run_id:

@@ -25,7 +25,7 @@ import math
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from importlib import resources
 from typing import Any
@@ -93,6 +93,7 @@ class Report:
     conversation_joules: tuple[tuple[str, float], ...] = ()  # (policy, joules) per conversation
     tier_timeline: tuple[tuple[datetime, str, float], ...] = ()  # (bucket start, tier, joules)
     policy_tokens_per_j: tuple[tuple[str, float], ...] = ()
+    timeline_bucket_s: float = 0.0  # width of the tier_timeline buckets
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,23 +190,34 @@ def build_report(
     if since and until and until <= since:
         raise EnergyError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
     flt = ReportFilter(since, until, tuple(run_ids))
-    run_policy = {r.run_id: r.policy or "(none)" for r in ledger.runs()}
+    runs = ledger.runs()
+    run_policy = {r.run_id: r.policy or "(none)" for r in runs}
+    # simulated and served runs never share a row, a bar or a series (issue 14: `--by policy` merged them)
+    run_kind = {r.run_id: str(r.kind) for r in runs}
+
+    def kind(run: str) -> str:
+        return run_kind.get(run, "serve")
+
     attrs = ledger.attributions(flt)
     facts = ledger.conversation_facts(flt)
 
     def pol(run: str, conv_policy: str | None = None) -> str:
         return conv_policy or run_policy.get(run, "(none)")
 
+    def label(run: str, conv_policy: str | None = None) -> str:  # plots: a policy's simulated runs apart
+        p = pol(run, conv_policy)
+        return p if kind(run) != "simulate" else f"{p} (simulated)"
+
     per_conv: dict[tuple[str, str], _Acc] = {}
-    per_policy: dict[str, _Acc] = {}
-    per_tier: dict[str, _Acc] = {}
+    per_policy: dict[tuple[str, str], _Acc] = {}
+    per_tier: dict[tuple[str, str], _Acc] = {}
     per_engine: dict[tuple[str, str], _Acc] = {}
     engine_tier: dict[tuple[str, str], str] = {}
     total = _Acc()
     for run, a in attrs:
         total.add(run, a)
-        per_policy.setdefault(pol(run), _Acc()).add(run, a)
-        per_tier.setdefault(a.tier or "(unknown)", _Acc()).add(run, a)
+        per_policy.setdefault((kind(run), pol(run)), _Acc()).add(run, a)
+        per_tier.setdefault((kind(run), a.tier or "(unknown)"), _Acc()).add(run, a)
         per_engine.setdefault((run, a.engine_id), _Acc()).add(run, a)
         engine_tier[(run, a.engine_id)] = a.tier or "(unknown)"
         if a.conversation_id is not None:
@@ -227,6 +239,7 @@ def build_report(
     if by == GroupBy.CONVERSATION:
         cols = [
             Column("run_id", "run"),
+            Column("kind", "run kind"),
             Column("conversation_id", "conversation"),
             Column("policy", "policy"),
             Column("turns", "turns"),
@@ -246,6 +259,7 @@ def build_report(
             rows.append(
                 {
                     "run_id": f.run_id,
+                    "kind": kind(f.run_id),
                     "conversation_id": f.conversation_id,
                     "policy": pol(f.run_id, f.policy),
                     "turns": f.turns,
@@ -263,6 +277,7 @@ def build_report(
     elif by == GroupBy.POLICY:
         cols = [
             Column("policy", "policy"),
+            Column("kind", "run kind"),
             Column("runs", "runs"),
             Column("conversations", "conversations"),
             Column("tokens", "tokens"),
@@ -274,16 +289,17 @@ def build_report(
             Column("ttfet_slowdown_p95", "p95 TTFET slowdown", "x"),
             Column("measured_share", "measured share"),
         ]
-        by_pol: dict[str, list[ConversationFacts]] = {}
+        by_pol: dict[tuple[str, str], list[ConversationFacts]] = {}
         for f in facts:
-            by_pol.setdefault(pol(f.run_id, f.policy), []).append(f)
+            by_pol.setdefault((kind(f.run_id), pol(f.run_id, f.policy)), []).append(f)
         rows = []
-        for p in sorted(set(per_policy) | set(by_pol)):
-            acc, fs = per_policy.get(p, _Acc()), by_pol.get(p, [])
+        for k, p in sorted(set(per_policy) | set(by_pol), key=lambda kp: (kp[1], kp[0])):
+            acc, fs = per_policy.get((k, p), _Acc()), by_pol.get((k, p), [])
             toks = sum(f.tokens for f in fs)
             rows.append(
                 {
                     "policy": p,
+                    "kind": k,
                     "runs": len({f.run_id for f in fs} | {r for r, _ in acc.conversations}),
                     "conversations": len(fs),
                     "tokens": toks,
@@ -301,6 +317,7 @@ def build_report(
     elif by == GroupBy.TIER:
         cols = [
             Column("tier", "tier"),
+            Column("kind", "run kind"),
             Column("engines", "engines"),
             Column("conversations", "conversations"),
             Column("joules", "energy", "J"),
@@ -311,6 +328,7 @@ def build_report(
         rows = [
             {
                 "tier": t,
+                "kind": k,
                 "engines": len(acc.engines),
                 "conversations": len(acc.conversations),
                 "joules": acc.joules,
@@ -318,7 +336,7 @@ def build_report(
                 "share": _div(acc.joules, total.joules),
                 "measured_share": _div(acc.measured_j, acc.joules),
             }
-            for t, acc in sorted(per_tier.items())
+            for (k, t), acc in sorted(per_tier.items(), key=lambda x: (x[0][1], x[0][0]))
         ]
     else:
         cols = [
@@ -357,29 +375,20 @@ def build_report(
 
     # plot data
     conv_j = tuple(
-        (pol(f.run_id, f.policy), per_conv[(f.run_id, f.conversation_id)].joules)
+        (label(f.run_id, f.policy), per_conv[(f.run_id, f.conversation_id)].joules)
         for f in facts
         if (f.run_id, f.conversation_id) in per_conv
     )
-    timeline: list[tuple[datetime, str, float]] = []
-    if attrs:
-        t0 = min(a.interval_start for _, a in attrs)
-        t1 = max(a.interval_end for _, a in attrs)
-        span = max((t1 - t0).total_seconds(), 1e-9)
-        width = span / max(timeline_buckets, 1)
-        buckets: dict[tuple[int, str], float] = {}
-        for _, a in attrs:
-            k = min(int((a.interval_start - t0).total_seconds() / width), timeline_buckets - 1)
-            buckets[(k, a.tier or "(unknown)")] = buckets.get((k, a.tier or "(unknown)"), 0.0) + a.joules
-        from datetime import timedelta
-
-        timeline = [(t0 + timedelta(seconds=k * width), tier, j) for (k, tier), j in sorted(buckets.items())]
+    timeline, bucket_s = _timeline(
+        [(a.interval_start, a.interval_end, _series(a.tier, kind(run)), a.joules) for run, a in attrs],
+        timeline_buckets,
+    )
     pol_tpj = []
-    for p in sorted(per_policy):
-        toks = sum(f.tokens for f in facts if pol(f.run_id, f.policy) == p)
-        v = _div(toks, per_policy[p].joules)
+    for k, p in sorted(per_policy, key=lambda kp: (kp[1], kp[0])):
+        toks = sum(f.tokens for f in facts if (kind(f.run_id), pol(f.run_id, f.policy)) == (k, p))
+        v = _div(toks, per_policy[(k, p)].joules)
         if v is not None:
-            pol_tpj.append((p, v))
+            pol_tpj.append((p if k != "simulate" else f"{p} (simulated)", v))
     return Report(
         by,
         since,
@@ -391,7 +400,44 @@ def build_report(
         conv_j,
         tuple(timeline),
         tuple(pol_tpj),
+        timeline_bucket_s=bucket_s,
     )
+
+
+def _series(tier: str | None, run_kind: str) -> str:
+    t = tier or "(unknown)"
+    return t if run_kind != "simulate" else f"{t} (simulated)"
+
+
+def _timeline(
+    rows: Sequence[tuple[datetime, datetime, str, float]], buckets: int
+) -> tuple[list[tuple[datetime, str, float]], float]:
+    """(bucket start, series, joules) over equal buckets, and the bucket width (s).
+
+    The width is a whole number of the rows' typical interval (their median length) and each row's joules
+    are spread over the buckets it overlaps in proportion to time, so a constant draw plots flat (buckets of
+    1.56 s over 1 s intervals made a 2x sawtooth: some buckets held one interval, others two)."""
+    if not rows:
+        return [], 0.0
+    t0 = min(r[0] for r in rows)
+    t1 = max(r[1] for r in rows)
+    span = max((t1 - t0).total_seconds(), 1e-9)
+    lengths = sorted((r[1] - r[0]).total_seconds() for r in rows if r[1] > r[0])
+    typical = lengths[len(lengths) // 2] if lengths else span
+    width = max(typical * math.ceil(span / max(buckets, 1) / typical - 1e-9), typical)
+    acc: dict[tuple[int, str], float] = {}
+    for a, b, series, j in rows:
+        lo, hi = (a - t0).total_seconds(), (b - t0).total_seconds()
+        k = int(lo // width)
+        if hi <= lo:
+            acc[(k, series)] = acc.get((k, series), 0.0) + j
+            continue
+        while k * width < hi:
+            part = min(hi, (k + 1) * width) - max(lo, k * width)
+            if part > 0:
+                acc[(k, series)] = acc.get((k, series), 0.0) + j * part / (hi - lo)
+            k += 1
+    return [(t0 + timedelta(seconds=k * width), s, j) for (k, s), j in sorted(acc.items())], width
 
 
 # ---- rendering ----------------------------------------------------------------------------------------
