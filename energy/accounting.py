@@ -114,13 +114,14 @@ def write_simulation(
     """Write one simulator run (orchestrator.sim.result.SimResult) into ``ledger`` as run ``run_id``.
 
     Virtual time t (s) is written as ``epoch + t`` (default epoch: now, real timestamps; the run's kind
-    ``simulate`` keeps it apart from served runs in every report). Energy rows are ``modelled``. ``tier_models`` (tier
-    model name -> tiers.perf.TierModel) sets the per-phase work weights; without it prefill and decode tokens
-    weigh the same. ``unallocated_idle_w`` (orchestrator.sim.fleet.unallocated_idle_w: GPUs of the fleet no
-    instance uses, billed idle) becomes one idle row of engine ``unallocated`` over the whole run, so the
-    ledger's energy is that of all GPUs, as the simulator's tokens/J counts it. Raises EnergyError if the
-    windows do not add up to the simulator's per-instance energy. ``metrics``
-    (orchestrator.metrics.conversation_metrics) adds TTFET/E2E/TBT slowdowns, in the metrics' convention.
+    ``simulate`` keeps it apart from served runs in every report). Energy rows are ``modelled``.
+    ``tier_models`` (tier model name -> tiers.perf.TierModel) sets the per-phase work weights; without it
+    prefill and decode tokens weigh the same. ``unallocated_idle_w``
+    (orchestrator.sim.fleet.unallocated_idle_w: GPUs of the fleet no instance uses, billed idle) becomes one
+    idle row of engine ``unallocated`` over the whole run, so the ledger's energy is that of all GPUs, as the
+    simulator's tokens/J counts it. Raises EnergyError if the windows do not add up to the simulator's per-
+    instance energy. ``metrics`` (orchestrator.metrics.conversation_metrics) adds TTFET/E2E/TBT slowdowns, in
+    the metrics' convention.
     """
     if epoch is None:
         epoch = datetime.now(UTC)
