@@ -41,6 +41,7 @@ from energy.errors import EnergyError
 from energy.lease import Lease
 from energy.ledger import Ledger
 from energy.meters import (
+    EXTERNAL_HITS_TOTAL,
     GENERATION_TOKENS_TOTAL,
     PROMPT_TOKENS_TOTAL,
     Activity,
@@ -470,7 +471,7 @@ class EnergyAccountant:
     _outbox: list[EnergySample] = field(default_factory=list)
     _last: dict[str, MeterReading] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
-    _counters: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _counters: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # computed, gen, hits
     samples_written: int = 0  # written here, or handed to the writer (offload)
     rows_written: int = 0  # attribution rows written here; offloaded jobs' rows: the writer's count
     jobs_offloaded: int = 0
@@ -505,12 +506,19 @@ class EnergyAccountant:
             extra = getattr(o, "extra", {}) or {}
             prompt = float(extra.get(PROMPT_TOKENS_TOTAL, 0.0))
             gen = float(extra.get(GENERATION_TOKENS_TOTAL, 0.0))
-            p0, g0 = self._counters.get(engine_id, (prompt, gen))
-            self._counters[engine_id] = (prompt, gen)
+            # tokens the engine did not compute: local prefix-cache hits and KV received (external hits)
+            hits = float(getattr(o, "prefix_cache_hits_tokens", 0.0) or 0.0)
+            hits += float(extra.get(EXTERNAL_HITS_TOTAL, 0.0))
+            computed = prompt - hits
+            c0, g0, h0 = self._counters.get(engine_id, (computed, gen, hits))
+            # high-water mark of computed: vLLM counts hits when it schedules a request and prompt tokens
+            # when its prefill ends, so (prompt - hits) may dip between scrapes; made up later, never lost
+            self._counters[engine_id] = (max(computed, c0), gen, hits)
             running = max(int(getattr(o, "running", 0)), 1)
             ctx = float(getattr(o, "kv_usage_frac", 0.0)) * float(getattr(o, "kv_capacity_tokens", 0))
             self.activity[engine_id] = Activity(
-                prefill_tokens=int(max(prompt - p0, 0)),
+                prefill_tokens=int(max(computed - c0, 0)),
+                cached_tokens=int(max(hits - h0, 0)),
                 decode_tokens=int(max(gen - g0, 0)),
                 decode_batch=running,
                 decode_context_tokens=ctx,

@@ -358,6 +358,10 @@ class DcgmMeter:
 # (orchestrator/engines/) reports, lifetime totals (vLLM: vllm:prompt_tokens_total, generation_tokens_total).
 PROMPT_TOKENS_TOTAL = "prompt_tokens_total"
 GENERATION_TOKENS_TOTAL = "generation_tokens_total"
+# Prompt tokens that arrived by KV transfer (vLLM: vllm:external_prefix_cache_hits_total, the KV connector's
+# hits); local prefix-cache hits are EngineObservation.prefix_cache_hits_tokens. The engine computed
+# prompt - local hits - external hits (issue 14: decoders were charged for prefill they received).
+EXTERNAL_HITS_TOTAL = "external_prefix_cache_hits_tokens"
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from energy.meters import GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
+from energy.meters import EXTERNAL_HITS_TOTAL, GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
 from orchestrator.engines.base import (
     REMOTE_DECODE_PARAMS,
     EngineObservation,
@@ -57,7 +57,7 @@ EXTRA_COUNTERS = {
     GENERATION_TOKENS_TOTAL: "vllm:generation_tokens_total",
     "nixl_transfers": M_NIXL_TRANSFERS,
     "nixl_failed_transfers": "vllm:nixl_num_failed_transfers_total",
-    "external_prefix_cache_hits_tokens": "vllm:external_prefix_cache_hits_total",
+    EXTERNAL_HITS_TOTAL: "vllm:external_prefix_cache_hits_total",
     "preemptions": "vllm:num_preemptions_total",
 }
 

@@ -1,0 +1,79 @@
+"""Decoders are not charged for prefill they did not compute (issue 14 item 1.2): the model meter's activity
+is the engine's prompt-token counter minus its prefix-cache hits and its external (KV-transfer) hits, and
+Activity.cached_tokens carries the hits."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from energy.accounting import EnergyAccountant, LedgerTurnSource
+from energy.ledger import Ledger
+from energy.meters import EXTERNAL_HITS_TOTAL, GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
+from orchestrator.engines.base import EngineObservation, EngineRequest, RequestKind
+from orchestrator.engines.sim import SimEngine, SimKvFabric, WallClock
+from placement.base import Role
+from tiers.catalog import get_gpu
+from tiers.models import get_model
+from tiers.perf import TierModel
+
+
+def obs(prompt: float, hits: float = 0.0, external: float = 0.0, gen: float = 0.0) -> EngineObservation:
+    return EngineObservation(
+        healthy=True,
+        prefix_cache_hits_tokens=hits,
+        extra={PROMPT_TOKENS_TOTAL: prompt, GENERATION_TOKENS_TOTAL: gen, EXTERNAL_HITS_TOTAL: external},
+    )
+
+
+async def _activity(tmp_path: Path, answers: list[EngineObservation]):
+    async def observe():
+        return {"d0": answers.pop(0)}
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    ledger.upgrade()
+    acct = EnergyAccountant(ledger, {}, [], LedgerTurnSource(ledger), observe=observe)
+    out = []
+    while answers:
+        await acct.observe_engines()
+        out.append(acct.activity.get("d0"))
+    ledger.close()
+    return out[1:]
+
+
+async def test_kv_received_and_prefix_hits_are_not_prefill_work(tmp_path: Path) -> None:
+    # turn 1 arrives by KV transfer (16,000 tokens), turn 2 hits 16,100 in the prefix cache and computes 90
+    got = await _activity(
+        tmp_path, [obs(0), obs(16_000, external=16_000, gen=100), obs(32_190, 16_100, 16_000, 150)]
+    )
+    assert (got[0].prefill_tokens, got[0].cached_tokens, got[0].decode_tokens) == (0, 16_000, 100)
+    assert (got[1].prefill_tokens, got[1].cached_tokens, got[1].decode_tokens) == (90, 16_100, 50)
+
+
+async def test_hits_counted_before_the_prompt_are_not_lost(tmp_path: Path) -> None:
+    # vLLM counts hits at scheduling, prompt tokens when the prefill ends: the dip is made up later
+    got = await _activity(tmp_path, [obs(0), obs(0, hits=500), obs(1000, hits=500)])
+    assert got[0].prefill_tokens == 0 and got[1].prefill_tokens == 500
+
+
+async def test_sim_decoder_counts_received_kv_as_external_hits() -> None:
+    tm = TierModel(get_gpu("A40"), get_model("Qwen3-0.6B"))
+    fabric = SimKvFabric()
+    clock = WallClock(100.0)
+    pre = SimEngine("p0", Role.PREFILL, "a40", tm, model_name="m", clock=clock, fabric=fabric)
+    dec = SimEngine("d0", Role.DECODE, "a40", tm, model_name="m", clock=clock, fabric=fabric)
+    body = {"model": "m", "prompt": [1] * 3000, "max_tokens": 4}
+    res = await pre.prefill(EngineRequest(RequestKind.COMPLETION, body, "r-p", "c", 3000))
+    out = await dec.complete(
+        EngineRequest(RequestKind.COMPLETION, body, "r", "c", 3000, kv_transfer_params=res.kv_transfer_params)
+    )
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 3000
+    o_pre, o_dec = await pre.observe(), await dec.observe()
+    computed_dec = (
+        o_dec.extra[PROMPT_TOKENS_TOTAL] - o_dec.prefix_cache_hits_tokens - o_dec.extra[EXTERNAL_HITS_TOTAL]
+    )
+    computed_pre = (
+        o_pre.extra[PROMPT_TOKENS_TOTAL] - o_pre.prefix_cache_hits_tokens - o_pre.extra[EXTERNAL_HITS_TOTAL]
+    )
+    assert computed_dec == 0 and computed_pre == 3000
+    await asyncio.gather(pre.aclose(), dec.aclose())
