@@ -742,16 +742,29 @@ def build_accountant(
                     f"engines: {inst.instance_id!r} names meter {ecfg.meter!r}, which is not in "
                     f"meters {sorted(meter_cfg)}"
                 )
+            sharing = sorted(e.id for e in engine_cfg.values() if e.meter == mc.id)
+            if not ecfg.gpu_indices and len(sharing) > 1:
+                raise EnergyError(
+                    f"engines {', '.join(sharing)} share meter {mc.id!r} but engine {inst.instance_id!r} has "
+                    "no gpu_indices, so its GPUs are unknown (all such engines were bound to GPU 0: counted "
+                    "twice, other GPUs counted for nobody). To fix: give every engine on a shared meter "
+                    "gpu_indices in fleet.yaml, as the meter numbers GPUs (nvml and dcgm: NVML index, as "
+                    "nvidia-smi lists them; zeus: the index among CUDA_VISIBLE_DEVICES, which may differ)"
+                )
             if mc.id not in meters:
                 gpus = sorted({g for e in engine_cfg.values() if e.meter == mc.id for g in e.gpu_indices})
                 meters[mc.id] = make_meter(
-                    mc.kind, meter_id=mc.id, gpu_indices=gpus, url=mc.url, path=mc.path, clock=clock
+                    mc.kind,
+                    meter_id=mc.id,
+                    gpu_indices=gpus,
+                    url=mc.url,
+                    path=mc.path,
+                    clock=clock,
+                    hostname=getattr(mc, "hostname", None),
                 )
-            bindings.append(
-                EngineMeterBinding(
-                    inst.instance_id, mc.id, tuple(ecfg.gpu_indices) or (0,), tier_name, tm.idle_w, weights
-                )
-            )
+            # an engine alone on its meter without gpu_indices: every GPU the meter reads is its own
+            own = tuple(ecfg.gpu_indices) or tuple(meters[mc.id].gpu_indices)
+            bindings.append(EngineMeterBinding(inst.instance_id, mc.id, own, tier_name, tm.idle_w, weights))
         else:
             mid = f"model:{inst.instance_id}"
             meters[mid] = ModelMeter(tm, activity_for(inst.instance_id), meter_id=mid, clock=clock)

@@ -152,6 +152,9 @@ class MeterConfig(_Strict):
     id: str
     kind: Literal["zeus", "nvml", "dcgm", "model", "replay"]
     url: str | None = Field(None, description="DCGM exporter URL (kind dcgm)")
+    hostname: str | None = Field(
+        None, description="kind dcgm: only this Hostname label (an endpoint serving several hosts' GPUs)"
+    )
     path: Path | None = Field(None, description="recorded samples (kind replay)")
 
 
