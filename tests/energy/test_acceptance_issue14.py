@@ -91,7 +91,9 @@ def runs(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_served_ledger_prefillers_idle_rows_and_conservation(runs: dict) -> None:
     idle_w = {i.instance_id: i.tier_model.idle_w for i in runs["insts"]}
-    with Ledger(runs["url"]) as lg:
+    with Ledger(runs["url"]) as probe:
+        (run,) = [r.run_id for r in probe.runs()]
+    with Ledger(runs["url"], run_id=run) as lg:
         rows = [a for _, a in lg.attributions()]
         samples = lg.samples()
         turns = lg.turns_overlapping(min(a.interval_start for a in rows), max(a.interval_end for a in rows))
