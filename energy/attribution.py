@@ -62,7 +62,7 @@ def phase_weights(
     t = tier
     prefill_j = t.prefill_power_w(prefill_tokens) * t.prefill_time_s(prefill_tokens) / prefill_tokens  # type: ignore[attr-defined]
     step_s = t.decode_step_time_s(decode_batch, decode_context_tokens)  # type: ignore[attr-defined]
-    decode_j = t.decode_power_w(decode_batch) * step_s / decode_batch  # type: ignore[attr-defined]
+    decode_j = t.decode_power_w(decode_batch, decode_context_tokens) * step_s / decode_batch  # type: ignore[attr-defined]
     return PhaseWeights(prefill_j, decode_j)
 
 
