@@ -41,6 +41,7 @@ from energy.errors import EnergyError
 from energy.lease import Lease
 from energy.ledger import Ledger
 from energy.meters import (
+    ENGINE_STEPS_TOTAL,
     EXTERNAL_HITS_TOTAL,
     GENERATION_TOKENS_TOTAL,
     PROMPT_TOKENS_TOTAL,
@@ -471,13 +472,18 @@ class EnergyAccountant:
     _outbox: list[EnergySample] = field(default_factory=list)
     _last: dict[str, MeterReading] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
-    _counters: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # computed, gen, hits
+    # computed prompt, generated, hit tokens and engine steps, per engine
+    _counters: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     samples_written: int = 0  # written here, or handed to the writer (offload)
     rows_written: int = 0  # attribution rows written here; offloaded jobs' rows: the writer's count
     jobs_offloaded: int = 0
     _baseline_written: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _takeover: bool = False
+    # what /metrics shows (api/metrics.py): joules per engine since this accountant started, and the mean
+    # draw over each engine's latest meter interval
+    engine_joules: dict[str, float] = field(default_factory=dict)
+    engine_watts: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for b in self.bindings:
@@ -510,11 +516,14 @@ class EnergyAccountant:
             hits = float(getattr(o, "prefix_cache_hits_tokens", 0.0) or 0.0)
             hits += float(extra.get(EXTERNAL_HITS_TOTAL, 0.0))
             computed = prompt - hits
-            c0, g0, h0 = self._counters.get(engine_id, (computed, gen, hits))
+            steps = float(extra.get(ENGINE_STEPS_TOTAL, 0.0))
+            c0, g0, h0, s0 = self._counters.get(engine_id, (computed, gen, hits, steps))
             # high-water mark of computed: vLLM counts hits when it schedules a request and prompt tokens
             # when its prefill ends, so (prompt - hits) may dip between scrapes; made up later, never lost
-            self._counters[engine_id] = (max(computed, c0), gen, hits)
+            self._counters[engine_id] = (max(computed, c0), gen, hits, steps)
             running = max(int(getattr(o, "running", 0)), 1)
+            if steps > s0 and gen > g0:  # the interval's mean batch: decode tokens per engine step
+                running = max((gen - g0) / (steps - s0), 1.0)
             ctx = float(getattr(o, "kv_usage_frac", 0.0)) * float(getattr(o, "kv_capacity_tokens", 0))
             self.activity[engine_id] = Activity(
                 prefill_tokens=int(max(computed - c0, 0)),
@@ -548,6 +557,8 @@ class EnergyAccountant:
             self._pending.append(
                 _Pending(b.engine_id, prev.at, cur.at, max(delta, 0.0), self.meters[b.meter_id].source)
             )
+            self.engine_joules[b.engine_id] = self.engine_joules.get(b.engine_id, 0.0) + max(delta, 0.0)
+            self.engine_watts[b.engine_id] = max(delta, 0.0) / (cur.at - prev.at).total_seconds()
         self._last.update(readings)
         if self.offload is not None:  # handed to the writer with the next job (attribute_ready)
             self._outbox.extend(samples)
@@ -590,6 +601,25 @@ class EnergyAccountant:
         _, n = run_energy_job(self.ledger, job, self.turns)  # its samples were counted when taken
         self.rows_written += n
         return n
+
+    def power_snapshot(self) -> list[tuple[str, str, str, float, float]]:
+        """(engine, tier, source, joules since start, watts over the latest interval) per metered engine."""
+        out = []
+        for b in self.bindings:
+            src = str(self.meters[b.meter_id].source)
+            out.append(
+                (
+                    b.engine_id,
+                    b.tier or "(unknown)",
+                    src,
+                    self.engine_joules.get(b.engine_id, 0.0),
+                    self.engine_watts.get(b.engine_id, 0.0),
+                )
+            )
+        return out
+
+    def weights_by_engine(self) -> dict[str, PhaseWeights]:
+        return {b.engine_id: b.weights for b in self.bindings if b.weights is not None}
 
     def hold_lease(self) -> bool:
         """Whether this accountant accounts now (worker thread: the lease may do SQL). Taking the lease over

@@ -396,6 +396,10 @@ GENERATION_TOKENS_TOTAL = "generation_tokens_total"
 # hits); local prefix-cache hits are EngineObservation.prefix_cache_hits_tokens. The engine computed
 # prompt - local hits - external hits (issue 14: decoders were charged for prefill they received).
 EXTERNAL_HITS_TOTAL = "external_prefix_cache_hits_tokens"
+# Engine steps (vLLM: vllm:iteration_tokens_total_count, one observation per engine step): decode tokens /
+# steps is the interval's mean batch (a scrape's num_requests_running is one instant's, and counts sequences
+# still prefilling).
+ENGINE_STEPS_TOTAL = "engine_steps_total"
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from energy.meters import EXTERNAL_HITS_TOTAL, GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
+from energy.meters import (
+    ENGINE_STEPS_TOTAL,
+    EXTERNAL_HITS_TOTAL,
+    GENERATION_TOKENS_TOTAL,
+    PROMPT_TOKENS_TOTAL,
+)
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
 from orchestrator.errors import EngineError
 from placement.base import Role
@@ -190,6 +195,7 @@ class SimEngine:
         self.prompt_tokens_total = 0
         self.external_prefix_cache_hits_tokens = 0
         self.generation_tokens_total = 0
+        self.engine_steps_total = 0
 
     # ---- failure injection ----------------------------------------------------------------------
     @property
@@ -372,6 +378,7 @@ class SimEngine:
                 "queued_prefill_tokens": float(self.queued_prefill_tokens),
                 PROMPT_TOKENS_TOTAL: float(self.prompt_tokens_total),
                 EXTERNAL_HITS_TOTAL: float(self.external_prefix_cache_hits_tokens),
+                ENGINE_STEPS_TOTAL: float(self.engine_steps_total),
                 GENERATION_TOKENS_TOTAL: float(self.generation_tokens_total),
             },
         )
@@ -523,6 +530,7 @@ class SimEngine:
             await self.clock.sleep(step_s)
             if self._dead:
                 return
+            self.engine_steps_total += 1
             finished: list[_Seq] = []
             for seq, n in chunks:
                 self.prompt_tokens_total += n  # computed in this step (aborted or not)

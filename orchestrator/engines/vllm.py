@@ -28,7 +28,12 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from energy.meters import EXTERNAL_HITS_TOTAL, GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
+from energy.meters import (
+    ENGINE_STEPS_TOTAL,
+    EXTERNAL_HITS_TOTAL,
+    GENERATION_TOKENS_TOTAL,
+    PROMPT_TOKENS_TOTAL,
+)
 from orchestrator.engines.base import (
     REMOTE_DECODE_PARAMS,
     EngineObservation,
@@ -58,6 +63,7 @@ EXTRA_COUNTERS = {
     "nixl_transfers": M_NIXL_TRANSFERS,
     "nixl_failed_transfers": "vllm:nixl_num_failed_transfers_total",
     EXTERNAL_HITS_TOTAL: "vllm:external_prefix_cache_hits_total",
+    ENGINE_STEPS_TOTAL: "vllm:iteration_tokens_total_count",
     "preemptions": "vllm:num_preemptions_total",
 }
 

@@ -77,3 +77,18 @@ async def test_sim_decoder_counts_received_kv_as_external_hits() -> None:
     )
     assert computed_dec == 0 and computed_pre == 3000
     await asyncio.gather(pre.aclose(), dec.aclose())
+
+
+async def test_decode_batch_is_tokens_per_engine_step_over_the_interval(tmp_path: Path) -> None:
+    """A scrape's running count is one instant's; the interval's mean batch is decode tokens per step."""
+    from energy.meters import ENGINE_STEPS_TOTAL
+
+    def o(gen: float, steps: float, running: int) -> EngineObservation:
+        return EngineObservation(
+            healthy=True,
+            running=running,
+            extra={PROMPT_TOKENS_TOTAL: 0.0, GENERATION_TOKENS_TOTAL: gen, ENGINE_STEPS_TOTAL: steps},
+        )
+
+    got = await _activity(tmp_path, [o(0, 0, 0), o(400, 100, 1)])  # 4 decoding; 1 left at the scrape
+    assert got[0].decode_tokens == 400 and got[0].decode_batch == 4.0
