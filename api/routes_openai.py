@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
 from api.errors import ApiError, sse_error, to_api_error
+from api.metrics import TURN_CAPTURE
 from api.schemas import (
     CONVERSATION_ID_MAX_CHARS,
     CONVERSATION_ID_PATTERN,
@@ -99,7 +100,7 @@ async def _serve(
     metrics: Any,
 ) -> Response:
     try:
-        response = await _serve_inner(kind, req, rt, header_cid, header_final)
+        response = await _serve_inner(kind, req, rt, header_cid, header_final, metrics)
     except Exception as err:
         api_err = to_api_error(err)
         metrics.request_done(endpoint, api_err.status)
@@ -108,18 +109,37 @@ async def _serve(
     return response
 
 
+async def complete_with_energy(rt: Runtime, inp: TurnInput, metrics: Any) -> dict[str, Any]:
+    """The router's non-streaming answer with ``usage.energy`` (issue 14 item 6): this turn's estimated
+    joules, prefill and decode apart, and the conversation's so far (api/metrics.py, energy/estimate.py).
+    The router reports the finished turn to the metrics observer in this task; TURN_CAPTURE collects it."""
+    capture: list[Any] = []
+    token = TURN_CAPTURE.set(capture)
+    try:
+        out = await rt.router.complete(inp)
+    finally:
+        TURN_CAPTURE.reset(token)
+    rec = next((r for r in reversed(capture) if str(r.status) == "ok"), None)
+    energy = metrics.usage_energy(rec, inp.conversation_id) if metrics is not None else None
+    usage = out.get("usage")
+    if energy is not None and isinstance(usage, dict):
+        out["usage"] = {**usage, "energy": energy}
+    return out
+
+
 async def _serve_inner(
     kind: RequestKind,
     req: ChatCompletionRequest | CompletionRequest,
     rt: Runtime,
     header_cid: str | None,
     header_final: str | None,
+    metrics: Any = None,
 ) -> Response:
     body = req.model_dump(exclude_unset=True, exclude_none=False)
     inp = prepare_turn(kind, body, rt, header_cid, header_final)
     headers = {"X-Conversation-Id": inp.conversation_id} if inp.conversation_id else {}
     if not body.get("stream"):
-        out = await rt.router.complete(inp)
+        out = await complete_with_energy(rt, inp, metrics)
         return Response(_dumps(out), media_type="application/json", headers=headers)
     gen = rt.router.stream_sse(inp)
     try:

@@ -618,6 +618,14 @@ class EnergyAccountant:
             )
         return out
 
+    def settled_through(self, t: datetime) -> bool:
+        """Whether every meter interval up to ``t`` has been attributed (or handed to the ledger writer, which
+        runs it after the turns queued before it): every meter has been read at or after ``t`` and no
+        buffered interval starts before it."""
+        with self._lock:
+            read_past = all(r.at >= t for r in self._last.values())
+            return read_past and not any(p.start < t for p in self._pending)
+
     def weights_by_engine(self) -> dict[str, PhaseWeights]:
         return {b.engine_id: b.weights for b in self.bindings if b.weights is not None}
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Select, and_, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
@@ -624,6 +624,19 @@ class Ledger:
             )
             for r in rows
         ]
+
+    def conversation_energy(self, conversation_id: str) -> tuple[float, float, datetime | None]:
+        """(joules, of which measured, end of the latest interval) attributed so far to ``conversation_id`` in
+        this run (ix_attr_conv)."""
+        a = AttributionRowModel
+        q = select(
+            func.coalesce(func.sum(a.joules), 0.0),
+            func.coalesce(func.sum(case((a.source == str(Source.MEASURED), a.joules), else_=0.0)), 0.0),
+            func.max(a.interval_end),
+        ).where(a.run_id == self.run_id, a.conversation_id == conversation_id)
+        with self._tx("reading a conversation's energy") as conn:
+            j, measured, last = conn.execute(q).one()
+        return float(j), float(measured), last
 
     def turns(self, flt: ReportFilter | None = None) -> list[tuple[str, TurnRecord]]:
         """(run_id, turn) for every turn that arrived in [since, until)."""
