@@ -806,8 +806,13 @@ class Router:
         usage = att.usage or {}
         prompt = int(usage.get("prompt_tokens") or treq.input_tokens)
         output = int(usage.get("completion_tokens") or att.tokens)
-        details = usage.get("prompt_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            cached = int(details["cached_tokens"])
+        else:  # an engine that does not report it (vLLM without --enable-prompt-tokens-details): a remote
+            # prefill's KV arrived by transfer, so the decoder computed (at most) a block of it; local
+            # prefix-cache hits are unknown per turn (the model meter still subtracts them per interval)
+            cached = prompt if pl.remote_prefill else 0
         ok = status is TurnStatus.OK
         natural_final = att.finish_reason == "stop" and not att.tool_calls
         is_final = ok and (client_final or natural_final or conv.one_turn)

@@ -92,3 +92,49 @@ async def test_decode_batch_is_tokens_per_engine_step_over_the_interval(tmp_path
 
     got = await _activity(tmp_path, [o(0, 0, 0), o(400, 100, 1)])  # 4 decoding; 1 left at the scrape
     assert got[0].decode_tokens == 400 and got[0].decode_batch == 4.0
+
+
+def test_launched_vllm_engines_report_cached_tokens(tmp_path: Path) -> None:
+    """vLLM leaves usage.prompt_tokens_details null unless started with --enable-prompt-tokens-details."""
+    from orchestrator.engines.launcher import EngineSpec, LaunchSettings, engine_command
+
+    spec = EngineSpec("d", Role.DECODE, port=8123, side_channel_port=5611)
+    argv, _ = engine_command(spec, LaunchSettings(python=Path("/py"), model_dir=tmp_path, log_dir=tmp_path))
+    assert "--enable-prompt-tokens-details" in argv
+
+
+async def test_a_remote_turn_without_prompt_tokens_details_records_the_kv_as_cached() -> None:
+    """An engine whose answer has no prompt_tokens_details (real vLLM by default): the decoder of a remote
+    prefill received the KV, so the turn's cached tokens are the prompt (they were recorded as 0, charging
+    the decoder for the whole prefill)."""
+    from orchestrator.router import Router, RouterConfig, TurnInput
+    from placement.policies import make_policy
+
+    class NoDetails(SimEngine):
+        async def stream(self, req):  # type: ignore[no-untyped-def,override]
+            async for ch in super().stream(req):
+                if ch.get("usage"):
+                    ch = {**ch, "usage": {**ch["usage"], "prompt_tokens_details": None}}
+                yield ch
+
+    tm = TierModel(get_gpu("A40"), get_model("Qwen3-0.6B"))
+    fabric, clock = SimKvFabric(), WallClock(100.0)
+    engines = {
+        "p0": NoDetails("p0", Role.PREFILL, "a40", tm, model_name="m", clock=clock, fabric=fabric),
+        "d0": NoDetails("d0", Role.DECODE, "a40", tm, model_name="m", clock=clock, fabric=fabric),
+    }
+    recs = []
+
+    class Sink:
+        def turn(self, rec):  # type: ignore[no-untyped-def]
+            recs.append(rec)
+
+        def pin(self, rec):  # type: ignore[no-untyped-def]
+            pass
+
+    router = Router(engines, make_policy("conserve"), RouterConfig("m", 100_000), sink=Sink())
+    body = {"model": "m", "prompt": [3] * 4000, "max_tokens": 4}
+    await router.complete(TurnInput(RequestKind.COMPLETION, body, "c1", prompt_tokens=4000))
+    (rec,) = recs
+    assert rec.remote_prefill and rec.cached_tokens == rec.prompt_tokens == 4000
+    await router.aclose()
