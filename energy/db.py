@@ -190,6 +190,7 @@ class AttributionRowModel(Base):
     joules: Mapped[float] = mapped_column(Double)
     work_share: Mapped[float] = mapped_column(Double)
     source: Mapped[str] = mapped_column(String(16))
+    prefill_j: Mapped[float | None] = mapped_column(Double)  # prefill part of joules (rest: decode)
 
 
 def make_engine(url: str) -> Engine:

@@ -174,7 +174,7 @@ class Ledger:
     _SUMMARY_BINDS = ("b_run", "b_id", "final_turn", "ttfet_s", "e2e_s")
     _ATTR_COLUMNS = (
         "run_id", "interval_start", "interval_end", "engine_id", "tier", "conversation_id", "turn", "joules",
-        "work_share", "source",
+        "work_share", "source", "prefill_j",
     )  # fmt: skip
 
     def _executemany(
@@ -537,6 +537,7 @@ class Ledger:
                     float(a.joules),
                     float(a.work_share),
                     str(a.source),
+                    None if a.prefill_j is None else float(a.prefill_j),
                 )
             )
         if not rows:
@@ -620,6 +621,7 @@ class Ledger:
                     r.work_share,
                     Source(r.source),
                     r.tier,
+                    r.prefill_j,
                 ),
             )
             for r in rows

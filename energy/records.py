@@ -217,6 +217,7 @@ class AttributionRow:
     work_share: float  # fraction of the interval's energy given to this row (rows of an interval sum to 1)
     source: Source
     tier: str | None = None
+    prefill_j: float | None = None  # the part of joules for prefill work (the rest: decode); None: unknown
 
     @property
     def is_idle(self) -> bool:

@@ -16,7 +16,6 @@ Must not import fastapi.
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -34,6 +33,7 @@ from conserve.errors import did_you_mean
 from energy.errors import EnergyError
 from energy.ledger import ConversationFacts, Ledger
 from energy.records import AttributionRow, ReportFilter, Source
+from energy.report_plots import plots
 
 
 class GroupBy(StrEnum):
@@ -94,6 +94,9 @@ class Report:
     tier_timeline: tuple[tuple[datetime, str, float], ...] = ()  # (bucket start, tier, joules)
     policy_tokens_per_j: tuple[tuple[str, float], ...] = ()
     timeline_bucket_s: float = 0.0  # width of the tier_timeline buckets
+    # (policy label, prefill J, decode J, KV transfer J, idle J, unsplit J) per policy and run kind
+    policy_phases: tuple[tuple[str, float, float, float, float, float], ...] = ()
+    measured_share: float | None = None  # of all the report's joules (plot labels)
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +142,8 @@ class _Acc:
     joules: float = 0.0
     measured_j: float = 0.0
     idle_j: float = 0.0
+    prefill_j: float = 0.0  # the prefill part of conversation rows (AttributionRow.prefill_j)
+    unsplit_j: float = 0.0  # conversation rows without a phase split (rows written before it existed)
     engines: set[str] = field(default_factory=set)
     tiers: set[str] = field(default_factory=set)
     conversations: set[tuple[str, str]] = field(default_factory=set)
@@ -151,6 +156,10 @@ class _Acc:
             self.idle_j += a.joules
         else:
             self.conversations.add((run, a.conversation_id))
+            if a.prefill_j is None:
+                self.unsplit_j += a.joules
+            else:
+                self.prefill_j += a.prefill_j
         self.engines.add(a.engine_id)
         if a.tier:
             self.tiers.add(a.tier)
@@ -401,6 +410,18 @@ def build_report(
         tuple(timeline),
         tuple(pol_tpj),
         timeline_bucket_s=bucket_s,
+        policy_phases=tuple(
+            (
+                p if k != "simulate" else f"{p} (simulated)",
+                acc.prefill_j,
+                acc.joules - acc.idle_j - acc.prefill_j - acc.unsplit_j,
+                0.0,  # KV transfer: not metered or modelled apart; its draw is inside the engines' rows
+                acc.idle_j,
+                acc.unsplit_j,
+            )
+            for (k, p), acc in sorted(per_policy.items(), key=lambda x: (x[0][1], x[0][0]))
+        ),
+        measured_share=_div(total.measured_j, total.joules),
     )
 
 
@@ -508,68 +529,6 @@ def render_table(report: Report) -> Any:
     return t
 
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _plots(report: Report) -> list[tuple[str, str, str]]:
-    """(id, title, base64 PNG) for the three plots; a plot without data shows a labelled empty frame."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    out = []
-    # 1. energy per conversation distribution
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    by_pol: dict[str, list[float]] = {}
-    for p, j in report.conversation_joules:
-        by_pol.setdefault(p, []).append(j)
-    if by_pol:
-        ax.hist(list(by_pol.values()), bins=30, label=list(by_pol), stacked=False, alpha=0.75)
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no conversations with energy in this window", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("energy per conversation (J)")
-    ax.set_ylabel("conversations")
-    out.append(("plot-conversation-energy", "Energy per conversation", _png(fig)))
-    # 2. energy by tier over time
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    tiers = sorted({t for _, t, _ in report.tier_timeline})
-    times = sorted({t for t, _, _ in report.tier_timeline})
-    if tiers and times:
-        idx = {t: i for i, t in enumerate(times)}
-        import numpy as np
-
-        data = np.zeros((len(tiers), len(times)))
-        for t, tier, j in report.tier_timeline:
-            data[tiers.index(tier), idx[t]] += j
-        ax.stackplot(times, data, labels=tiers, alpha=0.85)
-        ax.legend(fontsize=8, loc="upper left")
-        fig.autofmt_xdate()
-    else:
-        ax.text(0.5, 0.5, "no energy rows in this window", ha="center", transform=ax.transAxes)
-    ax.set_ylabel("energy per bucket (J)")
-    out.append(("plot-tier-timeline", "Energy by tier over time", _png(fig)))
-    # 3. tokens per joule per policy
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    if report.policy_tokens_per_j:
-        names = [p for p, _ in report.policy_tokens_per_j]
-        vals = [v for _, v in report.policy_tokens_per_j]
-        bars = ax.bar(names, vals, color="#3b7dd8")
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no policy with energy in this window", ha="center", transform=ax.transAxes)
-    ax.set_ylabel("tokens / J")
-    out.append(("plot-policy-tokens-per-j", "Tokens per joule by policy", _png(fig)))
-    return out
-
-
 def render_html(report: Report, max_rows: int = 500) -> str:
     """One self-contained HTML page (inline CSS, plots as inline base64 PNG; no external resources)."""
     esc = html.escape
@@ -589,7 +548,7 @@ def render_html(report: Report, max_rows: int = 500) -> str:
     figs = "".join(
         f"<figure><img id='{pid}' alt='{esc(title)}' src='data:image/png;base64,{b64}'>"
         f"<figcaption>{esc(title)}</figcaption></figure>"
-        for pid, title, b64 in _plots(report)
+        for pid, title, b64 in plots(report)
     )
     tot = report.totals
     window = (

@@ -1,4 +1,5 @@
-"""Turns: the prefilling instance's prefix-cache hit (what a remote prefiller computed) and the tenant billed.
+"""Turns: the prefilling instance's prefix-cache hit (what a remote prefiller computed) and the tenant billed;
+attributions: the prefill part of each row's joules (energy by phase in reports).
 
 Revision ID: 0004_energy_turn_work
 Revises: 0003_power_caps
@@ -21,9 +22,13 @@ def upgrade() -> None:
             sa.Column("prefill_cached_tokens", sa.Integer(), nullable=False, server_default="0")
         )
         batch.add_column(sa.Column("tenant", sa.String(128), nullable=False, server_default="default"))
+    with op.batch_alter_table("attributions") as batch:
+        batch.add_column(sa.Column("prefill_j", sa.Double(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("attributions") as batch:
+        batch.drop_column("prefill_j")
     with op.batch_alter_table("turns") as batch:
         batch.drop_column("tenant")
         batch.drop_column("prefill_cached_tokens")
