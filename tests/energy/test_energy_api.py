@@ -99,3 +99,26 @@ def test_metrics_carry_energy_power_carbon_and_tenant_series(served) -> None:
     assert DEFAULT_GRID_G_PER_KWH == 480.0
     tenant = _metric(text, "conserve_tenant_energy_estimated_joules_total", tenant="default")
     assert tenant and tenant[0] > 0
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_streamed_usage_carries_energy_with_include_usage(served, endpoint: str) -> None:
+    client, rt = served
+    oai = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    common = {
+        "model": "Qwen3-0.6B",
+        "max_tokens": 8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if endpoint == "chat":
+        chunks = list(
+            oai.chat.completions.create(messages=[{"role": "user", "content": "go " * 400}], **common)
+        )
+    else:
+        chunks = list(oai.completions.create(prompt="go " * 400, **common))
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and usage[0].completion_tokens == 8
+    e = usage[0].model_extra["energy"]
+    assert e["estimated"] is True and e["turn_prefill_j"] > 0 and e["turn_decode_j"] > 0
+    assert "attributed" not in e  # a one-turn request has no conversation id to look up
