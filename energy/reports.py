@@ -31,6 +31,7 @@ from typing import Any
 
 from conserve.errors import did_you_mean
 from energy.errors import EnergyError
+from energy.estimate import DEFAULT_GRID_G_PER_KWH, co2e_g
 from energy.ledger import ConversationFacts, Ledger
 from energy.records import AttributionRow, ReportFilter, Source
 from energy.report_plots import plots
@@ -194,6 +195,7 @@ def build_report(
     until: datetime | None = None,
     run_ids: Sequence[str] = (),
     timeline_buckets: int = 60,
+    grid_g_per_kwh: float = DEFAULT_GRID_G_PER_KWH,
 ) -> Report:
     by = parse_choice(by, GroupBy, "--by") if isinstance(by, str) else by
     if since and until and until <= since:
@@ -380,7 +382,12 @@ def build_report(
         "conversations": len(facts),
         "measured_share": _div(total.measured_j, total.joules),
         "attribution_rows": len(attrs),
+        "co2e_g": co2e_g(total.joules, grid_g_per_kwh),
     }
+    notes.append(
+        f"carbon: {co2e_g(total.joules, grid_g_per_kwh):.4g} gCO2e at {grid_g_per_kwh:g} gCO2e/kWh"
+        + (" (default: 2023 world average, Ember)" if grid_g_per_kwh == DEFAULT_GRID_G_PER_KWH else "")
+    )
 
     # plot data
     conv_j = tuple(

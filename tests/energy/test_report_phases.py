@@ -58,3 +58,17 @@ def test_report_splits_energy_by_phase_and_labels_plots(tmp_path: Path) -> None:
     assert len(titles) == 4 and all(t.endswith("(modelled)") for t in titles)
     assert "Energy by phase and policy (modelled)" in titles
     assert source_label(1.0) == "measured" and source_label(0.25) == "25% measured, rest modelled"
+
+
+def test_report_gives_carbon_at_the_grid_intensity(tmp_path: Path) -> None:
+    tm = TierModel(get_gpu("A40"), get_model("Qwen3-0.6B"))
+    insts = [InstanceSpec("d0", "a40", Role.COLOCATED, tm)]
+    res = run_simulation(insts, [ConversationSpec("c", 0.0, (TurnSpec(500, 10),))], make_policy("colocated"))
+    with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as lg:
+        write_simulation(lg, res, "colocated", "s")
+        default = build_report(lg, GroupBy.POLICY)
+        mine = build_report(lg, GroupBy.POLICY, grid_g_per_kwh=100.0)
+    j = default.totals["joules"]
+    assert default.totals["co2e_g"] == pytest.approx(j / 3.6e6 * 480.0)
+    assert mine.totals["co2e_g"] == pytest.approx(j / 3.6e6 * 100.0)
+    assert any("at 100 gCO2e/kWh" in n for n in mine.notes)
