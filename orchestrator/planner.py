@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from conserve.errors import ConServeError
@@ -84,6 +83,23 @@ def slo_from_config(cfg: FleetConfig) -> ilp.Slo:
     )
 
 
+def tightened_slo(slo: ilp.Slo, ttfet_factor: float = 1.0, tbt_factor: float = 1.0) -> ilp.Slo:
+    """The planning SLO with the TTFET bounds x ttfet_factor and the TBT bounds x tbt_factor."""
+    if ttfet_factor == 1.0 and tbt_factor == 1.0:
+        return slo
+
+    def mul(x: float | None, f: float) -> float | None:
+        return None if x is None else x * f
+
+    return replace(
+        slo,
+        ttfet_slowdown=mul(slo.ttfet_slowdown, ttfet_factor),
+        ttfet_s=mul(slo.ttfet_s, ttfet_factor),
+        tbt_slowdown=mul(slo.tbt_slowdown, tbt_factor),
+        tbt_ms=mul(slo.tbt_ms, tbt_factor),
+    )
+
+
 def fleet_stats(cfg: FleetConfig) -> WorkloadStats:
     convs = workload_from_config(cfg.workload)
     # the configured rate is the planning rate (a Mooncake trace without an explicit rate keeps its own)
@@ -127,11 +143,15 @@ def make_plan(
     stats: WorkloadStats | None = None,
     rate_per_s: float | None = None,
     max_rate: bool = False,
+    slo_factors: tuple[float, float] = (1.0, 1.0),
 ) -> PlanRun:
     """Plan `cfg` (objective: the file's unless given). Raises PlanningError with a diagnosis if infeasible.
 
     rate_per_s overrides the workload's arrival rate; max_rate plans for the highest rate the fleet sustains
     within the SLOs (found by an ILP that maximises the rate), less 0.1% so the plan keeps a sliver of slack.
+    slo_factors: (TTFET, TBT) factors on the planning SLO (< 1: tighter; the verification loop,
+    orchestrator.verify, sets them when the simulator shows the plan missing the SLO). The plan's reported
+    SLO stays the file's.
     """
     settings = _settings(cfg, objective, solver, time_limit_s)
     ws = stats if stats is not None else fleet_stats(cfg)
@@ -144,7 +164,7 @@ def make_plan(
         ws = replace(ws, arrival_rate_per_s=rate_per_s)
     demand = demand_from_stats(ws)
     supplies = tier_supplies(cfg)
-    slo = slo_from_config(cfg)
+    slo = tightened_slo(slo_from_config(cfg), *slo_factors)
     t0 = time.perf_counter()
     if max_rate:
         _, top = _highest_rate(cfg, supplies, demand, slo, settings)
@@ -166,6 +186,16 @@ def make_plan(
     plan = to_plan(cfg, result, settings, elapsed, fleet_file, plan_ws)
     if overload is not None:
         plan = with_finite_run(plan, result, overload[0], overload[1], cfg, settings, supplies, demand, slo)
+    if slo_factors != (1.0, 1.0):
+        plan = replace(
+            plan,
+            notes=(
+                f"Planned against a tightened SLO (TTFET x {slo_factors[0]:.2f}, TBT x {slo_factors[1]:.2f} "
+                "of the file's) because the simulator showed the plan at the file's SLO missing it "
+                "(verification loop).",
+                *plan.notes,
+            ),
+        )
     return PlanRun(plan, result, ws, settings)
 
 
@@ -536,166 +566,6 @@ def best_homogeneous(rows: list[tuple[str, PlanRun | None, str]]) -> tuple[str, 
     return max(ok, key=lambda x: x[1].plan.predictions.tokens_per_j)
 
 
-@dataclass(frozen=True, slots=True)
-class ValidationRow:
-    metric: str
-    predicted: float | None
-    simulated: float | None
-    note: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Validation:
-    """The plan simulated on the fleet file's own workload (orchestrator.sim), next to its predictions."""
-
-    policy: str
-    conversations: int
-    arrival_rate_per_s: float
-    seed: int
-    rows: tuple[ValidationRow, ...]
-    slo_violation_pct: float
-    sim_wall_s: float
-    arrival_span_s: float = 0.0
-    run_s: float = 0.0
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "policy": self.policy,
-            "conversations": self.conversations,
-            "arrival_rate_per_s": self.arrival_rate_per_s,
-            "seed": self.seed,
-            "slo_violation_pct": round(self.slo_violation_pct, 2),
-            "sim_wall_s": round(self.sim_wall_s, 3),
-            "arrival_span_s": round(self.arrival_span_s, 2),
-            "run_s": round(self.run_s, 2),
-            "metrics": {
-                r.metric: {"predicted": r.predicted, "simulated": r.simulated, "note": r.note or None}
-                for r in self.rows
-            },
-        }
-
-
-def validate_plan(
-    cfg: FleetConfig,
-    run: PlanRun,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> Validation:
-    """Simulate the plan just made on the fleet file's workload (its own conversations, at the rate planned
-    for -- the requested rate for a finite run above capacity) with the fleet's policy, and compare.
-
-    The ConServe local-prefill refinement is off (the pools assume every turn 1 on a prefiller).
-    Predicted decode busy fraction: 1 - exp(-B) (the planner's assumption that a decoder with B resident
-    conversations on average is idle with probability exp(-B)); prefill: rho. Simulated: busy time / run.
-    """
-    from orchestrator.metrics import SloSpec, StandaloneCache, conversation_metrics, summarize
-    from orchestrator.sim import simulate_fleet
-    from orchestrator.sim.fleet import fleet_workload, reference_tier_model, unallocated_idle_w
-
-    rate = run.stats.arrival_rate_per_s
-    convs = fleet_workload(cfg, rate, seed)
-    # the pools are sized with every turn 1 on a prefiller, so the ConServe local-prefill refinement (which
-    # the simulator would otherwise take from the plan's threshold) is validated off
-    opts: dict[str, object] = {}
-    if cfg.policy.replace("_", "-").lower() == "conserve":
-        opts["local_prefill_below_tokens"] = 0
-    t0 = time.perf_counter()
-    res, insts = simulate_fleet(
-        cfg,
-        run.plan,
-        cfg.policy,
-        None,
-        seed=seed,
-        conversations=convs,
-        policy_options=opts,
-        energy_window_s=None,
-        progress=progress,
-    )
-    mets = conversation_metrics(
-        res, convs, StandaloneCache(reference_tier_model(cfg)), SloSpec.from_config(cfg.slo)
-    )
-    summ = summarize(res, mets, "honest", unallocated_idle_w(cfg, insts))
-    wall = time.perf_counter() - t0
-    p = run.plan.predictions
-    fr = run.plan.finite_run
-
-    def wmean(vals: list[tuple[float, int]]) -> float | None:
-        n = sum(k for _, k in vals)
-        return sum(v * k for v, k in vals) / n if n else None
-
-    pre = wmean([(x.utilisation, x.instances) for x in run.plan.pools if x.role == "prefill"])
-    # the prefill side works while conversations arrive: compare rho with busy time over the arrival span
-    # (a finite run above capacity keeps prefilling its backlog after the arrivals: over the whole run)
-    span = max(c.arrival_s for c in convs) - min(c.arrival_s for c in convs) if len(convs) > 1 else 0.0
-    window = res.makespan_s if fr is not None else span
-    pre_insts = [i for i in res.instances if i.role == "prefill"]
-    pre_busy = sum(i.busy_s for i in pre_insts)
-    pre_sim = pre_busy / (len(pre_insts) * window) if pre_insts and window > 0 else None
-    dec = wmean(
-        [
-            (1.0 - math.exp(-x.batch), x.instances)
-            for x in run.plan.pools
-            if x.role != "prefill" and x.batch > 0
-        ]
-    )
-    pctl = f"p{cfg.slo.percentile:g}"
-    ttfet_pred = fr.ttfet_p95_run_s if fr is not None else p.ttfet_p95_s
-    rows = [
-        ValidationRow(
-            f"{pctl} TTFET s",
-            ttfet_pred,
-            summ.ttfet_s.get("p95"),
-            "predicted: finite-run estimate (planned + backlog wait)" if fr is not None else "",
-        ),
-        ValidationRow(
-            f"{pctl} TTFET slowdown",
-            fr.ttfet_p95_run_slowdown if fr is not None else p.ttfet_p95_slowdown,
-            summ.ttfet_slowdown.get("p95"),
-            "standalone: planner's mean conversation vs the simulator's per-conversation runs",
-        ),
-        ValidationRow("mean TBT ms", p.tbt_mean_ms, summ.tbt_mean_ms.get("mean")),
-        ValidationRow(
-            "tokens/J",
-            p.tokens_per_j,
-            summ.tokens_per_j,
-            "all GPUs, idle included; sim: whole run incl. ramp-up and drain",
-        ),
-        ValidationRow(
-            "prefill utilisation",
-            pre,
-            pre_sim,
-            "sim: prefill busy time / " + ("whole run (backlog)" if fr is not None else "arrival span"),
-        ),
-        ValidationRow(
-            "decode busy fraction",
-            dec,
-            summ.utilisation_by_role.get("decode"),
-            "predicted: 1 - exp(-planned batch); sim: busy / whole run",
-        ),
-        ValidationRow(
-            "run s",
-            fr.makespan_s if fr is not None else None,
-            res.makespan_s,
-            "predicted: finite-run makespan" if fr is not None else "",
-        ),
-    ]
-    return Validation(
-        cfg.policy, len(convs), rate, seed, tuple(rows), summ.slo_violation_pct, wall, span, res.makespan_s
-    )
-
-
-def validate_hook() -> str | None:
-    """Name of the simulator entry point that can run a plan, when orchestrator.sim offers one."""
-    try:
-        from orchestrator import sim
-    except ImportError:
-        return None
-    for name in ("simulate_plan", "run_plan"):
-        if callable(getattr(sim, name, None)):
-            return name
-    return None
-
-
 __all__ = [
     "PlanRun",
     "caps_comparison",
@@ -706,6 +576,5 @@ __all__ = [
     "make_plan",
     "slo_from_config",
     "tier_supplies",
-    "validate_hook",
-    "validate_plan",
+    "tightened_slo",
 ]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from orchestrator.config import FleetConfig
 from orchestrator.errors import ConfigError, SimulationError
 from orchestrator.fleet import InstanceSpec, Plan, find_tier, instances_from_plan, tier_model
+from orchestrator.planner import make_plan  # one direction only: the planner never imports the simulator
 from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.result import SimResult
 from orchestrator.workload import ConversationSpec, poisson_arrivals, workload_from_config
@@ -139,8 +140,6 @@ def build_instances(
         return instances_from_layout(cfg, parse_layout(layout, cfg))
     if plan is not None:
         return instances_from_plan(cfg, plan)
-    from orchestrator.planner import make_plan
-
     run = make_plan(cfg, rate_per_s=rate)
     return instances_from_plan(cfg, run.plan)
 
