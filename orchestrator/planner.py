@@ -44,6 +44,7 @@ def demand_from_stats(ws: WorkloadStats) -> ilp.Demand:
         final_context_tokens_max=ws.final_context_tokens_max,
         tokens_per_conversation=ws.tokens_per_conversation_mean,
         turn1_input_tokens_max=ws.turn1_input_tokens_max,
+        shapes=tuple(ilp.ConvShape(*x) for x in ws.conversation_shapes),
     )
 
 
@@ -362,10 +363,10 @@ def to_plan(
         tokens_per_j=round(r.tokens_per_j, 3),
         ttfet_p95_s=round(r.ttfet_p_s, 3),
         ttfet_standalone_s=round(ref.ttfet_s, 3),
-        ttfet_p95_slowdown=round(r.ttfet_p_s / ref.ttfet_s, 3),
+        ttfet_p95_slowdown=round(r.ttfet_slowdown_p, 3),
         tbt_mean_ms=round(r.tbt_mean_s * 1e3, 3),
         tbt_standalone_ms=round(ref.step_s * 1e3, 3),
-        tbt_slowdown=round(r.tbt_mean_s / ref.step_s, 3),
+        tbt_slowdown=round(r.tbt_slowdown_p, 3),
         slo_ttfet_slowdown=s.ttfet_slowdown,
         slo_ttfet_s=s.ttfet_s,
         slo_tbt_slowdown=s.tbt_slowdown,

@@ -15,7 +15,9 @@ Decision variables
 
 Workload (per conversation means, ``Demand``): L1 turn-1 input tokens (a quantile sample), O decode tokens,
 O_b decode tokens before the final turn, Kn later turns, P tail-prefill tokens (turns 2..n), Gap total tool
-gap, A = E[sum_k out_k (in_k + out_k/2)] token-steps, Agap = E[sum_k gap_k ctx_k] token-seconds.
+gap, A = E[sum_k out_k (in_k + out_k/2)] token-steps, Agap = E[sum_k gap_k ctx_k] token-seconds. And a
+sample of the conversations themselves, i in I (``Demand.shapes``, ``ConvShape``: L1_i, O_b,i, Kn_i, Gap_i,
+their tail prefills and decode context) for the per-conversation SLO model below.
 
 Per-option coefficients (``Option``; computed by :func:`build_options` from the tier model)
     S_j, S2_j      mean and second moment of the turn-1 prefill time over the L1 sample
@@ -25,14 +27,17 @@ Per-option coefficients (``Option``; computed by :func:`build_options` from the 
                    B * ctx (ctx = A / O, the token-weighted mean context) + the tail prefill of B (P/O) tokens
                    per step (chunked prefill; + the turn-1 prefill of L1/O tokens per step for j in C)
     B_j            largest B with step_j(B) <= tau                                          [``batch_max``]
-    R_j  residence of a conversation on its decoder at step tau: O tau + Kn tau + Gap  [``residence_s``]
-    mu_j           B_j / R_j: conversations/s one decoder sustains at tau (Little's law)   [``mu_tbt``]
+    R_j  active residence of a conversation on its decoder at step tau: (O + Kn) tau, the steps it spends in
+                   the batch (tool gaps hold KV, not batch slots)                          [``residence_s``]
+    mu_j           B_j / R_j: conversations/s one decoder sustains at tau (Little's law on the active batch)
+                                                                                            [``mu_tbt``]
     KVTS_j  A tau + Agap: KV-token-seconds per conversation  [``kv_token_seconds``]
     K_j            KV capacity in tokens; kappa the planned maximum KV occupancy (default 0.9)
     W_j  P * (tier's marginal prefill time per tail token): tail-prefill busy seconds per conversation
     phi            maximum share of a decoder's time spent on tail prefills (default 0.5)
     V_j            KV bytes per second one instance's link carries: u_link * link bandwidth * g_j
-    rho_j  the largest prefill utilisation whose p-th percentile TTFET fits the SLO (queueing model below)
+    rho_j  the largest prefill utilisation at which at most 1 - p/100 of the conversations miss their own
+           TTFET bound (per-conversation queueing model below)
 
 Constraints
     (1) GPUs  sum_{j in t} g_j n_j <= G_t  for each tier t  [``gpus:<t>``]
@@ -47,24 +52,41 @@ Constraints
 Objective (``Objective``)
     energy: sum_j (F_j n_j + E_j l_j) [- sum_j idle_gpu_t(j) g_j n_j + const, when unallocated GPUs idle]
         prefill: F_j = idle power, E_j = S_j (prefill power - idle): dynamic joules per conversation;
-        decode:  F_j = P_j(1) (a decoder with pinned conversations steps continuously;
-                 P(empty) = exp(-B) is negligible at planned load), E_j = R_j (P_j(B_j) - P_j(1)) / (B_j - 1):
+        decode:  F_j = P_j(1) (the objective prices a decoder as always stepping; the predictions of
+                 :func:`_predict` bill Poisson occupancy: idle draw with probability exp(-B) of an empty
+                 batch), E_j = R_j (P_j(B_j) - P_j(1)) / (B_j - 1):
                  power affine in the batch between batch 1 and B_j, B = l R / n. P_j(B) is the tier model's
                  decode draw at batch B over B x ctx resident KV tokens [``decode_power_at_w``] (decode
                  power is mostly memory traffic, so the context is passed, not left at its no-KV default);
         colocated: decode terms + S_j (prefill power - decode power at batch 1) per conversation.
     gpus: sum_j g_j n_j.     cost: sum_j g_j n_j $/GPU-hour of tier t(j).
 
-Queueing model of turn-1 prefills (TTFET)
-    Each prefill (or colocated) instance is an M/G/1 queue (Poisson conversation arrivals split evenly over
-    the pool's instances; least-work routing does no worse): service S over the L1 sample. Waiting time
-    by Pollaczek-Khinchine, E[W] = rho S2 / (2 S (1 - rho)); its tail is taken exponential with P(W > 0) = rho
-    (Kingman's heavy-traffic approximation), so the p-quantile is W_p = E[W]/rho * ln(rho / (1 - p)) for
-    rho > 1 - p, else 0. Predicted p-th TTFET = W_p + S_j + X_j + D(tau) with the decode side
-    D(tau) = (O_b + Kn) tau + Gap (the conversation's turns up to the final turn's first token, each decode
-    step at most tau, one extra step per later turn for its incremental prefill). rho_j is the largest rho
-    with W_p(rho) + S_j + X_j + D(tau) <= TTFET SLO (bisection). The SLO in seconds is min(ttfet_s,
-    ttfet_slowdown x standalone TTFET), standalone = the same mean conversation alone on the reference tier.
+Per-conversation SLO model (TTFET, TBT, E2E) -- what the simulator and the paper measure
+    The SLO is the p-th percentile over conversations of each conversation's own slowdown: its latency / the
+    same conversation alone on an idle instance of the reference tier. For conversation i of the sample:
+        standalone  T0_i = S_ref(L1_i) + O_b,i t0_i + Kn_i S_ref(P_i / Kn_i | ctx_i) + Gap_i,
+                    t0_i = the reference tier's decode step at batch 1 over i's decode context;
+        served      TTFET_i = W + S_j(L1_i) + X_j(L1_i) + D_i(tau),  D_i(tau) = (O_b,i + Kn_i) tau + Gap_i
+                    (X_j = 0 on a colocated instance; one step per later turn for its incremental prefill);
+        bound       b_i = min(ttfet_slowdown x T0_i, ttfet_s).
+    Queueing model: each prefill (or colocated) instance is an M/G/1 FCFS queue: Poisson conversation
+    arrivals split evenly over the pool's instances (least-work routing does no worse), service S over the L1
+    sample. Waiting time W: Pollaczek-Khinchine mean E[W] = rho S2 / (2 S (1 - rho)), and Kingman's
+    exponential tail P(W > w) = rho exp(-w / theta), theta = E[W] / rho = S2 / (2 S (1 - rho)). Assumptions:
+    Poisson arrivals; W independent of the conversation's own shape (FCFS, the wait is caused by others);
+    the decoder's step is its planned mean step for every conversation (no per-step variance); tool gaps and
+    output lengths as in the trace (no prediction is used).
+    Constraint: the share of conversations that miss their bound, (1/|I|) sum_i P(W > b_i - S_j(L1_i) -
+    X_j(L1_i) - D_i(tau)) (1 when the argument is < 0), must be <= 1 - p/100; rho_j is the largest rho that
+    keeps it there (bisection; the share rises with rho). The tail therefore comes from the workload's own
+    distribution: short conversations (small T0_i) are the ones a queueing wait pushes over their bound.
+    TBT: every conversation of a decoder sees its step, so the p-th percentile TBT slowdown is step / the
+    (100 - p)-th percentile of t0_i; tau <= tbt_slowdown x that percentile (``tbt_floor_s``).
+    E2E: E2E_i = TTFET_i + the final turn's decode; with both TTFET and TBT slowdowns <= their bounds, E2E's
+    slowdown is <= the larger one (a mediant), so it needs no constraint of its own.
+    Predictions (:func:`_predict`): the p-th percentile of TTFET (seconds) and of the TTFET slowdown are the
+    quantiles of the mixture over the prefill pools (weighted by their load) and the conversations, at the
+    planned operating point (the actual decode step, not the target tau).
 
 Levels
     tau couples both phases (a slower decode leaves less TTFET budget for prefill queueing). The planner
@@ -102,6 +124,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+import numpy as np
 import pulp
 
 from placement.errors import PlanningError
@@ -147,6 +170,19 @@ FAMILY_TEXT: dict[Family, str] = {
 
 
 @dataclass(frozen=True, slots=True)
+class ConvShape:
+    """One conversation of the workload as the per-conversation SLO model sees it."""
+
+    turn1_tokens: float  # L1_i
+    decode_before_final: float  # O_b,i
+    later_turns: float  # Kn_i
+    gap_s: float  # Gap_i
+    tail_tokens: float = 0.0  # P_i: incremental prefill tokens of turns 2..n
+    tail_context_tokens: float = 0.0  # their mean cached context
+    decode_context_tokens: float = 0.0  # token-weighted context while decoding (standalone TBT)
+
+
+@dataclass(frozen=True, slots=True)
 class Demand:
     """The workload as the planner needs it (built from orchestrator.workload.WorkloadStats)."""
 
@@ -163,6 +199,25 @@ class Demand:
     final_context_tokens_max: int
     tokens_per_conversation: float
     turn1_input_tokens_max: int = 0  # longest turn-1 prompt: a prefiller must hold its KV until the hand-off
+    shapes: tuple[ConvShape, ...] = ()  # per-conversation sample (empty: the mean conversation stands in)
+
+    @property
+    def conv_shapes(self) -> tuple[ConvShape, ...]:
+        """The per-conversation sample, or the mean conversation alone when the caller gave none."""
+        if self.shapes:
+            return self.shapes
+        kn = self.later_turns
+        return (
+            ConvShape(
+                self.turn1_mean_tokens,
+                self.decode_tokens_before_final,
+                kn,
+                self.tool_gap_s_total,
+                self.tail_prefill_tokens,
+                self.tail_prefill_context_tokens,
+                self.decode_context_tokens,
+            ),
+        )
 
     @property
     def turn1_mean_tokens(self) -> float:
@@ -231,6 +286,9 @@ class Reference:
     step_s: float  # decode step at batch 1 and the mean decode context (standalone TBT)
     tail_turn_s: float  # one later turn's incremental prefill
     ttfet_s: float  # prefill + (O_b) step + Kn tail_turn + Gap
+    # per conversation of Demand.conv_shapes: standalone TTFET T0_i and standalone decode step (TBT) t0_i
+    ttfet_i_s: tuple[float, ...] = ()
+    step_i_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,7 +473,26 @@ def reference_latencies(m: TierModel, demand: Demand, tier: str) -> Reference:
     else:
         tail = 0.0
     ttfet = s + demand.decode_tokens_before_final * step + demand.later_turns * tail + demand.tool_gap_s_total
-    return Reference(tier=tier, prefill_s=s, step_s=step, tail_turn_s=tail, ttfet_s=ttfet)
+    t0: list[float] = []
+    st: list[float] = []
+    for c in demand.conv_shapes:
+        step_i = m.decode_step_time_s(1, int(c.decode_context_tokens))
+        tail_i = 0.0
+        if c.later_turns > 0:
+            n_i = max(1, round(c.tail_tokens / c.later_turns))
+            tail_i = c.later_turns * m.prefill_time_s(n_i, round(c.tail_context_tokens))
+        pre_i = m.prefill_time_s(max(1, round(c.turn1_tokens)))
+        t0.append(pre_i + c.decode_before_final * step_i + tail_i + c.gap_s)
+        st.append(step_i)
+    return Reference(
+        tier=tier,
+        prefill_s=s,
+        step_s=step,
+        tail_turn_s=tail,
+        ttfet_s=ttfet,
+        ttfet_i_s=tuple(t0),
+        step_i_s=tuple(st),
+    )
 
 
 def slo_targets(slo: Slo, ref: Reference) -> tuple[float, float]:
@@ -427,10 +504,91 @@ def slo_targets(slo: Slo, ref: Reference) -> tuple[float, float]:
         ttfet = min(ttfet, slo.ttfet_s)
     tbt = math.inf
     if slo.tbt_slowdown is not None:
-        tbt = min(tbt, slo.tbt_slowdown * ref.step_s)
+        tbt = min(tbt, slo.tbt_slowdown * tbt_floor_s(ref, slo.percentile))
     if slo.tbt_ms is not None:
         tbt = min(tbt, slo.tbt_ms / 1000.0)
     return ttfet, tbt
+
+
+def tbt_floor_s(ref: Reference, percentile: float) -> float:
+    """The (100 - p)-th percentile of the conversations' standalone decode steps: with one served step for
+    every conversation of a decoder, the p-th percentile TBT slowdown is served step / this."""
+    if not ref.step_i_s:
+        return ref.step_s
+    return float(np.percentile(np.asarray(ref.step_i_s), 100.0 - percentile))
+
+
+def ttfet_targets_s(slo: Slo, ref: Reference) -> np.ndarray:
+    """Per-conversation TTFET bound: min(slowdown x its own standalone T0_i, the absolute bound)."""
+    t0 = np.asarray(ref.ttfet_i_s if ref.ttfet_i_s else (ref.ttfet_s,), dtype=float)
+    out = np.full_like(t0, math.inf)
+    if slo.ttfet_slowdown is not None:
+        out = np.minimum(out, slo.ttfet_slowdown * t0)
+    if slo.ttfet_s is not None:
+        out = np.minimum(out, slo.ttfet_s)
+    return out
+
+
+def decode_sides_s(demand: Demand, step_s: float) -> np.ndarray:
+    """D_i(step) per conversation: (O_b,i + Kn_i) step + Gap_i."""
+    sh = demand.conv_shapes
+    return np.array([(c.decode_before_final + c.later_turns) * step_s + c.gap_s for c in sh], dtype=float)
+
+
+def wait_tail(rho: float, s_mean: float, s2_mean: float) -> tuple[float, float]:
+    """(P(W > 0), theta) of the M/G/1 wait with the exponential tail P(W > w) = rho exp(-w / theta),
+    theta = E[W] / rho = S2 / (2 S (1 - rho)) (Pollaczek-Khinchine mean, Kingman's tail)."""
+    if rho <= 0 or s_mean <= 0:
+        return 0.0, 1.0
+    if rho >= 1:
+        return 1.0, math.inf
+    return rho, s2_mean / (2.0 * s_mean * (1.0 - rho))
+
+
+def violation_share(rho: float, s_mean: float, s2_mean: float, budgets_s: np.ndarray) -> float:
+    """Share of conversations whose wait exceeds their own budget: mean_i P(W > b_i) (1 when b_i < 0)."""
+    p0, theta = wait_tail(rho, s_mean, s2_mean)
+    if not math.isfinite(theta):
+        return 1.0
+    b = np.asarray(budgets_s, dtype=float)
+    pos = np.maximum(b, 0.0)
+    tail = np.where(b < 0, 1.0, p0 * np.exp(-pos / theta))
+    return float(tail.mean())
+
+
+def rho_for_budgets(budgets_s: np.ndarray, s_mean: float, s2_mean: float, percentile: float) -> float:
+    """Largest utilisation whose per-conversation violation share is <= 1 - p/100 (0: none)."""
+    q = 1.0 - percentile / 100.0
+    if s_mean <= 0 or violation_share(0.0, s_mean, s2_mean, budgets_s) > q:
+        return 0.0
+    return _bisect_max(lambda rho: violation_share(rho, s_mean, s2_mean, budgets_s) <= q, 0.0, 1.0 - 1e-9, 60)
+
+
+def mixture_quantile(
+    parts: Sequence[tuple[float, float, float, float, np.ndarray]], scale: np.ndarray, percentile: float
+) -> float:
+    """Smallest x with sum_k w_k mean_i P(W_k > x scale_i - c_ki) <= 1 - p/100.
+
+    parts: (weight w_k, rho_k, S_k, S2_k, c_k) per prefill pool k (c_k: the conversations' fixed latency
+    there); scale = 1 gives the p-th percentile of TTFET in seconds, scale = T0_i that of the slowdown.
+    """
+    q = 1.0 - percentile / 100.0
+    wsum = sum(w for w, *_ in parts) or 1.0
+
+    def share(x: float) -> float:
+        return sum(w * violation_share(rho, s, s2, x * scale - c) for w, rho, s, s2, c in parts) / wsum
+
+    hi = 1.0
+    while share(hi) > q and hi < 1e9:
+        hi *= 2.0
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if share(mid) > q:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def decode_side_s(demand: Demand, tau_s: float) -> float:
@@ -450,6 +608,8 @@ class _Static:
     prefill_w: float
     p1_w: float
     w_tail: float
+    s_i: np.ndarray  # S_j(L1_i): turn-1 prefill of each conversation of the sample
+    x_i: np.ndarray  # X_j(L1_i): its KV hand-off
 
 
 def _static(m: TierModel, link: str, demand: Demand) -> _Static:
@@ -457,7 +617,11 @@ def _static(m: TierModel, link: str, demand: Demand) -> _Static:
     l1 = demand.turn1_mean_tokens
     s_vals = [m.prefill_time_s(x) for x in sample]
     costs = (tail_token_s(m, demand), turn1_token_s(m, demand))
+    kvb = m.model.kv_bytes_per_token
+    shapes = demand.conv_shapes
     return _Static(
+        s_i=np.array([m.prefill_time_s(max(1, round(c.turn1_tokens))) for c in shapes], dtype=float),
+        x_i=np.array([kv_transfer_time_s(round(c.turn1_tokens), kvb, link) for c in shapes], dtype=float),
         s_mean=sum(s_vals) / len(s_vals),
         s2=sum(v * v for v in s_vals) / len(s_vals),
         transfer_s=kv_transfer_time_s(round(l1), m.model.kv_bytes_per_token, link),
@@ -486,6 +650,8 @@ def build_options(
     ttfet_target, _ = slo_targets(slo, ref)
     sample = demand.turn1_input_tokens
     d_side = decode_side_s(demand, tau_s)
+    # per-conversation TTFET budgets before the prefill side: bound_i - D_i(tau)
+    room_i = ttfet_targets_s(slo, ref) - decode_sides_s(demand, tau_s)
     if cache is None:
         cache = {}
     out: list[Option] = []
@@ -506,16 +672,17 @@ def build_options(
                 per_conv = 0.0
                 if role in ("prefill", "colocated"):
                     xj = x if role == "prefill" else 0.0
-                    budget = ttfet_target - s_mean - xj - d_side
+                    budgets = room_i - st.s_i - (st.x_i if role == "prefill" else 0.0)
                     rho = (
-                        rho_for_wait(budget, s_mean, s2, slo.percentile)
-                        if math.isfinite(budget)
+                        rho_for_budgets(budgets, s_mean, s2, slo.percentile)
+                        if math.isfinite(ttfet_target)
                         else 1 - 1e-9
                     )
                     if rho <= 0:
                         reasons.append(
-                            f"turn-1 prefill ({s_mean:.2f} s) + decode side ({d_side:.2f} s) leave no "
-                            "TTFET budget"
+                            f"turn-1 prefill (mean {s_mean:.2f} s) + decode side (mean {d_side:.2f} s) "
+                            f"exceed more than {100 - slo.percentile:g}% of the conversations' own TTFET "
+                            "bounds"
                         )
                     longest = max(demand.turn1_input_tokens_max, max(sample))
                     if m.kv_capacity_tokens < longest:
@@ -554,9 +721,9 @@ def build_options(
                             return decode_step_s(model_j, demand, b, colo_j, costs_j) <= tau_s
 
                         bmax = _bisect_max(fits, 1.0, hi, iters=50)
-                    resid = (
-                        demand.decode_tokens * tau_s + demand.later_turns * tau_s + demand.tool_gap_s_total
-                    )
+                    # active residence: steps in which the conversation is in the batch (its decode tokens +
+                    # one step per later turn's incremental prefill); tool gaps hold KV, not batch slots
+                    resid = (demand.decode_tokens + demand.later_turns) * tau_s
                     mu = bmax / resid if resid > 0 else math.inf
                     kvts = demand.kv_decode_token_steps * tau_s + demand.kv_gap_token_seconds
                     w_tail = st.w_tail
@@ -886,7 +1053,7 @@ class PlanResult:
     reference: Reference
     ttfet_target_s: float
     tbt_target_s: float
-    ttfet_p_s: float
+    ttfet_p_s: float  # p-th percentile of TTFET over the conversations (mixture over the prefill pools)
     tbt_mean_s: float
     watts_allocated: float
     watts_unallocated: float
@@ -897,6 +1064,8 @@ class PlanResult:
     levels_tried: int
     cost_per_hour: float | None
     ilps_solved: int = 0  # ILPs the level search solved (the others were pruned by their LP bound)
+    ttfet_slowdown_p: float = 0.0  # p-th percentile of each conversation's TTFET / its own standalone
+    tbt_slowdown_p: float = 0.0  # served step / the (100 - p)-th percentile standalone step
 
     @property
     def watts_total(self) -> float:
@@ -908,14 +1077,15 @@ class PlanResult:
 
 
 def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float) -> tuple[float, float]:
-    """(B, step s) with B = rate * R(step(B)) (Little's law at the actual, not the target, step time)."""
+    """(B, step s): the mean active batch B = rate x (O + Kn) step(B) (Little's law over the steps a
+    conversation spends in the batch, at the actual, not the target, step time; tool gaps excluded)."""
     if rate_per_instance <= 0:
         return 0.0, 0.0
     colo = opt.role == "colocated"
 
     def excess(b: float) -> float:
         step = decode_step_s(opt.model, demand, b, colo)
-        resid = (demand.decode_tokens + demand.later_turns) * step + demand.tool_gap_s_total
+        resid = (demand.decode_tokens + demand.later_turns) * step
         return rate_per_instance * resid - b
 
     hi = max(opt.batch_max, 1.0)
@@ -985,6 +1155,8 @@ def _predict(
     main_prefill: Option | None = None
     main_decoder: Option | None = None
     heaviest_p = heaviest_d = -1.0
+    parts: list[tuple[float, float, float, float, np.ndarray]] = []
+    shapes = demand.conv_shapes
     for o, k, load in zip(options, sol.counts, sol.loads, strict=True):
         if k <= 0:
             continue
@@ -1000,6 +1172,17 @@ def _predict(
             wait_m = mg1_wait_mean_s(rho, o.prefill_s, o.prefill2_s2)
             worst_prefill = max(worst_prefill, wait_p + o.prefill_s + o.transfer_s)
             best_wait_mean = min(best_wait_mean, wait_m)
+            kvb = o.model.model.kv_bytes_per_token
+            link = by_tier[o.tier].link
+            c_i = np.array(
+                [
+                    o.model.prefill_time_s(max(1, round(c.turn1_tokens)))
+                    + (kv_transfer_time_s(round(c.turn1_tokens), kvb, link) if o.role == "prefill" else 0.0)
+                    for c in shapes
+                ],
+                dtype=float,
+            )
+            parts.append((load, rho, o.prefill_s, o.prefill2_s2, c_i))
             if load > heaviest_p:
                 heaviest_p, main_prefill = load, o
         if o.does_decode:
@@ -1017,8 +1200,11 @@ def _predict(
         if o.role == "prefill":
             watts = k * o.fixed_w + load * o.joules_per_conversation
         else:
-            p_b = decode_power_at_w(o.model, demand, max(1.0, batch)) if batch > 0 else o.model.idle_w
-            watts = k * p_b
+            # Poisson occupancy: a decoder with mean active batch B has no sequence in its batch with
+            # probability exp(-B) (idle draw), else a batch of B / (1 - exp(-B)) on average
+            busy = 1.0 - math.exp(-batch) if batch > 0 else 0.0
+            p_b = decode_power_at_w(o.model, demand, max(1.0, batch / busy)) if busy > 0 else o.model.idle_w
+            watts = k * (busy * p_b + (1.0 - busy) * o.model.idle_w)
             if o.role == "colocated":
                 pf_w = o.model.prefill_power_w(round(demand.turn1_mean_tokens))
                 watts += load * o.prefill_s * max(pf_w - p_b, 0.0)
@@ -1046,6 +1232,12 @@ def _predict(
             by_tier[main_prefill.tier].link if main_prefill else "pcie",
             next((p.batch for p in pools if p.option is main_decoder), 0.0),
         )
+    d_i = decode_sides_s(demand, worst_step)
+    t0_i = np.asarray(ref.ttfet_i_s if ref.ttfet_i_s else (ref.ttfet_s,) * len(shapes), dtype=float)
+    full = [(w, rho, s1, s2, c + d_i) for w, rho, s1, s2, c in parts]
+    ttfet_p = mixture_quantile(full, np.ones_like(d_i), slo.percentile) if full else worst_decode_side
+    ttfet_sd = mixture_quantile(full, t0_i, slo.percentile) if full else 0.0
+    floor = tbt_floor_s(ref, slo.percentile)
     return PlanResult(
         pools=tuple(pools),
         options=tuple(options),
@@ -1054,7 +1246,9 @@ def _predict(
         reference=ref,
         ttfet_target_s=ttfet_target,
         tbt_target_s=tbt_target,
-        ttfet_p_s=worst_prefill + worst_decode_side,
+        ttfet_p_s=ttfet_p,
+        ttfet_slowdown_p=ttfet_sd,
+        tbt_slowdown_p=worst_step / floor if floor > 0 else 0.0,
         tbt_mean_s=worst_step,
         watts_allocated=watts_alloc,
         watts_unallocated=watts_unalloc,

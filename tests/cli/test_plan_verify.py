@@ -88,23 +88,25 @@ def test_bad_verify_options_are_one_line(tmp_path: Path, args: list[str], match:
     assert match in res.stderr and "Traceback" not in res.output
 
 
-def test_loop_reports_the_resource_that_runs_out(tmp_path: Path) -> None:
-    """An SLO the model believes met and the simulator does not (TTFET within 1.2x of each conversation's
-    standalone): the loop tightens TTFET, and the status says the plan fails (never 'holds')."""
-    cfg = load_fleet(_fleet(tmp_path, "slo: {ttfet_slowdown: 1.2, tbt_slowdown: 5, e2e_slowdown: null}\n"))
-    run = make_plan(cfg)
+def test_loop_tightens_a_plan_that_misses_the_slo(tmp_path: Path) -> None:
+    """A plan sized for a 5x TTFET SLO, verified against a 1.2x one: the simulator shows it missing, the loop
+    tightens the TTFET target (factor < 1) and re-solves; it ends holding or saying why it cannot."""
+    loose = load_fleet(_fleet(tmp_path))
+    strict = load_fleet(_fleet(tmp_path, "slo: {ttfet_slowdown: 1.2, tbt_slowdown: 5, e2e_slowdown: null}\n"))
+    run = make_plan(loose)
     calls: list[tuple[float, float]] = []
 
     def replan(ft: float, fb: float):  # noqa: ANN202
         calls.append((ft, fb))
-        return make_plan(cfg, slo_factors=(ft, fb))
+        return make_plan(strict, slo_factors=(ft, fb))
 
-    _, v = verify(cfg, run, replan, seeds=(0,), conversations=60)
-    if v.holds:  # pragma: no cover - would mean the simulator meets a 1.05x TTFET bound at 95%
-        pytest.fail(f"expected the simulated plan to miss a 1.05x TTFET SLO, got {v.slo_violation_pct}%")
+    _, v = verify(strict, run, replan, seeds=(0,), conversations=60)
+    assert v.rounds[0].slo_violation_pct > 5.0  # the loose plan misses the strict SLO in simulation
     assert calls and calls[0][0] < 1.0 and calls[0][1] == 1.0  # TTFET was the family tightened
-    assert v.status.startswith("fails:") and "miss an SLO" in v.status
-    assert len(v.rounds) >= 1 and v.rounds[0].ttfet_factor == 1.0
+    if v.holds:
+        assert v.status == "holds" and v.slo_violation_pct <= 5.0
+    else:
+        assert v.status.startswith("fails:") and "miss an SLO" in v.status
 
 
 def test_steady_stream_is_seeded_and_at_the_rate() -> None:
