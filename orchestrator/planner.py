@@ -27,6 +27,7 @@ class PlanRun:
     result: ilp.PlanResult
     stats: WorkloadStats
     settings: ilp.Settings
+    modes: tuple[ilp.ModeOutcome, ...] = ()  # the best plan of each serving mode (why this mode)
 
 
 def demand_from_stats(ws: WorkloadStats) -> ilp.Demand:
@@ -108,11 +109,26 @@ def fleet_stats(cfg: FleetConfig) -> WorkloadStats:
     return workload_stats(convs, cfg.workload.arrival_rate_per_s if explicit else None)
 
 
+SERVING_MODES = ("disaggregated", "hybrid", "colocated")
+
+
 def _settings(
-    cfg: FleetConfig, objective: Objective | None, solver: str, time_limit_s: float | None
+    cfg: FleetConfig,
+    objective: Objective | None,
+    solver: str,
+    time_limit_s: float | None,
+    modes: tuple[str, ...] = SERVING_MODES,
 ) -> ilp.Settings:
     obj = ilp.Objective((objective or cfg.objective).value)
-    return ilp.Settings(objective=obj, unallocated=cfg.unallocated, solver=solver, time_limit_s=time_limit_s)
+    bad = [m for m in modes if m not in SERVING_MODES]
+    if bad or not modes:
+        raise PlanningError(
+            f"--modes {','.join(modes)!r}: unknown or empty. To fix: a comma-separated subset of "
+            f"{','.join(SERVING_MODES)}."
+        )
+    return ilp.Settings(
+        objective=obj, unallocated=cfg.unallocated, solver=solver, time_limit_s=time_limit_s, modes=modes
+    )
 
 
 def _highest_rate(
@@ -145,6 +161,7 @@ def make_plan(
     rate_per_s: float | None = None,
     max_rate: bool = False,
     slo_factors: tuple[float, float] = (1.0, 1.0),
+    modes: tuple[str, ...] = SERVING_MODES,
 ) -> PlanRun:
     """Plan `cfg` (objective: the file's unless given). Raises PlanningError with a diagnosis if infeasible.
 
@@ -154,7 +171,7 @@ def make_plan(
     orchestrator.verify, sets them when the simulator shows the plan missing the SLO). The plan's reported
     SLO stays the file's.
     """
-    settings = _settings(cfg, objective, solver, time_limit_s)
+    settings = _settings(cfg, objective, solver, time_limit_s, modes)
     ws = stats if stats is not None else fleet_stats(cfg)
     finite = cfg.workload.conversations is not None
     if rate_per_s is not None:
@@ -185,6 +202,13 @@ def make_plan(
     planned_rate = result.tokens_per_s / demand.tokens_per_conversation
     plan_ws = ws if overload is None else replace(ws, arrival_rate_per_s=planned_rate)
     plan = to_plan(cfg, result, settings, elapsed, fleet_file, plan_ws)
+    modes: tuple[ilp.ModeOutcome, ...] = ()
+    if len(settings.modes) > 1:
+        planned = replace(demand, arrival_rate_per_s=planned_rate)
+        modes = tuple(ilp.best_per_mode(supplies, planned, slo, settings, result.reference))
+        why = mode_note(result, modes, settings.objective.value)
+        if why:
+            plan = replace(plan, notes=(why, *plan.notes))
     if overload is not None:
         plan = with_finite_run(plan, result, overload[0], overload[1], cfg, settings, supplies, demand, slo)
     if slo_factors != (1.0, 1.0):
@@ -197,7 +221,73 @@ def make_plan(
                 *plan.notes,
             ),
         )
-    return PlanRun(plan, result, ws, settings)
+    return PlanRun(plan, result, ws, settings, modes)
+
+
+MODE_TEXT = {
+    "disaggregated": "disaggregated (prefill pools + decode pools, every turn 1 on a prefiller)",
+    "hybrid": "hybrid (decoders also prefill turn-1 prompts under a threshold; the rest on prefillers)",
+    "colocated": "colocated (every instance prefills and decodes its own conversations)",
+}
+
+
+def mode_text(r: ilp.PlanResult) -> str:
+    if r.mode == "hybrid":
+        return f"hybrid (turn-1 prompts under {r.threshold_tokens:,} tokens prefill on their decoder)"
+    return MODE_TEXT.get(r.mode, r.mode or "-")
+
+
+def mode_note(result: ilp.PlanResult, modes: tuple[ilp.ModeOutcome, ...], objective: str) -> str:
+    """Why the chosen serving mode beats the others: their predicted watts and SLO figures side by side."""
+    if not modes:
+        return ""
+    parts = []
+    for m in modes:
+        if m.result is None:
+            parts.append(f"{m.mode}: {m.reason}")
+            continue
+        r = m.result
+        mark = " <- chosen" if r.mode == result.mode and r.threshold_tokens == result.threshold_tokens else ""
+        parts.append(
+            f"{mode_text(r)}: {r.watts_total:,.0f} W, {r.gpus_used} GPUs, p95 TTFET slowdown "
+            f"{r.ttfet_slowdown_p:.2f}x, TBT slowdown {r.tbt_slowdown_p:.2f}x{mark}"
+        )
+    return (
+        f"Serving mode: {mode_text(result)}. Best plan of each mode at the same rate and SLOs (modelled; "
+        f"objective {objective}, the lowest wins): " + "; ".join(parts) + "."
+    )
+
+
+def mode_plan(cfg: FleetConfig, run: PlanRun, mode: str) -> Plan | None:
+    """The best plan of one serving mode (from the mode comparison of make_plan), as a Plan; None if none."""
+    m = next((x for x in run.modes if x.mode == mode), None)
+    if m is None or m.result is None:
+        return None
+    ws = replace(run.stats, arrival_rate_per_s=run.plan.predictions.arrival_rate_per_s)
+    return to_plan(cfg, m.result, run.settings, 0.0, None, ws)
+
+
+def modes_json(run: PlanRun) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for m in run.modes:
+        r = m.result
+        out.append(
+            {
+                "mode": m.mode,
+                "feasible": r is not None,
+                "chosen": r is not None
+                and r.mode == run.result.mode
+                and r.threshold_tokens == run.result.threshold_tokens,
+                "local_prefill_below_tokens": r.threshold_tokens if r else None,
+                "watts_total": round(r.watts_total, 1) if r else None,
+                "gpus_used": r.gpus_used if r else None,
+                "tokens_per_j": round(r.tokens_per_j, 3) if r else None,
+                "ttfet_slowdown_p": round(r.ttfet_slowdown_p, 3) if r else None,
+                "tbt_slowdown_p": round(r.tbt_slowdown_p, 3) if r else None,
+                "reason": m.reason or None,
+            }
+        )
+    return out
 
 
 # Finite runs above capacity: the plan trades at most this share of the highest sustainable rate for lower
@@ -424,7 +514,7 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
         notes.append(
             f"Chosen: {n_pre} prefill + {n_dec} decode instance(s) for {lam:.4g} conv/s: the proven optimum "
             f"({r.solution.solver}) of the ILP over {len(r.options)} instance shapes x {r.levels_tried} "
-            f"decode-step levels (decode-step target {r.tau_s * 1e3:.1f} ms)."
+            f"(serving mode, decode-step level) candidates (decode-step target {r.tau_s * 1e3:.1f} ms)."
         )
     dec_tiers = {p.option.tier for p in dec}
     caps_tried = {o.power_cap_w for o in r.options if o.does_decode and o.tier in dec_tiers}
@@ -464,13 +554,10 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
     if r.threshold_tokens:
         below = sum(1 for x in ws.turn1_input_tokens_quantiles if x < r.threshold_tokens)
         notes.append(
-            f"ConServe local-prefill threshold: turn-1 inputs under {r.threshold_tokens:,} tokens are "
-            "cheaper to "
-            "prefill on their decoder (its prefill time x (1 + planned batch), the stall included) "
-            "than via a "
-            f"prefiller (mean queueing + prefill + hand-off); about {below}% of this workload's "
-            "turn-1 prompts. "
-            "The pool sizes above assume the refinement is off (every turn 1 on a prefiller)."
+            f"ConServe local-prefill threshold (hybrid mode): turn-1 inputs under {r.threshold_tokens:,} "
+            f"tokens (about {below}% of this workload's turn-1 prompts) prefill on their decoder, the rest "
+            "on a prefiller; the pools above are sized for that split (prefill pools carry the longer "
+            "prompts only; decoders carry the short prefills as chunked prefill in their steps)."
         )
     notes.append("All figures are modelled (tier roofline + power model + queueing), not measured.")
     return notes
@@ -568,6 +655,8 @@ def best_homogeneous(rows: list[tuple[str, PlanRun | None, str]]) -> tuple[str, 
 
 
 __all__ = [
+    "mode_plan",
+    "modes_json",
     "PlanRun",
     "caps_comparison",
     "best_homogeneous",

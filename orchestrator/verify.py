@@ -279,6 +279,7 @@ def validate_plan(
         for v in m.violated:
             by[v] = by.get(v, 0.0) + 100.0 / max(len(steady), 1)
     tbt = [m.tbt_mean_ms for m in steady if m.tbt_mean_ms > 0]
+    dec_busy = busy.get("decode", []) + busy.get("colocated", [])
     ttfet_s = _q([m.ttfet_s for m in steady], pct)
     pname = f"p{pct:g}"
     rows = [
@@ -304,8 +305,8 @@ def validate_plan(
         ValidationRow(
             "decode busy fraction",
             _decode_busy_predicted(run),
-            float(np.mean(busy["decode"])) if busy.get("decode") else None,
-            "predicted: 1 - exp(-planned active batch); sim: busy / whole run",
+            float(np.mean(dec_busy)) if dec_busy else None,
+            "decoders and colocated instances; predicted: 1 - exp(-planned active batch); sim: busy / whole run",
         ),
     ]
     pred_met = preds.ttfet_p95_slowdown <= (cfg.slo.ttfet_slowdown or math.inf) + 1e-9 and (

@@ -273,6 +273,13 @@ class Settings:
     decode_levels: tuple[float, ...] = (1.0, 0.85, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # tau / TBT SLO
     step_multiples: tuple[float, ...] = (1.1, 1.25, 1.5, 2.0, 3.0)  # extra tau levels, x the standalone step
     decoder_caps: bool = True  # False: decode/colocated instances only at TDP (to price the decoder caps)
+    # serving modes the planner chooses among (docstring "Serving modes"); hybrid thresholds at these
+    # quantiles of the turn-1 length
+    modes: tuple[str, ...] = ("disaggregated", "hybrid", "colocated")
+    hybrid_quantiles: tuple[float, ...] = (0.1, 0.25, 0.5)
+    # set per variant by the mode search (not by callers): the mode and the hybrid threshold
+    mode: str = ""
+    local_prefill_below_tokens: int = 0
     solver: str = "auto"  # "highs", "cbc", or "auto" (see resolve_solver)
     time_limit_s: float | None = 30.0
 
@@ -311,6 +318,8 @@ class Option:
     kv_capacity_tokens: int = 0
     kv_token_seconds: float = 0.0  # KVTS_j
     tail_busy_s: float = 0.0  # W_j
+    local_tokens: float = 0.0  # turn-1 tokens per conversation prefilled on this decoder (hybrid/colocated)
+    local_below_tokens: int = 0  # the variant's hybrid threshold (every option of a hybrid solve carries it)
     transfer_capacity_bytes_per_s: float = 0.0  # V_j
     # energy
     fixed_w: float = 0.0  # F_j
@@ -432,21 +441,25 @@ def decode_step_s(
     batch: float,
     colocated: bool = False,
     token_costs_s: tuple[float, float] | None = None,
+    local_tokens: float = 0.0,
 ) -> float:
     """step_j(B): mean step of a decoder running `batch` conversations (decode + chunked prefill share).
 
     token_costs_s: (tail_token_s, turn1_token_s) of `m` when already computed (they do not depend on B).
+    local_tokens: turn-1 tokens per conversation a hybrid decoder prefills itself (colocated: all of them).
     """
     if batch <= 0:
         return 0.0
+    if colocated:
+        local_tokens = demand.turn1_mean_tokens
     if token_costs_s is None:
-        token_costs_s = (tail_token_s(m, demand), turn1_token_s(m, demand) if colocated else 0.0)
+        token_costs_s = (tail_token_s(m, demand), turn1_token_s(m, demand) if local_tokens > 0 else 0.0)
     ctx = demand.decode_context_tokens
     per_conv_tokens = demand.tail_prefill_tokens / demand.decode_tokens if demand.decode_tokens else 0.0
     t = m.decode_step_time_s(max(1, math.ceil(batch)), int(batch * ctx))
     t += batch * per_conv_tokens * token_costs_s[0]
-    if colocated and demand.decode_tokens:
-        t += batch * demand.turn1_mean_tokens / demand.decode_tokens * token_costs_s[1]
+    if local_tokens > 0 and demand.decode_tokens:
+        t += batch * local_tokens / demand.decode_tokens * token_costs_s[1]
     return t
 
 
@@ -565,18 +578,22 @@ def rho_for_budgets(budgets_s: np.ndarray, s_mean: float, s2_mean: float, percen
 
 
 def mixture_quantile(
-    parts: Sequence[tuple[float, float, float, float, np.ndarray]], scale: np.ndarray, percentile: float
+    parts: Sequence[tuple[float, float, float, float, np.ndarray, np.ndarray]], percentile: float
 ) -> float:
-    """Smallest x with sum_k w_k mean_i P(W_k > x scale_i - c_ki) <= 1 - p/100.
+    """Smallest x with sum_k w_k mean_i P(W_k > x scale_ki - c_ki) <= 1 - p/100 (weights normalised).
 
-    parts: (weight w_k, rho_k, S_k, S2_k, c_k) per prefill pool k (c_k: the conversations' fixed latency
-    there); scale = 1 gives the p-th percentile of TTFET in seconds, scale = T0_i that of the slowdown.
+    parts: (weight w_k, rho_k, S_k, S2_k, c_k, scale_k) per group k of conversations (a prefill pool's, or
+    the hybrid decoders' local prefills with rho 0); c_k: the conversations' fixed latency there; scale = 1
+    gives the p-th percentile of TTFET in seconds, scale = T0_i that of the slowdown.
     """
     q = 1.0 - percentile / 100.0
-    wsum = sum(w for w, *_ in parts) or 1.0
+    wsum = sum(p[0] for p in parts) or 1.0
 
     def share(x: float) -> float:
-        return sum(w * violation_share(rho, s, s2, x * scale - c) for w, rho, s, s2, c in parts) / wsum
+        return (
+            sum(w * violation_share(rho, s, s2, x * sc - c) for w, rho, s, s2, c, sc in parts if len(c))
+            / wsum
+        )
 
     hi = 1.0
     while share(hi) > q and hi < 1e9:
@@ -612,13 +629,15 @@ class _Static:
     x_i: np.ndarray  # X_j(L1_i): its KV hand-off
 
 
-def _static(m: TierModel, link: str, demand: Demand) -> _Static:
-    sample = demand.turn1_input_tokens
-    l1 = demand.turn1_mean_tokens
+def _static(m: TierModel, link: str, demand: Demand, pdemand: Demand | None = None) -> _Static:
+    """pdemand: the conversations the prefill side serves (hybrid: those at or above the threshold)."""
+    pdemand = pdemand or demand
+    sample = pdemand.turn1_input_tokens
+    l1 = pdemand.turn1_mean_tokens
     s_vals = [m.prefill_time_s(x) for x in sample]
     costs = (tail_token_s(m, demand), turn1_token_s(m, demand))
     kvb = m.model.kv_bytes_per_token
-    shapes = demand.conv_shapes
+    shapes = pdemand.conv_shapes
     return _Static(
         s_i=np.array([m.prefill_time_s(max(1, round(c.turn1_tokens))) for c in shapes], dtype=float),
         x_i=np.array([kv_transfer_time_s(round(c.turn1_tokens), kvb, link) for c in shapes], dtype=float),
@@ -630,6 +649,51 @@ def _static(m: TierModel, link: str, demand: Demand) -> _Static:
         prefill_w=m.prefill_power_w(round(l1)),
         p1_w=decode_power_at_w(m, demand, 1.0),
         w_tail=demand.tail_prefill_tokens * costs[0],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HybridSplit:
+    """Turn-1 prompts below a threshold prefill on their decoder (ConServe's local-prefill refinement)."""
+
+    threshold_tokens: int
+    local_share: float  # f: share of conversations below the threshold
+    local_tokens: float  # f x E[L1 | L1 < threshold]: turn-1 tokens per conversation prefilled on decoders
+    mask: np.ndarray  # conversations of the sample that a prefiller serves
+    prefill_demand: Demand  # the prefill side's conversations (L1 >= threshold)
+    local_lengths: tuple[float, ...] = ()
+
+    def local_prefill_energy_j(self, m: TierModel, base_w: float) -> float:
+        """Dynamic joules of one local turn-1 prefill (mean over the local prompts) above base_w."""
+        if not self.local_lengths:
+            return 0.0
+        tot = 0.0
+        for x in self.local_lengths:
+            n = max(1, round(x))
+            tot += m.prefill_time_s(n) * max(m.prefill_power_w(n) - base_w, 0.0)
+        return tot / len(self.local_lengths)
+
+
+def hybrid_split(demand: Demand, threshold_tokens: int) -> HybridSplit:
+    shapes = demand.conv_shapes
+    l1 = np.array([c.turn1_tokens for c in shapes], dtype=float)
+    if threshold_tokens <= 0:
+        return HybridSplit(0, 0.0, 0.0, np.ones(len(shapes), dtype=bool), demand)
+    mask = l1 >= threshold_tokens
+    if not mask.any():  # a threshold above every prompt: keep the longest on the prefill side
+        mask[int(np.argmax(l1))] = True
+    f = 1.0 - float(mask.mean())
+    local = tuple(float(x) for x in l1[~mask])
+    sample = tuple(x for x in demand.turn1_input_tokens if x >= threshold_tokens) or (
+        max(demand.turn1_input_tokens),
+    )
+    pdemand = replace(
+        demand,
+        turn1_input_tokens=sample,
+        shapes=tuple(c for c, k in zip(shapes, mask, strict=True) if k),
+    )
+    return HybridSplit(
+        int(threshold_tokens), f, f * (sum(local) / len(local) if local else 0.0), mask, pdemand, local
     )
 
 
@@ -652,6 +716,12 @@ def build_options(
     d_side = decode_side_s(demand, tau_s)
     # per-conversation TTFET budgets before the prefill side: bound_i - D_i(tau)
     room_i = ttfet_targets_s(slo, ref) - decode_sides_s(demand, tau_s)
+    split = hybrid_split(demand, settings.local_prefill_below_tokens)
+    room_i = room_i[split.mask]
+    # the prefilled conversations may miss at most (1 - p/100) / (1 - f) of theirs (locals assumed to meet
+    # theirs: a short local prefill, no queue)
+    q_pre = min(1.0, (1.0 - slo.percentile / 100.0) / max(1.0 - split.local_share, 1e-9))
+    pct_pre = 100.0 * (1.0 - q_pre)
     if cache is None:
         cache = {}
     out: list[Option] = []
@@ -661,20 +731,30 @@ def build_options(
             cap = m.cap_w
             st = cache.get((ti, mi))
             if st is None:
-                st = cache[(ti, mi)] = _static(m, t.link, demand)
+                st = cache[(ti, mi)] = _static(m, t.link, demand, split.prefill_demand)
             s_mean, s2, x = st.s_mean, st.s2, st.transfer_s
             for role in t.roles:
                 if not settings.decoder_caps and role != "prefill" and m.power_cap_w is not None:
                     continue
-                opt = Option(tier=t.name, role=role, power_cap_w=cap, tp=m.tp, model=m, tau_s=tau_s)
+                opt = Option(
+                    tier=t.name,
+                    role=role,
+                    power_cap_w=cap,
+                    tp=m.tp,
+                    model=m,
+                    tau_s=tau_s,
+                    local_below_tokens=split.threshold_tokens,
+                )
                 reasons: list[str] = []
                 fixed = 0.0
                 per_conv = 0.0
                 if role in ("prefill", "colocated"):
                     xj = x if role == "prefill" else 0.0
+                    if role == "colocated" and split.local_share > 0:  # colocated prefills all of them
+                        continue
                     budgets = room_i - st.s_i - (st.x_i if role == "prefill" else 0.0)
                     rho = (
-                        rho_for_budgets(budgets, s_mean, s2, slo.percentile)
+                        rho_for_budgets(budgets, s_mean, s2, pct_pre if role == "prefill" else slo.percentile)
                         if math.isfinite(ttfet_target)
                         else 1 - 1e-9
                     )
@@ -696,13 +776,18 @@ def build_options(
                     per_conv = s_mean * max(pf_w - m.idle_w, 0.0)
                 if role in ("decode", "colocated"):
                     colo = role == "colocated"
+                    loc = demand.turn1_mean_tokens if colo else split.local_tokens
                     cap_kv = m.kv_capacity_tokens
                     if cap_kv < demand.final_context_tokens_max:
                         reasons.append(
                             f"KV capacity {cap_kv} tokens < the longest conversation's "
                             f"{demand.final_context_tokens_max}"
                         )
-                    step1 = st.step1_s[1 if colo else 0]
+                    step1 = (
+                        st.step1_s[1 if colo else 0]
+                        if loc == 0 or colo
+                        else decode_step_s(m, demand, 1.0, False, st.token_costs_s, loc)
+                    )
                     if step1 > tau_s:
                         reasons.append(
                             f"a decode step at batch 1 takes {step1 * 1e3:.1f} ms > {tau_s * 1e3:.1f} ms"
@@ -710,15 +795,16 @@ def build_options(
                         bmax = 0.0
                     else:
                         hi = max(2.0, 4.0 * cap_kv / max(demand.decode_context_tokens, 1.0))
-                        model_j, colo_j, costs_j = m, colo, st.token_costs_s
+                        model_j, colo_j, costs_j, loc_j = m, colo, st.token_costs_s, loc
 
                         def fits(
                             b: float,
                             model_j: TierModel = model_j,
                             colo_j: bool = colo_j,
                             costs_j: tuple[float, float] = costs_j,
+                            loc_j: float = loc_j,
                         ) -> bool:
-                            return decode_step_s(model_j, demand, b, colo_j, costs_j) <= tau_s
+                            return decode_step_s(model_j, demand, b, colo_j, costs_j, loc_j) <= tau_s
 
                         bmax = _bisect_max(fits, 1.0, hi, iters=50)
                     # active residence: steps in which the conversation is in the batch (its decode tokens +
@@ -736,6 +822,8 @@ def build_options(
                     per_conv = resid * (pb - p1) / (bmax - 1.0) if bmax > 1.0 else 0.0
                     if colo:
                         per_conv += opt.prefill_s * max(pf_w - p1, 0.0)
+                    elif split.local_share > 0:  # hybrid: the short turn-1 prefills this decoder does
+                        per_conv += split.local_share * split.local_prefill_energy_j(m, p1)
                     opt = replace(
                         opt,
                         batch_max=bmax,
@@ -744,6 +832,7 @@ def build_options(
                         kv_capacity_tokens=cap_kv,
                         kv_token_seconds=kvts,
                         tail_busy_s=w_tail,
+                        local_tokens=0.0 if colo else loc,
                     )
                 if role in ("prefill", "decode"):
                     opt = replace(
@@ -906,7 +995,8 @@ def _build(
         terms = [options[i].gpus * n[i] for i in idx if options[i].tier == t.name]
         if terms:
             prob += pulp.lpSum(terms) <= gpus, f"gpus:{t.name}"
-    prob += pulp.lpSum([lv[i] for i in idx if options[i].does_prefill]) == lam, "cover:prefill"
+    lam_p = lam * (1.0 - hybrid_split(demand, settings.local_prefill_below_tokens).local_share)
+    prob += pulp.lpSum([lv[i] for i in idx if options[i].does_prefill]) == lam_p, "cover:prefill"
     prob += pulp.lpSum([lv[i] for i in idx if options[i].does_decode]) == lam, "cover:decode"
     for i in idx:
         cap = options[i].capacity_per_instance(demand, settings)
@@ -1064,6 +1154,7 @@ class PlanResult:
     levels_tried: int
     cost_per_hour: float | None
     ilps_solved: int = 0  # ILPs the level search solved (the others were pruned by their LP bound)
+    mode: str = ""  # disaggregated | hybrid | colocated (threshold_tokens: the hybrid threshold)
     ttfet_slowdown_p: float = 0.0  # p-th percentile of each conversation's TTFET / its own standalone
     tbt_slowdown_p: float = 0.0  # served step / the (100 - p)-th percentile standalone step
 
@@ -1082,15 +1173,16 @@ def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float
     if rate_per_instance <= 0:
         return 0.0, 0.0
     colo = opt.role == "colocated"
+    loc = opt.local_tokens
 
     def excess(b: float) -> float:
-        step = decode_step_s(opt.model, demand, b, colo)
+        step = decode_step_s(opt.model, demand, b, colo, local_tokens=loc)
         resid = (demand.decode_tokens + demand.later_turns) * step
         return rate_per_instance * resid - b
 
     hi = max(opt.batch_max, 1.0)
     if excess(hi) > 0:  # beyond the planned capacity: report the capacity point
-        return hi, decode_step_s(opt.model, demand, hi, colo)
+        return hi, decode_step_s(opt.model, demand, hi, colo, local_tokens=loc)
     lo = 1e-9
     for _ in range(80):
         mid = (lo + hi) / 2
@@ -1099,7 +1191,7 @@ def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float
         else:
             hi = mid
     b = max(hi, 1e-9)
-    return b, decode_step_s(opt.model, demand, max(b, 1.0), colo)
+    return b, decode_step_s(opt.model, demand, max(b, 1.0), colo, local_tokens=loc)
 
 
 def conserve_threshold_tokens(
@@ -1152,11 +1244,12 @@ def _predict(
     worst_decode_side = 0.0
     worst_step = 0.0
     best_wait_mean = math.inf
-    main_prefill: Option | None = None
     main_decoder: Option | None = None
-    heaviest_p = heaviest_d = -1.0
-    parts: list[tuple[float, float, float, float, np.ndarray]] = []
+    heaviest_d = -1.0
+    parts: list[tuple[float, float, float, float, np.ndarray, np.ndarray]] = []
     shapes = demand.conv_shapes
+    split = hybrid_split(demand, settings.local_prefill_below_tokens)
+    all_i = np.ones(len(shapes), dtype=bool)
     for o, k, load in zip(options, sol.counts, sol.loads, strict=True):
         if k <= 0:
             continue
@@ -1174,17 +1267,17 @@ def _predict(
             best_wait_mean = min(best_wait_mean, wait_m)
             kvb = o.model.model.kv_bytes_per_token
             link = by_tier[o.tier].link
+            sel = split.mask if o.role == "prefill" else all_i
             c_i = np.array(
                 [
                     o.model.prefill_time_s(max(1, round(c.turn1_tokens)))
                     + (kv_transfer_time_s(round(c.turn1_tokens), kvb, link) if o.role == "prefill" else 0.0)
-                    for c in shapes
+                    for c, k in zip(shapes, sel, strict=True)
+                    if k
                 ],
                 dtype=float,
             )
-            parts.append((load, rho, o.prefill_s, o.prefill2_s2, c_i))
-            if load > heaviest_p:
-                heaviest_p, main_prefill = load, o
+            parts.append((load, rho, o.prefill_s, o.prefill2_s2, c_i, sel))
         if o.does_decode:
             batch, step = decode_operating_point(o, demand, per)
             kvts = demand.kv_decode_token_steps * step + demand.kv_gap_token_seconds
@@ -1222,21 +1315,20 @@ def _predict(
             p.instances * p.option.gpus * (by_tier[p.option.tier].cost_per_gpu_hour or 0.0) for p in pools
         )
     ttfet_target, tbt_target = slo_targets(slo, ref)
-    threshold = 0
-    if main_decoder is not None and main_decoder.role == "decode":
-        threshold = conserve_threshold_tokens(
-            main_decoder,
-            main_prefill,
-            demand,
-            best_wait_mean if math.isfinite(best_wait_mean) else 0.0,
-            by_tier[main_prefill.tier].link if main_prefill else "pcie",
-            next((p.batch for p in pools if p.option is main_decoder), 0.0),
-        )
+    threshold = split.threshold_tokens
     d_i = decode_sides_s(demand, worst_step)
     t0_i = np.asarray(ref.ttfet_i_s if ref.ttfet_i_s else (ref.ttfet_s,) * len(shapes), dtype=float)
-    full = [(w, rho, s1, s2, c + d_i) for w, rho, s1, s2, c in parts]
-    ttfet_p = mixture_quantile(full, np.ones_like(d_i), slo.percentile) if full else worst_decode_side
-    ttfet_sd = mixture_quantile(full, t0_i, slo.percentile) if full else 0.0
+    if split.local_share > 0 and main_decoder is not None:  # hybrid: local turn-1 prefills, no queue
+        local = ~split.mask
+        c_loc = np.array(
+            [main_decoder.model.prefill_time_s(max(1, round(c.turn1_tokens))) for c in shapes], dtype=float
+        )[local]
+        lam = demand.arrival_rate_per_s
+        parts.append((lam * split.local_share, 0.0, 1.0, 1.0, c_loc, local))
+    full = [(w, rho, s1, s2, c + d_i[m], np.ones(int(m.sum()))) for w, rho, s1, s2, c, m in parts]
+    ttfet_p = mixture_quantile(full, slo.percentile) if full else worst_decode_side
+    full = [(w, rho, s1, s2, c + d_i[m], t0_i[m]) for w, rho, s1, s2, c, m in parts]
+    ttfet_sd = mixture_quantile(full, slo.percentile) if full else 0.0
     floor = tbt_floor_s(ref, slo.percentile)
     return PlanResult(
         pools=tuple(pools),
@@ -1249,6 +1341,7 @@ def _predict(
         ttfet_p_s=ttfet_p,
         ttfet_slowdown_p=ttfet_sd,
         tbt_slowdown_p=worst_step / floor if floor > 0 else 0.0,
+        mode=settings.mode or ("colocated" if all(p.option.role == "colocated" for p in pools) else ""),
         tbt_mean_s=worst_step,
         watts_allocated=watts_alloc,
         watts_unallocated=watts_unalloc,
@@ -1282,8 +1375,42 @@ class _Search:
     options: list[Option]
     solution: Solution
     tau_s: float
-    levels: int  # levels considered
+    levels: int  # (mode variant, decode level) candidates considered
     ilps: int  # ILPs solved (the others were pruned by their LP bound)
+    settings: Settings = field(default_factory=Settings)  # the winning variant (mode, hybrid threshold)
+    tiers: tuple[TierSupply, ...] = ()
+
+
+def colocated_roles(t: TierSupply) -> tuple[str, ...]:
+    """A tier can run colocated instances when it allows them, or allows both prefill and decode."""
+    ok = "colocated" in t.roles or {"prefill", "decode"} <= set(t.roles)
+    return ("colocated",) if ok else ()
+
+
+def variants(
+    tiers: Sequence[TierSupply], demand: Demand, settings: Settings
+) -> list[tuple[Settings, list[TierSupply]]]:
+    """The serving-mode variants the planner chooses among (docstring "Serving modes"): (settings with mode
+    and hybrid threshold, tiers with the roles of that mode). A settings with its mode already set is one
+    variant."""
+    if settings.mode:
+        return [(settings, list(tiers))]
+    out: list[tuple[Settings, list[TierSupply]]] = []
+    pd = [replace(t, roles=tuple(r for r in t.roles if r in ("prefill", "decode"))) for t in tiers]
+    for mode in settings.modes:
+        if mode == "colocated":
+            out.append((replace(settings, mode=mode), [replace(t, roles=colocated_roles(t)) for t in tiers]))
+        elif mode == "disaggregated":
+            out.append((replace(settings, mode=mode), pd))
+        elif mode == "hybrid":
+            sample = np.asarray(demand.turn1_input_tokens, dtype=float)
+            ths = sorted({int(np.quantile(sample, q)) // 16 * 16 for q in settings.hybrid_quantiles} - {0})
+            out += [(replace(settings, mode=mode, local_prefill_below_tokens=th), pd) for th in ths]
+        else:
+            raise PlanningError(
+                f"unknown serving mode {mode!r}. To fix: use disaggregated, hybrid or colocated."
+            )
+    return out
 
 
 def _best(
@@ -1294,47 +1421,51 @@ def _best(
     settings: Settings,
     extra_gpus: dict[str, int] | None = None,
 ) -> _Search | None:
-    """Best proven optimum over the decode levels (= one ILP with a binary choice of level).
+    """Best proven optimum over the serving-mode variants x decode levels (= one ILP with a binary choice of
+    mode, hybrid threshold and level).
 
-    Bound-and-prune over levels: every level's LP relaxation is a lower bound on its ILP; levels are solved
-    in order of their bound and the search stops once the next bound cannot beat the incumbent (ties go to
-    the larger tau, the order of the level grid). Exact: a pruned level's ILP cannot be better.
+    Bound-and-prune: every (variant, level)'s LP relaxation is a lower bound on its ILP; they are solved in
+    order of their bound and the search stops once the next bound cannot beat the incumbent (ties go to the
+    earlier variant -- disaggregated, then hybrid, then colocated -- and the larger tau). Exact: a pruned
+    candidate's ILP cannot be better.
     """
     _, tbt_target = slo_targets(slo, ref)
     levels = _levels(tbt_target, ref, settings)
-    cache: dict[tuple[int, int], _Static] = {}
-    cands: list[tuple[float, int, float, list[Option]]] = []
-    for rank, tau in enumerate(levels):
-        opts = build_options(tiers, demand, slo, ref, tau, settings, cache)
-        bound = lp_bound(opts, tiers, demand, settings, extra_gpus)
-        if math.isfinite(bound):
-            cands.append((bound, rank, tau, opts))
+    cands: list[tuple[float, int, float, list[Option], Settings, list[TierSupply]]] = []
+    vlist = variants(tiers, demand, settings)
+    for vi, (vs, vt) in enumerate(vlist):
+        cache: dict[tuple[int, int], _Static] = {}
+        for li, tau in enumerate(levels):
+            opts = build_options(vt, demand, slo, ref, tau, vs, cache)
+            bound = lp_bound(opts, vt, demand, vs, extra_gpus)
+            if math.isfinite(bound):
+                cands.append((bound, vi * len(levels) + li, tau, opts, vs, vt))
     cands.sort(key=lambda c: (c[0], c[1]))
-    best: tuple[list[Option], Solution, float, int] | None = None
+    best: tuple[list[Option], Solution, float, int, Settings, list[TierSupply]] | None = None
     ilps = 0
-    for bound, rank, tau, opts in cands:
+    for bound, rank, tau, opts, vs, vt in cands:
         if best is not None:
             tol = 1e-9 * max(1.0, abs(best[1].objective_value))
-            # a level can only win with a strictly lower objective, or an equal one at a larger tau
+            # a candidate can only win with a strictly lower objective, or an equal one at a lower rank
             if bound > best[1].objective_value + tol or (
                 bound >= best[1].objective_value - tol and rank > best[3]
             ):
                 continue
-        sol = solve(opts, tiers, demand, settings, extra_gpus)
+        sol = solve(opts, vt, demand, vs, extra_gpus)
         ilps += 1
         if sol.status != "optimal":
             continue
         if best is None:
-            best = (opts, sol, tau, rank)
+            best = (opts, sol, tau, rank, vs, vt)
             continue
         tol = 1e-9 * max(1.0, abs(sol.objective_value))
         if sol.objective_value < best[1].objective_value - tol or (
             sol.objective_value <= best[1].objective_value + tol and rank < best[3]
         ):
-            best = (opts, sol, tau, rank)
+            best = (opts, sol, tau, rank, vs, vt)
     if best is None:
         return None
-    return _Search(best[0], best[1], best[2], len(levels), ilps)
+    return _Search(best[0], best[1], best[2], len(levels) * len(vlist), ilps, best[4], tuple(best[5]))
 
 
 def reference_for(tiers: Sequence[TierSupply], demand: Demand, reference_tier: str | None) -> Reference:
@@ -1440,8 +1571,46 @@ def plan_with_reference(
     opts, sol = best.options, best.solution
     if len(merged) < len(tiers):
         opts, sol = split_merged(opts, sol, members)
-    r = _predict(opts, sol, tiers, demand, slo, ref, best.tau_s, settings, best.levels)
+    r = _predict(opts, sol, tiers, demand, slo, ref, best.tau_s, best.settings, best.levels)
     return replace(r, ilps_solved=best.ilps)
+
+
+@dataclass(frozen=True, slots=True)
+class ModeOutcome:
+    """The best plan of one serving mode (modelled), or why there is none."""
+
+    mode: str
+    result: PlanResult | None
+    reason: str = ""
+
+
+def best_per_mode(
+    tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
+) -> list[ModeOutcome]:
+    """For each mode of settings.modes, the least-objective plan of that mode alone (for the explanation)."""
+    settings = resolve_solver(settings, tiers)
+    merged, members = merge_identical_tiers(tiers)
+    out: list[ModeOutcome] = []
+    for mode in settings.modes:
+        only = replace(settings, modes=(mode,))
+        best = _best(merged, demand, slo, ref, only)
+        if best is None:
+            top = max_rate_per_s(tiers, demand, slo, only, ref)
+            out.append(
+                ModeOutcome(
+                    mode,
+                    None,
+                    f"infeasible at {demand.arrival_rate_per_s:.4g} conv/s (this mode sustains at most "
+                    f"{top:.4g} conv/s within the SLOs; modelled)",
+                )
+            )
+            continue
+        opts, sol = best.options, best.solution
+        if len(merged) < len(tiers):
+            opts, sol = split_merged(opts, sol, members)
+        r = _predict(opts, sol, tiers, demand, slo, ref, best.tau_s, best.settings, best.levels)
+        out.append(ModeOutcome(mode, r))
+    return out
 
 
 def _max_rate_model(
@@ -1477,7 +1646,8 @@ def _max_rate_model(
         terms = [opts[i].gpus * n[i] for i in idx if opts[i].tier == t.name]
         if terms:
             prob += pulp.lpSum(terms) <= t.gpus
-    prob += pulp.lpSum([lv[i] for i in idx if opts[i].does_prefill]) == lam
+    f = hybrid_split(demand, settings.local_prefill_below_tokens).local_share
+    prob += pulp.lpSum([lv[i] for i in idx if opts[i].does_prefill]) == (1.0 - f) * lam
     prob += pulp.lpSum([lv[i] for i in idx if opts[i].does_decode]) == lam
     if prefill_instances is not None:
         prob += pulp.lpSum([n[i] for i in idx if opts[i].role == "prefill"]) == prefill_instances
@@ -1507,19 +1677,22 @@ def max_rate_per_s(
     """
     settings = resolve_solver(settings, tiers)
     _, tbt_target = slo_targets(slo, ref)
-    cache: dict[tuple[int, int], _Static] = {}
-    cands: list[tuple[float, list[Option]]] = []
-    for tau in _levels(tbt_target, ref, settings):
-        opts = build_options(tiers, demand, slo, ref, tau, settings, cache)
-        built = _max_rate_model(opts, tiers, demand, settings, True, prefill_instances)
-        if built is None:
+    cands: list[tuple[float, list[Option], Settings, list[TierSupply]]] = []
+    for vs, vt in variants(tiers, demand, settings):
+        if prefill_instances is not None and vs.mode == "colocated":
             continue
-        prob, lam = built
-        prob.solve(_solver(settings, mip=False))
-        if _status_ok(prob):
-            cands.append((float(lam.value() or 0.0), opts))
+        cache: dict[tuple[int, int], _Static] = {}
+        for tau in _levels(tbt_target, ref, vs):
+            opts = build_options(vt, demand, slo, ref, tau, vs, cache)
+            built = _max_rate_model(opts, vt, demand, vs, True, prefill_instances)
+            if built is None:
+                continue
+            prob, lam = built
+            prob.solve(_solver(vs, mip=False))
+            if _status_ok(prob):
+                cands.append((float(lam.value() or 0.0), opts, vs, vt))
     best = 0.0
-    for bound, opts in sorted(cands, key=lambda c: -c[0]):
+    for bound, opts, settings, tiers in sorted(cands, key=lambda c: -c[0]):
         if bound <= best * (1 + 1e-9):
             break
         built = _max_rate_model(opts, tiers, demand, settings, False, prefill_instances)
@@ -1541,6 +1714,8 @@ def max_rate_of_counts(
 ) -> float:
     """Highest arrival rate (conv/s) a fixed set of instances sustains within the SLOs (an LP over loads)."""
     settings = resolve_solver(settings, tiers)
+    th = max((o.local_below_tokens for o in options), default=0)
+    settings = replace(settings, local_prefill_below_tokens=th, mode=settings.mode or "fixed")
     built = _max_rate_model(options, tiers, demand, settings, True, fixed_counts=counts)
     if built is None:
         return 0.0

@@ -24,6 +24,9 @@ from orchestrator.planner import (
     caps_comparison,
     compare_homogeneous,
     make_plan,
+    mode_plan,
+    mode_text,
+    modes_json,
 )
 from orchestrator.verify import Validation, verify
 from placement.errors import PlanningError
@@ -93,7 +96,10 @@ def _totals_table(
         ),
     )
     names = iter([n for n, _ in plans])
-    add("SLO met (simulated, steady state)", lambda p: _slo_met(verified.get(next(names))))
+    add(
+        "SLO met (simulated, steady state)",
+        lambda p: _slo_met(verified.get(n := next(names)), n == "plan"),
+    )
     add(
         "SLO met (modelled prediction)",
         lambda p: "yes" if _predicted_met(p) else "NO",
@@ -163,9 +169,9 @@ def _predicted_met(p: Plan) -> bool:
     return ok_ttfet and ok_tbt
 
 
-def _slo_met(v: Validation | None) -> str:
+def _slo_met(v: Validation | None, own: bool = True) -> str:
     if v is None:
-        return "not verified (--no-verify)"
+        return "not verified (--no-verify)" if own else "not simulated"
     word = "yes" if v.holds else "NO"
     return f"{word}: {v.slo_violation_pct:.1f}% miss (<= {v.allowance_pct:g}% allowed), simulated"
 
@@ -201,6 +207,11 @@ def register(app: typer.Typer) -> None:
         no_verify: bool = typer.Option(
             False, "--no-verify", help="skip the simulator verification loop (faster; figures only modelled)"
         ),
+        modes: str = typer.Option(
+            "disaggregated,hybrid,colocated",
+            "--modes",
+            help="serving modes the ILP chooses among (comma-separated subset)",
+        ),
         seeds: int = typer.Option(3, "--seeds", help="arrival streams (seeds) the verification simulates"),
     ) -> None:
         """Size prefill/decode pools per GPU tier and power cap for a workload and SLOs (PuLP ILP)."""
@@ -215,6 +226,7 @@ def register(app: typer.Typer) -> None:
         if seeds < 1:
             fail(f"--seeds must be >= 1, got {seeds}. To fix: pass --seeds 3.")
         cfg = load_fleet(fleet)
+        mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
 
         def replan(ttfet_factor: float = 1.0, tbt_factor: float = 1.0) -> PlanRun:
             return make_plan(
@@ -226,6 +238,7 @@ def register(app: typer.Typer) -> None:
                 rate_per_s=rate,
                 max_rate=max_rate,
                 slo_factors=(ttfet_factor, tbt_factor),
+                modes=mode_list,
             )
 
         run = replan()
@@ -257,6 +270,11 @@ def register(app: typer.Typer) -> None:
                     for n, r, e in homog
                 ]
                 doc["best_homogeneous"] = best[0] if best else None
+            doc["serving_mode"] = run.result.mode
+            doc["modes"] = modes_json(run)
+            if compare:
+                colo = mode_plan(cfg, run, "colocated")
+                doc["best_colocated"] = colo.to_dict() if colo else None
             doc["caps_comparison"] = caps
             doc["out"] = str(out) if out else None
             doc["validated"] = validation is not None
@@ -299,6 +317,13 @@ def register(app: typer.Typer) -> None:
                     _pool_table(best[1].plan, f"Best single-tier plan: {best[0]} (same GPU budget)")
                 )
                 plans.append((f"all-{best[0]}", best[1].plan))
+            colo = mode_plan(cfg, run, "colocated")
+            if colo is not None and run.result.mode != "colocated":
+                console.print(_pool_table(colo, "Best colocated plan (same fleet)"))
+                plans.append(("colocated", colo))
+            elif colo is None:
+                console.print("[yellow]colocated:[/] no colocated plan meets the SLOs here (modelled)")
+        console.print(f"Serving mode: [bold]{mode_text(run.result)}[/]", highlight=False)
         console.print(_totals_table(plans, {"plan": validation}))
         if validation is not None and not validation.holds:
             console.print(

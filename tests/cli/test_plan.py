@@ -48,6 +48,15 @@ def test_example_plan_shape(example_json: dict, repo_root: Path) -> None:
     assert alt.plan.predictions.watts_total >= plan["predictions"]["watts_total"] - 1e-6
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "with the per-conversation SLO model and the hybrid mode the least-energy plan of examples/fleet.yaml "
+        "uses h200 only (1 prefill @500 W + 4 hybrid decoders @500 W, 2,378 W, 302.75 tokens/J, modelled), "
+        "which the all-h200 single-tier plan matches exactly (302.75): the heterogeneous fleet no longer "
+        "beats it on this workload"
+    ),
+)
 def test_example_beats_best_homogeneous(example_json: dict) -> None:
     best = example_json["best_homogeneous"]
     assert best is not None
@@ -104,9 +113,13 @@ def test_infeasible_fleet_exit_1_with_diagnosis(tmp_path: Path) -> None:
 
 
 def test_paper_example(repo_root: Path, shared_data: Path) -> None:
-    """The paper's 4 x A40 at 1.634 conv/s: a finite burst above the modelled steady-state capacity."""
+    """The paper's 4 x A40 at 1.634 conv/s: a finite burst above the modelled steady-state capacity.
+
+    Among prefill/decode pools (the paper's design space, --modes disaggregated) the planner finds the
+    paper's 1 + 3 split with 200 W decoders; with every mode allowed it may choose another (colocated wins
+    on the honest clock, DESIGN.md section 1) -- tested in tests/cli/test_plan_modes.py."""
     fleet = str(repo_root / "examples" / "paper-a40.yaml")
-    res = _run("--fleet", fleet, "--json", "--no-verify")
+    res = _run("--fleet", fleet, "--json", "--no-verify", "--modes", "disaggregated")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     plan = doc["plan"]
@@ -129,7 +142,7 @@ def test_paper_example(repo_root: Path, shared_data: Path) -> None:
     assert caps["watts_total_decoders_at_tdp"] > caps["watts_total"]
     assert caps["watts_saved_by_decoder_caps"] > 0
     # --max-rate still plans the steady-state maximum, with the same split
-    res = _run("--fleet", fleet, "--max-rate", "--json", "--no-verify")
+    res = _run("--fleet", fleet, "--max-rate", "--json", "--no-verify", "--modes", "disaggregated")
     assert res.exit_code == 0, res.output
     mr = json.loads(res.stdout)["plan"]
     assert mr["finite_run"] is None
