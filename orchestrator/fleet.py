@@ -369,8 +369,7 @@ def instances_from_plan(cfg: FleetConfig, plan: Plan) -> list[InstanceSpec]:
     out: list[InstanceSpec] = []
     for k, pool in enumerate(plan.pools):
         tier = find_tier(cfg, pool.tier)
-        both = pool.role == "colocated" and {"prefill", "decode"} <= set(tier.roles)
-        if pool.role not in tier.roles and not both:  # a prefill+decode tier may also run both on one
+        if pool.role not in tier.roles:
             raise ConfigError(
                 f"plan pools.{k}: role {pool.role!r} is not allowed on tier {pool.tier!r} "
                 f"(roles: {tier.roles}). To fix: regenerate the plan for this fleet file."

@@ -306,7 +306,8 @@ def validate_plan(
             "decode busy fraction",
             _decode_busy_predicted(run),
             float(np.mean(dec_busy)) if dec_busy else None,
-            "decoders and colocated instances; predicted: 1 - exp(-planned active batch); sim: busy / whole run",
+            "decoders and colocated instances; predicted: 1 - exp(-planned active batch); "
+            "sim: busy / whole run",
         ),
     ]
     pred_met = preds.ttfet_p95_slowdown <= (cfg.slo.ttfet_slowdown or math.inf) + 1e-9 and (

@@ -1382,9 +1382,8 @@ class _Search:
 
 
 def colocated_roles(t: TierSupply) -> tuple[str, ...]:
-    """A tier can run colocated instances when it allows them, or allows both prefill and decode."""
-    ok = "colocated" in t.roles or {"prefill", "decode"} <= set(t.roles)
-    return ("colocated",) if ok else ()
+    """A tier runs colocated instances when its roles allow them (the fleet file's `roles`)."""
+    return ("colocated",) if "colocated" in t.roles else ()
 
 
 def variants(

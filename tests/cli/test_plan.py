@@ -51,8 +51,9 @@ def test_example_plan_shape(example_json: dict, repo_root: Path) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "with the per-conversation SLO model and the hybrid mode the least-energy plan of examples/fleet.yaml "
-        "uses h200 only (1 prefill @500 W + 4 hybrid decoders @500 W, 2,378 W, 302.75 tokens/J, modelled), "
+        "with the per-conversation SLO model and the hybrid mode the least-energy plan of "
+        "examples/fleet.yaml uses h200 only (1 prefill @500 W + 4 hybrid decoders @500 W, 2,378 W, "
+        "302.75 tokens/J, modelled), "
         "which the all-h200 single-tier plan matches exactly (302.75): the heterogeneous fleet no longer "
         "beats it on this workload"
     ),

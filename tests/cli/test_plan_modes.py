@@ -62,9 +62,19 @@ def test_hybrid_plan_sizes_the_prefill_pool_for_the_long_prompts_only() -> None:
     assert all(p.option.local_tokens > 0 for p in r.pools if p.option.role == "decode")
 
 
-def test_paper_fleet_chooses_a_mode_and_says_why() -> None:
+def _paper_with_colocated(tmp_path: Path) -> Path:
+    """examples/paper-a40.yaml with colocated engines allowed (the file keeps the paper's two roles)."""
+    text = (REPO / "examples" / "paper-a40.yaml").read_text()
+    text = text.replace("roles: [prefill, decode]", "roles: [prefill, decode, colocated]")
+    text = text.replace("path: ../../shared/data", f"path: {REPO.parent / 'shared' / 'data'}")
+    f = tmp_path / "paper-colocated.yaml"
+    f.write_text(text)
+    return f
+
+
+def test_paper_fleet_chooses_a_mode_and_says_why(tmp_path: Path, shared_data: Path) -> None:
     res = runner.invoke(
-        app, ["plan", "--fleet", str(REPO / "examples" / "paper-a40.yaml"), "--json", "--no-verify"]
+        app, ["plan", "--fleet", str(_paper_with_colocated(tmp_path)), "--json", "--no-verify"]
     )
     assert res.exit_code == 0, res.output
     doc = _json(res.stdout)
@@ -74,6 +84,8 @@ def test_paper_fleet_chooses_a_mode_and_says_why() -> None:
     assert len(chosen) == 1 and chosen[0]["mode"] == doc["serving_mode"]
     roles = {p["role"] for p in doc["plan"]["pools"]}
     assert (roles == {"colocated"}) == (doc["serving_mode"] == "colocated")
+    # on the honest clock colocated engines beat the paper's pools on this fleet (DESIGN.md section 1)
+    assert doc["serving_mode"] == "colocated"
     for m in doc["modes"]:  # each mode: its watts and SLO figures, or why it has none
         assert (m["watts_total"] is not None) == m["feasible"]
         assert m["feasible"] or "sustains at most" in m["reason"]

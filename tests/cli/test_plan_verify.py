@@ -92,7 +92,8 @@ def test_loop_tightens_a_plan_that_misses_the_slo(tmp_path: Path) -> None:
     """A plan sized for a 5x TTFET SLO, verified against a 1.02x one: the simulator shows it missing, the loop
     tightens the TTFET target (factor < 1) and re-solves; it ends holding or saying why it cannot."""
     loose = load_fleet(_fleet(tmp_path))
-    strict = load_fleet(_fleet(tmp_path, "slo: {ttfet_slowdown: 1.02, tbt_slowdown: 5, e2e_slowdown: null}\n"))
+    tight = "slo: {ttfet_slowdown: 1.02, tbt_slowdown: 5, e2e_slowdown: null}\n"
+    strict = load_fleet(_fleet(tmp_path, tight))
     run = make_plan(loose)
     calls: list[tuple[float, float]] = []
 
