@@ -222,15 +222,16 @@ def validate_plan(
     seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS)),
     progress: Progress | None = None,
     conversations: int | None = None,
+    rate_per_s: float | None = None,
 ) -> Validation:
-    """Simulate the plan at its planned rate on a steady stream of the workload, for each seed, and compare
-    the steady-state figures with the plan's predictions (module docstring)."""
+    """Simulate the plan at its planned rate (or `rate_per_s`) on a steady stream of the workload, for each
+    seed, and compare the steady-state figures with the plan's predictions (module docstring)."""
     if not seeds:
         raise ConServeError("--seeds must be >= 1. To fix: pass --seeds 3.")
     t_start = time.perf_counter()
     pct = cfg.slo.percentile
     preds = run.plan.predictions
-    rate = preds.arrival_rate_per_s
+    rate = rate_per_s or preds.arrival_rate_per_s
     n = conversations or stream_length(cfg, run)
     base = workload_from_config(cfg.workload)
     policy, opts = policy_for(run, cfg)
@@ -330,6 +331,36 @@ def validate_plan(
         threshold_tokens=int(opts.get("local_prefill_below_tokens", 0) or 0),  # type: ignore[call-overload]
         predicted_met=pred_met,
     )
+
+
+def highest_simulated_rate(
+    cfg: FleetConfig,
+    run: PlanRun,
+    seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS)),
+    lo_per_s: float | None = None,
+    hi_per_s: float | None = None,
+    steps: int = 6,
+) -> float:
+    """The highest arrival rate at which the plan's instances meet the SLO in steady-state simulation
+    (violations <= the allowance), by bisection between lo (default half the planned rate) and hi
+    (default twice it); 0 when even lo misses it. The measure `--max-rate` is compared with."""
+    rate = run.plan.predictions.arrival_rate_per_s
+    lo, hi = lo_per_s or rate / 2, hi_per_s or rate * 2
+
+    def holds(r: float) -> bool:
+        return validate_plan(cfg, run, seeds, rate_per_s=r).holds
+
+    if not holds(lo):
+        return 0.0
+    if holds(hi):
+        return hi
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if holds(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _decode_busy_predicted(run: PlanRun) -> float | None:
@@ -434,6 +465,7 @@ def _round(f: _Factors, v: Validation, run: PlanRun) -> Round:
 __all__: list[str] = [
     "Validation",
     "ValidationRow",
+    "highest_simulated_rate",
     "steady_stream",
     "validate_plan",
     "verify",
