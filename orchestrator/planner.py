@@ -484,12 +484,15 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
     pre = [p for p in r.pools if p.option.does_prefill]
     dec = [p for p in r.pools if p.option.does_decode]
     if pre:
+        th = r.threshold_tokens
+        longer = [x for x in ws.turn1_input_tokens_quantiles if x >= th] if th else []
+        served = sum(longer) / len(longer) if longer else ws.turn1_input_tokens_mean
         for p in pre:
             o = p.option
             rate = 1.0 / o.prefill_s if o.prefill_s else math.inf
             notes.append(
-                f"Prefill on {p.instances} x {o.tier} at {o.power_cap_w:g} W: a mean turn-1 prefill "
-                f"({ws.turn1_input_tokens_mean:,.0f} tokens) takes {o.prefill_s * 1e3:.0f} ms, so one "
+                f"Prefill on {p.instances} x {o.tier} at {o.power_cap_w:g} W: a mean turn-1 prefill of "
+                f"the prompts it serves ({served:,.0f} tokens) takes {o.prefill_s * 1e3:.0f} ms, so one "
                 "instance "
                 f"serves at most {rate:.2f} conv/s; the TTFET SLO allows utilisation <= {o.rho_max:.2f} "
                 f"(M/G/1 p{cfg.slo.percentile:g} wait), i.e. {o.rho_max * rate:.2f} conv/s per instance; "
