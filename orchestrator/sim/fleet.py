@@ -164,6 +164,9 @@ def simulate_fleet(
 
     Without a plan or layout the ILP plans the fleet now, for `plan_rate` (default: `rate`, else the file's).
     """
+    if plan is None and layout is None:
+        # the ILP's plan, made now; kept so its hybrid threshold is applied like a --plan file's
+        plan = make_plan(cfg, rate_per_s=plan_rate if plan_rate is not None else rate).plan
     insts = build_instances(cfg, plan, layout, policy_name, plan_rate if plan_rate is not None else rate)
     convs = list(conversations) if conversations is not None else fleet_workload(cfg, rate, seed)
     if conversations is not None and rate is not None:
