@@ -22,7 +22,8 @@ The loop (:func:`verify`)
     (TTFET or TBT; E2E counts for both) is tightened in the planning SLO by the ratio of its SLO to its
     simulated percentile (x 0.97, clamped to [0.5, 0.95]) and the ILP re-solves at the same rate (with
     --max-rate: at the highest rate the tightened SLO allows). It stops when the plan holds, after
-    MAX_ROUNDS rounds, or when the tightened ILP is infeasible -- then it names the resource that runs out
+    MAX_ROUNDS rounds (a round whose re-solve returns the same instances is not re-simulated: the target is
+    tightened again), or when the tightened ILP is infeasible -- then it names the resource that runs out
     (the ILP's diagnosis) and shows the last plan with "SLO met: no (simulated)".
 
 Must not import fastapi, sqlalchemy or httpx.
@@ -429,6 +430,8 @@ def verify(
                 f"{f.ttfet if family == 'TTFET' else f.tbt:.2f}x leaves no feasible plan: {err}"
             )
             break
+        if _signature(nxt) == _signature(run):
+            continue  # the tightened ILP chose the same instances: tighten further, nothing to re-simulate
         run = nxt
         v = validate_plan(cfg, run, seeds, progress, conversations)
         f.history.append(_round(f, v, run))
@@ -443,6 +446,11 @@ def verify(
             f"{v.allowance_pct:g}%) after {len(f.history) - 1} tightening rounds"
         )
     return run, replace(v, rounds=tuple(f.history), loop_wall_s=time.perf_counter() - t0, status=status)
+
+
+def _signature(run: PlanRun) -> tuple[object, ...]:
+    pools = tuple((p.tier, p.role, p.instances, p.power_cap_w, p.tp) for p in run.plan.pools)
+    return (pools, run.plan.predictions.conserve_threshold_tokens, run.plan.predictions.arrival_rate_per_s)
 
 
 def _round(f: _Factors, v: Validation, run: PlanRun) -> Round:

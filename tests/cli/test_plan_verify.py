@@ -129,3 +129,32 @@ def test_validate_plan_rejects_no_seeds(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="seeds"):
         validate_plan(cfg, make_plan(cfg), seeds=())
     _ = PlanningError
+
+
+def test_a_replan_with_the_same_instances_is_not_resimulated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orchestrator.verify as vmod
+
+    loose = load_fleet(_fleet(tmp_path))
+    tight = "slo: {ttfet_slowdown: 1.02, tbt_slowdown: 5, e2e_slowdown: null}\n"
+    strict = load_fleet(_fleet(tmp_path, tight))
+    run = make_plan(loose)
+    real = vmod.validate_plan
+    calls: list[int] = []
+
+    def counting(*a, **k):  # noqa: ANN002, ANN003, ANN202 - a spy around the real function
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(vmod, "validate_plan", counting)
+    replans: list[float] = []
+
+    def same(ft: float, fb: float):  # noqa: ANN202
+        replans.append(ft)
+        return run  # the tightened ILP keeps the same instances
+
+    _, v = verify(strict, run, same, seeds=(0,), conversations=60, max_rounds=3)
+    assert len(calls) == 1 and len(replans) == 3  # three tightenings, one simulation
+    assert replans == sorted(replans, reverse=True) and replans[-1] < replans[0]
+    assert not v.holds and v.status.startswith("fails:")
