@@ -18,13 +18,13 @@ Steady state
     (pooled over the seeds) against the allowance 100 - percentile (5% for p95).
 
 The loop (:func:`verify`)
-    If the simulated steady-state violations exceed the allowance, the SLO family whose violations dominate
-    (TTFET or TBT; E2E counts for both) is tightened in the planning SLO by the ratio of its SLO to its
-    simulated percentile (x 0.97, clamped to [0.5, 0.95]) and the ILP re-solves at the same rate (with
-    --max-rate: at the highest rate the tightened SLO allows). It stops when the plan holds, after
-    MAX_ROUNDS rounds (a round whose re-solve returns the same instances is not re-simulated: the target is
-    tightened again), or when the tightened ILP is infeasible -- then it names the resource that runs out
-    (the ILP's diagnosis) and shows the last plan with "SLO met: no (simulated)".
+    If the simulated steady-state violations exceed the allowance, the SLO family whose violations
+    dominate (TTFET or TBT; E2E counts for both) is tightened in the planning SLO by the ratio of its
+    slowdown bound to its simulated p-th percentile slowdown (x 0.97, clamped to [0.5, 0.95]) and the ILP
+    re-solves at the same rate (with --max-rate: at the highest rate the tightened SLO allows). It stops
+    when the plan holds, after MAX_ROUNDS rounds (a round whose re-solve returns the same instances is not
+    re-simulated: the target is tightened again), or when the tightened ILP is infeasible -- then it names
+    the resource that runs out (the ILP's diagnosis) and shows the best plan found with "SLO met: NO".
 
 Must not import fastapi, sqlalchemy or httpx.
 """
@@ -116,6 +116,7 @@ class Validation:
     loop_wall_s: float = 0.0
     status: str = "holds"  # "holds", "fails: <why>", "not checked"
     predicted_met: bool = True
+    tbt_slowdown_p: float | None = None  # steady-state p-th percentile of the per-conversation TBT slowdown
 
     @property
     def holds(self) -> bool:
@@ -143,6 +144,7 @@ class Validation:
             "ramp_up": self.ramp_up.to_dict(),
             "drain": self.drain.to_dict(),
             "local_prefill_below_tokens": self.threshold_tokens,
+            "tbt_slowdown_p": None if self.tbt_slowdown_p is None else round(self.tbt_slowdown_p, 3),
             "sim_wall_s": round(self.sim_wall_s, 3),
             "loop_wall_s": round(self.loop_wall_s, 3),
             "rounds": [
@@ -331,6 +333,7 @@ def validate_plan(
         sim_wall_s=wall,
         threshold_tokens=int(opts.get("local_prefill_below_tokens", 0) or 0),  # type: ignore[call-overload]
         predicted_met=pred_met,
+        tbt_slowdown_p=_q([m.tbt_slowdown for m in steady if m.tbt_slowdown is not None], pct),
     )
 
 
@@ -388,9 +391,7 @@ def _tighten(cfg: FleetConfig, v: Validation, f: _Factors) -> str:
         bound = cfg.slo.ttfet_slowdown
         f.ttfet *= _ratio(bound, row.simulated if row else None)
         return "TTFET"
-    sim_tbt = max((r.simulated or 0.0) for r in v.rows if r.metric == "mean TBT ms")
-    pred_tbt = max((r.predicted or 0.0) for r in v.rows if r.metric == "mean TBT ms")
-    f.tbt *= _ratio(pred_tbt, sim_tbt) if pred_tbt and sim_tbt else TIGHTEN_MAX
+    f.tbt *= _ratio(cfg.slo.tbt_slowdown, v.tbt_slowdown_p)
     return "TBT"
 
 
@@ -456,16 +457,12 @@ def _signature(run: PlanRun) -> tuple[object, ...]:
 def _round(f: _Factors, v: Validation, run: PlanRun) -> Round:
     pname = next((r.metric for r in v.rows if r.metric.endswith("TTFET slowdown")), "")
     row = v.metric(pname)
-    tbt = v.metric("mean TBT ms")
-    tbt_sd = None
-    if tbt is not None and tbt.simulated and run.plan.predictions.tbt_standalone_ms:
-        tbt_sd = tbt.simulated / run.plan.predictions.tbt_standalone_ms
     return Round(
         f.ttfet,
         f.tbt,
         v.slo_violation_pct,
         row.simulated if row else None,
-        tbt_sd,
+        v.tbt_slowdown_p,
         run.plan.predictions.watts_total,
     )
 
