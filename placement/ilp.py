@@ -574,7 +574,21 @@ def rho_for_budgets(budgets_s: np.ndarray, s_mean: float, s2_mean: float, percen
     q = 1.0 - percentile / 100.0
     if s_mean <= 0 or violation_share(0.0, s_mean, s2_mean, budgets_s) > q:
         return 0.0
-    return _bisect_max(lambda rho: violation_share(rho, s_mean, s2_mean, budgets_s) <= q, 0.0, 1.0 - 1e-9, 60)
+    # bracket on a grid of 32 utilisations at once (one vectorised evaluation), then bisect inside it
+    b = np.asarray(budgets_s, dtype=float)
+    neg = float((b < 0).mean())
+    pos = b[b >= 0]
+    grid = np.linspace(0.0, 1.0 - 1e-9, 33)[1:]
+    theta = s2_mean / (2.0 * s_mean * (1.0 - grid))
+    shares = neg + grid * np.exp(-pos[None, :] / theta[:, None]).sum(axis=1) / len(b)
+    ok = shares <= q
+    if ok.all():
+        return float(grid[-1])
+    k = int(np.argmin(ok))  # the first grid point that violates (the share rises with rho)
+    lo = float(grid[k - 1]) if k > 0 else 0.0
+    return _bisect_max(
+        lambda rho: violation_share(rho, s_mean, s2_mean, budgets_s) <= q, lo, float(grid[k]), 16
+    )  # bracket width 1/32 -> 16 halvings: rho to ~5e-7 (the returned end is always feasible)
 
 
 def mixture_quantile(
@@ -627,11 +641,12 @@ class _Static:
     w_tail: float
     s_i: np.ndarray  # S_j(L1_i): turn-1 prefill of each conversation of the sample
     x_i: np.ndarray  # X_j(L1_i): its KV hand-off
+    local_e_j: float = 0.0  # hybrid: dynamic joules of a mean local turn-1 prefill above P_j(1)
 
 
-def _static(m: TierModel, link: str, demand: Demand, pdemand: Demand | None = None) -> _Static:
-    """pdemand: the conversations the prefill side serves (hybrid: those at or above the threshold)."""
-    pdemand = pdemand or demand
+def _static(m: TierModel, link: str, demand: Demand, split: HybridSplit | None = None) -> _Static:
+    """split: the hybrid split (its prefill_demand: the conversations the prefill side serves)."""
+    pdemand = split.prefill_demand if split is not None else demand
     sample = pdemand.turn1_input_tokens
     l1 = pdemand.turn1_mean_tokens
     s_vals = [m.prefill_time_s(x) for x in sample]
@@ -647,8 +662,9 @@ def _static(m: TierModel, link: str, demand: Demand, pdemand: Demand | None = No
         token_costs_s=costs,
         step1_s=(decode_step_s(m, demand, 1.0, False, costs), decode_step_s(m, demand, 1.0, True, costs)),
         prefill_w=m.prefill_power_w(round(l1)),
-        p1_w=decode_power_at_w(m, demand, 1.0),
+        p1_w=(p1 := decode_power_at_w(m, demand, 1.0)),
         w_tail=demand.tail_prefill_tokens * costs[0],
+        local_e_j=split.local_prefill_energy_j(m, p1) if split is not None and split.local_share > 0 else 0.0,
     )
 
 
@@ -731,7 +747,7 @@ def build_options(
             cap = m.cap_w
             st = cache.get((ti, mi))
             if st is None:
-                st = cache[(ti, mi)] = _static(m, t.link, demand, split.prefill_demand)
+                st = cache[(ti, mi)] = _static(m, t.link, demand, split)
             s_mean, s2, x = st.s_mean, st.s2, st.transfer_s
             for role in t.roles:
                 if not settings.decoder_caps and role != "prefill" and m.power_cap_w is not None:
@@ -823,7 +839,7 @@ def build_options(
                     if colo:
                         per_conv += opt.prefill_s * max(pf_w - p1, 0.0)
                     elif split.local_share > 0:  # hybrid: the short turn-1 prefills this decoder does
-                        per_conv += split.local_share * split.local_prefill_energy_j(m, p1)
+                        per_conv += split.local_share * st.local_e_j
                     opt = replace(
                         opt,
                         batch_max=bmax,
@@ -1396,19 +1412,24 @@ def variants(
         return [(settings, list(tiers))]
     out: list[tuple[Settings, list[TierSupply]]] = []
     pd = [replace(t, roles=tuple(r for r in t.roles if r in ("prefill", "decode"))) for t in tiers]
+    any_pd = any("prefill" in t.roles for t in pd) and any("decode" in t.roles for t in pd)
     for mode in settings.modes:
         if mode == "colocated":
-            out.append((replace(settings, mode=mode), [replace(t, roles=colocated_roles(t)) for t in tiers]))
+            colo = [replace(t, roles=colocated_roles(t)) for t in tiers]
+            if any(t.roles for t in colo):  # no tier allows colocated instances: nothing to solve
+                out.append((replace(settings, mode=mode), colo))
+        elif mode not in ("disaggregated", "hybrid"):
+            raise PlanningError(
+                f"unknown serving mode {mode!r}. To fix: use disaggregated, hybrid or colocated."
+            )
+        elif not any_pd:  # no tier can prefill or none can decode: no pools to size
+            continue
         elif mode == "disaggregated":
             out.append((replace(settings, mode=mode), pd))
         elif mode == "hybrid":
             sample = np.asarray(demand.turn1_input_tokens, dtype=float)
             ths = sorted({int(np.quantile(sample, q)) // 16 * 16 for q in settings.hybrid_quantiles} - {0})
             out += [(replace(settings, mode=mode, local_prefill_below_tokens=th), pd) for th in ths]
-        else:
-            raise PlanningError(
-                f"unknown serving mode {mode!r}. To fix: use disaggregated, hybrid or colocated."
-            )
     return out
 
 
