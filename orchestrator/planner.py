@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from conserve.errors import ConServeError
@@ -28,6 +27,7 @@ class PlanRun:
     result: ilp.PlanResult
     stats: WorkloadStats
     settings: ilp.Settings
+    modes: tuple[ilp.ModeOutcome, ...] = ()  # the best plan of each serving mode (why this mode)
 
 
 def demand_from_stats(ws: WorkloadStats) -> ilp.Demand:
@@ -45,6 +45,7 @@ def demand_from_stats(ws: WorkloadStats) -> ilp.Demand:
         final_context_tokens_max=ws.final_context_tokens_max,
         tokens_per_conversation=ws.tokens_per_conversation_mean,
         turn1_input_tokens_max=ws.turn1_input_tokens_max,
+        shapes=tuple(ilp.ConvShape(*x) for x in ws.conversation_shapes),
     )
 
 
@@ -84,6 +85,23 @@ def slo_from_config(cfg: FleetConfig) -> ilp.Slo:
     )
 
 
+def tightened_slo(slo: ilp.Slo, ttfet_factor: float = 1.0, tbt_factor: float = 1.0) -> ilp.Slo:
+    """The planning SLO with the TTFET bounds x ttfet_factor and the TBT bounds x tbt_factor."""
+    if ttfet_factor == 1.0 and tbt_factor == 1.0:
+        return slo
+
+    def mul(x: float | None, f: float) -> float | None:
+        return None if x is None else x * f
+
+    return replace(
+        slo,
+        ttfet_slowdown=mul(slo.ttfet_slowdown, ttfet_factor),
+        ttfet_s=mul(slo.ttfet_s, ttfet_factor),
+        tbt_slowdown=mul(slo.tbt_slowdown, tbt_factor),
+        tbt_ms=mul(slo.tbt_ms, tbt_factor),
+    )
+
+
 def fleet_stats(cfg: FleetConfig) -> WorkloadStats:
     convs = workload_from_config(cfg.workload)
     # the configured rate is the planning rate (a Mooncake trace without an explicit rate keeps its own)
@@ -91,11 +109,26 @@ def fleet_stats(cfg: FleetConfig) -> WorkloadStats:
     return workload_stats(convs, cfg.workload.arrival_rate_per_s if explicit else None)
 
 
+SERVING_MODES = ("disaggregated", "hybrid", "colocated")
+
+
 def _settings(
-    cfg: FleetConfig, objective: Objective | None, solver: str, time_limit_s: float | None
+    cfg: FleetConfig,
+    objective: Objective | None,
+    solver: str,
+    time_limit_s: float | None,
+    modes: tuple[str, ...] = SERVING_MODES,
 ) -> ilp.Settings:
     obj = ilp.Objective((objective or cfg.objective).value)
-    return ilp.Settings(objective=obj, unallocated=cfg.unallocated, solver=solver, time_limit_s=time_limit_s)
+    bad = [m for m in modes if m not in SERVING_MODES]
+    if bad or not modes:
+        raise PlanningError(
+            f"--modes {','.join(modes)!r}: unknown or empty. To fix: a comma-separated subset of "
+            f"{','.join(SERVING_MODES)}."
+        )
+    return ilp.Settings(
+        objective=obj, unallocated=cfg.unallocated, solver=solver, time_limit_s=time_limit_s, modes=modes
+    )
 
 
 def _highest_rate(
@@ -127,13 +160,18 @@ def make_plan(
     stats: WorkloadStats | None = None,
     rate_per_s: float | None = None,
     max_rate: bool = False,
+    slo_factors: tuple[float, float] = (1.0, 1.0),
+    modes: tuple[str, ...] = SERVING_MODES,
 ) -> PlanRun:
     """Plan `cfg` (objective: the file's unless given). Raises PlanningError with a diagnosis if infeasible.
 
     rate_per_s overrides the workload's arrival rate; max_rate plans for the highest rate the fleet sustains
     within the SLOs (found by an ILP that maximises the rate), less 0.1% so the plan keeps a sliver of slack.
+    slo_factors: (TTFET, TBT) factors on the planning SLO (< 1: tighter; the verification loop,
+    orchestrator.verify, sets them when the simulator shows the plan missing the SLO). The plan's reported
+    SLO stays the file's.
     """
-    settings = _settings(cfg, objective, solver, time_limit_s)
+    settings = _settings(cfg, objective, solver, time_limit_s, modes)
     ws = stats if stats is not None else fleet_stats(cfg)
     finite = cfg.workload.conversations is not None
     if rate_per_s is not None:
@@ -144,7 +182,7 @@ def make_plan(
         ws = replace(ws, arrival_rate_per_s=rate_per_s)
     demand = demand_from_stats(ws)
     supplies = tier_supplies(cfg)
-    slo = slo_from_config(cfg)
+    slo = tightened_slo(slo_from_config(cfg), *slo_factors)
     t0 = time.perf_counter()
     if max_rate:
         _, top = _highest_rate(cfg, supplies, demand, slo, settings)
@@ -164,9 +202,92 @@ def make_plan(
     planned_rate = result.tokens_per_s / demand.tokens_per_conversation
     plan_ws = ws if overload is None else replace(ws, arrival_rate_per_s=planned_rate)
     plan = to_plan(cfg, result, settings, elapsed, fleet_file, plan_ws)
+    modes: tuple[ilp.ModeOutcome, ...] = ()
+    if len(settings.modes) > 1:
+        planned = replace(demand, arrival_rate_per_s=planned_rate)
+        modes = tuple(ilp.best_per_mode(supplies, planned, slo, settings, result.reference))
+        why = mode_note(result, modes, settings.objective.value)
+        if why:
+            plan = replace(plan, notes=(why, *plan.notes))
     if overload is not None:
         plan = with_finite_run(plan, result, overload[0], overload[1], cfg, settings, supplies, demand, slo)
-    return PlanRun(plan, result, ws, settings)
+    if slo_factors != (1.0, 1.0):
+        plan = replace(
+            plan,
+            notes=(
+                f"Planned against a tightened SLO (TTFET x {slo_factors[0]:.2f}, TBT x {slo_factors[1]:.2f} "
+                "of the file's) because the simulator showed the plan at the file's SLO missing it "
+                "(verification loop).",
+                *plan.notes,
+            ),
+        )
+    return PlanRun(plan, result, ws, settings, modes)
+
+
+MODE_TEXT = {
+    "disaggregated": "disaggregated (prefill pools + decode pools, every turn 1 on a prefiller)",
+    "hybrid": "hybrid (decoders also prefill turn-1 prompts under a threshold; the rest on prefillers)",
+    "colocated": "colocated (every instance prefills and decodes its own conversations)",
+}
+
+
+def mode_text(r: ilp.PlanResult) -> str:
+    if r.mode == "hybrid":
+        return f"hybrid (turn-1 prompts under {r.threshold_tokens:,} tokens prefill on their decoder)"
+    return MODE_TEXT.get(r.mode, r.mode or "-")
+
+
+def mode_note(result: ilp.PlanResult, modes: tuple[ilp.ModeOutcome, ...], objective: str) -> str:
+    """Why the chosen serving mode beats the others: their predicted watts and SLO figures side by side."""
+    if not modes:
+        return ""
+    parts = []
+    for m in modes:
+        if m.result is None:
+            parts.append(f"{m.mode}: {m.reason}")
+            continue
+        r = m.result
+        mark = " <- chosen" if r.mode == result.mode and r.threshold_tokens == result.threshold_tokens else ""
+        parts.append(
+            f"{mode_text(r)}: {r.watts_total:,.0f} W, {r.gpus_used} GPUs, p95 TTFET slowdown "
+            f"{r.ttfet_slowdown_p:.2f}x, TBT slowdown {r.tbt_slowdown_p:.2f}x{mark}"
+        )
+    return (
+        f"Serving mode: {mode_text(result)}. Best plan of each mode at the same rate and SLOs (modelled; "
+        f"objective {objective}, the lowest wins): " + "; ".join(parts) + "."
+    )
+
+
+def mode_plan(cfg: FleetConfig, run: PlanRun, mode: str) -> Plan | None:
+    """The best plan of one serving mode (from the mode comparison of make_plan), as a Plan; None if none."""
+    m = next((x for x in run.modes if x.mode == mode), None)
+    if m is None or m.result is None:
+        return None
+    ws = replace(run.stats, arrival_rate_per_s=run.plan.predictions.arrival_rate_per_s)
+    return to_plan(cfg, m.result, run.settings, 0.0, None, ws)
+
+
+def modes_json(run: PlanRun) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for m in run.modes:
+        r = m.result
+        out.append(
+            {
+                "mode": m.mode,
+                "feasible": r is not None,
+                "chosen": r is not None
+                and r.mode == run.result.mode
+                and r.threshold_tokens == run.result.threshold_tokens,
+                "local_prefill_below_tokens": r.threshold_tokens if r else None,
+                "watts_total": round(r.watts_total, 1) if r else None,
+                "gpus_used": r.gpus_used if r else None,
+                "tokens_per_j": round(r.tokens_per_j, 3) if r else None,
+                "ttfet_slowdown_p": round(r.ttfet_slowdown_p, 3) if r else None,
+                "tbt_slowdown_p": round(r.tbt_slowdown_p, 3) if r else None,
+                "reason": m.reason or None,
+            }
+        )
+    return out
 
 
 # Finite runs above capacity: the plan trades at most this share of the highest sustainable rate for lower
@@ -332,10 +453,10 @@ def to_plan(
         tokens_per_j=round(r.tokens_per_j, 3),
         ttfet_p95_s=round(r.ttfet_p_s, 3),
         ttfet_standalone_s=round(ref.ttfet_s, 3),
-        ttfet_p95_slowdown=round(r.ttfet_p_s / ref.ttfet_s, 3),
+        ttfet_p95_slowdown=round(r.ttfet_slowdown_p, 3),
         tbt_mean_ms=round(r.tbt_mean_s * 1e3, 3),
         tbt_standalone_ms=round(ref.step_s * 1e3, 3),
-        tbt_slowdown=round(r.tbt_mean_s / ref.step_s, 3),
+        tbt_slowdown=round(r.tbt_slowdown_p, 3),
         slo_ttfet_slowdown=s.ttfet_slowdown,
         slo_ttfet_s=s.ttfet_s,
         slo_tbt_slowdown=s.tbt_slowdown,
@@ -363,12 +484,15 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
     pre = [p for p in r.pools if p.option.does_prefill]
     dec = [p for p in r.pools if p.option.does_decode]
     if pre:
+        th = r.threshold_tokens
+        longer = [x for x in ws.turn1_input_tokens_quantiles if x >= th] if th else []
+        served = sum(longer) / len(longer) if longer else ws.turn1_input_tokens_mean
         for p in pre:
             o = p.option
             rate = 1.0 / o.prefill_s if o.prefill_s else math.inf
             notes.append(
-                f"Prefill on {p.instances} x {o.tier} at {o.power_cap_w:g} W: a mean turn-1 prefill "
-                f"({ws.turn1_input_tokens_mean:,.0f} tokens) takes {o.prefill_s * 1e3:.0f} ms, so one "
+                f"Prefill on {p.instances} x {o.tier} at {o.power_cap_w:g} W: a mean turn-1 prefill of "
+                f"the prompts it serves ({served:,.0f} tokens) takes {o.prefill_s * 1e3:.0f} ms, so one "
                 "instance "
                 f"serves at most {rate:.2f} conv/s; the TTFET SLO allows utilisation <= {o.rho_max:.2f} "
                 f"(M/G/1 p{cfg.slo.percentile:g} wait), i.e. {o.rho_max * rate:.2f} conv/s per instance; "
@@ -393,7 +517,7 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
         notes.append(
             f"Chosen: {n_pre} prefill + {n_dec} decode instance(s) for {lam:.4g} conv/s: the proven optimum "
             f"({r.solution.solver}) of the ILP over {len(r.options)} instance shapes x {r.levels_tried} "
-            f"decode-step levels (decode-step target {r.tau_s * 1e3:.1f} ms)."
+            f"(serving mode, decode-step level) candidates (decode-step target {r.tau_s * 1e3:.1f} ms)."
         )
     dec_tiers = {p.option.tier for p in dec}
     caps_tried = {o.power_cap_w for o in r.options if o.does_decode and o.tier in dec_tiers}
@@ -433,13 +557,10 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
     if r.threshold_tokens:
         below = sum(1 for x in ws.turn1_input_tokens_quantiles if x < r.threshold_tokens)
         notes.append(
-            f"ConServe local-prefill threshold: turn-1 inputs under {r.threshold_tokens:,} tokens are "
-            "cheaper to "
-            "prefill on their decoder (its prefill time x (1 + planned batch), the stall included) "
-            "than via a "
-            f"prefiller (mean queueing + prefill + hand-off); about {below}% of this workload's "
-            "turn-1 prompts. "
-            "The pool sizes above assume the refinement is off (every turn 1 on a prefiller)."
+            f"ConServe local-prefill threshold (hybrid mode): turn-1 inputs under {r.threshold_tokens:,} "
+            f"tokens (about {below}% of this workload's turn-1 prompts) prefill on their decoder, the rest "
+            "on a prefiller; the pools above are sized for that split (prefill pools carry the longer "
+            "prompts only; decoders carry the short prefills as chunked prefill in their steps)."
         )
     notes.append("All figures are modelled (tier roofline + power model + queueing), not measured.")
     return notes
@@ -536,167 +657,9 @@ def best_homogeneous(rows: list[tuple[str, PlanRun | None, str]]) -> tuple[str, 
     return max(ok, key=lambda x: x[1].plan.predictions.tokens_per_j)
 
 
-@dataclass(frozen=True, slots=True)
-class ValidationRow:
-    metric: str
-    predicted: float | None
-    simulated: float | None
-    note: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Validation:
-    """The plan simulated on the fleet file's own workload (orchestrator.sim), next to its predictions."""
-
-    policy: str
-    conversations: int
-    arrival_rate_per_s: float
-    seed: int
-    rows: tuple[ValidationRow, ...]
-    slo_violation_pct: float
-    sim_wall_s: float
-    arrival_span_s: float = 0.0
-    run_s: float = 0.0
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "policy": self.policy,
-            "conversations": self.conversations,
-            "arrival_rate_per_s": self.arrival_rate_per_s,
-            "seed": self.seed,
-            "slo_violation_pct": round(self.slo_violation_pct, 2),
-            "sim_wall_s": round(self.sim_wall_s, 3),
-            "arrival_span_s": round(self.arrival_span_s, 2),
-            "run_s": round(self.run_s, 2),
-            "metrics": {
-                r.metric: {"predicted": r.predicted, "simulated": r.simulated, "note": r.note or None}
-                for r in self.rows
-            },
-        }
-
-
-def validate_plan(
-    cfg: FleetConfig,
-    run: PlanRun,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> Validation:
-    """Simulate the plan just made on the fleet file's workload (its own conversations, at the rate planned
-    for -- the requested rate for a finite run above capacity) with the fleet's policy, and compare.
-
-    The ConServe local-prefill refinement is off (the pools assume every turn 1 on a prefiller).
-    Predicted decode busy fraction: 1 - exp(-B) (the planner's assumption that a decoder with B resident
-    conversations on average is idle with probability exp(-B)); prefill: rho. Simulated: busy time / run.
-    """
-    from orchestrator.metrics import SloSpec, StandaloneCache, conversation_metrics, summarize
-    from orchestrator.sim import simulate_fleet
-    from orchestrator.sim.fleet import fleet_workload, reference_tier_model, unallocated_idle_w
-
-    rate = run.stats.arrival_rate_per_s
-    convs = fleet_workload(cfg, rate, seed)
-    # the pools are sized with every turn 1 on a prefiller, so the ConServe local-prefill refinement (which
-    # the simulator would otherwise take from the plan's threshold) is validated off
-    opts: dict[str, object] = {}
-    if cfg.policy.replace("_", "-").lower() == "conserve":
-        opts["local_prefill_below_tokens"] = 0
-    t0 = time.perf_counter()
-    res, insts = simulate_fleet(
-        cfg,
-        run.plan,
-        cfg.policy,
-        None,
-        seed=seed,
-        conversations=convs,
-        policy_options=opts,
-        energy_window_s=None,
-        progress=progress,
-    )
-    mets = conversation_metrics(
-        res, convs, StandaloneCache(reference_tier_model(cfg)), SloSpec.from_config(cfg.slo)
-    )
-    summ = summarize(res, mets, "honest", unallocated_idle_w(cfg, insts))
-    wall = time.perf_counter() - t0
-    p = run.plan.predictions
-    fr = run.plan.finite_run
-
-    def wmean(vals: list[tuple[float, int]]) -> float | None:
-        n = sum(k for _, k in vals)
-        return sum(v * k for v, k in vals) / n if n else None
-
-    pre = wmean([(x.utilisation, x.instances) for x in run.plan.pools if x.role == "prefill"])
-    # the prefill side works while conversations arrive: compare rho with busy time over the arrival span
-    # (a finite run above capacity keeps prefilling its backlog after the arrivals: over the whole run)
-    span = max(c.arrival_s for c in convs) - min(c.arrival_s for c in convs) if len(convs) > 1 else 0.0
-    window = res.makespan_s if fr is not None else span
-    pre_insts = [i for i in res.instances if i.role == "prefill"]
-    pre_busy = sum(i.busy_s for i in pre_insts)
-    pre_sim = pre_busy / (len(pre_insts) * window) if pre_insts and window > 0 else None
-    dec = wmean(
-        [
-            (1.0 - math.exp(-x.batch), x.instances)
-            for x in run.plan.pools
-            if x.role != "prefill" and x.batch > 0
-        ]
-    )
-    pctl = f"p{cfg.slo.percentile:g}"
-    ttfet_pred = fr.ttfet_p95_run_s if fr is not None else p.ttfet_p95_s
-    rows = [
-        ValidationRow(
-            f"{pctl} TTFET s",
-            ttfet_pred,
-            summ.ttfet_s.get("p95"),
-            "predicted: finite-run estimate (planned + backlog wait)" if fr is not None else "",
-        ),
-        ValidationRow(
-            f"{pctl} TTFET slowdown",
-            fr.ttfet_p95_run_slowdown if fr is not None else p.ttfet_p95_slowdown,
-            summ.ttfet_slowdown.get("p95"),
-            "standalone: planner's mean conversation vs the simulator's per-conversation runs",
-        ),
-        ValidationRow("mean TBT ms", p.tbt_mean_ms, summ.tbt_mean_ms.get("mean")),
-        ValidationRow(
-            "tokens/J",
-            p.tokens_per_j,
-            summ.tokens_per_j,
-            "all GPUs, idle included; sim: whole run incl. ramp-up and drain",
-        ),
-        ValidationRow(
-            "prefill utilisation",
-            pre,
-            pre_sim,
-            "sim: prefill busy time / " + ("whole run (backlog)" if fr is not None else "arrival span"),
-        ),
-        ValidationRow(
-            "decode busy fraction",
-            dec,
-            summ.utilisation_by_role.get("decode"),
-            "predicted: 1 - exp(-planned batch); sim: busy / whole run",
-        ),
-        ValidationRow(
-            "run s",
-            fr.makespan_s if fr is not None else None,
-            res.makespan_s,
-            "predicted: finite-run makespan" if fr is not None else "",
-        ),
-    ]
-    return Validation(
-        cfg.policy, len(convs), rate, seed, tuple(rows), summ.slo_violation_pct, wall, span, res.makespan_s
-    )
-
-
-def validate_hook() -> str | None:
-    """Name of the simulator entry point that can run a plan, when orchestrator.sim offers one."""
-    try:
-        from orchestrator import sim
-    except ImportError:
-        return None
-    for name in ("simulate_plan", "run_plan"):
-        if callable(getattr(sim, name, None)):
-            return name
-    return None
-
-
 __all__ = [
+    "mode_plan",
+    "modes_json",
     "PlanRun",
     "caps_comparison",
     "best_homogeneous",
@@ -706,6 +669,5 @@ __all__ = [
     "make_plan",
     "slo_from_config",
     "tier_supplies",
-    "validate_hook",
-    "validate_plan",
+    "tightened_slo",
 ]

@@ -463,6 +463,11 @@ class WorkloadStats:
     final_context_tokens_max: int
     tokens_per_conversation_mean: float  # prompt + output of every turn (the paper's tokens/J numerator)
     turn1_input_tokens_max: int = 0
+    # per-conversation shapes for the planner's per-conversation SLO model (placement.ilp.ConvShape fields:
+    # turn-1 tokens, decode tokens before the final turn, later turns, total tool gap s, tail-prefill tokens,
+    # their mean cached context, token-weighted decode context); all conversations up to SHAPE_SAMPLE, else
+    # an evenly spaced sample of them
+    conversation_shapes: tuple[tuple[float, ...], ...] = ()
 
     def kv_token_seconds(self, step_time_s: float) -> float:
         """Mean KV-token-seconds a conversation holds on its decoder when a decode step takes step_time_s."""
@@ -475,6 +480,9 @@ class WorkloadStats:
     @property
     def tokens_per_s(self) -> float:
         return self.arrival_rate_per_s * self.tokens_per_conversation_mean
+
+
+SHAPE_SAMPLE = 400  # conversations kept for the planner's per-conversation model (bounds its cost)
 
 
 def _quantile(sorted_vals: Sequence[float], q: float) -> float:
@@ -508,9 +516,11 @@ def workload_stats(convs: Sequence[ConversationSpec], rate_per_s: float | None =
     gap_tot = dec_tot = dec_before = tail_tok = tail_ctx_w = kv_steps = kv_gap = tokens = 0.0
     finals: list[int] = []
     turns_total = 0
+    shapes: list[tuple[float, ...]] = []
     for c in convs:
         ctx_in = 0  # input tokens of the current turn
         prev_in = prev_out = 0
+        c_before, c_gap, c_tail, c_tail_w, c_steps, c_dec = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
         for k, t in enumerate(c.turns, start=1):
             ctx_in = t.appended_tokens if k == 1 else prev_in + prev_out + t.appended_tokens
             outs_all.append(t.output_tokens)
@@ -523,14 +533,31 @@ def workload_stats(convs: Sequence[ConversationSpec], rate_per_s: float | None =
                 new = t.appended_tokens + prev_out
                 tail_tok += new
                 tail_ctx_w += new * prev_in
+                c_gap += t.tool_gap_s
+                c_tail += new
+                c_tail_w += new * prev_in
             kv_steps += t.output_tokens * (ctx_in + t.output_tokens / 2.0)
+            c_steps += t.output_tokens * (ctx_in + t.output_tokens / 2.0)
+            c_dec += t.output_tokens
             dec_tot += t.output_tokens
             if k < len(c.turns):
                 dec_before += t.output_tokens
+                c_before += t.output_tokens
             tokens += ctx_in + t.output_tokens
             prev_in, prev_out = ctx_in, t.output_tokens
         turns_total += len(c.turns)
         finals.append(prev_in + prev_out)
+        shapes.append(
+            (
+                float(c.turns[0].appended_tokens),
+                c_before,
+                float(len(c.turns) - 1),
+                c_gap,
+                c_tail,
+                c_tail_w / c_tail if c_tail else 0.0,
+                c_steps / c_dec if c_dec else 0.0,
+            )
+        )
     fin = np.array(finals, dtype=float)
     qs = np.quantile(turn1, np.linspace(0.005, 0.995, 100))
     return WorkloadStats(
@@ -559,4 +586,9 @@ def workload_stats(convs: Sequence[ConversationSpec], rate_per_s: float | None =
         final_context_tokens_max=int(fin.max()),
         tokens_per_conversation_mean=tokens / n,
         turn1_input_tokens_max=int(turn1.max()),
+        conversation_shapes=tuple(
+            shapes
+            if n <= SHAPE_SAMPLE
+            else [shapes[int(i)] for i in np.linspace(0, n - 1, SHAPE_SAMPLE).round().astype(int)]
+        ),
     )

@@ -15,7 +15,9 @@ Decision variables
 
 Workload (per conversation means, ``Demand``): L1 turn-1 input tokens (a quantile sample), O decode tokens,
 O_b decode tokens before the final turn, Kn later turns, P tail-prefill tokens (turns 2..n), Gap total tool
-gap, A = E[sum_k out_k (in_k + out_k/2)] token-steps, Agap = E[sum_k gap_k ctx_k] token-seconds.
+gap, A = E[sum_k out_k (in_k + out_k/2)] token-steps, Agap = E[sum_k gap_k ctx_k] token-seconds. And a
+sample of the conversations themselves, i in I (``Demand.shapes``, ``ConvShape``: L1_i, O_b,i, Kn_i, Gap_i,
+their tail prefills and decode context) for the per-conversation SLO model below.
 
 Per-option coefficients (``Option``; computed by :func:`build_options` from the tier model)
     S_j, S2_j      mean and second moment of the turn-1 prefill time over the L1 sample
@@ -25,14 +27,17 @@ Per-option coefficients (``Option``; computed by :func:`build_options` from the 
                    B * ctx (ctx = A / O, the token-weighted mean context) + the tail prefill of B (P/O) tokens
                    per step (chunked prefill; + the turn-1 prefill of L1/O tokens per step for j in C)
     B_j            largest B with step_j(B) <= tau                                          [``batch_max``]
-    R_j  residence of a conversation on its decoder at step tau: O tau + Kn tau + Gap  [``residence_s``]
-    mu_j           B_j / R_j: conversations/s one decoder sustains at tau (Little's law)   [``mu_tbt``]
+    R_j  active residence of a conversation on its decoder at step tau: (O + Kn) tau, the steps it spends in
+                   the batch (tool gaps hold KV, not batch slots)                          [``residence_s``]
+    mu_j           B_j / R_j: conversations/s one decoder sustains at tau (Little's law on the active batch)
+                                                                                            [``mu_tbt``]
     KVTS_j  A tau + Agap: KV-token-seconds per conversation  [``kv_token_seconds``]
     K_j            KV capacity in tokens; kappa the planned maximum KV occupancy (default 0.9)
     W_j  P * (tier's marginal prefill time per tail token): tail-prefill busy seconds per conversation
     phi            maximum share of a decoder's time spent on tail prefills (default 0.5)
     V_j            KV bytes per second one instance's link carries: u_link * link bandwidth * g_j
-    rho_j  the largest prefill utilisation whose p-th percentile TTFET fits the SLO (queueing model below)
+    rho_j  the largest prefill utilisation at which at most 1 - p/100 of the conversations miss their own
+           TTFET bound (per-conversation queueing model below)
 
 Constraints
     (1) GPUs  sum_{j in t} g_j n_j <= G_t  for each tier t  [``gpus:<t>``]
@@ -47,24 +52,41 @@ Constraints
 Objective (``Objective``)
     energy: sum_j (F_j n_j + E_j l_j) [- sum_j idle_gpu_t(j) g_j n_j + const, when unallocated GPUs idle]
         prefill: F_j = idle power, E_j = S_j (prefill power - idle): dynamic joules per conversation;
-        decode:  F_j = P_j(1) (a decoder with pinned conversations steps continuously;
-                 P(empty) = exp(-B) is negligible at planned load), E_j = R_j (P_j(B_j) - P_j(1)) / (B_j - 1):
+        decode:  F_j = P_j(1) (the objective prices a decoder as always stepping; the predictions of
+                 :func:`_predict` bill Poisson occupancy: idle draw with probability exp(-B) of an empty
+                 batch), E_j = R_j (P_j(B_j) - P_j(1)) / (B_j - 1):
                  power affine in the batch between batch 1 and B_j, B = l R / n. P_j(B) is the tier model's
                  decode draw at batch B over B x ctx resident KV tokens [``decode_power_at_w``] (decode
                  power is mostly memory traffic, so the context is passed, not left at its no-KV default);
         colocated: decode terms + S_j (prefill power - decode power at batch 1) per conversation.
     gpus: sum_j g_j n_j.     cost: sum_j g_j n_j $/GPU-hour of tier t(j).
 
-Queueing model of turn-1 prefills (TTFET)
-    Each prefill (or colocated) instance is an M/G/1 queue (Poisson conversation arrivals split evenly over
-    the pool's instances; least-work routing does no worse): service S over the L1 sample. Waiting time
-    by Pollaczek-Khinchine, E[W] = rho S2 / (2 S (1 - rho)); its tail is taken exponential with P(W > 0) = rho
-    (Kingman's heavy-traffic approximation), so the p-quantile is W_p = E[W]/rho * ln(rho / (1 - p)) for
-    rho > 1 - p, else 0. Predicted p-th TTFET = W_p + S_j + X_j + D(tau) with the decode side
-    D(tau) = (O_b + Kn) tau + Gap (the conversation's turns up to the final turn's first token, each decode
-    step at most tau, one extra step per later turn for its incremental prefill). rho_j is the largest rho
-    with W_p(rho) + S_j + X_j + D(tau) <= TTFET SLO (bisection). The SLO in seconds is min(ttfet_s,
-    ttfet_slowdown x standalone TTFET), standalone = the same mean conversation alone on the reference tier.
+Per-conversation SLO model (TTFET, TBT, E2E) -- what the simulator and the paper measure
+    The SLO is the p-th percentile over conversations of each conversation's own slowdown: its latency / the
+    same conversation alone on an idle instance of the reference tier. For conversation i of the sample:
+        standalone  T0_i = S_ref(L1_i) + O_b,i t0_i + Kn_i S_ref(P_i / Kn_i | ctx_i) + Gap_i,
+                    t0_i = the reference tier's decode step at batch 1 over i's decode context;
+        served      TTFET_i = W + S_j(L1_i) + X_j(L1_i) + D_i(tau),  D_i(tau) = (O_b,i + Kn_i) tau + Gap_i
+                    (X_j = 0 on a colocated instance; one step per later turn for its incremental prefill);
+        bound       b_i = min(ttfet_slowdown x T0_i, ttfet_s).
+    Queueing model: each prefill (or colocated) instance is an M/G/1 FCFS queue: Poisson conversation
+    arrivals split evenly over the pool's instances (least-work routing does no worse), service S over the L1
+    sample. Waiting time W: Pollaczek-Khinchine mean E[W] = rho S2 / (2 S (1 - rho)), and Kingman's
+    exponential tail P(W > w) = rho exp(-w / theta), theta = E[W] / rho = S2 / (2 S (1 - rho)). Assumptions:
+    Poisson arrivals; W independent of the conversation's own shape (FCFS, the wait is caused by others);
+    the decoder's step is its planned mean step for every conversation (no per-step variance); tool gaps and
+    output lengths as in the trace (no prediction is used).
+    Constraint: the share of conversations that miss their bound, (1/|I|) sum_i P(W > b_i - S_j(L1_i) -
+    X_j(L1_i) - D_i(tau)) (1 when the argument is < 0), must be <= 1 - p/100; rho_j is the largest rho that
+    keeps it there (bisection; the share rises with rho). The tail therefore comes from the workload's own
+    distribution: short conversations (small T0_i) are the ones a queueing wait pushes over their bound.
+    TBT: every conversation of a decoder sees its step, so the p-th percentile TBT slowdown is step / the
+    (100 - p)-th percentile of t0_i; tau <= tbt_slowdown x that percentile (``tbt_floor_s``).
+    E2E: E2E_i = TTFET_i + the final turn's decode; with both TTFET and TBT slowdowns <= their bounds, E2E's
+    slowdown is <= the larger one (a mediant), so it needs no constraint of its own.
+    Predictions (:func:`_predict`): the p-th percentile of TTFET (seconds) and of the TTFET slowdown are the
+    quantiles of the mixture over the prefill pools (weighted by their load) and the conversations, at the
+    planned operating point (the actual decode step, not the target tau).
 
 Levels
     tau couples both phases (a slower decode leaves less TTFET budget for prefill queueing). The planner
@@ -106,6 +128,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+import numpy as np
 import pulp
 
 from placement.errors import PlanningError
@@ -151,6 +174,19 @@ FAMILY_TEXT: dict[Family, str] = {
 
 
 @dataclass(frozen=True, slots=True)
+class ConvShape:
+    """One conversation of the workload as the per-conversation SLO model sees it."""
+
+    turn1_tokens: float  # L1_i
+    decode_before_final: float  # O_b,i
+    later_turns: float  # Kn_i
+    gap_s: float  # Gap_i
+    tail_tokens: float = 0.0  # P_i: incremental prefill tokens of turns 2..n
+    tail_context_tokens: float = 0.0  # their mean cached context
+    decode_context_tokens: float = 0.0  # token-weighted context while decoding (standalone TBT)
+
+
+@dataclass(frozen=True, slots=True)
 class Demand:
     """The workload as the planner needs it (built from orchestrator.workload.WorkloadStats)."""
 
@@ -167,6 +203,25 @@ class Demand:
     final_context_tokens_max: int
     tokens_per_conversation: float
     turn1_input_tokens_max: int = 0  # longest turn-1 prompt: a prefiller must hold its KV until the hand-off
+    shapes: tuple[ConvShape, ...] = ()  # per-conversation sample (empty: the mean conversation stands in)
+
+    @property
+    def conv_shapes(self) -> tuple[ConvShape, ...]:
+        """The per-conversation sample, or the mean conversation alone when the caller gave none."""
+        if self.shapes:
+            return self.shapes
+        kn = self.later_turns
+        return (
+            ConvShape(
+                self.turn1_mean_tokens,
+                self.decode_tokens_before_final,
+                kn,
+                self.tool_gap_s_total,
+                self.tail_prefill_tokens,
+                self.tail_prefill_context_tokens,
+                self.decode_context_tokens,
+            ),
+        )
 
     @property
     def turn1_mean_tokens(self) -> float:
@@ -222,6 +277,13 @@ class Settings:
     decode_levels: tuple[float, ...] = (1.0, 0.85, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)  # tau / TBT SLO
     step_multiples: tuple[float, ...] = (1.1, 1.25, 1.5, 2.0, 3.0)  # extra tau levels, x the standalone step
     decoder_caps: bool = True  # False: decode/colocated instances only at TDP (to price the decoder caps)
+    # serving modes the planner chooses among (docstring "Serving modes"); hybrid thresholds at these
+    # quantiles of the turn-1 length
+    modes: tuple[str, ...] = ("disaggregated", "hybrid", "colocated")
+    hybrid_quantiles: tuple[float, ...] = (0.1, 0.25, 0.5)
+    # set per variant by the mode search (not by callers): the mode and the hybrid threshold
+    mode: str = ""
+    local_prefill_below_tokens: int = 0
     solver: str = "auto"  # "highs", "cbc", or "auto" (see resolve_solver)
     time_limit_s: float | None = 30.0
 
@@ -235,6 +297,9 @@ class Reference:
     step_s: float  # decode step at batch 1 and the mean decode context (standalone TBT)
     tail_turn_s: float  # one later turn's incremental prefill
     ttfet_s: float  # prefill + (O_b) step + Kn tail_turn + Gap
+    # per conversation of Demand.conv_shapes: standalone TTFET T0_i and standalone decode step (TBT) t0_i
+    ttfet_i_s: tuple[float, ...] = ()
+    step_i_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +322,8 @@ class Option:
     kv_capacity_tokens: int = 0
     kv_token_seconds: float = 0.0  # KVTS_j
     tail_busy_s: float = 0.0  # W_j
+    local_tokens: float = 0.0  # turn-1 tokens per conversation prefilled on this decoder (hybrid/colocated)
+    local_below_tokens: int = 0  # the variant's hybrid threshold (every option of a hybrid solve carries it)
     transfer_capacity_bytes_per_s: float = 0.0  # V_j
     # energy
     fixed_w: float = 0.0  # F_j
@@ -378,21 +445,25 @@ def decode_step_s(
     batch: float,
     colocated: bool = False,
     token_costs_s: tuple[float, float] | None = None,
+    local_tokens: float = 0.0,
 ) -> float:
     """step_j(B): mean step of a decoder running `batch` conversations (decode + chunked prefill share).
 
     token_costs_s: (tail_token_s, turn1_token_s) of `m` when already computed (they do not depend on B).
+    local_tokens: turn-1 tokens per conversation a hybrid decoder prefills itself (colocated: all of them).
     """
     if batch <= 0:
         return 0.0
+    if colocated:
+        local_tokens = demand.turn1_mean_tokens
     if token_costs_s is None:
-        token_costs_s = (tail_token_s(m, demand), turn1_token_s(m, demand) if colocated else 0.0)
+        token_costs_s = (tail_token_s(m, demand), turn1_token_s(m, demand) if local_tokens > 0 else 0.0)
     ctx = demand.decode_context_tokens
     per_conv_tokens = demand.tail_prefill_tokens / demand.decode_tokens if demand.decode_tokens else 0.0
     t = m.decode_step_time_s(max(1, math.ceil(batch)), int(batch * ctx))
     t += batch * per_conv_tokens * token_costs_s[0]
-    if colocated and demand.decode_tokens:
-        t += batch * demand.turn1_mean_tokens / demand.decode_tokens * token_costs_s[1]
+    if local_tokens > 0 and demand.decode_tokens:
+        t += batch * local_tokens / demand.decode_tokens * token_costs_s[1]
     return t
 
 
@@ -419,7 +490,26 @@ def reference_latencies(m: TierModel, demand: Demand, tier: str) -> Reference:
     else:
         tail = 0.0
     ttfet = s + demand.decode_tokens_before_final * step + demand.later_turns * tail + demand.tool_gap_s_total
-    return Reference(tier=tier, prefill_s=s, step_s=step, tail_turn_s=tail, ttfet_s=ttfet)
+    t0: list[float] = []
+    st: list[float] = []
+    for c in demand.conv_shapes:
+        step_i = m.decode_step_time_s(1, int(c.decode_context_tokens))
+        tail_i = 0.0
+        if c.later_turns > 0:
+            n_i = max(1, round(c.tail_tokens / c.later_turns))
+            tail_i = c.later_turns * m.prefill_time_s(n_i, round(c.tail_context_tokens))
+        pre_i = m.prefill_time_s(max(1, round(c.turn1_tokens)))
+        t0.append(pre_i + c.decode_before_final * step_i + tail_i + c.gap_s)
+        st.append(step_i)
+    return Reference(
+        tier=tier,
+        prefill_s=s,
+        step_s=step,
+        tail_turn_s=tail,
+        ttfet_s=ttfet,
+        ttfet_i_s=tuple(t0),
+        step_i_s=tuple(st),
+    )
 
 
 def slo_targets(slo: Slo, ref: Reference) -> tuple[float, float]:
@@ -431,10 +521,109 @@ def slo_targets(slo: Slo, ref: Reference) -> tuple[float, float]:
         ttfet = min(ttfet, slo.ttfet_s)
     tbt = math.inf
     if slo.tbt_slowdown is not None:
-        tbt = min(tbt, slo.tbt_slowdown * ref.step_s)
+        tbt = min(tbt, slo.tbt_slowdown * tbt_floor_s(ref, slo.percentile))
     if slo.tbt_ms is not None:
         tbt = min(tbt, slo.tbt_ms / 1000.0)
     return ttfet, tbt
+
+
+def tbt_floor_s(ref: Reference, percentile: float) -> float:
+    """The (100 - p)-th percentile of the conversations' standalone decode steps: with one served step for
+    every conversation of a decoder, the p-th percentile TBT slowdown is served step / this."""
+    if not ref.step_i_s:
+        return ref.step_s
+    return float(np.percentile(np.asarray(ref.step_i_s), 100.0 - percentile))
+
+
+def ttfet_targets_s(slo: Slo, ref: Reference) -> np.ndarray:
+    """Per-conversation TTFET bound: min(slowdown x its own standalone T0_i, the absolute bound)."""
+    t0 = np.asarray(ref.ttfet_i_s if ref.ttfet_i_s else (ref.ttfet_s,), dtype=float)
+    out = np.full_like(t0, math.inf)
+    if slo.ttfet_slowdown is not None:
+        out = np.minimum(out, slo.ttfet_slowdown * t0)
+    if slo.ttfet_s is not None:
+        out = np.minimum(out, slo.ttfet_s)
+    return out
+
+
+def decode_sides_s(demand: Demand, step_s: float) -> np.ndarray:
+    """D_i(step) per conversation: (O_b,i + Kn_i) step + Gap_i."""
+    sh = demand.conv_shapes
+    return np.array([(c.decode_before_final + c.later_turns) * step_s + c.gap_s for c in sh], dtype=float)
+
+
+def wait_tail(rho: float, s_mean: float, s2_mean: float) -> tuple[float, float]:
+    """(P(W > 0), theta) of the M/G/1 wait with the exponential tail P(W > w) = rho exp(-w / theta),
+    theta = E[W] / rho = S2 / (2 S (1 - rho)) (Pollaczek-Khinchine mean, Kingman's tail)."""
+    if rho <= 0 or s_mean <= 0:
+        return 0.0, 1.0
+    if rho >= 1:
+        return 1.0, math.inf
+    return rho, s2_mean / (2.0 * s_mean * (1.0 - rho))
+
+
+def violation_share(rho: float, s_mean: float, s2_mean: float, budgets_s: np.ndarray) -> float:
+    """Share of conversations whose wait exceeds their own budget: mean_i P(W > b_i) (1 when b_i < 0)."""
+    p0, theta = wait_tail(rho, s_mean, s2_mean)
+    if not math.isfinite(theta):
+        return 1.0
+    b = np.asarray(budgets_s, dtype=float)
+    pos = np.maximum(b, 0.0)
+    tail = np.where(b < 0, 1.0, p0 * np.exp(-pos / theta))
+    return float(tail.mean())
+
+
+def rho_for_budgets(budgets_s: np.ndarray, s_mean: float, s2_mean: float, percentile: float) -> float:
+    """Largest utilisation whose per-conversation violation share is <= 1 - p/100 (0: none)."""
+    q = 1.0 - percentile / 100.0
+    if s_mean <= 0 or violation_share(0.0, s_mean, s2_mean, budgets_s) > q:
+        return 0.0
+    # bracket on a grid of 32 utilisations at once (one vectorised evaluation), then bisect inside it
+    b = np.asarray(budgets_s, dtype=float)
+    neg = float((b < 0).mean())
+    pos = b[b >= 0]
+    grid = np.linspace(0.0, 1.0 - 1e-9, 33)[1:]
+    theta = s2_mean / (2.0 * s_mean * (1.0 - grid))
+    shares = neg + grid * np.exp(-pos[None, :] / theta[:, None]).sum(axis=1) / len(b)
+    ok = shares <= q
+    if ok.all():
+        return float(grid[-1])
+    k = int(np.argmin(ok))  # the first grid point that violates (the share rises with rho)
+    lo = float(grid[k - 1]) if k > 0 else 0.0
+    return _bisect_max(
+        lambda rho: violation_share(rho, s_mean, s2_mean, budgets_s) <= q, lo, float(grid[k]), 16
+    )  # bracket width 1/32 -> 16 halvings: rho to ~5e-7 (the returned end is always feasible)
+
+
+def mixture_quantile(
+    parts: Sequence[tuple[float, float, float, float, np.ndarray, np.ndarray]], percentile: float
+) -> float:
+    """Smallest x with sum_k w_k mean_i P(W_k > x scale_ki - c_ki) <= 1 - p/100 (weights normalised).
+
+    parts: (weight w_k, rho_k, S_k, S2_k, c_k, scale_k) per group k of conversations (a prefill pool's, or
+    the hybrid decoders' local prefills with rho 0); c_k: the conversations' fixed latency there; scale = 1
+    gives the p-th percentile of TTFET in seconds, scale = T0_i that of the slowdown.
+    """
+    q = 1.0 - percentile / 100.0
+    wsum = sum(p[0] for p in parts) or 1.0
+
+    def share(x: float) -> float:
+        return (
+            sum(w * violation_share(rho, s, s2, x * sc - c) for w, rho, s, s2, c, sc in parts if len(c))
+            / wsum
+        )
+
+    hi = 1.0
+    while share(hi) > q and hi < 1e9:
+        hi *= 2.0
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if share(mid) > q:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def decode_side_s(demand: Demand, tau_s: float) -> float:
@@ -454,22 +643,77 @@ class _Static:
     prefill_w: float
     p1_w: float
     w_tail: float
+    s_i: np.ndarray  # S_j(L1_i): turn-1 prefill of each conversation of the sample
+    x_i: np.ndarray  # X_j(L1_i): its KV hand-off
+    local_e_j: float = 0.0  # hybrid: dynamic joules of a mean local turn-1 prefill above P_j(1)
 
 
-def _static(m: TierModel, link: str, demand: Demand) -> _Static:
-    sample = demand.turn1_input_tokens
-    l1 = demand.turn1_mean_tokens
+def _static(m: TierModel, link: str, demand: Demand, split: HybridSplit | None = None) -> _Static:
+    """split: the hybrid split (its prefill_demand: the conversations the prefill side serves)."""
+    pdemand = split.prefill_demand if split is not None else demand
+    sample = pdemand.turn1_input_tokens
+    l1 = pdemand.turn1_mean_tokens
     s_vals = [m.prefill_time_s(x) for x in sample]
     costs = (tail_token_s(m, demand), turn1_token_s(m, demand))
+    kvb = m.model.kv_bytes_per_token
+    shapes = pdemand.conv_shapes
     return _Static(
+        s_i=np.array([m.prefill_time_s(max(1, round(c.turn1_tokens))) for c in shapes], dtype=float),
+        x_i=np.array([kv_transfer_time_s(round(c.turn1_tokens), kvb, link) for c in shapes], dtype=float),
         s_mean=sum(s_vals) / len(s_vals),
         s2=sum(v * v for v in s_vals) / len(s_vals),
         transfer_s=kv_transfer_time_s(round(l1), m.model.kv_bytes_per_token, link),
         token_costs_s=costs,
         step1_s=(decode_step_s(m, demand, 1.0, False, costs), decode_step_s(m, demand, 1.0, True, costs)),
         prefill_w=m.prefill_power_w(round(l1)),
-        p1_w=decode_power_at_w(m, demand, 1.0),
+        p1_w=(p1 := decode_power_at_w(m, demand, 1.0)),
         w_tail=demand.tail_prefill_tokens * costs[0],
+        local_e_j=split.local_prefill_energy_j(m, p1) if split is not None and split.local_share > 0 else 0.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HybridSplit:
+    """Turn-1 prompts below a threshold prefill on their decoder (ConServe's local-prefill refinement)."""
+
+    threshold_tokens: int
+    local_share: float  # f: share of conversations below the threshold
+    local_tokens: float  # f x E[L1 | L1 < threshold]: turn-1 tokens per conversation prefilled on decoders
+    mask: np.ndarray  # conversations of the sample that a prefiller serves
+    prefill_demand: Demand  # the prefill side's conversations (L1 >= threshold)
+    local_lengths: tuple[float, ...] = ()
+
+    def local_prefill_energy_j(self, m: TierModel, base_w: float) -> float:
+        """Dynamic joules of one local turn-1 prefill (mean over the local prompts) above base_w."""
+        if not self.local_lengths:
+            return 0.0
+        tot = 0.0
+        for x in self.local_lengths:
+            n = max(1, round(x))
+            tot += m.prefill_time_s(n) * max(m.prefill_power_w(n) - base_w, 0.0)
+        return tot / len(self.local_lengths)
+
+
+def hybrid_split(demand: Demand, threshold_tokens: int) -> HybridSplit:
+    shapes = demand.conv_shapes
+    l1 = np.array([c.turn1_tokens for c in shapes], dtype=float)
+    if threshold_tokens <= 0:
+        return HybridSplit(0, 0.0, 0.0, np.ones(len(shapes), dtype=bool), demand)
+    mask = l1 >= threshold_tokens
+    if not mask.any():  # a threshold above every prompt: keep the longest on the prefill side
+        mask[int(np.argmax(l1))] = True
+    f = 1.0 - float(mask.mean())
+    local = tuple(float(x) for x in l1[~mask])
+    sample = tuple(x for x in demand.turn1_input_tokens if x >= threshold_tokens) or (
+        max(demand.turn1_input_tokens),
+    )
+    pdemand = replace(
+        demand,
+        turn1_input_tokens=sample,
+        shapes=tuple(c for c, k in zip(shapes, mask, strict=True) if k),
+    )
+    return HybridSplit(
+        int(threshold_tokens), f, f * (sum(local) / len(local) if local else 0.0), mask, pdemand, local
     )
 
 
@@ -490,6 +734,14 @@ def build_options(
     ttfet_target, _ = slo_targets(slo, ref)
     sample = demand.turn1_input_tokens
     d_side = decode_side_s(demand, tau_s)
+    # per-conversation TTFET budgets before the prefill side: bound_i - D_i(tau)
+    room_i = ttfet_targets_s(slo, ref) - decode_sides_s(demand, tau_s)
+    split = hybrid_split(demand, settings.local_prefill_below_tokens)
+    room_i = room_i[split.mask]
+    # the prefilled conversations may miss at most (1 - p/100) / (1 - f) of theirs (locals assumed to meet
+    # theirs: a short local prefill, no queue)
+    q_pre = min(1.0, (1.0 - slo.percentile / 100.0) / max(1.0 - split.local_share, 1e-9))
+    pct_pre = 100.0 * (1.0 - q_pre)
     if cache is None:
         cache = {}
     out: list[Option] = []
@@ -499,27 +751,38 @@ def build_options(
             cap = m.cap_w
             st = cache.get((ti, mi))
             if st is None:
-                st = cache[(ti, mi)] = _static(m, t.link, demand)
+                st = cache[(ti, mi)] = _static(m, t.link, demand, split)
             s_mean, s2, x = st.s_mean, st.s2, st.transfer_s
             for role in t.roles:
                 if not settings.decoder_caps and role != "prefill" and m.power_cap_w is not None:
                     continue
-                opt = Option(tier=t.name, role=role, power_cap_w=cap, tp=m.tp, model=m, tau_s=tau_s)
+                opt = Option(
+                    tier=t.name,
+                    role=role,
+                    power_cap_w=cap,
+                    tp=m.tp,
+                    model=m,
+                    tau_s=tau_s,
+                    local_below_tokens=split.threshold_tokens,
+                )
                 reasons: list[str] = []
                 fixed = 0.0
                 per_conv = 0.0
                 if role in ("prefill", "colocated"):
                     xj = x if role == "prefill" else 0.0
-                    budget = ttfet_target - s_mean - xj - d_side
+                    if role == "colocated" and split.local_share > 0:  # colocated prefills all of them
+                        continue
+                    budgets = room_i - st.s_i - (st.x_i if role == "prefill" else 0.0)
                     rho = (
-                        rho_for_wait(budget, s_mean, s2, slo.percentile)
-                        if math.isfinite(budget)
+                        rho_for_budgets(budgets, s_mean, s2, pct_pre if role == "prefill" else slo.percentile)
+                        if math.isfinite(ttfet_target)
                         else 1 - 1e-9
                     )
                     if rho <= 0:
                         reasons.append(
-                            f"turn-1 prefill ({s_mean:.2f} s) + decode side ({d_side:.2f} s) leave no "
-                            "TTFET budget"
+                            f"turn-1 prefill (mean {s_mean:.2f} s) + decode side (mean {d_side:.2f} s) "
+                            f"exceed more than {100 - slo.percentile:g}% of the conversations' own TTFET "
+                            "bounds"
                         )
                     longest = max(demand.turn1_input_tokens_max, max(sample))
                     if m.kv_capacity_tokens < longest:
@@ -533,13 +796,18 @@ def build_options(
                     per_conv = s_mean * max(pf_w - m.idle_w, 0.0)
                 if role in ("decode", "colocated"):
                     colo = role == "colocated"
+                    loc = demand.turn1_mean_tokens if colo else split.local_tokens
                     cap_kv = m.kv_capacity_tokens
                     if cap_kv < demand.final_context_tokens_max:
                         reasons.append(
                             f"KV capacity {cap_kv} tokens < the longest conversation's "
                             f"{demand.final_context_tokens_max}"
                         )
-                    step1 = st.step1_s[1 if colo else 0]
+                    step1 = (
+                        st.step1_s[1 if colo else 0]
+                        if loc == 0 or colo
+                        else decode_step_s(m, demand, 1.0, False, st.token_costs_s, loc)
+                    )
                     if step1 > tau_s:
                         reasons.append(
                             f"a decode step at batch 1 takes {step1 * 1e3:.1f} ms > {tau_s * 1e3:.1f} ms"
@@ -547,20 +815,21 @@ def build_options(
                         bmax = 0.0
                     else:
                         hi = max(2.0, 4.0 * cap_kv / max(demand.decode_context_tokens, 1.0))
-                        model_j, colo_j, costs_j = m, colo, st.token_costs_s
+                        model_j, colo_j, costs_j, loc_j = m, colo, st.token_costs_s, loc
 
                         def fits(
                             b: float,
                             model_j: TierModel = model_j,
                             colo_j: bool = colo_j,
                             costs_j: tuple[float, float] = costs_j,
+                            loc_j: float = loc_j,
                         ) -> bool:
-                            return decode_step_s(model_j, demand, b, colo_j, costs_j) <= tau_s
+                            return decode_step_s(model_j, demand, b, colo_j, costs_j, loc_j) <= tau_s
 
                         bmax = _bisect_max(fits, 1.0, hi, iters=50)
-                    resid = (
-                        demand.decode_tokens * tau_s + demand.later_turns * tau_s + demand.tool_gap_s_total
-                    )
+                    # active residence: steps in which the conversation is in the batch (its decode tokens +
+                    # one step per later turn's incremental prefill); tool gaps hold KV, not batch slots
+                    resid = (demand.decode_tokens + demand.later_turns) * tau_s
                     mu = bmax / resid if resid > 0 else math.inf
                     kvts = demand.kv_decode_token_steps * tau_s + demand.kv_gap_token_seconds
                     w_tail = st.w_tail
@@ -573,6 +842,8 @@ def build_options(
                     per_conv = resid * (pb - p1) / (bmax - 1.0) if bmax > 1.0 else 0.0
                     if colo:
                         per_conv += opt.prefill_s * max(pf_w - p1, 0.0)
+                    elif split.local_share > 0:  # hybrid: the short turn-1 prefills this decoder does
+                        per_conv += split.local_share * st.local_e_j
                     opt = replace(
                         opt,
                         batch_max=bmax,
@@ -581,6 +852,7 @@ def build_options(
                         kv_capacity_tokens=cap_kv,
                         kv_token_seconds=kvts,
                         tail_busy_s=w_tail,
+                        local_tokens=0.0 if colo else loc,
                     )
                 if role in ("prefill", "decode"):
                     opt = replace(
@@ -799,7 +1071,8 @@ def _build(
         terms = [options[i].gpus * n[i] for i in idx if options[i].tier == t.name]
         if terms:
             prob += pulp.lpSum(terms) <= gpus, f"gpus:{t.name}"
-    prob += pulp.lpSum([lv[i] for i in idx if options[i].does_prefill]) == lam, "cover:prefill"
+    lam_p = lam * (1.0 - hybrid_split(demand, settings.local_prefill_below_tokens).local_share)
+    prob += pulp.lpSum([lv[i] for i in idx if options[i].does_prefill]) == lam_p, "cover:prefill"
     prob += pulp.lpSum([lv[i] for i in idx if options[i].does_decode]) == lam, "cover:decode"
     for i in idx:
         cap = options[i].capacity_per_instance(demand, settings)
@@ -946,7 +1219,7 @@ class PlanResult:
     reference: Reference
     ttfet_target_s: float
     tbt_target_s: float
-    ttfet_p_s: float
+    ttfet_p_s: float  # p-th percentile of TTFET over the conversations (mixture over the prefill pools)
     tbt_mean_s: float
     watts_allocated: float
     watts_unallocated: float
@@ -957,6 +1230,9 @@ class PlanResult:
     levels_tried: int
     cost_per_hour: float | None
     ilps_solved: int = 0  # ILPs the level search solved (the others were pruned by their LP bound)
+    mode: str = ""  # disaggregated | hybrid | colocated (threshold_tokens: the hybrid threshold)
+    ttfet_slowdown_p: float = 0.0  # p-th percentile of each conversation's TTFET / its own standalone
+    tbt_slowdown_p: float = 0.0  # served step / the (100 - p)-th percentile standalone step
 
     @property
     def watts_total(self) -> float:
@@ -968,19 +1244,21 @@ class PlanResult:
 
 
 def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float) -> tuple[float, float]:
-    """(B, step s) with B = rate * R(step(B)) (Little's law at the actual, not the target, step time)."""
+    """(B, step s): the mean active batch B = rate x (O + Kn) step(B) (Little's law over the steps a
+    conversation spends in the batch, at the actual, not the target, step time; tool gaps excluded)."""
     if rate_per_instance <= 0:
         return 0.0, 0.0
     colo = opt.role == "colocated"
+    loc = opt.local_tokens
 
     def excess(b: float) -> float:
-        step = decode_step_s(opt.model, demand, b, colo)
-        resid = (demand.decode_tokens + demand.later_turns) * step + demand.tool_gap_s_total
+        step = decode_step_s(opt.model, demand, b, colo, local_tokens=loc)
+        resid = (demand.decode_tokens + demand.later_turns) * step
         return rate_per_instance * resid - b
 
     hi = max(opt.batch_max, 1.0)
     if excess(hi) > 0:  # beyond the planned capacity: report the capacity point
-        return hi, decode_step_s(opt.model, demand, hi, colo)
+        return hi, decode_step_s(opt.model, demand, hi, colo, local_tokens=loc)
     lo = 1e-9
     for _ in range(80):
         mid = (lo + hi) / 2
@@ -989,7 +1267,7 @@ def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float
         else:
             hi = mid
     b = max(hi, 1e-9)
-    return b, decode_step_s(opt.model, demand, max(b, 1.0), colo)
+    return b, decode_step_s(opt.model, demand, max(b, 1.0), colo, local_tokens=loc)
 
 
 def conserve_threshold_tokens(
@@ -1042,9 +1320,12 @@ def _predict(
     worst_decode_side = 0.0
     worst_step = 0.0
     best_wait_mean = math.inf
-    main_prefill: Option | None = None
     main_decoder: Option | None = None
-    heaviest_p = heaviest_d = -1.0
+    heaviest_d = -1.0
+    parts: list[tuple[float, float, float, float, np.ndarray, np.ndarray]] = []
+    shapes = demand.conv_shapes
+    split = hybrid_split(demand, settings.local_prefill_below_tokens)
+    all_i = np.ones(len(shapes), dtype=bool)
     for o, k, load in zip(options, sol.counts, sol.loads, strict=True):
         if k <= 0:
             continue
@@ -1060,8 +1341,19 @@ def _predict(
             wait_m = mg1_wait_mean_s(rho, o.prefill_s, o.prefill2_s2)
             worst_prefill = max(worst_prefill, wait_p + o.prefill_s + o.transfer_s)
             best_wait_mean = min(best_wait_mean, wait_m)
-            if load > heaviest_p:
-                heaviest_p, main_prefill = load, o
+            kvb = o.model.model.kv_bytes_per_token
+            link = by_tier[o.tier].link
+            sel = split.mask if o.role == "prefill" else all_i
+            c_i = np.array(
+                [
+                    o.model.prefill_time_s(max(1, round(c.turn1_tokens)))
+                    + (kv_transfer_time_s(round(c.turn1_tokens), kvb, link) if o.role == "prefill" else 0.0)
+                    for c, k in zip(shapes, sel, strict=True)
+                    if k
+                ],
+                dtype=float,
+            )
+            parts.append((load, rho, o.prefill_s, o.prefill2_s2, c_i, sel))
         if o.does_decode:
             batch, step = decode_operating_point(o, demand, per)
             kvts = demand.kv_decode_token_steps * step + demand.kv_gap_token_seconds
@@ -1077,8 +1369,11 @@ def _predict(
         if o.role == "prefill":
             watts = k * o.fixed_w + load * o.joules_per_conversation
         else:
-            p_b = decode_power_at_w(o.model, demand, max(1.0, batch)) if batch > 0 else o.model.idle_w
-            watts = k * p_b
+            # Poisson occupancy: a decoder with mean active batch B has no sequence in its batch with
+            # probability exp(-B) (idle draw), else a batch of B / (1 - exp(-B)) on average
+            busy = 1.0 - math.exp(-batch) if batch > 0 else 0.0
+            p_b = decode_power_at_w(o.model, demand, max(1.0, batch / busy)) if busy > 0 else o.model.idle_w
+            watts = k * (busy * p_b + (1.0 - busy) * o.model.idle_w)
             if o.role == "colocated":
                 pf_w = o.model.prefill_power_w(round(demand.turn1_mean_tokens))
                 watts += load * o.prefill_s * max(pf_w - p_b, 0.0)
@@ -1096,16 +1391,21 @@ def _predict(
             p.instances * p.option.gpus * (by_tier[p.option.tier].cost_per_gpu_hour or 0.0) for p in pools
         )
     ttfet_target, tbt_target = slo_targets(slo, ref)
-    threshold = 0
-    if main_decoder is not None and main_decoder.role == "decode":
-        threshold = conserve_threshold_tokens(
-            main_decoder,
-            main_prefill,
-            demand,
-            best_wait_mean if math.isfinite(best_wait_mean) else 0.0,
-            by_tier[main_prefill.tier].link if main_prefill else "pcie",
-            next((p.batch for p in pools if p.option is main_decoder), 0.0),
-        )
+    threshold = split.threshold_tokens
+    d_i = decode_sides_s(demand, worst_step)
+    t0_i = np.asarray(ref.ttfet_i_s if ref.ttfet_i_s else (ref.ttfet_s,) * len(shapes), dtype=float)
+    if split.local_share > 0 and main_decoder is not None:  # hybrid: local turn-1 prefills, no queue
+        local = ~split.mask
+        c_loc = np.array(
+            [main_decoder.model.prefill_time_s(max(1, round(c.turn1_tokens))) for c in shapes], dtype=float
+        )[local]
+        lam = demand.arrival_rate_per_s
+        parts.append((lam * split.local_share, 0.0, 1.0, 1.0, c_loc, local))
+    full = [(w, rho, s1, s2, c + d_i[m], np.ones(int(m.sum()))) for w, rho, s1, s2, c, m in parts]
+    ttfet_p = mixture_quantile(full, slo.percentile) if full else worst_decode_side
+    full = [(w, rho, s1, s2, c + d_i[m], t0_i[m]) for w, rho, s1, s2, c, m in parts]
+    ttfet_sd = mixture_quantile(full, slo.percentile) if full else 0.0
+    floor = tbt_floor_s(ref, slo.percentile)
     return PlanResult(
         pools=tuple(pools),
         options=tuple(options),
@@ -1114,7 +1414,10 @@ def _predict(
         reference=ref,
         ttfet_target_s=ttfet_target,
         tbt_target_s=tbt_target,
-        ttfet_p_s=worst_prefill + worst_decode_side,
+        ttfet_p_s=ttfet_p,
+        ttfet_slowdown_p=ttfet_sd,
+        tbt_slowdown_p=worst_step / floor if floor > 0 else 0.0,
+        mode=settings.mode or ("colocated" if all(p.option.role == "colocated" for p in pools) else ""),
         tbt_mean_s=worst_step,
         watts_allocated=watts_alloc,
         watts_unallocated=watts_unalloc,
@@ -1148,8 +1451,46 @@ class _Search:
     options: list[Option]
     solution: Solution
     tau_s: float
-    levels: int  # levels considered
+    levels: int  # (mode variant, decode level) candidates considered
     ilps: int  # ILPs solved (the others were pruned by their LP bound)
+    settings: Settings = field(default_factory=Settings)  # the winning variant (mode, hybrid threshold)
+    tiers: tuple[TierSupply, ...] = ()
+
+
+def colocated_roles(t: TierSupply) -> tuple[str, ...]:
+    """A tier runs colocated instances when its roles allow them (the fleet file's `roles`)."""
+    return ("colocated",) if "colocated" in t.roles else ()
+
+
+def variants(
+    tiers: Sequence[TierSupply], demand: Demand, settings: Settings
+) -> list[tuple[Settings, list[TierSupply]]]:
+    """The serving-mode variants the planner chooses among (docstring "Serving modes"): (settings with mode
+    and hybrid threshold, tiers with the roles of that mode). A settings with its mode already set is one
+    variant."""
+    if settings.mode:
+        return [(settings, list(tiers))]
+    out: list[tuple[Settings, list[TierSupply]]] = []
+    pd = [replace(t, roles=tuple(r for r in t.roles if r in ("prefill", "decode"))) for t in tiers]
+    any_pd = any("prefill" in t.roles for t in pd) and any("decode" in t.roles for t in pd)
+    for mode in settings.modes:
+        if mode == "colocated":
+            colo = [replace(t, roles=colocated_roles(t)) for t in tiers]
+            if any(t.roles for t in colo):  # no tier allows colocated instances: nothing to solve
+                out.append((replace(settings, mode=mode), colo))
+        elif mode not in ("disaggregated", "hybrid"):
+            raise PlanningError(
+                f"unknown serving mode {mode!r}. To fix: use disaggregated, hybrid or colocated."
+            )
+        elif not any_pd:  # no tier can prefill or none can decode: no pools to size
+            continue
+        elif mode == "disaggregated":
+            out.append((replace(settings, mode=mode), pd))
+        elif mode == "hybrid":
+            sample = np.asarray(demand.turn1_input_tokens, dtype=float)
+            ths = sorted({int(np.quantile(sample, q)) // 16 * 16 for q in settings.hybrid_quantiles} - {0})
+            out += [(replace(settings, mode=mode, local_prefill_below_tokens=th), pd) for th in ths]
+    return out
 
 
 def _best(
@@ -1160,47 +1501,51 @@ def _best(
     settings: Settings,
     extra_gpus: dict[str, int] | None = None,
 ) -> _Search | None:
-    """Best proven optimum over the decode levels (= one ILP with a binary choice of level).
+    """Best proven optimum over the serving-mode variants x decode levels (= one ILP with a binary choice of
+    mode, hybrid threshold and level).
 
-    Bound-and-prune over levels: every level's LP relaxation is a lower bound on its ILP; levels are solved
-    in order of their bound and the search stops once the next bound cannot beat the incumbent (ties go to
-    the larger tau, the order of the level grid). Exact: a pruned level's ILP cannot be better.
+    Bound-and-prune: every (variant, level)'s LP relaxation is a lower bound on its ILP; they are solved in
+    order of their bound and the search stops once the next bound cannot beat the incumbent (ties go to the
+    earlier variant -- disaggregated, then hybrid, then colocated -- and the larger tau). Exact: a pruned
+    candidate's ILP cannot be better.
     """
     _, tbt_target = slo_targets(slo, ref)
     levels = _levels(tbt_target, ref, settings)
-    cache: dict[tuple[int, int], _Static] = {}
-    cands: list[tuple[float, int, float, list[Option]]] = []
-    for rank, tau in enumerate(levels):
-        opts = build_options(tiers, demand, slo, ref, tau, settings, cache)
-        bound = lp_bound(opts, tiers, demand, settings, extra_gpus)
-        if math.isfinite(bound):
-            cands.append((bound, rank, tau, opts))
+    cands: list[tuple[float, int, float, list[Option], Settings, list[TierSupply]]] = []
+    vlist = variants(tiers, demand, settings)
+    for vi, (vs, vt) in enumerate(vlist):
+        cache: dict[tuple[int, int], _Static] = {}
+        for li, tau in enumerate(levels):
+            opts = build_options(vt, demand, slo, ref, tau, vs, cache)
+            bound = lp_bound(opts, vt, demand, vs, extra_gpus)
+            if math.isfinite(bound):
+                cands.append((bound, vi * len(levels) + li, tau, opts, vs, vt))
     cands.sort(key=lambda c: (c[0], c[1]))
-    best: tuple[list[Option], Solution, float, int] | None = None
+    best: tuple[list[Option], Solution, float, int, Settings, list[TierSupply]] | None = None
     ilps = 0
-    for bound, rank, tau, opts in cands:
+    for bound, rank, tau, opts, vs, vt in cands:
         if best is not None:
             tol = 1e-9 * max(1.0, abs(best[1].objective_value))
-            # a level can only win with a strictly lower objective, or an equal one at a larger tau
+            # a candidate can only win with a strictly lower objective, or an equal one at a lower rank
             if bound > best[1].objective_value + tol or (
                 bound >= best[1].objective_value - tol and rank > best[3]
             ):
                 continue
-        sol = solve(opts, tiers, demand, settings, extra_gpus)
+        sol = solve(opts, vt, demand, vs, extra_gpus)
         ilps += 1
         if sol.status != "optimal":
             continue
         if best is None:
-            best = (opts, sol, tau, rank)
+            best = (opts, sol, tau, rank, vs, vt)
             continue
         tol = 1e-9 * max(1.0, abs(sol.objective_value))
         if sol.objective_value < best[1].objective_value - tol or (
             sol.objective_value <= best[1].objective_value + tol and rank < best[3]
         ):
-            best = (opts, sol, tau, rank)
+            best = (opts, sol, tau, rank, vs, vt)
     if best is None:
         return None
-    return _Search(best[0], best[1], best[2], len(levels), ilps)
+    return _Search(best[0], best[1], best[2], len(levels) * len(vlist), ilps, best[4], tuple(best[5]))
 
 
 def reference_for(tiers: Sequence[TierSupply], demand: Demand, reference_tier: str | None) -> Reference:
@@ -1306,8 +1651,46 @@ def plan_with_reference(
     opts, sol = best.options, best.solution
     if len(merged) < len(tiers):
         opts, sol = split_merged(opts, sol, members)
-    r = _predict(opts, sol, tiers, demand, slo, ref, best.tau_s, settings, best.levels)
+    r = _predict(opts, sol, tiers, demand, slo, ref, best.tau_s, best.settings, best.levels)
     return replace(r, ilps_solved=best.ilps)
+
+
+@dataclass(frozen=True, slots=True)
+class ModeOutcome:
+    """The best plan of one serving mode (modelled), or why there is none."""
+
+    mode: str
+    result: PlanResult | None
+    reason: str = ""
+
+
+def best_per_mode(
+    tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
+) -> list[ModeOutcome]:
+    """For each mode of settings.modes, the least-objective plan of that mode alone (for the explanation)."""
+    settings = resolve_solver(settings, tiers)
+    merged, members = merge_identical_tiers(tiers)
+    out: list[ModeOutcome] = []
+    for mode in settings.modes:
+        only = replace(settings, modes=(mode,))
+        best = _best(merged, demand, slo, ref, only)
+        if best is None:
+            top = max_rate_per_s(tiers, demand, slo, only, ref)
+            out.append(
+                ModeOutcome(
+                    mode,
+                    None,
+                    f"infeasible at {demand.arrival_rate_per_s:.4g} conv/s (this mode sustains at most "
+                    f"{top:.4g} conv/s within the SLOs; modelled)",
+                )
+            )
+            continue
+        opts, sol = best.options, best.solution
+        if len(merged) < len(tiers):
+            opts, sol = split_merged(opts, sol, members)
+        r = _predict(opts, sol, tiers, demand, slo, ref, best.tau_s, best.settings, best.levels)
+        out.append(ModeOutcome(mode, r))
+    return out
 
 
 def _max_rate_model(
@@ -1343,7 +1726,8 @@ def _max_rate_model(
         terms = [opts[i].gpus * n[i] for i in idx if opts[i].tier == t.name]
         if terms:
             prob += pulp.lpSum(terms) <= t.gpus
-    prob += pulp.lpSum([lv[i] for i in idx if opts[i].does_prefill]) == lam
+    f = hybrid_split(demand, settings.local_prefill_below_tokens).local_share
+    prob += pulp.lpSum([lv[i] for i in idx if opts[i].does_prefill]) == (1.0 - f) * lam
     prob += pulp.lpSum([lv[i] for i in idx if opts[i].does_decode]) == lam
     if prefill_instances is not None:
         prob += pulp.lpSum([n[i] for i in idx if opts[i].role == "prefill"]) == prefill_instances
@@ -1373,19 +1757,22 @@ def max_rate_per_s(
     """
     settings = resolve_solver(settings, tiers)
     _, tbt_target = slo_targets(slo, ref)
-    cache: dict[tuple[int, int], _Static] = {}
-    cands: list[tuple[float, list[Option]]] = []
-    for tau in _levels(tbt_target, ref, settings):
-        opts = build_options(tiers, demand, slo, ref, tau, settings, cache)
-        built = _max_rate_model(opts, tiers, demand, settings, True, prefill_instances)
-        if built is None:
+    cands: list[tuple[float, list[Option], Settings, list[TierSupply]]] = []
+    for vs, vt in variants(tiers, demand, settings):
+        if prefill_instances is not None and vs.mode == "colocated":
             continue
-        prob, lam = built
-        prob.solve(_solver(settings, mip=False))
-        if _status_ok(prob):
-            cands.append((float(lam.value() or 0.0), opts))
+        cache: dict[tuple[int, int], _Static] = {}
+        for tau in _levels(tbt_target, ref, vs):
+            opts = build_options(vt, demand, slo, ref, tau, vs, cache)
+            built = _max_rate_model(opts, vt, demand, vs, True, prefill_instances)
+            if built is None:
+                continue
+            prob, lam = built
+            prob.solve(_solver(vs, mip=False))
+            if _status_ok(prob):
+                cands.append((float(lam.value() or 0.0), opts, vs, vt))
     best = 0.0
-    for bound, opts in sorted(cands, key=lambda c: -c[0]):
+    for bound, opts, settings, tiers in sorted(cands, key=lambda c: -c[0]):
         if bound <= best * (1 + 1e-9):
             break
         built = _max_rate_model(opts, tiers, demand, settings, False, prefill_instances)
@@ -1407,6 +1794,8 @@ def max_rate_of_counts(
 ) -> float:
     """Highest arrival rate (conv/s) a fixed set of instances sustains within the SLOs (an LP over loads)."""
     settings = resolve_solver(settings, tiers)
+    th = max((o.local_below_tokens for o in options), default=0)
+    settings = replace(settings, local_prefill_below_tokens=th, mode=settings.mode or "fixed")
     built = _max_rate_model(options, tiers, demand, settings, True, fixed_counts=counts)
     if built is None:
         return 0.0

@@ -20,14 +20,15 @@ from orchestrator.config import FleetConfig, Objective, load_fleet
 from orchestrator.fleet import Plan, save_plan
 from orchestrator.planner import (
     PlanRun,
-    Validation,
     best_homogeneous,
     caps_comparison,
     compare_homogeneous,
     make_plan,
-    validate_hook,
-    validate_plan,
+    mode_plan,
+    mode_text,
+    modes_json,
 )
+from orchestrator.verify import Validation, verify
 from placement.errors import PlanningError
 
 JSON_SCHEMA_VERSION = 1
@@ -60,8 +61,11 @@ def _pool_table(plan: Plan, title: str) -> Table:
     return t
 
 
-def _totals_table(plans: list[tuple[str, Plan]]) -> Table:
+def _totals_table(
+    plans: list[tuple[str, Plan]], verified: dict[str, Validation | None] | None = None
+) -> Table:
     t = Table(title="Totals (modelled, not measured)", title_justify="left")
+    verified = verified or {}
     t.add_column("")
     for name, _ in plans:
         t.add_column(name, justify="right")
@@ -91,6 +95,15 @@ def _totals_table(plans: list[tuple[str, Plan]]) -> Table:
             f"{_fmt(p.predictions.slo_tbt_slowdown)}x)"
         ),
     )
+    names = iter([n for n, _ in plans])
+    add(
+        "SLO met (simulated, steady state)",
+        lambda p: _slo_met(verified.get(n := next(names)), n == "plan"),
+    )
+    add(
+        "SLO met (modelled prediction)",
+        lambda p: "yes" if _predicted_met(p) else "NO",
+    )
     add("ConServe local-prefill threshold", lambda p: f"{p.predictions.conserve_threshold_tokens:,} tokens")
     add("$/hour", lambda p: _fmt(p.predictions.cost_per_hour, ",.2f"))
     add("solver / status / s", lambda p: f"{p.solver} / {p.status} / {p.solve_time_s:.2f}")
@@ -99,34 +112,33 @@ def _totals_table(plans: list[tuple[str, Plan]]) -> Table:
     return t
 
 
-def _validate(cfg: FleetConfig, run: PlanRun, quiet: bool) -> Validation:
-    """Simulate the plan (orchestrator.planner.validate_plan) with a progress bar on stderr for people."""
-    if quiet:
-        return validate_plan(cfg, run)
+def _verify(cfg: FleetConfig, run: PlanRun, replan: Any, seeds: int) -> tuple[PlanRun, Validation]:
+    """The verification loop (orchestrator.verify.verify) with a progress bar on stderr."""
     with Progress(
-        TextColumn("simulating the plan"),
+        TextColumn("verifying the plan in the simulator"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=err_console,
         transient=True,
     ) as bar:
-        task = bar.add_task("sim", total=run.stats.conversations)
+        task = bar.add_task("sim", total=None)
 
         def tick(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        return validate_plan(cfg, run, progress=tick)
+        return verify(cfg, run, replan, tuple(range(seeds)), progress=tick)
 
 
 def _validation_table(v: Validation) -> Table:
     t = Table(
         title=(
-            f"Validation: predicted vs simulated ({v.policy}, {v.conversations} conversations at "
-            f"{v.arrival_rate_per_s:.4g} conv/s, seed {v.seed}, every turn 1 on a prefiller as sized; "
-            f"arrivals span {v.arrival_span_s:.0f} s of a {v.run_s:.0f} s run; both modelled -- the "
-            "simulator steps the same tier models with the online policy; "
-            f"{v.slo_violation_pct:.1f}% of simulated conversations miss an SLO)"
+            f"Verified in the simulator: predicted vs simulated ({v.policy}, {len(v.seeds)} seeds x "
+            f"{v.conversations} conversations at {v.arrival_rate_per_s:.4g} conv/s; steady state: "
+            f"{v.steady.conversations} conversations arriving in [{v.window_s[0]:.0f} s, "
+            f"{v.window_s[1]:.0f} s], ramp-up ({v.ramp_up.conversations}) and drain "
+            f"({v.drain.conversations}) excluded; both modelled -- the simulator steps the same tier models "
+            "with the online policy)"
         ),
         title_justify="left",
     )
@@ -139,7 +151,29 @@ def _validation_table(v: Validation) -> Table:
             else "-"
         )
         t.add_row(r.metric, _fmt(r.predicted, ".4g"), _fmt(r.simulated, ".4g"), ratio, r.note)
+    t.add_row(
+        "SLO violations %",
+        "-",
+        f"{v.slo_violation_pct:.1f}",
+        "-",
+        f"allowed {v.allowance_pct:g}%; ramp-up {v.ramp_up.slo_violation_pct:.1f}%, drain "
+        f"{v.drain.slo_violation_pct:.1f}% (reported, not judged)",
+    )
     return t
+
+
+def _predicted_met(p: Plan) -> bool:
+    d = p.predictions
+    ok_ttfet = d.slo_ttfet_slowdown is None or d.ttfet_p95_slowdown <= d.slo_ttfet_slowdown + 1e-9
+    ok_tbt = d.slo_tbt_slowdown is None or d.tbt_slowdown <= d.slo_tbt_slowdown + 1e-9
+    return ok_ttfet and ok_tbt
+
+
+def _slo_met(v: Validation | None, own: bool = True) -> str:
+    if v is None:
+        return "not verified (--no-verify)" if own else "not simulated"
+    word = "yes" if v.holds else "NO"
+    return f"{word}: {v.slo_violation_pct:.1f}% miss (<= {v.allowance_pct:g}% allowed), simulated"
 
 
 def register(app: typer.Typer) -> None:
@@ -166,8 +200,19 @@ def register(app: typer.Typer) -> None:
             False, "--max-rate", help="plan for the highest arrival rate the fleet sustains within the SLOs"
         ),
         validate: bool = typer.Option(
-            False, "--validate", help="simulate the plan on the workload and print predicted vs simulated"
+            False,
+            "--validate",
+            help="verify the plan in the simulator (the default; kept for scripts; excludes --no-verify)",
         ),
+        no_verify: bool = typer.Option(
+            False, "--no-verify", help="skip the simulator verification loop (faster; figures only modelled)"
+        ),
+        modes: str = typer.Option(
+            "disaggregated,hybrid,colocated",
+            "--modes",
+            help="serving modes the ILP chooses among (comma-separated subset)",
+        ),
+        seeds: int = typer.Option(3, "--seeds", help="arrival streams (seeds) the verification simulates"),
     ) -> None:
         """Size prefill/decode pools per GPU tier and power cap for a workload and SLOs (PuLP ILP)."""
         if solver.lower() not in ("highs", "cbc", "auto"):
@@ -176,10 +221,30 @@ def register(app: typer.Typer) -> None:
             fail(f"--time-limit must be > 0 seconds, got {time_limit}.")
         if rate is not None and max_rate:
             fail("--rate and --max-rate exclude each other. To fix: pass one of them.")
+        if validate and no_verify:
+            fail("--validate and --no-verify exclude each other. To fix: pass one of them.")
+        if seeds < 1:
+            fail(f"--seeds must be >= 1, got {seeds}. To fix: pass --seeds 3.")
         cfg = load_fleet(fleet)
-        run = make_plan(
-            cfg, objective, solver.lower(), time_limit, str(fleet), rate_per_s=rate, max_rate=max_rate
-        )
+        mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+
+        def replan(ttfet_factor: float = 1.0, tbt_factor: float = 1.0) -> PlanRun:
+            return make_plan(
+                cfg,
+                objective,
+                solver.lower(),
+                time_limit,
+                str(fleet),
+                rate_per_s=rate,
+                max_rate=max_rate,
+                slo_factors=(ttfet_factor, tbt_factor),
+                modes=mode_list,
+            )
+
+        run = replan()
+        validation: Validation | None = None
+        if not no_verify:
+            run, validation = _verify(cfg, run, replan, seeds)
         homog: list[tuple[str, PlanRun | None, str]] = []
         if compare:
             # at the plan's rate (below the requested one for a finite run above capacity)
@@ -188,11 +253,6 @@ def register(app: typer.Typer) -> None:
         caps = caps_comparison(cfg, run, objective, solver.lower(), time_limit)
         if out is not None:
             save_plan(run.plan, out)
-        validation: Validation | None = None
-        if validate:
-            if validate_hook() is None:
-                fail("--validate needs orchestrator.sim (the simulator), which this build lacks.")
-            validation = _validate(cfg, run, json_out)
         if json_out:
             doc: dict[str, Any] = {"schema_version": JSON_SCHEMA_VERSION, "plan": run.plan.to_dict()}
             doc["workload"] = {
@@ -210,6 +270,11 @@ def register(app: typer.Typer) -> None:
                     for n, r, e in homog
                 ]
                 doc["best_homogeneous"] = best[0] if best else None
+            doc["serving_mode"] = run.result.mode
+            doc["modes"] = modes_json(run)
+            if compare:
+                colo = mode_plan(cfg, run, "colocated")
+                doc["best_colocated"] = colo.to_dict() if colo else None
             doc["caps_comparison"] = caps
             doc["out"] = str(out) if out else None
             doc["validated"] = validation is not None
@@ -252,7 +317,19 @@ def register(app: typer.Typer) -> None:
                     _pool_table(best[1].plan, f"Best single-tier plan: {best[0]} (same GPU budget)")
                 )
                 plans.append((f"all-{best[0]}", best[1].plan))
-        console.print(_totals_table(plans))
+            colo = mode_plan(cfg, run, "colocated")
+            if colo is not None and run.result.mode != "colocated":
+                console.print(_pool_table(colo, "Best colocated plan (same fleet)"))
+                plans.append(("colocated", colo))
+            elif colo is None:
+                console.print("[yellow]colocated:[/] no colocated plan meets the SLOs here (modelled)")
+        console.print(f"Serving mode: [bold]{mode_text(run.result)}[/]", highlight=False)
+        console.print(_totals_table(plans, {"plan": validation}))
+        if validation is not None and not validation.holds:
+            console.print(
+                Panel(validation.status, title="SLO NOT MET in the simulator", border_style="bold red"),
+                soft_wrap=True,
+            )
         if compare:
             best = best_homogeneous(homog)
             if best is not None:
@@ -276,7 +353,7 @@ def register(app: typer.Typer) -> None:
         if validation is not None:
             console.print(_validation_table(validation))
         else:
-            console.print("Check it in the simulator with --validate.", style="dim")
+            console.print("Not verified in the simulator (--no-verify): modelled figures only.", style="dim")
         if out is not None:
             console.print(f"Plan written to {out}")
 

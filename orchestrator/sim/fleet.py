@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from orchestrator.config import FleetConfig
 from orchestrator.errors import ConfigError, SimulationError
 from orchestrator.fleet import InstanceSpec, Plan, find_tier, instances_from_plan, tier_model
+from orchestrator.planner import make_plan  # one direction only: the planner never imports the simulator
 from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.result import SimResult
 from orchestrator.workload import ConversationSpec, poisson_arrivals, workload_from_config
@@ -139,8 +140,6 @@ def build_instances(
         return instances_from_layout(cfg, parse_layout(layout, cfg))
     if plan is not None:
         return instances_from_plan(cfg, plan)
-    from orchestrator.planner import make_plan
-
     run = make_plan(cfg, rate_per_s=rate)
     return instances_from_plan(cfg, run.plan)
 
@@ -165,6 +164,9 @@ def simulate_fleet(
 
     Without a plan or layout the ILP plans the fleet now, for `plan_rate` (default: `rate`, else the file's).
     """
+    if plan is None and layout is None:
+        # the ILP's plan, made now; kept so its hybrid threshold is applied like a --plan file's
+        plan = make_plan(cfg, rate_per_s=plan_rate if plan_rate is not None else rate).plan
     insts = build_instances(cfg, plan, layout, policy_name, plan_rate if plan_rate is not None else rate)
     convs = list(conversations) if conversations is not None else fleet_workload(cfg, rate, seed)
     if conversations is not None and rate is not None:

@@ -20,39 +20,44 @@ def _run(*args: str):  # noqa: ANN202
 
 @pytest.fixture(scope="module")
 def example_json(repo_root: Path) -> dict:
-    res = _run("--fleet", str(repo_root / "examples" / "fleet.yaml"), "--json", "--compare-homogeneous")
+    # --no-verify: these tests check the ILP's modelled plan; the verification loop has its own tests
+    fleet = str(repo_root / "examples" / "fleet.yaml")
+    res = _run("--fleet", fleet, "--json", "--compare-homogeneous", "--no-verify")
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
-
-
-def _cheapest_prefill_tier(repo_root: Path) -> str:
-    from orchestrator.config import load_fleet
-    from orchestrator.fleet import allowed_caps_w, tier_model
-
-    cfg = load_fleet(repo_root / "examples" / "fleet.yaml")
-    median = cfg.workload.synthetic.turn1_input_tokens_median
-    costs = {
-        (t.name, cap): tier_model(cfg, t.name, cap).prefill_energy_j(median)
-        for t in cfg.tiers
-        for cap in allowed_caps_w(t)
-    }
-    return min(costs, key=costs.__getitem__)[0]
 
 
 def test_example_plan_shape(example_json: dict, repo_root: Path) -> None:
     plan = example_json["plan"]
     pre = {p["tier"] for p in plan["pools"] if p["role"] == "prefill" and p["instances"] > 0}
     dec = {p["tier"] for p in plan["pools"] if p["role"] == "decode" and p["instances"] > 0}
-    # Decode goes to the memory-rich tier (most KV per GPU). Prefill goes first to the tier and cap with
-    # the lowest modelled joules per turn-1 prefill: with the per-GPU calibration (AIConfigurator tables
-    # for H200/H100, the L40S fallback for L4) that is h200 at 500 W (~116 J for 15.9k tokens vs ~130 J
-    # on l4), not the compute-dense l4 the roofline alone suggested; the tier model decides.
+    # Decode goes to the memory-rich tier (most KV per GPU).
     assert dec == {"h200"}
-    assert _cheapest_prefill_tier(repo_root) in pre
+    assert pre and pre <= {"h200", "h100", "l4"}
     assert plan["status"] == "optimal"
     assert plan["predictions"]["gpus_used"] <= plan["predictions"]["gpus_available"]
+    # The prefill side is the ILP's least-energy choice under the per-conversation TTFET model (queueing
+    # decides how many instances a tier needs, not only its joules per prefill): taking the chosen prefill
+    # tier(s) away never gives a plan that draws less.
+    from orchestrator.config import load_fleet
+    from orchestrator.planner import make_plan
+
+    cfg = load_fleet(repo_root / "examples" / "fleet.yaml")
+    without = [t if t.name not in pre else t.model_copy(update={"roles": ["decode"]}) for t in cfg.tiers]
+    alt = make_plan(cfg.model_copy(update={"tiers": without}))
+    assert alt.plan.predictions.watts_total >= plan["predictions"]["watts_total"] - 1e-6
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "with the per-conversation SLO model and the hybrid mode the least-energy plan of "
+        "examples/fleet.yaml uses h200 only (1 prefill @500 W + 4 hybrid decoders @500 W, 2,378 W, "
+        "302.75 tokens/J, modelled), "
+        "which the all-h200 single-tier plan matches exactly (302.75): the heterogeneous fleet no longer "
+        "beats it on this workload"
+    ),
+)
 def test_example_beats_best_homogeneous(example_json: dict) -> None:
     best = example_json["best_homogeneous"]
     assert best is not None
@@ -67,7 +72,7 @@ def test_example_beats_best_homogeneous(example_json: dict) -> None:
 
 def test_table_output_and_out_file(repo_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "plan.yaml"
-    res = _run("--fleet", str(repo_root / "examples" / "fleet.yaml"), "--out", str(out))
+    res = _run("--fleet", str(repo_root / "examples" / "fleet.yaml"), "--out", str(out), "--no-verify")
     assert res.exit_code == 0, res.output
     assert "tokens/J (modelled)" in res.stdout and "Pools" in res.stdout
     assert load_plan(out).status == "optimal"
@@ -103,15 +108,19 @@ def test_infeasible_fleet_exit_1_with_diagnosis(tmp_path: Path) -> None:
     res = _run("--fleet", str(f))
     assert res.exit_code == 1
     assert "To fix: add" in res.stderr and "short by" in res.stderr
-    res = _run("--fleet", str(f), "--max-rate", "--json")
+    res = _run("--fleet", str(f), "--max-rate", "--json", "--no-verify")
     assert res.exit_code == 0, res.output
     assert 0 < json.loads(res.stdout)["plan"]["predictions"]["arrival_rate_per_s"] < 5.0
 
 
 def test_paper_example(repo_root: Path, shared_data: Path) -> None:
-    """The paper's 4 x A40 at 1.634 conv/s: a finite burst above the modelled steady-state capacity."""
+    """The paper's 4 x A40 at 1.634 conv/s: a finite burst above the modelled steady-state capacity.
+
+    Among prefill/decode pools (the paper's design space, --modes disaggregated) the planner finds the
+    paper's 1 + 3 split with 200 W decoders; with every mode allowed it may choose another (colocated wins
+    on the honest clock, DESIGN.md section 1) -- tested in tests/cli/test_plan_modes.py."""
     fleet = str(repo_root / "examples" / "paper-a40.yaml")
-    res = _run("--fleet", fleet, "--json")
+    res = _run("--fleet", fleet, "--json", "--no-verify", "--modes", "disaggregated")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     plan = doc["plan"]
@@ -134,7 +143,7 @@ def test_paper_example(repo_root: Path, shared_data: Path) -> None:
     assert caps["watts_total_decoders_at_tdp"] > caps["watts_total"]
     assert caps["watts_saved_by_decoder_caps"] > 0
     # --max-rate still plans the steady-state maximum, with the same split
-    res = _run("--fleet", fleet, "--max-rate", "--json")
+    res = _run("--fleet", fleet, "--max-rate", "--json", "--no-verify", "--modes", "disaggregated")
     assert res.exit_code == 0, res.output
     mr = json.loads(res.stdout)["plan"]
     assert mr["finite_run"] is None
@@ -154,7 +163,7 @@ def _small_fleet(tmp_path: Path, conversations: int | None, rate: float, count: 
 
 def test_finite_run_above_capacity_is_planned_with_a_prominent_overload(tmp_path: Path) -> None:
     f = _small_fleet(tmp_path, 60, 5.0)
-    res = _run("--fleet", str(f), "--json")
+    res = _run("--fleet", str(f), "--json", "--no-verify")
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout)["plan"]
     fr = plan["finite_run"]
@@ -169,7 +178,7 @@ def test_finite_run_above_capacity_is_planned_with_a_prominent_overload(tmp_path
     assert dec_rate == pytest.approx(plan["predictions"]["arrival_rate_per_s"], rel=1e-4)
     # people see it before the table; the plan file keeps it
     out = tmp_path / "plan.yaml"
-    res = _run("--fleet", str(f), "--out", str(out))
+    res = _run("--fleet", str(f), "--out", str(out), "--no-verify")
     assert res.exit_code == 0, res.output
     assert "OVERLOAD" in res.stdout.split("Pools")[0]
     loaded = load_plan(out)
@@ -180,7 +189,7 @@ def test_finite_run_above_capacity_is_planned_with_a_prominent_overload(tmp_path
 
 
 def test_finite_run_within_capacity_has_no_overload(tmp_path: Path) -> None:
-    res = _run("--fleet", str(_small_fleet(tmp_path, 40, 0.1)), "--json")
+    res = _run("--fleet", str(_small_fleet(tmp_path, 40, 0.1)), "--json", "--no-verify")
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout)["plan"]
     assert plan["finite_run"] is None
@@ -194,13 +203,15 @@ def test_validate_simulates_the_plan(tmp_path: Path) -> None:
     doc = json.loads(res.stdout)
     assert doc["validated"] is True
     v = doc["validation"]
-    assert v["conversations"] == 24 and v["arrival_rate_per_s"] == pytest.approx(0.1)
+    # the verification simulates a steady stream of the file's conversations (at least its 24), 3 seeds
+    assert v["conversations"] >= 24 and v["arrival_rate_per_s"] == pytest.approx(0.1)
+    assert v["seeds"] == [0, 1, 2]
     m = v["metrics"]
-    for key in ("p95 TTFET s", "mean TBT ms", "tokens/J", "prefill utilisation", "decode busy fraction"):
+    for key in ("p95 TTFET s", "p95 TTFET slowdown", "mean TBT ms", "tokens/J", "decode busy fraction"):
         assert m[key]["predicted"] is not None and m[key]["predicted"] > 0
         assert m[key]["simulated"] is not None and m[key]["simulated"] > 0
     assert m["tokens/J"]["predicted"] == doc["plan"]["predictions"]["tokens_per_j"]
     assert 0 <= v["slo_violation_pct"] <= 100
     res = _run("--fleet", str(f), "--validate")
     assert res.exit_code == 0, res.output
-    assert "Validation: predicted vs simulated" in res.stdout
+    assert "Verified in the simulator: predicted vs simulated" in res.stdout

@@ -125,8 +125,10 @@ def test_plan_properties() -> None:
     assert pre == pytest.approx(0.6) and dec == pytest.approx(0.6)
     assert all(0 <= p.utilisation <= 1 + 1e-6 for p in r.pools)
     assert all(p.kv_occupancy <= 0.9 + 1e-6 for p in r.pools)  # kappa
-    assert r.ttfet_p_s <= r.ttfet_target_s * (1 + 1e-6)
+    # the SLO is per conversation: the p-th percentile of each conversation's TTFET / its own standalone
+    assert 0 < r.ttfet_slowdown_p <= ilp.Slo().ttfet_slowdown * (1 + 1e-6)
     assert r.tbt_mean_s <= r.tbt_target_s * (1 + 1e-6)
+    assert 0 < r.tbt_slowdown_p <= ilp.Slo().tbt_slowdown * (1 + 1e-6)
 
 
 def test_more_options_never_cost_more() -> None:
@@ -196,18 +198,22 @@ def test_unknown_solver_and_cost_without_prices() -> None:
 
 
 def test_decoder_power_uses_the_planned_context_and_200w_caps_save_energy() -> None:
-    """Decode draw is priced at the planned resident KV (batch x mean context), not the tier model's no-KV
-    default; with it, a 200 W decoder cap on the A40 lowers predicted watts while decode barely slows."""
+    """Decode draw is priced at the planned KV (active batch x mean context), not the tier model's no-KV
+    default, with Poisson occupancy (no active sequence with probability exp(-B): idle draw); with it, a
+    200 W decoder cap on the A40 lowers predicted watts while decode barely slows."""
     demand = _demand(0.5)
     tdp_only = ilp.plan(_fleet(a40=4, l40s=0, caps=[300]), demand, ilp.Slo(), ilp.Settings())
     dec = [p for p in tdp_only.pools if p.option.role == "decode"]
     assert dec
     for p in dec:
         m = p.option.model
-        no_kv = m.decode_power_w(max(1, round(p.batch)))
-        with_kv = m.decode_power_w(max(1, round(p.batch)), int(p.batch * demand.decode_context_tokens))
+        busy = 1.0 - math.exp(-p.batch)
+        b_busy = p.batch / busy  # mean batch while the decoder has work
+        no_kv = m.decode_power_w(max(1, round(b_busy)))
+        with_kv = m.decode_power_w(max(1, round(b_busy)), int(b_busy * demand.decode_context_tokens))
         assert with_kv > no_kv  # memory traffic is most of decode power
-        assert p.watts / p.instances == pytest.approx(with_kv, rel=1e-9)
+        expected = busy * with_kv + (1.0 - busy) * m.idle_w
+        assert p.watts / p.instances == pytest.approx(expected, rel=1e-9)
         assert p.option.fixed_w == pytest.approx(ilp.decode_power_at_w(m, demand, 1.0))
         assert with_kv > 200.0  # above the cap, so the cap has something to save
     capped = ilp.plan(_fleet(a40=4, l40s=0, caps=[300, 200]), demand, ilp.Slo(), ilp.Settings())
@@ -223,13 +229,15 @@ def test_decoder_power_uses_the_planned_context_and_200w_caps_save_energy() -> N
 
 
 def _exhaustive_levels(tiers: list[ilp.TierSupply], demand: ilp.Demand, s: ilp.Settings) -> float:
-    """Min over every decode level of the proven ILP optimum (no LP-bound pruning, no tier merging)."""
+    """Min over every serving-mode variant and decode level of the proven ILP optimum (no LP-bound pruning,
+    no tier merging)."""
     ref = ilp.reference_for(tiers, demand, None)
     best = math.inf
-    for tau in ilp._levels(ilp.slo_targets(ilp.Slo(), ref)[1], ref, s):
-        sol = ilp.solve(ilp.build_options(tiers, demand, ilp.Slo(), ref, tau, s), tiers, demand, s)
-        if sol.status == "optimal":
-            best = min(best, sol.objective_value)
+    for vs, vt in ilp.variants(tiers, demand, s):
+        for tau in ilp._levels(ilp.slo_targets(ilp.Slo(), ref)[1], ref, vs):
+            sol = ilp.solve(ilp.build_options(vt, demand, ilp.Slo(), ref, tau, vs), vt, demand, vs)
+            if sol.status == "optimal":
+                best = min(best, sol.objective_value)
     return best
 
 
@@ -297,7 +305,8 @@ def test_burst_fluid_model() -> None:
 def test_split_rates_with_fixed_prefill_count() -> None:
     tiers = _fleet(a40=4, l40s=0)
     demand = _demand(0.5)
-    s = ilp.Settings()
+    # prefill/decode splits: the modes with prefill instances (colocated has none to count)
+    s = ilp.Settings(modes=("disaggregated", "hybrid"))
     ref = ilp.reference_for(tiers, demand, None)
     top = ilp.max_rate_per_s(tiers, demand, ilp.Slo(), s, ref)
     by_k = [ilp.max_rate_per_s(tiers, demand, ilp.Slo(), s, ref, prefill_instances=k) for k in (1, 2, 3)]
