@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     if name == "router":
                         rep["router_cpu_us_per_req"] = (_cpu_s(router.pid) - cpu0["router"]) / n * 1e6
-                        # the ledger writer process (ProcessLedgerWriter), 0 with the thread writer
+                        # the ledger writer process (orchestrator/ledger_writer.py), 0 with the thread writer
                         rep["ledger_process_cpu_us_per_req"] = (_tree_cpu_s(kids) - cpu0["kids"]) / n * 1e6
                 rep["ratio"] = rep["router_req_per_s"] / rep["direct_req_per_s"]
                 rep["floor_ratio"] = rep["floor_req_per_s"] / rep["direct_req_per_s"]

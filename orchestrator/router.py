@@ -13,7 +13,8 @@ One policy, two drivers: this module and the simulator build a :class:`placement
    (from its prefix cache for later turns);
 4. streams the decoder's chunks back, timing the first token, every token gap and the last token;
 5. records the turn (a :class:`energy.records.TurnRecord`) and pins (``PinRecord``) through a
-   :class:`TurnSink` that must not block (the runtime's background SQL writer).
+   :class:`TurnSink` that must not block (the runtime's background SQL writer); with ``durability`` given,
+   an answered turn's last byte waits until that record is committed.
 
 Final turn: a turn whose ``finish_reason`` is ``"stop"`` with no tool calls, or that the client marks final
 (``X-Conversation-Final: true`` header or body ``"conserve": {"final": true}``, parsed by the API). TTFET is
@@ -40,7 +41,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -349,6 +350,7 @@ class Router:
         pin_lookup: PinLookup | None = None,
         clock: Callable[[], float] = time.time,
         kv_capacity_tokens: Mapping[str, int] | None = None,
+        durability: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if not engines:
             raise EngineUnavailable(
@@ -360,6 +362,9 @@ class Router:
         self.observer: RouterObserver = observer or _NullObserver()
         self.pin_lookup = pin_lookup
         self.clock = clock
+        # awaited between recording an answered turn and its last byte: the record is durable by then
+        # (the runtime's LedgerWriter.wait_durable; None: no wait)
+        self.durability = durability
         caps = kv_capacity_tokens or {}
         self._instances: dict[str, _Instance] = {
             iid: _Instance(
@@ -716,6 +721,8 @@ class Router:
                     self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
                     raise
                 self._finish(conv, treq, att, arrival_s, status, inp.client_final)
+                if self.durability is not None:
+                    await self.durability()  # the turn's record is committed before its last byte leaves
                 if sse:
                     held.append(SSE_DONE)
                     yield b"".join(held)

@@ -1,0 +1,415 @@
+"""The ledger writer of `serve`: turns, pins and energy jobs written off the event loop, in group commits.
+
+The router hands records to a :class:`LedgerWriter` (its ``TurnSink``): ``turn()`` and ``pin()`` only append
+to a deque. One committer thread takes everything queued (up to ``batch_max`` records) as one batch and runs
+it in a one-worker ``concurrent.futures`` executor: a ``ProcessPoolExecutor`` (default) or, for an in-memory
+SQLite ledger that another process cannot open, a ``ThreadPoolExecutor``. The worker writes the batch with a
+:class:`LedgerBatchWriter` (pins, then turns, in one transaction each; then the energy jobs). Records queued
+while a batch commits form the next batch: a group commit, one transaction however many turns wait.
+
+Durability. ``await wait_durable()`` returns once everything queued before the call is committed. The
+router awaits it after recording a successful turn and before the turn's last byte (``[DONE]``, or the JSON
+body) leaves, so a client never holds an answer the ledger could lose (issue 13 item 4).
+
+Why a process: a writer *thread* doing ~70-100 us of SQLAlchemy work per turn competes with the event loop
+for the GIL; an I/O-bound loop thread that gives the GIL up at every await waits up to the switch interval
+(5 ms) to get it back (the convoy effect), which showed as 7-100 ms TTFT p99 in benchmarks/bench_router.py.
+The worker process runs at nice ``LEDGER_PROCESS_NICE``.
+
+Failures:
+
+- SQL errors (PostgreSQL down): the worker retries the batch with back-off (up to 5 s between tries) and
+  never drops it while serving; answers waiting for it wait. After ``close()`` it gives up once the back-off
+  reached 5 s, logging what it gave up. Turns whose request_id is already in the ledger
+  (:class:`energy.errors.DuplicateTurnError`) are skipped, the rest of the batch is written.
+- The worker process dies (killed, out of memory): the pool breaks (``BrokenProcessPool``; the executor reaps
+  the dead process). The committer starts a new pool and submits the batch again; turns the dead worker had
+  committed are skipped as duplicates (a pin of that batch may be stored twice; the latest pin is the same).
+  An energy job in flight is not repeated (its samples could be written twice): it is counted as failed.
+  After ``MAX_RESTARTS_IN_ROW`` deaths without a batch written, the writer uses a thread of this process.
+
+Must not import fastapi.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from energy.errors import DuplicateTurnError, EnergyError
+from energy.records import PinRecord, TurnRecord, turn_from_wire, turn_to_wire
+
+log = logging.getLogger("conserve.ledger_writer")
+
+__all__ = ["LedgerWriter", "LedgerBatchWriter", "BatchResult", "LEDGER_PROCESS_NICE"]
+
+# Niceness of the writer process: background work, the serving process gets a CPU first. Not SCHED_IDLE (the
+# writer's class until issue 13): with answers waiting for their commit, a writer that runs only on an idle
+# CPU holds every answer for as long as the host is busy (CI saw a SCHED_IDLE writer wait 90 s).
+LEDGER_PROCESS_NICE = 10
+# A dead worker is replaced this many times in a row (no batch written in between), then the writer runs
+# in a thread of the serving process (the GIL cost above, but nothing is lost).
+MAX_RESTARTS_IN_ROW = 3
+# With nothing to write, the committer checks the worker is alive this often, so a killed worker is
+# replaced before the next turn needs it (starting one takes ~1 s of imports).
+HEALTH_CHECK_S = 1.0
+# Back-off of a failed batch: first wait, and the cap (also the point where shutdown gives up).
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 5.0
+
+_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one batch did (the worker returns it; the parent sums them)."""
+
+    turns: int = 0
+    pins: int = 0
+    failed_batches: int = 0  # failed tries (each retried)
+    samples: int = 0
+    attributions: int = 0
+    failed_energy_jobs: int = 0
+    last_error: str | None = None
+    pid: int = 0
+
+
+class LedgerBatchWriter:
+    """Writes batches of records synchronously: pins, then turns (retried with back-off, duplicates skipped),
+    then energy jobs. ``closing`` (an Event) set: a failing batch is given up once the back-off is at its cap.
+    """
+
+    def __init__(self, ledger: Any, closing: Any = None) -> None:
+        self.ledger = ledger
+        self.closing = closing if closing is not None else threading.Event()
+
+    def write_batch(self, records: Sequence[Any]) -> BatchResult:
+        pins: list[PinRecord] = []
+        turns: list[TurnRecord] = []
+        jobs: list[Any] = []
+        for rec in records:
+            if type(rec) is tuple:  # a turn as turn_to_wire made it
+                turns.append(turn_from_wire(rec))
+            elif isinstance(rec, TurnRecord):
+                turns.append(rec)
+            elif isinstance(rec, PinRecord):
+                pins.append(rec)
+            else:
+                jobs.append(rec)
+        stats = {"turns": 0, "pins": 0, "failed_batches": 0, "last_error": None}
+        self._write(pins, turns, stats)
+        n_samples = n_rows = failed_jobs = 0
+        for job in jobs:
+            try:
+                from energy.accounting import run_energy_job
+
+                s, r = run_energy_job(self.ledger, job)
+                n_samples, n_rows = n_samples + s, n_rows + r
+            except Exception as err:  # noqa: BLE001 - SQL or conservation errors: logged, the writer goes on
+                # not retried: samples and rows are separate transactions, a retry could write samples twice
+                failed_jobs += 1
+                stats["last_error"] = f"energy attribution failed: {type(err).__name__}: {err}"
+                log.error("%s (%d intervals not attributed)", stats["last_error"], len(job.intervals))
+        return BatchResult(
+            samples=n_samples, attributions=n_rows, failed_energy_jobs=failed_jobs, pid=os.getpid(), **stats
+        )
+
+    def _write(self, pins: list[PinRecord], turns: list[TurnRecord], stats: dict[str, Any]) -> None:
+        delay_s = RETRY_FIRST_S
+        while pins or turns:
+            try:
+                if pins:
+                    self.ledger.record_pins(pins)
+                    stats["pins"] += len(pins)
+                    pins = []
+                if turns:
+                    self.ledger.record_turns(turns)
+                    stats["turns"] += len(turns)
+                    turns = []
+            except DuplicateTurnError as err:  # already written (e.g. by a worker that died after its commit)
+                log.warning("ledger: %s; writing the rest", err)
+                stats["last_error"] = str(err)
+                turns = [t for t in turns if t.request_id not in err.request_ids]
+            except EnergyError as err:
+                stats["failed_batches"] += 1
+                stats["last_error"] = str(err)
+                if self.closing.is_set() and delay_s >= RETRY_MAX_S:
+                    log.error("ledger write failed at shutdown: giving up %d pins and %d turns: %s",
+                              len(pins), len(turns), err)  # fmt: skip
+                    return
+                log.error("ledger write failed (retrying in %.2f s): %s", delay_s, err)
+                time.sleep(delay_s)
+                delay_s = min(RETRY_MAX_S, delay_s * 2)
+
+
+# ---- the worker process's side -----------------------------------------------------------------------
+
+_worker: LedgerBatchWriter | None = None
+
+
+def _worker_init(url: str, run_id: str, policy: str | None, kind: str, closing: Any) -> None:
+    """Initializer of the pool's worker process: its own ledger connection, background CPU priority. It
+    ignores SIGINT/SIGTERM (Ctrl-C or `timeout` signal the whole process group): the server closes it after
+    its last records."""
+    import signal
+
+    from energy.ledger import Ledger
+    from energy.records import RunKind
+
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        if os.getpriority(os.PRIO_PROCESS, 0) < LEDGER_PROCESS_NICE:
+            os.setpriority(os.PRIO_PROCESS, 0, LEDGER_PROCESS_NICE)
+    _worker = LedgerBatchWriter(Ledger(url, run_id=run_id, policy=policy, kind=RunKind(kind)), closing)
+
+
+def _worker_write(records: Sequence[Any]) -> BatchResult:
+    assert _worker is not None, "ledger worker not initialised"
+    return _worker.write_batch(records)
+
+
+# ---- the serving process's side ------------------------------------------------------------------------
+
+
+class LedgerWriter:
+    """TurnSink of `serve`: records queued on the event loop, written in group commits by an executor."""
+
+    def __init__(
+        self,
+        ledger: Any,
+        *,
+        process: bool = True,
+        batch_max: int = 500,
+        flush_interval_s: float = 0.25,
+    ) -> None:
+        self.ledger = ledger  # the serving process's ledger (the thread executor's)
+        self.batch_max = batch_max
+        self.flush_interval_s = flush_interval_s
+        self.written_turns = 0
+        self.written_pins = 0
+        self.failed_batches = 0
+        self.written_samples = 0
+        self.written_attributions = 0
+        self.failed_energy_jobs = 0
+        self.restarts = 0  # dead workers replaced
+        self.batches = 0  # batches of turns and pins written (one transaction each, retries aside)
+        self.last_error: str | None = None
+        self.pid: int | None = None  # the worker process (None: not started yet, or a thread)
+        self._buf: deque[Any] = deque()  # appended anywhere, popped by the committer only
+        self._wake = threading.Event()
+        self._closed = False
+        self._in_flight = 0
+        self._process = process
+        self._executor, self._write_fn, self._closing = self._new_executor()
+        self._thread = threading.Thread(target=self._commit_loop, name="conserve-ledger-writer", daemon=True)
+        self._thread.start()
+        # A server that exits without close(): write what is queued before concurrent.futures shuts its
+        # executors down at interpreter exit (its hook runs in threading's exit hooks, last registered first).
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            register(self._close_at_exit)
+        else:  # pragma: no cover - CPython has had it since 3.9
+            import atexit
+
+            atexit.register(self._close_at_exit)
+
+    def _new_executor(self) -> tuple[Executor, Callable[[Sequence[Any]], BatchResult], Any]:
+        if not self._process:
+            local = LedgerBatchWriter(self.ledger)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="conserve-ledger-sql")
+            return pool, local.write_batch, local.closing
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and an event loop
+        closing = ctx.Event()
+        led = self.ledger
+        pool = ProcessPoolExecutor(
+            1,
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(led.url, led.run_id, led.policy, str(led.kind), closing),
+        )
+        return pool, _worker_write, closing
+
+    # ---- TurnSink (event loop; appends only) ------------------------------------------------------------
+    def turn(self, rec: TurnRecord) -> None:
+        self._buf.append(turn_to_wire(rec))  # plain values: cheap to pickle
+        if len(self._buf) >= self.batch_max:
+            self._wake.set()
+
+    def pin(self, rec: PinRecord) -> None:
+        self._buf.append(rec)
+
+    async def wait_durable(self) -> None:
+        """Return once every record queued before this call is committed (or given up at shutdown)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._buf.append(fut)
+        self._wake.set()
+        await fut
+
+    def energy(self, job: Any) -> bool:
+        """Queue an energy job (energy/accounting.py EnergyJob) to run after the records queued before it;
+        False once closed (the caller runs it)."""
+        if self._closed:
+            return False
+        self._buf.append(job)
+        self._wake.set()
+        return True
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Block until everything queued so far is written (tests, shutdown)."""
+        if not self._thread.is_alive():
+            return not self._buf
+        done = threading.Event()
+        self._buf.append(done)
+        self._wake.set()
+        return done.wait(timeout_s)
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf) + self._in_flight
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write everything queued, then stop the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()  # a batch failing now gives up once its back-off is at the cap
+        self._buf.append(_STOP)
+        self._wake.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("ledger writer did not finish within %.0f s; %d records not written", timeout_s,
+                      self.pending)  # fmt: skip
+
+    def _close_at_exit(self) -> None:
+        if not self._closed:
+            log.warning("ledger writer not closed before exit: closing it now (writes what it holds)")
+            self.close()
+
+    # ---- the committer thread ---------------------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        self._call(None)  # start the worker now, not on the first turn
+        idle_since = time.monotonic()
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            if not self._buf:
+                if time.monotonic() - idle_since >= HEALTH_CHECK_S:
+                    self._call(None)  # a dead worker is replaced now
+                    idle_since = time.monotonic()
+                continue
+            stop = False
+            while self._buf and not stop:
+                batch: list[Any] = []
+                waiters: list[Any] = []
+                while self._buf and len(batch) < self.batch_max:
+                    it = self._buf.popleft()
+                    if it is _STOP:
+                        stop = True
+                    elif isinstance(it, (asyncio.Future, threading.Event)):
+                        waiters.append(it)
+                    else:
+                        batch.append(it)
+                self._in_flight = len(batch)
+                self._write(batch, waiters)
+                self._in_flight = 0
+            idle_since = time.monotonic()
+            if stop:
+                _release([w for w in self._buf if isinstance(w, (asyncio.Future, threading.Event))])
+                self._executor.shutdown(wait=True)
+                return
+
+    def _write(self, batch: list[Any], waiters: list[Any]) -> None:
+        """Turns and pins, then wake the waiters, then the energy jobs (they may take a while)."""
+        records = [r for r in batch if type(r) is tuple or isinstance(r, PinRecord)]
+        jobs = [r for r in batch if not (type(r) is tuple or isinstance(r, PinRecord))]
+        if records:
+            self._call(records)
+            self.batches += 1
+        _release(waiters)
+        if jobs:
+            self._call(jobs, retry=False)
+
+    def _call(self, records: list[Any] | None, retry: bool = True) -> None:
+        """Run one batch (None: start or check the worker) in the executor; replace a worker that died."""
+        deaths = 0
+        while True:
+            try:
+                if records is None:
+                    pid = self._executor.submit(os.getpid).result()
+                    self.pid = pid if self._process else None
+                    return
+                self._add(self._executor.submit(self._write_fn, records).result())
+                return
+            except BrokenExecutor as err:
+                deaths += 1
+                self._replace(f"ledger process died ({type(err).__name__}: {err})", deaths)
+                if not retry:
+                    self.failed_energy_jobs += len(records or ())
+                    return
+            except Exception as err:  # noqa: BLE001 - a bug in a batch must not stop the writer
+                self.failed_batches += 1
+                self.last_error = f"ledger batch failed: {type(err).__name__}: {err}"
+                log.exception("%s; %d records not written", self.last_error, len(records or ()))
+                return
+
+    def _replace(self, why: str, deaths: int) -> None:
+        self.last_error = why
+        self.restarts += 1
+        old = self._executor
+        with contextlib.suppress(Exception):
+            old.shutdown(wait=True)  # the dead process is reaped, not left a zombie
+        if deaths >= MAX_RESTARTS_IN_ROW and self._process:
+            log.error("%s, %d times in a row; writing the ledger from this process instead", why, deaths)
+            self._process = False
+            self.pid = None
+        else:
+            log.error("%s; starting a new one", why)
+            time.sleep(min(1.0, 0.1 * deaths))
+        closing_was_set = self._closing.is_set()
+        self._executor, self._write_fn, self._closing = self._new_executor()
+        if closing_was_set:
+            self._closing.set()
+
+    def _add(self, res: BatchResult) -> None:
+        if self._process:
+            self.pid = res.pid
+        self.written_turns += res.turns
+        self.written_pins += res.pins
+        self.failed_batches += res.failed_batches
+        self.written_samples += res.samples
+        self.written_attributions += res.attributions
+        self.failed_energy_jobs += res.failed_energy_jobs
+        if res.last_error:
+            self.last_error = res.last_error
+
+
+def _release(waiters: list[Any]) -> None:
+    """Wake flush() callers (threading.Event) and wait_durable() callers (futures of their event loops)."""
+    by_loop: dict[Any, list[asyncio.Future[None]]] = {}
+    for w in waiters:
+        if isinstance(w, threading.Event):
+            w.set()
+        else:
+            by_loop.setdefault(w.get_loop(), []).append(w)
+    for loop, futs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, futs)
+
+
+def _resolve(futs: list[asyncio.Future[None]]) -> None:
+    for f in futs:
+        if not f.done():  # cancelled: the client went away
+            f.set_result(None)
