@@ -154,12 +154,16 @@ class LedgerBatchWriter:
 # ---- the worker process's side -----------------------------------------------------------------------
 
 _worker: LedgerBatchWriter | None = None
+_worker_busy = threading.Lock()  # held while a batch is written
+# The worker checks this often whether the server is still its parent (a killed server must not leave it
+# behind: it holds both ends of the pool's call queue, so it would wait for work forever).
+ORPHAN_CHECK_S = 0.5
 
 
-def _worker_init(url: str, run_id: str, policy: str | None, kind: str, closing: Any) -> None:
+def _worker_init(url: str, run_id: str, policy: str | None, kind: str, closing: Any, parent: int) -> None:
     """Initializer of the pool's worker process: its own ledger connection, background CPU priority. It
     ignores SIGINT/SIGTERM (Ctrl-C or `timeout` signal the whole process group): the server closes it after
-    its last records."""
+    its last records. If the server dies (kill -9), the worker finishes the batch in hand and exits."""
     import signal
 
     from energy.ledger import Ledger
@@ -173,10 +177,19 @@ def _worker_init(url: str, run_id: str, policy: str | None, kind: str, closing: 
             os.setpriority(os.PRIO_PROCESS, 0, LEDGER_PROCESS_NICE)
     _worker = LedgerBatchWriter(Ledger(url, run_id=run_id, policy=policy, kind=RunKind(kind)), closing)
 
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_S)
+        with _worker_busy:  # the batch being written is committed (or rolled back) first
+            os._exit(0)
+
+    threading.Thread(target=exit_when_orphaned, name="conserve-ledger-orphan-check", daemon=True).start()
+
 
 def _worker_write(records: Sequence[Any]) -> BatchResult:
     assert _worker is not None, "ledger worker not initialised"
-    return _worker.write_batch(records)
+    with _worker_busy:
+        return _worker.write_batch(records)
 
 
 # ---- the serving process's side ------------------------------------------------------------------------
@@ -208,6 +221,7 @@ class LedgerWriter:
         self.pid: int | None = None  # the worker process (None: not started yet, or a thread)
         self._buf: deque[Any] = deque()  # appended anywhere, popped by the committer only
         self._wake = threading.Event()
+        self._ready = threading.Event()
         self._closed = False
         self._in_flight = 0
         self._process = process
@@ -238,7 +252,7 @@ class LedgerWriter:
             1,
             mp_context=ctx,
             initializer=_worker_init,
-            initargs=(led.url, led.run_id, led.policy, str(led.kind), closing),
+            initargs=(led.url, led.run_id, led.policy, str(led.kind), closing, os.getpid()),
         )
         return pool, _worker_write, closing
 
@@ -257,6 +271,10 @@ class LedgerWriter:
         self._buf.append(fut)
         self._wake.set()
         await fut
+
+    def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Block until the worker is up (the server is ready only then: the first answers need it)."""
+        return self._ready.wait(timeout_s)
 
     def energy(self, job: Any) -> bool:
         """Queue an energy job (energy/accounting.py EnergyJob) to run after the records queued before it;
@@ -301,6 +319,7 @@ class LedgerWriter:
     # ---- the committer thread ---------------------------------------------------------------------------
     def _commit_loop(self) -> None:
         self._call(None)  # start the worker now, not on the first turn
+        self._ready.set()
         idle_since = time.monotonic()
         while True:
             self._wake.wait(self.flush_interval_s)

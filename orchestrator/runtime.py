@@ -113,6 +113,8 @@ class ServeSettings(BaseSettings):
 
 # At shutdown, scheduled job runs in progress (an engine poll, an energy tick) get this long to end.
 JOB_DRAIN_S = 10.0
+# At start, the ledger writer's worker process gets this long to come up (~1 s of imports on the dev box).
+LEDGER_READY_S = 60.0
 
 
 class LedgerPinLookup:
@@ -206,6 +208,8 @@ class Runtime:
 
         if self.power is not None:  # caps before the first request (NVML calls block: off the loop)
             await asyncio.to_thread(self.power.start, self.ledger)
+        if not await asyncio.to_thread(self.writer.wait_ready, LEDGER_READY_S):
+            log.warning("the ledger writer is not up after %.0f s; answers wait for it", LEDGER_READY_S)
         await self.router.poll()
         if self.accountant is not None:
             # the engines' token counters now are the baseline of the model meters' activity: without it the
