@@ -113,22 +113,23 @@ def _body(stream: bool, max_tokens: int) -> bytes:
 # ---- the load generator (runs in its own process: `--loadgen`) ---------------------------------------------
 
 
-async def _one(session: Any, url: str, body: bytes, stream: bool) -> float:
-    """TTFT (s) for streams, total latency for JSON."""
+async def _one(session: Any, url: str, body: bytes, stream: bool) -> tuple[float, float]:
+    """(TTFT, time to last byte) in s for streams; (total latency, total latency) for JSON."""
     t0 = time.perf_counter()
     async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
         if r.status != 200:
             raise RuntimeError(f"{url}: HTTP {r.status}: {(await r.text())[:200]}")
         if not stream:
             await r.read()
-            return time.perf_counter() - t0
+            total = time.perf_counter() - t0
+            return total, total
         ttft = None
         async for line in r.content:
             if ttft is None and line.startswith(b"data: {") and b'"choices":[{' in line:
                 ttft = time.perf_counter() - t0
         if ttft is None:
             raise RuntimeError(f"{url}: stream without a content event")
-        return ttft
+        return ttft, time.perf_counter() - t0
 
 
 async def _loadgen(
@@ -138,6 +139,7 @@ async def _loadgen(
 
     body = _body(stream, max_tokens)
     lat: list[float] = []
+    last: list[float] = []  # time to last byte
     errors = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conns)) as s:
         for _ in range(max(10, conns)):  # warm-up: open the connections
@@ -150,14 +152,22 @@ async def _loadgen(
             while left > 0 if duration_s <= 0 else time.perf_counter() < stop_at:
                 left -= 1
                 try:
-                    lat.append(await _one(s, url, body, stream))
+                    ttft, ttlb = await _one(s, url, body, stream)
+                    lat.append(ttft)
+                    last.append(ttlb)
                 except Exception:
                     errors += 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(conns)))
         elapsed = time.perf_counter() - t0
-    return {"latencies_s": lat, "errors": errors, "elapsed_s": elapsed, "requests": len(lat)}
+    return {
+        "latencies_s": lat,
+        "last_byte_s": last,
+        "errors": errors,
+        "elapsed_s": elapsed,
+        "requests": len(lat),
+    }
 
 
 def _run_loadgen(
@@ -332,6 +342,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     xs = r["latencies_s"]
                     rep[f"{name}_p50_ms"], rep[f"{name}_p99_ms"] = _pct(xs, 50) * 1e3, _pct(xs, 99) * 1e3
+                    ys = r["last_byte_s"]  # time to last byte ([DONE]): durability's wait shows here
+                    rep[f"{name}_last_p50_ms"] = _pct(ys, 50) * 1e3
+                    rep[f"{name}_last_p99_ms"] = _pct(ys, 99) * 1e3
                     rep[f"{name}_errors"] = r["errors"]
                 if use_wrk:  # the same, with the C load generator, whole responses
                     for name, url in urls.items():
@@ -341,6 +354,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rep["wrk_added_p99_ms"] = rep["wrk_router_p99_ms"] - rep["wrk_direct_p99_ms"]
                     rep["wrk_floor_added_p99_ms"] = rep["wrk_floor_p99_ms"] - rep["wrk_direct_p99_ms"]
                 rep["added_p50_ms"] = rep["router_p50_ms"] - rep["direct_p50_ms"]
+                rep["added_last_p50_ms"] = rep["router_last_p50_ms"] - rep["direct_last_p50_ms"]
+                rep["added_last_p99_ms"] = rep["router_last_p99_ms"] - rep["direct_last_p99_ms"]
                 rep["added_p99_ms"] = rep["router_p99_ms"] - rep["direct_p99_ms"]
                 rep["floor_added_p50_ms"] = rep["floor_p50_ms"] - rep["direct_p50_ms"]
                 rep["floor_added_p99_ms"] = rep["floor_p99_ms"] - rep["direct_p99_ms"]
@@ -446,6 +461,12 @@ def _print(result: dict[str, Any]) -> None:
                 if "reference_added_p99_ms" in m
                 else ""
             )
+        )
+        print(
+            f"  time to last byte {k}: direct p50 {m['direct_last_p50_ms']:.3f} p99 "
+            f"{m['direct_last_p99_ms']:.3f} ms | router p50 {m['router_last_p50_ms']:.3f} p99 "
+            f"{m['router_last_p99_ms']:.3f} ms | added p50 {m['added_last_p50_ms']:.3f} "
+            f"p99 {m['added_last_p99_ms']:.3f} ms"
         )
         if "wrk_added_p99_ms" in m:
             print(
