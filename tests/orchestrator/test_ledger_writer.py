@@ -5,10 +5,12 @@ turn waits until its record is committed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -261,3 +263,105 @@ def test_writer_left_open_does_not_hang_interpreter_exit(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     led = Ledger(f"sqlite:///{db}", run_id="live", policy="p", kind=RunKind.SERVE)
     assert len(led.turns()) == 12
+
+
+class _CuttableProxy:
+    """A TCP forwarder to the PostgreSQL server that the test can cut and restore: a database outage as the
+    writer sees it (connections reset, new ones refused), without stopping the session's server."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.up = True
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self._srv.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                c, _ = self._srv.accept()
+            except OSError:
+                return
+            if not self.up:
+                c.close()
+                continue
+            u = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._socks += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(2)
+
+    def cut(self) -> None:
+        self.up = False
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(2)
+            s.close()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        self._srv.close()
+
+
+@pytest.mark.postgres
+async def test_a_postgresql_outage_holds_answers_and_loses_no_row(pg_url: str) -> None:
+    """PostgreSQL unreachable for a while (connections reset, new ones refused): the writer retries, answers
+    waiting for durability wait (they are not released undurable), and once the database is back every row
+    is written exactly once."""
+    from sqlalchemy.engine import make_url
+
+    real = make_url(pg_url)
+    proxy = _CuttableProxy(int(real.port or 5432))
+    url = real.set(port=proxy.port).render_as_string(hide_password=False)
+    led = Ledger(url, run_id="live", policy="p", kind=RunKind.SERVE)
+    led.upgrade()
+    led.start_run()
+    w = LedgerWriter(led, batch_max=500, flush_interval_s=0.01)
+    try:
+        for i in range(10):
+            w.turn(_turn(i, f"c{i}"))
+        await asyncio.wait_for(w.wait_durable(), 60)
+        proxy.cut()
+        for i in range(10, 30):
+            w.turn(_turn(i, f"c{i}"))
+            w.pin(PinRecord(f"c{i}", "d0", T0 + timedelta(seconds=i), "placed"))
+        answer = asyncio.ensure_future(w.wait_durable())
+        await asyncio.sleep(2.0)
+        assert not answer.done(), "an answer was released while its turn could not be written"
+        assert w.written_turns == 10 and w.pending == 40  # the batch is being retried in the worker
+        proxy.restore()
+        await asyncio.wait_for(answer, 60)
+        assert w.written_turns == 30 and w.written_pins == 20 and w.pending == 0
+        assert w.failed_batches >= 1 and w.last_error is not None and "database error" in w.last_error
+    finally:
+        w.close()
+        led.close()
+        proxy.close()
+    direct = Ledger(pg_url, run_id="live")
+    assert sorted(t.request_id for _, t in direct.turns()) == sorted(f"r{i}" for i in range(30))
+    assert len(direct.current_pins()) == 20
+    direct.close()
