@@ -37,12 +37,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from energy.errors import DuplicateTurnError, EnergyError
@@ -85,12 +87,13 @@ class BatchResult:
 
 class LedgerBatchWriter:
     """Writes batches of records synchronously: pins, then turns (retried with back-off, duplicates skipped),
-    then energy jobs. ``closing`` (an Event) set: a failing batch is given up once the back-off is at its cap.
+    then energy jobs. Once ``closing`` is set (shutdown) a failing batch is given up when the back-off is at
+    its cap.
     """
 
-    def __init__(self, ledger: Any, closing: Any = None) -> None:
+    def __init__(self, ledger: Any) -> None:
         self.ledger = ledger
-        self.closing = closing if closing is not None else threading.Event()
+        self.closing = threading.Event()
 
     def write_batch(self, records: Sequence[Any]) -> BatchResult:
         pins: list[PinRecord] = []
@@ -160,10 +163,12 @@ _worker_busy = threading.Lock()  # held while a batch is written
 ORPHAN_CHECK_S = 0.5
 
 
-def _worker_init(url: str, run_id: str, policy: str | None, kind: str, closing: Any, parent: int) -> None:
+def _worker_init(url: str, run_id: str, policy: str | None, kind: str, parent: int, closing: bool) -> None:
     """Initializer of the pool's worker process: its own ledger connection, background CPU priority. It
     ignores SIGINT/SIGTERM (Ctrl-C or `timeout` signal the whole process group): the server closes it after
-    its last records. If the server dies (kill -9), the worker finishes the batch in hand and exits."""
+    its last records. SIGUSR1 from the server (``LedgerWriter.close``) means shutting down: a failing batch
+    is given up once its back-off is at the cap. If the server dies (kill -9), the worker finishes the batch
+    in hand (or gives it up as at shutdown) and exits."""
     import signal
 
     from energy.ledger import Ledger
@@ -175,11 +180,15 @@ def _worker_init(url: str, run_id: str, policy: str | None, kind: str, closing: 
     with contextlib.suppress(OSError):
         if os.getpriority(os.PRIO_PROCESS, 0) < LEDGER_PROCESS_NICE:
             os.setpriority(os.PRIO_PROCESS, 0, LEDGER_PROCESS_NICE)
-    _worker = LedgerBatchWriter(Ledger(url, run_id=run_id, policy=policy, kind=RunKind(kind)), closing)
+    _worker = writer = LedgerBatchWriter(Ledger(url, run_id=run_id, policy=policy, kind=RunKind(kind)))
+    if closing:
+        writer.closing.set()
+    signal.signal(signal.SIGUSR1, lambda *_: writer.closing.set())
 
     def exit_when_orphaned() -> None:
         while os.getppid() == parent:
             time.sleep(ORPHAN_CHECK_S)
+        writer.closing.set()
         with _worker_busy:  # the batch being written is committed (or rolled back) first
             os._exit(0)
 
@@ -225,7 +234,8 @@ class LedgerWriter:
         self._closed = False
         self._in_flight = 0
         self._process = process
-        self._executor, self._write_fn, self._closing = self._new_executor()
+        self._local: LedgerBatchWriter | None = None  # the thread executor's writer
+        self._executor, self._write_fn = self._new_executor()
         self._thread = threading.Thread(target=self._commit_loop, name="conserve-ledger-writer", daemon=True)
         self._thread.start()
         # A server that exits without close(): write what is queued before concurrent.futures shuts its
@@ -238,23 +248,24 @@ class LedgerWriter:
 
             atexit.register(self._close_at_exit)
 
-    def _new_executor(self) -> tuple[Executor, Callable[[Sequence[Any]], BatchResult], Any]:
+    def _new_executor(self) -> tuple[Executor, Callable[[Sequence[Any]], BatchResult]]:
         if not self._process:
-            local = LedgerBatchWriter(self.ledger)
+            self._local = LedgerBatchWriter(self.ledger)
+            if self._closed:
+                self._local.closing.set()
             pool = ThreadPoolExecutor(1, thread_name_prefix="conserve-ledger-sql")
-            return pool, local.write_batch, local.closing
+            return pool, self._local.write_batch
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and an event loop
-        closing = ctx.Event()
         led = self.ledger
         pool = ProcessPoolExecutor(
             1,
             mp_context=ctx,
             initializer=_worker_init,
-            initargs=(led.url, led.run_id, led.policy, str(led.kind), closing, os.getpid()),
+            initargs=(led.url, led.run_id, led.policy, str(led.kind), os.getpid(), self._closed),
         )
-        return pool, _worker_write, closing
+        return pool, _worker_write
 
     # ---- TurnSink (event loop; appends only) ------------------------------------------------------------
     def turn(self, rec: TurnRecord) -> None:
@@ -303,7 +314,12 @@ class LedgerWriter:
         if self._closed:
             return
         self._closed = True
-        self._closing.set()  # a batch failing now gives up once its back-off is at the cap
+        # a batch failing now (or later) gives up once its back-off is at the cap
+        if self._local is not None:
+            self._local.closing.set()
+        elif self.pid is not None and _parent_of(self.pid) == os.getpid():  # still our worker
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGUSR1)
         self._buf.append(_STOP)
         self._wake.set()
         self._thread.join(timeout_s)
@@ -387,6 +403,7 @@ class LedgerWriter:
     def _replace(self, why: str, deaths: int) -> None:
         self.last_error = why
         self.restarts += 1
+        self.pid = None  # until the new worker reports
         old = self._executor
         with contextlib.suppress(Exception):
             old.shutdown(wait=True)  # the dead process is reaped, not left a zombie
@@ -397,10 +414,7 @@ class LedgerWriter:
         else:
             log.error("%s; starting a new one", why)
             time.sleep(min(1.0, 0.1 * deaths))
-        closing_was_set = self._closing.is_set()
-        self._executor, self._write_fn, self._closing = self._new_executor()
-        if closing_was_set:
-            self._closing.set()
+        self._executor, self._write_fn = self._new_executor()
 
     def _add(self, res: BatchResult) -> None:
         if self._process:
@@ -413,6 +427,13 @@ class LedgerWriter:
         self.failed_energy_jobs += res.failed_energy_jobs
         if res.last_error:
             self.last_error = res.last_error
+
+
+def _parent_of(pid: int) -> int | None:
+    try:  # field 4 of /proc/<pid>/stat (after the parenthesised command name)
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _release(waiters: list[Any]) -> None:

@@ -111,7 +111,7 @@ def test_a_writer_killed_while_idle_is_replaced_before_the_next_turn(ledger: Led
         dead = w.pid
         assert dead is not None
         os.kill(dead, signal.SIGKILL)
-        while (w.pid == dead or w.restarts == 0) and time.monotonic() < deadline:
+        while (w.pid in (None, dead) or w.restarts == 0) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert w.restarts == 1 and w.pid not in (None, dead)
         assert _is_gone_or_reaped(dead)
@@ -365,3 +365,32 @@ async def test_a_postgresql_outage_holds_answers_and_loses_no_row(pg_url: str) -
     assert sorted(t.request_id for _, t in direct.turns()) == sorted(f"r{i}" for i in range(30))
     assert len(direct.current_pins()) == 20
     direct.close()
+
+
+@pytest.mark.postgres
+def test_close_during_an_outage_gives_up_once_the_back_off_is_at_its_cap(pg_url: str) -> None:
+    """Shutdown while the database is unreachable: the worker (told by close()) stops retrying once its
+    back-off reached the cap, instead of holding the shutdown for as long as the outage lasts."""
+    import time
+
+    from sqlalchemy.engine import make_url
+
+    real = make_url(pg_url)
+    proxy = _CuttableProxy(int(real.port or 5432))
+    led = Ledger(real.set(port=proxy.port).render_as_string(hide_password=False), run_id="live")
+    led.upgrade()
+    led.start_run()
+    w = LedgerWriter(led, batch_max=500, flush_interval_s=0.01)
+    try:
+        assert w.wait_ready(60) and w.flush(60)
+        proxy.cut()
+        w.turn(_turn(0, "c0"))
+        time.sleep(0.5)  # the batch is being retried
+        t0 = time.monotonic()
+        w.close(timeout_s=60)
+        took = time.monotonic() - t0
+        assert not w._thread.is_alive() and took < 30, f"close took {took:.1f} s"
+        assert w.written_turns == 0
+    finally:
+        led.close()
+        proxy.close()
