@@ -4,8 +4,10 @@ The router hands records to a :class:`LedgerWriter` (its ``TurnSink``): ``turn()
 to a deque. One committer thread takes everything queued (up to ``batch_max`` records) as one batch and runs
 it in a one-worker ``concurrent.futures`` executor: a ``ProcessPoolExecutor`` (default) or, for an in-memory
 SQLite ledger that another process cannot open, a ``ThreadPoolExecutor``. The worker writes the batch with a
-:class:`LedgerBatchWriter` (pins, then turns, in one transaction each; then the energy jobs). Records queued
-while a batch commits form the next batch: a group commit, one transaction however many turns wait.
+:class:`LedgerBatchWriter` (pins, then turns, in one transaction each). Records queued while a batch commits
+form the next batch: a group commit, one transaction however many turns wait. The energy accountant's jobs
+(energy/accounting.py EnergyJob) go, once the records queued before them are written, to a second one-worker
+pool at nice ``LEDGER_PROCESS_NICE``, so no answer waits behind an attribution.
 
 Durability. ``await wait_durable()`` returns once everything queued before the call is committed. The
 router awaits it after recording a successful turn and before the turn's last byte (``[DONE]``, or the JSON
@@ -14,7 +16,8 @@ body) leaves, so a client never holds an answer the ledger could lose (issue 13 
 Why a process: a writer *thread* doing ~70-100 us of SQLAlchemy work per turn competes with the event loop
 for the GIL; an I/O-bound loop thread that gives the GIL up at every await waits up to the switch interval
 (5 ms) to get it back (the convoy effect), which showed as 7-100 ms TTFT p99 in benchmarks/bench_router.py.
-The worker process runs at nice ``LEDGER_PROCESS_NICE``.
+The records' worker runs at the niceness given (``serve``: 0 when answers wait for it, else
+``LEDGER_PROCESS_NICE``).
 
 Failures:
 
@@ -42,7 +45,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +167,9 @@ _worker_busy = threading.Lock()  # held while a batch is written
 ORPHAN_CHECK_S = 0.5
 
 
-def _worker_init(url: str, run_id: str, policy: str | None, kind: str, parent: int, closing: bool) -> None:
+def _worker_init(
+    url: str, run_id: str, policy: str | None, kind: str, parent: int, closing: bool, nice: int
+) -> None:
     """Initializer of the pool's worker process: its own ledger connection, background CPU priority. It
     ignores SIGINT/SIGTERM (Ctrl-C or `timeout` signal the whole process group): the server closes it after
     its last records. SIGUSR1 from the server (``LedgerWriter.close``) means shutting down: a failing batch
@@ -178,8 +184,8 @@ def _worker_init(url: str, run_id: str, policy: str | None, kind: str, parent: i
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError):
-        if os.getpriority(os.PRIO_PROCESS, 0) < LEDGER_PROCESS_NICE:
-            os.setpriority(os.PRIO_PROCESS, 0, LEDGER_PROCESS_NICE)
+        if os.getpriority(os.PRIO_PROCESS, 0) < nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
     _worker = writer = LedgerBatchWriter(Ledger(url, run_id=run_id, policy=policy, kind=RunKind(kind)))
     if closing:
         writer.closing.set()
@@ -214,6 +220,7 @@ class LedgerWriter:
         process: bool = True,
         batch_max: int = 500,
         flush_interval_s: float = 0.25,
+        nice: int = LEDGER_PROCESS_NICE,
     ) -> None:
         self.ledger = ledger  # the serving process's ledger (the thread executor's)
         self.batch_max = batch_max
@@ -234,8 +241,15 @@ class LedgerWriter:
         self._closed = False
         self._in_flight = 0
         self._process = process
+        self._nice = nice  # of the worker writing turns and pins (energy jobs: LEDGER_PROCESS_NICE)
         self._local: LedgerBatchWriter | None = None  # the thread executor's writer
-        self._executor, self._write_fn = self._new_executor()
+        self._executor, self._write_fn = self._new_executor(nice)
+        # Energy jobs run in a second worker process (in order, one at a time), so an answer never waits
+        # behind an attribution; with a thread executor they queue on that one thread.
+        self._jobs_executor: Executor | None = None
+        self._jobs_broken = False
+        self._jobs_in_flight: set[Future[BatchResult]] = set()
+        self._stats_lock = threading.Lock()
         self._thread = threading.Thread(target=self._commit_loop, name="conserve-ledger-writer", daemon=True)
         self._thread.start()
         # A server that exits without close(): write what is queued before concurrent.futures shuts its
@@ -248,7 +262,7 @@ class LedgerWriter:
 
             atexit.register(self._close_at_exit)
 
-    def _new_executor(self) -> tuple[Executor, Callable[[Sequence[Any]], BatchResult]]:
+    def _new_executor(self, nice: int) -> tuple[Executor, Callable[[Sequence[Any]], BatchResult]]:
         if not self._process:
             self._local = LedgerBatchWriter(self.ledger)
             if self._closed:
@@ -263,7 +277,7 @@ class LedgerWriter:
             1,
             mp_context=ctx,
             initializer=_worker_init,
-            initargs=(led.url, led.run_id, led.policy, str(led.kind), os.getpid(), self._closed),
+            initargs=(led.url, led.run_id, led.policy, str(led.kind), os.getpid(), self._closed, nice),
         )
         return pool, _worker_write
 
@@ -362,22 +376,74 @@ class LedgerWriter:
                 self._in_flight = 0
             idle_since = time.monotonic()
             if stop:
+                self._wait_jobs()
                 _release([w for w in self._buf if isinstance(w, (asyncio.Future, threading.Event))])
                 self._executor.shutdown(wait=True)
+                if self._jobs_executor is not None:
+                    self._jobs_executor.shutdown(wait=True)
                 return
 
     def _write(self, batch: list[Any], waiters: list[Any]) -> None:
-        """Turns and pins, then wake the waiters, then the energy jobs (they may take a while)."""
+        """Turns and pins; then wake the answers waiting for them and hand the energy jobs on (they need the
+        turns before them written); flush() callers also wait for the jobs."""
         records = [r for r in batch if type(r) is tuple or isinstance(r, PinRecord)]
         jobs = [r for r in batch if not (type(r) is tuple or isinstance(r, PinRecord))]
         if records:
             self._call(records)
             self.batches += 1
-        _release(waiters)
+        _release([w for w in waiters if not isinstance(w, threading.Event)])
         if jobs:
-            self._call(jobs, retry=False)
+            self._submit_jobs(jobs)
+        flushes = [w for w in waiters if isinstance(w, threading.Event)]
+        if flushes:
+            self._wait_jobs()
+            _release(flushes)
 
-    def _call(self, records: list[Any] | None, retry: bool = True) -> None:
+    def _submit_jobs(self, jobs: list[Any]) -> None:
+        if not self._process:  # one SQL thread: the jobs queue behind the records on it
+            pool, fn = self._executor, self._write_fn
+        else:
+            if self._jobs_executor is None or self._jobs_broken:
+                if self._jobs_executor is not None:
+                    with contextlib.suppress(Exception):
+                        self._jobs_executor.shutdown(wait=True)  # reaps a dead worker
+                self._jobs_executor, fn = self._new_executor(LEDGER_PROCESS_NICE)
+                self._jobs_broken = False
+            pool, fn = self._jobs_executor, _worker_write
+        try:
+            fut = pool.submit(fn, jobs)
+        except (BrokenExecutor, RuntimeError) as err:
+            self._job_failed(len(jobs), err)
+            self._jobs_broken = True
+            return
+        with self._stats_lock:
+            self._jobs_in_flight.add(fut)
+        fut.add_done_callback(lambda f, n=len(jobs): self._job_done(f, n))
+
+    def _job_done(self, fut: Future[BatchResult], n: int) -> None:
+        """Runs in the executor's thread when a job batch ends."""
+        err = fut.exception() if not fut.cancelled() else RuntimeError("cancelled")
+        if err is None:
+            self._add(fut.result())
+        else:
+            self._jobs_broken = self._jobs_broken or isinstance(err, BrokenExecutor)
+            self._job_failed(n, err)
+        with self._stats_lock:
+            self._jobs_in_flight.discard(fut)
+
+    def _job_failed(self, n: int, err: BaseException) -> None:
+        with self._stats_lock:
+            self.failed_energy_jobs += n
+            self.last_error = f"energy jobs failed: {type(err).__name__}: {err}"
+        log.error("%s (%d jobs not run; their intervals are not attributed)", self.last_error, n)
+
+    def _wait_jobs(self) -> None:
+        with self._stats_lock:
+            pending = list(self._jobs_in_flight)
+        if pending:
+            futures_wait(pending)
+
+    def _call(self, records: list[Any] | None) -> None:
         """Run one batch (None: start or check the worker) in the executor; replace a worker that died."""
         deaths = 0
         while True:
@@ -386,14 +452,14 @@ class LedgerWriter:
                     pid = self._executor.submit(os.getpid).result()
                     self.pid = pid if self._process else None
                     return
-                self._add(self._executor.submit(self._write_fn, records).result())
+                res = self._executor.submit(self._write_fn, records).result()
+                if self._process:
+                    self.pid = res.pid
+                self._add(res)
                 return
             except BrokenExecutor as err:
                 deaths += 1
                 self._replace(f"ledger process died ({type(err).__name__}: {err})", deaths)
-                if not retry:
-                    self.failed_energy_jobs += len(records or ())
-                    return
             except Exception as err:  # noqa: BLE001 - a bug in a batch must not stop the writer
                 self.failed_batches += 1
                 self.last_error = f"ledger batch failed: {type(err).__name__}: {err}"
@@ -414,19 +480,18 @@ class LedgerWriter:
         else:
             log.error("%s; starting a new one", why)
             time.sleep(min(1.0, 0.1 * deaths))
-        self._executor, self._write_fn = self._new_executor()
+        self._executor, self._write_fn = self._new_executor(self._nice)
 
     def _add(self, res: BatchResult) -> None:
-        if self._process:
-            self.pid = res.pid
-        self.written_turns += res.turns
-        self.written_pins += res.pins
-        self.failed_batches += res.failed_batches
-        self.written_samples += res.samples
-        self.written_attributions += res.attributions
-        self.failed_energy_jobs += res.failed_energy_jobs
-        if res.last_error:
-            self.last_error = res.last_error
+        with self._stats_lock:
+            self.written_turns += res.turns
+            self.written_pins += res.pins
+            self.failed_batches += res.failed_batches
+            self.written_samples += res.samples
+            self.written_attributions += res.attributions
+            self.failed_energy_jobs += res.failed_energy_jobs
+            if res.last_error:
+                self.last_error = res.last_error
 
 
 def _parent_of(pid: int) -> int | None:

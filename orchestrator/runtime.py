@@ -40,7 +40,7 @@ from orchestrator.config import FleetConfig, load_fleet
 from orchestrator.engines.base import Engine
 from orchestrator.engines.sim import SimEngine, SimKvFabric, WallClock
 from orchestrator.errors import ConfigError
-from orchestrator.ledger_writer import LedgerWriter
+from orchestrator.ledger_writer import LEDGER_PROCESS_NICE, LedgerWriter
 from orchestrator.router import Router, RouterConfig
 from placement.base import Role
 
@@ -361,6 +361,8 @@ def build_runtime(
         process=settings.ledger_writer == "process" and not in_memory,  # memory: another process cannot open
         batch_max=settings.ledger_batch_max,
         flush_interval_s=settings.ledger_flush_interval_s,
+        # answers wait for this worker when durable: it gets the server's priority then, not a leftover share
+        nice=0 if settings.ledger_durable else LEDGER_PROCESS_NICE,
     )
     router = Router(
         engines,
