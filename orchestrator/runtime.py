@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from conserve.clock import SystemClock
 from conserve.errors import ConServeError
 from energy.records import (
     ConversationView,
@@ -38,7 +39,7 @@ from energy.records import (
 )
 from orchestrator.config import FleetConfig, load_fleet
 from orchestrator.engines.base import Engine
-from orchestrator.engines.sim import SimEngine, SimKvFabric, WallClock
+from orchestrator.engines.sim import SimEngine, SimKvFabric
 from orchestrator.errors import ConfigError
 from orchestrator.ledger_writer import LEDGER_PROCESS_NICE, LedgerWriter
 from orchestrator.router import Router, RouterConfig
@@ -308,6 +309,9 @@ def build_runtime(
     policy = make_policy(policy_name)
     engines: dict[str, Engine] = {}
     caps: dict[str, int] = {}
+    # one clock for the router and the simulated engines (conserve/clock.py): monotonic time, record
+    # timestamps; simulated engines sleep modelled seconds / sim_speedup on it
+    clock = SystemClock(settings.sim_speedup if cfg.backend == "sim" else 1.0)
     if cfg.backend == "sim":
         if instances is not None:
             instances, source = list(instances), "explicit instances"
@@ -316,7 +320,6 @@ def build_runtime(
         if not instances:
             raise ConfigError(f"{settings.fleet}: the plan has no instances. To fix: give tiers a count > 0.")
         fabric = SimKvFabric()
-        clock = WallClock(settings.sim_speedup)
         for inst in instances:
             engines[inst.instance_id] = SimEngine(
                 inst.instance_id,
@@ -374,6 +377,7 @@ def build_runtime(
         durability=writer.wait_durable if settings.ledger_durable else None,
         pin_lookup=LedgerPinLookup(ledger),
         kv_capacity_tokens=caps,
+        clock=clock,
     )
     accountant = None
     if settings.energy_interval_s > 0:  # meters -> attribution -> ledger (energy/accounting.py)
