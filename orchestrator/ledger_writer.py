@@ -292,6 +292,8 @@ class LedgerWriter:
 
     async def wait_durable(self) -> None:
         """Return once every record queued before this call is committed (or given up at shutdown)."""
+        if not self._thread.is_alive():  # closed: everything it took was written or given up
+            return
         fut = asyncio.get_running_loop().create_future()
         self._buf.append(fut)
         self._wake.set()
@@ -321,7 +323,9 @@ class LedgerWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._buf) + self._in_flight
+        """Records queued or being written."""
+        waiting = sum(1 for x in list(self._buf) if isinstance(x, (asyncio.Future, threading.Event)))
+        return len(self._buf) - waiting + self._in_flight
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write everything queued, then stop the worker."""
@@ -372,7 +376,13 @@ class LedgerWriter:
                     else:
                         batch.append(it)
                 self._in_flight = len(batch)
-                self._write(batch, waiters)
+                try:
+                    self._write(batch, waiters)
+                except Exception as err:  # noqa: BLE001 - a bug here must not leave answers waiting forever
+                    self.failed_batches += 1
+                    self.last_error = f"ledger writer failed: {type(err).__name__}: {err}"
+                    log.exception("%s; %d records not written", self.last_error, len(batch))
+                    _release(waiters)
                 self._in_flight = 0
             idle_since = time.monotonic()
             if stop:
