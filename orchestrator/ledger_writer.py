@@ -112,7 +112,7 @@ class LedgerBatchWriter:
                 pins.append(rec)
             else:
                 jobs.append(rec)
-        stats = {"turns": 0, "pins": 0, "failed_batches": 0, "last_error": None}
+        stats: dict[str, Any] = {"turns": 0, "pins": 0, "failed_batches": 0, "last_error": None}
         self._write(pins, turns, stats)
         n_samples = n_rows = failed_jobs = 0
         for job in jobs:
@@ -267,13 +267,12 @@ class LedgerWriter:
             self._local = LedgerBatchWriter(self.ledger)
             if self._closed:
                 self._local.closing.set()
-            pool = ThreadPoolExecutor(1, thread_name_prefix="conserve-ledger-sql")
-            return pool, self._local.write_batch
+            return ThreadPoolExecutor(1, thread_name_prefix="conserve-ledger-sql"), self._local.write_batch
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and an event loop
         led = self.ledger
-        pool = ProcessPoolExecutor(
+        pool: Executor = ProcessPoolExecutor(
             1,
             mp_context=ctx,
             initializer=_worker_init,
@@ -428,7 +427,8 @@ class LedgerWriter:
             return
         with self._stats_lock:
             self._jobs_in_flight.add(fut)
-        fut.add_done_callback(lambda f, n=len(jobs): self._job_done(f, n))
+        n_jobs = len(jobs)
+        fut.add_done_callback(lambda f: self._job_done(f, n_jobs))
 
     def _job_done(self, fut: Future[BatchResult], n: int) -> None:
         """Runs in the executor's thread when a job batch ends."""
