@@ -550,6 +550,9 @@ def main() -> None:
         out = asyncio.run(
             _loadgen(args.loadgen, args.conns, args.requests, args.duration_s, args.stream, args.max_tokens)
         )
+        # the event loop may leave stdout non-blocking: a large answer (hundreds of KB in the throughput
+        # runs) was then cut at the pipe's capacity
+        os.set_blocking(sys.stdout.fileno(), True)
         print(json.dumps(out))
         return
     if args.reps < 1:
