@@ -43,10 +43,10 @@ def test_example_plan_shape(example_json: dict, repo_root: Path) -> None:
     plan = example_json["plan"]
     pre = {p["tier"] for p in plan["pools"] if p["role"] == "prefill" and p["instances"] > 0}
     dec = {p["tier"] for p in plan["pools"] if p["role"] == "decode" and p["instances"] > 0}
-    # Decode goes to the memory-rich tier (most KV per GPU). Prefill goes first to the tier and cap with the
-    # lowest modelled joules per turn-1 prefill: with the per-GPU calibration (AIConfigurator tables for H200/H100,
-    # the L40S fallback for L4) that is h200 at 500 W (~116 J for 15.9k tokens vs ~130 J on l4), not the
-    # compute-dense l4 the roofline alone suggested; the tier model decides, the test follows it.
+    # Decode goes to the memory-rich tier (most KV per GPU). Prefill goes first to the tier and cap with
+    # the lowest modelled joules per turn-1 prefill: with the per-GPU calibration (AIConfigurator tables
+    # for H200/H100, the L40S fallback for L4) that is h200 at 500 W (~116 J for 15.9k tokens vs ~130 J
+    # on l4), not the compute-dense l4 the roofline alone suggested; the tier model decides.
     assert dec == {"h200"}
     assert _cheapest_prefill_tier(repo_root) in pre
     assert plan["status"] == "optimal"
