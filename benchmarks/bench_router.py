@@ -173,12 +173,18 @@ async def _loadgen(
 def _run_loadgen(
     url: str, conns: int, *, requests: int = 0, duration_s: float = 0, stream: bool, max_tokens: int
 ) -> dict[str, Any]:
-    out = subprocess.run(
+    # the answer comes back in a file: through the stdout pipe, answers of hundreds of KB (throughput runs,
+    # two lists of latencies) arrived cut at 64 or 128 KiB with a newline inserted
+    fd, path = tempfile.mkstemp(prefix="bench-loadgen-", suffix=".json")
+    os.close(fd)
+    subprocess.run(
         [
             sys.executable,
             __file__,
             "--loadgen",
             url,
+            "--loadgen-out",
+            path,
             "--conns",
             str(conns),
             "--requests",
@@ -193,7 +199,10 @@ def _run_loadgen(
         capture_output=True,
         text=True,
     )
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    try:
+        return json.loads(Path(path).read_text())  # type: ignore[no-any-return]
+    finally:
+        os.unlink(path)
 
 
 def _run_wrk(
@@ -537,6 +546,7 @@ def main() -> None:
     )
     # internal: the load-generator process
     ap.add_argument("--loadgen", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--loadgen-out", metavar="PATH", help=argparse.SUPPRESS)
     ap.add_argument("--conns", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -550,10 +560,7 @@ def main() -> None:
         out = asyncio.run(
             _loadgen(args.loadgen, args.conns, args.requests, args.duration_s, args.stream, args.max_tokens)
         )
-        # the event loop may leave stdout non-blocking: a large answer (hundreds of KB in the throughput
-        # runs) was then cut at the pipe's capacity
-        os.set_blocking(sys.stdout.fileno(), True)
-        print(json.dumps(out))
+        Path(args.loadgen_out).write_text(json.dumps(out))
         return
     if args.reps < 1:
         ap.error("--reps must be >= 1")
