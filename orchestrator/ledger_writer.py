@@ -322,9 +322,12 @@ class LedgerWriter:
 
     @property
     def pending(self) -> int:
-        """Records queued or being written."""
-        waiting = sum(1 for x in list(self._buf) if isinstance(x, (asyncio.Future, threading.Event)))
-        return len(self._buf) - waiting + self._in_flight
+        """Records queued or being written (approximate while the committer takes a batch)."""
+        try:
+            waiting = sum(1 for x in self._buf if isinstance(x, (asyncio.Future, threading.Event)))
+        except RuntimeError:  # the deque changed under the count (another thread appended or popped)
+            waiting = 0
+        return max(0, len(self._buf) - waiting) + self._in_flight
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write everything queued, then stop the worker."""
