@@ -147,10 +147,10 @@ def test_kill_9_under_load_loses_no_answered_turn_and_numbering_goes_on(
 
         def kill() -> None:
             os.kill(proc.pid, signal.SIGKILL)  # the server only: its ledger worker is orphaned, as in a crash
-            for c in convs:
-                c.before_crash = len(c.answered)
 
         asyncio.run(_load_until_killed(url, convs, kill))
+        for c in convs:  # every answer the clients read until now left the server before the kill
+            c.before_crash = len(c.answered)
         proc.wait(10)
         with pytest.raises(ProcessLookupError):  # no process of the first server is left
             deadline = time.monotonic() + 20
