@@ -113,22 +113,23 @@ def _body(stream: bool, max_tokens: int) -> bytes:
 # ---- the load generator (runs in its own process: `--loadgen`) ---------------------------------------------
 
 
-async def _one(session: Any, url: str, body: bytes, stream: bool) -> float:
-    """TTFT (s) for streams, total latency for JSON."""
+async def _one(session: Any, url: str, body: bytes, stream: bool) -> tuple[float, float]:
+    """(TTFT, time to last byte) in s for streams; (total latency, total latency) for JSON."""
     t0 = time.perf_counter()
     async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
         if r.status != 200:
             raise RuntimeError(f"{url}: HTTP {r.status}: {(await r.text())[:200]}")
         if not stream:
             await r.read()
-            return time.perf_counter() - t0
+            total = time.perf_counter() - t0
+            return total, total
         ttft = None
         async for line in r.content:
             if ttft is None and line.startswith(b"data: {") and b'"choices":[{' in line:
                 ttft = time.perf_counter() - t0
         if ttft is None:
             raise RuntimeError(f"{url}: stream without a content event")
-        return ttft
+        return ttft, time.perf_counter() - t0
 
 
 async def _loadgen(
@@ -138,6 +139,7 @@ async def _loadgen(
 
     body = _body(stream, max_tokens)
     lat: list[float] = []
+    last: list[float] = []  # time to last byte
     errors = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conns)) as s:
         for _ in range(max(10, conns)):  # warm-up: open the connections
@@ -150,25 +152,39 @@ async def _loadgen(
             while left > 0 if duration_s <= 0 else time.perf_counter() < stop_at:
                 left -= 1
                 try:
-                    lat.append(await _one(s, url, body, stream))
+                    ttft, ttlb = await _one(s, url, body, stream)
+                    lat.append(ttft)
+                    last.append(ttlb)
                 except Exception:
                     errors += 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(conns)))
         elapsed = time.perf_counter() - t0
-    return {"latencies_s": lat, "errors": errors, "elapsed_s": elapsed, "requests": len(lat)}
+    return {
+        "latencies_s": lat,
+        "last_byte_s": last,
+        "errors": errors,
+        "elapsed_s": elapsed,
+        "requests": len(lat),
+    }
 
 
 def _run_loadgen(
     url: str, conns: int, *, requests: int = 0, duration_s: float = 0, stream: bool, max_tokens: int
 ) -> dict[str, Any]:
-    out = subprocess.run(
+    # the answer comes back in a file: through the stdout pipe, answers of hundreds of KB (throughput runs,
+    # two lists of latencies) arrived cut at 64 or 128 KiB with a newline inserted
+    fd, path = tempfile.mkstemp(prefix="bench-loadgen-", suffix=".json")
+    os.close(fd)
+    subprocess.run(
         [
             sys.executable,
             __file__,
             "--loadgen",
             url,
+            "--loadgen-out",
+            path,
             "--conns",
             str(conns),
             "--requests",
@@ -183,7 +199,10 @@ def _run_loadgen(
         capture_output=True,
         text=True,
     )
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    try:
+        return json.loads(Path(path).read_text())  # type: ignore[no-any-return]
+    finally:
+        os.unlink(path)
 
 
 def _run_wrk(
@@ -332,6 +351,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     xs = r["latencies_s"]
                     rep[f"{name}_p50_ms"], rep[f"{name}_p99_ms"] = _pct(xs, 50) * 1e3, _pct(xs, 99) * 1e3
+                    ys = r["last_byte_s"]  # time to last byte ([DONE]): durability's wait shows here
+                    rep[f"{name}_last_p50_ms"] = _pct(ys, 50) * 1e3
+                    rep[f"{name}_last_p99_ms"] = _pct(ys, 99) * 1e3
                     rep[f"{name}_errors"] = r["errors"]
                 if use_wrk:  # the same, with the C load generator, whole responses
                     for name, url in urls.items():
@@ -341,6 +363,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rep["wrk_added_p99_ms"] = rep["wrk_router_p99_ms"] - rep["wrk_direct_p99_ms"]
                     rep["wrk_floor_added_p99_ms"] = rep["wrk_floor_p99_ms"] - rep["wrk_direct_p99_ms"]
                 rep["added_p50_ms"] = rep["router_p50_ms"] - rep["direct_p50_ms"]
+                rep["added_last_p50_ms"] = rep["router_last_p50_ms"] - rep["direct_last_p50_ms"]
+                rep["added_last_p99_ms"] = rep["router_last_p99_ms"] - rep["direct_last_p99_ms"]
                 rep["added_p99_ms"] = rep["router_p99_ms"] - rep["direct_p99_ms"]
                 rep["floor_added_p50_ms"] = rep["floor_p50_ms"] - rep["direct_p50_ms"]
                 rep["floor_added_p99_ms"] = rep["floor_p99_ms"] - rep["direct_p99_ms"]
@@ -390,7 +414,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     if name == "router":
                         rep["router_cpu_us_per_req"] = (_cpu_s(router.pid) - cpu0["router"]) / n * 1e6
-                        # the ledger writer process (ProcessLedgerWriter), 0 with the thread writer
+                        # the ledger writer process (orchestrator/ledger_writer.py), 0 with the thread writer
                         rep["ledger_process_cpu_us_per_req"] = (_tree_cpu_s(kids) - cpu0["kids"]) / n * 1e6
                 rep["ratio"] = rep["router_req_per_s"] / rep["direct_req_per_s"]
                 rep["floor_ratio"] = rep["floor_req_per_s"] / rep["direct_req_per_s"]
@@ -446,6 +470,12 @@ def _print(result: dict[str, Any]) -> None:
                 if "reference_added_p99_ms" in m
                 else ""
             )
+        )
+        print(
+            f"  time to last byte {k}: direct p50 {m['direct_last_p50_ms']:.3f} p99 "
+            f"{m['direct_last_p99_ms']:.3f} ms | router p50 {m['router_last_p50_ms']:.3f} p99 "
+            f"{m['router_last_p99_ms']:.3f} ms | added p50 {m['added_last_p50_ms']:.3f} "
+            f"p99 {m['added_last_p99_ms']:.3f} ms"
         )
         if "wrk_added_p99_ms" in m:
             print(
@@ -516,6 +546,7 @@ def main() -> None:
     )
     # internal: the load-generator process
     ap.add_argument("--loadgen", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--loadgen-out", metavar="PATH", help=argparse.SUPPRESS)
     ap.add_argument("--conns", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -529,7 +560,7 @@ def main() -> None:
         out = asyncio.run(
             _loadgen(args.loadgen, args.conns, args.requests, args.duration_s, args.stream, args.max_tokens)
         )
-        print(json.dumps(out))
+        Path(args.loadgen_out).write_text(json.dumps(out))
         return
     if args.reps < 1:
         ap.error("--reps must be >= 1")

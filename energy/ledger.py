@@ -13,7 +13,7 @@ Must not import fastapi.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,7 +34,7 @@ from energy.db import (
     RunRow,
     TurnRow,
 )
-from energy.errors import EnergyError
+from energy.errors import DuplicateTurnError, EnergyError
 from energy.records import (
     DEFAULT_RUN_ID,
     AttributionRow,
@@ -111,7 +111,6 @@ class Ledger:
         self.kind = kind
         self._engine = db.make_engine(url)
         self._run_known = False
-        self._prepared: dict[str, tuple[str, tuple[str, ...], bool, list[Any]]] = {}  # _executemany
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def upgrade(self) -> None:
@@ -164,64 +163,6 @@ class Ledger:
         with self._errors(doing), self._engine.begin() as conn:
             yield conn
 
-    # The columns of a turn row, in TurnRecord terms (record_turns).
-    _TURN_COLUMNS = (
-        "run_id", "conversation_id", "turn", "request_id", "instance_id", "tier", "prefill_instance_id",
-        "remote_prefill", "arrival_at", "first_token_at", "last_token_at", "prompt_tokens", "cached_tokens",
-        "output_tokens", "finish_reason", "is_final", "status", "policy", "prefill_cached_tokens", "tenant",
-    )  # fmt: skip
-    _CONV_COLUMNS = ("run_id", "id", "policy", "created_at")
-    _SUMMARY_BINDS = ("b_run", "b_id", "final_turn", "ttfet_s", "e2e_s")
-    _ATTR_COLUMNS = (
-        "run_id", "interval_start", "interval_end", "engine_id", "tier", "conversation_id", "turn", "joules",
-        "work_share", "source", "prefill_j",
-    )  # fmt: skip
-
-    def _executemany(
-        self,
-        conn: Connection,
-        key: str,
-        make: Callable[[], Any],
-        names: tuple[str, ...],
-        model: Any,
-        rows: list[tuple[Any, ...]],
-    ) -> None:
-        """One DBAPI executemany of the statement ``make()`` (compiled once per ledger, cached under ``key``)
-        with ``rows`` as tuples in ``names`` order (bind names; for an INSERT, column keys), each value put
-        through its column's bind processor (the dialect's, UTCDateTime's; columns of ``model``, None when
-        every bind is a plain value) here. Used for the rows written for
-        every turn served: SQLAlchemy's per-row parameter dicts cost ~3x SQLite's own insert work (cProfile,
-        batches of 500 turns, dev box)."""
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            dialect = conn.dialect
-            compiled = make().compile(dialect=dialect, column_keys=list(names))
-            order = tuple(compiled.positiontup or ()) if compiled.positional else names
-            if set(order) != set(names):  # pragma: no cover - a dialect that names binds otherwise
-                raise EnergyError(f"ledger: unexpected bind names {order} for {key} (expected {names})")
-            # dialect_impl: the type as the dialect stores it (SQLite's DATETIME string format, not the
-            # driver's default adapter), exactly what SQLAlchemy's own execution would bind
-            cols = model.__table__.c if model is not None else {}
-            procs = [
-                cols[n].type.dialect_impl(dialect).bind_processor(dialect) if n in cols else None
-                for n in names
-            ]
-            prepared = self._prepared[key] = (compiled.string, order, compiled.positional, procs)
-        sql, order, positional, procs = prepared
-        todo = [(i, f) for i, f in enumerate(procs) if f is not None]
-        same_order = positional and order == names
-        params: list[Any] = []
-        for row in rows:
-            vals = list(row)
-            for i, f in todo:
-                vals[i] = f(vals[i])
-            if same_order:
-                params.append(tuple(vals))
-            else:
-                named = dict(zip(names, vals, strict=True))
-                params.append(tuple(named[k] for k in order) if positional else named)
-        conn.exec_driver_sql(sql, params)
-
     def _insert_ignore(self, model: Any) -> Any:
         if self.dialect == "postgresql":
             return pg_dialect.insert(model).on_conflict_do_nothing()
@@ -262,11 +203,12 @@ class Ledger:
         self.record_turns([rec])
 
     def record_turns(self, recs: Sequence[TurnRecord]) -> None:
-        """Append turns (one row per attempt). A duplicate request_id within the run is an error."""
+        """Append turns (one row per attempt) in one transaction. Request ids already in the run (or twice in
+        ``recs``) raise :class:`DuplicateTurnError` naming them, and nothing of ``recs`` is written."""
         if not recs:
             return
         self._ensure_run()
-        turn_rows: list[tuple[Any, ...]] = []  # in _TURN_COLUMNS order
+        turn_rows: list[dict[str, Any]] = []
         convs: dict[str, dict[str, Any]] = {}
         for r in recs:
             arrival = require_utc(r.arrival_at, "TurnRecord.arrival_at")
@@ -279,39 +221,42 @@ class Ledger:
             )
             conv["created_at"] = min(conv["created_at"], arrival)
             turn_rows.append(
-                (
-                    self.run_id, r.conversation_id, r.turn, r.request_id, r.instance_id, r.tier,
-                    r.prefill_instance_id, r.remote_prefill, arrival, first, last, r.prompt_tokens,
-                    r.cached_tokens, r.output_tokens, r.finish_reason, r.is_final, str(r.status), policy,
-                    r.prefill_cached_tokens, r.tenant,
-                )
+                {
+                    "run_id": self.run_id, "conversation_id": r.conversation_id, "turn": r.turn,
+                    "request_id": r.request_id, "instance_id": r.instance_id, "tier": r.tier,
+                    "prefill_instance_id": r.prefill_instance_id, "remote_prefill": r.remote_prefill,
+                    "arrival_at": arrival, "first_token_at": first, "last_token_at": last,
+                    "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
+                    "output_tokens": r.output_tokens, "finish_reason": r.finish_reason,
+                    "is_final": r.is_final, "status": str(r.status), "policy": policy,
+                    "prefill_cached_tokens": r.prefill_cached_tokens, "tenant": r.tenant,
+                }
             )  # fmt: skip
         finals = {r.conversation_id for r in recs if r.is_final and r.status == TurnStatus.OK}
-        with self._tx("recording turns") as conn:
-            self._executemany(
-                conn,
-                "insert-conversations",
-                lambda: self._insert_ignore(ConversationRow),
-                self._CONV_COLUMNS,
-                ConversationRow,
-                [(self.run_id, cid, c["policy"], c["created_at"]) for cid, c in convs.items()],
-            )
-            try:
-                self._executemany(
-                    conn,
-                    "insert-turns",
-                    lambda: insert(TurnRow),
-                    self._TURN_COLUMNS,
-                    TurnRow,
-                    turn_rows,
+        try:
+            with self._tx("recording turns") as conn:
+                conn.execute(self._insert_ignore(ConversationRow), list(convs.values()))
+                conn.execute(insert(TurnRow), turn_rows)  # Core executemany
+                self._refresh_summaries(conn, sorted(finals))
+        except EnergyError as err:
+            if isinstance(err.__cause__, IntegrityError):
+                dup = self._duplicate_request_ids([r.request_id for r in recs])
+                if dup:
+                    raise DuplicateTurnError(self.run_id, dup) from err.__cause__
+            raise
+
+    def _duplicate_request_ids(self, request_ids: Sequence[str]) -> set[str]:
+        """Those of ``request_ids`` already in this run, or given more than once."""
+        seen: set[str] = set()
+        dup = {i for i in request_ids if i in seen or seen.add(i)}  # type: ignore[func-returns-value]
+        t = TurnRow
+        with self._tx("looking up request ids") as conn:
+            for i in range(0, len(request_ids), 500):  # bounded IN lists (SQLite variable limits)
+                chunk = request_ids[i : i + 500]
+                dup.update(
+                    conn.scalars(select(t.request_id).where(t.run_id == self.run_id, t.request_id.in_(chunk)))
                 )
-            except IntegrityError as err:
-                raise EnergyError(
-                    f"a turn with one of these request_ids is already in run {self.run_id!r} "
-                    f"({', '.join(sorted({r.request_id for r in recs})[:3])}...): turns are append-only; "
-                    "give a retried turn a new request_id"
-                ) from err
-            self._refresh_summaries(conn, sorted(finals))
+        return dup
 
     def _refresh_summaries(self, conn: Connection, conversation_ids: Sequence[str]) -> None:
         """Fill final_turn / ttfet_s / e2e_s of these conversations from their turns (the latest OK final
@@ -345,28 +290,24 @@ class Ledger:
             for cid, r in latest.items():
                 ft, lt, t0 = r.first_token_at, r.last_token_at, first_at[cid]
                 values.append(
-                    (
-                        self.run_id,
-                        cid,
-                        r.turn,
-                        (ft - t0).total_seconds() if ft else None,
-                        (lt - t0).total_seconds() if lt else None,
-                    )
+                    {
+                        "b_run": self.run_id,
+                        "b_id": cid,
+                        "b_final_turn": r.turn,
+                        "b_ttfet_s": (ft - t0).total_seconds() if ft else None,
+                        "b_e2e_s": (lt - t0).total_seconds() if lt else None,
+                    }
                 )
-            if values:
-                self._executemany(
-                    conn,
-                    "update-summaries",
-                    lambda: update(ConversationRow)
+            if values:  # Core executemany of one UPDATE
+                conn.execute(
+                    update(ConversationRow)
                     .where(ConversationRow.run_id == bindparam("b_run"))
                     .where(ConversationRow.id == bindparam("b_id"))
                     .values(
-                        final_turn=bindparam("final_turn"),
-                        ttfet_s=bindparam("ttfet_s"),
-                        e2e_s=bindparam("e2e_s"),
+                        final_turn=bindparam("b_final_turn"),
+                        ttfet_s=bindparam("b_ttfet_s"),
+                        e2e_s=bindparam("b_e2e_s"),
                     ),
-                    self._SUMMARY_BINDS,
-                    None,
                     values,
                 )
 
@@ -526,32 +467,25 @@ class Ledger:
             if a.joules < 0 or a.work_share < 0:
                 raise EnergyError(f"attribution rows must be non-negative, got {a}")
             rows.append(
-                (
-                    self.run_id,
-                    require_utc(a.interval_start, "interval_start"),
-                    require_utc(a.interval_end, "interval_end"),
-                    a.engine_id,
-                    a.tier,
-                    a.conversation_id,
-                    a.turn,
-                    float(a.joules),
-                    float(a.work_share),
-                    str(a.source),
-                    None if a.prefill_j is None else float(a.prefill_j),
-                )
+                {
+                    "run_id": self.run_id,
+                    "interval_start": require_utc(a.interval_start, "interval_start"),
+                    "interval_end": require_utc(a.interval_end, "interval_end"),
+                    "engine_id": a.engine_id,
+                    "tier": a.tier,
+                    "conversation_id": a.conversation_id,
+                    "turn": a.turn,
+                    "joules": float(a.joules),
+                    "work_share": float(a.work_share),
+                    "source": str(a.source),
+                    "prefill_j": None if a.prefill_j is None else float(a.prefill_j),
+                }
             )
         if not rows:
             return 0
         self._ensure_run()
         with self._tx("recording attributions") as conn:  # one row per conversation, engine and interval
-            self._executemany(
-                conn,
-                "insert-attributions",
-                lambda: insert(AttributionRowModel),
-                self._ATTR_COLUMNS,
-                AttributionRowModel,
-                rows,
-            )
+            conn.execute(insert(AttributionRowModel), rows)  # Core executemany
         return len(rows)
 
     # ---- power caps (energy/power.py) ------------------------------------------------------------

@@ -13,7 +13,8 @@ One policy, two drivers: this module and the simulator build a :class:`placement
    (from its prefix cache for later turns);
 4. streams the decoder's chunks back, timing the first token, every token gap and the last token;
 5. records the turn (a :class:`energy.records.TurnRecord`) and pins (``PinRecord``) through a
-   :class:`TurnSink` that must not block (the runtime's background SQL writer).
+   :class:`TurnSink` that must not block (the runtime's background SQL writer); with ``durability`` given,
+   an answered turn's last byte waits until that record is committed.
 
 Final turn: a turn whose ``finish_reason`` is ``"stop"`` with no tool calls, or that the client marks final
 (``X-Conversation-Final: true`` header or body ``"conserve": {"final": true}``, parsed by the API). TTFET is
@@ -40,11 +41,12 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
+from conserve.clock import SYSTEM_CLOCK, Clock
 from conserve.errors import ConServeError
 from energy.records import ConversationView, PinRecord, TurnRecord, TurnStatus
 from orchestrator.engines.base import Engine, EngineObservation, EngineRequest, RequestKind
@@ -235,8 +237,8 @@ def estimate_prompt_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int:
     return max(1, -(-chars // CHARS_PER_TOKEN) + CHAT_MESSAGE_OVERHEAD_TOKENS * len(messages))
 
 
-def _utc(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+def _wall(clock: Clock, at_s: float | None) -> datetime | None:
+    return None if at_s is None else clock.wall(at_s)
 
 
 # ---- mutable state (private) --------------------------------------------------------------------------
@@ -349,8 +351,9 @@ class Router:
         sink: TurnSink | None = None,
         observer: RouterObserver | None = None,
         pin_lookup: PinLookup | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         kv_capacity_tokens: Mapping[str, int] | None = None,
+        durability: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if not engines:
             raise EngineUnavailable(
@@ -361,7 +364,10 @@ class Router:
         self.sink: TurnSink = sink or _NullSink()
         self.observer: RouterObserver = observer or _NullObserver()
         self.pin_lookup = pin_lookup
-        self.clock = clock
+        self.clock = clock  # monotonic now_s() times every turn; wall() stamps the records
+        # awaited between recording an answered turn and its last byte: the record is durable by then
+        # (the runtime's LedgerWriter.wait_durable; None: no wait)
+        self.durability = durability
         caps = kv_capacity_tokens or {}
         self._instances: dict[str, _Instance] = {
             iid: _Instance(
@@ -430,20 +436,20 @@ class Router:
             conversation_id=conv.conversation_id,
             run_id=self.config.run_id,
             policy=self.policy.name,
-            created_at=_utc(conv.first_arrival_s) or datetime.now(UTC),
+            created_at=self.clock.wall(conv.first_arrival_s),
             pinned_instance_id=conv.pins[-1].instance_id if conv.pins else None,
             pins=tuple(conv.pins),
             turns=tuple(conv.records),
             final_turn=conv.final_turn,
             ttfet_s=conv.ttfet_s,
             e2e_s=conv.e2e_s,
-            first_arrival_at=_utc(conv.first_arrival_s),
+            first_arrival_at=self.clock.wall(conv.first_arrival_s),
         )
 
     def settled_before(self) -> datetime | None:
         """Arrival of the oldest turn still running (its record is not written yet), or None when idle:
         everything that ran before this instant is recorded (energy accounting waits for it)."""
-        return _utc(min(self._inflight.values())) if self._inflight else None
+        return self.clock.wall(min(self._inflight.values())) if self._inflight else None
 
     def active_pin(self, conversation_id: str) -> str | None:
         return self._pins.get(conversation_id)
@@ -490,7 +496,7 @@ class Router:
 
     def expire_idle(self, now_s: float | None = None) -> int:
         """Release pins of conversations idle longer than pin_ttl_s (scheduled job). Returns how many."""
-        now_s = self.clock() if now_s is None else now_s
+        now_s = self.clock.now_s() if now_s is None else now_s
         stale = [c for c in self._convs.values() if now_s - c.last_active_s > self.config.pin_ttl_s]
         for conv in stale:
             self._end(conv)
@@ -539,7 +545,7 @@ class Router:
             if seen is not None and seen.turns:
                 conv.turns = max(t.turn for t in seen.turns)
                 if seen.first_arrival_at is not None:
-                    conv.first_arrival_s = seen.first_arrival_at.timestamp()
+                    conv.first_arrival_s = self.clock.at_s(seen.first_arrival_at)
                 last = seen.turns[-1]
                 conv.context_tokens = last.prompt_tokens + last.output_tokens
                 conv.pins.extend(seen.pins)  # the pin history (already in the ledger: not re-recorded)
@@ -550,7 +556,7 @@ class Router:
         return conv
 
     async def _run(self, inp: TurnInput, buffered: bool, sse: bool = False) -> AsyncGenerator[Any, None]:
-        arrival_s = self.clock()
+        arrival_s = self.clock.now_s()
         key = next(self._turn_keys)
         self._inflight[key] = arrival_s
         try:
@@ -616,7 +622,7 @@ class Router:
                         async with contextlib.aclosing(_engine_events(dec.engine, ereq)) as batches:
                             prev_s = 0.0
                             async for batch, last in batches:
-                                now = self.clock()
+                                now = self.clock.now_s()
                                 out: list[Any] = []
                                 for item, raw in batch:
                                     ch = item if raw is None else parse_event(item, dec.instance_id)
@@ -683,7 +689,7 @@ class Router:
                                     att.sent = True
                                     for ch in out:
                                         yield ch
-                        att.last_s = self.clock()
+                        att.last_s = self.clock.now_s()
                     finally:
                         dec.inflight_prefill_tokens -= local_prefill
                         dec.inflight_requests -= 1
@@ -719,6 +725,8 @@ class Router:
                     self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
                     raise
                 self._finish(conv, treq, att, arrival_s, status, inp.client_final)
+                if self.durability is not None:
+                    await self.durability()  # the turn's record is committed before its last byte leaves
                 if sse:
                     held.append(SSE_DONE)
                     yield b"".join(held)
@@ -763,7 +771,7 @@ class Router:
         inst.pinned.add(conv.conversation_id)
         self._pins[conv.conversation_id] = instance_id
         if reason is not None and (not conv.one_turn or reason != "placed"):
-            rec = PinRecord(conv.conversation_id, instance_id, _utc(now_s) or datetime.now(UTC), reason)
+            rec = PinRecord(conv.conversation_id, instance_id, self.clock.wall(now_s), reason)
             if not conv.one_turn:
                 conv.pins.append(rec)
             self.sink.pin(rec)
@@ -822,9 +830,9 @@ class Router:
             turn=treq.turn,
             request_id=att.request_id,
             instance_id=pl.decode_instance,
-            arrival_at=_utc(arrival_s) or datetime.now(UTC),
-            first_token_at=_utc(att.first_s),
-            last_token_at=_utc(att.last_s),
+            arrival_at=self.clock.wall(arrival_s),
+            first_token_at=_wall(self.clock, att.first_s),
+            last_token_at=_wall(self.clock, att.last_s),
             prompt_tokens=prompt,
             output_tokens=output,
             finish_reason=att.finish_reason,
@@ -844,7 +852,7 @@ class Router:
         if ok:
             self.stats["turns"] += 1
             conv.context_tokens = prompt + output
-            conv.last_active_s = att.last_s or self.clock()
+            conv.last_active_s = att.last_s or self.clock.now_s()
             self._account(conv, conv.context_tokens)
             self.policy.observe_turn_end(conv.conversation_id, treq.turn, output)
             if is_final and att.first_s is not None:

@@ -97,7 +97,7 @@ def serve(
     # (benchmarks/bench_router.py TTFT max).
     gc.collect()
     gc.freeze()
-    # Background threads (ledger shipper, energy accounting, executor jobs) hold the GIL for up to the
+    # Background threads (ledger writer, energy accounting, executor jobs) hold the GIL for up to the
     # switch interval (5 ms by default) while the event loop waits for it. 0.2 ms cut the router's TTFT p99
     # at 1 connection from 3.4-4.7 ms to 1.8-3.1 ms (benchmarks/bench_router.py setup, 2-core dev box).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -119,10 +119,9 @@ ENV_SETTINGS_EPILOG = (
     "CONSERVE_PIN_TTL_S [900] release the pin of a conversation idle this long; "
     "CONSERVE_RUN_ID [new per start] ledger run the turns are recorded in (replicas sharing a ledger: set "
     "the same id); "
-    "CONSERVE_LEDGER_PROCESS_PRIORITY [idle] ledger writer CPU priority, 'idle' (SCHED_IDLE; nice 10 if it "
-    "falls behind) or 'nice'; "
+    "CONSERVE_LEDGER_DURABLE [true] hold an answer's last byte until its turn is committed to the ledger; "
     "CONSERVE_LEDGER_BATCH_MAX [500] records per ledger transaction at most; "
-    "CONSERVE_LEDGER_FLUSH_INTERVAL_S [0.25] ship ledger records this often; "
+    "CONSERVE_LEDGER_FLUSH_INTERVAL_S [0.25] write records nobody waits for this often; "
     "CONSERVE_ENERGY_INTERVAL_S [1.0] energy accounting period, 0 turns it off; "
     "CONSERVE_ENERGY_LAG_S [10] attribute an energy interval this long after it ends; "
     "CONSERVE_POWER_STATE_FILE [~/.cache/conserve/power-caps.json] GPU power limits serve changed, "

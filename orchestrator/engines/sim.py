@@ -17,7 +17,7 @@ The generated text is synthetic and says so (``"[simulated] token token ..."``).
 shape of an agent's intermediate turn; otherwise a turn ends with ``stop`` after ``natural_output_tokens``
 tokens, or ``length`` if ``max_tokens`` is smaller.
 
-Must not import fastapi, sqlalchemy or httpx. Time comes from an injected :class:`SimClock`.
+Must not import fastapi, sqlalchemy or httpx. Time comes from an injected clock (conserve/clock.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from conserve.clock import Clock, SystemClock
 from energy.meters import (
     ENGINE_STEPS_TOTAL,
     EXTERNAL_HITS_TOTAL,
@@ -65,31 +66,10 @@ def kv_transfer_time_s(tokens: int) -> float:
     return _KV_HIGH_OFFSET_S + _KV_HIGH_SLOPE_S_PER_TOKEN * tokens
 
 
-class SimClock(Protocol):
-    """Injected time: `now()` in seconds (monotonic) and `sleep(modelled_s)`."""
-
-    def now(self) -> float: ...
-
-    async def sleep(self, modelled_s: float) -> None: ...
-
-
-@dataclass(slots=True)
-class WallClock:
-    """Wall time, optionally sped up: a modelled second lasts 1/speedup real seconds."""
-
-    speedup: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.speedup <= 0:
-            raise EngineError(
-                f"sim speedup must be > 0, got {self.speedup}. To fix: pass e.g. --sim-speedup 1"
-            )
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    async def sleep(self, modelled_s: float) -> None:
-        await asyncio.sleep(max(0.0, modelled_s / self.speedup))
+# The engine's clock is the project's one (conserve/clock.py); the engine only sleeps on it. A
+# SystemClock(speedup) makes a modelled second last 1/speedup real seconds.
+SimClock = Clock
+WallClock = SystemClock
 
 
 @dataclass(slots=True)
@@ -159,7 +139,7 @@ class SimEngine:
         tier_model: TierModel,
         *,
         model_name: str,
-        clock: SimClock | None = None,
+        clock: Clock | None = None,
         fabric: SimKvFabric | None = None,
         max_num_seqs: int = 256,  # vLLM's default --max-num-seqs
         max_batched_tokens: int = 8192,  # vLLM's default chunked-prefill budget on datacenter GPUs (V1)
@@ -170,7 +150,7 @@ class SimEngine:
         self.tier = tier
         self.tier_model = tier_model
         self.model_name = model_name
-        self.clock: SimClock = clock or WallClock()
+        self.clock: Clock = clock or SystemClock()
         self.fabric = fabric or SimKvFabric()
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens

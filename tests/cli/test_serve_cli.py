@@ -121,4 +121,4 @@ def test_serve_help_lists_every_environment_only_setting() -> None:
         [sys.executable, "-c", "from orchestrator.cli import main; main()", "serve", "--help"],
         capture_output=True, text=True, check=True, env=dict(os.environ, COLUMNS="200"),
     )  # fmt: skip
-    assert "CONSERVE_LEDGER_PROCESS_PRIORITY" in out.stdout
+    assert "CONSERVE_LEDGER_DURABLE" in out.stdout

@@ -331,7 +331,7 @@ def test_attribution_offloaded_to_the_ledger_writer_equals_in_process(tmp_path: 
     """`serve` hands samples and intervals to the ledger writer (EnergyJob), which attributes them after the
     turns queued before them are written, with no flush in between. Same rows as attributing in-process with
     the turns written synchronously; a job queued behind a turn sees that turn."""
-    from orchestrator.runtime import BackgroundLedgerWriter, ProcessLedgerWriter
+    from orchestrator.ledger_writer import LedgerWriter
 
     local = Ledger(f"sqlite:///{tmp_path / 'local.db'}", policy="conserve")
     local.upgrade()
@@ -339,8 +339,7 @@ def test_attribution_offloaded_to_the_ledger_writer_equals_in_process(tmp_path: 
 
     off = Ledger(f"sqlite:///{tmp_path / 'off.db'}", policy="conserve")
     off.upgrade()
-    make = ProcessLedgerWriter if kind == "process" else BackgroundLedgerWriter
-    writer = make(off, batch_max=3, flush_interval_s=0.01)
+    writer = LedgerWriter(off, process=kind == "process", batch_max=3, flush_interval_s=0.01)
     acct = _long_turns_scenario(off, writer.turn, writer.energy, None)
     writer.close()
     assert acct.jobs_offloaded > 0 and acct.rows_written == 0  # all rows written by the writer

@@ -128,6 +128,26 @@ def test_duplicate_request_id_is_refused(ledger: Ledger) -> None:
         ledger.record_turn(turn("c1", 1, at_s=0))
 
 
+def test_a_duplicate_turn_is_a_typed_error_naming_the_duplicates_and_writes_nothing(ledger: Ledger) -> None:
+    """DuplicateTurnError names exactly the request ids already in the run (or twice in the batch), so a
+    writer stores the rest of its batch without matching message text; the refused batch writes nothing."""
+    from energy.errors import DuplicateTurnError
+
+    ledger.record_turns([turn("c1", 1, at_s=0), turn("c2", 1, at_s=0)])
+    batch = [turn("c1", 1, at_s=0), turn("c3", 1, at_s=1), turn("c4", 1, at_s=1), turn("c4", 1, at_s=1)]
+    with pytest.raises(DuplicateTurnError) as info:
+        ledger.record_turns(batch)
+    assert info.value.request_ids == {"c1-1-0", "c4-1-0"} and info.value.run_id == "live"
+    assert sorted(t.request_id for _, t in ledger.turns()) == ["c1-1-0", "c2-1-0"]
+    assert ledger.get_conversation("c3") is None  # the conversation row rolled back with the turns
+    import dataclasses
+
+    no_instance = dataclasses.replace(turn("c5", 1, at_s=2), instance_id=None)  # NOT NULL: not a duplicate
+    with pytest.raises(EnergyError, match="violates a constraint") as other:
+        ledger.record_turns([no_instance])
+    assert not isinstance(other.value, DuplicateTurnError)
+
+
 def test_naive_timestamps_are_refused_and_offsets_normalised(ledger: Ledger) -> None:
     with pytest.raises(EnergyError, match="arrival_at must be a timezone-aware"):
         ledger.record_turn(TurnRecord("c1", 1, "r1", "d0", arrival_at=datetime(2025, 1, 1)))
@@ -230,9 +250,10 @@ def test_turns_overlapping_uses_last_token_then_first_token_within_lookback(ledg
 
 
 def test_records_survive_the_pipe_to_the_ledger_process() -> None:
-    """ProcessLedgerWriter ships turns as turn_to_wire tuples of plain values and pins as PinRecords (pickled
-    by value tuple): every field round-trips, and the wire tuple holds no object pickle would call back into
-    Python for (datetimes, enums: what made the shipper thread hold the GIL)."""
+    """The ledger writer (orchestrator/ledger_writer.py) ships turns to its process as turn_to_wire tuples of
+    plain values and pins as PinRecords (pickled by value tuple): every field round-trips, and the wire tuple
+    holds no object pickle would call back into Python for (datetimes, enums: what made the shipper thread
+    hold the GIL)."""
     import pickle
     from dataclasses import fields
 
@@ -276,8 +297,8 @@ def test_wire_timestamps_keep_the_microsecond(at: datetime, other: timezone) -> 
 
 
 def test_turn_times_are_stored_in_one_format_so_range_queries_compare_them(tmp_path: Path) -> None:
-    """Turn rows go through a driver-level executemany (energy/ledger.py _executemany); on SQLite their times
-    must be stored exactly as SQLAlchemy stores them elsewhere ('YYYY-MM-DD HH:MM:SS.ffffff', also for whole
+    """Turn rows are written with one Core executemany; on SQLite their times must be stored exactly as
+    SQLAlchemy stores them elsewhere ('YYYY-MM-DD HH:MM:SS.ffffff', also for whole
     seconds), or string comparisons in range queries (turns_overlapping) would miss rows."""
     import sqlite3
 
