@@ -400,6 +400,24 @@ class Ledger:
             ).all()
         return {r.conversation_id: r.instance_id for r in rows}
 
+    def latest_conversation(self, conversation_id: str) -> ConversationView | None:
+        """The conversation as this run holds it or, when this run has never seen it, as the latest serve run
+        that did (a continuation after a restart: each `serve` start has its own run id, issue 14, yet a
+        client continuing its conversation after a crash must see its turns numbered on, issue 13). Turns the new
+        run records stay in the new run: a continued conversation's TTFET belongs to the run of its turn 1."""
+        own = self.get_conversation(conversation_id)
+        if own is not None:
+            return own
+        with self._tx("finding a conversation's latest run") as conn:
+            run = conn.execute(
+                select(TurnRow.run_id)
+                .join(RunRow, RunRow.id == TurnRow.run_id)
+                .where(TurnRow.conversation_id == conversation_id, RunRow.kind == str(RunKind.SERVE))
+                .order_by(TurnRow.arrival_at.desc())
+                .limit(1)
+            ).scalar()
+        return None if run is None else self.get_conversation(conversation_id, run_id=run)
+
     def get_conversation(self, conversation_id: str, run_id: str | None = None) -> ConversationView | None:
         run = run_id or self.run_id
         with self._tx("reading a conversation") as conn:

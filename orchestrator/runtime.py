@@ -132,7 +132,7 @@ class LedgerPinLookup:
         self.ledger = ledger
 
     async def lookup(self, conversation_id: str) -> ConversationView | None:
-        return await asyncio.to_thread(self.ledger.get_conversation, conversation_id)
+        return await asyncio.to_thread(self.ledger.latest_conversation, conversation_id)
 
 
 # ---- building the fleet -------------------------------------------------------------------------------

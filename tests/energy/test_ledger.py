@@ -173,6 +173,29 @@ def test_runs_separate_the_same_conversation_id(ledger_url: str) -> None:
     b.close()
 
 
+def test_a_restarted_server_finds_a_continued_conversation_in_the_latest_serve_run(ledger_url: str) -> None:
+    """Each serve start has its own run id (issue 14), yet a conversation continued after a crash must be
+    numbered on (issue 13): the router's lookup falls back to the latest serve run holding the id, never to a
+    simulated run, and a new run's own turns win once it has some."""
+    old = Ledger(ledger_url, run_id="live-1", policy="conserve", kind=RunKind.SERVE)
+    old.upgrade()
+    old.record_turn(turn("c1", 1, at_s=0))
+    old.record_turn(turn("c1", 2, at_s=5))
+    sim = Ledger(ledger_url, run_id="sim-1", policy="conserve", kind=RunKind.SIMULATE)
+    for k in (1, 2, 3, 4):
+        sim.record_turn(turn("c1", k, at_s=10 + k))  # later arrivals, but a simulation
+    new = Ledger(ledger_url, run_id="live-2", policy="conserve", kind=RunKind.SERVE)
+    assert new.get_conversation("c1") is None  # the new run itself has not seen it
+    seen = new.latest_conversation("c1")
+    assert seen is not None and seen.run_id == "live-1" and [t.turn for t in seen.turns] == [1, 2]
+    new.record_turn(turn("c1", 3, at_s=30))
+    mine = new.latest_conversation("c1")
+    assert mine is not None and mine.run_id == "live-2" and [t.turn for t in mine.turns] == [3]
+    assert new.latest_conversation("nobody") is None
+    for lg in (old, sim, new):
+        lg.close()
+
+
 def test_energy_rows_round_trip_and_filters(ledger: Ledger) -> None:
     ledger.start_run(RunInfo("live", RunKind.SERVE, "conserve", started_at=T0))
     samples = [
