@@ -401,10 +401,11 @@ class Ledger:
         return {r.conversation_id: r.instance_id for r in rows}
 
     def latest_conversation(self, conversation_id: str) -> ConversationView | None:
-        """The conversation as this run holds it or, when this run has never seen it, as the latest serve run
-        that did (a continuation after a restart: each `serve` start has its own run id, issue 14, yet a
-        client continuing its conversation after a crash must see its turns numbered on, issue 13). Turns the new
-        run records stay in the new run: a continued conversation's TTFET belongs to the run of its turn 1."""
+        """The conversation as this run holds it or, when this run has never seen it, as the latest serve
+        run that did (a continuation after a restart: each `serve` start has its own run id, issue 14, yet
+        a client continuing its conversation after a crash must see its turns numbered on, issue 13). Turns
+        the new run records stay in the new run: a continued conversation's TTFET belongs to the run of its
+        turn 1."""
         own = self.get_conversation(conversation_id)
         if own is not None:
             return own
