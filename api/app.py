@@ -16,9 +16,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.auth import Authenticator
 from api.errors import install_error_handlers
 from api.fastpath import PATHS, FastPath
 from api.metrics import ApiMetrics
+from api.settings import ApiSettings
 from orchestrator.runtime import Runtime, ServeSettings, build_runtime
 
 log = logging.getLogger("conserve.api")
@@ -46,12 +48,28 @@ class ConServeApp(FastAPI):
 
 
 def create_app(
-    settings: ServeSettings | None = None, runtime: Runtime | None = None, *, fast_path: bool = True
+    settings: ServeSettings | None = None,
+    runtime: Runtime | None = None,
+    *,
+    fast_path: bool = True,
+    api_settings: ApiSettings | None = None,
 ) -> FastAPI:
     """Build the app. `runtime` may be given (tests); otherwise it is built from `settings` now.
-    `fast_path=False` serves every request through the FastAPI routes (tests compare the two)."""
+    `fast_path=False` serves every request through the FastAPI routes (tests compare the two).
+    `api_settings` (auth, limits; default: from the environment) decide whether keys are required: with
+    ``auth`` "auto", when `settings.host` is not a loopback address."""
     settings = settings or (runtime.settings if runtime is not None else ServeSettings())
+    api_settings = api_settings or ApiSettings()
     rt = runtime or build_runtime(settings)
+    from energy.api_keys import KeyStore
+
+    scrape = api_settings.scrape_token.get_secret_value() if api_settings.scrape_token else None
+    auth = Authenticator(
+        KeyStore.for_ledger(rt.ledger),
+        enabled=api_settings.auth_required(settings.host),
+        scrape_token=scrape,
+        cache_ttl_s=api_settings.auth_cache_ttl_s,
+    )
     metrics = ApiMetrics()
     metrics.attach_fleet(rt.router.instance_status)
     rt.router.observer = metrics
@@ -81,9 +99,11 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ledger = rt.ledger
+    app.state.auth = auth
+    app.state.api_settings = api_settings
     install_error_handlers(app)
     if fast_path:
-        app.fast_path = FastPath(rt, metrics)
+        app.fast_path = FastPath(rt, metrics, auth)
 
     from api import routes_fleet, routes_openai
 

@@ -29,7 +29,8 @@ from typing import Any
 
 import orjson
 
-from api.errors import error_body, to_api_error
+from api.auth import OPEN, Authenticator, bearer_token
+from api.errors import ApiError, error_body, to_api_error
 from api.routes_openai import prepare_turn, sse_body, watch_disconnect
 from api.schemas import CONVERSATION_ID_MAX_CHARS, CONVERSATION_ID_PATTERN
 from orchestrator.engines.base import RequestKind
@@ -173,14 +174,29 @@ def simple_body_ok(kind: RequestKind, body: Any) -> bool:
 class FastPath:
     """Serves the completion endpoints without Starlette; `fallback` (the FastAPI app) gets the rest."""
 
-    def __init__(self, runtime: Runtime, metrics: Any) -> None:
+    def __init__(self, runtime: Runtime, metrics: Any, auth: Authenticator) -> None:
         self.rt = runtime
         self.metrics = metrics
+        self.auth = auth
         self.served = 0  # requests answered here (incl. errors from prepare_turn / the router)
         self.fallbacks = 0  # requests handed to the FastAPI routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, fallback: AsgiApp) -> None:
         kind, endpoint = PATHS[scope["path"]]
+        principal = OPEN
+        if self.auth.enabled:  # before the body is read: a request without a valid key costs nothing more
+            authorization = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value
+                    break
+            try:
+                principal = await self.auth.principal(bearer_token(authorization))
+            except ApiError as err:
+                self.metrics.request_done(endpoint, err.status)
+                await _respond_error(send, err)
+                return
+            scope.setdefault("state", {})["principal"] = principal  # the FastAPI fallback reuses it
         chunks: list[bytes] = []
         while True:
             msg = await receive()
@@ -216,9 +232,8 @@ class FastPath:
             return
         self.served += 1
         try:
-            inp = prepare_turn(kind, body, self.rt, cid, final)
-            cid_out = inp.conversation_id
-            headers = [(b"x-conversation-id", cid_out.encode("latin-1"))] if cid_out else []
+            inp, cid_out = prepare_turn(kind, body, self.rt, cid, final, principal)
+            headers = [(b"x-conversation-id", cid_out.encode("latin-1"))]
             if not body.get("stream"):
                 out = orjson.dumps(await self.rt.router.complete(inp))
                 await _respond(send, 200, out, headers)
@@ -234,11 +249,16 @@ class FastPath:
             if api_err.status >= 500 and api_err.code == "internal_error":
                 log.exception("unexpected error serving a request")
             self.metrics.request_done(endpoint, api_err.status)
-            body_out = orjson.dumps(error_body(api_err.message, api_err.type, api_err.param, api_err.code))
-            await _respond(send, api_err.status, body_out, [])
+            await _respond_error(send, api_err)
             return
         self.metrics.request_done(endpoint, 200)
         await _stream(send, receive, sse_body(first, gen), headers)
+
+
+async def _respond_error(send: Send, err: ApiError) -> None:
+    body = orjson.dumps(error_body(err.message, err.type, err.param, err.code))
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
+    await _respond(send, err.status, body, headers)
 
 
 def _replay(raw: bytes, receive: Receive) -> Receive:

@@ -197,6 +197,7 @@ class TurnInput:
     client_final: bool = False
     include_usage: bool = False  # the client asked for stream_options.include_usage
     prompt_tokens: int | None = None  # precomputed estimate; None: the router estimates
+    one_turn: bool = False  # conversation_id was made up for a request that named none (a one-turn one)
 
 
 def estimate_prompt_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int:
@@ -443,6 +444,10 @@ class Router:
         everything that ran before this instant is recorded (energy accounting waits for it)."""
         return _utc(min(self._inflight.values())) if self._inflight else None
 
+    def new_conversation_id(self) -> str:
+        """An id for a request that named no conversation (unique per router process)."""
+        return f"conv-{self._id_prefix}-{next(self._ids)}"
+
     def active_pin(self, conversation_id: str) -> str | None:
         return self._pins.get(conversation_id)
 
@@ -521,8 +526,8 @@ class Router:
 
     async def _conversation_for(self, inp: TurnInput, now_s: float) -> _Conversation:
         cid = inp.conversation_id
-        if cid is None:
-            cid = f"conv-{self._id_prefix}-{next(self._ids)}"
+        if cid is None or inp.one_turn:
+            cid = cid or self.new_conversation_id()
             return _Conversation(cid, one_turn=True, first_arrival_s=now_s, last_active_s=now_s)
         conv = self._convs.get(cid)
         if conv is not None and not conv.ended:

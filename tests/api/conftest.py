@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.app import create_app
+from api.settings import ApiSettings
 from orchestrator.config import FleetConfig, parse_fleet
 from orchestrator.fleet import tier_model
 from orchestrator.runtime import Runtime, ServeSettings, SimInstance, build_runtime
@@ -72,6 +73,7 @@ def start_server(
     poll_interval_s: float = 0.2,
     fast_path: bool = True,
     db_url: str | None = None,
+    api_settings: ApiSettings | None = None,
 ) -> tuple[Served, Callable[[], None]]:
     db_url = db_url or f"sqlite:///{tmp_path / 'ledger.db'}"
     cfg = parse_fleet(dict(FLEET, database_url=db_url))
@@ -84,7 +86,7 @@ def start_server(
         ledger_flush_interval_s=0.01,
     )
     rt = build_runtime(settings, cfg, instances=instances(cfg) if instances else None)
-    app = create_app(settings, runtime=rt, fast_path=fast_path)
+    app = create_app(settings, runtime=rt, fast_path=fast_path, api_settings=api_settings or ApiSettings())
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
@@ -151,3 +153,29 @@ def server_factory() -> Iterator[Callable[..., Served]]:
     finally:
         for stop in reversed(stops):
             stop()
+
+
+@pytest.fixture(scope="module")
+def served_secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A server with API keys required (auth on, a scrape token, a 0.5 s key cache) and three keys made
+    with the real key store: `.keys` = {"a": tenant acme, "b": tenant bravo, "admin": admin of tenant ops}."""
+    from energy.api_keys import KeyStore
+
+    s, stop = start_server(
+        tmp_path_factory.mktemp("secured"),
+        speedup=1000.0,
+        api_settings=ApiSettings(
+            auth="on", scrape_token="scrape-token-for-tests-0123456789", auth_cache_ttl_s=0.5
+        ),
+    )
+    store = KeyStore.open(s.db_url)
+    s.keys = {  # type: ignore[attr-defined]
+        "a": store.create("acme")[0],
+        "b": store.create("bravo")[0],
+        "admin": store.create("ops", admin=True)[0],
+    }
+    store.close()
+    try:
+        yield s
+    finally:
+        stop()
