@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from api.auth import Authenticator
 from api.errors import install_error_handlers
 from api.fastpath import PATHS, FastPath
+from api.limits import Admission, Edge
 from api.metrics import ApiMetrics
 from api.settings import ApiSettings
 from orchestrator.runtime import Runtime, ServeSettings, build_runtime
@@ -32,19 +33,27 @@ class ConServeApp(FastAPI):
     fast path hands back to FastAPI (with the body) whatever it does not fully handle."""
 
     fast_path: FastPath | None = None
+    edge: Edge | None = None  # api/limits.py: auth, admission and body limits of the completion endpoints
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        fp = self.fast_path
+        edge = self.edge
         if (
-            fp is not None
+            edge is not None
             and scope["type"] == "http"
             and scope["method"] == "POST"
             and scope["path"] in PATHS
             and not scope.get("root_path")
         ):
-            await fp(scope, receive, send, super().__call__)
+            await edge(scope, receive, send, PATHS[scope["path"]][1], self._serve_completion)
             return
         await super().__call__(scope, receive, send)
+
+    async def _serve_completion(self, scope: Any, receive: Any, send: Any) -> None:
+        fp = self.fast_path
+        if fp is not None:
+            await fp(scope, receive, send, super().__call__)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -99,11 +108,14 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ledger = rt.ledger
+    admission = Admission(api_settings)
     app.state.auth = auth
     app.state.api_settings = api_settings
+    app.state.admission = admission
     install_error_handlers(app)
+    app.edge = Edge(api_settings, auth, metrics, admission)
     if fast_path:
-        app.fast_path = FastPath(rt, metrics, auth)
+        app.fast_path = FastPath(rt, metrics, auth, admission)
 
     from api import routes_fleet, routes_openai
 

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conserve.errors import ConServeError
-from orchestrator.router import ConversationNotFound, EngineRejected, EngineUnavailable
+from orchestrator.router import ConversationNotFound, EngineRejected, EngineUnavailable, PromptTooLarge
 
 log = logging.getLogger("conserve.api")
 
@@ -78,6 +78,8 @@ def to_api_error(err: BaseException) -> ApiError:
         return ApiError(503, str(err), type_="service_unavailable_error", code="engine_unavailable")
     if isinstance(err, EngineRejected):
         return ApiError(err.status, str(err), code="engine_rejected_request")
+    if isinstance(err, PromptTooLarge):
+        return ApiError(400, str(err), param="messages", code="context_length_exceeded")
     if isinstance(err, ConversationNotFound):
         return ApiError(
             404, str(err), type_="not_found_error", param="conversation_id", code="conversation_not_found"

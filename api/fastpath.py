@@ -29,8 +29,9 @@ from typing import Any
 
 import orjson
 
-from api.auth import OPEN, Authenticator, bearer_token
+from api.auth import OPEN, Authenticator, unauthorized
 from api.errors import ApiError, error_body, to_api_error
+from api.limits import Admission, principal_of
 from api.routes_openai import prepare_turn, sse_body, watch_disconnect
 from api.schemas import CONVERSATION_ID_MAX_CHARS, CONVERSATION_ID_PATTERN
 from orchestrator.engines.base import RequestKind
@@ -174,29 +175,25 @@ def simple_body_ok(kind: RequestKind, body: Any) -> bool:
 class FastPath:
     """Serves the completion endpoints without Starlette; `fallback` (the FastAPI app) gets the rest."""
 
-    def __init__(self, runtime: Runtime, metrics: Any, auth: Authenticator) -> None:
+    def __init__(
+        self, runtime: Runtime, metrics: Any, auth: Authenticator, admission: Admission | None = None
+    ) -> None:
         self.rt = runtime
         self.metrics = metrics
         self.auth = auth
+        self.admission = admission
         self.served = 0  # requests answered here (incl. errors from prepare_turn / the router)
         self.fallbacks = 0  # requests handed to the FastAPI routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, fallback: AsgiApp) -> None:
         kind, endpoint = PATHS[scope["path"]]
-        principal = OPEN
-        if self.auth.enabled:  # before the body is read: a request without a valid key costs nothing more
-            authorization = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    authorization = value
-                    break
-            try:
-                principal = await self.auth.principal(bearer_token(authorization))
-            except ApiError as err:
-                self.metrics.request_done(endpoint, err.status)
-                await _respond_error(send, err)
+        principal = principal_of(scope)  # api/limits.py Edge authenticated the request
+        if principal is None:
+            if self.auth.enabled:  # never served without the edge's check
+                self.metrics.request_done(endpoint, 401)
+                await _respond_error(send, unauthorized("no API key checked for this request"))
                 return
-            scope.setdefault("state", {})["principal"] = principal  # the FastAPI fallback reuses it
+            principal = OPEN
         chunks: list[bytes] = []
         while True:
             msg = await receive()
@@ -232,7 +229,7 @@ class FastPath:
             return
         self.served += 1
         try:
-            inp, cid_out = prepare_turn(kind, body, self.rt, cid, final, principal)
+            inp, cid_out = prepare_turn(kind, body, self.rt, cid, final, principal, self.admission)
             headers = [(b"x-conversation-id", cid_out.encode("latin-1"))]
             if not body.get("stream"):
                 out = orjson.dumps(await self.rt.router.complete(inp))

@@ -100,9 +100,10 @@ async def _serve(
     endpoint: str,
     metrics: Any,
     principal: Principal,
+    admission: Any = None,
 ) -> Response:
     try:
-        response = await _serve_inner(kind, req, rt, header_cid, header_final, principal)
+        response = await _serve_inner(kind, req, rt, header_cid, header_final, principal, admission)
     except Exception as err:
         api_err = to_api_error(err)
         metrics.request_done(endpoint, api_err.status)
@@ -119,9 +120,10 @@ async def _serve_inner(
     header_cid: str | None,
     header_final: str | None,
     principal: Principal,
+    admission: Any,
 ) -> Response:
     body = req.model_dump(exclude_unset=True, exclude_none=False)
-    inp, cid = prepare_turn(kind, body, rt, header_cid, header_final, principal)
+    inp, cid = prepare_turn(kind, body, rt, header_cid, header_final, principal, admission)
     headers = {"X-Conversation-Id": cid}
     if not body.get("stream"):
         out = await rt.router.complete(inp)
@@ -141,6 +143,7 @@ def prepare_turn(
     header_cid: str | None,
     header_final: str | None,
     principal: Principal = OPEN,
+    admission: Any = None,
 ) -> tuple[TurnInput, str]:
     """The checks every request needs after schema validation (model, prompt shape, context length) and
     the router's input, with the conversation id to send back in ``X-Conversation-Id`` (the client's id;
@@ -184,6 +187,8 @@ def prepare_turn(
             param=param,
             code="context_length_exceeded",
         )
+    if admission is not None:  # api/limits.py Admission: the tenant's tokens-per-minute budget
+        admission.charge_tokens(principal.tenant, prompt_tokens + max_out)
     inp = TurnInput(
         kind=kind,
         body=body,
@@ -285,6 +290,7 @@ async def chat_completions(
         "chat",
         request.app.state.metrics,
         principal,
+        request.app.state.admission,
     )
 
 
@@ -311,6 +317,7 @@ async def completions(
         "completions",
         request.app.state.metrics,
         principal,
+        request.app.state.admission,
     )
 
 

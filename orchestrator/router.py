@@ -79,6 +79,7 @@ __all__ = [
     "EngineUnavailable",
     "EngineRejected",
     "ConversationNotFound",
+    "PromptTooLarge",
     "estimate_prompt_tokens",
     "assemble_response",
     "RawSseEngine",
@@ -110,6 +111,14 @@ class EngineRejected(ConServeError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class PromptTooLarge(ConServeError):
+    """The turn cannot fit in the KV cache of any instance (API: 400 naming the limit)."""
+
+    def __init__(self, message: str, limit_tokens: int) -> None:
+        super().__init__(message)
+        self.limit_tokens = limit_tokens
 
 
 class ConversationNotFound(ConServeError):
@@ -558,6 +567,8 @@ class Router:
         self._inflight[key] = arrival_s
         try:
             prompt_tokens = inp.prompt_tokens or estimate_prompt_tokens(inp.kind, inp.body)
+            max_out = _max_output(inp.body)
+            self._check_fits(prompt_tokens + (max_out or 0))  # before a turn number or an engine is used
             conv = await self._conversation_for(inp, arrival_s)
             conv.turns += 1
             turn = conv.turns
@@ -565,7 +576,6 @@ class Router:
             new_tokens = prompt_tokens - conv.context_tokens if turn > 1 else prompt_tokens
             if new_tokens <= 0:  # the client rewrote its history: treat the whole prompt as new
                 new_tokens = prompt_tokens
-            max_out = _max_output(inp.body)
             treq = TurnRequest(conv.conversation_id, turn, prompt_tokens, new_tokens, max_out)
             last_err: BaseException | None = None
             for attempt_no in range(self.config.max_attempts):
@@ -733,6 +743,21 @@ class Router:
             self._inflight.pop(key, None)
 
     # ---- placement and pins -------------------------------------------------------------------------
+    def _check_fits(self, need_tokens: int) -> None:
+        """A turn that no decode-capable instance could hold (prompt + max_tokens over the largest KV
+        capacity) is the client's error: PromptTooLarge (API: 400) before placement, so no engine is tried,
+        fails or is marked down for it. Instances that are down count: their capacity comes back."""
+        largest = max(
+            (i.kv_capacity_tokens for i in self._instances.values() if i.role.can_decode), default=0
+        )
+        if need_tokens > largest:
+            raise PromptTooLarge(
+                f"this turn needs ~{need_tokens} tokens of KV cache (prompt + max_tokens), more than any "
+                f"instance of this fleet holds: the largest decode-capable instance holds {largest} tokens. "
+                "To fix: shorten the prompt or lower max_tokens.",
+                limit_tokens=largest,
+            )
+
     def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
         try:
             placement = self.policy.place(treq, self.fleet_view())

@@ -55,6 +55,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from api.server import http_protocol
     from api.settings import ApiSettings
     from orchestrator.runtime import ServeSettings, build_runtime
 
@@ -119,7 +120,9 @@ def serve(
         port=port,
         log_level=log_level,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        # api/server.py: httptools with header deadline/size and connection caps (httptools is a dependency
+        # of uvicorn[standard])
+        http=http_protocol(api_settings),
     )
 
 

@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.app import create_app
+from api.server import http_protocol
 from api.settings import ApiSettings
 from orchestrator.config import FleetConfig, parse_fleet
 from orchestrator.fleet import tier_model
@@ -88,7 +89,14 @@ def start_server(
     rt = build_runtime(settings, cfg, instances=instances(cfg) if instances else None)
     app = create_app(settings, runtime=rt, fast_path=fast_path, api_settings=api_settings or ApiSettings())
     port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        http=http_protocol(api_settings or ApiSettings()),  # the connection limits serve runs with
+    )
     server = uvicorn.Server(config)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
