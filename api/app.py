@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from api.auth import Authenticator
+from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.fastpath import PATHS, FastPath
 from api.limits import Admission, Edge
@@ -103,6 +104,8 @@ def create_app(
             '`{"error": {"message", "type", "param", "code"}}`.'
         ),
         lifespan=lifespan,
+        docs_url=None,  # api/docs.py serves /docs and /redoc with local assets
+        redoc_url=None,
     )
     app.state.runtime = rt
     app.state.settings = settings
@@ -113,6 +116,7 @@ def create_app(
     app.state.api_settings = api_settings
     app.state.admission = admission
     install_error_handlers(app)
+    install_docs(app)
     app.edge = Edge(api_settings, auth, metrics, admission)
     if fast_path:
         app.fast_path = FastPath(rt, metrics, auth, admission)

@@ -62,7 +62,8 @@ ConversationHeader = Annotated[
         min_length=1,
         max_length=CONVERSATION_ID_MAX_CHARS,
         pattern=CONVERSATION_ID_PATTERN,
-        description="conversation this turn belongs to (visible ASCII; wins over the body's conversation_id)",
+        description="conversation this turn belongs to (visible ASCII but /; wins over the body's "
+        "conversation_id)",
     ),
 ]
 FinalHeader = Annotated[

@@ -50,6 +50,13 @@ def _div(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def _measured_share(rows: Any) -> float | None:
+    """Joule-weighted measured share of rows that carry ``joules`` and ``measured_share``."""
+    joules = sum(float(r.get("joules") or 0.0) for r in rows)
+    measured = sum(float(r.get("joules") or 0.0) * float(r.get("measured_share") or 0.0) for r in rows)
+    return _div(measured, joules)
+
+
 def scope_report(report: Report, tenant: str | None) -> Report:
     """A by-conversation report cut to one tenant's conversations (ids without the tenant prefix), with
     totals over them (None: every tenant, ids as stored)."""
@@ -68,6 +75,7 @@ def scope_report(report: Report, tenant: str | None) -> Report:
         "tokens": tokens,
         "tokens_per_j": _div(tokens, joules),
         "conversations": len(rows),
+        "measured_share": _measured_share(rows),
     }
     notes = (
         *report.notes,
@@ -93,15 +101,18 @@ def tenant_report(report: Report, only: str | None) -> Report:
         if only is not None and owner != only:
             continue
         a = acc.setdefault(
-            owner, {"tenant": owner, "conversations": 0, "turns": 0, "tokens": 0, "joules": 0.0}
+            owner,
+            {"tenant": owner, "conversations": 0, "turns": 0, "tokens": 0, "joules": 0.0, "_measured_j": 0.0},
         )
         a["conversations"] += 1
         a["turns"] += int(r.get("turns") or 0)
         a["tokens"] += int(r.get("tokens") or 0)
         a["joules"] += float(r.get("joules") or 0.0)
+        a["_measured_j"] += float(r.get("joules") or 0.0) * float(r.get("measured_share") or 0.0)
     rows = []
     for owner in sorted(acc):
         a = acc[owner]
+        a["measured_share"] = _div(a.pop("_measured_j"), a["joules"])
         rows.append(
             {
                 **a,
@@ -117,6 +128,7 @@ def tenant_report(report: Report, only: str | None) -> Report:
         Column("joules", "energy", "J"),
         Column("j_per_token", "J/token", "J"),
         Column("tokens_per_j", "tokens/J"),
+        Column("measured_share", "measured share"),
     )
     joules = sum(r["joules"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
@@ -127,6 +139,7 @@ def tenant_report(report: Report, only: str | None) -> Report:
         "tokens_per_j": _div(tokens, joules),
         "conversations": sum(r["conversations"] for r in rows),
         "idle_j": report.totals.get("idle_j") if only is None else None,
+        "measured_share": _measured_share(rows),
     }
     notes = (
         *report.notes,

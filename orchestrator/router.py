@@ -194,6 +194,11 @@ class RouterConfig:
     # connection the server closes as it is reused): the engine is marked down after this many consecutive
     # failed polls, or at once when a request cannot reach it (see Router._run).
     down_after_failed_polls: int = 3
+    # A conversation the client ended stays in memory this long (then only in the ledger): a turn sent with
+    # its id meanwhile continues its numbering, and GET /v1/conversations reads it while the ledger writer
+    # catches up (it ships every 0.25 s; runtime.ServeSettings.ledger_flush_interval_s). Memory is released
+    # after this, not after pin_ttl_s (the issue-13 finding: ~3 KB per ended conversation for 900 s).
+    ended_keep_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +327,7 @@ class _Conversation:
     ttfet_s: float | None = None
     e2e_s: float | None = None
     ended: bool = False
+    reopened: bool = False  # sent a turn again after the client ended it (Router._reopen)
     records: list[TurnRecord] = field(default_factory=list)
     pins: list[PinRecord] = field(default_factory=list)
 
@@ -501,9 +507,15 @@ class Router:
         await asyncio.gather(*(one(i) for i in self._instances.values()))
 
     def expire_idle(self, now_s: float | None = None) -> int:
-        """Release pins of conversations idle longer than pin_ttl_s (scheduled job). Returns how many."""
+        """Release pins of conversations idle longer than pin_ttl_s, and forget conversations the client
+        ended more than ended_keep_s ago (scheduled job). Returns how many left memory."""
         now_s = self.clock() if now_s is None else now_s
-        stale = [c for c in self._convs.values() if now_s - c.last_active_s > self.config.pin_ttl_s]
+        ttl_s, keep_s = self.config.pin_ttl_s, self.config.ended_keep_s
+        stale = [
+            c
+            for c in self._convs.values()
+            if now_s - c.last_active_s > (keep_s if c.ended else ttl_s)
+        ]
         for conv in stale:
             self._end(conv)
             del self._convs[conv.conversation_id]
@@ -541,6 +553,8 @@ class Router:
         conv = self._convs.get(cid)
         if conv is not None and not conv.ended:
             return conv
+        if conv is not None:  # reused right after its final turn: the same conversation goes on
+            return self._reopen(conv)
         conv = _Conversation(cid, one_turn=False, first_arrival_s=now_s, last_active_s=now_s)
         if self.pin_lookup is not None and _has_history(inp):
             # A continuation we do not hold in memory: another replica (shared PostgreSQL) or a restart.
@@ -559,6 +573,14 @@ class Router:
                 if pin in self._instances:
                     self._pin(conv, pin, now_s, reason=None)
         self._convs[cid] = conv
+        return conv
+
+    def _reopen(self, conv: _Conversation) -> _Conversation:
+        """A conversation the client ended and sends a turn to again (within ended_keep_s, before the ledger
+        has surely recorded its turns): its turns go on being numbered from the last one; it is placed again
+        like a turn 1 (its pin was released when it ended) without counting as a replacement."""
+        conv.ended = False
+        conv.reopened = True
         return conv
 
     async def _run(self, inp: TurnInput, buffered: bool, sse: bool = False) -> AsyncGenerator[Any, None]:
@@ -773,7 +795,7 @@ class Router:
         # none is made, as in the simulator: policies that never pin (per-turn, full-disagg, round-robin,
         # kv-aware) have nothing held for a conversation between turns
         if placement.pin and old != placement.decode_instance:
-            if old is not None or (treq.turn > 1 and not conv.one_turn):
+            if old is not None or (treq.turn > 1 and not conv.one_turn and not conv.reopened):
                 reason = f"replaced: {placement.reason or 'pinned decoder unavailable'}"
                 self.stats["replacements"] += 1
                 self.observer.replaced(conv.conversation_id, old, placement.decode_instance)

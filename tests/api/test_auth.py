@@ -205,3 +205,14 @@ def test_keys_are_stored_hashed_and_checked(tmp_path: Path) -> None:
     assert store.check(key) is None
     assert [k.key_id for k in store.list("acme")] == [rec.key_id] and store.list("acme")[0].revoked_at
     store.close()
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "html", "table"])
+@pytest.mark.parametrize("by", ["conversation", "tenant"])
+@pytest.mark.parametrize("who", ["b", "admin"])
+def test_tenant_reports_render_in_every_format(secured: Any, fmt: str, by: str, who: str) -> None:
+    s, keys = secured
+    r = _get(s.base_url, "/v1/reports/energy", keys[who], by=by, format=fmt)
+    assert r.status_code == 200, r.text
+    if who == "b":
+        assert "acme" not in r.text
