@@ -20,7 +20,7 @@ from api.auth import Authenticator
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.fastpath import PATHS, FastPath
-from api.limits import Admission, Edge
+from api.limits import Admission, Edge, replay
 from api.metrics import ApiMetrics
 from api.settings import ApiSettings
 from orchestrator.runtime import Runtime, ServeSettings, build_runtime
@@ -49,12 +49,12 @@ class ConServeApp(FastAPI):
             return
         await super().__call__(scope, receive, send)
 
-    async def _serve_completion(self, scope: Any, receive: Any, send: Any) -> None:
+    async def _serve_completion(self, scope: Any, receive: Any, send: Any, body: bytes) -> None:
         fp = self.fast_path
         if fp is not None:
-            await fp(scope, receive, send, super().__call__)
+            await fp(scope, receive, send, super().__call__, body)
         else:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, replay(body, receive), send)
 
 
 def create_app(

@@ -185,7 +185,10 @@ class FastPath:
         self.served = 0  # requests answered here (incl. errors from prepare_turn / the router)
         self.fallbacks = 0  # requests handed to the FastAPI routes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, fallback: AsgiApp) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, fallback: AsgiApp, raw: bytes | None = None
+    ) -> None:
+        """Serve the request; `raw` is its body when the caller (api/limits.py Edge) has read it."""
         kind, endpoint = PATHS[scope["path"]]
         principal = principal_of(scope)  # api/limits.py Edge authenticated the request
         if principal is None:
@@ -194,15 +197,16 @@ class FastPath:
                 await _respond_error(send, unauthorized("no API key checked for this request"))
                 return
             principal = OPEN
-        chunks: list[bytes] = []
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # client gone before sending the body
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body", False):
-                break
-        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if raw is None:
+            chunks: list[bytes] = []
+            while True:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return  # client gone before sending the body
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body", False):
+                    break
+            raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         cid = final = None
         json_ct = False
         for name, value in scope["headers"]:

@@ -8,22 +8,21 @@ api/app.py's ConServeApp for POST /v1/chat/completions and /v1/completions)
    ``Retry-After``; per tenant, in flight over ``tenant_max_concurrent_requests`` or requests over the
    ``tenant_requests_per_s`` token bucket -> 429 with ``Retry-After`` (the time until the bucket refills);
 3. reads the body under a size limit (``Content-Length`` over ``max_body_bytes`` -> 413 before reading a
-   byte; a chunked body is cut at the limit: never more than the limit is held) and a deadline
-   (``body_timeout_s`` -> 408);
+   byte; a chunked body is cut at the limit: never more than the limit is held); the body's deadline
+   (``body_timeout_s`` -> 408) is kept by the connection (api/server.py);
 4. hands the request on with the body already read.
 
 Per-tenant token limits (``tenant_tokens_per_min``: estimated prompt + max_tokens) are charged after the
 body is parsed (api/routes_openai.prepare_turn calls :meth:`Admission.charge_tokens`).
 
-Connection-level limits (open connections, header timeout and size) are in api/server.py: an ASGI app only
-sees a request once its headers are complete.
+Connection-level limits (open connections, header and body deadlines, header size) are in api/server.py:
+an ASGI app only sees a request once its headers are complete.
 
 Every answer here is counted in conserve_requests_total like the routes' own. Event loop only (no locks).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -40,6 +39,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+BodyApp = Callable[[Scope, Receive, Send, bytes], Awaitable[None]]  # an app given the body already read
 
 __all__ = ["Admission", "Edge", "TokenBucket"]
 
@@ -178,7 +178,8 @@ class Edge:
         self.metrics = metrics
         self.admission = admission
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, endpoint: str, app: AsgiApp) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, endpoint: str, app: BodyApp) -> None:
+        """Check the request, read its body, then ``await app(scope, receive, send, body)``."""
         authorization = content_length = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -200,7 +201,7 @@ class Edge:
             except BodyError as be:
                 await self.refuse(send, endpoint, be.err)
                 return
-            await app(scope, _replay(raw, receive), send)
+            await app(scope, receive, send, raw)
         finally:
             self.admission.leave(principal.tenant)
 
@@ -215,28 +216,18 @@ class Edge:
                 raise BodyError(_too_large(declared, limit))
         chunks: list[bytes] = []
         size = 0
-        try:
-            async with asyncio.timeout(self.s.body_timeout_s):
-                while True:
-                    msg = await receive()
-                    if msg["type"] != "http.request":
-                        break  # client gone; the app sees an empty body and its own disconnect
-                    chunk = msg.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise BodyError(_too_large(size, limit))
-                    chunks.append(chunk)
-                    if not msg.get("more_body", False):
-                        break
-        except TimeoutError:
-            raise BodyError(
-                ApiError(
-                    408,
-                    f"the request body did not arrive within {self.s.body_timeout_s:g} s (body_timeout_s). "
-                    "To fix: send the whole body promptly.",
-                    code="request_timeout",
-                )
-            ) from None
+        # no deadline here: api/server.py's protocol cuts a body that takes over body_timeout_s
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break  # client gone; the app sees an empty body and its own disconnect
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyError(_too_large(size, limit))
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def refuse(self, send: Send, endpoint: str, err: ApiError) -> None:
@@ -263,7 +254,7 @@ async def respond_error(send: Send, err: ApiError, *, close: bool = False) -> No
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _replay(raw: bytes, receive: Receive) -> Receive:
+def replay(raw: bytes, receive: Receive) -> Receive:
     """A receive() that hands the already-read body to the app, then defers to the server."""
     sent = False
 
