@@ -200,7 +200,9 @@ async def _principal(request: Request, creds: HTTPAuthorizationCredentials | Non
     known = state.get("principal")  # set by the raw-ASGI fast path before it handed the request over
     if isinstance(known, Principal):
         return known
-    auth: Authenticator = request.app.state.auth
+    auth: Authenticator | None = getattr(request.app.state, "auth", None)
+    if auth is None:  # an app assembled without api/app.py's create_app (a router mounted alone): no keys
+        return OPEN
     if creds is None and auth.enabled and request.headers.get("authorization"):
         raise unauthorized("Authorization header is not 'Bearer <key>'. To fix: send 'Bearer <key>'.")
     token = creds.credentials.encode("latin-1") if creds is not None else None

@@ -307,7 +307,8 @@ class PowerCapRow(Base):
 
 
 class ApiKeyRow(Base):
-    """API keys of tenants (migration 0004_api_keys): only a SHA-256 of the key is stored (energy/api_keys.py)."""
+    """API keys of tenants (migration 0004_api_keys); only a SHA-256 of each key is stored
+    (energy/api_keys.py)."""
 
     __tablename__ = "api_keys"
 
