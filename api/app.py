@@ -45,16 +45,20 @@ class ConServeApp(FastAPI):
             and scope["path"] in PATHS
             and not scope.get("root_path")
         ):
-            await edge(scope, receive, send, PATHS[scope["path"]][1], self._serve_completion)
+            admitted = await edge.admit(scope, receive, send, PATHS[scope["path"]][1])
+            if admitted is None:  # refused (401, 413, 429, 503, ...): answered by the edge
+                return
+            tenant, body = admitted
+            try:
+                fp = self.fast_path
+                if fp is not None:
+                    await fp(scope, receive, send, super().__call__, body)
+                else:
+                    await super().__call__(scope, replay(body, receive), send)
+            finally:
+                edge.admission.leave(tenant)
             return
         await super().__call__(scope, receive, send)
-
-    async def _serve_completion(self, scope: Any, receive: Any, send: Any, body: bytes) -> None:
-        fp = self.fast_path
-        if fp is not None:
-            await fp(scope, receive, send, super().__call__, body)
-        else:
-            await super().__call__(scope, replay(body, receive), send)
 
 
 def create_app(

@@ -10,7 +10,8 @@ api/app.py's ConServeApp for POST /v1/chat/completions and /v1/completions)
 3. reads the body under a size limit (``Content-Length`` over ``max_body_bytes`` -> 413 before reading a
    byte; a chunked body is cut at the limit: never more than the limit is held); the body's deadline
    (``body_timeout_s`` -> 408) is kept by the connection (api/server.py);
-4. hands the request on with the body already read.
+4. hands the request back to the app (api/app.py) with the body already read; the app releases its
+   admission when it has answered.
 
 Per-tenant token limits (``tenant_tokens_per_min``: estimated prompt + max_tokens) are charged after the
 body is parsed (api/routes_openai.prepare_turn calls :meth:`Admission.charge_tokens`).
@@ -39,7 +40,6 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-BodyApp = Callable[[Scope, Receive, Send, bytes], Awaitable[None]]  # an app given the body already read
 
 __all__ = ["Admission", "Edge", "TokenBucket"]
 
@@ -178,8 +178,13 @@ class Edge:
         self.metrics = metrics
         self.admission = admission
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, endpoint: str, app: BodyApp) -> None:
-        """Check the request, read its body, then ``await app(scope, receive, send, body)``."""
+    async def admit(
+        self, scope: Scope, receive: Receive, send: Send, endpoint: str
+    ) -> tuple[str | None, bytes] | None:
+        """Check the request and read its body: (the caller's tenant, the body), after which the caller
+        serves it and then calls ``admission.leave(tenant)``; or None when it was answered here (refused).
+        A method the app awaits rather than a wrapper around the app: no extra coroutine frame between the
+        event loop and a stream for the rest of the request (each one costs every resumption)."""
         authorization = content_length = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -194,16 +199,17 @@ class Edge:
             self.admission.enter(principal.tenant)
         except ApiError as err:
             await self.refuse(send, endpoint, err)
-            return
+            return None
         try:
-            try:
-                raw = await self.read_body(receive, content_length)
-            except BodyError as be:
-                await self.refuse(send, endpoint, be.err)
-                return
-            await app(scope, receive, send, raw)
-        finally:
+            raw = await self.read_body(receive, content_length)
+        except BodyError as be:
             self.admission.leave(principal.tenant)
+            await self.refuse(send, endpoint, be.err)
+            return None
+        except BaseException:
+            self.admission.leave(principal.tenant)
+            raise
+        return principal.tenant, raw
 
     async def read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
         limit = self.s.max_body_bytes
