@@ -16,9 +16,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from api.auth import Authenticator
+from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.fastpath import PATHS, FastPath
+from api.limits import Admission, Edge, replay
 from api.metrics import ApiMetrics
+from api.settings import ApiSettings
 from orchestrator.runtime import Runtime, ServeSettings, build_runtime
 
 log = logging.getLogger("conserve.api")
@@ -30,28 +34,56 @@ class ConServeApp(FastAPI):
     fast path hands back to FastAPI (with the body) whatever it does not fully handle."""
 
     fast_path: FastPath | None = None
+    edge: Edge | None = None  # api/limits.py: auth, admission and body limits of the completion endpoints
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        fp = self.fast_path
+        edge = self.edge
         if (
-            fp is not None
+            edge is not None
             and scope["type"] == "http"
             and scope["method"] == "POST"
             and scope["path"] in PATHS
             and not scope.get("root_path")
         ):
-            await fp(scope, receive, send, super().__call__)
+            admitted = await edge.admit(scope, receive, send, PATHS[scope["path"]][1])
+            if admitted is None:  # refused (401, 413, 429, 503, ...): answered by the edge
+                return
+            tenant, body = admitted
+            try:
+                fp = self.fast_path
+                if fp is not None:
+                    await fp(scope, receive, send, super().__call__, body)
+                else:
+                    await super().__call__(scope, replay(body, receive), send)
+            finally:
+                edge.admission.leave(tenant)
             return
         await super().__call__(scope, receive, send)
 
 
 def create_app(
-    settings: ServeSettings | None = None, runtime: Runtime | None = None, *, fast_path: bool = True
+    settings: ServeSettings | None = None,
+    runtime: Runtime | None = None,
+    *,
+    fast_path: bool = True,
+    api_settings: ApiSettings | None = None,
 ) -> FastAPI:
     """Build the app. `runtime` may be given (tests); otherwise it is built from `settings` now.
-    `fast_path=False` serves every request through the FastAPI routes (tests compare the two)."""
+    `fast_path=False` serves every request through the FastAPI routes (tests compare the two).
+    `api_settings` (auth, limits; default: from the environment) decide whether keys are required: with
+    ``auth`` "auto", when `settings.host` is not a loopback address."""
     settings = settings or (runtime.settings if runtime is not None else ServeSettings())
+    api_settings = api_settings or ApiSettings()
     rt = runtime or build_runtime(settings)
+    from energy.api_keys import KeyStore
+
+    scrape = api_settings.scrape_token.get_secret_value() if api_settings.scrape_token else None
+    auth = Authenticator(
+        KeyStore.for_ledger(rt.ledger),
+        enabled=api_settings.auth_required(settings.host),
+        scrape_token=scrape,
+        cache_ttl_s=api_settings.auth_cache_ttl_s,
+    )
     metrics = ApiMetrics()
     metrics.attach_fleet(rt.router.instance_status)
     if rt.accountant is not None:  # energy series on /metrics, usage.energy (issue 14 items 5, 6)
@@ -78,14 +110,22 @@ def create_app(
             '`{"error": {"message", "type", "param", "code"}}`.'
         ),
         lifespan=lifespan,
+        docs_url=None,  # api/docs.py serves /docs and /redoc with local assets
+        redoc_url=None,
     )
     app.state.runtime = rt
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ledger = rt.ledger
+    admission = Admission(api_settings)
+    app.state.auth = auth
+    app.state.api_settings = api_settings
+    app.state.admission = admission
     install_error_handlers(app)
+    install_docs(app)
+    app.edge = Edge(api_settings, auth, metrics, admission)
     if fast_path:
-        app.fast_path = FastPath(rt, metrics)
+        app.fast_path = FastPath(rt, metrics, auth, admission)
 
     from api import routes_fleet, routes_openai
 

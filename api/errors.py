@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conserve.errors import ConServeError
-from orchestrator.router import ConversationNotFound, EngineRejected, EngineUnavailable
+from orchestrator.router import ConversationNotFound, EngineRejected, EngineUnavailable, PromptTooLarge
 
 log = logging.getLogger("conserve.api")
 
@@ -34,6 +34,7 @@ class ApiError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -41,6 +42,8 @@ class ApiError(Exception):
         self.type = type_
         self.param = param
         self.code = code
+        self.headers = headers  # e.g. WWW-Authenticate on 401, Retry-After on 429/503
+        self.counted = False  # already in conserve_requests_total (the serving route counts its answers)
 
 
 def error_body(
@@ -75,6 +78,8 @@ def to_api_error(err: BaseException) -> ApiError:
         return ApiError(503, str(err), type_="service_unavailable_error", code="engine_unavailable")
     if isinstance(err, EngineRejected):
         return ApiError(err.status, str(err), code="engine_rejected_request")
+    if isinstance(err, PromptTooLarge):
+        return ApiError(400, str(err), param="messages", code="context_length_exceeded")
     if isinstance(err, ConversationNotFound):
         return ApiError(
             404, str(err), type_="not_found_error", param="conversation_id", code="conversation_not_found"
@@ -112,13 +117,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param
 
 
+# conserve_requests_total's endpoint label of the serving paths (api/metrics.py)
+SERVING_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+def _count(request: Request, status: int) -> None:
+    """Count an answer the serving route itself did not count (validation, authentication)."""
+    endpoint = SERVING_ENDPOINTS.get(request.url.path)
+    metrics = getattr(request.app.state, "metrics", None)
+    if endpoint is not None and metrics is not None:
+        metrics.request_done(endpoint, status)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_validation(_: Request, exc: RequestValidationError) -> Response:
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
         message, param = _validation_message(exc)
+        _count(request, 400)
         return error_response(400, message, param=param)
 
-    async def on_api_error(_: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+    async def on_api_error(request: Request, exc: ApiError) -> Response:
+        if not exc.counted:
+            _count(request, exc.status)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     async def on_conserve(_: Request, exc: ConServeError) -> Response:
         e = to_api_error(exc)

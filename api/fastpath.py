@@ -29,7 +29,9 @@ from typing import Any
 
 import orjson
 
-from api.errors import error_body, to_api_error
+from api.auth import OPEN, Authenticator, unauthorized
+from api.errors import ApiError, error_body, to_api_error
+from api.limits import Admission, principal_of
 from api.routes_openai import (
     begin_capture,
     complete_with_energy,
@@ -180,23 +182,38 @@ def simple_body_ok(kind: RequestKind, body: Any) -> bool:
 class FastPath:
     """Serves the completion endpoints without Starlette; `fallback` (the FastAPI app) gets the rest."""
 
-    def __init__(self, runtime: Runtime, metrics: Any) -> None:
+    def __init__(
+        self, runtime: Runtime, metrics: Any, auth: Authenticator, admission: Admission | None = None
+    ) -> None:
         self.rt = runtime
         self.metrics = metrics
+        self.auth = auth
+        self.admission = admission
         self.served = 0  # requests answered here (incl. errors from prepare_turn / the router)
         self.fallbacks = 0  # requests handed to the FastAPI routes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, fallback: AsgiApp) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, fallback: AsgiApp, raw: bytes | None = None
+    ) -> None:
+        """Serve the request; `raw` is its body when the caller (api/limits.py Edge) has read it."""
         kind, endpoint = PATHS[scope["path"]]
-        chunks: list[bytes] = []
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # client gone before sending the body
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body", False):
-                break
-        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        principal = principal_of(scope)  # api/limits.py Edge authenticated the request
+        if principal is None:
+            if self.auth.enabled:  # never served without the edge's check
+                self.metrics.request_done(endpoint, 401)
+                await _respond_error(send, unauthorized("no API key checked for this request"))
+                return
+            principal = OPEN
+        if raw is None:
+            chunks: list[bytes] = []
+            while True:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return  # client gone before sending the body
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body", False):
+                    break
+            raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         cid = final = None
         json_ct = False
         for name, value in scope["headers"]:
@@ -223,9 +240,8 @@ class FastPath:
             return
         self.served += 1
         try:
-            inp = prepare_turn(kind, body, self.rt, cid, final)
-            cid_out = inp.conversation_id
-            headers = [(b"x-conversation-id", cid_out.encode("latin-1"))] if cid_out else []
+            inp, cid_out = prepare_turn(kind, body, self.rt, cid, final, principal, self.admission)
+            headers = [(b"x-conversation-id", cid_out.encode("latin-1"))]
             if not body.get("stream"):
                 out = orjson.dumps(await complete_with_energy(self.rt, inp, self.metrics))
                 await _respond(send, 200, out, headers)
@@ -243,11 +259,16 @@ class FastPath:
             if api_err.status >= 500 and api_err.code == "internal_error":
                 log.exception("unexpected error serving a request")
             self.metrics.request_done(endpoint, api_err.status)
-            body_out = orjson.dumps(error_body(api_err.message, api_err.type, api_err.param, api_err.code))
-            await _respond(send, api_err.status, body_out, [])
+            await _respond_error(send, api_err)
             return
         self.metrics.request_done(endpoint, 200)
         await _stream(send, receive, sse_body(first, gen, annotate), headers)
+
+
+async def _respond_error(send: Send, err: ApiError) -> None:
+    body = orjson.dumps(error_body(err.message, err.type, err.param, err.code))
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
+    await _respond(send, err.status, body, headers)
 
 
 def _replay(raw: bytes, receive: Receive) -> Receive:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.auth import AdminDep, MetricsDep, PrincipalDep, client_id, require_admin, scoped_id
 from api.routes_openai import RuntimeDep
 from api.schemas import (
     CONVERSATION_ID_MAX_CHARS,
@@ -21,6 +22,7 @@ from api.schemas import (
     PinView,
     TurnView,
 )
+from energy.api_keys import TENANT_PATTERN
 from energy.records import ConversationView
 from orchestrator.router import ConversationNotFound
 
@@ -68,27 +70,39 @@ def conversation_response(view: ConversationView, active: bool) -> ConversationR
 @router.get(
     "/v1/conversations/{conversation_id}",
     response_model=ConversationResponse,
-    responses={404: {"model": ErrorResponse, "description": "unknown conversation id"}},
+    responses={
+        401: {"model": ErrorResponse, "description": "no, an invalid or a revoked API key"},
+        404: {"model": ErrorResponse, "description": "unknown conversation id (for the caller's tenant)"},
+    },
     tags=["conversations"],
     summary="A conversation: its pin(s), turns, timings and TTFET so far",
 )
 async def get_conversation(
     rt: RuntimeDep,
     request: Request,
+    principal: PrincipalDep,
     conversation_id: Annotated[str, Path(min_length=1, max_length=CONVERSATION_ID_MAX_CHARS)],
+    tenant: Annotated[
+        str | None,
+        Query(pattern=TENANT_PATTERN, description="admin keys: read this tenant's conversation"),
+    ] = None,
 ) -> ConversationResponse:
-    view = rt.router.conversation(conversation_id)
-    active = rt.router.active_pin(conversation_id) is not None
+    if tenant is not None:
+        require_admin(principal, "?tenant=")
+    ledger_id = scoped_id(principal, conversation_id, tenant=tenant)
+    view = rt.router.conversation(ledger_id)
+    active = rt.router.active_pin(ledger_id) is not None
     if view is None:  # not in memory (ended, expired, another replica, a one-turn request): the ledger
-        view = await asyncio.to_thread(rt.ledger.get_conversation, conversation_id)
+        view = await asyncio.to_thread(rt.ledger.get_conversation, ledger_id)
     if view is None:
         raise ConversationNotFound(
-            f"conversation {conversation_id!r} is unknown (run {rt.settings.run_id!r}). To fix: use the id "
-            "sent in X-Conversation-Id (or returned in that response header)."
+            f"conversation {conversation_id!r} is unknown (run {rt.settings.run_id!r}"
+            + (f", tenant {principal.tenant!r}" if principal.tenant and tenant is None else "")
+            + "). To fix: use the id sent in X-Conversation-Id (or returned in that response header)."
         )
     energy = None
     if rt.accountant is not None:  # the attributed figure, and whether it is final (issue 14 item 6)
-        joules, measured, _ = await asyncio.to_thread(rt.ledger.conversation_energy, conversation_id)
+        joules, measured, _ = await asyncio.to_thread(rt.ledger.conversation_energy, ledger_id)
         last = max((t.last_token_at or t.arrival_at for t in view.turns), default=None)
         est = getattr(getattr(request.app.state.metrics, "estimates", None), "conversation_j", None)
         energy = ConversationEnergy(
@@ -97,14 +111,15 @@ async def get_conversation(
             settled=last is not None
             and rt.accountant.settled_through(last)
             and await asyncio.to_thread(rt.writer.flush, 5.0),
-            estimated_j=est(conversation_id) if est is not None else None,
+            estimated_j=est(ledger_id) if est is not None else None,
         )
         if energy.settled:  # the writer has run every job handed to it: read the final figure
-            joules, measured, _ = await asyncio.to_thread(rt.ledger.conversation_energy, conversation_id)
+            joules, measured, _ = await asyncio.to_thread(rt.ledger.conversation_energy, ledger_id)
             energy.attributed_j = joules
             energy.measured_share = measured / joules if joules > 0 else None
     out = conversation_response(view, active)
     out.energy = energy
+    out.conversation_id = client_id(principal, out.conversation_id, tenant=tenant)
     return out
 
 
@@ -114,7 +129,7 @@ async def get_conversation(
     tags=["fleet"],
     summary="Instances: roles, tiers, health, KV occupancy, queues, pins",
 )
-async def get_fleet(rt: RuntimeDep) -> FleetResponse:
+async def get_fleet(rt: RuntimeDep, _: AdminDep) -> FleetResponse:
     return FleetResponse(
         backend=rt.backend,
         policy=rt.policy_name,
@@ -159,5 +174,5 @@ async def ready(rt: RuntimeDep) -> Response:
     summary="Prometheus metrics",
     responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
 )
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, _: MetricsDep) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
+from api.auth import OPEN, Principal, PrincipalDep, scoped_id
 from api.errors import ApiError, sse_error, to_api_error
 from api.metrics import TURN_CAPTURE
 from api.schemas import (
@@ -62,7 +63,8 @@ ConversationHeader = Annotated[
         min_length=1,
         max_length=CONVERSATION_ID_MAX_CHARS,
         pattern=CONVERSATION_ID_PATTERN,
-        description="conversation this turn belongs to (visible ASCII; wins over the body's conversation_id)",
+        description="conversation this turn belongs to (visible ASCII but /; wins over the body's "
+        "conversation_id)",
     ),
 ]
 FinalHeader = Annotated[
@@ -76,6 +78,7 @@ FinalHeader = Annotated[
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request (names the field)"},
+    401: {"model": ErrorResponse, "description": "no, an invalid or a revoked API key"},
     404: {"model": ErrorResponse, "description": "unknown model"},
     503: {"model": ErrorResponse, "description": "no healthy engine could serve the turn"},
 }
@@ -98,12 +101,15 @@ async def _serve(
     header_final: str | None,
     endpoint: str,
     metrics: Any,
+    principal: Principal,
+    admission: Any = None,
 ) -> Response:
     try:
-        response = await _serve_inner(kind, req, rt, header_cid, header_final, metrics)
+        response = await _serve_inner(kind, req, rt, header_cid, header_final, principal, admission, metrics)
     except Exception as err:
         api_err = to_api_error(err)
         metrics.request_done(endpoint, api_err.status)
+        api_err.counted = True
         raise api_err from err
     metrics.request_done(endpoint, 200)
     return response
@@ -133,11 +139,13 @@ async def _serve_inner(
     rt: Runtime,
     header_cid: str | None,
     header_final: str | None,
+    principal: Principal,
+    admission: Any,
     metrics: Any = None,
 ) -> Response:
     body = req.model_dump(exclude_unset=True, exclude_none=False)
-    inp = prepare_turn(kind, body, rt, header_cid, header_final)
-    headers = {"X-Conversation-Id": inp.conversation_id} if inp.conversation_id else {}
+    inp, cid = prepare_turn(kind, body, rt, header_cid, header_final, principal, admission)
+    headers = {"X-Conversation-Id": cid}
     if not body.get("stream"):
         out = await complete_with_energy(rt, inp, metrics)
         return Response(_dumps(out), media_type="application/json", headers=headers)
@@ -157,10 +165,14 @@ def prepare_turn(
     rt: Runtime,
     header_cid: str | None,
     header_final: str | None,
-) -> TurnInput:
+    principal: Principal = OPEN,
+    admission: Any = None,
+) -> tuple[TurnInput, str]:
     """The checks every request needs after schema validation (model, prompt shape, context length) and
-    the router's input. `body` is a validated request body; ConServe's own fields are popped from it.
-    Shared by the FastAPI routes and the raw-ASGI fast path (api/fastpath.py). Raises ApiError."""
+    the router's input, with the conversation id to send back in ``X-Conversation-Id`` (the client's id;
+    the router's is scoped to the caller's tenant, api/auth.py). `body` is a validated request body;
+    ConServe's own fields are popped from it. Shared by the FastAPI routes and the raw-ASGI fast path
+    (api/fastpath.py). Raises ApiError."""
     if body.get("model") != rt.served_model_name:
         raise ApiError(
             404,
@@ -172,6 +184,10 @@ def prepare_turn(
     body_cid = body.pop("conversation_id", None)
     conserve = body.pop("conserve", None) or {}
     cid = header_cid or body_cid
+    one_turn = cid is None
+    if one_turn:  # a one-turn conversation; its id goes back to the client all the same
+        cid = rt.router.new_conversation_id()
+    ledger_cid = scoped_id(principal, cid)
     final = bool(conserve.get("final")) or (header_final or "").lower() in ("true", "1", "yes")
     if kind is RequestKind.COMPLETION:
         prompt = body.get("prompt")
@@ -194,14 +210,18 @@ def prepare_turn(
             param=param,
             code="context_length_exceeded",
         )
-    return TurnInput(
+    if admission is not None:  # api/limits.py Admission: the tenant's tokens-per-minute budget
+        admission.charge_tokens(principal.tenant, prompt_tokens + max_out)
+    inp = TurnInput(
         kind=kind,
         body=body,
-        conversation_id=cid,
+        conversation_id=ledger_cid,
         client_final=final,
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         prompt_tokens=prompt_tokens,
+        one_turn=one_turn,
     )
+    return inp, cid
 
 
 class SseResponse(Response):
@@ -342,11 +362,20 @@ async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
     rt: RuntimeDep,
+    principal: PrincipalDep,
     x_conversation_id: ConversationHeader = None,
     x_conversation_final: FinalHeader = None,
 ) -> Response:
     return await _serve(
-        RequestKind.CHAT, body, rt, x_conversation_id, x_conversation_final, "chat", request.app.state.metrics
+        RequestKind.CHAT,
+        body,
+        rt,
+        x_conversation_id,
+        x_conversation_final,
+        "chat",
+        request.app.state.metrics,
+        principal,
+        request.app.state.admission,
     )
 
 
@@ -360,6 +389,7 @@ async def completions(
     body: CompletionRequest,
     request: Request,
     rt: RuntimeDep,
+    principal: PrincipalDep,
     x_conversation_id: ConversationHeader = None,
     x_conversation_final: FinalHeader = None,
 ) -> Response:
@@ -371,11 +401,13 @@ async def completions(
         x_conversation_final,
         "completions",
         request.app.state.metrics,
+        principal,
+        request.app.state.admission,
     )
 
 
 @router.get("/v1/models", response_model=ModelList, summary="Models served by this router")
-async def list_models(rt: RuntimeDep) -> ModelList:
+async def list_models(rt: RuntimeDep, _: PrincipalDep) -> ModelList:
     return ModelList(
         data=[
             ModelCard(

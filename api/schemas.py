@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 CONVERSATION_ID_MAX_CHARS = 256
 # Visible ASCII only: the id is echoed in the X-Conversation-Id response header, which cannot carry other
-# characters (a body id with "€" used to end in a 500, one with a newline in a broken response).
-CONVERSATION_ID_PATTERN = r"^[!-~]+$"
+# characters (a body id with "€" used to end in a 500, one with a newline in a broken response). No "/": an id
+# with one could never be read back (GET /v1/conversations/{id} is one path segment), and the ledger stores a
+# tenant's conversation as "<tenant>/<id>" (api/auth.py).
+CONVERSATION_ID_PATTERN = r"^[!-.0-~]+$"
 
 
 class _Open(BaseModel):
@@ -73,8 +75,8 @@ class _Sampling(_Open):
         min_length=1,
         max_length=CONVERSATION_ID_MAX_CHARS,
         pattern=CONVERSATION_ID_PATTERN,
-        description="conversation this turn belongs to (visible ASCII); the X-Conversation-Id header wins "
-        "when both are set",
+        description="conversation this turn belongs to (visible ASCII but /); the X-Conversation-Id header "
+        "wins when both are set",
     )
     conserve: ConserveOptions | None = None
 

@@ -307,3 +307,18 @@ class PowerCapRow(Base):
     gpu_index: Mapped[int | None] = mapped_column(Integer)
     gpu_uuid: Mapped[str | None] = mapped_column(String(128))
     message: Mapped[str] = mapped_column(String(1024))
+
+
+class ApiKeyRow(Base):
+    """API keys of tenants (migration 0005_api_keys); only a SHA-256 of each key is stored
+    (energy/api_keys.py)."""
+
+    __tablename__ = "api_keys"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean)
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    label: Mapped[str | None] = mapped_column(String(256))

@@ -81,6 +81,7 @@ __all__ = [
     "EngineUnavailable",
     "EngineRejected",
     "ConversationNotFound",
+    "PromptTooLarge",
     "estimate_prompt_tokens",
     "assemble_response",
     "RawSseEngine",
@@ -112,6 +113,14 @@ class EngineRejected(ConServeError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class PromptTooLarge(ConServeError):
+    """The turn cannot fit in the KV cache of any instance (API: 400 naming the limit)."""
+
+    def __init__(self, message: str, limit_tokens: int) -> None:
+        super().__init__(message)
+        self.limit_tokens = limit_tokens
 
 
 class ConversationNotFound(ConServeError):
@@ -188,6 +197,11 @@ class RouterConfig:
     # failed polls, or at once when a request cannot reach it (see Router._run).
     down_after_failed_polls: int = 3
     run_id: str = "live"  # the ledger run this router records into (unique per serve start)
+    # A conversation the client ended stays in memory this long (then only in the ledger): a turn sent with
+    # its id meanwhile continues its numbering, and GET /v1/conversations reads it while the ledger writer
+    # catches up (it ships every 0.25 s; runtime.ServeSettings.ledger_flush_interval_s). Memory is released
+    # after this, not after pin_ttl_s (the issue-13 finding: ~3 KB per ended conversation for 900 s).
+    ended_keep_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +214,7 @@ class TurnInput:
     client_final: bool = False
     include_usage: bool = False  # the client asked for stream_options.include_usage
     prompt_tokens: int | None = None  # precomputed estimate; None: the router estimates
+    one_turn: bool = False  # conversation_id was made up for a request that named none (a one-turn one)
 
 
 def estimate_prompt_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int:
@@ -315,6 +330,7 @@ class _Conversation:
     ttfet_s: float | None = None
     e2e_s: float | None = None
     ended: bool = False
+    reopened: bool = False  # sent a turn again after the client ended it (Router._reopen)
     records: list[TurnRecord] = field(default_factory=list)
     pins: list[PinRecord] = field(default_factory=list)
 
@@ -451,6 +467,10 @@ class Router:
         everything that ran before this instant is recorded (energy accounting waits for it)."""
         return self.clock.wall(min(self._inflight.values())) if self._inflight else None
 
+    def new_conversation_id(self) -> str:
+        """An id for a request that named no conversation (unique per router process)."""
+        return f"conv-{self._id_prefix}-{next(self._ids)}"
+
     def active_pin(self, conversation_id: str) -> str | None:
         return self._pins.get(conversation_id)
 
@@ -495,9 +515,11 @@ class Router:
         await asyncio.gather(*(one(i) for i in self._instances.values()))
 
     def expire_idle(self, now_s: float | None = None) -> int:
-        """Release pins of conversations idle longer than pin_ttl_s (scheduled job). Returns how many."""
+        """Release pins of conversations idle longer than pin_ttl_s, and forget conversations the client
+        ended more than ended_keep_s ago (scheduled job). Returns how many left memory."""
         now_s = self.clock.now_s() if now_s is None else now_s
-        stale = [c for c in self._convs.values() if now_s - c.last_active_s > self.config.pin_ttl_s]
+        ttl_s, keep_s = self.config.pin_ttl_s, self.config.ended_keep_s
+        stale = [c for c in self._convs.values() if now_s - c.last_active_s > (keep_s if c.ended else ttl_s)]
         for conv in stale:
             self._end(conv)
             del self._convs[conv.conversation_id]
@@ -529,12 +551,14 @@ class Router:
 
     async def _conversation_for(self, inp: TurnInput, now_s: float) -> _Conversation:
         cid = inp.conversation_id
-        if cid is None:
-            cid = f"conv-{self._id_prefix}-{next(self._ids)}"
+        if cid is None or inp.one_turn:
+            cid = cid or self.new_conversation_id()
             return _Conversation(cid, one_turn=True, first_arrival_s=now_s, last_active_s=now_s)
         conv = self._convs.get(cid)
         if conv is not None and not conv.ended:
             return conv
+        if conv is not None:  # reused right after its final turn: the same conversation goes on
+            return self._reopen(conv)
         conv = _Conversation(cid, one_turn=False, first_arrival_s=now_s, last_active_s=now_s)
         if self.pin_lookup is not None and _has_history(inp):
             # A continuation we do not hold in memory: another replica (shared PostgreSQL) or a restart.
@@ -555,12 +579,22 @@ class Router:
         self._convs[cid] = conv
         return conv
 
+    def _reopen(self, conv: _Conversation) -> _Conversation:
+        """A conversation the client ended and sends a turn to again (within ended_keep_s, before the ledger
+        has surely recorded its turns): its turns go on being numbered from the last one; it is placed again
+        like a turn 1 (its pin was released when it ended) without counting as a replacement."""
+        conv.ended = False
+        conv.reopened = True
+        return conv
+
     async def _run(self, inp: TurnInput, buffered: bool, sse: bool = False) -> AsyncGenerator[Any, None]:
         arrival_s = self.clock.now_s()
         key = next(self._turn_keys)
         self._inflight[key] = arrival_s
         try:
             prompt_tokens = inp.prompt_tokens or estimate_prompt_tokens(inp.kind, inp.body)
+            max_out = _max_output(inp.body)
+            self._check_fits(prompt_tokens + (max_out or 0))  # before a turn number or an engine is used
             conv = await self._conversation_for(inp, arrival_s)
             conv.turns += 1
             turn = conv.turns
@@ -568,7 +602,6 @@ class Router:
             new_tokens = prompt_tokens - conv.context_tokens if turn > 1 else prompt_tokens
             if new_tokens <= 0:  # the client rewrote its history: treat the whole prompt as new
                 new_tokens = prompt_tokens
-            max_out = _max_output(inp.body)
             treq = TurnRequest(conv.conversation_id, turn, prompt_tokens, new_tokens, max_out)
             last_err: BaseException | None = None
             for attempt_no in range(self.config.max_attempts):
@@ -739,6 +772,21 @@ class Router:
             self._inflight.pop(key, None)
 
     # ---- placement and pins -------------------------------------------------------------------------
+    def _check_fits(self, need_tokens: int) -> None:
+        """A turn that no decode-capable instance could hold (prompt + max_tokens over the largest KV
+        capacity) is the client's error: PromptTooLarge (API: 400) before placement, so no engine is tried,
+        fails or is marked down for it. Instances that are down count: their capacity comes back."""
+        largest = max(
+            (i.kv_capacity_tokens for i in self._instances.values() if i.role.can_decode), default=0
+        )
+        if need_tokens > largest:
+            raise PromptTooLarge(
+                f"this turn needs ~{need_tokens} tokens of KV cache (prompt + max_tokens), more than any "
+                f"instance of this fleet holds: the largest decode-capable instance holds {largest} tokens. "
+                "To fix: shorten the prompt or lower max_tokens.",
+                limit_tokens=largest,
+            )
+
     def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
         try:
             placement = self.policy.place(treq, self.fleet_view())
@@ -754,7 +802,7 @@ class Router:
         # none is made, as in the simulator: policies that never pin (per-turn, full-disagg, round-robin,
         # kv-aware) have nothing held for a conversation between turns
         if placement.pin and old != placement.decode_instance:
-            if old is not None or (treq.turn > 1 and not conv.one_turn):
+            if old is not None or (treq.turn > 1 and not conv.one_turn and not conv.reopened):
                 reason = f"replaced: {placement.reason or 'pinned decoder unavailable'}"
                 self.stats["replacements"] += 1
                 self.observer.replaced(conv.conversation_id, old, placement.decode_instance)

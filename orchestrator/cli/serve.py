@@ -13,6 +13,7 @@ import gc
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -41,6 +42,12 @@ def serve(
         "--ledger-writer",
         help="where ledger SQL runs: 'process' (a child process, off the serving GIL) or 'thread'",
     ),
+    auth: str = typer.Option(
+        "auto",
+        "--auth",
+        help="require API keys (`orchestrator keys create`): auto (when --host is not a loopback address), "
+        "on, or off (local development: anyone who reaches the port may use every endpoint)",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     json_out: bool = typer.Option(False, "--json", help="print the fleet as JSON before serving"),
 ) -> None:
@@ -48,10 +55,15 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from api.server import http_protocol
+    from api.settings import ApiSettings
     from orchestrator.runtime import ServeSettings, build_runtime
 
     if ledger_writer not in ("process", "thread"):
         raise ConfigError(f"--ledger-writer {ledger_writer!r}: use 'process' or 'thread'")
+    if auth not in ("auto", "on", "off"):
+        raise ConfigError(f"--auth {auth!r}: use 'auto', 'on' or 'off'")
+    api_settings = ApiSettings(auth=auth)  # type: ignore[arg-type]  # checked above
     settings = ServeSettings(
         fleet=fleet,
         plan=plan,
@@ -64,7 +76,7 @@ def serve(
         ledger_writer=ledger_writer,  # type: ignore[arg-type]  # validated by ServeSettings
     )
     rt = build_runtime(settings)
-    app = create_app(settings, runtime=rt)
+    app = create_app(settings, runtime=rt, api_settings=api_settings)
     status = rt.router.instance_status()
     if json_out:
         print_json(
@@ -91,6 +103,7 @@ def serve(
             f"serving model [bold]{rt.served_model_name}[/] on http://{host}:{port}/v1{sim_note}; "
             f"ledger {settings.db or rt.cfg.database_url}"
         )
+    _print_auth(api_settings, host, json_out)
     # Move everything built so far (modules, the app, schemas, SQLAlchemy metadata) out of the cyclic
     # GC's generations: full collections then scan only objects created while serving. Without it a gen-2
     # collection over the startup heap paused the event loop for ~100 ms now and then under load
@@ -107,8 +120,36 @@ def serve(
         port=port,
         log_level=log_level,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        # api/server.py: httptools with header deadline/size and connection caps (httptools is a dependency
+        # of uvicorn[standard])
+        http=http_protocol(api_settings),
     )
+
+
+def _print_auth(api_settings: Any, host: str, json_out: bool) -> None:
+    """Say at start whether API keys are required (stderr with --json: stdout is the fleet)."""
+    from api.settings import is_loopback
+    from orchestrator.cli.common import err_console
+
+    out = err_console if json_out else console
+    if api_settings.auth_required(host):
+        out.print(
+            "auth on: every request needs 'Authorization: Bearer <key>' (orchestrator keys create --tenant "
+            "NAME); /metrics and /v1/fleet need an admin key or CONSERVE_SCRAPE_TOKEN",
+            highlight=False,
+        )
+    elif is_loopback(host):
+        out.print(
+            f"[yellow]auth off[/] (--auth {api_settings.auth}, loopback address {host}): no API keys, one "
+            "tenant; for local development only",
+            highlight=False,
+        )
+    else:
+        out.print(
+            f"[bold red]auth off on {host}[/]: anyone who can reach this port can serve, read every "
+            "conversation and report; drop --auth off to require API keys",
+            highlight=False,
+        )
 
 
 # ServeSettings without a flag, settable as environment variables (tests/cli/test_serve_cli.py keeps this
@@ -125,7 +166,21 @@ ENV_SETTINGS_EPILOG = (
     "CONSERVE_ENERGY_INTERVAL_S [1.0] energy accounting period, 0 turns it off; "
     "CONSERVE_ENERGY_LAG_S [10] attribute an energy interval this long after it ends; "
     "CONSERVE_POWER_STATE_FILE [~/.cache/conserve/power-caps.json] GPU power limits serve changed, "
-    "restored at stop or by `orchestrator power restore` after a crash."
+    "restored at stop or by `orchestrator power restore` after a crash. "
+    "HTTP edge (api/settings.py): "
+    "CONSERVE_SCRAPE_TOKEN [none] bearer token that may read /metrics only; "
+    "CONSERVE_AUTH_CACHE_TTL_S [5] a checked key is trusted this long (a revoked key works at most this "
+    "long after `keys revoke`); "
+    "CONSERVE_MAX_BODY_BYTES [8388608] larger request bodies get 413; "
+    "CONSERVE_HEADER_TIMEOUT_S [10] connections whose request headers take longer are closed; "
+    "CONSERVE_BODY_TIMEOUT_S [30] a request body that takes longer gets 408; "
+    "CONSERVE_MAX_CONNECTIONS [4096] more open connections get 503 with Retry-After; "
+    "CONSERVE_MAX_CONCURRENT_REQUESTS [2048] more completion requests in flight get 503 with Retry-After; "
+    "CONSERVE_TENANT_MAX_CONCURRENT_REQUESTS [0] per tenant, more get 429 (0: no limit); "
+    "CONSERVE_TENANT_REQUESTS_PER_S [0] per tenant request rate, 429 above (0: no limit); "
+    "CONSERVE_TENANT_BURST [20] requests a tenant may send at once above its rate; "
+    "CONSERVE_TENANT_TOKENS_PER_MIN [0] per tenant prompt + max_tokens per minute, 429 above (0: no limit); "
+    "CONSERVE_RETRY_AFTER_S [1] Retry-After of 503 answers."
 )
 
 

@@ -455,8 +455,10 @@ class SimEngine:
             self._prefix.move_to_end(seq.conversation_id)
         self._wake.set()
 
-    def _fail(self, seq: _Seq, message: str) -> None:
+    def _fail(self, seq: _Seq, message: str, status: int | None = None) -> None:
         err = EngineError(message)
+        if status is not None:
+            err.status = status  # type: ignore[attr-defined]  # read by the router as an HTTP status
         if seq.prefill_done is not None and not seq.prefill_done.done():
             seq.prefill_done.set_exception(err)
             seq.prefill_done.exception()  # mark retrieved: the waiter may already be gone
@@ -468,8 +470,12 @@ class SimEngine:
             need = seq.prompt_tokens + seq.max_out
             if need > self.kv_capacity_tokens:
                 self._waiting.popleft()
+                # a request no KV cache of this engine can hold: what vLLM answers with HTTP 400 (its
+                # max_model_len is at most what its KV cache holds); the engine itself is fine
                 self._fail(
-                    seq, f"prompt of {seq.prompt_tokens} tokens does not fit in {self.instance_id}'s KV"
+                    seq,
+                    f"prompt of {seq.prompt_tokens} tokens does not fit in {self.instance_id}'s KV",
+                    status=400,
                 )
                 continue
             free = self.kv_capacity_tokens - self.kv_used_tokens

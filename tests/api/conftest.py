@@ -16,6 +16,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.app import create_app
+from api.server import http_protocol
+from api.settings import ApiSettings
 from orchestrator.config import FleetConfig, parse_fleet
 from orchestrator.fleet import tier_model
 from orchestrator.runtime import Runtime, ServeSettings, SimInstance, build_runtime
@@ -73,6 +75,7 @@ def start_server(
     fast_path: bool = True,
     db_url: str | None = None,
     run_id: str | None = None,  # replicas sharing a ledger share a run (serve makes a new one per start)
+    api_settings: ApiSettings | None = None,
 ) -> tuple[Served, Callable[[], None]]:
     db_url = db_url or f"sqlite:///{tmp_path / 'ledger.db'}"
     cfg = parse_fleet(dict(FLEET, database_url=db_url))
@@ -86,9 +89,16 @@ def start_server(
         run_id=run_id,
     )
     rt = build_runtime(settings, cfg, instances=instances(cfg) if instances else None)
-    app = create_app(settings, runtime=rt, fast_path=fast_path)
+    app = create_app(settings, runtime=rt, fast_path=fast_path, api_settings=api_settings or ApiSettings())
     port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        http=http_protocol(api_settings or ApiSettings()),  # the connection limits serve runs with
+    )
     server = uvicorn.Server(config)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
@@ -153,3 +163,29 @@ def server_factory() -> Iterator[Callable[..., Served]]:
     finally:
         for stop in reversed(stops):
             stop()
+
+
+@pytest.fixture(scope="module")
+def served_secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A server with API keys required (auth on, a scrape token, a 0.5 s key cache) and three keys made
+    with the real key store: `.keys` = {"a": tenant acme, "b": tenant bravo, "admin": admin of tenant ops}."""
+    from energy.api_keys import KeyStore
+
+    s, stop = start_server(
+        tmp_path_factory.mktemp("secured"),
+        speedup=1000.0,
+        api_settings=ApiSettings(
+            auth="on", scrape_token="scrape-token-for-tests-0123456789", auth_cache_ttl_s=0.5
+        ),
+    )
+    store = KeyStore.open(s.db_url)
+    s.keys = {  # type: ignore[attr-defined]
+        "a": store.create("acme")[0],
+        "b": store.create("bravo")[0],
+        "admin": store.create("ops", admin=True)[0],
+    }
+    store.close()
+    try:
+        yield s
+    finally:
+        stop()
