@@ -243,12 +243,12 @@ class FastPath:
             inp, cid_out = prepare_turn(kind, body, self.rt, cid, final, principal, self.admission)
             headers = [(b"x-conversation-id", cid_out.encode("latin-1"))]
             if not body.get("stream"):
-                out = orjson.dumps(await complete_with_energy(self.rt, inp, self.metrics))
+                out = orjson.dumps(await complete_with_energy(self.rt, inp, self.metrics, cid_out))
                 await _respond(send, 200, out, headers)
                 self.metrics.request_done(endpoint, 200)
                 return
             capture = begin_capture()
-            annotate = energy_annotator(capture, self.metrics, inp.conversation_id)
+            annotate = energy_annotator(capture, self.metrics, cid_out)
             gen = self.rt.router.stream_sse(inp)
             try:
                 first: bytes | None = await gen.__anext__()

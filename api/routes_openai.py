@@ -115,10 +115,13 @@ async def _serve(
     return response
 
 
-async def complete_with_energy(rt: Runtime, inp: TurnInput, metrics: Any) -> dict[str, Any]:
+async def complete_with_energy(
+    rt: Runtime, inp: TurnInput, metrics: Any, client_cid: str | None = None
+) -> dict[str, Any]:
     """The router's non-streaming answer with ``usage.energy`` (issue 14 item 6): this turn's estimated
     joules, prefill and decode apart, and the conversation's so far (api/metrics.py, energy/estimate.py).
-    The router reports the finished turn to the metrics observer in this task; TURN_CAPTURE collects it."""
+    The router reports the finished turn to the metrics observer in this task; TURN_CAPTURE collects it.
+    ``client_cid``: the id the client knows (without the tenant scope of the ledger's id), for the link."""
     capture: list[Any] = []
     token = TURN_CAPTURE.set(capture)
     try:
@@ -126,7 +129,7 @@ async def complete_with_energy(rt: Runtime, inp: TurnInput, metrics: Any) -> dic
     finally:
         TURN_CAPTURE.reset(token)
     rec = next((r for r in reversed(capture) if str(r.status) == "ok"), None)
-    energy = metrics.usage_energy(rec, inp.conversation_id) if metrics is not None else None
+    energy = metrics.usage_energy(rec, client_cid or inp.conversation_id) if metrics is not None else None
     usage = out.get("usage")
     if energy is not None and isinstance(usage, dict):
         out["usage"] = {**usage, "energy": energy}
@@ -147,10 +150,10 @@ async def _serve_inner(
     inp, cid = prepare_turn(kind, body, rt, header_cid, header_final, principal, admission)
     headers = {"X-Conversation-Id": cid}
     if not body.get("stream"):
-        out = await complete_with_energy(rt, inp, metrics)
+        out = await complete_with_energy(rt, inp, metrics, cid)
         return Response(_dumps(out), media_type="application/json", headers=headers)
     capture = begin_capture()
-    annotate = energy_annotator(capture, metrics, inp.conversation_id)
+    annotate = energy_annotator(capture, metrics, cid)
     gen = rt.router.stream_sse(inp)
     try:
         first = await gen.__anext__()

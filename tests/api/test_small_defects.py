@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
@@ -73,7 +72,7 @@ def test_ended_conversations_leave_memory_without_waiting_for_the_pin_ttl(served
     assert keep_s < 60 < ttl_s
     held = served_shared.call(lambda: {c for c in router._convs if c.startswith("mem-")})
     assert len(held) == 21
-    later = time.time() + keep_s + 1
+    later = router.clock.now_s() + keep_s + 1  # the router times on its monotonic clock
     served_shared.call(lambda: router.expire_idle(later))
     held = served_shared.call(lambda: {c for c in router._convs if c.startswith("mem-")})
     assert held == {"mem-open"}

@@ -121,4 +121,6 @@ def test_streamed_usage_carries_energy_with_include_usage(served, endpoint: str)
     assert len(usage) == 1 and usage[0].completion_tokens == 8
     e = usage[0].model_extra["energy"]
     assert e["estimated"] is True and e["turn_prefill_j"] > 0 and e["turn_decode_j"] > 0
-    assert "attributed" not in e  # a one-turn request has no conversation id to look up
+    # a request without a conversation id is given one (issue 13 item 6): its link reads it back
+    assert e["attributed"].startswith("/v1/conversations/conv-")
+    assert client.get(e["attributed"]).status_code == 200
