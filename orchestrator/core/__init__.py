@@ -36,9 +36,10 @@ from orchestrator.core.summary import (
 )
 from orchestrator.core.turns import (
     kv_shipped_tokens,
+    local_prefill_tokens,
     moves_pin,
     pin_reason,
-    prefill_split,
+    remote_prefill_tokens,
     round_trip_tokens,
     running_turn_kv_tokens,
 )
@@ -61,8 +62,9 @@ __all__ = [
     "kv_shipped_tokens",
     "kv_used_tokens",
     "moves_pin",
+    "local_prefill_tokens",
     "pin_reason",
-    "prefill_split",
+    "remote_prefill_tokens",
     "reservation_tokens",
     "round_trip_tokens",
     "rule_for",

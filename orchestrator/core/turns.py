@@ -10,8 +10,8 @@
   whole prompt -- never more than the policy asked for when the decoder holds the history.
 - ``history_tokens`` (remote prefill of a later turn only): a KV round trip (AMPD-style): the first
   :func:`round_trip_tokens` tokens of the conversation's KV go decoder -> prefiller before the prefill, which
-  then computes only the rest (:func:`prefill_split`). Clipped to what the decoder holds (whole blocks) and to
-  the prompt less one token (the last token is always computed).
+  then computes only the rest (:func:`remote_prefill_tokens`). Clipped to what the decoder holds (whole
+  blocks) and to the prompt less one token (the last token is always computed).
 - ``pin``: (re)bind the conversation to ``decode_instance`` (:func:`moves_pin`); without it an existing pin
   stays as it is and none is made (policies that never pin hold nothing between turns).
 - ``reason``: free text for the records; a moved pin is recorded as ``replaced: <reason>``
@@ -60,13 +60,16 @@ def round_trip_tokens(
     return hist // block_tokens * block_tokens
 
 
-def prefill_split(placement: Placement, turn: TurnRequest, round_trip: int = 0) -> tuple[int, int]:
-    """(tokens queued on the prefiller, tokens queued on the decoder) before prefix-cache hits: a remote
-    placement queues the prompt less the round-tripped history on the prefiller; a local one queues the
-    turn's new tokens on the decoder (the rest is the decoder's cached history)."""
-    if placement.remote_prefill:
-        return turn.input_tokens - round_trip, 0
-    return 0, turn.new_tokens
+def remote_prefill_tokens(placement: Placement, turn: TurnRequest, round_trip: int = 0) -> int:
+    """Tokens a remote placement queues on its prefiller before prefix-cache hits: the prompt less the
+    round-tripped history (:func:`round_trip_tokens`); 0 for a local placement."""
+    return turn.input_tokens - round_trip if placement.remote_prefill else 0
+
+
+def local_prefill_tokens(placement: Placement, turn: TurnRequest) -> int:
+    """Tokens a local placement queues on its decoder: the turn's new tokens (the rest is the decoder's cached
+    history; a re-placed conversation finds none and its engine computes the whole prompt); 0 when remote."""
+    return 0 if placement.remote_prefill else turn.new_tokens
 
 
 def kv_shipped_tokens(input_tokens: int, decoder_cached_tokens: int, block_tokens: int = 1) -> int:

@@ -10,7 +10,9 @@ the tier model (tiers/perf.py) predicts:
 - KV occupancy and queues exposed like vLLM's /metrics (``EngineObservation``);
 - a prefix cache per conversation (LRU, bounded by free KV): a later turn prefills only its increment;
 - the remote-decode protocol: ``prefill()`` returns ``kv_transfer_params`` that a decoder accepts once
-  (through a shared :class:`SimKvFabric`), paying the modelled KV-transfer time, and counts the transfer.
+  (through a shared :class:`SimKvFabric`), paying the modelled KV-transfer time, and counts the transfer;
+  a prefill request with ``history_tokens`` (a KV round trip) pulls that history's KV first, paying the same
+  modelled transfer time, and computes only the rest.
 
 The generated text is synthetic and says so (``"[simulated] token token ..."``). A request that offers
 ``tools`` (and no ``tool_choice: "none"``) gets a synthetic tool call (finish_reason ``tool_calls``), the
@@ -413,6 +415,12 @@ class SimEngine:
             self.prefix_cache_queries_tokens += prompt
             self.prefix_cache_hits_tokens += max(0, hit)
             cached = max(0, hit)
+            pulled = min(req.history_tokens, prompt - 1) if prefill_only else 0
+            if pulled > cached:  # a KV round trip: the history's KV comes from the decoder holding it
+                await self.clock.sleep(kv_transfer_time_s(pulled))
+                self._check_alive()
+                self.kv_transfer_bytes += pulled * self.tier_model.model.kv_bytes_per_token
+                cached = pulled
         self._prefix.pop(req.conversation_id, None)  # in use now; re-cached when the request ends
         max_out = 0 if prefill_only else _requested_max(req.body, self.natural_output_tokens)
         seq = _Seq(

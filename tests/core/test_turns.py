@@ -7,9 +7,10 @@ from hypothesis import strategies as st
 
 from orchestrator.core import (
     kv_shipped_tokens,
+    local_prefill_tokens,
     moves_pin,
     pin_reason,
-    prefill_split,
+    remote_prefill_tokens,
     round_trip_tokens,
     running_turn_kv_tokens,
 )
@@ -44,9 +45,9 @@ def test_a_round_trip_ships_the_history_the_decoder_holds_in_whole_blocks() -> N
     assert round_trip_tokens(rt, T1, decoder_holds_tokens=20_000) == 0  # turn 1 has no history
     assert round_trip_tokens(Placement("d0", history_tokens=500), T3, 20_000) == 0  # local: no round trip
     # the prefiller then computes only the rest; a local placement queues the increment on the decoder
-    assert prefill_split(rt, T3, round_trip=16_208) == (192, 0)
-    assert prefill_split(Placement("d0", "p0", transfer_kv=True), T1) == (16_000, 0)
-    assert prefill_split(Placement("d0"), T3) == (0, 187)
+    assert (remote_prefill_tokens(rt, T3, round_trip=16_208), local_prefill_tokens(rt, T3)) == (192, 0)
+    assert remote_prefill_tokens(Placement("d0", "p0", transfer_kv=True), T1) == 16_000
+    assert (remote_prefill_tokens(Placement("d0"), T3), local_prefill_tokens(Placement("d0"), T3)) == (0, 187)
 
 
 @given(
@@ -62,8 +63,10 @@ def test_round_trip_never_ships_more_than_asked_held_or_the_prompt_less_one(
     rt = round_trip_tokens(Placement("d0", "p0", history_tokens=hist), turn, held, block)
     assert 0 <= rt <= min(hist, held, inp - 1)
     assert rt % block == 0
-    pre, dec = prefill_split(Placement("d0", "p0"), turn, rt)
-    assert pre >= 1 and dec == 0  # the last token is always computed
+    pl = Placement("d0", "p0")
+    assert (
+        remote_prefill_tokens(pl, turn, rt) >= 1 and local_prefill_tokens(pl, turn) == 0
+    )  # the last token is always computed
 
 
 @given(inp=st.integers(1, 100_000), cached=st.integers(0, 200_000), block=st.sampled_from([1, 16]))
