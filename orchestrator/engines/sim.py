@@ -17,7 +17,8 @@ the tier model (tiers/perf.py) predicts:
 The generated text is synthetic and says so (``"[simulated] token token ..."``). A request that offers
 ``tools`` (and no ``tool_choice: "none"``) gets a synthetic tool call (finish_reason ``tool_calls``), the
 shape of an agent's intermediate turn; otherwise a turn ends with ``stop`` after ``natural_output_tokens``
-tokens, or ``length`` if ``max_tokens`` is smaller.
+tokens (or vLLM's ``min_tokens`` when it is larger: a replayed trace's output length), or ``length`` if
+``max_tokens`` is smaller.
 
 Must not import fastapi, sqlalchemy or httpx. Time comes from an injected :class:`SimClock`.
 """
@@ -329,7 +330,8 @@ class SimEngine:
         if tool is not None:
             finish = "tool_calls"
         else:
-            capped = _requested_max(req.body, self.natural_output_tokens) < self.natural_output_tokens
+            natural = _natural_output(req.body, self.natural_output_tokens)
+            capped = _requested_max(req.body, self.natural_output_tokens) < natural
             finish = "length" if capped else "stop"
         yield chunk({} if chat else "", finish)
         yield {
@@ -554,8 +556,19 @@ class SimEngine:
             finished.append(seq)
 
 
+def _natural_output(body: dict[str, Any], natural: int) -> int:
+    """Where the simulated model would stop by itself: the engine's natural length, or later when the client
+    asks for at least ``min_tokens`` (vLLM's sampling parameter: no end of sequence before that many)."""
+    lo = body.get("min_tokens")
+    if isinstance(lo, int) and not isinstance(lo, bool) and lo > natural:
+        return lo
+    return natural
+
+
 def _requested_max(body: dict[str, Any], natural: int) -> int:
-    """Output tokens this turn decodes: the client's cap, or the engine's natural length."""
+    """Output tokens this turn decodes: the client's cap, or the model's natural length (see
+    :func:`_natural_output`)."""
+    natural = _natural_output(body, natural)
     cap = body.get("max_completion_tokens")
     if cap is None:
         cap = body.get("max_tokens")

@@ -125,6 +125,11 @@ class SimOptions:
     prefill_max_batched_tokens: int | None = None
     # router-side KV admission as the paper's artifact ran it (orchestrator.sim.admission): off by default
     router_admission: bool = False
+    # the resident KV policies see includes the prefix-cache entries of conversations still going (True, the
+    # behaviour the fidelity tables were measured with) or only the sequences' KV, as a live engine reports it
+    # (vLLM's kv_cache_usage_perc counts no evictable cached block) and the live router sees it (False: the
+    # router/simulator parity test, tests/core/test_driver_parity.py). Pinned conversations count either way.
+    view_cached_histories: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batched_tokens", "max_seqs", "prefill_max_batched_tokens"):
@@ -219,7 +224,7 @@ class _Instance:
         "waiting", "prefilling", "heap", "n_decode", "ctx_sum", "pending_join", "reserved", "nondecode_kv",
         "cache", "cache_total", "steps_done", "busy", "cur", "version", "segments", "prefill_log",
         "queued_prefill", "running_other", "pinned", "view", "dirty", "peak_reserved", "kvb", "link",
-        "prefill_tokens", "decode_tokens", "live", "live_total", "adm_used", "pinned_tokens",
+        "prefill_tokens", "decode_tokens", "live", "live_total", "adm_used", "pinned_tokens", "view_live",
     )
 
     def __init__(self, idx: int, spec: InstanceLike, opts: SimOptions, link: str) -> None:
@@ -250,6 +255,7 @@ class _Instance:
         # pinned conversations hold on this instance between turns, DESIGN.md section 7)
         self.live: dict[str, int] = {}
         self.live_total = 0
+        self.view_live = opts.view_cached_histories  # count them in the view (SimOptions)
         self.steps_done = 0
         self.busy = False
         # current step or stretch: (t_start, n, A, D, power_w, is_prefill, chunks)
@@ -310,14 +316,16 @@ class _Instance:
 
     def make_view(self) -> InstanceView:
         if self.dirty or self.view is None:
-            # resident: running sequences' KV and the cached prefixes of conversations still going
+            # resident: running sequences' KV and (SimOptions.view_cached_histories) the cached prefixes of
+            # conversations still going
+            resident = self.ctx_sum + self.nondecode_kv + (self.live_total if self.view_live else 0)
             self.view = instance_view(
                 self.id,
                 self.role,
                 self.tier,
                 healthy=self.healthy,
                 queued_prefill_tokens=self.queued_prefill,
-                resident_kv_tokens=self.ctx_sum + self.nondecode_kv + self.live_total,
+                resident_kv_tokens=resident,
                 pinned_kv_tokens=self.pinned_tokens,
                 reserved_kv_tokens=self.adm_used,
                 kv_capacity_tokens=self.cap,

@@ -104,3 +104,17 @@ async def test_the_simulated_prefiller_pulls_the_history_instead_of_computing_it
         await eng.aclose()
     # pulling 15k tokens' KV and computing 1k is far cheaper than computing 16k (modelled)
     assert times[1] < 0.5 * times[0]
+
+
+async def test_the_simulated_model_decodes_at_least_min_tokens() -> None:
+    """vLLM's ``min_tokens``: no end of sequence before that many tokens; a replayed trace's output length
+    reaches the simulated engine without a ``max_tokens`` the router would count as the client's cap."""
+    tm = TierModel(get_gpu("A40"), get_model("Qwen3-0.6B"))
+    eng = SimEngine("d0", Role.DECODE, "a40", tm, model_name="m", clock=_Clock(), natural_output_tokens=3)
+    got = []
+    for body in ({}, {"min_tokens": 7}, {"min_tokens": 7, "max_tokens": 5}, {"min_tokens": 1}):
+        req = EngineRequest(RequestKind.COMPLETION, {"model": "m", "prompt": "p", **body}, "r", "c", 10)
+        chunks = [ch async for ch in eng.stream(req)]
+        got.append((chunks[-1]["usage"]["completion_tokens"], chunks[-2]["choices"][0]["finish_reason"]))
+    await eng.aclose()
+    assert got == [(3, "stop"), (7, "stop"), (5, "length"), (3, "stop")]
