@@ -529,6 +529,9 @@ def main() -> None:
         out = asyncio.run(
             _loadgen(args.loadgen, args.conns, args.requests, args.duration_s, args.stream, args.max_tokens)
         )
+        # the event loop (uvloop) can leave stdout non-blocking: a report over the pipe's 64-128 KiB then
+        # went out partly written and the parent read broken JSON (seen with ~10k latencies, aiohttp loadgen)
+        os.set_blocking(sys.stdout.fileno(), True)
         print(json.dumps(out))
         return
     if args.reps < 1:
