@@ -50,8 +50,8 @@ from typing import Any, Protocol
 from conserve.errors import ConServeError
 from energy.records import ConversationView, PinRecord, TurnRecord, TurnStatus
 from orchestrator.core import (
+    ConversationState,
     PinBook,
-    final_turn_times,
     instance_view,
     local_prefill_tokens,
     moves_pin,
@@ -312,20 +312,11 @@ class _Instance:
 
 
 @dataclass(slots=True, eq=False)
-class _Conversation:
-    conversation_id: str
-    one_turn: bool
-    first_arrival_s: float
-    turns: int = 0
-    pin: str | None = None  # kept by the router's PinBook (orchestrator.core.pins)
-    pinned_tokens: int = 0  # tokens counted against the pinned decoder
-    context_tokens: int = 0  # prompt + output of the last finished turn
-    last_decoder: str | None = None  # decoder of the last finished turn (holds its KV, pinned or not)
+class _Conversation(ConversationState):
+    """The core's conversation state (orchestrator.core.conversations) + what the router records."""
+
+    one_turn: bool = False
     last_active_s: float = 0.0
-    final_turn: int | None = None
-    ttfet_s: float | None = None
-    e2e_s: float | None = None
-    ended: bool = False
     records: list[TurnRecord] = field(default_factory=list)
     pins: list[PinRecord] = field(default_factory=list)
 
@@ -569,14 +560,9 @@ class Router:
         try:
             prompt_tokens = inp.prompt_tokens or estimate_prompt_tokens(inp.kind, inp.body)
             conv = await self._conversation_for(inp, arrival_s)
-            conv.turns += 1
-            turn = conv.turns
+            treq = conv.next_turn(prompt_tokens, _max_output(inp.body))
+            turn = treq.turn
             conv.last_active_s = arrival_s
-            new_tokens = prompt_tokens - conv.context_tokens if turn > 1 else prompt_tokens
-            if new_tokens <= 0:  # the client rewrote its history: treat the whole prompt as new
-                new_tokens = prompt_tokens
-            max_out = _max_output(inp.body)
-            treq = TurnRequest(conv.conversation_id, turn, prompt_tokens, new_tokens, max_out)
             last_err: BaseException | None = None
             for attempt_no in range(self.config.max_attempts):
                 placement = self._place(treq, conv, arrival_s)
@@ -831,15 +817,12 @@ class Router:
         ttfet = None
         if ok:
             self.stats["turns"] += 1
-            conv.context_tokens = prompt + output
-            conv.last_decoder = pl.decode_instance
+            ttfet = conv.turn_ended(
+                treq.turn, prompt, output, pl.decode_instance, is_final, att.first_s, att.last_s
+            )
             conv.last_active_s = att.last_s or self.clock()
             self._book.account(conv, conv.context_tokens)
             self.policy.observe_turn_end(conv.conversation_id, treq.turn, output)
-            if is_final and att.first_s is not None:
-                conv.final_turn = treq.turn
-                ttfet, conv.e2e_s = final_turn_times(conv.first_arrival_s, att.first_s, att.last_s)
-                conv.ttfet_s = ttfet
             if client_final:
                 self._end(conv)
         self.observer.turn_done(

@@ -6,8 +6,10 @@ model. Both take from here, and from nowhere else:
 
 - :mod:`.views`      building an instance's :class:`placement.base.InstanceView` (used KV = max(resident,
                      pinned, reserved), capped at capacity);
-- :mod:`.pins`       conversation and pin state: which decoder holds each conversation and the KV tokens it is
-                     counted for there (:class:`PinBook`);
+- :mod:`.conversations` conversation state: turns, context, the new tokens of a turn, where its KV lives,
+                     its summary once a final turn ends (:class:`ConversationState`);
+- :mod:`.pins`       pin state: which decoder holds each conversation and the KV tokens it is counted for
+                     there (:class:`PinBook`);
 - :mod:`.turns`      the meaning of every :class:`placement.base.Placement` field (whether the pin moves, the
                      prefill split of a remote placement, a KV round trip's history, the KV shipped, the
                      tokens a turn is counted for on its pin);
@@ -26,6 +28,7 @@ from orchestrator.core.admission import (
     reservation_tokens,
     rule_for,
 )
+from orchestrator.core.conversations import ConversationState
 from orchestrator.core.pins import PinBook, PinHolder, PinnedConversation, PinState
 from orchestrator.core.summary import (
     ConversationTimes,
@@ -47,6 +50,7 @@ from orchestrator.core.views import instance_view, kv_used_tokens
 
 __all__ = [
     "AdmissionRule",
+    "ConversationState",
     "ConversationTimes",
     "PinBook",
     "PinHolder",
