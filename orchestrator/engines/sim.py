@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from energy.meters import GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
+from orchestrator.core.turns import kv_shipped_tokens
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
 from orchestrator.errors import EngineError
 from placement.base import Role
@@ -407,11 +408,15 @@ class SimEngine:
                     "accepts only handles from a simulated prefiller of the same fleet."
                 )
             handle = self.fabric.claim(transfer_id)
-            await self.clock.sleep(kv_transfer_time_s(handle.tokens))
+            # only the KV this decoder does not hold already travels (its prefix cache of the conversation,
+            # whole blocks: orchestrator.core.turns.kv_shipped_tokens, as in the simulator)
+            own = self._prefix.get(req.conversation_id, 0)
+            shipped = kv_shipped_tokens(handle.tokens, own, self.tier_model.block_size_tokens)
+            await self.clock.sleep(kv_transfer_time_s(shipped))
             self._check_alive()
             cached = min(handle.tokens, prompt)
             self.kv_transfers_accepted += 1
-            self.kv_transfer_bytes += handle.tokens * self.tier_model.model.kv_bytes_per_token
+            self.kv_transfer_bytes += shipped * self.tier_model.model.kv_bytes_per_token
         else:
             hit = min(self._prefix.get(req.conversation_id, 0), prompt - 1)  # last token is always computed
             self.prefix_cache_queries_tokens += prompt

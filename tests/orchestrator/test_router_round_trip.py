@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
-from orchestrator.engines.sim import SimClock, SimEngine
+from orchestrator.engines.sim import SimClock, SimEngine, SimKvFabric
 from orchestrator.router import Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
@@ -118,3 +118,24 @@ async def test_the_simulated_model_decodes_at_least_min_tokens() -> None:
         got.append((chunks[-1]["usage"]["completion_tokens"], chunks[-2]["choices"][0]["finish_reason"]))
     await eng.aclose()
     assert got == [(3, "stop"), (7, "stop"), (5, "length"), (3, "stop")]
+
+
+async def test_a_simulated_decoder_receives_only_the_kv_it_does_not_hold() -> None:
+    """orchestrator.core.turns.kv_shipped_tokens: a remote prefill for a decoder that holds the conversation's
+    history ships the rest only (whole blocks), as the simulator models it."""
+    tm = TierModel(get_gpu("A40"), get_model("Qwen3-0.6B"))
+    clock, fabric = _Clock(), SimKvFabric()
+    kw: dict[str, Any] = {"model_name": "m", "clock": clock, "fabric": fabric, "natural_output_tokens": 1}
+    pre = SimEngine("p0", Role.PREFILL, "a40", tm, **kw)
+    dec = SimEngine("d0", Role.DECODE, "a40", tm, **kw)
+    body = {"model": "m", "prompt": "p", "min_tokens": 20}
+    t1 = EngineRequest(RequestKind.COMPLETION, body, "r1", "c", 1000)
+    _ = [ch async for ch in dec.stream(t1)]  # turn 1 decoded locally: d0 caches 1,020 tokens
+    res = await pre.prefill(EngineRequest(RequestKind.COMPLETION, body, "r2-p", "c", 1100))
+    t2 = EngineRequest(
+        RequestKind.COMPLETION, body, "r2", "c", 1100, kv_transfer_params=res.kv_transfer_params
+    )
+    _ = [ch async for ch in dec.stream(t2)]
+    assert (await dec.observe()).kv_transfer_bytes == (1100 - 1008) * tm.model.kv_bytes_per_token
+    await pre.aclose()
+    await dec.aclose()
