@@ -52,12 +52,15 @@ from energy.records import ConversationView, PinRecord, TurnRecord, TurnStatus
 from orchestrator.core import (
     ConversationState,
     PinBook,
+    has_room,
     instance_view,
     local_prefill_tokens,
     moves_pin,
     pin_reason,
     remote_prefill_tokens,
+    reservation_tokens,
     round_trip_tokens,
+    rule_for,
     running_turn_kv_tokens,
 )
 from orchestrator.engines.base import Engine, EngineObservation, EngineRequest, RequestKind
@@ -198,6 +201,13 @@ class RouterConfig:
     # connection the server closes as it is reused): the engine is marked down after this many consecutive
     # failed polls, or at once when a request cannot reach it (see Router._run).
     down_after_failed_polls: int = 3
+    # Router-side KV admission (the rule per policy: orchestrator.core.admission, as the simulator's
+    # --router-admission): a turn the rule reserves for waits until a healthy decode-capable instance shows
+    # room for its reservation in the fleet view, re-checking every admission_poll_s, at most
+    # admission_wait_s (then it is placed anyway: bounded). Live, only the turns so far are known: the
+    # reservation is the current prompt + the client's output cap. 0: off (the default; no await added).
+    admission_wait_s: float = 0.0
+    admission_poll_s: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +394,8 @@ class Router:
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
         self.stats = {"turns": 0, "replacements": 0, "retries": 0, "kv_transfers": 0, "errors": 0}
+        self._admission_rule = rule_for(policy.name)
+        self.admission_stats = {"waited": 0, "timed_out": 0}
 
     # ---- introspection ------------------------------------------------------------------------------
     @property
@@ -563,6 +575,8 @@ class Router:
             treq = conv.next_turn(prompt_tokens, _max_output(inp.body))
             turn = treq.turn
             conv.last_active_s = arrival_s
+            if self.config.admission_wait_s > 0:
+                await self._admit(treq)
             last_err: BaseException | None = None
             for attempt_no in range(self.config.max_attempts):
                 placement = self._place(treq, conv, arrival_s)
@@ -735,7 +749,29 @@ class Router:
         finally:
             self._inflight.pop(key, None)
 
-    # ---- placement and pins -------------------------------------------------------------------------
+    # ---- admission, placement and pins --------------------------------------------------------------
+    async def _admit(self, treq: TurnRequest) -> None:
+        """Wait (bounded) until some healthy decode-capable instance has room for the turn's reservation."""
+        k = treq.turn
+        inputs = [0] * (k - 1) + [treq.input_tokens]
+        outputs = [0] * (k - 1) + [treq.max_output_tokens or 0]
+        need = reservation_tokens(self._admission_rule, k, inputs, outputs)[0]
+        if need <= 0:
+            return
+        deadline = self.clock() + self.config.admission_wait_s
+        waited = False
+        while not any(
+            v.healthy and v.role.can_decode and has_room(v.kv_capacity_tokens, v.kv_used_tokens, need)
+            for v in self.fleet_view().instances
+        ):
+            if self.clock() >= deadline:
+                self.admission_stats["timed_out"] += 1
+                break
+            if not waited:
+                waited = True
+                self.admission_stats["waited"] += 1
+            await asyncio.sleep(self.config.admission_poll_s)
+
     def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
         try:
             placement = self.policy.place(treq, self.fleet_view())
