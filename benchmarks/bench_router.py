@@ -163,7 +163,11 @@ async def _loadgen(
 def _run_loadgen(
     url: str, conns: int, *, requests: int = 0, duration_s: float = 0, stream: bool, max_tokens: int
 ) -> dict[str, Any]:
-    out = subprocess.run(
+    # the report goes through a file: through the stdout pipe a report over 96-128 KiB (~5k latencies) arrived
+    # with a line break inside it on the loaded 2-core machine, and the run died with a JSONDecodeError
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as report:
+        pass
+    subprocess.run(
         [
             sys.executable,
             __file__,
@@ -178,12 +182,17 @@ def _run_loadgen(
             "--max-tokens",
             str(max_tokens),
             *(["--stream"] if stream else []),
+            "--loadgen-out",
+            report.name,
         ],
         check=True,
         capture_output=True,
         text=True,
     )
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    try:
+        return json.loads(Path(report.name).read_text())  # type: ignore[no-any-return]
+    finally:
+        Path(report.name).unlink(missing_ok=True)
 
 
 def _run_wrk(
@@ -518,6 +527,7 @@ def main() -> None:
     ap.add_argument("--loadgen", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--conns", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--loadgen-out", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
     try:
         import uvloop
@@ -529,10 +539,10 @@ def main() -> None:
         out = asyncio.run(
             _loadgen(args.loadgen, args.conns, args.requests, args.duration_s, args.stream, args.max_tokens)
         )
-        # the event loop (uvloop) can leave stdout non-blocking: a report over the pipe's 64-128 KiB then
-        # went out partly written and the parent read broken JSON (seen with ~10k latencies, aiohttp loadgen)
-        os.set_blocking(sys.stdout.fileno(), True)
-        print(json.dumps(out))
+        if args.loadgen_out:
+            Path(args.loadgen_out).write_text(json.dumps(out))
+        else:
+            print(json.dumps(out))
         return
     if args.reps < 1:
         ap.error("--reps must be >= 1")
