@@ -52,6 +52,8 @@ from enum import StrEnum
 import numpy as np
 
 from orchestrator.errors import WorkloadError
+from orchestrator.workload import ConversationSpec
+from tiers.connector import artifact_prefill_hit_s, wrong_predict_wait_s
 
 # scheduler.py line 8: random.seed(42) at import; every Poisson draw of the sweep comes from it
 ARTIFACT_ARRIVAL_SEED = 42
@@ -199,6 +201,57 @@ class VirtualPrefiller:
         syn = [self._effective_start(s) for s in orig]
         o0, s0 = min(orig), min(syn)
         return {cid: (s - s0) - (o - o0) for (cid, _, _), o, s in zip(self._events, orig, syn, strict=True)}
+
+
+class AmpdEmulation:
+    """The per-turn baseline's client-side waits as the artifact emulated them, as a simulator turn delay
+    (``orchestrator.sim.core.TurnDelay``): a wrongly predicted turn (:func:`wrong_predicted_turns`), issued at
+    replay time ``t``, sleeps for the virtual prefiller's queue (:meth:`VirtualPrefiller.query_and_block`,
+    blocking it for the artifact's prefix-hit prefill of history + new) plus the modelled wait
+    (``tiers.connector.wrong_predict_wait_s``) before its request is sent (conversation.py lines 430-446);
+    its history starts from the conversation's compound prompt (:func:`compound_prompt_tokens`). After the
+    run each conversation's clock also carries the turn-1 queueing the blocks caused
+    (:meth:`VirtualPrefiller.turn1_shift_s`, s5_metrics.py lines 227-244). Replay time 0 is the simulation's
+    time 0 (the first replayed arrival). Records every wait it imposed in :attr:`waits_s`."""
+
+    def __init__(
+        self,
+        records: Iterable[RecordedTurn1],
+        conversations: Sequence[ConversationSpec],
+        wrong: frozenset[tuple[str, int]],
+        compounds: Sequence[int],
+        kv_bytes_per_token: int,
+    ) -> None:
+        if not compounds:
+            raise WorkloadError("the AMPD emulation needs at least one compound prompt size")
+        self.prefiller = VirtualPrefiller(records)
+        self._convs = {c.conversation_id: (k, c) for k, c in enumerate(conversations)}
+        self._wrong = wrong
+        self._compounds = tuple(compounds)
+        self._kvb = kv_bytes_per_token
+        self.waits_s: dict[tuple[str, int], float] = {}
+        self._shift: dict[str, float] | None = None
+
+    def delay_s(self, conversation_id: str, turn: int, t: float) -> float:
+        if (conversation_id, turn) not in self._wrong:
+            return 0.0
+        k, conv = self._convs[conversation_id]
+        # conversation.py line 408: the history starts from the whole compound prompt, then grows by every
+        # earlier turn's appended tokens + output
+        hist = self._compounds[k % len(self._compounds)] + sum(
+            x.appended_tokens + x.output_tokens for x in conv.turns[: turn - 1]
+        )
+        new = conv.turns[turn - 1].appended_tokens
+        queue = self.prefiller.query_and_block(t, artifact_prefill_hit_s(hist + new))
+        wait = queue + wrong_predict_wait_s(hist, new, self._kvb)
+        self.waits_s[(conversation_id, turn)] = wait
+        self._shift = None
+        return wait
+
+    def conversation_offset_s(self, conversation_id: str) -> float:
+        if self._shift is None:
+            self._shift = self.prefiller.turn1_shift_s()
+        return self._shift.get(conversation_id, 0.0)
 
 
 def wrong_predicted_turns(

@@ -1,35 +1,40 @@
-"""The paper's measured points, emulated with the artifact's harness around the unchanged simulator.
+"""The paper's measured points with the artifact's harness, through the mechanisms wired into the simulator.
 
-``orchestrator.artifact`` holds the pure pieces of the ConServe artifact's experiment harness; this module
-runs them around the simulator, through its public API only, so each paper figure can be attributed to a
-mechanism before anything is wired into the simulator itself (round 2 of issue 12 item 1; the wiring plan is
-in docs/paper-reproduction.md, section "Fidelity to measurement"). A :class:`Mechanisms` value turns each
-emulated mechanism on or off:
+``orchestrator.artifact`` holds the pure pieces of the ConServe artifact's experiment harness; this module is
+the experiment driver that runs a paper configuration (``orchestrator.sim.paper.CONFIGS``) with them (issue
+12 item 1; docs/paper-reproduction.md, section "Fidelity to measurement", wiring items W1-W7). A
+:class:`Mechanisms` value turns each on or off; everything off is the simulator as
+``orchestrator.sim.paper`` runs the experiment:
 
-- ``replay_arrivals``: a prefiller-only run is simulated first (turn 1 of every conversation, 2 output
+- ``replay_arrivals`` (W2): a prefiller-only run is simulated first (turn 1 of every conversation, 2 output
   tokens, through the prefiller at the *recorded* rate: 2.0 conv/s for the 1.634 label; proxy engines, so
   no prefix caching), and each policy's run replays its turn-1 prefill starts (colocated, full-disagg) or
   decode starts (conserve, per-turn) as arrivals, as the artifact did.
-- ``proxy_no_prefix_cache``: full disaggregation with prefix caching off on every engine (the artifact
-  launched the proxy path's engines with ``--no-enable-prefix-caching``). The standalone normaliser keeps
-  the paper's colocated engine with prefix caching (the artifact's baseline runs used plain ``vllm serve``).
-- ``ampd_virtual_prefiller``: the per-turn baseline as the artifact emulated it (:class:`ArtifactAmpdPolicy`:
-  ConServe's own placement with the per-turn KV reservation; the decoder serves every turn itself, no real
-  KV round trip and no migration), and each wrongly predicted turn (``random.Random(42)``, 10 %) first
-  waits for the virtual prefiller's backlog plus the modelled wait of ``tiers.connector``; the waits are
-  injected as pauses before those turns and found by fixed-point iteration (each wait depends on when the
-  turn happens). The synthetic turn-1 queueing the blocks cause is added to the conversation's clock.
-- ``split_energy_window``: conserve's and per-turn's energy = their decoders' energy + the prefiller's
-  energy in the prefiller-only run (its own window), as ``s5_metrics.workload_energy`` measured it.
+- ``proxy_no_prefix_cache`` (W3): full disaggregation with prefix caching off on every engine
+  (``SimOptions.prefix_cache``; the artifact launched the proxy path's engines with
+  ``--no-enable-prefix-caching``). The standalone normaliser keeps the reference engine's prefix caching
+  (``StandaloneCache``; the artifact's baseline runs used plain ``vllm serve``).
+- ``ampd_virtual_prefiller`` (W4): the per-turn baseline as the artifact emulated it
+  (:class:`ArtifactAmpdPolicy`: ConServe's own placement with the per-turn KV reservation; the decoder
+  serves every turn itself, no real KV round trip and no migration), and each wrongly predicted turn
+  (``random.Random(42)``, 10%) waits for the virtual prefiller's backlog plus the modelled wait of
+  ``tiers.connector`` before it is placed: ``orchestrator.artifact.AmpdEmulation``, a turn delay of the
+  simulator (``run_simulation(turn_delay=...)``), so the waits follow the run's own event order. Needs W2's
+  recorded run.
+- ``serving_overhead`` (W5): every engine pays the ``vllm serve`` per-step overhead
+  (``SimOptions.serving_step_overhead``; tiers.serving), the prefiller-only run's engines too.
+- ``split_energy_window`` (W6): under the artifact convention, conserve's and per-turn's energy = their
+  decoders' energy + the prefiller's energy in the prefiller-only run over its own window
+  (``orchestrator.metrics.SplitEnergyWindow``), as ``s5_metrics.workload_energy`` measured it.
 
-Latencies are simulated and energy is modelled (tier power model), never measured. Must not import fastapi,
-sqlalchemy or httpx.
+The paper's per-token last-turn TBT (W1) is ``Summary.tbt_token_slowdown`` (``PAPER_SIM_OPTIONS`` records
+the gaps). Latencies are simulated and energy is modelled (tier power model), never measured. Must not
+import fastapi, sqlalchemy or httpx.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -38,51 +43,35 @@ import numpy as np
 
 from orchestrator.artifact import (
     REPLAY_POINT,
+    AmpdEmulation,
     RecordedTurn1,
-    VirtualPrefiller,
     artifact_arrival_offsets_s,
     compound_prompt_tokens,
     recorded_rate,
     replay_offsets_s,
-    split_window_energy_j,
     wrong_predicted_turns,
 )
 from orchestrator.config import FleetConfig
 from orchestrator.errors import SimulationError
-from orchestrator.fleet import InstanceSpec
-from orchestrator.metrics import StandaloneCache
+from orchestrator.metrics import (
+    Convention,
+    SloSpec,
+    SplitEnergyWindow,
+    StandaloneCache,
+    Summary,
+    conversation_metrics,
+    summarize,
+)
 from orchestrator.sim.core import SimOptions, run_simulation
-from orchestrator.sim.fleet import build_instances, links_of, reference_tier_model
+from orchestrator.sim.fleet import build_instances, links_of, reference_tier_model, unallocated_idle_w
 from orchestrator.sim.paper import CONFIGS, PAPER_SIM_OPTIONS
 from orchestrator.sim.result import SimResult
 from orchestrator.workload import ConversationSpec, TurnSpec, load_conserve_trace, workload_from_config
 from placement.base import Policy, Role
 from placement.policies import ConservePolicy, make_policy
-from tiers.connector import artifact_prefill_hit_s, wrong_predict_wait_s
 
 # max_tokens of the prefiller-only run's single request (conversation.py run_conversation_prefiller)
 PREFILLER_RUN_OUTPUT_TOKENS = 2
-# fixed-point iteration of the AMPD pauses: stop when no pause moves by more than this
-_PAUSE_TOLERANCE_S = 0.01
-_PAUSE_ITERATIONS = 8
-
-Runner = Callable[
-    [Sequence[InstanceSpec], Sequence[ConversationSpec], Policy, int, SimOptions, Mapping[str, str]],
-    SimResult,
-]
-
-
-def public_runner(
-    instances: Sequence[InstanceSpec],
-    conversations: Sequence[ConversationSpec],
-    policy: Policy,
-    seed: int,
-    options: SimOptions,
-    links: Mapping[str, str],
-) -> SimResult:
-    return run_simulation(
-        instances, conversations, policy, seed=seed, energy_window_s=None, options=options, links=links
-    )
 
 
 class ArtifactAmpdPolicy(ConservePolicy):
@@ -98,44 +87,51 @@ class ArtifactAmpdPolicy(ConservePolicy):
 
 @dataclass(frozen=True, slots=True)
 class Mechanisms:
-    replay_arrivals: bool = False
-    proxy_no_prefix_cache: bool = False
-    ampd_virtual_prefiller: bool = False
-    split_energy_window: bool = False
+    replay_arrivals: bool = False  # W2
+    proxy_no_prefix_cache: bool = False  # W3
+    ampd_virtual_prefiller: bool = False  # W4
+    split_energy_window: bool = False  # W6
     wrong_prediction_rate: float = 0.10  # run_sweep.sh line 82
+    serving_overhead: bool = False  # W5
 
 
-ALL_MECHANISMS = Mechanisms(True, True, True, True)
+ALL_MECHANISMS = Mechanisms(True, True, True, True, serving_overhead=True)
 
 
 @dataclass(frozen=True, slots=True)
 class PointRun:
-    """One (configuration, rate, seed) run, with per-conversation slowdowns under both clocks."""
+    """One (configuration, rate, seed) run and its summaries under both clocks (router admission on)."""
 
     label: str
     rate: float
     seed: int | str
     result: SimResult
-    ttfet_artifact: np.ndarray  # slowdowns, in result.conversations order
-    ttfet_honest: np.ndarray
-    e2e_artifact: np.ndarray
-    e2e_honest: np.ndarray
-    tbt: np.ndarray  # last-turn mean TBT / standalone mean, per conversation
-    standalone_tbt_s: dict[str, float]
-    tokens_per_j: float
-    pauses_s: dict[tuple[str, int], float] = field(default_factory=dict)
+    conversations: tuple[ConversationSpec, ...]
+    artifact: Summary  # t0 = admission (conserve, per-turn: past turn 1's prefiller queue); W6 energy
+    honest: Summary  # t0 = arrival of turn 1, every wait counted; energy of every GPU over the run
+    waits_s: dict[tuple[str, int], float] = field(default_factory=dict)  # W4: each wrong turn's wait
+    recorded: SimResult | None = None  # W2: the prefiller-only run
 
-    def p95(self, name: str) -> float:
-        return float(np.percentile(getattr(self, name), 95))
+    def summary(self, clock: str = "artifact") -> Summary:
+        return self.artifact if clock == "artifact" else self.honest
 
-    def violation_pct(self, name: str, clock: str = "artifact", slo: float = 5.0) -> float:
-        """Per-metric SLO violation share, as the paper's headline reports it (one column per metric)."""
-        arr = self.tbt if name == "tbt" else getattr(self, f"{name}_{clock}")
-        return float(100.0 * np.mean(arr > slo))
+    def p95(self, metric: str, clock: str = "artifact") -> float:
+        """p95 of ``ttfet``, ``e2e``, ``tbt`` (per conversation) or ``tbt_token`` (the paper's, per token)."""
+        s = self.summary(clock)
+        if metric == "tbt_token":
+            return s.tbt_token_slowdown.get("p95", float("nan"))
+        return getattr(s, f"{metric}_slowdown")["p95"]
 
-    def any_violation_pct(self, clock: str = "artifact", slo: float = 5.0) -> float:
-        v = (getattr(self, f"ttfet_{clock}") > slo) | (getattr(self, f"e2e_{clock}") > slo) | (self.tbt > slo)
-        return float(100.0 * np.mean(v))
+    def violation_pct(self, metric: str, clock: str = "artifact") -> float:
+        """Per-metric SLO violation share (``ttfet``, ``tbt``, ``e2e``), as the paper's headline reports."""
+        return self.summary(clock).slo_violation_pct_by.get(f"{metric}_slowdown", 0.0)
+
+    def any_violation_pct(self, clock: str = "artifact") -> float:
+        return self.summary(clock).slo_violation_pct
+
+    @property
+    def tokens_per_j(self) -> float:
+        return self.artifact.tokens_per_j
 
 
 @lru_cache(maxsize=4)
@@ -149,8 +145,9 @@ def _with_arrivals(
     return [replace(c, arrival_s=float(arrivals[c.conversation_id])) for c in convs]
 
 
-def _send_times(convs: Sequence[ConversationSpec], rate: float, seed: int | str) -> dict[str, float]:
-    """Poisson sends: the artifact's own sequence (``seed="paper"``: random.Random(42)) or numpy's (int)."""
+def send_times(convs: Sequence[ConversationSpec], rate: float, seed: int | str) -> dict[str, float]:
+    """Poisson sends: the artifact's own sequence (``seed="paper"``: random.Random(42)) or numpy's (int, the
+    same draws as ``orchestrator.workload.poisson_arrivals``)."""
     if seed == "paper":
         offs = artifact_arrival_offsets_s(len(convs), rate)
     else:
@@ -161,18 +158,26 @@ def _send_times(convs: Sequence[ConversationSpec], rate: float, seed: int | str)
 
 
 def prefiller_only_run(
-    cfg: FleetConfig, convs: Sequence[ConversationSpec], sends: Mapping[str, float], runner: Runner
+    cfg: FleetConfig,
+    convs: Sequence[ConversationSpec],
+    sends: Mapping[str, float],
+    options: SimOptions = PAPER_SIM_OPTIONS,
 ) -> tuple[list[RecordedTurn1], SimResult]:
     """The artifact's ``adaptive_disagg_prefiller`` run: every conversation's turn 1 only (2 output tokens)
     through the prefiller and a decoder, no router admission, proxy engines without prefix caching."""
     insts = build_instances(cfg, layout=CONFIGS["conserve"][1])
     one = [
-        ConversationSpec(c.conversation_id, sends[c.conversation_id],
-                         (TurnSpec(c.turns[0].appended_tokens, PREFILLER_RUN_OUTPUT_TOKENS),))
+        ConversationSpec(
+            c.conversation_id,
+            sends[c.conversation_id],
+            (TurnSpec(c.turns[0].appended_tokens, PREFILLER_RUN_OUTPUT_TOKENS),),
+        )
         for c in convs
     ]
-    opts = replace(PAPER_SIM_OPTIONS, router_admission=False, prefix_cache=False)
-    res = runner(insts, one, make_policy("conserve"), 0, opts, links_of(cfg))
+    opts = replace(options, router_admission=False, prefix_cache=False)
+    res = run_simulation(
+        insts, one, make_policy("conserve"), seed=0, energy_window_s=None, options=opts, links=links_of(cfg)
+    )
     recs = [
         RecordedTurn1(t.conversation_id, t.arrival_s, t.prefill_start_s, t.first_token_s, t.last_token_s)
         for t in res.turns
@@ -180,44 +185,10 @@ def prefiller_only_run(
     return recs, res
 
 
-def _ampd_pauses(
-    res: SimResult,
-    convs: Sequence[ConversationSpec],
-    wrong: frozenset[tuple[str, int]],
-    compounds: tuple[int, ...],
-    records: Sequence[RecordedTurn1],
-    kv_bytes_per_token: int,
-) -> tuple[dict[tuple[str, int], float], dict[str, float]]:
-    """Each wrong turn's pause (virtual prefiller queue + modelled wait), queried in time order at the end
-    of the turn before it, as the artifact's clients did; and the turn-1 shifts the blocks caused."""
-    index = {c.conversation_id: k for k, c in enumerate(convs)}
-    ends = {(t.conversation_id, t.turn): t.last_token_s for t in res.turns}
-    vp = VirtualPrefiller(records)
-    pauses: dict[tuple[str, int], float] = {}
-    for cid, turn in sorted(wrong, key=lambda w: (ends[(w[0], w[1] - 1)], w)):
-        conv = convs[index[cid]]
-        # conversation.py line 408: the history starts from the whole compound prompt, then grows by every
-        # earlier turn's appended tokens + output
-        hist = compounds[index[cid] % len(compounds)] + sum(
-            t.appended_tokens + t.output_tokens for t in conv.turns[: turn - 1]
-        )
-        new = conv.turns[turn - 1].appended_tokens
-        queue = vp.query_and_block(ends[(cid, turn - 1)], artifact_prefill_hit_s(hist + new))
-        pauses[(cid, turn)] = queue + wrong_predict_wait_s(hist, new, kv_bytes_per_token)
-    return pauses, vp.turn1_shift_s()
-
-
-def _with_pauses(
-    convs: Sequence[ConversationSpec], pauses: Mapping[tuple[str, int], float]
-) -> list[ConversationSpec]:
-    out = []
-    for c in convs:
-        turns = tuple(
-            replace(t, tool_gap_s=t.tool_gap_s + pauses.get((c.conversation_id, k), 0.0))
-            for k, t in enumerate(c.turns, start=1)
-        )
-        out.append(replace(c, turns=turns))
-    return out
+def split_window_of(recorded: SimResult, idle_w: float) -> SplitEnergyWindow:
+    """W6: the recorded prefiller-only run's prefiller, billed over that run's window."""
+    pre = next(i for i in recorded.instances if i.role == str(Role.PREFILL))
+    return SplitEnergyWindow(pre.energy_j - pre.idle_energy_j, pre.busy_s, recorded.makespan_s, idle_w)
 
 
 def run_point(
@@ -226,13 +197,12 @@ def run_point(
     rate: float,
     seed: int | str,
     mech: Mechanisms = ALL_MECHANISMS,
-    runner: Runner = public_runner,
     standalone: StandaloneCache | None = None,
 ) -> PointRun:
-    """Simulate one paper configuration (orchestrator.sim.paper.CONFIGS) at `rate` with the emulated
-    mechanisms of `mech`, router admission as the artifact, and both clocks. `seed` is an int (numpy
-    Poisson arrivals, as orchestrator.sim.paper) or ``"paper"`` (the artifact's own arrival sequence).
-    Pass a `standalone` cache (built with :func:`paper_standalone`) to share the normaliser between points."""
+    """Simulate one paper configuration (orchestrator.sim.paper.CONFIGS) at `rate` with the mechanisms of
+    `mech`, router admission as the artifact, and both clocks. `seed` is an int (numpy Poisson arrivals, as
+    orchestrator.sim.paper) or ``"paper"`` (the artifact's own arrival sequence). Pass a `standalone` cache
+    (built with :func:`paper_standalone`) to share the normaliser between points."""
     if label not in CONFIGS:
         raise SimulationError(f"unknown configuration {label!r}; known: {', '.join(CONFIGS)}")
     policy_name, layout, popts = CONFIGS[label]
@@ -241,100 +211,74 @@ def run_point(
         raise SimulationError("the paper's points need the conserve trace workload (examples/paper-a40.yaml)")
     base = workload_from_config(wcfg)
     insts = build_instances(cfg, layout=layout)
-    links = links_of(cfg)
-    need_recording = mech.replay_arrivals or (
-        mech.split_energy_window and policy_name in ("conserve", "per-turn")
-    ) or (mech.ampd_virtual_prefiller and policy_name == "per-turn")
+    base_opts = replace(PAPER_SIM_OPTIONS, serving_step_overhead=mech.serving_overhead)
+    emulate_ampd = policy_name == "per-turn" and mech.ampd_virtual_prefiller
+    split = mech.split_energy_window and policy_name in ("conserve", "per-turn")
     records: list[RecordedTurn1] = []
-    pre_res: SimResult | None = None
-    if need_recording:
-        records, pre_res = prefiller_only_run(
-            cfg, base, _send_times(base, recorded_rate(rate), seed), runner
-        )
+    recorded: SimResult | None = None
+    if mech.replay_arrivals or split or emulate_ampd:
+        sends = send_times(base, recorded_rate(rate), seed)
+        records, recorded = prefiller_only_run(cfg, base, sends, base_opts)
     if mech.replay_arrivals:
         arrivals = replay_offsets_s(records, REPLAY_POINT[policy_name])
     else:
-        arrivals = _send_times(base, rate, seed)
+        arrivals = send_times(base, rate, seed)
     convs = _with_arrivals(base, arrivals)
-    opts = replace(PAPER_SIM_OPTIONS, router_admission=True)
+    opts = replace(base_opts, router_admission=True)
     if policy_name == "full-disagg" and mech.proxy_no_prefix_cache:
         opts = replace(opts, prefix_cache=False)
     popts = dict(popts)
     run_seed = seed if isinstance(seed, int) else 42
-    emulate_ampd = policy_name == "per-turn" and mech.ampd_virtual_prefiller
-    if policy_name == "per-turn":
-        popts["seed"] = run_seed
-        popts["mispredict_rate"] = mech.wrong_prediction_rate
-
-    def policy() -> Policy:
-        return ArtifactAmpdPolicy() if emulate_ampd else make_policy(policy_name, **popts)
-
-    pauses: dict[tuple[str, int], float] = {}
-    shift: dict[str, float] = {}
-    res = runner(insts, convs, policy(), run_seed, opts, links)
+    delay: AmpdEmulation | None = None
+    policy: Policy
     if emulate_ampd:
+        policy = ArtifactAmpdPolicy()
         wrong = wrong_predicted_turns(
             [(c.conversation_id, len(c.turns)) for c in convs], mech.wrong_prediction_rate
         )
-        compounds = _compounds(Path(wcfg.path))
         kvb = insts[0].tier_model.model.kv_bytes_per_token
-        for _ in range(_PAUSE_ITERATIONS):
-            new, shift = _ampd_pauses(res, convs, wrong, compounds, records, kvb)
-            moved = max((abs(new[k] - pauses.get(k, 0.0)) for k in new), default=0.0)
-            pauses = new
-            res = runner(insts, _with_pauses(convs, pauses), policy(), run_seed, opts, links)
-            if moved < _PAUSE_TOLERANCE_S:
-                break
+        delay = AmpdEmulation(records, convs, wrong, _compounds(Path(wcfg.path)), kvb)
+    else:
+        if policy_name == "per-turn":
+            popts["seed"] = run_seed
+            popts["mispredict_rate"] = mech.wrong_prediction_rate
+        policy = make_policy(policy_name, **popts)
+    res = run_simulation(
+        insts,
+        convs,
+        policy,
+        seed=run_seed,
+        energy_window_s=None,
+        options=opts,
+        links=links_of(cfg),
+        turn_delay=delay,
+    )
     sa = standalone if standalone is not None else paper_standalone(cfg)
-    return _point(label, rate, seed, res, convs, shift, pauses, mech, pre_res, sa, insts)
+    slo = SloSpec.from_config(cfg.slo)
+    idle = unallocated_idle_w(cfg, insts)
+    window = None
+    if split and recorded is not None:
+        pre_idle_w = next(i.tier_model.idle_w for i in insts if i.role == Role.PREFILL)
+        window = split_window_of(recorded, pre_idle_w)
+    art = summarize(
+        res, conversation_metrics(res, convs, sa, slo, Convention.ARTIFACT), Convention.ARTIFACT, idle, window
+    )
+    honest = conversation_metrics(res, convs, sa, slo, Convention.HONEST)
+    hon = summarize(res, honest, Convention.HONEST, idle)
+    return PointRun(
+        label,
+        rate,
+        seed,
+        res,
+        tuple(convs),
+        art,
+        hon,
+        waits_s=dict(delay.waits_s) if delay is not None else {},
+        recorded=recorded,
+    )
 
 
 def paper_standalone(cfg: FleetConfig) -> StandaloneCache:
     """The normaliser: each conversation alone on an idle colocated reference A40 with the paper's engine
-    settings (prefix caching on, as the artifact's baseline runs), never with injected pauses."""
+    settings (prefix caching on, as the artifact's baseline runs), never with injected waits."""
     return StandaloneCache(reference_tier_model(cfg), PAPER_SIM_OPTIONS)
-
-
-def _point(
-    label: str,
-    rate: float,
-    seed: int | str,
-    res: SimResult,
-    convs: Sequence[ConversationSpec],
-    shift: Mapping[str, float],
-    pauses: dict[tuple[str, int], float],
-    mech: Mechanisms,
-    pre_res: SimResult | None,
-    sa: StandaloneCache,
-    insts: Sequence[InstanceSpec],
-) -> PointRun:
-    spec = {c.conversation_id: c for c in convs}
-    rows = []
-    for c in res.conversations:
-        alone = sa.get(spec[c.conversation_id])
-        extra = shift.get(c.conversation_id, 0.0)
-        rows.append((
-            (c.ttfet_admission_s + extra) / alone.ttfet_s,
-            (c.ttfet_s + extra) / alone.ttfet_s,
-            (c.e2e_admission_s + extra) / alone.e2e_s,
-            (c.e2e_s + extra) / alone.e2e_s,
-            c.last_turn_tbt_mean_s / alone.tbt_mean_s if alone.tbt_mean_s > 0 else math.nan,
-        ))
-    arr = np.asarray(rows, dtype=float)
-    policy_name = CONFIGS[label][0]
-    energy = res.energy_j
-    if mech.split_energy_window and policy_name in ("conserve", "per-turn") and pre_res is not None:
-        dec = sum(i.energy_j for i in res.instances if i.role != str(Role.PREFILL))
-        pre = next(i for i in pre_res.instances if i.role == str(Role.PREFILL))
-        idle_w = next(i.tier_model.idle_w for i in insts if i.role == Role.PREFILL)
-        energy = split_window_energy_j(
-            dec, pre.energy_j - pre.idle_energy_j, pre.busy_s, pre_res.makespan_s, idle_w
-        )
-    return PointRun(
-        label, rate, seed, res,
-        ttfet_artifact=arr[:, 0], ttfet_honest=arr[:, 1], e2e_artifact=arr[:, 2], e2e_honest=arr[:, 3],
-        tbt=arr[:, 4],
-        standalone_tbt_s={c.conversation_id: sa.get(spec[c.conversation_id]).tbt_mean_s for c in convs},
-        tokens_per_j=res.tokens / energy if energy > 0 else 0.0,
-        pauses_s=pauses,
-    )

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.artifact import pooled_token_slowdowns, split_window_energy_j
 from orchestrator.core import slowdowns
 from orchestrator.errors import SimulationError
 from orchestrator.sim.core import SimOptions, run_simulation
@@ -92,10 +93,20 @@ class StandaloneCache:
     same shape share one run.
     """
 
-    def __init__(self, reference: TierModel, options: SimOptions | None = None) -> None:
+    def __init__(
+        self, reference: TierModel, options: SimOptions | None = None, reference_prefix_cache: bool = True
+    ) -> None:
         self.reference = reference
-        # the normaliser is the conversation alone on an idle instance: no router-side admission
-        self.options = replace(options or SimOptions(), router_admission=False)
+        # the normaliser is the conversation alone on an idle instance of the *reference engine*: no
+        # router-side admission, and prefix caching as that engine has it (vLLM's default, on; the paper's
+        # normaliser ran plain `vllm serve`, conserve/src/scheduler.py run_conversation_serial), whatever the
+        # run under test does (e.g. the artifact's proxy path without prefix caching, SimOptions.prefix_cache)
+        self.options = replace(
+            options or SimOptions(),
+            router_admission=False,
+            prefix_cache=reference_prefix_cache,
+            prefiller_prefix_cache=reference_prefix_cache,
+        )
         self._cache: dict[tuple[TurnSpec, ...], Standalone] = {}
 
     def get(self, conv: ConversationSpec) -> Standalone:
@@ -133,6 +144,10 @@ class ConversationMetrics:
     tbt_slowdown: float | None
     violated: tuple[str, ...]
     decoders: tuple[str, ...]
+    # every final-turn inter-token gap / the standalone mean last-turn TBT (the paper's per-token statistic,
+    # orchestrator.artifact.pooled_token_slowdowns); None unless the run recorded its gaps
+    # (SimOptions.record_tbt_gaps)
+    tbt_token_slowdowns: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def violates(self) -> bool:
@@ -213,6 +228,11 @@ def conversation_metrics(
             sa.e2e_s if sa else None,
             sa.tbt_mean_s if sa else None,
         )
+        tok = None
+        if c.last_turn_gaps_s is not None and sa and sa.tbt_mean_s > 0:
+            tok = pooled_token_slowdowns(
+                {c.conversation_id: c.last_turn_gaps_s}, {c.conversation_id: sa.tbt_mean_s}
+            )
         v: list[str] = []
         if slo.ttfet_slowdown is not None and s_ttfet is not None and s_ttfet > slo.ttfet_slowdown:
             v.append("ttfet_slowdown")
@@ -246,9 +266,23 @@ def conversation_metrics(
                 tbt_slowdown=s_tbt,
                 violated=tuple(v),
                 decoders=c.decoders,
+                tbt_token_slowdowns=tok,
             )
         )
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class SplitEnergyWindow:
+    """The ConServe artifact's energy window for ConServe and the per-turn baseline (an option of the artifact
+    convention, for the like-for-like side by side): their decoders over their own run, the prefiller GPU
+    over the *recorded prefiller-only run's* window, idle only inside it (s5_metrics.py ``workload_energy``,
+    lines 376-404; orchestrator.artifact.split_window_energy_j). Build it from that run's prefiller."""
+
+    prefiller_busy_energy_j: float
+    prefiller_busy_s: float
+    prefiller_window_s: float
+    prefiller_idle_w: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,9 +317,17 @@ class Summary:
     # outside the artifact convention's clock, inside the honest one's
     admission_wait_s: dict[str, float] = field(default_factory=dict)
     energy_note: str = "modelled by the tier power model, not measured"
+    # the paper's "p95 last-turn TBT": every final-turn gap / its conversation's standalone mean TBT, pooled
+    # over conversations (a per-token distribution); empty unless the run recorded its gaps
+    # (SimOptions.record_tbt_gaps). tbt_slowdown above is per conversation (mean gap / standalone mean).
+    tbt_token_slowdown: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        # fields that are empty unless an option asked for them are left out (outputs stay as they were)
+        return {k: getattr(self, k) for k in self.__slots__ if k not in _OPTIONAL or getattr(self, k)}
+
+
+_OPTIONAL = frozenset({"tbt_token_slowdown"})
 
 
 def _dist(vals: Sequence[float | None]) -> dict[str, float]:
@@ -306,14 +348,34 @@ def summarize(
     metrics: Sequence[ConversationMetrics],
     convention: Convention | str = Convention.HONEST,
     unallocated_idle_w: float = 0.0,
+    split_window: SplitEnergyWindow | None = None,
 ) -> Summary:
+    """Aggregate per-conversation metrics. With `split_window` (artifact convention only; an error with the
+    honest one) the prefill instances' energy is replaced by the recorded prefiller run's, as the artifact
+    measured ConServe and the per-turn baseline."""
     n = len(metrics)
+    conv = Convention(convention)
+    if split_window is not None and conv is not Convention.ARTIFACT:
+        raise SimulationError(
+            "the artifact's split energy window applies to the artifact convention only. To fix: summarize "
+            "with convention='artifact' or drop split_window."
+        )
+    tok = [m.tbt_token_slowdowns for m in metrics if m.tbt_token_slowdowns is not None]
     unalloc_j = unallocated_idle_w * result.makespan_s
     energy = result.energy_j + unalloc_j
     by_role: dict[str, float] = {}
     for i in result.instances:
         by_role[i.role] = by_role.get(i.role, 0.0) + i.energy_j
     by_tier = result.energy_by_tier_j()
+    if split_window is not None:
+        prefill = str(Role.PREFILL)
+        dec_j = sum(i.energy_j for i in result.instances if i.role != prefill)
+        w = split_window
+        with_pre = split_window_energy_j(
+            dec_j, w.prefiller_busy_energy_j, w.prefiller_busy_s, w.prefiller_window_s, w.prefiller_idle_w
+        )
+        energy = with_pre + unalloc_j
+        by_role[prefill] = with_pre - dec_j
     if unalloc_j:
         by_tier["unallocated (idle)"] = unalloc_j
     viol_by: dict[str, float] = {}
@@ -322,7 +384,7 @@ def summarize(
             viol_by[name] = viol_by.get(name, 0.0) + 1
     return Summary(
         policy=result.policy,
-        convention=str(Convention(convention)),
+        convention=str(conv),
         conversations=n,
         turns=len(result.turns),
         makespan_s=result.makespan_s,
@@ -348,6 +410,7 @@ def summarize(
         utilisation_by_role=result.utilisation_by_role(),
         policy_stats=dict(result.policy_stats),
         admission_wait_s=_dist([c.admission_wait_s for c in result.conversations]),
+        tbt_token_slowdown=_dist(np.concatenate(tok).tolist()) if tok else {},
     )
 
 

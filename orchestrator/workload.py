@@ -209,17 +209,8 @@ def load_mooncake(
     convs: list[list[Any]] = []
     owner: dict[int, int] = {}  # block id -> conversation that introduced it
     shared: set[int] = set()  # blocks used by more than one conversation
-    # (prefix length, last block id of the prefix) -> conversations whose continuation key it is
-    index: dict[tuple[int, int], list[int]] = {}
     first_ts: float | None = None
     prev_ts: float = float("-inf")
-
-    def keys_of(ci: int) -> list[tuple[int, int]]:
-        hashes, in_len = convs[ci][1], convs[ci][3]
-        ks = [(len(hashes), hashes[-1])] if hashes else []
-        if len(hashes) >= 2 and in_len % block_tokens:
-            ks.append((len(hashes) - 1, hashes[-2]))
-        return ks
 
     with p.open() as fh:
         for line_no, raw in enumerate(fh, start=1):
@@ -266,31 +257,9 @@ def load_mooncake(
             if first_ts is None:
                 first_ts = float(ts)
 
-            best: int | None = None
-            best_len = 0
-            for k in range(len(hashes), 0, -1):
-                cands = index.get((k, hashes[k - 1]))
-                if not cands:
-                    continue
-                prefix = hashes[:k]
-                for ci in cands:
-                    c_hashes = convs[ci][1]
-                    if c_hashes[:k] != prefix:
-                        continue
-                    if not any(owner.get(h) == ci and h not in shared for h in prefix):
-                        continue
-                    if in_len <= convs[ci][3]:  # a later turn's prompt holds the earlier one: it grows
-                        continue
-                    if max_turns is not None and len(convs[ci][2]) >= max_turns:
-                        continue
-                    best, best_len = ci, k
-                    break
-                if best is not None:
-                    break
+            best, best_len = _continued(hashes, in_len, convs, owner, shared, block_tokens, max_turns)
             if best is not None:
                 c = convs[best]
-                for ckey in keys_of(best):
-                    index[ckey].remove(best)
                 appended = max(0, in_len - (c[3] + c[4]))
                 gap_s = (ts - c[5]) / 1000.0
                 c[2].append(TurnSpec(appended_tokens=appended, output_tokens=out_len, tool_gap_s=gap_s))
@@ -307,8 +276,6 @@ def load_mooncake(
                 o = owner.setdefault(h, ci)
                 if o != ci:
                     shared.add(h)
-            for ckey in keys_of(ci):
-                index.setdefault(ckey, []).append(ci)
     if not convs:
         raise WorkloadError(f"{p}: no requests found. To fix: the file needs one JSON request per line.")
     t0 = first_ts or 0.0
@@ -316,6 +283,51 @@ def load_mooncake(
         ConversationSpec(conversation_id=f"mc-{i}", arrival_s=(c[0] - t0) / 1000.0, turns=tuple(c[2]))
         for i, c in enumerate(convs)
     ]
+
+
+def _continued(
+    hashes: list[int],
+    in_len: int,
+    convs: list[list[Any]],
+    owner: dict[int, int],
+    shared: set[int],
+    block_tokens: int,
+    max_turns: int | None,
+) -> tuple[int | None, int]:
+    """(conversation, matched prefix length) a request continues under load_mooncake's rule, or (None, 0).
+
+    Linear in the request's length, whatever the trace's: a continued conversation must own a block of the
+    request that no other conversation uses (its private prefix), so only the owners of the request's
+    unshared blocks are candidates -- usually one -- and each is tried at its (at most two) continuation
+    lengths, longest first. At most one candidate can match a given length: a block private to one
+    conversation is, by construction, shared as soon as another conversation's request holds it.
+    """
+    best: int | None = None
+    best_len = 0
+    tried: set[int] = set()
+    for pos, h in enumerate(hashes):
+        ci = owner.get(h)
+        if ci is None or ci in tried or h in shared:
+            continue
+        tried.add(ci)  # pos: the first of ci's private blocks in the request
+        c_hashes, c_in = convs[ci][1], convs[ci][3]
+        if in_len <= c_in:  # a later turn's prompt holds the earlier one: it grows
+            continue
+        if max_turns is not None and len(convs[ci][2]) >= max_turns:
+            continue
+        lengths = [len(c_hashes)]
+        if len(c_hashes) >= 2 and c_in % block_tokens:  # a partial last block changes when appended to
+            lengths.append(len(c_hashes) - 1)
+        for k in lengths:
+            if k <= best_len or k > len(hashes) or hashes[k - 1] != c_hashes[k - 1]:
+                continue
+            if hashes[:k] != c_hashes[:k]:
+                continue
+            if pos >= k:  # the matched prefix must hold one of ci's private blocks
+                continue
+            best, best_len = ci, k
+            break
+    return best, best_len
 
 
 def synthetic_conversations(params: SyntheticWorkload, n: int, seed: int = 0) -> list[ConversationSpec]:

@@ -96,9 +96,13 @@ Infeasibility diagnosis (:func:`diagnose`)
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import math
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -610,27 +614,83 @@ class Solution:
     solver: str
 
 
-# "auto" picks CBC for fleets of at least this many GPUs, HiGHS below. Measured (BENCHMARKS.md, "Plan solve
-# time", 2-core EPYC VM): whole plan, 10 tiers x 10,000 GPUs HiGHS 4.3-4.4 s vs CBC 0.23-0.41 s, 5 x 10,000
-# HiGHS 1.3-1.8 s vs CBC 0.2-0.3 s; at <= 1,000 GPUs HiGHS (in-process) is as fast or faster than CBC
-# (a subprocess per solve), e.g. 2 x 100: 0.06 s vs 0.12-0.21 s.
-AUTO_CBC_MIN_GPUS = 5_000
+# "auto" (benchmarks/bench_solver.py; BENCHMARKS.md, "Solver choice"; 2-core EPYC VM, load average 4.5-6):
+# - LP relaxations (level bounds, rate searches) on HiGHS, in-process: CBC runs a subprocess per solve;
+# - MIPs on CBC, except small problems (fewer than AUTO_HIGHS_MAX_GPUS GPUs and at most AUTO_HIGHS_MAX_SHAPES
+#   instance shapes), where HiGHS in-process saves CBC's ~35 ms subprocess (2 tiers = 16 shapes x 100 /
+#   1,000 GPUs: MIPs 0.04-0.05 s vs 0.07-0.09 s). In every larger cell CBC proved the optimum faster:
+#   10 tiers x 100 GPUs 1.2 s vs HiGHS 2.4 s, 5 x 5,000 0.08 s vs 2.9 s, 10 x 10,000 0.3 s vs 3.2 s.
+AUTO_HIGHS_MAX_GPUS = 2_000
+AUTO_HIGHS_MAX_SHAPES = 16
+
+
+def instance_shapes(tiers: Sequence[TierSupply]) -> int:
+    """Instance shapes the ILP chooses among: tier x (power cap, TP) x role (the solver's problem size)."""
+    return sum(len(t.models) * len(t.roles) for t in tiers)
 
 
 def resolve_solver(settings: Settings, tiers: Sequence[TierSupply]) -> Settings:
-    """settings with solver "auto" replaced by the measured faster solver for this fleet's size."""
-    if settings.solver.lower() != "auto":
+    """settings with solver "auto" replaced by "auto:<MIP solver>", the measured faster one for this size.
+
+    With "auto:<name>" LPs go to HiGHS (if installed) and MIPs to <name>; without highspy everything is CBC.
+    """
+    name = settings.solver.lower()
+    if name != "auto":
         return settings
-    gpus = sum(t.gpus for t in tiers)
-    return replace(settings, solver="cbc" if gpus >= AUTO_CBC_MIN_GPUS else "highs")
+    if not _highs_available():
+        return replace(settings, solver="cbc")
+    small = (
+        sum(t.gpus for t in tiers) < AUTO_HIGHS_MAX_GPUS and instance_shapes(tiers) <= AUTO_HIGHS_MAX_SHAPES
+    )
+    return replace(settings, solver="auto:highs" if small else "auto:cbc")
+
+
+@contextlib.contextmanager
+def _c_stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr while C code runs, so nothing it prints reaches stdout.
+
+    HiGHS (highspy 1.16) prints its banner ("Running HiGHS 1.16.0 ...") from C++ on the process's stdout when
+    its first model is constructed, before any option (output_flag, pulp's msg=False) can be set; stdout
+    carries `plan --json`. Python's own buffers are flushed first and C's stdio buffers before the swap back.
+    Without a usable fd 1 or 2 (closed, or a test harness's replacement) it does nothing."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).fflush(None)  # C stdio may hold the banner in its buffer
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+if hasattr(pulp, "HiGHS"):
+
+    class _QuietHiGHS(pulp.HiGHS):  # type: ignore[misc,name-defined]
+        """pulp's in-process HiGHS with its model constructed while stdout points at stderr (banner)."""
+
+        def createAndConfigureSolver(self, lp: pulp.LpProblem) -> None:  # noqa: N802 (pulp's name)
+            with _c_stdout_to_stderr():
+                super().createAndConfigureSolver(lp)
 
 
 def _solver(settings: Settings, mip: bool = True) -> pulp.LpSolver:
     """The configured solver. Both prove optimality to MIP_REL_GAP (relative gap between the incumbent and
     the best bound); HiGHS's own default is 1e-4, CBC's 0 -- one explicit figure for both."""
     name = settings.solver.lower()
-    if name == "auto":  # callers resolve it per fleet (resolve_solver); HiGHS when they did not
-        name = "highs"
+    if name == "auto" or name.startswith("auto:"):  # resolve_solver; unresolved: HiGHS if installed
+        mip_name = name.partition(":")[2] or ("highs" if _highs_available() else "cbc")
+        name = mip_name if mip or not _highs_available() else "highs"
     kw: dict[str, float] = {"gapRel": MIP_REL_GAP}
     if settings.time_limit_s is not None:
         kw["timeLimit"] = settings.time_limit_s
@@ -639,7 +699,7 @@ def _solver(settings: Settings, mip: bool = True) -> pulp.LpSolver:
             raise PlanningError(
                 "solver 'highs' is not available (pip install highspy). To fix: --solver cbc."
             )
-        return pulp.HiGHS(msg=False, mip=mip, **kw)
+        return _QuietHiGHS(msg=False, mip=mip, **kw)
     if name == "cbc":
         return pulp.PULP_CBC_CMD(msg=False, mip=mip, **kw)
     raise PlanningError(f"unknown solver {settings.solver!r}. To fix: use 'highs', 'cbc' or 'auto'.")

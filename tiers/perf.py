@@ -89,6 +89,9 @@ class TierModel:
     calibration: Calibration = _AUTO
     profile: MeasuredProfile | None = None
     cap_curves: CapCurves | None = None  # measured cap slowdowns (tiers/capcurves.py); None: modelled (DVFS)
+    # extra seconds per decode step with >= 2 running sequences: a serving engine's per-step overhead over
+    # the offline grid the calibration is fitted to (tiers.serving.with_serving_overhead); 0: offline engine
+    serving_overhead_s: float = 0.0
 
     # derived constants (computed in __post_init__; not part of the constructor)
     _k_dense: float = field(init=False, repr=False, compare=False, default=0.0)
@@ -128,6 +131,8 @@ class TierModel:
             )
         if self.block_size_tokens < 1:
             raise CatalogError(f"block_size_tokens must be >= 1, got {self.block_size_tokens}")
+        if not self.serving_overhead_s >= 0.0:
+            raise CatalogError(f"serving_overhead_s must be >= 0, got {self.serving_overhead_s}")
         if self.calibration is _AUTO:
             object.__setattr__(self, "calibration", default_calibration(g, m))
             if self.profile is None:
@@ -270,6 +275,8 @@ class TierModel:
         t = self.roofline_decode_step_time_s(batch, context_tokens)
         if self._correction is not None and batch > 0:
             t *= self._correction.decode_time_ratio(batch, context_tokens)
+        if batch >= 2:
+            t += self.serving_overhead_s
         return t
 
     def step_time_s(

@@ -22,13 +22,16 @@ data cannot say whether it grows at contexts far beyond the cells' (<= 32 x 308 
 as a constant. :func:`fit_step_overhead_s` reproduces the fit from the CSV
 (tests/tiers/test_serving_overhead.py).
 
-Not yet applied by the simulator (issue 12 item 1, round 2: add it to the decode step in tiers.perf).
+Applied by :func:`with_serving_overhead` (``TierModel.serving_overhead_s``, added to every decode step with
+B >= 2, so mixed prefill+decode steps carry it too); the simulator applies it with
+``SimOptions(serving_step_overhead=True)`` (off by default).
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from tiers.perf import TierModel
 
@@ -42,6 +45,12 @@ B_SWEEP_DECODER_OUTPUT_TOKENS = 300
 def serving_step_overhead_s(batch: int) -> float:
     """Extra seconds a serving engine's step takes over the offline grid, for `batch` running requests."""
     return SERVING_STEP_OVERHEAD_S if batch >= 2 else 0.0
+
+
+def with_serving_overhead(tm: TierModel, overhead_s: float = SERVING_STEP_OVERHEAD_S) -> TierModel:
+    """`tm` as a serving (``vllm serve``) engine: each decode step with >= 2 running requests takes
+    `overhead_s` longer (default: the measured median, SERVING_STEP_OVERHEAD_S)."""
+    return replace(tm, serving_overhead_s=overhead_s)
 
 
 def b_sweep_model_wall_s(tm: TierModel, batch: int, l_prefill: int, hit: bool) -> float:

@@ -9,12 +9,34 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 
 from conserve.errors import ConServeError
 
-console = Console()
+# Width of tables and text when stdout is not a terminal (a pipe, a log file, CI): Rich would otherwise use 80
+# columns (or COLUMNS) and cut every cell of a wide table to "…". Wide enough for the widest table the
+# commands print at its natural width (tables do not stretch to the console width); text lines wrap here.
+PIPED_WIDTH = 1000
+
+
+class _PipeWideConsole(Console):
+    """A rich Console that keeps its terminal's width on a terminal and is PIPED_WIDTH wide elsewhere (unless
+    a width is given explicitly). The check is made at print time, so a swapped sys.stdout is honoured."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        dims = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(max(dims.width, PIPED_WIDTH), dims.height)
+        return dims
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+console = _PipeWideConsole()
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])

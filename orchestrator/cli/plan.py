@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
             False, "--compare-homogeneous", help="also plan each tier alone with the fleet's whole GPU budget"
         ),
         solver: str = typer.Option(
-            "auto", "--solver", help="highs | cbc | auto (CBC from 5,000 GPUs, else HiGHS; measured)"
+            "auto", "--solver", help="highs | cbc | auto (LPs on HiGHS; MIPs on CBC unless small; measured)"
         ),
         time_limit: float = typer.Option(30.0, "--time-limit", help="seconds per ILP solve"),
         rate: float | None = typer.Option(

@@ -18,7 +18,9 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from orchestrator.cli import sim_setup
 from orchestrator.cli.common import console, fail, handle_errors, print_json
+from orchestrator.cli.sim_setup import colocated_layout
 from orchestrator.config import FleetConfig, load_fleet
 from orchestrator.errors import ConfigError, SimulationError
 from orchestrator.fleet import InstanceSpec, Plan, load_plan
@@ -56,6 +58,27 @@ def _policy_options(policy: str, mispredict_rate: float | None, threshold: int |
     return {}
 
 
+_THRESHOLD_HELP = (
+    "conserve: turn-1 prompts shorter than this prefill on their decoder (default: the plan's threshold; "
+    "off with an explicit --layout)"
+)
+
+
+def _setup_lines(
+    note: str | None, thr: tuple[int, str] | None, rate: float | None, arrivals: str
+) -> list[str]:
+    """What simulate/compare decided before running: layout conversion, threshold, arrivals."""
+    lines = [f"Note: {note}."] if note else []
+    if thr is not None:
+        lines.append(sim_setup.threshold_line(*thr) + ".")
+    if arrivals == sim_setup.TRACE_ARRIVALS:
+        shown = "-" if rate is None else f"{rate:.3g} conv/s observed"
+        lines.append(
+            f"Arrivals: the trace's own timestamps ({shown}); --rate draws Poisson arrivals instead."
+        )
+    return lines
+
+
 _BUDGET_HELP = (
     "chunked-prefill token budget per step of decode/colocated engines (vLLM --max-num-batched-tokens; "
     "default 8192; the paper's artifact used 2944)"
@@ -82,14 +105,6 @@ def _sim_options(
         prefill_max_batched_tokens=prefill_max_batched,
         router_admission=router_admission,
     )
-
-
-def colocated_layout(instances: Sequence[InstanceSpec]) -> str:
-    """The same GPUs as `instances`, every one a colocated instance at TDP."""
-    per_tier: dict[str, int] = {}
-    for i in instances:
-        per_tier[i.tier] = per_tier.get(i.tier, 0) + i.gpus
-    return ",".join(f"{t}.colocated={n}" for t, n in per_tier.items())
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
@@ -240,7 +255,9 @@ def register(app: typer.Typer) -> None:
         rate: float | None = typer.Option(
             None, "--rate", help="conversations/s (Poisson); default: the file's"
         ),
-        seed: int = typer.Option(0, "--seed", help="seed of arrivals and of the per-turn policy's errors"),
+        seed: int | None = typer.Option(
+            None, "--seed", help="seed of the workload, arrivals and per-turn errors (default: workload.seed)"
+        ),
         conversations: int | None = typer.Option(None, "--conversations", help="override workload size"),
         max_turns: int | None = typer.Option(None, "--max-turns", help="cap turns per conversation"),
         mispredict_rate: float | None = typer.Option(
@@ -248,9 +265,7 @@ def register(app: typer.Typer) -> None:
             "--mispredict-rate",
             help="per-turn: injected misprediction rate (default 0.1, as the paper)",
         ),
-        threshold: int | None = typer.Option(
-            None, "--local-prefill-below", help="conserve: turn-1 prompts shorter than this prefill locally"
-        ),
+        threshold: int | None = typer.Option(None, "--local-prefill-below", help=_THRESHOLD_HELP),
         convention: Convention = typer.Option(Convention.HONEST, "--convention", help="honest or artifact"),
         max_batched: int | None = typer.Option(None, "--max-batched-tokens", help=_BUDGET_HELP),
         prefill_max_batched: int | None = typer.Option(
@@ -264,8 +279,10 @@ def register(app: typer.Typer) -> None:
             None, "--out", help="directory for conversations.csv and summary.json"
         ),
         db: str | None = typer.Option(
-            None, "--db", help="also write the run (turns, conversations, modelled energy attributions) to "
-            "this SQL ledger, e.g. sqlite:///runs.db; read it with `orchestrator report energy --db`"
+            None,
+            "--db",
+            help="also write the run (turns, conversations, modelled energy attributions) to "
+            "this SQL ledger, e.g. sqlite:///runs.db; read it with `orchestrator report energy --db`",
         ),
         run_id: str | None = typer.Option(
             None, "--run-id", help="ledger run id (default: simulate-<policy>-<time>)"
@@ -277,14 +294,32 @@ def register(app: typer.Typer) -> None:
         make_policy(pol, **_policy_options(pol, mispredict_rate, threshold))  # validate early
         out_dir = _out_dir(out)
         sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
+        seed = sim_setup.effective_seed(cfg, seed)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
+        rate_label, arrivals = sim_setup.arrivals(cfg, rate, convs)
+        plan, layout = sim_setup.plan_or_layout(cfg, plan, layout, rate)
+        fitted = sim_setup.fit_policy(pol, cfg, plan, layout)
+        plan, layout = fitted.plan, fitted.layout
+        is_conserve = sim_setup.policy_key(pol) == "conserve"
+        thr = sim_setup.conserve_threshold(plan, threshold) if is_conserve else None
         sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg), sim_opts)
-        opts = _policy_options(pol, mispredict_rate, threshold)
+        opts = _policy_options(pol, mispredict_rate, thr[0] if thr else None)
         kept: dict[str, Any] | None = {} if db else None
         if json_out:
             summ, rows, insts = _run_one(
-                cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, keep=kept,
-                plan_rate=rate, sim_options=sim_opts,
+                cfg,
+                plan,
+                layout,
+                pol,
+                convs,
+                seed,
+                opts,
+                sa,
+                convention,
+                energy_window,
+                keep=kept,
+                plan_rate=rate,
+                sim_options=sim_opts,
             )
         else:
             with _progress() as prog:
@@ -294,15 +329,30 @@ def register(app: typer.Typer) -> None:
                     prog.update(task, completed=done)
 
                 summ, rows, insts = _run_one(
-                    cfg, plan, layout, pol, convs, seed, opts, sa, convention, energy_window, tick,
-                    keep=kept, plan_rate=rate, sim_options=sim_opts,
+                    cfg,
+                    plan,
+                    layout,
+                    pol,
+                    convs,
+                    seed,
+                    opts,
+                    sa,
+                    convention,
+                    energy_window,
+                    tick,
+                    keep=kept,
+                    plan_rate=rate,
+                    sim_options=sim_opts,
                 )
         doc = {
             "schema_version": JSON_SCHEMA_VERSION,
             "note": "simulated latencies; energy modelled by the tier power model, not measured",
             "policy": pol,
             "policy_options": opts,
-            "rate_per_s": rate if rate is not None else cfg.workload.arrival_rate_per_s,
+            "conserve_threshold": None if thr is None else {"tokens": thr[0], "source": thr[1]},
+            "layout_conversion": fitted.note,
+            "rate_per_s": rate_label,
+            "arrivals": arrivals,
             "seed": seed,
             "instances": [
                 {"id": i.instance_id, "tier": i.tier, "role": str(i.role), "tier_model": i.tier_model.name}
@@ -321,6 +371,8 @@ def register(app: typer.Typer) -> None:
             return
         lay = ", ".join(f"{i.instance_id} ({i.tier_model.name})" for i in insts)
         console.print(f"[bold]{pol}[/] on {len(insts)} instances: {lay}", highlight=False, soft_wrap=True)
+        for line in _setup_lines(fitted.note, thr, rate_label, arrivals):
+            console.print(line, highlight=False, soft_wrap=True)
         console.print(
             _summary_table([(pol, doc["rate_per_s"], summ)], f"Simulated ({convention} convention)")
         )
@@ -345,7 +397,8 @@ def register(app: typer.Typer) -> None:
             console.print(
                 f"Ledger: run {led['run_id']!r} ({led['turns']} turns, {led['attribution_rows']} modelled "
                 f"energy rows) in {led['db']}; see `orchestrator report energy --db {led['db']} --by policy`",
-                highlight=False, soft_wrap=True,
+                highlight=False,
+                soft_wrap=True,
             )
 
     @app.command("compare")
@@ -368,10 +421,11 @@ def register(app: typer.Typer) -> None:
         decode_caps: str | None = typer.Option(
             None, "--decode-caps", help="extra power configurations: decoder caps in W, e.g. '200'"
         ),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int | None = typer.Option(None, "--seed", help="default: the fleet file's workload.seed"),
         conversations: int | None = typer.Option(None, "--conversations"),
         max_turns: int | None = typer.Option(None, "--max-turns"),
         mispredict_rate: float | None = typer.Option(None, "--mispredict-rate"),
+        threshold: int | None = typer.Option(None, "--local-prefill-below", help=_THRESHOLD_HELP),
         convention: Convention = typer.Option(Convention.HONEST, "--convention"),
         max_batched: int | None = typer.Option(None, "--max-batched-tokens", help=_BUDGET_HELP),
         prefill_max_batched: int | None = typer.Option(
@@ -383,50 +437,66 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare policies across arrival rates (and decoder power caps) in the simulator."""
         cfg, plan = _load(fleet, plan_file)
+        seed = sim_setup.effective_seed(cfg, seed)
         pols = [p.strip() for p in policies.split(",") if p.strip()]
         for p in pols:
-            make_policy(p, **_policy_options(p, mispredict_rate, None))
+            make_policy(p, **_policy_options(p, mispredict_rate, threshold))
         try:
-            rate_list = (
-                [float(r) for r in rates.split(",") if r.strip()]
-                if rates
-                else [cfg.workload.arrival_rate_per_s]
-            )
+            rate_list = [float(r) for r in rates.split(",") if r.strip()] if rates else None
             caps = [float(c) for c in decode_caps.split(",") if c.strip()] if decode_caps else []
         except ValueError:
             fail("--rates and --decode-caps take comma-separated numbers, e.g. --rates 0.5,1,1.634")
             return
-        if any(not r > 0 for r in rate_list):
+        if rate_list is not None and any(not r > 0 for r in rate_list):
             fail("--rates must be > 0 conversations/s")
         out_dir = _out_dir(out)
-        disagg_insts = build_instances(cfg, plan, layout, rate=max(rate_list))
-        coloc = colocated_layout(disagg_insts) if colocated is None else colocated
-        if plan is None and layout is None:  # the ILP's plan, made once at the highest rate, for every run
-            layout = _capped_layout(disagg_insts, None)
         sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
+        from orchestrator.workload import poisson_arrivals
+
+        if rate_list is None:  # the file's arrivals: Poisson at its rate, or a timed trace's own timestamps
+            label_rate, arrivals = sim_setup.arrivals(cfg, None, base_convs)
+            workloads = [(label_rate, arrivals, base_convs)]
+        else:
+            arrivals = sim_setup.POISSON_ARRIVALS
+            workloads = [(r, arrivals, poisson_arrivals(base_convs, r, seed)) for r in rate_list]
+        # the ILP's plan (when no plan/layout is given) is made once, at the highest rate, for every run
+        plan_rate = None if rate_list is None else max(rate_list)
+        plan, layout = sim_setup.plan_or_layout(cfg, plan, layout, plan_rate)
+        disagg_insts = build_instances(cfg, plan, layout)
+        if colocated is not None:
+            sim_setup.fit_policy("colocated", cfg, None, colocated)  # refuses prefill instances
+        coloc = colocated_layout(disagg_insts) if colocated is None else colocated
+        thr = sim_setup.conserve_threshold(plan, threshold)
+        uses_coloc = any(sim_setup.policy_key(p) in sim_setup.COLOCATED_FAMILY for p in pols)
+        note = (
+            f"colocated, round-robin and kv-aware run the same {sum(i.gpus for i in disagg_insts)} GPUs as "
+            f"colocated instances at TDP ({coloc})"
+            if uses_coloc and colocated is None
+            else None
+        )
         sa = StandaloneCache(reference_tier_model(cfg), sim_opts)
         configs: list[tuple[str, str, str | None, Plan | None]] = []  # label, policy, layout, plan
         for p in pols:
-            key = p.replace("_", "-").lower()
-            if key in ("colocated", "round-robin", "kv-aware"):
+            key = sim_setup.policy_key(p)
+            if key in sim_setup.COLOCATED_FAMILY:
                 configs.append((key, key, coloc, None))
             else:
                 configs.append((key, key, layout, plan))
                 for cap in caps:
                     configs.append((f"{key}@{cap:g}W", key, _capped_layout(disagg_insts, cap), None))
-        from orchestrator.workload import poisson_arrivals
 
         results: list[dict[str, Any]] = []
         table_rows: list[tuple[str, float | None, Summary]] = []
         all_rows: list[dict[str, Any]] = []
-        total = len(configs) * len(rate_list)
+        total = len(configs) * len(workloads)
         with _progress(disable=json_out) as prog:
             task = prog.add_task("simulating", total=total)
-            for rate in rate_list:
-                convs = poisson_arrivals(base_convs, rate, seed)
+            for rate, how, convs in workloads:
                 for label, pol, lay, pl in configs:
-                    prog.update(task, description=f"{label} @ {rate:g} conv/s")
+                    shown = "trace" if rate is None else f"{rate:.3g} conv/s"
+                    prog.update(task, description=f"{label} @ {shown}")
+                    thr_tokens = thr[0] if pol == "conserve" else None
                     summ, rows, _ = _run_one(
                         cfg,
                         pl,
@@ -434,7 +504,7 @@ def register(app: typer.Typer) -> None:
                         pol,
                         convs,
                         seed,
-                        _policy_options(pol, mispredict_rate, None),
+                        _policy_options(pol, mispredict_rate, thr_tokens),
                         sa,
                         convention,
                         1.0 if out_dir is not None else None,
@@ -442,7 +512,13 @@ def register(app: typer.Typer) -> None:
                     )
                     table_rows.append((label, rate, summ))
                     results.append(
-                        {"config": label, "policy": pol, "rate_per_s": rate, "summary": summ.to_dict()}
+                        {
+                            "config": label,
+                            "policy": pol,
+                            "rate_per_s": rate,
+                            "arrivals": how,
+                            "summary": summ.to_dict(),
+                        }
                     )
                     for r in rows:
                         all_rows.append({"config": label, "rate_per_s": rate, **r})
@@ -452,6 +528,12 @@ def register(app: typer.Typer) -> None:
             "note": "simulated latencies; energy modelled by the tier power model, not measured",
             "tokens_counted": TOKENS_COUNTED,
             "convention": str(convention),
+            "seed": seed,
+            "arrivals": arrivals,
+            "conserve_threshold": {"tokens": thr[0], "source": thr[1]}
+            if any(sim_setup.policy_key(p) == "conserve" for p in pols)
+            else None,
+            "layout_conversion": note,
             "runs": results,
         }
         if out_dir is not None:
@@ -462,6 +544,9 @@ def register(app: typer.Typer) -> None:
             print_json(_clean(doc))
             return
         console.print(_summary_table(table_rows, f"Policies x rates (simulated, {convention} convention)"))
+        has_conserve = doc["conserve_threshold"] is not None
+        for line in _setup_lines(note, thr if has_conserve else None, workloads[0][0], arrivals):
+            console.print(line, highlight=False, soft_wrap=True)
         console.print(
             f"x = slowdown vs the conversation alone on an idle {reference_tier_model(cfg).name}; tokens/J "
             f"counts {TOKENS_COUNTED}, every GPU billed (modelled energy).",
@@ -524,8 +609,14 @@ def _plots(out_dir: Path, rows: list[tuple[str, float | None, Summary]]) -> None
     plt.close(fig)
 
 
-def _write_ledger(db: str, run_id: str | None, policy: str, kept: dict[str, Any], cfg: FleetConfig,
-                  insts: Sequence[InstanceSpec]) -> dict[str, Any]:
+def _write_ledger(
+    db: str,
+    run_id: str | None,
+    policy: str,
+    kept: dict[str, Any],
+    cfg: FleetConfig,
+    insts: Sequence[InstanceSpec],
+) -> dict[str, Any]:
     """--db: write the run to the SQL ledger (energy/accounting.py; the same code path serve uses)."""
     from datetime import UTC, datetime
 
@@ -535,9 +626,22 @@ def _write_ledger(db: str, run_id: str | None, policy: str, kept: dict[str, Any]
     rid = run_id or f"simulate-{policy}-{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}"
     with Ledger(db, run_id=rid, policy=policy) as ledger:
         w = write_simulation(
-            ledger, kept["result"], policy, rid, tier_models={i.tier_model.name: i.tier_model for i in insts},
-            unallocated_idle_w=unallocated_idle_w(cfg, insts), metrics=kept["metrics"],
+            ledger,
+            kept["result"],
+            policy,
+            rid,
+            tier_models={i.tier_model.name: i.tier_model for i in insts},
+            unallocated_idle_w=unallocated_idle_w(cfg, insts),
+            metrics=kept["metrics"],
             label="orchestrator simulate",
         )
-    return {"db": db, "run_id": rid, "turns": w.turns, "attribution_rows": w.attribution_rows,
-            "energy_j": w.energy_j, "tokens": w.tokens, "tokens_per_j": w.tokens_per_j, "source": "modelled"}
+    return {
+        "db": db,
+        "run_id": rid,
+        "turns": w.turns,
+        "attribution_rows": w.attribution_rows,
+        "energy_j": w.energy_j,
+        "tokens": w.tokens,
+        "tokens_per_j": w.tokens_per_j,
+        "source": "modelled",
+    }

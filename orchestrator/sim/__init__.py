@@ -6,7 +6,7 @@ The simulator drives the same policy objects as the live router. Must not import
 """
 
 from orchestrator.sim.clock import VirtualClock
-from orchestrator.sim.core import SimOptions, run_simulation
+from orchestrator.sim.core import SimOptions, TurnDelay, run_simulation
 from orchestrator.sim.fleet import simulate_fleet, simulate_plan
 from orchestrator.sim.result import (
     ConversationRecord,
@@ -27,6 +27,7 @@ __all__ = [
     "InstanceEnergy",
     "SimOptions",
     "SimResult",
+    "TurnDelay",
     "TurnRecord",
     "VirtualClock",
     "WindowWork",

@@ -79,25 +79,21 @@ from orchestrator.sim.result import (
 from orchestrator.workload import ConversationSpec
 from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
 from placement.errors import PlacementError
+from tiers.connector import kv_bookkeeping_s
 from tiers.links import kv_transfer_time_s
 from tiers.perf import TierModel
+from tiers.serving import with_serving_overhead
 
 # vLLM's default block size (16 tokens) and a common chunked-prefill budget; both configurable per run.
 DEFAULT_MAX_BATCHED_TOKENS = 8192
 DEFAULT_MAX_SEQS = 256
 
 # KV bookkeeping of a per-turn KV round trip (Placement.history_tokens): identifying, packing and appending
-# the blocks on both sides. The ConServe artifact's AMPD emulation (conserve/src/per_turn_cost_model.py;
-# shared/data/conserve/cost_model_constants.csv KV_MGMT_BASE_MS = 2.0 ms and KV_MGMT_PER_BLOCK_US = 5.0 us per
-# 16-token block, per side, x2 sides) charges it over history + new tokens.
-KV_MGMT_BASE_S = 2.0e-3
-KV_MGMT_PER_BLOCK_S = 5.0e-6
-KV_MGMT_BLOCK_TOKENS = 16
-
-
-def kv_round_trip_bookkeeping_s(tokens: int) -> float:
-    """Both sides' bookkeeping for a round trip over `tokens` tokens (the artifact's kv_mgmt_ms, in s)."""
-    return 2.0 * (KV_MGMT_BASE_S + KV_MGMT_PER_BLOCK_S * tokens / KV_MGMT_BLOCK_TOKENS)
+# the blocks on both sides. One home for the constants: tiers.connector (the ConServe artifact's AMPD
+# emulation, conserve/src/per_turn_cost_model.py; shared/data/conserve/cost_model_constants.csv
+# KV_MGMT_BASE_MS = 2.0 ms and KV_MGMT_PER_BLOCK_US = 5.0 us per 16-token block, per side, x2 sides), charged
+# over history + new tokens. The name stays importable from here.
+kv_round_trip_bookkeeping_s = kv_bookkeeping_s
 
 
 class InstanceLike(Protocol):
@@ -111,6 +107,21 @@ class InstanceLike(Protocol):
     def role(self) -> Role: ...
     @property
     def tier_model(self) -> TierModel: ...
+
+
+class TurnDelay(Protocol):
+    """A wait the driver inserts before a later turn is placed (an emulated client-side delay, e.g. the
+    ConServe artifact's AMPD emulation, orchestrator.artifact.AmpdEmulation). The turn's arrival stays when
+    it was issued, so its TTFT and the conversation's TTFET count the wait."""
+
+    def delay_s(self, conversation_id: str, turn: int, t: float) -> float:
+        """Seconds turn `turn` (>= 2) of the conversation, issued at virtual time `t`, waits; called in
+        event order, once per turn."""
+        ...
+
+    def conversation_offset_s(self, conversation_id: str) -> float:
+        """Seconds added to the conversation's TTFET and E2E (both clocks) after the run."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +141,15 @@ class SimOptions:
     # (vLLM's kv_cache_usage_perc counts no evictable cached block) and the live router sees it (False: the
     # router/simulator parity test, tests/core/test_driver_parity.py). Pinned conversations count either way.
     view_cached_histories: bool = True
+    # keep every inter-token gap of each conversation's final turn in its ConversationRecord
+    # (last_turn_gaps_s), for the per-token last-turn TBT statistic the paper reports
+    # (orchestrator.artifact.pooled_token_slowdowns; s5_metrics.py lines 587-599). Off by default: memory
+    # grows with the final turns' output tokens. Changes no simulated figure.
+    record_tbt_gaps: bool = False
+    # the serving path's per-step overhead over the offline decode grid the tier model is fitted to
+    # (tiers.serving: +1.17 ms per decode step with >= 2 running requests, measured on the paper's A40
+    # `vllm serve` engines, shared/data/conserve/interference_cell_wall.csv); off by default
+    serving_step_overhead: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batched_tokens", "max_seqs", "prefill_max_batched_tokens"):
@@ -232,7 +252,9 @@ class _Instance:
         self.id = spec.instance_id
         self.tier = spec.tier
         self.role = Role(spec.role)
-        self.tm: TierModel = spec.tier_model
+        self.tm: TierModel = (
+            with_serving_overhead(spec.tier_model) if opts.serving_step_overhead else spec.tier_model
+        )
         self.cap = int(self.tm.kv_capacity_tokens)
         self.block = int(self.tm.block_size_tokens)
         self.kvb = int(self.tm.model.kv_bytes_per_token)
@@ -364,6 +386,7 @@ _STEP = 1
 _XFER = 2
 _FAIL = 3
 _PULL = 4
+_RESUME = 5
 
 
 class _Sim:
@@ -377,6 +400,7 @@ class _Sim:
         links: Mapping[str, str] | None,
         failures: Sequence[tuple[str, float]],
         progress: Callable[[int, int], None] | None,
+        turn_delay: TurnDelay | None = None,
     ) -> None:
         if not instances:
             raise SimulationError("no instances to simulate. To fix: give the fleet at least one instance.")
@@ -392,6 +416,7 @@ class _Sim:
             if not math.isfinite(c.arrival_s) or c.arrival_s < 0:
                 raise SimulationError(f"conversation {c.conversation_id!r}: arrival_s must be >= 0")
         self.opts = opts
+        self.turn_delay = turn_delay
         self.insts = [
             _Instance(k, s, opts, (links or {}).get(s.tier, "pcie")) for k, s in enumerate(instances)
         ]
@@ -489,6 +514,8 @@ class _Sim:
                 self._xfer_done(a, t)
             elif kind == _PULL:
                 self._pull_done(a, b, t)
+            elif kind == _RESUME:
+                self._arrive(a.conv, a.turn, t, a, resumed=True)
             else:
                 self._fail(a, t)
         if self.done != len(self.convs):
@@ -596,14 +623,21 @@ class _Sim:
                 else:
                     self.adm_waiting.append(ts)
 
-    def _arrive(self, ci: int, turn: int, t: float, ts: _TurnState | None = None) -> None:
+    def _arrive(
+        self, ci: int, turn: int, t: float, ts: _TurnState | None = None, resumed: bool = False
+    ) -> None:
         conv = self.convs[ci]
         inp = self.inputs[ci][turn - 1]
         spec = conv.turns[turn - 1]
-        fresh = ts is None
+        fresh = ts is None or resumed
         if ts is None:
             ts = _TurnState(ci, turn, t, inp, spec.output_tokens)
             self.turn_states[ci].append(ts)
+            if self.turn_delay is not None and turn > 1:
+                wait = self.turn_delay.delay_s(conv.conversation_id, turn, t)
+                if wait > 0:  # issued now (ts.arrival_s), placed after the wait
+                    self._push(t + wait, _RESUME, ts, None)
+                    return
         admitting = False
         if self.admission and fresh and self._adm_need(ci, turn)[0] > 0:
             if not self._adm_open(ts):
@@ -1105,7 +1139,7 @@ class _Sim:
                 turns.append(self._turn_record(ts))
             first, last = states[0], states[-1]
             dec = self.insts[last.decode_inst]
-            tbt_mean, tbt_p95 = _tbt(
+            tbt_mean, tbt_p95, gaps = _tbt(
                 dec, last.first_step, last.last_step, last.first_token_s, last.last_token_s, starts[dec.idx]
             )
             # the artifact's convention: t0 = router-side admission (= arrival without it), and past turn
@@ -1116,20 +1150,24 @@ class _Sim:
                 t0_adm = max(admitted, first.prefill_start_s)
             ttfet, e2e = final_turn_times(first.arrival_s, last.first_token_s, last.last_token_s)
             ttfet_adm, e2e_adm = final_turn_times(t0_adm, last.first_token_s, last.last_token_s)
+            # an emulated delay the run's clocks must count (TurnDelay.conversation_offset_s)
+            off = self.turn_delay.conversation_offset_s(c.conversation_id) if self.turn_delay else 0.0
             convs.append(
                 ConversationRecord(
                     conversation_id=c.conversation_id,
                     arrival_s=c.arrival_s,
                     turns=len(states),
                     tokens=c.total_tokens,
-                    ttfet_s=ttfet,  # type: ignore[arg-type]  # the simulator times every token
-                    e2e_s=e2e,  # type: ignore[arg-type]
-                    ttfet_admission_s=ttfet_adm,  # type: ignore[arg-type]
-                    e2e_admission_s=e2e_adm,  # type: ignore[arg-type]
+                    # the simulator times every token: never None
+                    ttfet_s=ttfet + off,  # type: ignore[operator]
+                    e2e_s=e2e + off,  # type: ignore[operator]
+                    ttfet_admission_s=ttfet_adm + off,  # type: ignore[operator]
+                    e2e_admission_s=e2e_adm + off,  # type: ignore[operator]
                     last_turn_tbt_mean_s=tbt_mean,
                     last_turn_tbt_p95_s=tbt_p95,
                     decoders=tuple(self.insts[ts.decode_inst].id for ts in states),
                     admission_wait_s=admitted - c.arrival_s,
+                    last_turn_gaps_s=gaps if self.opts.record_tbt_gaps else None,
                 )
             )
         decoded: dict[int, list[_TurnState]] = {}
@@ -1227,14 +1265,15 @@ def _step_end_s(inst: _Instance, step: int, starts: list[list[int]]) -> float:
 
 def _tbt(
     inst: _Instance, first_step: int, last_step: int, t_first: float, t_last: float, starts: list[int]
-) -> tuple[float, float]:
+) -> tuple[float, float, np.ndarray]:
+    """Mean and p95 inter-token gap of a turn, and the gaps (the durations of its steps 2..n)."""
     n = last_step - first_step
     if n <= 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, np.empty(0)
     gaps = _step_durations(inst, first_step + 1, last_step, starts)
     mean = (t_last - t_first) / n
     p95 = float(np.percentile(gaps, 95)) if len(gaps) else mean
-    return mean, p95
+    return mean, p95, gaps
 
 
 def _steps_done_at(inst: _Instance, t: float, seg_idx: int) -> tuple[int, int]:
@@ -1359,6 +1398,7 @@ def run_simulation(
     progress: Callable[[int, int], None] | None = None,
     reference_tier_model: TierModel | None = None,
     slo: Any = None,
+    turn_delay: TurnDelay | None = None,
 ) -> SimResult:
     """Simulate `conversations` on `instances` under `policy`; deterministic for the same inputs and seed.
 
@@ -1367,9 +1407,12 @@ def run_simulation(
     itself draws no random numbers; seeded randomness lives in the workload and in policies' options).
     With `reference_tier_model`, the result also carries per-conversation metrics and their summary
     (orchestrator.metrics: slowdowns against each conversation alone on an idle instance of that tier, SLO
-    `slo` -- an orchestrator.metrics.SloSpec, default slowdown 5).
+    `slo` -- an orchestrator.metrics.SloSpec, default slowdown 5). `turn_delay` inserts a wait before later
+    turns are placed (an emulated client-side delay; :class:`TurnDelay`).
     """
-    sim = _Sim(instances, conversations, policy, seed, options or SimOptions(), links, failures, progress)
+    sim = _Sim(
+        instances, conversations, policy, seed, options or SimOptions(), links, failures, progress, turn_delay
+    )
     w0 = time.perf_counter()
     # The run allocates millions of small objects that all stay alive until the end; the cyclic garbage
     # collector would rescan them over and over (a 2-3x slowdown) without ever freeing any.

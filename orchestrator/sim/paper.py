@@ -75,8 +75,11 @@ PAPER: dict[str, tuple[float | None, float | None, float | None]] = {
 # The artifact's engines: decoders and colocated engines run with --max-num-batched-tokens 2944
 # (MAX_NUM_BATCHED_TOKENS in conserve/profile_1pxd.sh and conserve/common/disagg_vllm_launcher.sh), the
 # prefiller with 8192 (PREFILLER_MAX_NUM_BATCHED_TOKENS there). --max-num-seqs 1024 everywhere; with ~19
-# resident 16k-token conversations per A40 the KV, not the sequence cap, binds.
-PAPER_SIM_OPTIONS = SimOptions(max_batched_tokens=2944, prefill_max_batched_tokens=8192, max_seqs=1024)
+# resident 16k-token conversations per A40 the KV, not the sequence cap, binds. The final turns' gaps are
+# kept for the paper's per-token last-turn TBT (Summary.tbt_token_slowdown; changes no simulated figure).
+PAPER_SIM_OPTIONS = SimOptions(
+    max_batched_tokens=2944, prefill_max_batched_tokens=8192, max_seqs=1024, record_tbt_gaps=True
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +128,16 @@ def run_sweep(
     labels: Sequence[str] | None = None,
     options: SimOptions = PAPER_SIM_OPTIONS,
     plain: bool = False,
+    harness: Any = None,
 ) -> dict[tuple[str, float, int], Run]:
     """Simulate every configuration at every rate and seed with the artifact's router-side admission; both
-    conventions from the same run (and, with `plain`, an extra run without admission, honest)."""
+    conventions from the same run (and, with `plain`, an extra run without admission, honest). With
+    `harness` (an ``orchestrator.fidelity.Mechanisms``; e.g. ``ALL_MECHANISMS``) each configuration runs
+    through the artifact's harness instead (arrivals replayed from a prefiller-only run, ...), with the
+    paper's engine options."""
     sa = StandaloneCache(reference_tier_model(cfg), options)  # never admits (the normaliser is alone)
+    if harness is not None:
+        return _harness_sweep(cfg, rates, seeds, labels, harness, sa)
     slo = SloSpec.from_config(cfg.slo)
     out: dict[tuple[str, float, int], Run] = {}
     for seed in seeds:
@@ -147,6 +156,28 @@ def run_sweep(
                 out[(label, rate, seed)] = Run(
                     label, rate, seed, sums[Convention.HONEST], sums[Convention.ARTIFACT], plain_sum,
                     turn1_prefill_queue_s(res), res.admission_parked,
+                )
+    return out
+
+
+def _harness_sweep(
+    cfg: FleetConfig,
+    rates: Iterable[float],
+    seeds: Iterable[int],
+    labels: Sequence[str] | None,
+    harness: Any,
+    sa: StandaloneCache,
+) -> dict[tuple[str, float, int], Run]:
+    from orchestrator.fidelity import run_point  # imported here: orchestrator.fidelity imports this module
+
+    out: dict[tuple[str, float, int], Run] = {}
+    for seed in seeds:
+        for rate in rates:
+            for label in labels or CONFIGS:
+                p = run_point(cfg, label, rate, seed, harness, standalone=sa)
+                out[(label, rate, seed)] = Run(
+                    label, rate, seed, p.honest, p.artifact, None, turn1_prefill_queue_s(p.result),
+                    p.result.admission_parked,
                 )
     return out
 
@@ -294,8 +325,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--write-doc", type=Path, default=None,
         help=f"replace the block between {DOC_START!r} and {DOC_END!r} in this markdown file",
     )
+    ap.add_argument(
+        "--harness", choices=("none", "artifact"), default="none",
+        help="artifact: run every configuration through the artifact's harness (orchestrator.fidelity: "
+        "arrival replay, proxy engines without prefix caching for full-disagg, the AMPD emulation, the "
+        "serving overhead, the split energy window); the engine-budget options are then the paper's. "
+        "Tokens/J in the side-by-side and sweep tables is every GPU over the whole run; the detail tables "
+        "(artifact convention) use the artifact's split energy window for conserve and per-turn",
+    )
     args = ap.parse_args(argv)
     cfg = load_fleet(args.fleet)
+    if args.harness == "artifact":
+        from orchestrator.fidelity import ALL_MECHANISMS
+
+        t0 = time.perf_counter()
+        seeds_h = [int(s) for s in args.seeds.split(",") if s.strip()]
+        runs = run_sweep(cfg, rates_of(args.rates), seeds_h, harness=ALL_MECHANISMS)
+        print(markdown(runs, seeds_h))
+        took = time.perf_counter() - t0
+        print(f"\n({len(runs)} runs in {took:.0f} s; simulated latencies, modelled energy)")
+        return
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     opts = SimOptions(
@@ -315,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\n({len(runs)} runs in {time.perf_counter() - t0:.0f} s; simulated latencies, modelled energy)")
     if args.write_doc is not None:
         write_block(args.write_doc, text)
+
+
+def rates_of(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def write_block(path: Path, text: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from placement.base import FleetView, Placement, TurnRequest
 
 
@@ -55,6 +57,8 @@ class ConversationRecord:
     last_turn_tbt_p95_s: float
     decoders: tuple[str, ...]  # decode instance of each turn
     admission_wait_s: float = 0.0  # arrival of turn 1 -> router-side KV admission (0 without admission)
+    # every inter-token gap of the final turn, s (SimOptions.record_tbt_gaps; None when not recorded)
+    last_turn_gaps_s: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -90,6 +93,63 @@ def test_mooncake_groups_by_private_prefix(tmp_path: Path) -> None:
     assert c.turns[1].appended_tokens == 1300 - (1100 + 60)
     assert c.turns[1].tool_gap_s == pytest.approx(2.4)
     assert c.turns[2].appended_tokens == 1700 - (1300 + 40)
+
+
+def _two_turn_trace(tmp_path: Path, n: int) -> Path:
+    """n two-turn conversations behind one shared 3-block system prompt: every turn 1 first (each ends in a
+    partial private block, so one of its continuation keys is the shared prefix), then every turn 2 (which
+    completes that block and adds one)."""
+    rows = []
+    for i in range(n):
+        rows.append(
+            {
+                "timestamp": i,
+                "input_length": 3 * 512 + 100,
+                "output_length": 20,
+                "hash_ids": [0, 1, 2, 10 + i],
+            }
+        )
+    for i in range(n):
+        hashes = [0, 1, 2, 10 + i, 10 + n + i]
+        rows.append(
+            {"timestamp": n + i, "input_length": 4 * 512 + 50, "output_length": 20, "hash_ids": hashes}
+        )
+    d = tmp_path / f"n{n}"
+    d.mkdir()
+    return _mooncake(d, rows)
+
+
+def _lines_executed(fn: Callable[[], object]) -> int:
+    """Python lines run in orchestrator/workload.py while fn runs (an operation count, not a time)."""
+    import orchestrator.workload as wl
+
+    target, count = wl.__file__, 0
+
+    def local(frame: FrameType, event: str, arg: object) -> object:
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: object) -> object:
+        return local if frame.f_code.co_filename == target else None
+
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def test_mooncake_loader_is_linear_in_trace_length(tmp_path: Path) -> None:
+    # Every row costs the same here, so a linear loader does 4x the work on 4x the rows; the loader that kept
+    # every conversation under its continuation key scanned all earlier ones per row (16x, 2.3 s at 12k rows).
+    small, large = _two_turn_trace(tmp_path, 200), _two_turn_trace(tmp_path, 800)
+    convs = load_mooncake(large)
+    assert len(convs) == 800 and all(len(c.turns) == 2 for c in convs)
+    ratio = _lines_executed(lambda: load_mooncake(large)) / _lines_executed(lambda: load_mooncake(small))
+    assert ratio < 4.4, ratio
 
 
 @pytest.mark.parametrize(

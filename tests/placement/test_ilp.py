@@ -314,7 +314,8 @@ def replace_rate(d: ilp.Demand, rate: float) -> ilp.Demand:
 
 
 def test_auto_solver_by_fleet_size() -> None:
+    # "auto:<name>": the MIP solver for this size (LPs on HiGHS); tests/placement/test_solver_choice.py
     small, large = _fleet(a40=4, l40s=2), _fleet(a40=4000, l40s=1000)
-    assert ilp.resolve_solver(ilp.Settings(), small).solver == "highs"
-    assert ilp.resolve_solver(ilp.Settings(), large).solver == "cbc"
+    assert ilp.resolve_solver(ilp.Settings(), small).solver == "auto:highs"
+    assert ilp.resolve_solver(ilp.Settings(), large).solver == "auto:cbc"
     assert ilp.resolve_solver(ilp.Settings(solver="highs"), large).solver == "highs"

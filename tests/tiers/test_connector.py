@@ -88,7 +88,7 @@ def test_artifacts_prefix_hit_curve_is_below_the_measured_prefix_hit(shared_data
 
 
 def test_kv_bookkeeping_matches_the_simulators_copy() -> None:
-    """core.py keeps its own copy of the KV_MGMT constants until round 2 imports these."""
+    """The simulator's round trip charges this module's bookkeeping (one home for the KV_MGMT constants)."""
     for n in (0, 16, 1_000, 16_384, 75_000):
         assert kv_bookkeeping_s(n) == pytest.approx(kv_round_trip_bookkeeping_s(n), rel=1e-12)
 
