@@ -54,6 +54,8 @@ def create_app(
     rt = runtime or build_runtime(settings)
     metrics = ApiMetrics()
     metrics.attach_fleet(rt.router.instance_status)
+    if rt.accountant is not None:  # energy series on /metrics, usage.energy (issue 14 items 5, 6)
+        metrics.attach_energy(rt.accountant, rt.cfg.grid_carbon_g_per_kwh)
     rt.router.observer = metrics
 
     @asynccontextmanager

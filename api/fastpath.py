@@ -30,7 +30,14 @@ from typing import Any
 import orjson
 
 from api.errors import error_body, to_api_error
-from api.routes_openai import prepare_turn, sse_body, watch_disconnect
+from api.routes_openai import (
+    begin_capture,
+    complete_with_energy,
+    energy_annotator,
+    prepare_turn,
+    sse_body,
+    watch_disconnect,
+)
 from api.schemas import CONVERSATION_ID_MAX_CHARS, CONVERSATION_ID_PATTERN
 from orchestrator.engines.base import RequestKind
 from orchestrator.router import SSE_DONE
@@ -220,10 +227,12 @@ class FastPath:
             cid_out = inp.conversation_id
             headers = [(b"x-conversation-id", cid_out.encode("latin-1"))] if cid_out else []
             if not body.get("stream"):
-                out = orjson.dumps(await self.rt.router.complete(inp))
+                out = orjson.dumps(await complete_with_energy(self.rt, inp, self.metrics))
                 await _respond(send, 200, out, headers)
                 self.metrics.request_done(endpoint, 200)
                 return
+            capture = begin_capture()
+            annotate = energy_annotator(capture, self.metrics, inp.conversation_id)
             gen = self.rt.router.stream_sse(inp)
             try:
                 first: bytes | None = await gen.__anext__()
@@ -238,7 +247,7 @@ class FastPath:
             await _respond(send, api_err.status, body_out, [])
             return
         self.metrics.request_done(endpoint, 200)
-        await _stream(send, receive, sse_body(first, gen), headers)
+        await _stream(send, receive, sse_body(first, gen, annotate), headers)
 
 
 def _replay(raw: bytes, receive: Receive) -> Receive:

@@ -14,12 +14,14 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from energy.estimate import EnergyEstimates, co2e_g, usage_energy
 from energy.records import TurnRecord
 
 # Buckets: TTFT/TTFET span ms (sim, short prompts) to minutes (16k-token prefills queued behind others).
@@ -145,6 +147,71 @@ class _ServingCollector(Collector):
         yield _labelled("conserve_retries", "turns retried after an engine failure", ["instance"], m.retries)
 
 
+# The turn a non-streaming request just finished, for its response's usage.energy (api/routes_openai.py,
+# api/fastpath.py): set by the route before it awaits the router; the router calls turn_done in the same task.
+TURN_CAPTURE: ContextVar[list[TurnRecord] | None] = ContextVar("conserve_turn_capture", default=None)
+
+
+class _EnergyCollector(Collector):
+    """Joules and watts per engine and per tier (from the energy accountant's meters), carbon from the
+    fleet's grid intensity, and estimated joules per tenant (from the usage.energy estimates)."""
+
+    def __init__(self, snapshot: Callable[[], list[tuple[str, str, str, float, float]]],
+                 g_per_kwh: float, tenant_j: Callable[[], dict[str, float]]) -> None:  # fmt: skip
+        self._snapshot = snapshot
+        self._g_per_kwh = g_per_kwh
+        self._tenant_j = tenant_j
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["instance", "tier", "source"]
+        joules = CounterMetricFamily(
+            "conserve_energy_joules",
+            "energy of the instance's GPUs since serve started (source: measured by a meter or modelled)",
+            labels=labels,
+        )
+        watts = GaugeMetricFamily(
+            "conserve_power_watts",
+            "mean draw of the instance's GPUs over the latest meter interval",
+            labels=labels,
+        )
+        tier_j = CounterMetricFamily(
+            "conserve_tier_energy_joules",
+            "energy of a tier's instances since serve started",
+            labels=["tier", "source"],
+        )
+        tier_w = GaugeMetricFamily(
+            "conserve_tier_power_watts",
+            "draw of a tier's instances over the latest interval",
+            labels=["tier", "source"],
+        )
+        carbon = CounterMetricFamily(
+            "conserve_carbon_grams",
+            f"gCO2e of the instance's energy at {self._g_per_kwh:g} gCO2e/kWh "
+            "(fleet.yaml grid_carbon_g_per_kwh)",
+            labels=labels,
+        )
+        tiers: dict[tuple[str, str], list[float]] = {}
+        for engine, tier, source, j, w in self._snapshot():
+            joules.add_metric([engine, tier, source], j)
+            watts.add_metric([engine, tier, source], w)
+            carbon.add_metric([engine, tier, source], co2e_g(j, self._g_per_kwh))
+            acc = tiers.setdefault((tier, source), [0.0, 0.0])
+            acc[0] += j
+            acc[1] += w
+        for (tier, source), (j, w) in sorted(tiers.items()):
+            tier_j.add_metric([tier, source], j)
+            tier_w.add_metric([tier, source], w)
+        tenant = CounterMetricFamily(
+            "conserve_tenant_energy_estimated_joules",
+            "estimated joules of the turns served per tenant (tier model, as in usage.energy; "
+            "'default' until API keys name tenants)",
+            labels=["tenant"],
+        )
+        for t, j in sorted(self._tenant_j().items()):
+            tenant.add_metric([t], j)
+        yield from (joules, watts, tier_j, tier_w, carbon, tenant)
+
+
 class ApiMetrics:
     """The app's metrics; implements orchestrator.router.RouterObserver. Updated on the event loop only."""
 
@@ -169,10 +236,28 @@ class ApiMetrics:
         self.kv_transfer_bytes = 0
         self.replacements = 0
         self.retries: Tally[tuple[str, ...]] = Tally()  # (instance,)
+        self.estimates: EnergyEstimates | None = None  # attach_energy
         self.registry.register(_ServingCollector(self))
 
     def attach_fleet(self, status: Callable[[], list[dict[str, Any]]]) -> None:
         self.registry.register(_FleetCollector(status))
+
+    def attach_energy(self, accountant: Any, g_per_kwh: float) -> None:
+        """Energy series from ``accountant`` (energy.accounting.EnergyAccountant) and per-turn estimates."""
+        self.estimates = EnergyEstimates(accountant.weights_by_engine())
+        self.registry.register(
+            _EnergyCollector(accountant.power_snapshot, g_per_kwh, lambda: dict(self.estimates.tenant_j))
+        )
+
+    def usage_energy(self, rec: TurnRecord | None, conversation_id: str | None) -> dict[str, Any] | None:
+        """usage.energy for a finished turn (None without energy accounting)."""
+        if rec is None or self.estimates is None:
+            return None
+        got = self.estimates.last.get(rec.request_id)
+        if got is None:
+            return None
+        est, so_far = got
+        return usage_energy(est, so_far, conversation_id)
 
     def request_done(self, endpoint: str, status: int | str) -> None:
         self.requests[(endpoint, str(status))] += 1
@@ -182,6 +267,11 @@ class ApiMetrics:
         self, rec: TurnRecord, ttft_s: float | None, tbt_gaps_s: list[float], ttfet_s: float | None
     ) -> None:
         self.turns[(rec.status, rec.is_final, rec.remote_prefill)] += 1
+        if self.estimates is not None and str(rec.status) == "ok":
+            self.estimates.record(rec)
+        capture = TURN_CAPTURE.get()
+        if capture is not None:
+            capture.append(rec)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
         if ttfet_s is not None:

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.routes_openai import RuntimeDep
 from api.schemas import (
     CONVERSATION_ID_MAX_CHARS,
+    ConversationEnergy,
     ConversationResponse,
     ErrorResponse,
     FleetResponse,
@@ -73,6 +74,7 @@ def conversation_response(view: ConversationView, active: bool) -> ConversationR
 )
 async def get_conversation(
     rt: RuntimeDep,
+    request: Request,
     conversation_id: Annotated[str, Path(min_length=1, max_length=CONVERSATION_ID_MAX_CHARS)],
 ) -> ConversationResponse:
     view = rt.router.conversation(conversation_id)
@@ -84,7 +86,26 @@ async def get_conversation(
             f"conversation {conversation_id!r} is unknown (run {rt.settings.run_id!r}). To fix: use the id "
             "sent in X-Conversation-Id (or returned in that response header)."
         )
-    return conversation_response(view, active)
+    energy = None
+    if rt.accountant is not None:  # the attributed figure, and whether it is final (issue 14 item 6)
+        joules, measured, _ = await asyncio.to_thread(rt.ledger.conversation_energy, conversation_id)
+        last = max((t.last_token_at or t.arrival_at for t in view.turns), default=None)
+        est = getattr(getattr(request.app.state.metrics, "estimates", None), "conversation_j", None)
+        energy = ConversationEnergy(
+            attributed_j=joules,
+            measured_share=measured / joules if joules > 0 else None,
+            settled=last is not None
+            and rt.accountant.settled_through(last)
+            and await asyncio.to_thread(rt.writer.flush, 5.0),
+            estimated_j=est(conversation_id) if est is not None else None,
+        )
+        if energy.settled:  # the writer has run every job handed to it: read the final figure
+            joules, measured, _ = await asyncio.to_thread(rt.ledger.conversation_energy, conversation_id)
+            energy.attributed_j = joules
+            energy.measured_share = measured / joules if joules > 0 else None
+    out = conversation_response(view, active)
+    out.energy = energy
+    return out
 
 
 @router.get(

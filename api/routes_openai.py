@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
 from api.errors import ApiError, sse_error, to_api_error
+from api.metrics import TURN_CAPTURE
 from api.schemas import (
     CONVERSATION_ID_MAX_CHARS,
     CONVERSATION_ID_PATTERN,
@@ -99,7 +100,7 @@ async def _serve(
     metrics: Any,
 ) -> Response:
     try:
-        response = await _serve_inner(kind, req, rt, header_cid, header_final)
+        response = await _serve_inner(kind, req, rt, header_cid, header_final, metrics)
     except Exception as err:
         api_err = to_api_error(err)
         metrics.request_done(endpoint, api_err.status)
@@ -108,25 +109,46 @@ async def _serve(
     return response
 
 
+async def complete_with_energy(rt: Runtime, inp: TurnInput, metrics: Any) -> dict[str, Any]:
+    """The router's non-streaming answer with ``usage.energy`` (issue 14 item 6): this turn's estimated
+    joules, prefill and decode apart, and the conversation's so far (api/metrics.py, energy/estimate.py).
+    The router reports the finished turn to the metrics observer in this task; TURN_CAPTURE collects it."""
+    capture: list[Any] = []
+    token = TURN_CAPTURE.set(capture)
+    try:
+        out = await rt.router.complete(inp)
+    finally:
+        TURN_CAPTURE.reset(token)
+    rec = next((r for r in reversed(capture) if str(r.status) == "ok"), None)
+    energy = metrics.usage_energy(rec, inp.conversation_id) if metrics is not None else None
+    usage = out.get("usage")
+    if energy is not None and isinstance(usage, dict):
+        out["usage"] = {**usage, "energy": energy}
+    return out
+
+
 async def _serve_inner(
     kind: RequestKind,
     req: ChatCompletionRequest | CompletionRequest,
     rt: Runtime,
     header_cid: str | None,
     header_final: str | None,
+    metrics: Any = None,
 ) -> Response:
     body = req.model_dump(exclude_unset=True, exclude_none=False)
     inp = prepare_turn(kind, body, rt, header_cid, header_final)
     headers = {"X-Conversation-Id": inp.conversation_id} if inp.conversation_id else {}
     if not body.get("stream"):
-        out = await rt.router.complete(inp)
+        out = await complete_with_energy(rt, inp, metrics)
         return Response(_dumps(out), media_type="application/json", headers=headers)
+    capture = begin_capture()
+    annotate = energy_annotator(capture, metrics, inp.conversation_id)
     gen = rt.router.stream_sse(inp)
     try:
         first = await gen.__anext__()
     except StopAsyncIteration:
         first = None
-    return SseResponse(sse_body(first, gen), headers={**headers, "Cache-Control": "no-cache"})
+    return SseResponse(sse_body(first, gen, annotate), headers={**headers, "Cache-Control": "no-cache"})
 
 
 def prepare_turn(
@@ -225,22 +247,84 @@ async def watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
             return
 
 
-async def sse_body(first: bytes | None, gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+def energy_annotator(
+    capture: list[Any], metrics: Any, conversation_id: str | None
+) -> Callable[[bytes], bytes] | None:
+    """For a streamed turn: rewrite the last block's usage event (sent when the client asked
+    stream_options.include_usage) with ``usage.energy``, as complete_with_energy does for JSON answers. The
+    router records the turn before it sends that last block, so the turn is in ``capture`` by then."""
+    if metrics is None or getattr(metrics, "estimates", None) is None:
+        return None
+
+    def annotate(block: bytes) -> bytes:
+        rec = next((r for r in reversed(capture) if str(r.status) == "ok"), None)
+        energy = metrics.usage_energy(rec, conversation_id)
+        if energy is None or b'"usage"' not in block:
+            return block
+        events = block.split(b"\n\n")
+        for i, ev in enumerate(events):
+            if not ev.startswith(b"data: {") or b'"usage"' not in ev:
+                continue
+            try:
+                chunk = json.loads(ev[6:])
+            except ValueError:
+                continue
+            if isinstance(chunk.get("usage"), dict):
+                chunk["usage"] = {**chunk["usage"], "energy": energy}
+                events[i] = b"data: " + _dumps(chunk)
+        return b"\n\n".join(events)
+
+    return annotate
+
+
+async def _chain(first: bytes, gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for block in gen:
+        yield block
+
+
+def begin_capture() -> list[Any]:
+    """Collect the turns the router finishes in this task (TURN_CAPTURE, set for the rest of the request)."""
+    capture: list[Any] = []
+    TURN_CAPTURE.set(capture)
+    return capture
+
+
+async def sse_body(
+    first: bytes | None, gen: AsyncIterator[bytes], annotate: Callable[[bytes], bytes] | None = None
+) -> AsyncIterator[bytes]:
     """The SSE body: the router's event blocks (already `data: ...` encoded, the last one ending with
-    `data: [DONE]`), or an error event then `data: [DONE]` if the engine failed mid-stream."""
+    `data: [DONE]`), or an error event then `data: [DONE]` if the engine failed mid-stream. ``annotate``
+    rewrites the last block (usage.energy)."""
     done = False
+    held = b""  # (annotate) a usage event waits for [DONE]: the turn is recorded just before it
     try:
         if first is not None:
             done = first.endswith(SSE_DONE)
-            yield first
-            async for block in gen:
+            blocks = _chain(first, gen)
+            async for block in blocks:
                 done = block.endswith(SSE_DONE)
-                yield block
+                if annotate is None:
+                    yield block
+                    continue
+                block = held + block
+                held = b""
+                if done:
+                    yield annotate(block)
+                elif b'"usage"' in block:
+                    held = block
+                else:
+                    yield block
     except ConServeError as err:
+        if held:
+            yield held
+            held = b""
         e = to_api_error(err)
         yield sse_error(e.message, e.code or "error", e.status)
     finally:
         await gen.aclose()  # type: ignore[attr-defined]
+    if held:  # the stream ended without [DONE]: the usage event as it was
+        yield held
     if not done:
         yield SSE_DONE
 

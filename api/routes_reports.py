@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
+from energy.estimate import DEFAULT_GRID_G_PER_KWH
 from energy.reports import Format, GroupBy, build_report, parse_choice, parse_time, render
 
 router = APIRouter(tags=["reports"])
@@ -39,7 +40,11 @@ async def energy_report(
     group = parse_choice(str(by), GroupBy, "by")
     fmt = parse_choice(str(format), Format, "format")
     t0, t1 = parse_time(since, "since"), parse_time(until, "until")
-    report = await asyncio.to_thread(build_report, ledger, group, t0, t1, tuple(run_id or ()))
+    rt = getattr(request.app.state, "runtime", None)  # fleet.yaml's grid intensity (gCO2e per kWh)
+    grid = rt.cfg.grid_carbon_g_per_kwh if rt is not None else DEFAULT_GRID_G_PER_KWH
+    report = await asyncio.to_thread(
+        build_report, ledger, group, t0, t1, tuple(run_id or ()), grid_g_per_kwh=grid
+    )
     if fmt == Format.JSON:
         return JSONResponse(report.to_dict())
     text = await asyncio.to_thread(render, report, fmt)

@@ -93,10 +93,34 @@ class CompletionRequest(_Sampling):
     echo: bool | None = None
 
 
+class UsageEnergy(BaseModel):
+    """``usage.energy``: this turn's modelled joules (estimated from the tier model when the turn ends; the
+    metered attribution follows in GET /v1/conversations/{id} once settled)."""
+
+    estimated: bool = True
+    source: str = Field("modelled", description="'modelled': from the tier power model, not a meter")
+    turn_j: float
+    turn_prefill_j: float
+    turn_decode_j: float
+    conversation_j: float = Field(description="estimated joules of the conversation's turns so far")
+    attributed: str | None = Field(None, description="where the attributed figure appears once settled")
+
+
+class ConversationEnergy(BaseModel):
+    attributed_j: float = Field(description="joules attributed to the conversation in the ledger so far")
+    measured_share: float | None = Field(description="fraction of attributed_j from hardware meters")
+    settled: bool = Field(
+        description="every energy interval up to the conversation's last token is attributed (the figure "
+        "is final; before that, intervals still pending will add to it)"
+    )
+    estimated_j: float | None = Field(None, description="sum of the turns' usage.energy estimates")
+
+
 class Usage(_Open):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    energy: UsageEnergy | None = Field(None, description="ConServe extension (non-streaming responses)")
 
 
 class ChatChoice(_Open):
@@ -193,6 +217,7 @@ class ConversationResponse(BaseModel):
     ttfet_s: float | None = Field(description="arrival of turn 1 to the first token of the final turn so far")
     e2e_s: float | None
     replacements: int
+    energy: ConversationEnergy | None = Field(None, description="None when energy accounting is off")
 
 
 class PowerCapView(BaseModel):

@@ -41,6 +41,8 @@ from energy.errors import EnergyError
 from energy.lease import Lease
 from energy.ledger import Ledger
 from energy.meters import (
+    ENGINE_STEPS_TOTAL,
+    EXTERNAL_HITS_TOTAL,
     GENERATION_TOKENS_TOTAL,
     PROMPT_TOKENS_TOTAL,
     Activity,
@@ -63,7 +65,9 @@ from energy.records import (
 
 log = logging.getLogger(__name__)
 
-# Virtual second 0 of a simulation is written as this UTC instant unless the caller chooses another.
+# A fixed instant for callers that want reproducible timestamps (tests). By default virtual second 0 of a
+# simulation is written as the wall-clock time the run is written (issue 14: runs dated at a virtual epoch
+# in 2000 stretched every timeline over 26 years when a ledger held simulated and served runs).
 SIM_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 UNALLOCATED_ENGINE = "unallocated"  # pseudo-engine of a simulated fleet's unused GPUs, billed idle
 UNALLOCATED_TIER = "unallocated (idle)"  # the simulator's label for them (orchestrator/metrics.py)
@@ -101,7 +105,7 @@ def write_simulation(
     policy: str,
     run_id: str,
     *,
-    epoch: datetime = SIM_EPOCH,
+    epoch: datetime | None = None,
     idle: IdlePolicy = IdlePolicy.ROW,
     tier_models: Mapping[str, Any] | None = None,
     label: str | None = None,
@@ -111,14 +115,18 @@ def write_simulation(
 ) -> SimulationWriteSummary:
     """Write one simulator run (orchestrator.sim.result.SimResult) into ``ledger`` as run ``run_id``.
 
-    Virtual time t (s) is written as ``epoch + t``. Energy rows are ``modelled``. ``tier_models`` (tier
-    model name -> tiers.perf.TierModel) sets the per-phase work weights; without it prefill and decode tokens
-    weigh the same. ``unallocated_idle_w`` (orchestrator.sim.fleet.unallocated_idle_w: GPUs of the fleet no
-    instance uses, billed idle) becomes one idle row of engine ``unallocated`` over the whole run, so the
-    ledger's energy is that of all GPUs, as the simulator's tokens/J counts it. Raises EnergyError if the
-    windows do not add up to the simulator's per-instance energy. ``metrics``
-    (orchestrator.metrics.conversation_metrics) adds TTFET/E2E/TBT slowdowns, in the metrics' convention.
+    Virtual time t (s) is written as ``epoch + t`` (default epoch: now, real timestamps; the run's kind
+    ``simulate`` keeps it apart from served runs in every report). Energy rows are ``modelled``.
+    ``tier_models`` (tier model name -> tiers.perf.TierModel) sets the per-phase work weights; without it
+    prefill and decode tokens weigh the same. ``unallocated_idle_w``
+    (orchestrator.sim.fleet.unallocated_idle_w: GPUs of the fleet no instance uses, billed idle) becomes one
+    idle row of engine ``unallocated`` over the whole run, so the ledger's energy is that of all GPUs, as the
+    simulator's tokens/J counts it. Raises EnergyError if the windows do not add up to the simulator's per-
+    instance energy. ``metrics`` (orchestrator.metrics.conversation_metrics) adds TTFET/E2E/TBT slowdowns, in
+    the metrics' convention.
     """
+    if epoch is None:
+        epoch = datetime.now(UTC)
     if unallocated_idle_w < 0:
         raise EnergyError(f"unallocated_idle_w must be >= 0 W, got {unallocated_idle_w}")
     if ledger.run_id != run_id:
@@ -194,7 +202,10 @@ def _write_simulation(
                 prefill_instance_id=t.prefill_instance if t.remote_prefill else None,
                 remote_prefill=t.remote_prefill,
                 tier=inst_tier.get(t.decode_instance),
-                cached_tokens=t.cached_tokens,
+                # as serve records them: the decoder received a remote prefill's whole KV; the simulator's
+                # cached_tokens is the prefix-cache hit where the prompt was prefilled
+                cached_tokens=t.input_tokens if t.remote_prefill else t.cached_tokens,
+                prefill_cached_tokens=t.cached_tokens if t.remote_prefill else 0,
                 policy=policy,
             )
         )
@@ -308,13 +319,17 @@ def _sim_intervals(
         )
     for i in res.instances:
         tier = inst_tier.get(i.instance_id)
+        # the documented idle rule: idle draw x the whole run (the instance's idle_energy_j is only the draw
+        # while no step ran); the idle power is that draw over the non-busy time
+        free_s = res.makespan_s - i.busy_s
+        idle_w = i.idle_energy_j / free_s if free_s > 0 else 0.0
         out.append(
             EngineInterval(
                 i.instance_id,
                 epoch,
                 _at(epoch, res.makespan_s),
                 float(i.energy_j),
-                float(i.idle_energy_j),
+                min(float(i.energy_j), idle_w * res.makespan_s),
                 tuple(work.get(i.instance_id, ())),
                 Source.MODELLED,
                 tier,
@@ -343,16 +358,21 @@ class LedgerTurnSource:
 
 def spread_work(turns: Sequence[TurnRecord], engine_id: str, start: datetime, end: datetime) -> list[Work]:
     """Tokens each turn processed on ``engine_id`` within [start, end), assuming uniform progress:
-    prefill (prompt - cached tokens) over [arrival, first token) on the prefilling instance, decode
-    (output tokens) over [first token, last token] on the decoding instance."""
+    prefill over [arrival, first token) -- on a remote prefiller the tokens it computed (prompt - its own
+    prefix-cache hit, ``prefill_cached_tokens``), on the decoder the tokens it computed (prompt - what it had
+    cached or received by KV transfer, ``cached_tokens``) -- and decode (output tokens) over [first token,
+    last token] on the decoding instance."""
     out: list[Work] = []
     for t in turns:
         first = t.first_token_at or t.arrival_at
         last = t.last_token_at or first
-        pre_on = t.prefill_instance_id if t.remote_prefill and t.prefill_instance_id else t.instance_id
+        remote = t.prefill_instance_id if t.remote_prefill and t.prefill_instance_id else None
         pre = 0.0
-        if pre_on == engine_id:
-            pre = max(t.prompt_tokens - t.cached_tokens, 0) * _overlap(t.arrival_at, first, start, end)
+        if remote == engine_id:
+            computed = max(t.prompt_tokens - t.prefill_cached_tokens, 0)
+            pre += computed * _overlap(t.arrival_at, first, start, end)
+        if t.instance_id == engine_id:
+            pre += max(t.prompt_tokens - t.cached_tokens, 0) * _overlap(t.arrival_at, first, start, end)
         dec = t.output_tokens * _overlap(first, last, start, end) if t.instance_id == engine_id else 0.0
         if pre > 0 or dec > 0:
             out.append(Work(t.conversation_id, t.turn, pre, dec))
@@ -452,13 +472,18 @@ class EnergyAccountant:
     _outbox: list[EnergySample] = field(default_factory=list)
     _last: dict[str, MeterReading] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
-    _counters: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # computed prompt, generated, hit tokens and engine steps, per engine
+    _counters: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     samples_written: int = 0  # written here, or handed to the writer (offload)
     rows_written: int = 0  # attribution rows written here; offloaded jobs' rows: the writer's count
     jobs_offloaded: int = 0
     _baseline_written: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _takeover: bool = False
+    # what /metrics shows (api/metrics.py): joules per engine since this accountant started, and the mean
+    # draw over each engine's latest meter interval
+    engine_joules: dict[str, float] = field(default_factory=dict)
+    engine_watts: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for b in self.bindings:
@@ -487,12 +512,22 @@ class EnergyAccountant:
             extra = getattr(o, "extra", {}) or {}
             prompt = float(extra.get(PROMPT_TOKENS_TOTAL, 0.0))
             gen = float(extra.get(GENERATION_TOKENS_TOTAL, 0.0))
-            p0, g0 = self._counters.get(engine_id, (prompt, gen))
-            self._counters[engine_id] = (prompt, gen)
+            # tokens the engine did not compute: local prefix-cache hits and KV received (external hits)
+            hits = float(getattr(o, "prefix_cache_hits_tokens", 0.0) or 0.0)
+            hits += float(extra.get(EXTERNAL_HITS_TOTAL, 0.0))
+            computed = prompt - hits
+            steps = float(extra.get(ENGINE_STEPS_TOTAL, 0.0))
+            c0, g0, h0, s0 = self._counters.get(engine_id, (computed, gen, hits, steps))
+            # high-water mark of computed: vLLM counts hits when it schedules a request and prompt tokens
+            # when its prefill ends, so (prompt - hits) may dip between scrapes; made up later, never lost
+            self._counters[engine_id] = (max(computed, c0), gen, hits, steps)
             running = max(int(getattr(o, "running", 0)), 1)
+            if steps > s0 and gen > g0:  # the interval's mean batch: decode tokens per engine step
+                running = max((gen - g0) / (steps - s0), 1.0)
             ctx = float(getattr(o, "kv_usage_frac", 0.0)) * float(getattr(o, "kv_capacity_tokens", 0))
             self.activity[engine_id] = Activity(
-                prefill_tokens=int(max(prompt - p0, 0)),
+                prefill_tokens=int(max(computed - c0, 0)),
+                cached_tokens=int(max(hits - h0, 0)),
                 decode_tokens=int(max(gen - g0, 0)),
                 decode_batch=running,
                 decode_context_tokens=ctx,
@@ -522,6 +557,8 @@ class EnergyAccountant:
             self._pending.append(
                 _Pending(b.engine_id, prev.at, cur.at, max(delta, 0.0), self.meters[b.meter_id].source)
             )
+            self.engine_joules[b.engine_id] = self.engine_joules.get(b.engine_id, 0.0) + max(delta, 0.0)
+            self.engine_watts[b.engine_id] = max(delta, 0.0) / (cur.at - prev.at).total_seconds()
         self._last.update(readings)
         if self.offload is not None:  # handed to the writer with the next job (attribute_ready)
             self._outbox.extend(samples)
@@ -564,6 +601,33 @@ class EnergyAccountant:
         _, n = run_energy_job(self.ledger, job, self.turns)  # its samples were counted when taken
         self.rows_written += n
         return n
+
+    def power_snapshot(self) -> list[tuple[str, str, str, float, float]]:
+        """(engine, tier, source, joules since start, watts over the latest interval) per metered engine."""
+        out = []
+        for b in self.bindings:
+            src = str(self.meters[b.meter_id].source)
+            out.append(
+                (
+                    b.engine_id,
+                    b.tier or "(unknown)",
+                    src,
+                    self.engine_joules.get(b.engine_id, 0.0),
+                    self.engine_watts.get(b.engine_id, 0.0),
+                )
+            )
+        return out
+
+    def settled_through(self, t: datetime) -> bool:
+        """Whether every meter interval up to ``t`` has been attributed (or handed to the ledger writer, which
+        runs it after the turns queued before it): every meter has been read at or after ``t`` and no
+        buffered interval starts before it."""
+        with self._lock:
+            read_past = all(r.at >= t for r in self._last.values())
+            return read_past and not any(p.start < t for p in self._pending)
+
+    def weights_by_engine(self) -> dict[str, PhaseWeights]:
+        return {b.engine_id: b.weights for b in self.bindings if b.weights is not None}
 
     def hold_lease(self) -> bool:
         """Whether this accountant accounts now (worker thread: the lease may do SQL). Taking the lease over
@@ -716,16 +780,29 @@ def build_accountant(
                     f"engines: {inst.instance_id!r} names meter {ecfg.meter!r}, which is not in "
                     f"meters {sorted(meter_cfg)}"
                 )
+            sharing = sorted(e.id for e in engine_cfg.values() if e.meter == mc.id)
+            if not ecfg.gpu_indices and len(sharing) > 1:
+                raise EnergyError(
+                    f"engines {', '.join(sharing)} share meter {mc.id!r} but engine {inst.instance_id!r} has "
+                    "no gpu_indices, so its GPUs are unknown (all such engines were bound to GPU 0: counted "
+                    "twice, other GPUs counted for nobody). To fix: give every engine on a shared meter "
+                    "gpu_indices in fleet.yaml, as the meter numbers GPUs (nvml and dcgm: NVML index, as "
+                    "nvidia-smi lists them; zeus: the index among CUDA_VISIBLE_DEVICES, which may differ)"
+                )
             if mc.id not in meters:
                 gpus = sorted({g for e in engine_cfg.values() if e.meter == mc.id for g in e.gpu_indices})
                 meters[mc.id] = make_meter(
-                    mc.kind, meter_id=mc.id, gpu_indices=gpus, url=mc.url, path=mc.path, clock=clock
+                    mc.kind,
+                    meter_id=mc.id,
+                    gpu_indices=gpus,
+                    url=mc.url,
+                    path=mc.path,
+                    clock=clock,
+                    hostname=getattr(mc, "hostname", None),
                 )
-            bindings.append(
-                EngineMeterBinding(
-                    inst.instance_id, mc.id, tuple(ecfg.gpu_indices) or (0,), tier_name, tm.idle_w, weights
-                )
-            )
+            # an engine alone on its meter without gpu_indices: every GPU the meter reads is its own
+            own = tuple(ecfg.gpu_indices) or tuple(meters[mc.id].gpu_indices)
+            bindings.append(EngineMeterBinding(inst.instance_id, mc.id, own, tier_name, tm.idle_w, weights))
         else:
             mid = f"model:{inst.instance_id}"
             meters[mid] = ModelMeter(tm, activity_for(inst.instance_id), meter_id=mid, clock=clock)

@@ -62,7 +62,7 @@ def phase_weights(
     t = tier
     prefill_j = t.prefill_power_w(prefill_tokens) * t.prefill_time_s(prefill_tokens) / prefill_tokens  # type: ignore[attr-defined]
     step_s = t.decode_step_time_s(decode_batch, decode_context_tokens)  # type: ignore[attr-defined]
-    decode_j = t.decode_power_w(decode_batch) * step_s / decode_batch  # type: ignore[attr-defined]
+    decode_j = t.decode_power_w(decode_batch, decode_context_tokens) * step_s / decode_batch  # type: ignore[attr-defined]
     return PhaseWeights(prefill_j, decode_j)
 
 
@@ -114,11 +114,13 @@ def attribute(iv: EngineInterval, idle: IdlePolicy = IdlePolicy.ROW) -> list[Att
     """Rows for one engine-interval; they sum to ``iv.energy_j`` (see the module docstring)."""
     weights = iv.weights or PhaseWeights(1.0, 1.0)
     merged: dict[tuple[str, int], float] = {}
+    pre_w: dict[tuple[str, int], float] = {}  # the prefill part of each weight (phase split of the rows)
     for w in iv.work:
         x = w.weight(weights)
         if x > 0:
             key = (w.conversation_id, w.turn)
             merged[key] = merged.get(key, 0.0) + x
+            pre_w[key] = pre_w.get(key, 0.0) + w.prefill_tokens * weights.prefill_j_per_token
     total_e = iv.energy_j
     idle_j = min(iv.idle_j, total_e)
     if not merged:
@@ -130,7 +132,13 @@ def attribute(iv: EngineInterval, idle: IdlePolicy = IdlePolicy.ROW) -> list[Att
 
     def row(cid: str | None, turn: int | None, joules: float) -> AttributionRow:
         share = joules / total_e if total_e > 0 else (1.0 if cid is None else 0.0)
-        return AttributionRow(iv.start, iv.end, iv.engine_id, cid, turn, joules, share, iv.source, iv.tier)
+        pre = None
+        if cid is not None and turn is not None:
+            x = merged[(cid, turn)]
+            pre = min(joules, joules * pre_w[(cid, turn)] / x)
+        return AttributionRow(
+            iv.start, iv.end, iv.engine_id, cid, turn, joules, share, iv.source, iv.tier, pre
+        )
 
     parts = [(cid, turn, to_share * x / total_w) for (cid, turn), x in sorted(merged.items())]
     # Make the rows sum to E exactly in floating point: put the residual on the largest row (it is ~1 ulp,

@@ -133,6 +133,8 @@ class TurnRow(Base):
     is_final: Mapped[bool] = mapped_column(Boolean)
     status: Mapped[str] = mapped_column(String(16))
     policy: Mapped[str | None] = mapped_column(String(64))
+    prefill_cached_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
+    tenant: Mapped[str] = mapped_column(String(128), server_default="default")
 
 
 class PinRow(Base):
@@ -188,6 +190,7 @@ class AttributionRowModel(Base):
     joules: Mapped[float] = mapped_column(Double)
     work_share: Mapped[float] = mapped_column(Double)
     source: Mapped[str] = mapped_column(String(16))
+    prefill_j: Mapped[float | None] = mapped_column(Double)  # prefill part of joules (rest: decode)
 
 
 def make_engine(url: str) -> Engine:

@@ -8,8 +8,8 @@ so when the holder stops or dies another replica takes over on its next tick.
 
 - PostgreSQL: a session-level advisory lock (``pg_try_advisory_lock``) on a connection kept open for the
   purpose; it is released when that connection ends, including when the process dies.
-- SQLite file: ``flock`` on ``<database file>.energy-<run>.lock`` next to it (replicas sharing an SQLite file
-  are on one host); released when the file is closed, including when the process dies.
+- SQLite file: ``flock`` on ``.conserve-locks/<database file>.energy-<run>.lock`` next to it (replicas
+  sharing an SQLite file are on one host); released when the file is closed, including when the process dies.
 - SQLite in memory: no other process can see the database: always held.
 
 Must not import fastapi.
@@ -174,6 +174,28 @@ class PgAdvisoryLease:
         self._engine.dispose()
 
 
+LOCK_DIR = ".conserve-locks"
+
+
+def lock_dir(db: Path) -> Path:
+    """Where the lock files of an SQLite ledger live: a hidden directory beside the database (replicas
+    sharing the file find it) that ignores itself in git (its own ``.gitignore`` of ``*``), so a ledger kept
+    in a working tree leaves nothing untracked (issue 14: ``conserve.db.energy-live.lock`` was). The lock
+    files stay after release: deleting a flock file another replica may have opened would let two lead."""
+    d = db.parent / LOCK_DIR
+    try:
+        d.mkdir(exist_ok=True)
+        ignore = d / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("# lock files of the energy accounting lease (energy/lease.py)\n*\n")
+    except OSError as err:
+        raise EnergyError(
+            f"cannot create the energy accounting lock directory {d}: {err}. To fix: make the ledger's "
+            "directory writable, or turn energy accounting off (CONSERVE_ENERGY_INTERVAL_S=0)"
+        ) from err
+    return d
+
+
 def lease_for(url: str, run_id: str) -> Lease:
     """The accounting lease of ``run_id`` in the ledger at ``url``."""
     u = make_url(url)
@@ -183,7 +205,7 @@ def lease_for(url: str, run_id: str) -> Lease:
         if db in ("", ":memory:") or db.startswith("file::memory:"):
             return LocalLease()
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:64]
-        return FileLease(Path(f"{db}.energy-{safe}.lock"))
+        return FileLease(lock_dir(Path(db)) / f"{Path(db).name}.energy-{safe}.lock")
     if backend == "postgresql":
         return PgAdvisoryLease(url, run_id)
     raise EnergyError(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Select, and_, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
@@ -168,13 +168,13 @@ class Ledger:
     _TURN_COLUMNS = (
         "run_id", "conversation_id", "turn", "request_id", "instance_id", "tier", "prefill_instance_id",
         "remote_prefill", "arrival_at", "first_token_at", "last_token_at", "prompt_tokens", "cached_tokens",
-        "output_tokens", "finish_reason", "is_final", "status", "policy",
+        "output_tokens", "finish_reason", "is_final", "status", "policy", "prefill_cached_tokens", "tenant",
     )  # fmt: skip
     _CONV_COLUMNS = ("run_id", "id", "policy", "created_at")
     _SUMMARY_BINDS = ("b_run", "b_id", "final_turn", "ttfet_s", "e2e_s")
     _ATTR_COLUMNS = (
         "run_id", "interval_start", "interval_end", "engine_id", "tier", "conversation_id", "turn", "joules",
-        "work_share", "source",
+        "work_share", "source", "prefill_j",
     )  # fmt: skip
 
     def _executemany(
@@ -283,6 +283,7 @@ class Ledger:
                     self.run_id, r.conversation_id, r.turn, r.request_id, r.instance_id, r.tier,
                     r.prefill_instance_id, r.remote_prefill, arrival, first, last, r.prompt_tokens,
                     r.cached_tokens, r.output_tokens, r.finish_reason, r.is_final, str(r.status), policy,
+                    r.prefill_cached_tokens, r.tenant,
                 )
             )  # fmt: skip
         finals = {r.conversation_id for r in recs if r.is_final and r.status == TurnStatus.OK}
@@ -536,6 +537,7 @@ class Ledger:
                     float(a.joules),
                     float(a.work_share),
                     str(a.source),
+                    None if a.prefill_j is None else float(a.prefill_j),
                 )
             )
         if not rows:
@@ -619,10 +621,24 @@ class Ledger:
                     r.work_share,
                     Source(r.source),
                     r.tier,
+                    r.prefill_j,
                 ),
             )
             for r in rows
         ]
+
+    def conversation_energy(self, conversation_id: str) -> tuple[float, float, datetime | None]:
+        """(joules, of which measured, end of the latest interval) attributed so far to ``conversation_id`` in
+        this run (ix_attr_conv)."""
+        a = AttributionRowModel
+        q = select(
+            func.coalesce(func.sum(a.joules), 0.0),
+            func.coalesce(func.sum(case((a.source == str(Source.MEASURED), a.joules), else_=0.0)), 0.0),
+            func.max(a.interval_end),
+        ).where(a.run_id == self.run_id, a.conversation_id == conversation_id)
+        with self._tx("reading a conversation's energy") as conn:
+            j, measured, last = conn.execute(q).one()
+        return float(j), float(measured), last
 
     def turns(self, flt: ReportFilter | None = None) -> list[tuple[str, TurnRecord]]:
         """(run_id, turn) for every turn that arrived in [since, until)."""
@@ -758,6 +774,8 @@ def _turn_from_row(t: Any) -> TurnRecord:
         tier=t.tier,
         cached_tokens=t.cached_tokens,
         policy=t.policy,
+        prefill_cached_tokens=t.prefill_cached_tokens,
+        tenant=t.tenant,
     )
 
 

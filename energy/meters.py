@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -253,12 +253,20 @@ _LABEL_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
 def parse_dcgm_energy(text: str, hostname: str | None = None) -> dict[int, int]:
-    """GPU index -> total energy counter (mJ) from DCGM exporter text; optionally only one Hostname.
+    """GPU index -> total energy counter (mJ) from DCGM exporter text; optionally only one Hostname."""
+    return {gpu: mj for gpu, (mj, _) in parse_dcgm_samples(text, hostname).items()}
 
-    A small exact parser for the one metric we need (Prometheus text format: ``name{labels} value [ts]``);
-    integers stay exact (a float would lose the low millijoules of a large counter).
+
+def parse_dcgm_samples(text: str, hostname: str | None = None) -> dict[int, tuple[int, datetime | None]]:
+    """GPU index -> (total energy counter in mJ, the sample's own timestamp if the line carries one).
+
+    A small exact parser for the one metric we need (Prometheus text format: ``name{labels} value [ts_ms]``);
+    integers stay exact (a float would lose the low millijoules of a large counter). Without ``hostname``,
+    text from several hosts (a federated or aggregated endpoint) is refused: their GPU 0s would collapse into
+    one.
     """
-    out: dict[int, int] = {}
+    out: dict[int, tuple[int, datetime | None]] = {}
+    hosts: set[str] = set()
     for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line.startswith(DCGM_ENERGY_METRIC):
@@ -278,13 +286,24 @@ def parse_dcgm_energy(text: str, hostname: str | None = None) -> dict[int, int]:
             raise EnergyError(f"DCGM exporter text line {n}: no value: {line[:120]}")
         try:
             value = int(fields[0]) if fields[0].isdigit() else int(float(fields[0]))
+            at = datetime.fromtimestamp(int(fields[1]) / 1000.0, UTC) if len(fields) > 1 else None
         except ValueError:
-            raise EnergyError(f"DCGM exporter text line {n}: value {fields[0]!r} is not a number") from None
+            raise EnergyError(
+                f"DCGM exporter text line {n}: {fields[:2]!r} is not a value [timestamp]"
+            ) from None
         if "gpu" not in labels:
             continue
         if hostname is not None and labels.get("Hostname") != hostname:
             continue
-        out[int(labels["gpu"])] = value
+        if "Hostname" in labels:
+            hosts.add(labels["Hostname"])
+        out[int(labels["gpu"])] = (value, at)
+    if hostname is None and len(hosts) > 1:
+        raise EnergyError(
+            f"the DCGM exporter text holds GPUs of {len(hosts)} hosts ({', '.join(sorted(hosts))}): "
+            "their GPU indices would collapse into one. To fix: set meters[].hostname in fleet.yaml to one "
+            "of them (one meter per host)"
+        )
     return out
 
 
@@ -322,7 +341,8 @@ class DcgmMeter:
                 "or correct gpu_indices"
             )
         self._trackers = {i: CounterTracker() for i in self.gpu_indices}
-        self._update(first, self._clock())
+        self._last = self._update(first, self._clock())
+        self._last_raw: dict[int, int | None] = {i: first[i][0] for i in self.gpu_indices}
 
     def _http_get(self, url: str) -> str:
         import httpx
@@ -334,20 +354,34 @@ class DcgmMeter:
             raise EnergyError(f"meter {self.meter_id!r}: cannot scrape DCGM exporter {url}: {err}") from None
         return resp.text
 
-    def _scrape(self) -> dict[int, int]:
-        return parse_dcgm_energy(self._fetch(self.url), self.hostname)
+    def _scrape(self) -> dict[int, tuple[int, datetime | None]]:
+        return parse_dcgm_samples(self._fetch(self.url), self.hostname)
 
-    def _update(self, counters: Mapping[int, int], at: datetime) -> MeterReading:
+    def _update(self, counters: Mapping[int, tuple[int, datetime | None]], at: datetime) -> MeterReading:
         out = {}
         for i in self.gpu_indices:
             if i not in counters:
                 raise EnergyError(f"meter {self.meter_id!r}: GPU {i} vanished from {self.url}")
-            out[i] = self._trackers[i].update(counters[i], at)
+            out[i] = self._trackers[i].update(counters[i][0], at)
         return MeterReading(at, out)
 
     def read(self) -> MeterReading:
+        """The counters at the exporter's sample time: the line's own timestamp when it has one; else the
+        scrape time of the first scrape that saw them change. dcgm-exporter refreshes its fields every
+        --collect-interval (30 s by default), so scraping faster sees the same values again: those scrapes
+        return the previous reading (same time), and the accountant's interval runs on until the
+        exporter's next sample (1 s scrapes of a 5 s exporter gave 0, 0, 0, 0, 2000 J)."""
         counters = self._scrape()
-        return self._update(counters, self._clock())
+        raw = {i: counters[i][0] if i in counters else None for i in self.gpu_indices}
+        stamps = [counters[i][1] for i in self.gpu_indices if i in counters and counters[i][1] is not None]
+        at = max(stamps) if stamps else None
+        if raw == self._last_raw and (at is None or at <= self._last.at):
+            return self._last  # the exporter has not sampled since
+        if at is None or at <= self._last.at:
+            at = max(self._clock(), self._last.at)
+        self._last = self._update(counters, at)
+        self._last_raw = raw
+        return self._last
 
     def close(self) -> None:
         return None
@@ -358,6 +392,14 @@ class DcgmMeter:
 # (orchestrator/engines/) reports, lifetime totals (vLLM: vllm:prompt_tokens_total, generation_tokens_total).
 PROMPT_TOKENS_TOTAL = "prompt_tokens_total"
 GENERATION_TOKENS_TOTAL = "generation_tokens_total"
+# Prompt tokens that arrived by KV transfer (vLLM: vllm:external_prefix_cache_hits_total, the KV connector's
+# hits); local prefix-cache hits are EngineObservation.prefix_cache_hits_tokens. The engine computed
+# prompt - local hits - external hits (issue 14: decoders were charged for prefill they received).
+EXTERNAL_HITS_TOTAL = "external_prefix_cache_hits_tokens"
+# Engine steps (vLLM: vllm:iteration_tokens_total_count, one observation per engine step): decode tokens /
+# steps is the interval's mean batch (a scrape's num_requests_running is one instant's, and counts sequences
+# still prefilling).
+ENGINE_STEPS_TOTAL = "engine_steps_total"
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +423,7 @@ class TierPower(Protocol):
     def prefill_time_s(self, new_tokens: int, cached_tokens: int = 0) -> float: ...
     def decode_step_time_s(self, batch: int, context_tokens: int) -> float: ...
     def prefill_power_w(self, new_tokens: int) -> float: ...
-    def decode_power_w(self, batch: int) -> float: ...
+    def decode_power_w(self, batch: int, context_tokens: int | None = None) -> float: ...
 
 
 def modelled_energy_j(tier: TierPower, activity: Activity, wall_s: float) -> float:
@@ -397,8 +439,11 @@ def modelled_energy_j(tier: TierPower, activity: Activity, wall_s: float) -> flo
     if activity.decode_tokens > 0:
         batch = max(1, round(activity.decode_batch))
         steps = activity.decode_tokens / batch
-        busy = steps * tier.decode_step_time_s(batch, int(activity.decode_context_tokens))
-        dyn_j += max(tier.decode_power_w(batch) - tier.idle_w, 0.0) * busy
+        ctx = int(activity.decode_context_tokens)
+        busy = steps * tier.decode_step_time_s(batch, ctx)
+        # with the context: reading the KV is most of decode power (without it the draw is weights-only, a
+        # lower bound; `serve` modelled ~15% less decoder energy than `simulate` for the same turns)
+        dyn_j += max(tier.decode_power_w(batch, ctx) - tier.idle_w, 0.0) * busy
     cap_j = tier.cap_w * tier.gpus * wall_s
     return min(idle_j + dyn_j, max(cap_j, idle_j)) if wall_s > 0 else dyn_j
 
@@ -453,6 +498,12 @@ class ReplayMeter:
 
     ``path`` may be a CSV (columns gpu_index, at, cumulative_j) or JSON lines with the same keys, as written
     by ``write_samples``.
+
+    Time alignment: when the recording covers the clock's time at construction (re-attributing a past run on
+    its own timeline, a test clock), samples are read at their own timestamps. Otherwise (a trace recorded
+    yesterday replayed by `serve` now) the recording is shifted so that its first sample is the moment the
+    meter is built, and replays at its recorded pace from there (``offset_s`` says by how much); after its
+    last sample the cumulative stays flat.
     """
 
     reads_inline: ClassVar[bool] = True  # interpolation in memory
@@ -461,6 +512,7 @@ class ReplayMeter:
     meter_id: str = "replay"
     source: Source = Source.MEASURED
     gpu_indices: tuple[int, ...] = field(default=())
+    offset_s: float = 0.0  # recording time = clock time - offset_s (see the class docstring)
     _series: dict[int, list[tuple[datetime, float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -478,6 +530,11 @@ class ReplayMeter:
         self.source = self.samples[0].source
         if not self.gpu_indices:
             self.gpu_indices = tuple(sorted(self._series))
+        now = self.clock()
+        first = min(s[0][0] for s in self._series.values())
+        last = max(s[-1][0] for s in self._series.values())
+        if not first <= now <= last:
+            self.offset_s = (now - first).total_seconds()
 
     @classmethod
     def from_file(cls, path: str | Path, clock: Clock = utc_now, meter_id: str = "replay") -> ReplayMeter:
@@ -497,7 +554,8 @@ class ReplayMeter:
 
     def read(self) -> MeterReading:
         at = self.clock()
-        return MeterReading(at, {g: self.value_at(g, at) for g in self.gpu_indices})
+        rec = at - timedelta(seconds=self.offset_s)
+        return MeterReading(at, {g: self.value_at(g, rec) for g in self.gpu_indices})
 
     def close(self) -> None:
         return None
@@ -561,6 +619,7 @@ def make_meter(
     tier: TierPower | None = None,
     activity: ActivitySource | None = None,
     clock: Clock = utc_now,
+    hostname: str | None = None,
 ) -> Meter:
     """Build a meter from a fleet.yaml ``meters:`` entry (kind, url, path) plus the engine's GPU indices."""
     mid = meter_id or kind
@@ -569,7 +628,7 @@ def make_meter(
     if kind == "zeus":
         return ZeusMeter(gpu_indices, mid, clock)
     if kind == "dcgm":
-        return DcgmMeter(url or "", gpu_indices, mid, clock=clock)
+        return DcgmMeter(url or "", gpu_indices, mid, hostname=hostname, clock=clock)
     if kind == "model":
         if tier is None or activity is None:
             raise EnergyError(

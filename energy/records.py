@@ -37,6 +37,17 @@ class RunKind(StrEnum):
 DEFAULT_RUN_ID = "live"
 
 
+def new_run_id(kind: RunKind = RunKind.SERVE, now: datetime | None = None) -> str:
+    """A run id unique per start: ``live-20261207T142501Z-3fa9c2`` (serve) or ``simulate-...``. A server
+    restarted on the same ledger starts a new run, so a reused conversation id is a new conversation (it was
+    merged with the old one's turns under the fixed id 'live')."""
+    import secrets
+
+    at = (now or datetime.now(UTC)).astimezone(UTC)
+    prefix = "live" if kind is RunKind.SERVE else str(kind)
+    return f"{prefix}-{at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
 def require_utc(value: datetime, name: str) -> datetime:
     """Return ``value`` in UTC; raise EnergyError naming the field when it is naive."""
     if value.tzinfo is None or value.utcoffset() is None:
@@ -77,13 +88,17 @@ class TurnRecord:
     prefill_instance_id: str | None = None  # where the prompt was prefilled, if not the decoder
     remote_prefill: bool = False
     tier: str | None = None  # tier label of instance_id
-    cached_tokens: int = 0  # prompt tokens served from a prefix cache
+    cached_tokens: int = 0  # prompt tokens the decoder did not compute (prefix-cache hit, KV received)
     policy: str | None = None  # the policy that placed it; defaults to the run's policy
+    # prompt tokens the prefilling instance found in its prefix cache (remote prefill only): it computed
+    # prompt_tokens - prefill_cached_tokens; the decoder computed prompt_tokens - cached_tokens
+    prefill_cached_tokens: int = 0
+    tenant: str = "default"  # who the turn is billed to (the API key's tenant once keys land)
 
     def __post_init__(self) -> None:
         if self.turn < 1:
             raise EnergyError(f"TurnRecord.turn must be >= 1 (1-based), got {self.turn}")
-        for name in ("prompt_tokens", "output_tokens", "cached_tokens"):
+        for name in ("prompt_tokens", "output_tokens", "cached_tokens", "prefill_cached_tokens"):
             if getattr(self, name) < 0:
                 raise EnergyError(f"TurnRecord.{name} must be >= 0, got {getattr(self, name)}")
         if not self.conversation_id:
@@ -115,7 +130,7 @@ def turn_to_wire(rec: TurnRecord) -> tuple[Any, ...]:
     f = _turn_fields(rec)
     return (
         f[0], f[1], f[2], f[3], _posix(f[4]), _posix(f[5]), _posix(f[6]), f[7], f[8], f[9], f[10],
-        str.__str__(f[11]), f[12], f[13], f[14], f[15], f[16],
+        str.__str__(f[11]), f[12], f[13], f[14], f[15], f[16], f[17], f[18],
     )  # fmt: skip
 
 
@@ -123,7 +138,7 @@ def turn_from_wire(t: tuple[Any, ...]) -> TurnRecord:
     """The TurnRecord that :func:`turn_to_wire` encoded (equal to it, timestamps in UTC)."""
     return TurnRecord(
         t[0], t[1], t[2], t[3], cast(datetime, _from_posix(t[4])), _from_posix(t[5]), _from_posix(t[6]),
-        t[7], t[8], t[9], t[10], TurnStatus(t[11]), t[12], t[13], t[14], t[15], t[16],
+        t[7], t[8], t[9], t[10], TurnStatus(t[11]), t[12], t[13], t[14], t[15], t[16], t[17], t[18],
     )  # fmt: skip
 
 
@@ -202,6 +217,7 @@ class AttributionRow:
     work_share: float  # fraction of the interval's energy given to this row (rows of an interval sum to 1)
     source: Source
     tier: str | None = None
+    prefill_j: float | None = None  # the part of joules for prefill work (the rest: decode); None: unknown
 
     @property
     def is_idle(self) -> bool:

@@ -16,7 +16,6 @@ Must not import fastapi.
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -25,15 +24,17 @@ import math
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from importlib import resources
 from typing import Any
 
 from conserve.errors import did_you_mean
 from energy.errors import EnergyError
+from energy.estimate import DEFAULT_GRID_G_PER_KWH, co2e_g
 from energy.ledger import ConversationFacts, Ledger
 from energy.records import AttributionRow, ReportFilter, Source
+from energy.report_plots import plots
 
 
 class GroupBy(StrEnum):
@@ -93,6 +94,10 @@ class Report:
     conversation_joules: tuple[tuple[str, float], ...] = ()  # (policy, joules) per conversation
     tier_timeline: tuple[tuple[datetime, str, float], ...] = ()  # (bucket start, tier, joules)
     policy_tokens_per_j: tuple[tuple[str, float], ...] = ()
+    timeline_bucket_s: float = 0.0  # width of the tier_timeline buckets
+    # (policy label, prefill J, decode J, KV transfer J, idle J, unsplit J) per policy and run kind
+    policy_phases: tuple[tuple[str, float, float, float, float, float], ...] = ()
+    measured_share: float | None = None  # of all the report's joules (plot labels)
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +143,8 @@ class _Acc:
     joules: float = 0.0
     measured_j: float = 0.0
     idle_j: float = 0.0
+    prefill_j: float = 0.0  # the prefill part of conversation rows (AttributionRow.prefill_j)
+    unsplit_j: float = 0.0  # conversation rows without a phase split (rows written before it existed)
     engines: set[str] = field(default_factory=set)
     tiers: set[str] = field(default_factory=set)
     conversations: set[tuple[str, str]] = field(default_factory=set)
@@ -150,6 +157,10 @@ class _Acc:
             self.idle_j += a.joules
         else:
             self.conversations.add((run, a.conversation_id))
+            if a.prefill_j is None:
+                self.unsplit_j += a.joules
+            else:
+                self.prefill_j += a.prefill_j
         self.engines.add(a.engine_id)
         if a.tier:
             self.tiers.add(a.tier)
@@ -184,28 +195,40 @@ def build_report(
     until: datetime | None = None,
     run_ids: Sequence[str] = (),
     timeline_buckets: int = 60,
+    grid_g_per_kwh: float = DEFAULT_GRID_G_PER_KWH,
 ) -> Report:
     by = parse_choice(by, GroupBy, "--by") if isinstance(by, str) else by
     if since and until and until <= since:
         raise EnergyError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
     flt = ReportFilter(since, until, tuple(run_ids))
-    run_policy = {r.run_id: r.policy or "(none)" for r in ledger.runs()}
+    runs = ledger.runs()
+    run_policy = {r.run_id: r.policy or "(none)" for r in runs}
+    # simulated and served runs never share a row, a bar or a series (issue 14: `--by policy` merged them)
+    run_kind = {r.run_id: str(r.kind) for r in runs}
+
+    def kind(run: str) -> str:
+        return run_kind.get(run, "serve")
+
     attrs = ledger.attributions(flt)
     facts = ledger.conversation_facts(flt)
 
     def pol(run: str, conv_policy: str | None = None) -> str:
         return conv_policy or run_policy.get(run, "(none)")
 
+    def label(run: str, conv_policy: str | None = None) -> str:  # plots: a policy's simulated runs apart
+        p = pol(run, conv_policy)
+        return p if kind(run) != "simulate" else f"{p} (simulated)"
+
     per_conv: dict[tuple[str, str], _Acc] = {}
-    per_policy: dict[str, _Acc] = {}
-    per_tier: dict[str, _Acc] = {}
+    per_policy: dict[tuple[str, str], _Acc] = {}
+    per_tier: dict[tuple[str, str], _Acc] = {}
     per_engine: dict[tuple[str, str], _Acc] = {}
     engine_tier: dict[tuple[str, str], str] = {}
     total = _Acc()
     for run, a in attrs:
         total.add(run, a)
-        per_policy.setdefault(pol(run), _Acc()).add(run, a)
-        per_tier.setdefault(a.tier or "(unknown)", _Acc()).add(run, a)
+        per_policy.setdefault((kind(run), pol(run)), _Acc()).add(run, a)
+        per_tier.setdefault((kind(run), a.tier or "(unknown)"), _Acc()).add(run, a)
         per_engine.setdefault((run, a.engine_id), _Acc()).add(run, a)
         engine_tier[(run, a.engine_id)] = a.tier or "(unknown)"
         if a.conversation_id is not None:
@@ -227,6 +250,7 @@ def build_report(
     if by == GroupBy.CONVERSATION:
         cols = [
             Column("run_id", "run"),
+            Column("kind", "run kind"),
             Column("conversation_id", "conversation"),
             Column("policy", "policy"),
             Column("turns", "turns"),
@@ -246,6 +270,7 @@ def build_report(
             rows.append(
                 {
                     "run_id": f.run_id,
+                    "kind": kind(f.run_id),
                     "conversation_id": f.conversation_id,
                     "policy": pol(f.run_id, f.policy),
                     "turns": f.turns,
@@ -263,6 +288,7 @@ def build_report(
     elif by == GroupBy.POLICY:
         cols = [
             Column("policy", "policy"),
+            Column("kind", "run kind"),
             Column("runs", "runs"),
             Column("conversations", "conversations"),
             Column("tokens", "tokens"),
@@ -274,16 +300,17 @@ def build_report(
             Column("ttfet_slowdown_p95", "p95 TTFET slowdown", "x"),
             Column("measured_share", "measured share"),
         ]
-        by_pol: dict[str, list[ConversationFacts]] = {}
+        by_pol: dict[tuple[str, str], list[ConversationFacts]] = {}
         for f in facts:
-            by_pol.setdefault(pol(f.run_id, f.policy), []).append(f)
+            by_pol.setdefault((kind(f.run_id), pol(f.run_id, f.policy)), []).append(f)
         rows = []
-        for p in sorted(set(per_policy) | set(by_pol)):
-            acc, fs = per_policy.get(p, _Acc()), by_pol.get(p, [])
+        for k, p in sorted(set(per_policy) | set(by_pol), key=lambda kp: (kp[1], kp[0])):
+            acc, fs = per_policy.get((k, p), _Acc()), by_pol.get((k, p), [])
             toks = sum(f.tokens for f in fs)
             rows.append(
                 {
                     "policy": p,
+                    "kind": k,
                     "runs": len({f.run_id for f in fs} | {r for r, _ in acc.conversations}),
                     "conversations": len(fs),
                     "tokens": toks,
@@ -301,6 +328,7 @@ def build_report(
     elif by == GroupBy.TIER:
         cols = [
             Column("tier", "tier"),
+            Column("kind", "run kind"),
             Column("engines", "engines"),
             Column("conversations", "conversations"),
             Column("joules", "energy", "J"),
@@ -311,6 +339,7 @@ def build_report(
         rows = [
             {
                 "tier": t,
+                "kind": k,
                 "engines": len(acc.engines),
                 "conversations": len(acc.conversations),
                 "joules": acc.joules,
@@ -318,7 +347,7 @@ def build_report(
                 "share": _div(acc.joules, total.joules),
                 "measured_share": _div(acc.measured_j, acc.joules),
             }
-            for t, acc in sorted(per_tier.items())
+            for (k, t), acc in sorted(per_tier.items(), key=lambda x: (x[0][1], x[0][0]))
         ]
     else:
         cols = [
@@ -353,33 +382,29 @@ def build_report(
         "conversations": len(facts),
         "measured_share": _div(total.measured_j, total.joules),
         "attribution_rows": len(attrs),
+        "co2e_g": co2e_g(total.joules, grid_g_per_kwh),
     }
+    notes.append(
+        f"carbon: {co2e_g(total.joules, grid_g_per_kwh):.4g} gCO2e at {grid_g_per_kwh:g} gCO2e/kWh"
+        + (" (default: 2023 world average, Ember)" if grid_g_per_kwh == DEFAULT_GRID_G_PER_KWH else "")
+    )
 
     # plot data
     conv_j = tuple(
-        (pol(f.run_id, f.policy), per_conv[(f.run_id, f.conversation_id)].joules)
+        (label(f.run_id, f.policy), per_conv[(f.run_id, f.conversation_id)].joules)
         for f in facts
         if (f.run_id, f.conversation_id) in per_conv
     )
-    timeline: list[tuple[datetime, str, float]] = []
-    if attrs:
-        t0 = min(a.interval_start for _, a in attrs)
-        t1 = max(a.interval_end for _, a in attrs)
-        span = max((t1 - t0).total_seconds(), 1e-9)
-        width = span / max(timeline_buckets, 1)
-        buckets: dict[tuple[int, str], float] = {}
-        for _, a in attrs:
-            k = min(int((a.interval_start - t0).total_seconds() / width), timeline_buckets - 1)
-            buckets[(k, a.tier or "(unknown)")] = buckets.get((k, a.tier or "(unknown)"), 0.0) + a.joules
-        from datetime import timedelta
-
-        timeline = [(t0 + timedelta(seconds=k * width), tier, j) for (k, tier), j in sorted(buckets.items())]
+    timeline, bucket_s = _timeline(
+        [(a.interval_start, a.interval_end, _series(a.tier, kind(run)), a.joules) for run, a in attrs],
+        timeline_buckets,
+    )
     pol_tpj = []
-    for p in sorted(per_policy):
-        toks = sum(f.tokens for f in facts if pol(f.run_id, f.policy) == p)
-        v = _div(toks, per_policy[p].joules)
+    for k, p in sorted(per_policy, key=lambda kp: (kp[1], kp[0])):
+        toks = sum(f.tokens for f in facts if (kind(f.run_id), pol(f.run_id, f.policy)) == (k, p))
+        v = _div(toks, per_policy[(k, p)].joules)
         if v is not None:
-            pol_tpj.append((p, v))
+            pol_tpj.append((p if k != "simulate" else f"{p} (simulated)", v))
     return Report(
         by,
         since,
@@ -391,7 +416,56 @@ def build_report(
         conv_j,
         tuple(timeline),
         tuple(pol_tpj),
+        timeline_bucket_s=bucket_s,
+        policy_phases=tuple(
+            (
+                p if k != "simulate" else f"{p} (simulated)",
+                acc.prefill_j,
+                acc.joules - acc.idle_j - acc.prefill_j - acc.unsplit_j,
+                0.0,  # KV transfer: not metered or modelled apart; its draw is inside the engines' rows
+                acc.idle_j,
+                acc.unsplit_j,
+            )
+            for (k, p), acc in sorted(per_policy.items(), key=lambda x: (x[0][1], x[0][0]))
+        ),
+        measured_share=_div(total.measured_j, total.joules),
     )
+
+
+def _series(tier: str | None, run_kind: str) -> str:
+    t = tier or "(unknown)"
+    return t if run_kind != "simulate" else f"{t} (simulated)"
+
+
+def _timeline(
+    rows: Sequence[tuple[datetime, datetime, str, float]], buckets: int
+) -> tuple[list[tuple[datetime, str, float]], float]:
+    """(bucket start, series, joules) over equal buckets, and the bucket width (s).
+
+    The width is a whole number of the rows' typical interval (their median length) and each row's joules
+    are spread over the buckets it overlaps in proportion to time, so a constant draw plots flat (buckets of
+    1.56 s over 1 s intervals made a 2x sawtooth: some buckets held one interval, others two)."""
+    if not rows:
+        return [], 0.0
+    t0 = min(r[0] for r in rows)
+    t1 = max(r[1] for r in rows)
+    span = max((t1 - t0).total_seconds(), 1e-9)
+    lengths = sorted((r[1] - r[0]).total_seconds() for r in rows if r[1] > r[0])
+    typical = lengths[len(lengths) // 2] if lengths else span
+    width = max(typical * math.ceil(span / max(buckets, 1) / typical - 1e-9), typical)
+    acc: dict[tuple[int, str], float] = {}
+    for a, b, series, j in rows:
+        lo, hi = (a - t0).total_seconds(), (b - t0).total_seconds()
+        k = int(lo // width)
+        if hi <= lo:
+            acc[(k, series)] = acc.get((k, series), 0.0) + j
+            continue
+        while k * width < hi:
+            part = min(hi, (k + 1) * width) - max(lo, k * width)
+            if part > 0:
+                acc[(k, series)] = acc.get((k, series), 0.0) + j * part / (hi - lo)
+            k += 1
+    return [(t0 + timedelta(seconds=k * width), s, j) for (k, s), j in sorted(acc.items())], width
 
 
 # ---- rendering ----------------------------------------------------------------------------------------
@@ -462,68 +536,6 @@ def render_table(report: Report) -> Any:
     return t
 
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _plots(report: Report) -> list[tuple[str, str, str]]:
-    """(id, title, base64 PNG) for the three plots; a plot without data shows a labelled empty frame."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    out = []
-    # 1. energy per conversation distribution
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    by_pol: dict[str, list[float]] = {}
-    for p, j in report.conversation_joules:
-        by_pol.setdefault(p, []).append(j)
-    if by_pol:
-        ax.hist(list(by_pol.values()), bins=30, label=list(by_pol), stacked=False, alpha=0.75)
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no conversations with energy in this window", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("energy per conversation (J)")
-    ax.set_ylabel("conversations")
-    out.append(("plot-conversation-energy", "Energy per conversation", _png(fig)))
-    # 2. energy by tier over time
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    tiers = sorted({t for _, t, _ in report.tier_timeline})
-    times = sorted({t for t, _, _ in report.tier_timeline})
-    if tiers and times:
-        idx = {t: i for i, t in enumerate(times)}
-        import numpy as np
-
-        data = np.zeros((len(tiers), len(times)))
-        for t, tier, j in report.tier_timeline:
-            data[tiers.index(tier), idx[t]] += j
-        ax.stackplot(times, data, labels=tiers, alpha=0.85)
-        ax.legend(fontsize=8, loc="upper left")
-        fig.autofmt_xdate()
-    else:
-        ax.text(0.5, 0.5, "no energy rows in this window", ha="center", transform=ax.transAxes)
-    ax.set_ylabel("energy per bucket (J)")
-    out.append(("plot-tier-timeline", "Energy by tier over time", _png(fig)))
-    # 3. tokens per joule per policy
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    if report.policy_tokens_per_j:
-        names = [p for p, _ in report.policy_tokens_per_j]
-        vals = [v for _, v in report.policy_tokens_per_j]
-        bars = ax.bar(names, vals, color="#3b7dd8")
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no policy with energy in this window", ha="center", transform=ax.transAxes)
-    ax.set_ylabel("tokens / J")
-    out.append(("plot-policy-tokens-per-j", "Tokens per joule by policy", _png(fig)))
-    return out
-
-
 def render_html(report: Report, max_rows: int = 500) -> str:
     """One self-contained HTML page (inline CSS, plots as inline base64 PNG; no external resources)."""
     esc = html.escape
@@ -543,7 +555,7 @@ def render_html(report: Report, max_rows: int = 500) -> str:
     figs = "".join(
         f"<figure><img id='{pid}' alt='{esc(title)}' src='data:image/png;base64,{b64}'>"
         f"<figcaption>{esc(title)}</figcaption></figure>"
-        for pid, title, b64 in _plots(report)
+        for pid, title, b64 in plots(report)
     )
     tot = report.totals
     window = (

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from conserve.errors import ConServeError
+from energy.estimate import DEFAULT_GRID_G_PER_KWH
 from orchestrator.errors import ConfigError
 from tiers.catalog import GpuSpec, get_gpu
 from tiers.models import ModelSpec, get_model
@@ -152,6 +153,9 @@ class MeterConfig(_Strict):
     id: str
     kind: Literal["zeus", "nvml", "dcgm", "model", "replay"]
     url: str | None = Field(None, description="DCGM exporter URL (kind dcgm)")
+    hostname: str | None = Field(
+        None, description="kind dcgm: only this Hostname label (an endpoint serving several hosts' GPUs)"
+    )
     path: Path | None = Field(None, description="recorded samples (kind replay)")
 
 
@@ -168,6 +172,12 @@ class FleetConfig(_Strict):
     engines: list[EngineConfig] = Field(default_factory=list)
     meters: list[MeterConfig] = Field(default_factory=list)
     database_url: str = "sqlite:///conserve.db"
+    grid_carbon_g_per_kwh: float = Field(
+        DEFAULT_GRID_G_PER_KWH,
+        ge=0,
+        description="carbon intensity of the electricity (gCO2e/kWh) for carbon figures; default: 2023 world "
+        "average, Ember Global Electricity Review 2024 (energy/estimate.py)",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FleetConfig:

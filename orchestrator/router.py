@@ -201,6 +201,7 @@ class RouterConfig:
     # connection the server closes as it is reused): the engine is marked down after this many consecutive
     # failed polls, or at once when a request cannot reach it (see Router._run).
     down_after_failed_polls: int = 3
+    run_id: str = "live"  # the ledger run this router records into (unique per serve start)
     # Router-side KV admission (the rule per policy: orchestrator.core.admission, as the simulator's
     # --router-admission): a turn the rule reserves for waits until a healthy decode-capable instance shows
     # room for its reservation in the fleet view, re-checking every admission_poll_s, at most
@@ -345,6 +346,7 @@ class _Attempt:
     tool_calls: bool = False
     gaps_s: list[float] = field(default_factory=list)
     sent: bool = False  # something reached the client
+    prefill_cached_tokens: int = 0  # the remote prefiller's prefix-cache hit (PrefillResult.cached_tokens)
 
 
 # ---- the router ---------------------------------------------------------------------------------------
@@ -444,7 +446,7 @@ class Router:
             return None
         return ConversationView(
             conversation_id=conv.conversation_id,
-            run_id="live",
+            run_id=self.config.run_id,
             policy=self.policy.name,
             created_at=_utc(conv.first_arrival_s) or datetime.now(UTC),
             pinned_instance_id=conv.pins[-1].instance_id if conv.pins else None,
@@ -613,6 +615,7 @@ class Router:
                             pre.inflight_prefill_tokens -= remote_prefill
                             pre.inflight_requests -= 1
                         kv_params = res.kv_transfer_params
+                        att.prefill_cached_tokens = res.cached_tokens
                         self.stats["kv_transfers"] += 1
                         dec.kv_transfers_in += 1
                         self.observer.kv_transfer(pre.instance_id, dec.instance_id, res.transferred_bytes)
@@ -822,8 +825,13 @@ class Router:
         usage = att.usage or {}
         prompt = int(usage.get("prompt_tokens") or treq.input_tokens)
         output = int(usage.get("completion_tokens") or att.tokens)
-        details = usage.get("prompt_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            cached = int(details["cached_tokens"])
+        else:  # an engine that does not report it (vLLM without --enable-prompt-tokens-details): a remote
+            # prefill's KV arrived by transfer, so the decoder computed (at most) a block of it; local
+            # prefix-cache hits are unknown per turn (the model meter still subtracts them per interval)
+            cached = prompt if pl.remote_prefill else 0
         ok = status is TurnStatus.OK
         natural_final = att.finish_reason == "stop" and not att.tool_calls
         is_final = ok and (client_final or natural_final or conv.one_turn)
@@ -846,6 +854,7 @@ class Router:
             tier=dec.tier,
             cached_tokens=min(cached, prompt),
             policy=self.policy.name,
+            prefill_cached_tokens=min(att.prefill_cached_tokens, prompt) if pl.remote_prefill else 0,
         )
         self.sink.turn(rec)
         if not conv.one_turn:

@@ -45,6 +45,7 @@ from energy.records import (
     RunInfo,
     RunKind,
     TurnRecord,
+    new_run_id,
     turn_from_wire,
     turn_to_wire,
 )
@@ -86,7 +87,13 @@ class ServeSettings(BaseSettings):
     )
     poll_interval_s: float = Field(1.0, gt=0, description="engine health/metrics poll period")
     pin_ttl_s: float = Field(900.0, gt=0, description="release the pin of a conversation idle this long")
-    run_id: str = Field("live", min_length=1, description="ledger run the turns are recorded in")
+    run_id: str | None = Field(
+        None,
+        min_length=1,
+        description="ledger run the turns are recorded in; default: a new id per server start "
+        "(energy.records.new_run_id), so a restart never merges conversations; replicas sharing a "
+        "ledger set the same id",
+    )
     ledger_writer: Literal["process", "thread"] = Field(
         "process",
         description="where ledger SQL runs: a child process (default; keeps it off the serving GIL) or a "
@@ -910,6 +917,9 @@ def build_runtime(
         plan = load_plan(settings.plan)
     power = SessionPowerCaps.for_fleet(cfg, plan, settings.power_state_file, instances or ())
     db_url = settings.db or cfg.database_url
+    if settings.run_id is None:  # issue 14: one run per server start (energy/records.py new_run_id)
+        settings = settings.model_copy(update={"run_id": new_run_id(RunKind.SERVE)})
+    assert settings.run_id is not None
     ledger = Ledger(db_url, run_id=settings.run_id, policy=policy.name, kind=RunKind.SERVE)
     ledger.upgrade()
     ledger.start_run(RunInfo(settings.run_id, RunKind.SERVE, policy.name, label=str(settings.fleet)))
@@ -932,7 +942,10 @@ def build_runtime(
         engines,
         policy,
         RouterConfig(
-            model_name=served, max_context_tokens=spec.max_context_tokens, pin_ttl_s=settings.pin_ttl_s
+            model_name=served,
+            max_context_tokens=spec.max_context_tokens,
+            pin_ttl_s=settings.pin_ttl_s,
+            run_id=settings.run_id,
         ),
         sink=writer,
         pin_lookup=LedgerPinLookup(ledger),

@@ -36,6 +36,13 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", help="write to this file instead of stdout"),
         run: list[str] = typer.Option([], "--run", help="only these run ids (repeatable; default: all)"),
         as_json: bool = typer.Option(False, "--json", help="shorthand for --format json"),
+        grid: float = typer.Option(
+            480.0,
+            "--grid-g-per-kwh",
+            min=0,
+            help="grid carbon intensity for the gCO2e figure (default: "
+            "2023 world average, Ember; as fleet.yaml grid_carbon_g_per_kwh)",
+        ),
     ) -> None:
         """Energy report: joules, J/token, tokens, TTFET and slowdowns, tiers, measured vs modelled share."""
         from energy.ledger import Ledger
@@ -61,7 +68,7 @@ def register(app: typer.Typer) -> None:
                     f"{db} holds no ConServe ledger (no schema). To fix: point --db at the "
                     "database `orchestrator serve` or `orchestrator simulate --db` wrote"
                 )
-            report = build_report(ledger, group, t0, t1, run)
+            report = build_report(ledger, group, t0, t1, run, grid_g_per_kwh=grid)
         if form == Format.TABLE and out is None:
             # piped output gets a wide table rather than ellipsised numbers; a terminal keeps its width
             target = console if console.is_terminal else Console(width=240)

@@ -56,6 +56,7 @@ class PrefillResult:
     kv_transfer_params: dict[str, Any] | None
     prompt_tokens: int
     transferred_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefiller found in its prefix cache (it computed the rest)
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,6 +99,9 @@ def engine_command(spec: EngineSpec, settings: LaunchSettings) -> tuple[list[str
         "--port", str(spec.port),
         "--max-model-len", str(settings.max_model_len_tokens),
         "--dtype", settings.dtype,
+        # usage.prompt_tokens_details.cached_tokens in every answer (vLLM leaves it null otherwise): the
+        # ledger's per-turn cached tokens, so a decoder is not charged for prefill it did not compute
+        "--enable-prompt-tokens-details",
     ]  # fmt: skip
     if settings.served_model_names:
         argv += ["--served-model-name", *settings.served_model_names]

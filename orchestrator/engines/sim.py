@@ -33,7 +33,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from energy.meters import GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
+from energy.meters import (
+    ENGINE_STEPS_TOTAL,
+    EXTERNAL_HITS_TOTAL,
+    GENERATION_TOKENS_TOTAL,
+    PROMPT_TOKENS_TOTAL,
+)
 from orchestrator.core.turns import kv_shipped_tokens
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
 from orchestrator.errors import EngineError
@@ -188,8 +193,13 @@ class SimEngine:
         self.kv_transfer_bytes = 0
         self.kv_transfers_accepted = 0
         self.kv_transfers_sent = 0
+        # prompt tokens counted as vLLM's counters add up: the cached part when the request is admitted
+        # (with the prefix-cache or external hit that covers it), the computed part as each chunk runs, so
+        # prompt - hits - external hits is the prefill computed so far
         self.prompt_tokens_total = 0
+        self.external_prefix_cache_hits_tokens = 0
         self.generation_tokens_total = 0
+        self.engine_steps_total = 0
 
     # ---- failure injection ----------------------------------------------------------------------
     @property
@@ -237,7 +247,10 @@ class SimEngine:
             "sim_tokens": seq.prompt_tokens,
         }
         return PrefillResult(
-            kv_transfer_params=params, prompt_tokens=seq.prompt_tokens, transferred_bytes=nbytes
+            kv_transfer_params=params,
+            prompt_tokens=seq.prompt_tokens,
+            transferred_bytes=nbytes,
+            cached_tokens=seq.cached_tokens,
         )
 
     async def complete(self, req: EngineRequest) -> dict[str, Any]:
@@ -369,6 +382,8 @@ class SimEngine:
                 "prefix_cache_tokens": float(sum(self._prefix.values())),
                 "queued_prefill_tokens": float(self.queued_prefill_tokens),
                 PROMPT_TOKENS_TOTAL: float(self.prompt_tokens_total),
+                EXTERNAL_HITS_TOTAL: float(self.external_prefix_cache_hits_tokens),
+                ENGINE_STEPS_TOTAL: float(self.engine_steps_total),
                 GENERATION_TOKENS_TOTAL: float(self.generation_tokens_total),
             },
         )
@@ -415,6 +430,7 @@ class SimEngine:
             await self.clock.sleep(kv_transfer_time_s(shipped))
             self._check_alive()
             cached = min(handle.tokens, prompt)
+            self.external_prefix_cache_hits_tokens += cached
             self.kv_transfers_accepted += 1
             self.kv_transfer_bytes += shipped * self.tier_model.model.kv_bytes_per_token
         else:
@@ -440,7 +456,7 @@ class SimEngine:
         )
         if prefill_only:
             seq.prefill_done = asyncio.get_running_loop().create_future()
-        self.prompt_tokens_total += prompt
+        self.prompt_tokens_total += cached  # the computed rest is counted chunk by chunk (_run)
         self._waiting.append(seq)
         self._ensure_loop()
         self._wake.set()
@@ -529,8 +545,10 @@ class SimEngine:
             await self.clock.sleep(step_s)
             if self._dead:
                 return
+            self.engine_steps_total += 1
             finished: list[_Seq] = []
             for seq, n in chunks:
+                self.prompt_tokens_total += n  # computed in this step (aborted or not)
                 if seq.ended:  # aborted during the step
                     continue
                 seq.prefill_left -= n

@@ -28,7 +28,12 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from energy.meters import GENERATION_TOKENS_TOTAL, PROMPT_TOKENS_TOTAL
+from energy.meters import (
+    ENGINE_STEPS_TOTAL,
+    EXTERNAL_HITS_TOTAL,
+    GENERATION_TOKENS_TOTAL,
+    PROMPT_TOKENS_TOTAL,
+)
 from orchestrator.engines.base import (
     REMOTE_DECODE_PARAMS,
     EngineObservation,
@@ -57,7 +62,8 @@ EXTRA_COUNTERS = {
     GENERATION_TOKENS_TOTAL: "vllm:generation_tokens_total",
     "nixl_transfers": M_NIXL_TRANSFERS,
     "nixl_failed_transfers": "vllm:nixl_num_failed_transfers_total",
-    "external_prefix_cache_hits_tokens": "vllm:external_prefix_cache_hits_total",
+    EXTERNAL_HITS_TOTAL: "vllm:external_prefix_cache_hits_total",
+    ENGINE_STEPS_TOTAL: "vllm:iteration_tokens_total_count",
     "preemptions": "vllm:num_preemptions_total",
 }
 
@@ -290,7 +296,11 @@ class VllmEngine:
                 "--kv-transfer-config (NixlConnector; see DEVELOPERS.md)."
             )
         usage = data.get("usage") or {}
-        return PrefillResult(kv_transfer_params=params, prompt_tokens=int(usage.get("prompt_tokens", 0)))
+        details = usage.get("prompt_tokens_details")
+        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        return PrefillResult(
+            kv_transfer_params=params, prompt_tokens=int(usage.get("prompt_tokens", 0)), cached_tokens=cached
+        )
 
     def _decode_body(self, req: EngineRequest, stream: bool) -> dict[str, Any]:
         body = dict(req.body)  # shallow: only top-level keys are set or popped

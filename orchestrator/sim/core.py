@@ -285,7 +285,7 @@ class _Instance:
         self.version = 0
         # committed segments: (t_start, t_end, n_steps, A, D, power_w, step0)
         self.segments: list[tuple[float, float, int, float, float, float, int]] = []
-        self.prefill_log: list[tuple[float, _TurnState, int]] = []
+        self.prefill_log: list[tuple[float, float, _TurnState, int]] = []  # (step start, end, turn, tokens)
         self.queued_prefill = 0
         self.running_other = 0  # admitted decode-only sequences waiting for their KV
         self.pinned: set[str] = set()  # conversations pinned here (orchestrator.core.PinBook)
@@ -940,7 +940,7 @@ class _Sim:
             s.prefill_done += c
             inst.queued_prefill -= c
             inst.prefill_tokens += c
-            inst.prefill_log.append((t, s.ts, c))
+            inst.prefill_log.append((t0, t, s.ts, c))  # the step's span: energy books it where it ran
         done = [s for s, _ in chunks if s.prefill_done >= s.prefill_total]
         if not done:
             return
@@ -1324,17 +1324,30 @@ def _energy(
             bounds = [min(makespan, (w + 1) * window_s) if w < nwin - 1 else makespan for w in range(nwin)]
             starts = [w * window_s for w in range(nwin)]
             lengths = np.array([bounds[w] - starts[w] for w in range(nwin)])
-            idle_win = np.maximum(0.0, lengths - t_busy) * idle_w
+            # The documented idle rule (energy/attribution.py, as `serve` applies it): a window's idle row is
+            # the idle draw over the whole window, capped at its energy; the rest is the work's.
+            # InstanceEnergy.idle_energy_j stays the draw while no step ran (busy energy = energy - that).
+            idle_free = np.maximum(0.0, lengths - t_busy) * idle_w
+            e_win = e_busy + idle_free
+            idle_win = np.minimum(lengths * idle_w, e_win)
             # work per turn per window: decode tokens from the step ranges, prefill tokens from the log
             step_at = np.zeros(nwin + 1, dtype=np.int64)
             k = 0
             for w in range(nwin):
                 step_at[w + 1], k = _steps_done_at(inst, bounds[w], k)
             work: list[dict[tuple[int, int], list[int]]] = [{} for _ in range(nwin)]
-            for tt, ts, c in inst.prefill_log:
-                w = min(nwin - 1, int(tt // window_s))
-                cell = work[w].setdefault((ts.conv, ts.turn), [0, 0])
-                cell[0] += c
+            for ta, tb, ts, c in inst.prefill_log:
+                # a chunk's tokens in the windows its step overlapped, in proportion to time (whole tokens)
+                w = min(nwin - 1, int(ta // window_s))
+                booked = 0
+                while booked < c:
+                    w_end = bounds[w] if w < nwin - 1 else math.inf
+                    upto = c if tb <= w_end or tb <= ta else round(c * (w_end - ta) / (tb - ta))
+                    if upto > booked:
+                        cell = work[w].setdefault((ts.conv, ts.turn), [0, 0])
+                        cell[0] += upto - booked
+                        booked = upto
+                    w += 1
             for ts in decoded.get(inst.idx, []):
                 lo, hi = ts.first_step, ts.last_step
                 w = min(nwin - 1, max(0, int(ts.first_token_s // window_s)))
@@ -1350,9 +1363,9 @@ def _energy(
             total = 0.0
             idle_j = 0.0
             for w in range(nwin):
-                ej = float(e_busy[w] + idle_win[w])
+                ej = float(e_win[w])
                 total += ej
-                idle_j += float(idle_win[w])
+                idle_j += float(idle_free[w])
                 windows.append(
                     EnergyWindow(
                         instance_id=inst.id,

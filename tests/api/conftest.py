@@ -72,6 +72,7 @@ def start_server(
     poll_interval_s: float = 0.2,
     fast_path: bool = True,
     db_url: str | None = None,
+    run_id: str | None = None,  # replicas sharing a ledger share a run (serve makes a new one per start)
 ) -> tuple[Served, Callable[[], None]]:
     db_url = db_url or f"sqlite:///{tmp_path / 'ledger.db'}"
     cfg = parse_fleet(dict(FLEET, database_url=db_url))
@@ -82,6 +83,7 @@ def start_server(
         sim_speedup=speedup,
         poll_interval_s=poll_interval_s,
         ledger_flush_interval_s=0.01,
+        run_id=run_id,
     )
     rt = build_runtime(settings, cfg, instances=instances(cfg) if instances else None)
     app = create_app(settings, runtime=rt, fast_path=fast_path)

@@ -98,7 +98,7 @@ def test_three_turn_conversation_is_prefilled_remotely_then_pinned(served: Any, 
     assert _metric(served.base_url, "conserve_ttft_seconds_count") == 3
     # and the ledger holds the same three rows
     assert served.runtime.writer.flush()
-    view = Ledger(served.db_url).get_conversation(cid)
+    view = Ledger(served.db_url, run_id=served.runtime.settings.run_id).get_conversation(cid)
     assert view is not None and [t.turn for t in view.turns] == [1, 2, 3]
     assert view.final_turn == 3 and view.ttfet_s is not None
 
@@ -170,7 +170,7 @@ def test_pinned_decoder_killed_between_turns_replaces_the_conversation(served: A
     assert conv["pins"][-1]["reason"].startswith("replaced")
     # no row lost: every attempt the router made is in the ledger, including the pins
     assert served.runtime.writer.flush()
-    view = Ledger(served.db_url).get_conversation(cid)
+    view = Ledger(served.db_url, run_id=served.runtime.settings.run_id).get_conversation(cid)
     assert view is not None
     assert [t.request_id for t in view.turns] == [t["request_id"] for t in conv["turns"]]
     assert [p.instance_id for p in view.pins] == [p["instance_id"] for p in conv["pins"]]
@@ -205,7 +205,7 @@ def test_in_flight_failure_before_any_token_is_retried_once(served: Any) -> None
     assert statuses[2][0:2] == (2, "ok") and statuses[2][2] != pinned
     assert _metric(served.base_url, "conserve_retries_total") == 1
     assert served.runtime.writer.flush()
-    ledger_turns = Ledger(served.db_url).get_conversation(cid).turns  # type: ignore[union-attr]
+    ledger_turns = Ledger(served.db_url, run_id=served.runtime.settings.run_id).get_conversation(cid).turns  # type: ignore[union-attr]
     assert [t.status for t in ledger_turns] == [TurnStatus.OK, TurnStatus.REPLACED, TurnStatus.OK]
 
 
@@ -259,7 +259,7 @@ def test_client_disconnect_mid_stream_stops_the_engine_and_records_the_turn(serv
     conv = _conversation(served.base_url, cid)
     assert conv["turns"][2]["status"] == "ok" and conv["turns"][2]["instance_id"] == decoder
     assert served.runtime.writer.flush()
-    rows = Ledger(served.db_url).get_conversation(cid).turns  # type: ignore[union-attr]
+    rows = Ledger(served.db_url, run_id=served.runtime.settings.run_id).get_conversation(cid).turns  # type: ignore[union-attr]
     assert [t.status for t in rows] == [TurnStatus.OK, TurnStatus.ERROR, TurnStatus.OK]
 
 
@@ -276,8 +276,8 @@ def test_a_second_replica_continues_a_conversation_on_its_pinned_decoder(
     """Two `orchestrator serve` replicas on one ledger (how several router processes share pins): turn 1 on
     replica A pins a decoder; turn 2, sent to replica B which has never seen the conversation, finds the pin
     in the ledger and goes to the same decoder with a local prefill (no KV transfer, no re-placement)."""
-    a = server_factory(tmp_path / "a", db_url=shared_ledger)
-    b = server_factory(tmp_path / "b", db_url=shared_ledger)
+    a = server_factory(tmp_path / "a", db_url=shared_ledger, run_id="replicas")
+    b = server_factory(tmp_path / "b", db_url=shared_ledger, run_id="replicas")
     cid = "replicated-1"
     msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Run the tests."}]
     text, _ = _turn(_client(a.base_url), msgs, cid, stream=True)
@@ -290,7 +290,7 @@ def test_a_second_replica_continues_a_conversation_on_its_pinned_decoder(
     assert t2["turn"] == 2 and t2["instance_id"] == pinned and not t2["remote_prefill"]  # ... on A's pin
     assert conv["pinned_instance_id"] == pinned and conv["replacements"] == 0
     assert b.runtime.writer.flush()
-    rows = Ledger(shared_ledger).get_conversation(cid).turns  # type: ignore[union-attr]
+    rows = Ledger(shared_ledger, run_id="replicas").get_conversation(cid).turns  # type: ignore[union-attr]
     assert [(t.turn, t.instance_id) for t in rows] == [(1, pinned), (2, pinned)]
 
 
@@ -299,8 +299,8 @@ def test_replicas_on_one_ledger_account_energy_once_and_hand_over(
 ) -> None:
     """Two replicas on one ledger: only the first meters and attributes the run's energy (a second accountant
     would count every engine again); when it stops, the other takes over on its next accounting tick."""
-    a = server_factory(tmp_path / "a", db_url=shared_ledger)
-    b = server_factory(tmp_path / "b", db_url=shared_ledger)
+    a = server_factory(tmp_path / "a", db_url=shared_ledger, run_id="replicas")
+    b = server_factory(tmp_path / "b", db_url=shared_ledger, run_id="replicas")
     acct_a, acct_b = a.runtime.accountant, b.runtime.accountant
     msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Run the tests."}]
     for i, served in enumerate((a, b, a, b)):

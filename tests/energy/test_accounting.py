@@ -128,7 +128,8 @@ def test_spread_work_splits_prefill_and_decode_over_their_spans() -> None:
         first_token_at=T0 + timedelta(seconds=2),
         last_token_at=T0 + timedelta(seconds=12),
         prompt_tokens=1000,
-        cached_tokens=200,
+        cached_tokens=1000,  # the decoder received the whole KV
+        prefill_cached_tokens=200,  # the prefiller's own prefix-cache hit
         output_tokens=100,
         prefill_instance_id="p0",
         remote_prefill=True,

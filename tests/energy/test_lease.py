@@ -24,7 +24,7 @@ def test_lease_kind_follows_the_ledger_url(tmp_path: Path) -> None:
     assert isinstance(lease_for("sqlite://", "live"), LocalLease)
     assert isinstance(lease_for("sqlite:///:memory:", "live"), LocalLease)
     f = lease_for(f"sqlite:///{tmp_path / 'l.db'}", "live/a b")
-    assert isinstance(f, FileLease) and f.path == Path(f"{tmp_path / 'l.db'}.energy-live_a_b.lock")
+    assert isinstance(f, FileLease) and f.path == tmp_path / ".conserve-locks" / "l.db.energy-live_a_b.lock"
     with pytest.raises(EnergyError, match="use SQLite or PostgreSQL"):
         lease_for("mysql://u@h/db", "live")
     assert advisory_key("live") == advisory_key("live") != advisory_key("other")
@@ -127,3 +127,28 @@ async def test_two_replicas_account_an_engine_once_and_the_second_takes_over(led
     assert (T0 + timedelta(seconds=10), T0 + timedelta(seconds=12)) not in spans  # the hand-over gap
     # 0-10 s by A, 12-20 s by B: 18 s of 300 W, each once (twice would be 36 s' worth)
     assert math.fsum(r.joules for r in rows) == pytest.approx(300.0 * 18, rel=1e-9)
+
+
+def test_the_lock_file_leaves_a_git_working_tree_clean(tmp_path: Path) -> None:
+    """issue 14: a ledger in the working tree left `conserve.db.energy-live.lock` untracked (the repo's
+    .gitignore has *.db, not the lock)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("*.db\n")
+    subprocess.run(["git", "-C", str(tmp_path), "add", ".gitignore"], check=True)
+    lease = lease_for(f"sqlite:///{tmp_path / 'conserve.db'}", "live-x")
+    assert lease.try_acquire()
+    try:
+        status = subprocess.run(
+            ["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert status.strip() == "A  .gitignore", status
+    finally:
+        lease.release()

@@ -245,7 +245,7 @@ def test_records_survive_the_pipe_to_the_ledger_process() -> None:
         "last_token_at": None,
         "prompt_tokens": 11, "output_tokens": 7, "finish_reason": "tool_calls", "is_final": True,
         "status": TurnStatus.REPLACED, "prefill_instance_id": "p0", "remote_prefill": True, "tier": "a40",
-        "cached_tokens": 5, "policy": "per-turn",
+        "cached_tokens": 5, "policy": "per-turn", "prefill_cached_tokens": 2, "tenant": "team-a",
     }  # fmt: skip
     assert set(values) == {f.name for f in fields(TurnRecord)}, "a new TurnRecord field: add it here"
     rec = TurnRecord(**values)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ session's caps are restored by the next start."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,9 @@ def test_serve_applies_records_shows_and_restores_caps(tmp_path: Path) -> None:
     from energy.reports import build_report
 
     with Ledger(fleet["database_url"]) as lg:
-        assert "power caps of run live: d0 GPU 1 200 W applied (read back 200 W)" in build_report(lg).notes
+        # serve makes a run id per start (issue 14: live-<UTC time>-<hex>)
+        pattern = r"power caps of run live-\S+: d0 GPU 1 200 W applied \(read back 200 W\)"
+        assert any(re.fullmatch(pattern, n) for n in build_report(lg).notes)
 
 
 def test_a_refused_permission_leaves_serving_up_and_says_not_applied(tmp_path: Path) -> None:
@@ -98,7 +101,10 @@ def test_a_refused_permission_leaves_serving_up_and_says_not_applied(tmp_path: P
 
     with Ledger(fleet["database_url"]) as lg:
         notes = build_report(lg, "engine").notes
-    assert "power caps of run live: d0 GPU 1 200 W NOT applied (no_permission)" in notes
+    assert any(
+        re.fullmatch(r"power caps of run live-\S+: d0 GPU 1 200 W NOT applied \(no_permission\)", n)
+        for n in notes
+    )
 
 
 def test_without_nvml_serving_goes_on_and_the_cap_is_reported_not_applied(tmp_path: Path) -> None:

@@ -76,7 +76,8 @@ def test_conversation_energy_is_part_of_busy_energy() -> None:
     convs = agentic(10, spacing_s=0.3)
     res = run_simulation(disagg(tm, 1, 2), convs, make_policy("conserve"), energy_window_s=0.25)
     ms = conversation_metrics(res, convs, None)
-    busy = sum(e.energy_j - e.idle_energy_j for e in res.instances)
+    # the windows' energy above their idle row (issue 14: idle = idle draw x whole window, as serve does)
+    busy = sum(w.energy_j - w.idle_energy_j for w in res.energy_windows)
     assert sum(m.energy_j for m in ms) == pytest.approx(busy, rel=1e-9)
     assert all(m.energy_j > 0 for m in ms)
 
