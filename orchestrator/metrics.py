@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.artifact import pooled_token_slowdowns, split_window_energy_j
+from orchestrator.core import slowdowns
 from orchestrator.errors import SimulationError
 from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.result import SimResult
@@ -219,9 +220,14 @@ def conversation_metrics(
         ttfet = c.ttfet_s if conv is Convention.HONEST else c.ttfet_admission_s
         e2e = c.e2e_s if conv is Convention.HONEST else c.e2e_admission_s
         sa = standalone.get(spec) if standalone is not None else None
-        s_ttfet = ttfet / sa.ttfet_s if sa and sa.ttfet_s > 0 else None
-        s_e2e = e2e / sa.e2e_s if sa and sa.e2e_s > 0 else None
-        s_tbt = c.last_turn_tbt_mean_s / sa.tbt_mean_s if sa and sa.tbt_mean_s > 0 else None
+        s_ttfet, s_e2e, s_tbt = slowdowns(
+            ttfet,
+            e2e,
+            c.last_turn_tbt_mean_s,
+            sa.ttfet_s if sa else None,
+            sa.e2e_s if sa else None,
+            sa.tbt_mean_s if sa else None,
+        )
         tok = None
         if c.last_turn_gaps_s is not None and sa and sa.tbt_mean_s > 0:
             tok = pooled_token_slowdowns(

@@ -1,7 +1,9 @@
 """The live router: applies a placement policy to live requests, keeps pins, records every turn.
 
-One policy, two drivers: this module and the simulator build a :class:`placement.base.FleetView` and call
-``policy.place(turn, view)`` -- the router never decides placement itself. Per turn it
+One policy, one driver core, two drivers: this module and the simulator build a
+:class:`placement.base.FleetView` and call ``policy.place(turn, view)`` -- the router never decides placement
+itself. Views, pins, the meaning of every Placement field and the per-conversation summary come from the
+driver core (orchestrator/core/), shared with the simulator. Per turn it
 
 1. estimates the prompt's tokens (tokenizer-free: ~4 characters per token, plus a few per chat message;
    the engine's reported ``usage`` replaces the estimate in the records once the turn ends);
@@ -49,6 +51,20 @@ from typing import Any, Protocol
 from conserve.clock import SYSTEM_CLOCK, Clock
 from conserve.errors import ConServeError
 from energy.records import ConversationView, PinRecord, TurnRecord, TurnStatus
+from orchestrator.core import (
+    ConversationState,
+    PinBook,
+    has_room,
+    instance_view,
+    local_prefill_tokens,
+    moves_pin,
+    pin_reason,
+    remote_prefill_tokens,
+    reservation_tokens,
+    round_trip_tokens,
+    rule_for,
+    running_turn_kv_tokens,
+)
 from orchestrator.engines.base import Engine, EngineObservation, EngineRequest, RequestKind
 from orchestrator.errors import EngineError
 from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
@@ -202,6 +218,13 @@ class RouterConfig:
     # catches up (it ships every 0.25 s; runtime.ServeSettings.ledger_flush_interval_s). Memory is released
     # after this, not after pin_ttl_s (the issue-13 finding: ~3 KB per ended conversation for 900 s).
     ended_keep_s: float = 30.0
+    # Router-side KV admission (the rule per policy: orchestrator.core.admission, as the simulator's
+    # --router-admission): a turn the rule reserves for waits until a healthy decode-capable instance shows
+    # room for its reservation in the fleet view, re-checking every admission_poll_s, at most
+    # admission_wait_s (then it is placed anyway: bounded). Live, only the turns so far are known: the
+    # reservation is the current prompt + the client's output cap. 0: off (the default; no await added).
+    admission_wait_s: float = 0.0
+    admission_poll_s: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,15 +323,15 @@ class _Instance:
     def _build_view(self) -> InstanceView:
         obs = self.obs
         used = int(obs.kv_usage_frac * self.kv_capacity_tokens) if obs is not None else 0
-        return InstanceView(
-            instance_id=self.instance_id,
-            role=self.role,
-            tier=self.tier,
+        # used KV = max(resident, pinned), capped (orchestrator.core.views, as in the simulator)
+        return instance_view(
+            self.instance_id,
+            self.role,
+            self.tier,
             healthy=self.healthy,
             queued_prefill_tokens=self.inflight_prefill_tokens,
-            # pinned conversations' tokens can exceed what the engine holds (evicted histories) and, when
-            # over-committed, its capacity; the policy sees at most a full instance (as in the simulator)
-            kv_used_tokens=min(self.kv_capacity_tokens, max(used, self.pinned_tokens)),
+            resident_kv_tokens=used,
+            pinned_kv_tokens=self.pinned_tokens,
             kv_capacity_tokens=self.kv_capacity_tokens,
             running_seqs=max(obs.running if obs is not None else 0, self.inflight_requests),
             waiting_seqs=obs.waiting if obs is not None else 0,
@@ -317,19 +340,11 @@ class _Instance:
 
 
 @dataclass(slots=True, eq=False)
-class _Conversation:
-    conversation_id: str
-    one_turn: bool
-    first_arrival_s: float
-    turns: int = 0
-    pin: str | None = None
-    pinned_tokens: int = 0  # tokens counted against the pinned decoder
-    context_tokens: int = 0  # prompt + output of the last finished turn
+class _Conversation(ConversationState):
+    """The core's conversation state (orchestrator.core.conversations) + what the router records."""
+
+    one_turn: bool = False
     last_active_s: float = 0.0
-    final_turn: int | None = None
-    ttfet_s: float | None = None
-    e2e_s: float | None = None
-    ended: bool = False
     reopened: bool = False  # sent a turn again after the client ended it (Router._reopen)
     records: list[TurnRecord] = field(default_factory=list)
     pins: list[PinRecord] = field(default_factory=list)
@@ -396,12 +411,15 @@ class Router:
             for iid, e in engines.items()
         }
         self._convs: dict[str, _Conversation] = {}
-        self._pins: dict[str, str] = {}  # conversation -> decoder, what FleetView.pins shows
+        self._book = PinBook(self._instances)  # pins and the tokens counted on them (orchestrator.core)
+        self._pins: dict[str, str] = self._book.pins  # conversation -> decoder, what FleetView.pins shows
         self._inflight: dict[int, float] = {}  # turn -> arrival (s), while it runs (settled_before)
         self._turn_keys = itertools.count()
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
         self.stats = {"turns": 0, "replacements": 0, "retries": 0, "kv_transfers": 0, "errors": 0}
+        self._admission_rule = rule_for(policy.name)
+        self.admission_stats = {"waited": 0, "timed_out": 0}
 
     # ---- introspection ------------------------------------------------------------------------------
     @property
@@ -596,13 +614,11 @@ class Router:
             max_out = _max_output(inp.body)
             self._check_fits(prompt_tokens + (max_out or 0))  # before a turn number or an engine is used
             conv = await self._conversation_for(inp, arrival_s)
-            conv.turns += 1
-            turn = conv.turns
+            treq = conv.next_turn(prompt_tokens, _max_output(inp.body))
+            turn = treq.turn
             conv.last_active_s = arrival_s
-            new_tokens = prompt_tokens - conv.context_tokens if turn > 1 else prompt_tokens
-            if new_tokens <= 0:  # the client rewrote its history: treat the whole prompt as new
-                new_tokens = prompt_tokens
-            treq = TurnRequest(conv.conversation_id, turn, prompt_tokens, new_tokens, max_out)
+            if self.config.admission_wait_s > 0:
+                await self._admit(treq)
             last_err: BaseException | None = None
             for attempt_no in range(self.config.max_attempts):
                 placement = self._place(treq, conv, arrival_s)
@@ -616,7 +632,12 @@ class Router:
                     if placement.remote_prefill:
                         pre = self._instances[placement.prefill_instance]  # type: ignore[index]
                         failed_on = pre.instance_id
-                        pre.inflight_prefill_tokens += prompt_tokens
+                        # a KV round trip (Placement.history_tokens): the decoder that served the last
+                        # turn holds the history; the prefiller computes only the rest (orchestrator.core)
+                        dec_holds = conv.context_tokens if conv.last_decoder == dec.instance_id else 0
+                        history = round_trip_tokens(placement, treq, dec_holds)
+                        remote_prefill = remote_prefill_tokens(placement, treq, history)
+                        pre.inflight_prefill_tokens += remote_prefill
                         pre.inflight_requests += 1
                         try:
                             res = await pre.engine.prefill(
@@ -626,10 +647,12 @@ class Router:
                                     att.request_id + "-p",
                                     conv.conversation_id,
                                     prompt_tokens,
+                                    history_tokens=history,
+                                    history_source=dec.instance_id if history else None,
                                 )
                             )
                         finally:
-                            pre.inflight_prefill_tokens -= prompt_tokens
+                            pre.inflight_prefill_tokens -= remote_prefill
                             pre.inflight_requests -= 1
                         kv_params = res.kv_transfer_params
                         att.prefill_cached_tokens = res.cached_tokens
@@ -640,7 +663,7 @@ class Router:
                     body = dict(inp.body)
                     body["stream"] = True
                     body["stream_options"] = {"include_usage": True}
-                    local_prefill = 0 if placement.remote_prefill else new_tokens
+                    local_prefill = local_prefill_tokens(placement, treq)
                     dec.inflight_prefill_tokens += local_prefill
                     dec.inflight_requests += 1
                     try:
@@ -787,6 +810,28 @@ class Router:
                 limit_tokens=largest,
             )
 
+    async def _admit(self, treq: TurnRequest) -> None:
+        """Wait (bounded) until some healthy decode-capable instance has room for the turn's reservation."""
+        k = treq.turn
+        inputs = [0] * (k - 1) + [treq.input_tokens]
+        outputs = [0] * (k - 1) + [treq.max_output_tokens or 0]
+        need = reservation_tokens(self._admission_rule, k, inputs, outputs)[0]
+        if need <= 0:
+            return
+        deadline = self.clock.now_s() + self.config.admission_wait_s
+        waited = False
+        while not any(
+            v.healthy and v.role.can_decode and has_room(v.kv_capacity_tokens, v.kv_used_tokens, need)
+            for v in self.fleet_view().instances
+        ):
+            if self.clock.now_s() >= deadline:
+                self.admission_stats["timed_out"] += 1
+                break
+            if not waited:
+                waited = True
+                self.admission_stats["waited"] += 1
+            await asyncio.sleep(self.config.admission_poll_s)
+
     def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
         try:
             placement = self.policy.place(treq, self.fleet_view())
@@ -799,52 +844,27 @@ class Router:
                 raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")
         old = conv.pin
         # Placement.pin asks to (re)bind the conversation; without it an existing pin stays as it is and
-        # none is made, as in the simulator: policies that never pin (per-turn, full-disagg, round-robin,
-        # kv-aware) have nothing held for a conversation between turns
-        if placement.pin and old != placement.decode_instance:
-            if old is not None or (treq.turn > 1 and not conv.one_turn and not conv.reopened):
-                reason = f"replaced: {placement.reason or 'pinned decoder unavailable'}"
+        # none is made (orchestrator.core.turns): policies that never pin (per-turn, full-disagg,
+        # round-robin, kv-aware) have nothing held for a conversation between turns
+        if moves_pin(placement, old):
+            reason = pin_reason(placement, old, treq.turn > 1 and not conv.one_turn and not conv.reopened)
+            if reason != "placed":
                 self.stats["replacements"] += 1
                 self.observer.replaced(conv.conversation_id, old, placement.decode_instance)
-            else:
-                reason = "placed"
             self._pin(conv, placement.decode_instance, now_s, reason=reason)
-        self._account(conv, treq.input_tokens + (treq.max_output_tokens or 0))
+        self._book.account(conv, running_turn_kv_tokens(treq))
         return placement
 
     def _pin(self, conv: _Conversation, instance_id: str, now_s: float, reason: str | None) -> None:
-        self._unpin(conv)
-        inst = self._instances[instance_id]
-        conv.pin = instance_id
-        inst.pinned.add(conv.conversation_id)
-        self._pins[conv.conversation_id] = instance_id
+        self._book.pin(conv, instance_id)
         if reason is not None and (not conv.one_turn or reason != "placed"):
             rec = PinRecord(conv.conversation_id, instance_id, self.clock.wall(now_s), reason)
             if not conv.one_turn:
                 conv.pins.append(rec)
             self.sink.pin(rec)
 
-    def _unpin(self, conv: _Conversation) -> None:
-        if conv.pin is None:
-            return
-        inst = self._instances.get(conv.pin)
-        if inst is not None:
-            inst.pinned.discard(conv.conversation_id)
-            inst.pinned_tokens -= conv.pinned_tokens
-        self._pins.pop(conv.conversation_id, None)
-        conv.pin = None
-        conv.pinned_tokens = 0
-
-    def _account(self, conv: _Conversation, tokens: int) -> None:
-        """Set the KV tokens this conversation holds on its pinned decoder."""
-        if conv.pin is None:
-            return
-        inst = self._instances[conv.pin]
-        inst.pinned_tokens += tokens - conv.pinned_tokens
-        conv.pinned_tokens = tokens
-
     def _end(self, conv: _Conversation) -> None:
-        self._unpin(conv)
+        self._book.unpin(conv)
         conv.ended = True
         self.policy.forget(conv.conversation_id)
 
@@ -899,15 +919,12 @@ class Router:
         ttfet = None
         if ok:
             self.stats["turns"] += 1
-            conv.context_tokens = prompt + output
+            ttfet = conv.turn_ended(
+                treq.turn, prompt, output, pl.decode_instance, is_final, att.first_s, att.last_s
+            )
             conv.last_active_s = att.last_s or self.clock.now_s()
-            self._account(conv, conv.context_tokens)
+            self._book.account(conv, conv.context_tokens)
             self.policy.observe_turn_end(conv.conversation_id, treq.turn, output)
-            if is_final and att.first_s is not None:
-                conv.final_turn = treq.turn
-                ttfet = att.first_s - conv.first_arrival_s
-                conv.ttfet_s = ttfet
-                conv.e2e_s = (att.last_s - conv.first_arrival_s) if att.last_s is not None else None
             if client_final:
                 self._end(conv)
         self.observer.turn_done(

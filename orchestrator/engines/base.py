@@ -41,6 +41,12 @@ class EngineRequest:
     conversation_id: str
     prompt_tokens: int = 0  # the router's count of the prompt (for accounting and simulated engines)
     kv_transfer_params: dict[str, Any] | None = None  # from a prefiller, forwarded to the decoder
+    # a KV round trip (placement.base.Placement.history_tokens, orchestrator.core.turns): a prefill request
+    # whose first `history_tokens` prompt tokens' KV the prefiller pulls from `history_source` (the decoder
+    # holding them) instead of computing them. Simulated engines honour it; vLLM's KV connectors have no
+    # decoder -> prefiller pull, so a vLLM prefiller computes the whole prompt (its prefix cache may hit).
+    history_tokens: int = 0
+    history_source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

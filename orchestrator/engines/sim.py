@@ -10,12 +10,15 @@ the tier model (tiers/perf.py) predicts:
 - KV occupancy and queues exposed like vLLM's /metrics (``EngineObservation``);
 - a prefix cache per conversation (LRU, bounded by free KV): a later turn prefills only its increment;
 - the remote-decode protocol: ``prefill()`` returns ``kv_transfer_params`` that a decoder accepts once
-  (through a shared :class:`SimKvFabric`), paying the modelled KV-transfer time, and counts the transfer.
+  (through a shared :class:`SimKvFabric`), paying the modelled KV-transfer time, and counts the transfer;
+  a prefill request with ``history_tokens`` (a KV round trip) pulls that history's KV first, paying the same
+  modelled transfer time, and computes only the rest.
 
 The generated text is synthetic and says so (``"[simulated] token token ..."``). A request that offers
 ``tools`` (and no ``tool_choice: "none"``) gets a synthetic tool call (finish_reason ``tool_calls``), the
 shape of an agent's intermediate turn; otherwise a turn ends with ``stop`` after ``natural_output_tokens``
-tokens, or ``length`` if ``max_tokens`` is smaller.
+tokens (or vLLM's ``min_tokens`` when it is larger: a replayed trace's output length), or ``length`` if
+``max_tokens`` is smaller.
 
 Must not import fastapi, sqlalchemy or httpx. Time comes from an injected clock (conserve/clock.py).
 """
@@ -37,6 +40,7 @@ from energy.meters import (
     GENERATION_TOKENS_TOTAL,
     PROMPT_TOKENS_TOTAL,
 )
+from orchestrator.core.turns import kv_shipped_tokens
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
 from orchestrator.errors import EngineError
 from placement.base import Role
@@ -320,7 +324,8 @@ class SimEngine:
         if tool is not None:
             finish = "tool_calls"
         else:
-            capped = _requested_max(req.body, self.natural_output_tokens) < self.natural_output_tokens
+            natural = _natural_output(req.body, self.natural_output_tokens)
+            capped = _requested_max(req.body, self.natural_output_tokens) < natural
             finish = "length" if capped else "stop"
         yield chunk({} if chat else "", finish)
         yield {
@@ -398,17 +403,27 @@ class SimEngine:
                     "accepts only handles from a simulated prefiller of the same fleet."
                 )
             handle = self.fabric.claim(transfer_id)
-            await self.clock.sleep(kv_transfer_time_s(handle.tokens))
+            # only the KV this decoder does not hold already travels (its prefix cache of the conversation,
+            # whole blocks: orchestrator.core.turns.kv_shipped_tokens, as in the simulator)
+            own = self._prefix.get(req.conversation_id, 0)
+            shipped = kv_shipped_tokens(handle.tokens, own, self.tier_model.block_size_tokens)
+            await self.clock.sleep(kv_transfer_time_s(shipped))
             self._check_alive()
             cached = min(handle.tokens, prompt)
             self.external_prefix_cache_hits_tokens += cached
             self.kv_transfers_accepted += 1
-            self.kv_transfer_bytes += handle.tokens * self.tier_model.model.kv_bytes_per_token
+            self.kv_transfer_bytes += shipped * self.tier_model.model.kv_bytes_per_token
         else:
             hit = min(self._prefix.get(req.conversation_id, 0), prompt - 1)  # last token is always computed
             self.prefix_cache_queries_tokens += prompt
             self.prefix_cache_hits_tokens += max(0, hit)
             cached = max(0, hit)
+            pulled = min(req.history_tokens, prompt - 1) if prefill_only else 0
+            if pulled > cached:  # a KV round trip: the history's KV comes from the decoder holding it
+                await self.clock.sleep(kv_transfer_time_s(pulled))
+                self._check_alive()
+                self.kv_transfer_bytes += pulled * self.tier_model.model.kv_bytes_per_token
+                cached = pulled
         self._prefix.pop(req.conversation_id, None)  # in use now; re-cached when the request ends
         max_out = 0 if prefill_only else _requested_max(req.body, self.natural_output_tokens)
         seq = _Seq(
@@ -550,8 +565,19 @@ class SimEngine:
             finished.append(seq)
 
 
+def _natural_output(body: dict[str, Any], natural: int) -> int:
+    """Where the simulated model would stop by itself: the engine's natural length, or later when the client
+    asks for at least ``min_tokens`` (vLLM's sampling parameter: no end of sequence before that many)."""
+    lo = body.get("min_tokens")
+    if isinstance(lo, int) and not isinstance(lo, bool) and lo > natural:
+        return lo
+    return natural
+
+
 def _requested_max(body: dict[str, Any], natural: int) -> int:
-    """Output tokens this turn decodes: the client's cap, or the engine's natural length."""
+    """Output tokens this turn decodes: the client's cap, or the model's natural length (see
+    :func:`_natural_output`)."""
+    natural = _natural_output(body, natural)
     cap = body.get("max_completion_tokens")
     if cap is None:
         cap = body.get("max_tokens")

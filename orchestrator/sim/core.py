@@ -26,10 +26,10 @@ step in progress. Per-sequence progress is implicit: a decoding sequence knows t
 emits its first and its last token, so committing a stretch costs O(log batch), never O(batch) or O(tokens).
 
 Observables for the policies (``FleetView``) are refreshed whenever an instance's batch composition changes,
-like a metrics scrape; they never include a sequence's future (its output length). KV used is what the live
-router reports (orchestrator/router.py): the larger of the resident KV and the router's own accounting, i.e.
-the tokens its pinned conversations hold (prompt while a turn runs, prompt + output between turns, counted
-even when the engine has evicted them) and, with router-side admission, its reservations; capped at capacity.
+like a metrics scrape; they never include a sequence's future (its output length). Views, pins, the meaning
+of every Placement field, admission reservations and the per-conversation summary come from the driver core
+(orchestrator/core/), shared with the live router: KV used is the larger of the resident KV and the driver's
+own accounting (its pinned conversations' tokens, its reservations), capped at capacity.
 
 Nothing here reads the wall clock except ``wall_s`` in the result (run time, for benchmarks). No module or
 class state: every run builds its own objects.
@@ -49,8 +49,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from orchestrator.core import (
+    AdmissionRule,
+    PinBook,
+    PinState,
+    Reserve,
+    final_turn_times,
+    growth_tokens,
+    has_room,
+    instance_view,
+    kv_shipped_tokens,
+    moves_pin,
+    reservation_tokens,
+    round_trip_tokens,
+    rule_for,
+)
 from orchestrator.errors import SimulationError
-from orchestrator.sim.admission import AdmissionRule, Reserve, rule_for
 from orchestrator.sim.clock import VirtualClock
 from orchestrator.sim.result import (
     ConversationRecord,
@@ -122,6 +136,11 @@ class SimOptions:
     prefill_max_batched_tokens: int | None = None
     # router-side KV admission as the paper's artifact ran it (orchestrator.sim.admission): off by default
     router_admission: bool = False
+    # the resident KV policies see includes the prefix-cache entries of conversations still going (True, the
+    # behaviour the fidelity tables were measured with) or only the sequences' KV, as a live engine reports it
+    # (vLLM's kv_cache_usage_perc counts no evictable cached block) and the live router sees it (False: the
+    # router/simulator parity test, tests/core/test_driver_parity.py). Pinned conversations count either way.
+    view_cached_histories: bool = True
     # keep every inter-token gap of each conversation's final turn in its ConversationRecord
     # (last_turn_gaps_s), for the per-token last-turn TBT statistic the paper reports
     # (orchestrator.artifact.pooled_token_slowdowns; s5_metrics.py lines 587-599). Off by default: memory
@@ -225,7 +244,7 @@ class _Instance:
         "waiting", "prefilling", "heap", "n_decode", "ctx_sum", "pending_join", "reserved", "nondecode_kv",
         "cache", "cache_total", "steps_done", "busy", "cur", "version", "segments", "prefill_log",
         "queued_prefill", "running_other", "pinned", "view", "dirty", "peak_reserved", "kvb", "link",
-        "prefill_tokens", "decode_tokens", "live", "live_total", "adm_used", "pin_tokens",
+        "prefill_tokens", "decode_tokens", "live", "live_total", "adm_used", "pinned_tokens", "view_live",
     )
 
     def __init__(self, idx: int, spec: InstanceLike, opts: SimOptions, link: str) -> None:
@@ -258,6 +277,7 @@ class _Instance:
         # pinned conversations hold on this instance between turns, DESIGN.md section 7)
         self.live: dict[str, int] = {}
         self.live_total = 0
+        self.view_live = opts.view_cached_histories  # count them in the view (SimOptions)
         self.steps_done = 0
         self.busy = False
         # current step or stretch: (t_start, n, A, D, power_w, is_prefill, chunks)
@@ -268,17 +288,17 @@ class _Instance:
         self.prefill_log: list[tuple[float, float, _TurnState, int]] = []  # (step start, end, turn, tokens)
         self.queued_prefill = 0
         self.running_other = 0  # admitted decode-only sequences waiting for their KV
-        self.pinned = 0
+        self.pinned: set[str] = set()  # conversations pinned here (orchestrator.core.PinBook)
         self.view: InstanceView | None = None
         self.dirty = True
         self.peak_reserved = 0
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.adm_used = 0  # router-side KV reservations on this instance (SimOptions.router_admission)
-        # the router's accounting of its pins (orchestrator/router.py _Instance.pinned_tokens): the KV tokens
-        # the conversations pinned here hold (prompt while a turn runs, prompt + output after it), whether or
-        # not the engine still has them resident
-        self.pin_tokens = 0
+        # the driver's accounting of its pins (orchestrator.core.PinBook, as the router's): the KV tokens the
+        # conversations pinned here hold (prompt while a turn runs, prompt + output after it), whether or not
+        # the engine still has them resident
+        self.pinned_tokens = 0
 
     def cache_take(self, cid: str) -> int:
         tok = self.cache.pop(cid, 0)
@@ -318,23 +338,22 @@ class _Instance:
 
     def make_view(self) -> InstanceView:
         if self.dirty or self.view is None:
-            self.view = InstanceView(
-                instance_id=self.id,
-                role=self.role,
-                tier=self.tier,
+            # resident: running sequences' KV and (SimOptions.view_cached_histories) the cached prefixes of
+            # conversations still going
+            resident = self.ctx_sum + self.nondecode_kv + (self.live_total if self.view_live else 0)
+            self.view = instance_view(
+                self.id,
+                self.role,
+                self.tier,
                 healthy=self.healthy,
                 queued_prefill_tokens=self.queued_prefill,
-                # the router reports the larger of the engine's resident KV and its own accounting: what it
-                # reserved here (router-side admission) and what its pinned conversations hold (even when
-                # the engine has evicted it), as orchestrator/router.py _Instance.view
-                kv_used_tokens=min(
-                    self.cap,
-                    max(self.ctx_sum + self.nondecode_kv + self.live_total, self.adm_used, self.pin_tokens),
-                ),
+                resident_kv_tokens=resident,
+                pinned_kv_tokens=self.pinned_tokens,
+                reserved_kv_tokens=self.adm_used,
                 kv_capacity_tokens=self.cap,
                 running_seqs=len(self.prefilling) + self.n_decode,
                 waiting_seqs=len(self.waiting),
-                pinned_conversations=self.pinned,
+                pinned_conversations=len(self.pinned),
             )
             self.dirty = False
         return self.view
@@ -410,10 +429,10 @@ class _Sim:
         self.order = 0
         self.calls = 0
         self.key = 0
-        self.pins: dict[str, str] = {}
-        # per conversation: the instance index it is pinned to (-1: none) and the tokens counted there
-        self.pin_of: list[int] = [-1] * len(self.convs)
-        self.pin_tok: list[int] = [0] * len(self.convs)
+        # pins and the tokens counted on them (orchestrator.core.PinBook; book.pins is FleetView.pins)
+        self.book = PinBook(self.by_id)
+        self.pins = self.book.pins
+        self.pin_state = [PinState(c.conversation_id) for c in self.convs]
         self.decisions: list[Decision] = []
         self.feedback: list[Feedback] = []
         self.turn_states: list[list[_TurnState]] = [[] for _ in self.convs]
@@ -522,36 +541,28 @@ class _Sim:
     # ---- router-side KV admission (SimOptions.router_admission; orchestrator.sim.admission) ------------
     def _adm_need(self, ci: int, turn: int) -> tuple[int, int]:
         """(decoder tokens, prefiller tokens) a turn reserves when it is admitted; (0, 0): no admission."""
-        conv = self.convs[ci]
-        rule = self.rule.reserve
-        if rule is Reserve.TURN:
-            inp = self.inputs[ci][turn - 1]
-            return inp + conv.turns[turn - 1].output_tokens, inp
-        if turn != 1:
-            return 0, 0
-        if rule is Reserve.CONVERSATION:
-            return self.inputs[ci][-1] + conv.turns[-1].output_tokens, 0  # the whole final context
-        return self.inputs[ci][0] + conv.turns[0].output_tokens, 0
+        outs = [t.output_tokens for t in self.convs[ci].turns]
+        return reservation_tokens(self.rule, turn, self.inputs[ci], outs)
 
     def _adm_open(self, ts: _TurnState) -> bool:
         """Some healthy engine has room for the reservation (then the policy is asked to place)."""
         nd, npre = self._adm_need(ts.conv, ts.turn)
         dec_ok = any(
-            i.healthy and i.role.can_decode and i.cap - i.adm_used >= nd for i in self.insts
+            i.healthy and i.role.can_decode and has_room(i.cap, i.adm_used, nd) for i in self.insts
         )
         if not dec_ok or npre == 0:
             return dec_ok
         pre = [i for i in self.insts if i.healthy and i.role == Role.PREFILL]
-        return not pre or any(i.cap - i.adm_used >= npre for i in pre)
+        return not pre or any(has_room(i.cap, i.adm_used, npre) for i in pre)
 
     def _adm_fits(self, ts: _TurnState, pl: Placement) -> bool:
         nd, npre = self._adm_need(ts.conv, ts.turn)
         dec = self.by_id[pl.decode_instance]
-        if dec.cap - dec.adm_used < nd:
+        if not has_room(dec.cap, dec.adm_used, nd):
             return False
         if npre and pl.remote_prefill:
             pre = self._instance(pl.prefill_instance or "", "prefill")
-            return pre.role != Role.PREFILL or pre.cap - pre.adm_used >= npre
+            return pre.role != Role.PREFILL or has_room(pre.cap, pre.adm_used, npre)
         return True
 
     def _adm_hold(self, held: list[tuple[int, int] | None], ci: int, idx: int, tokens: int) -> None:
@@ -582,9 +593,9 @@ class _Sim:
         if held is None:
             return
         tokens = held[1]
-        if fresh and self.rule.reserve is Reserve.FIRST_TURN:  # AMPD: grow, never block
+        if fresh:  # AMPD's first-turn rule: grow, never block (0 under the other rules)
             spec = self.convs[ci].turns[ts.turn - 1]
-            tokens += spec.appended_tokens + spec.output_tokens
+            tokens += growth_tokens(self.rule, spec.appended_tokens, spec.output_tokens)
         if tokens != held[1] or held[0] != dec.idx:
             self._adm_hold(self.adm_dec, ci, dec.idx, tokens)
 
@@ -682,19 +693,14 @@ class _Sim:
                 f"policy {self.policy.name!r} chose {dec.id!r} (role {dec.role}) to decode; it cannot decode"
             )
         ci = ts.conv
-        if pl.pin:
-            old = self.pins.get(cid)
-            if old != dec.id:
-                if old is not None:
-                    self.by_id[old].pinned -= 1
-                    self.by_id[old].dirty = True
-                self._unpin_tokens(ci)
-                self.pins[cid] = dec.id
-                self.pin_of[ci] = dec.idx
-                dec.pinned += 1
-                dec.dirty = True
-        # the router counts a placed turn's prompt (+ the client's max_tokens, which the simulator's turns
-        # do not carry) against the pinned decoder until the turn ends (Router._place -> _account)
+        pst = self.pin_state[ci]
+        if moves_pin(pl, pst.pin):
+            old = self.book.pin(pst, dec.id)
+            if old is not None:
+                self.by_id[old].dirty = True
+            dec.dirty = True
+        # a placed turn is counted for its prompt (+ the client's output cap, which the simulator's turns do
+        # not carry: orchestrator.core.running_turn_kv_tokens) on the pinned decoder until the turn ends
         self._pin_account(ci, ts.input_tokens)
         ts.decode_inst = dec.idx
         need = dec.block_round(ts.input_tokens + ts.output_tokens)
@@ -740,32 +746,22 @@ class _Sim:
 
     def _pin_account(self, ci: int, tokens: int) -> None:
         """Set the KV tokens conversation `ci` is counted for on its pinned instance (none: no-op)."""
-        k = self.pin_of[ci]
-        if k < 0:
-            return
-        inst = self.insts[k]
-        inst.pin_tokens += tokens - self.pin_tok[ci]
-        self.pin_tok[ci] = tokens
-        inst.dirty = True
+        iid = self.book.account(self.pin_state[ci], tokens)
+        if iid is not None:
+            self.by_id[iid].dirty = True
 
-    def _unpin_tokens(self, ci: int) -> None:
-        k = self.pin_of[ci]
-        if k < 0:
-            return
-        inst = self.insts[k]
-        inst.pin_tokens -= self.pin_tok[ci]
-        inst.dirty = True
-        self.pin_of[ci] = -1
-        self.pin_tok[ci] = 0
+    def _unpin(self, ci: int) -> None:
+        iid = self.book.unpin(self.pin_state[ci])
+        if iid is not None:
+            self.by_id[iid].dirty = True
 
     def _history_to_pull(self, ts: _TurnState, pl: Placement, dec: _Instance, cid: str) -> int:
         """History tokens a round-trip placement ships to the prefiller: what the decoder still holds of it
         (whole blocks); 0 when the placement asks for none or the decoder has lost it."""
-        if pl.history_tokens <= 0 or ts.turn == 1:
-            return 0
         held = dec.cache.get(cid, 0) if dec.cache_on else 0
-        hist = min(pl.history_tokens, held, ts.input_tokens - 1)
-        return hist // dec.block * dec.block
+        new = self.convs[ts.conv].turns[ts.turn - 1].appended_tokens
+        turn = TurnRequest(cid, ts.turn, ts.input_tokens, new)
+        return round_trip_tokens(pl, turn, held, dec.block)
 
     def _pull_done(self, s: _Seq, pre: _Instance, t: float) -> None:
         """The history KV has reached the prefiller: queue the prefill of the rest there."""
@@ -832,8 +828,7 @@ class _Sim:
             inst.dirty = True
             blk = inst.block
             if s.kind == _DECODE_ONLY:
-                hit = min(own, ts.input_tokens) // blk * blk if inst.cache_on else 0
-                tokens = ts.input_tokens - hit
+                tokens = kv_shipped_tokens(ts.input_tokens, own if inst.cache_on else 0, blk)
                 nbytes = tokens * inst.kvb
                 src = self.insts[ts.prefill_inst]
                 link = inst.link if inst.link == src.link else _slower(inst.link, src.link)
@@ -1008,12 +1003,7 @@ class _Sim:
                 self._arrive(ts.conv, ts.turn + 1, t)
         else:
             self.policy.forget(cid)
-            old_pin = self.pins.pop(cid, None)
-            if old_pin is not None:
-                p = self.by_id[old_pin]
-                p.pinned -= 1
-                p.dirty = True
-            self._unpin_tokens(ts.conv)
+            self._unpin(ts.conv)
             self.done += 1
             if self.progress is not None:
                 self.progress(self.done, len(self.convs))
@@ -1158,6 +1148,8 @@ class _Sim:
             t0_adm = admitted
             if self.rule.exclude_turn1_prefill_queue and first.remote:
                 t0_adm = max(admitted, first.prefill_start_s)
+            ttfet, e2e = final_turn_times(first.arrival_s, last.first_token_s, last.last_token_s)
+            ttfet_adm, e2e_adm = final_turn_times(t0_adm, last.first_token_s, last.last_token_s)
             # an emulated delay the run's clocks must count (TurnDelay.conversation_offset_s)
             off = self.turn_delay.conversation_offset_s(c.conversation_id) if self.turn_delay else 0.0
             convs.append(
@@ -1166,10 +1158,11 @@ class _Sim:
                     arrival_s=c.arrival_s,
                     turns=len(states),
                     tokens=c.total_tokens,
-                    ttfet_s=last.first_token_s - first.arrival_s + off,
-                    e2e_s=last.last_token_s - first.arrival_s + off,
-                    ttfet_admission_s=last.first_token_s - t0_adm + off,
-                    e2e_admission_s=last.last_token_s - t0_adm + off,
+                    # the simulator times every token: never None
+                    ttfet_s=ttfet + off,  # type: ignore[operator]
+                    e2e_s=e2e + off,  # type: ignore[operator]
+                    ttfet_admission_s=ttfet_adm + off,  # type: ignore[operator]
+                    e2e_admission_s=e2e_adm + off,  # type: ignore[operator]
                     last_turn_tbt_mean_s=tbt_mean,
                     last_turn_tbt_p95_s=tbt_p95,
                     decoders=tuple(self.insts[ts.decode_inst].id for ts in states),
