@@ -24,7 +24,7 @@ import time
 from datetime import UTC, datetime
 from typing import Protocol
 
-__all__ = ["Clock", "SystemClock", "VirtualClock", "SYSTEM_CLOCK"]
+__all__ = ["Clock", "SystemClock", "VirtualClock", "LoopClock", "SYSTEM_CLOCK"]
 
 
 class Clock(Protocol):
@@ -95,3 +95,26 @@ class VirtualClock:
     async def sleep(self, seconds: float) -> None:
         self.advance_to(self._t + max(0.0, seconds))
         await asyncio.sleep(0)
+
+
+class LoopClock:
+    """The running asyncio loop's time as the clock: on a virtual-time event loop (one whose ``time()``
+    jumps to the next timer when every task waits) the router and simulated engines run unchanged on
+    virtual time; on a normal loop it is monotonic time. Wall timestamps: ``epoch`` + loop seconds."""
+
+    __slots__ = ("_epoch",)
+
+    def __init__(self, epoch: datetime | None = None) -> None:
+        self._epoch = (epoch or datetime(2026, 1, 1, tzinfo=UTC)).timestamp()
+
+    def now_s(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def wall(self, at_s: float | None = None) -> datetime:
+        return datetime.fromtimestamp(self._epoch + (self.now_s() if at_s is None else at_s), UTC)
+
+    def at_s(self, when: datetime) -> float:
+        return when.timestamp() - self._epoch
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vloop import LoopClock, run_virtual
+from vloop import run_virtual
 
+from conserve.clock import LoopClock
 from energy.records import PinRecord, TurnRecord, TurnStatus
 from orchestrator.engines.base import RequestKind
 from orchestrator.engines.sim import SimEngine, SimKvFabric
@@ -138,7 +139,7 @@ def run_live(
             for i in instances
         }  # fmt: skip
         cfg = RouterConfig("m", 10**7, down_after_failed_polls=1)
-        router = Router(engines, rec, cfg, sink=live, clock=loop.time)  # type: ignore[arg-type]
+        router = Router(engines, rec, cfg, sink=live, clock=LoopClock())
         await router.poll()
 
         async def poller() -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from vloop import run_virtual
 
+from conserve.clock import LoopClock
 from energy.records import PinRecord, TurnRecord
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
 from orchestrator.router import Router, RouterConfig, TurnInput
@@ -59,9 +61,14 @@ def _run(wait_s: float) -> tuple[dict[str, float], dict[str, int]]:
     sink = Sink()
 
     async def main() -> dict[str, int]:
-        loop = asyncio.get_running_loop()
         cfg = RouterConfig("m", 10**6, admission_wait_s=wait_s, admission_poll_s=0.05)
-        router = Router({"d0": Decoder()}, make_policy("conserve"), cfg, sink=sink, clock=loop.time)
+        router = Router(
+            {"d0": Decoder()},
+            make_policy("conserve"),
+            cfg,
+            sink=sink,
+            clock=LoopClock(epoch=datetime.fromtimestamp(0, UTC)),
+        )  # wall = loop seconds
 
         def turn(cid: str, tokens: int, final: bool) -> TurnInput:
             return TurnInput(

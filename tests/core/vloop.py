@@ -46,16 +46,6 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._virtual_s += seconds
 
 
-class LoopClock:
-    """orchestrator.engines.sim.SimClock on the running loop's (virtual) time."""
-
-    def now(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    async def sleep(self, modelled_s: float) -> None:
-        await asyncio.sleep(modelled_s)
-
-
 def run_virtual(main: Awaitable[T]) -> T:
     """Run a coroutine to completion on a fresh virtual-time loop."""
     loop = VirtualTimeLoop()
