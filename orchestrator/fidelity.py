@@ -57,7 +57,6 @@ from orchestrator.metrics import (
     Convention,
     SloSpec,
     SplitEnergyWindow,
-    StandaloneCache,
     Summary,
     conversation_metrics,
     summarize,
@@ -66,6 +65,7 @@ from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.fleet import build_instances, links_of, reference_tier_model, unallocated_idle_w
 from orchestrator.sim.paper import CONFIGS, PAPER_SIM_OPTIONS
 from orchestrator.sim.result import SimResult
+from orchestrator.sim.standalone import StandaloneCache
 from orchestrator.workload import ConversationSpec, TurnSpec, load_conserve_trace, workload_from_config
 from placement.base import Policy, Role
 from placement.policies import ConservePolicy, make_policy

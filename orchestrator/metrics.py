@@ -3,8 +3,9 @@
 Per conversation: TTFET (arrival of turn 1 -> first token of the final turn), TTFT of every turn, last-turn
 TBT (mean and p95), E2E; each latency also as a *slowdown* against the standalone latency of the same
 conversation (served alone on an idle colocated instance of the reference tier at batch 1 -- computed by
-running the simulator itself on that conversation, cached per conversation shape). SLO violations: slowdown
-above a bound (default 5 for TTFET, mean last-turn TBT and E2E) or above an absolute bound.
+running the simulator on that conversation, orchestrator.sim.standalone, cached per shape). SLO
+violations: slowdown above a bound (default 5 for TTFET, mean last-turn TBT and E2E) or above an absolute
+bound.
 
 Energy: tokens per joule with *every* GPU of the deployment billed, idle ones included (instances idle
 between steps, and unallocated GPUs when the fleet bills them). Tokens counted: prompt + output tokens of
@@ -23,21 +24,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from orchestrator.artifact import pooled_token_slowdowns, split_window_energy_j
 from orchestrator.core import slowdowns
 from orchestrator.errors import SimulationError
-from orchestrator.sim.core import SimOptions, run_simulation
-from orchestrator.sim.result import SimResult
-from orchestrator.workload import ConversationSpec, TurnSpec
+from orchestrator.workload import ConversationSpec
 from placement.base import Role
-from placement.policies import ColocatedPolicy
-from tiers.perf import TierModel
+
+if TYPE_CHECKING:  # annotations only: a simulation's result is this module's input
+    from orchestrator.sim.result import SimResult
 
 TOKENS_COUNTED = "prompt + output tokens of every turn"
 
@@ -78,50 +78,11 @@ class Standalone:
     ttft_s: tuple[float, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class _RefInstance:
-    instance_id: str
-    tier: str
-    role: Role
-    tier_model: TierModel
+class StandaloneSource(Protocol):
+    """Where the standalone latencies of a conversation come from (orchestrator.sim.standalone runs the
+    simulator for them; metrics never runs a simulation itself: the layering contract in pyproject.toml)."""
 
-
-class StandaloneCache:
-    """Standalone latencies: each conversation simulated alone on one idle colocated reference instance.
-
-    Owned by the caller (no module-level state); keyed by the conversation's turns, so conversations with the
-    same shape share one run.
-    """
-
-    def __init__(
-        self, reference: TierModel, options: SimOptions | None = None, reference_prefix_cache: bool = True
-    ) -> None:
-        self.reference = reference
-        # the normaliser is the conversation alone on an idle instance of the *reference engine*: no
-        # router-side admission, and prefix caching as that engine has it (vLLM's default, on; the paper's
-        # normaliser ran plain `vllm serve`, conserve/src/scheduler.py run_conversation_serial), whatever the
-        # run under test does (e.g. the artifact's proxy path without prefix caching, SimOptions.prefix_cache)
-        self.options = replace(
-            options or SimOptions(),
-            router_admission=False,
-            prefix_cache=reference_prefix_cache,
-            prefiller_prefix_cache=reference_prefix_cache,
-        )
-        self._cache: dict[tuple[TurnSpec, ...], Standalone] = {}
-
-    def get(self, conv: ConversationSpec) -> Standalone:
-        key = tuple(conv.turns)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        inst = _RefInstance("standalone", self.reference.name, Role.COLOCATED, self.reference)
-        alone = ConversationSpec(conv.conversation_id, 0.0, conv.turns)
-        res = run_simulation([inst], [alone], ColocatedPolicy(), energy_window_s=None, options=self.options)
-        c = res.conversations[0]
-        ttft = tuple(t.ttft_s for t in res.turns)
-        out = Standalone(c.ttfet_s, c.e2e_s, c.last_turn_tbt_mean_s, c.last_turn_tbt_p95_s, ttft)
-        self._cache[key] = out
-        return out
+    def get(self, conv: ConversationSpec) -> Standalone: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +161,7 @@ def conversation_energy_j(result: SimResult) -> dict[str, float]:
 def conversation_metrics(
     result: SimResult,
     conversations: Sequence[ConversationSpec],
-    standalone: StandaloneCache | None,
+    standalone: StandaloneSource | None,
     slo: SloSpec = SloSpec(),
     convention: Convention | str = Convention.HONEST,
 ) -> list[ConversationMetrics]:

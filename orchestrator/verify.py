@@ -40,10 +40,11 @@ import numpy as np
 
 from conserve.errors import ConServeError
 from orchestrator.config import FleetConfig
-from orchestrator.metrics import ConversationMetrics, SloSpec, StandaloneCache, conversation_metrics
+from orchestrator.metrics import ConversationMetrics, SloSpec, conversation_metrics
 from orchestrator.planner import PlanRun
 from orchestrator.sim.fleet import reference_tier_model, simulate_fleet, unallocated_idle_w
 from orchestrator.sim.result import SimResult
+from orchestrator.sim.standalone import StandaloneCache
 from orchestrator.workload import ConversationSpec, poisson_arrivals, workload_from_config
 from placement.base import Role
 

@@ -1552,8 +1552,11 @@ def reference_for(tiers: Sequence[TierSupply], demand: Demand, reference_tier: s
     tier = next((t for t in tiers if t.name == reference_tier), None) if reference_tier else tiers[0]
     if tier is None or not tier.models:
         raise PlanningError(f"reference tier {reference_tier!r} has no instance shapes. To fix: check tiers.")
-    # the reference is one instance at its highest allowed cap and smallest TP
-    m = sorted(tier.models, key=lambda x: (x.tp, -x.cap_w))[0]
+    # the reference is one instance at its highest allowed cap and smallest TP that holds the model with room
+    # for KV (a 70B model has none at TP 1 on an 80-141 GB GPU); orchestrator.sim.fleet.reference_tier_model
+    # picks the same instance for the simulator's standalone runs
+    fits = [x for x in tier.models if x.kv_capacity_tokens > 0] or list(tier.models)
+    m = sorted(fits, key=lambda x: (x.tp, -x.cap_w))[0]
     return reference_latencies(m, demand, tier.name)
 
 

@@ -28,7 +28,6 @@ from orchestrator.metrics import (
     TOKENS_COUNTED,
     Convention,
     SloSpec,
-    StandaloneCache,
     Summary,
     conversation_metrics,
     conversation_row,
@@ -42,6 +41,7 @@ from orchestrator.sim.fleet import (
     simulate_fleet,
     unallocated_idle_w,
 )
+from orchestrator.sim.standalone import StandaloneCache
 from orchestrator.workload import ConversationSpec
 from placement.policies import POLICY_NAMES, make_policy
 

@@ -1441,7 +1441,8 @@ def run_simulation(
     if reference_tier_model is None:
         return res
     from orchestrator import metrics as m  # imported here: metrics itself runs the simulator
+    from orchestrator.sim.standalone import StandaloneCache
 
-    sa = m.StandaloneCache(reference_tier_model, sim.opts)
+    sa = StandaloneCache(reference_tier_model, sim.opts)
     mets = m.conversation_metrics(res, conversations, sa, slo if slo is not None else m.SloSpec())
     return replace(res, metrics=tuple(mets), summary=m.summarize(res, mets))

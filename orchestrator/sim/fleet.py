@@ -95,9 +95,19 @@ def unallocated_idle_w(cfg: FleetConfig, instances: Sequence[InstanceSpec]) -> f
 
 
 def reference_tier_model(cfg: FleetConfig):  # type: ignore[no-untyped-def]
-    """The standalone normaliser's tier: the fleet's reference tier (default: first) at TDP, TP 1."""
+    """The standalone normaliser's tier: the fleet's reference tier (default: first) at TDP, at the smallest
+    of its allowed TP sizes that holds the model with room for KV (TP 1 for every model that fits one GPU; the
+    planner's reference instance, placement.ilp.reference_for, is chosen by the same rule)."""
     name = cfg.reference_tier or cfg.tiers[0].name
-    return tier_model(cfg, name, None, 1)
+    tier = next((t for t in cfg.tiers if t.name == name), None)
+    sizes = sorted(set(tier.tp)) if tier is not None else [1]
+    if tier is not None and tier.count:
+        sizes = [tp for tp in sizes if tp <= tier.count] or [1]
+    for tp in sizes:
+        tm = tier_model(cfg, name, None, tp)
+        if tm.kv_capacity_tokens > 0:
+            return tm
+    return tier_model(cfg, name, None, sizes[0])
 
 
 def links_of(cfg: FleetConfig) -> dict[str, str]:

@@ -11,7 +11,7 @@ from orchestrator import fidelity as fid
 from orchestrator.artifact import ReplayPoint, replay_offsets_s, wrong_predicted_turns
 from orchestrator.config import FleetConfig, load_fleet
 from orchestrator.errors import SimulationError
-from orchestrator.metrics import StandaloneCache
+from orchestrator.sim.standalone import StandaloneCache
 from orchestrator.workload import workload_from_config
 from placement.base import Role
 from tiers.connector import wrong_predict_wait_s

@@ -14,9 +14,10 @@ from simkit import a40, agentic, colocated, disagg, small_gpu_model
 from test_parity import replay
 
 from orchestrator.errors import SimulationError
-from orchestrator.metrics import Convention, StandaloneCache, conversation_metrics
+from orchestrator.metrics import Convention, conversation_metrics
 from orchestrator.sim import SimOptions, run_simulation
 from orchestrator.sim.admission import RULES, Reserve, rule_for
+from orchestrator.sim.standalone import StandaloneCache
 from orchestrator.workload import ConversationSpec, TurnSpec
 from placement.policies import make_policy
 

@@ -31,7 +31,8 @@ import pytest
 
 from orchestrator import fidelity as fid
 from orchestrator.config import FleetConfig, load_fleet
-from orchestrator.metrics import StandaloneCache, Summary
+from orchestrator.metrics import Summary
+from orchestrator.sim.standalone import StandaloneCache
 
 LATENCY_TOL = 0.20
 TOKENS_PER_J_TOL = 0.05

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from simkit import a40, agentic, colocated, disagg
 
-from orchestrator.metrics import Convention, StandaloneCache, conversation_metrics, summarize
+from orchestrator.metrics import Convention, conversation_metrics, summarize
 from orchestrator.sim import run_simulation
 from orchestrator.sim.core import SimOptions
+from orchestrator.sim.standalone import StandaloneCache
 from placement.policies import make_policy
 
 # ---- W1: the per-token last-turn TBT statistic -------------------------------------------------------

@@ -11,12 +11,12 @@ from orchestrator.metrics import (
     TOKENS_COUNTED,
     Convention,
     SloSpec,
-    StandaloneCache,
     conversation_metrics,
     geomean,
     summarize,
 )
 from orchestrator.sim import run_simulation
+from orchestrator.sim.standalone import StandaloneCache
 from placement.base import Role
 from placement.policies import make_policy
 
