@@ -85,7 +85,17 @@ def ask_aiconfigurator(q: Question) -> dict[str, object]:
 def fleet_file(q: Question, mode: str, path: Path) -> Path:
     cfg = {
         "model": q.model,
-        "tiers": [{"name": "gpu", "gpu": q.gpu, "count": q.gpus, "tp": [1, 2, 4, 8], "link": "nvlink"}],
+        # every serving mode AIConfigurator weighs: aggregated (our colocated, opt-in per tier), disaggregated
+        "tiers": [
+            {
+                "name": "gpu",
+                "gpu": q.gpu,
+                "count": q.gpus,
+                "tp": [1, 2, 4, 8],
+                "link": "nvlink",
+                "roles": ["prefill", "decode", "colocated"],
+            }
+        ],
         "workload": {
             "format": "synthetic",
             "synthetic": {
