@@ -31,7 +31,7 @@ import orjson
 
 from api.auth import OPEN, Authenticator, unauthorized
 from api.errors import ApiError, error_body, to_api_error
-from api.limits import Admission, principal_of
+from api.limits import Admission, principal_of, replay
 from api.routes_openai import (
     begin_capture,
     complete_with_energy,
@@ -236,7 +236,7 @@ class FastPath:
             or (final is not None and final.lower() not in _FINAL_VALUES)
         ):
             self.fallbacks += 1
-            await fallback(scope, _replay(raw, receive), send)
+            await fallback(scope, replay(raw, receive), send)
             return
         self.served += 1
         try:
@@ -269,20 +269,6 @@ async def _respond_error(send: Send, err: ApiError) -> None:
     body = orjson.dumps(error_body(err.message, err.type, err.param, err.code))
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
     await _respond(send, err.status, body, headers)
-
-
-def _replay(raw: bytes, receive: Receive) -> Receive:
-    """A receive() that hands the already-read body to the fallback app, then defers to the server."""
-    sent = False
-
-    async def replay() -> MutableMapping[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

@@ -305,7 +305,12 @@ def register(app: typer.Typer) -> None:
         sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg), sim_opts)
         opts = _policy_options(pol, mispredict_rate, thr[0] if thr else None)
         kept: dict[str, Any] | None = {} if db else None
-        if json_out:
+        with _progress(disable=json_out) as prog:  # no bar with --json: stdout carries the JSON only
+            task = prog.add_task(f"simulating {pol}", total=len(convs))
+
+            def tick(done: int, total: int) -> None:
+                prog.update(task, completed=done)
+
             summ, rows, insts = _run_one(
                 cfg,
                 plan,
@@ -317,33 +322,11 @@ def register(app: typer.Typer) -> None:
                 sa,
                 convention,
                 energy_window,
+                tick,
                 keep=kept,
                 plan_rate=rate,
                 sim_options=sim_opts,
             )
-        else:
-            with _progress() as prog:
-                task = prog.add_task(f"simulating {pol}", total=len(convs))
-
-                def tick(done: int, total: int) -> None:
-                    prog.update(task, completed=done)
-
-                summ, rows, insts = _run_one(
-                    cfg,
-                    plan,
-                    layout,
-                    pol,
-                    convs,
-                    seed,
-                    opts,
-                    sa,
-                    convention,
-                    energy_window,
-                    tick,
-                    keep=kept,
-                    plan_rate=rate,
-                    sim_options=sim_opts,
-                )
         doc = {
             "schema_version": JSON_SCHEMA_VERSION,
             "note": "simulated latencies; energy modelled by the tier power model, not measured",
