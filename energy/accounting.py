@@ -521,7 +521,7 @@ class EnergyAccountant:
             # high-water mark of computed: vLLM counts hits when it schedules a request and prompt tokens
             # when its prefill ends, so (prompt - hits) may dip between scrapes; made up later, never lost
             self._counters[engine_id] = (max(computed, c0), gen, hits, steps)
-            running = max(int(getattr(o, "running", 0)), 1)
+            running: float = max(int(getattr(o, "running", 0)), 1)
             if steps > s0 and gen > g0:  # the interval's mean batch: decode tokens per engine step
                 running = max((gen - g0) / (steps - s0), 1.0)
             ctx = float(getattr(o, "kv_usage_frac", 0.0)) * float(getattr(o, "kv_capacity_tokens", 0))

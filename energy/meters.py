@@ -373,7 +373,7 @@ class DcgmMeter:
         exporter's next sample (1 s scrapes of a 5 s exporter gave 0, 0, 0, 0, 2000 J)."""
         counters = self._scrape()
         raw = {i: counters[i][0] if i in counters else None for i in self.gpu_indices}
-        stamps = [counters[i][1] for i in self.gpu_indices if i in counters and counters[i][1] is not None]
+        stamps = [s for i in self.gpu_indices if i in counters and (s := counters[i][1]) is not None]
         at = max(stamps) if stamps else None
         if raw == self._last_raw and (at is None or at <= self._last.at):
             return self._last  # the exporter has not sampled since
@@ -414,11 +414,14 @@ class Activity:
 
 
 class TierPower(Protocol):
-    """The part of tiers.perf.TierModel the model meter uses."""
+    """The part of tiers.perf.TierModel the model meter uses (read-only: TierModel's are properties)."""
 
-    gpus: int
-    idle_w: float
-    cap_w: float
+    @property
+    def gpus(self) -> int: ...
+    @property
+    def idle_w(self) -> float: ...
+    @property
+    def cap_w(self) -> float: ...
 
     def prefill_time_s(self, new_tokens: int, cached_tokens: int = 0) -> float: ...
     def decode_step_time_s(self, batch: int, context_tokens: int) -> float: ...

@@ -197,7 +197,7 @@ def build_report(
     timeline_buckets: int = 60,
     grid_g_per_kwh: float = DEFAULT_GRID_G_PER_KWH,
 ) -> Report:
-    by = parse_choice(by, GroupBy, "--by") if isinstance(by, str) else by
+    by = GroupBy(parse_choice(by, GroupBy, "--by"))
     if since and until and until <= since:
         raise EnergyError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
     flt = ReportFilter(since, until, tuple(run_ids))

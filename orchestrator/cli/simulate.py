@@ -327,7 +327,7 @@ def register(app: typer.Typer) -> None:
                 plan_rate=rate,
                 sim_options=sim_opts,
             )
-        doc = {
+        doc: dict[str, Any] = {
             "schema_version": JSON_SCHEMA_VERSION,
             "note": "simulated latencies; energy modelled by the tier power model, not measured",
             "policy": pol,
@@ -555,6 +555,10 @@ def _capped_layout(instances: Sequence[InstanceSpec], cap_w: float | None) -> st
     return ",".join(f"{t}.{r}={n}" + (f"@{c:g}" if c is not None else "") for (t, r, c), n in counts.items())
 
 
+def _nan(v: float | None) -> float:
+    return math.nan if v is None else v
+
+
 def _plots(out_dir: Path, rows: list[tuple[str, float | None, Summary]]) -> None:
     import matplotlib
 
@@ -569,7 +573,8 @@ def _plots(out_dir: Path, rows: list[tuple[str, float | None, Summary]]) -> None
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for lab in labels:
-            pts = [(r[1], getattr(r[2], metric)["p95"]) for r in rows if r[0] == lab]
+            # None (a trace has no rate; no finished conversation has no p95) is a gap, as matplotlib draws it
+            pts = [(_nan(r[1]), _nan(getattr(r[2], metric)["p95"])) for r in rows if r[0] == lab]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
         ax.set_xlabel("arrival rate (conversations/s)")
         ax.set_ylabel(ylabel)
