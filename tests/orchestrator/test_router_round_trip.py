@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
-from orchestrator.engines.sse import sse_from_chunks
 from orchestrator.engines.sim import SimClock, SimEngine, SimKvFabric
+from orchestrator.engines.sse import sse_from_chunks
 from orchestrator.router import Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
