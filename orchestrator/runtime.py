@@ -327,6 +327,7 @@ def build_runtime(
         if not instances:
             raise ConfigError(f"{settings.fleet}: the plan has no instances. To fix: give tiers a count > 0.")
         fabric = SimKvFabric()
+        links = {t.name: str(t.link.value) for t in cfg.tiers}  # as `simulate` links them (sim/fleet.links_of)
         for inst in instances:
             engines[inst.instance_id] = SimEngine(
                 inst.instance_id,
@@ -336,6 +337,7 @@ def build_runtime(
                 model_name=served,
                 clock=clock,
                 fabric=fabric,
+                link=links.get(inst.tier, "pcie"),
             )
             caps[inst.instance_id] = inst.tier_model.kv_capacity_tokens
     else:
