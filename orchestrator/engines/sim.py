@@ -42,10 +42,12 @@ from typing import Any
 
 from conserve.clock import Clock, SystemClock
 from energy.meters import (
+    BUSY_S_TOTAL,
     ENGINE_STEPS_TOTAL,
     EXTERNAL_HITS_TOTAL,
     GENERATION_TOKENS_TOTAL,
     PROMPT_TOKENS_TOTAL,
+    STEP_ENERGY_J_TOTAL,
 )
 from orchestrator.core.turns import kv_shipped_tokens
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
@@ -73,12 +75,6 @@ __all__ = [
     "SimKvFabric",
     "WallClock",
 ]
-
-# Observation counters of the modelled energy (EngineObservation.extra): joules the steps drew (each step at
-# its modelled power for its duration) and seconds a step was running. With the idle draw for the rest of
-# the time they are the simulator's energy of the instance (orchestrator/sim/core.py, "Energy").
-STEP_ENERGY_J_TOTAL = "sim_step_energy_j_total"
-BUSY_S_TOTAL = "sim_busy_s_total"
 
 # The engine's clock is the project's one (conserve/clock.py); the engine only sleeps on it. A
 # SystemClock(speedup) makes a modelled second last 1/speedup real seconds.
@@ -169,8 +165,12 @@ class SimEngine:
         self.external_prefix_cache_hits_tokens = 0
         self.generation_tokens_total = 0
         self.engine_steps_total = 0
+        # the modelled energy of the steps (J, each at its tiers.steps power for its modelled duration) and
+        # the clock seconds they ran; the step in progress: (clock start, modelled s, W), added pro rata
         self.step_energy_j_total = 0.0
         self.busy_s_total = 0.0
+        self._step: tuple[float, float, float] | None = None
+        self._speedup = float(getattr(self.clock, "speedup", 1.0))  # a SystemClock's sleeps are shortened
 
     # ---- failure injection ----------------------------------------------------------------------
     @property
@@ -317,8 +317,7 @@ class SimEngine:
                 EXTERNAL_HITS_TOTAL: float(self.external_prefix_cache_hits_tokens),
                 ENGINE_STEPS_TOTAL: float(self.engine_steps_total),
                 GENERATION_TOKENS_TOTAL: float(self.generation_tokens_total),
-                STEP_ENERGY_J_TOTAL: self.step_energy_j_total,
-                BUSY_S_TOTAL: self.busy_s_total,
+                **self._energy_counters(),
             },
         )
 
@@ -344,6 +343,21 @@ class SimEngine:
 
     def cached_prefix_tokens(self, conversation_id: str) -> int:
         return self._prefix.get(conversation_id, 0)
+
+    def _energy_counters(self) -> dict[str, float]:
+        """STEP_ENERGY_J_TOTAL and BUSY_S_TOTAL now, the step in progress counted pro rata (so the model meter
+        splits a long step over the intervals it spans, as the simulator's energy windows do)."""
+        energy, busy = self.step_energy_j_total, self.busy_s_total
+        if self._step is not None:
+            t0, step_s, power_w = self._step
+            elapsed = max(self.clock.now_s() - t0, 0.0)
+            energy += power_w * step_s * self._done(elapsed, step_s)
+            busy += elapsed
+        return {STEP_ENERGY_J_TOTAL: energy, BUSY_S_TOTAL: busy}
+
+    def _done(self, elapsed_s: float, step_s: float) -> float:
+        """Fraction of a step of ``step_s`` modelled seconds done after ``elapsed_s`` clock seconds."""
+        return min(elapsed_s * self._speedup / step_s, 1.0) if step_s > 0 else 1.0
 
     # ---- internals ------------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -530,12 +544,20 @@ class SimEngine:
             else:
                 step_s = tm.decode_step_time_s(nd, ctx)
                 power_w = tm.step_power_w(0, nd, ctx)
-            await self.clock.sleep(step_s)
+            t0 = self.clock.now_s()
+            self._step = (t0, step_s, power_w)
+            done = False
+            try:
+                await self.clock.sleep(step_s)
+                done = True
+            finally:  # a killed engine drew the step up to now
+                self._step = None
+                elapsed = max(self.clock.now_s() - t0, 0.0)
+                self.busy_s_total += elapsed
+                self.step_energy_j_total += power_w * step_s * (1.0 if done else self._done(elapsed, step_s))
             if self._dead:
                 return
             self.engine_steps_total += 1
-            self.step_energy_j_total += power_w * step_s
-            self.busy_s_total += step_s
             finished: list[_Seq] = []
             for seq, n in chunks:
                 self.prompt_tokens_total += n  # computed in this step (aborted or not)
