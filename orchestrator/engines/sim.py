@@ -1,31 +1,23 @@
-"""A simulated engine that serves in wall time from a tier model, so `orchestrator serve` runs with no GPU.
+"""A simulated engine that serves from a tier model on an injected clock, so `orchestrator serve` runs with no
+GPU. It implements the Engine protocol (orchestrator/engines/base.py) as a vLLM server behaves, on the
+discrete-event simulator's instance step and link models (tiers/steps.py; tests/core/test_engine_model.py
+checks that both put every token at the same instant):
 
-It implements the Engine protocol (orchestrator/engines/base.py) the way a vLLM server behaves, on the same
-instance step model and link model as the discrete-event simulator (tiers/steps.py over tiers/perf.py and
-tiers/links.py; tests/core/test_engine_model.py checks that both put every token at the same instant):
-
-- continuous batching in one asyncio task per engine: every step admits waiting requests (first come first
-  served, head of line) while ``max_num_seqs`` and the KV reservations (prompt + output, whole blocks; the
-  prefix cache is evicted LRU to make room) allow, decodes one token for every running sequence and spends
-  the rest of ``max_batched_tokens`` on prefill chunks (``tiers.steps.plan_chunks``), and lasts
-  ``tiers.steps.prefill_step_time_s`` (or the tier's decode step) on the injected clock;
-- KV occupancy and queues exposed like vLLM's /metrics (``EngineObservation``), and the modelled energy of the
-  steps (``STEP_ENERGY_J_TOTAL``, ``BUSY_S_TOTAL``: each step at ``tiers.steps`` power for its duration);
-- a prefix cache per conversation (LRU, whole blocks): a later turn prefills only its increment;
-- the remote-decode protocol: ``prefill()`` returns ``kv_transfer_params`` that a decoder accepts once
-  (through a shared :class:`SimKvFabric`); the decoder reserves the KV, then receives what it does not hold
-  over the slower of the two engines' links (``tiers.steps.handoff_time_s``) before the sequence joins its
-  batch; a prefill request with ``history_tokens`` (a KV round trip) pulls that history's KV from
-  ``history_source`` first and computes only the rest; the hand-back then pays the round trip's bookkeeping.
+- continuous batching in one asyncio task: each step admits waiting requests (FCFS, head of line) while
+  ``max_num_seqs`` and the KV reservations (prompt + output, whole blocks; cached prefixes evicted LRU) allow,
+  decodes a token for every running sequence, spends the rest of ``max_batched_tokens`` on prefill chunks
+  (``tiers.steps.plan_chunks``) and lasts ``tiers.steps.prefill_step_time_s`` (or the decode step);
+- vLLM-like observations (``EngineObservation``), plus the modelled energy of the steps
+  (energy/meters.py ``STEP_ENERGY_J_TOTAL``, ``BUSY_S_TOTAL``);
+- a prefix cache per conversation (whole blocks): a later turn prefills only its increment;
+- remote decode: ``prefill()`` returns ``kv_transfer_params`` a decoder accepts once (:class:`SimKvFabric`);
+  the decoder reserves the KV, then receives what it does not hold over the slower of the two links
+  (``tiers.steps.handoff_time_s``); a prefill with ``history_tokens`` (a KV round trip) pulls that history
+  from ``history_source`` first, and the hand-back pays the round trip's bookkeeping.
 
 One simplification against the simulator: a prefiller frees a prefilled sequence's KV (into its prefix
 cache) when the prefill ends, not when the decoder has received it; this matters only when its KV is full.
-
-The generated text is synthetic and says so (``"[simulated] token token ..."``; orchestrator/engines/
-sim_text.py). A request that offers ``tools`` (and no ``tool_choice: "none"``) gets a synthetic tool call
-(finish_reason ``tool_calls``), the shape of an agent's intermediate turn; otherwise a turn ends with ``stop``
-after ``natural_output_tokens`` tokens (or vLLM's ``min_tokens`` when it is larger: a replayed trace's output
-length), or ``length`` if ``max_tokens`` is smaller.
+Text is synthetic and says so (orchestrator/engines/sim_text.py: tool calls, ``min_tokens``, finish reasons).
 
 Must not import fastapi, sqlalchemy or httpx. Time comes from an injected clock (conserve/clock.py).
 """
@@ -34,31 +26,28 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from conserve.clock import Clock, SystemClock
 from energy.meters import (
-    BUSY_S_TOTAL,
     ENGINE_STEPS_TOTAL,
     EXTERNAL_HITS_TOTAL,
     GENERATION_TOKENS_TOTAL,
     PROMPT_TOKENS_TOTAL,
-    STEP_ENERGY_J_TOTAL,
 )
 from orchestrator.core.turns import kv_shipped_tokens
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
-from orchestrator.engines.sim_fabric import DEFAULT_LINK, SimKvFabric
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult
+from orchestrator.engines.sim_fabric import DEFAULT_LINK, PrefixCache, SimKvFabric
+from orchestrator.engines.sim_meter import StepMeter
 from orchestrator.engines.sim_text import (
     DEFAULT_NATURAL_OUTPUT_TOKENS,
     SIM_TEXT_PREFIX,
     collect_completion,
-    natural_output,
+    openai_chunks,
     requested_max,
-    tool_to_call,
 )
 from orchestrator.errors import EngineError
 from placement.base import Role
@@ -66,10 +55,8 @@ from tiers.perf import TierModel
 from tiers.steps import handoff_time_s, plan_chunks, prefill_step_power_w, prefill_step_time_s
 
 __all__ = [
-    "BUSY_S_TOTAL",
     "DEFAULT_NATURAL_OUTPUT_TOKENS",
     "SIM_TEXT_PREFIX",
-    "STEP_ENERGY_J_TOTAL",
     "SimClock",
     "SimEngine",
     "SimKvFabric",
@@ -145,8 +132,7 @@ class SimEngine:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._reserved = 0  # KV tokens reserved by the running sequences
-        self._prefix: OrderedDict[str, int] = OrderedDict()  # conversation -> tokens cached (LRU order)
-        self._prefix_total = 0
+        self._prefix = PrefixCache()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._transfers: set[asyncio.Task[None]] = set()
@@ -165,12 +151,7 @@ class SimEngine:
         self.external_prefix_cache_hits_tokens = 0
         self.generation_tokens_total = 0
         self.engine_steps_total = 0
-        # the modelled energy of the steps (J, each at its tiers.steps power for its modelled duration) and
-        # the clock seconds they ran; the step in progress: (clock start, modelled s, W), added pro rata
-        self.step_energy_j_total = 0.0
-        self.busy_s_total = 0.0
-        self._step: tuple[float, float, float] | None = None
-        self._speedup = float(getattr(self.clock, "speedup", 1.0))  # a SystemClock's sleeps are shortened
+        self.meter = StepMeter(self.clock)  # the modelled energy of the steps
 
     # ---- failure injection ----------------------------------------------------------------------
     @property
@@ -186,7 +167,6 @@ class SimEngine:
         self._waiting.clear()
         self._reserved = 0
         self._prefix.clear()
-        self._prefix_total = 0
         for task in list(self._transfers):
             task.cancel()
         if self._loop_task is not None:
@@ -234,65 +214,23 @@ class SimEngine:
 
     async def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
         self._check_alive()
-        chat = req.kind is RequestKind.CHAT
-        rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        tool = tool_to_call(req.body) if chat else None
         seq = await self._submit(req, prefill_only=False)
 
-        def chunk(delta_or_text: Any, finish: str | None = None) -> dict[str, Any]:
-            ch: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-            if chat:
-                ch["delta"] = delta_or_text
-            else:
-                ch["text"] = delta_or_text
-            return {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [ch]}
-
-        n = 0
-        call_id = f"call_{req.request_id}"
-        try:
-            async for _ in self._tokens(seq):
-                n += 1
-                last = n == seq.max_out
-                if tool is not None:
-                    piece = ('{"note": "' + SIM_TEXT_PREFIX) if n == 1 else " token"
-                    if last:
-                        piece += '"}'
-                    tc: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
-                    if n == 1:
-                        tc.update(id=call_id, type="function")
-                        tc["function"]["name"] = tool
-                    delta: Any = {"tool_calls": [tc]}
-                else:
-                    text = SIM_TEXT_PREFIX if n == 1 else " token"
-                    delta = {"content": text} if chat else text
-                if chat and n == 1:
-                    delta = {"role": "assistant", **delta}
-                yield chunk(delta)
-        finally:
-            if not seq.ended:  # the consumer went away (client disconnect): vLLM aborts the request
-                self._abort(seq)
-        if tool is not None:
-            finish = "tool_calls"
-        else:
-            natural = natural_output(req.body, self.natural_output_tokens)
-            capped = requested_max(req.body, self.natural_output_tokens) < natural
-            finish = "length" if capped else "stop"
-        yield chunk({} if chat else "", finish)
-        yield {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": self.model_name,
-            "choices": [],
-            "usage": {
+        def usage(n: int) -> dict[str, Any]:
+            return {
                 "prompt_tokens": seq.prompt_tokens,
                 "completion_tokens": n,
                 "total_tokens": seq.prompt_tokens + n,
                 "prompt_tokens_details": {"cached_tokens": seq.cached_tokens},
-            },
-        }
+            }
+
+        chunks = openai_chunks(req, self.model_name, self.natural_output_tokens, self._tokens(seq), usage)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            if not seq.ended:  # the consumer went away (client disconnect): vLLM aborts the request
+                self._abort(seq)
 
     async def observe(self) -> EngineObservation:
         if self._dead:
@@ -311,13 +249,13 @@ class SimEngine:
             extra={
                 "kv_transfers_accepted": float(self.kv_transfers_accepted),
                 "kv_transfers_sent": float(self.kv_transfers_sent),
-                "prefix_cache_tokens": float(self._prefix_total),
+                "prefix_cache_tokens": float(self._prefix.total),
                 "queued_prefill_tokens": float(self.queued_prefill_tokens),
                 PROMPT_TOKENS_TOTAL: float(self.prompt_tokens_total),
                 EXTERNAL_HITS_TOTAL: float(self.external_prefix_cache_hits_tokens),
                 ENGINE_STEPS_TOTAL: float(self.engine_steps_total),
                 GENERATION_TOKENS_TOTAL: float(self.generation_tokens_total),
-                **self._energy_counters(),
+                **self.meter.counters(),
             },
         )
 
@@ -336,28 +274,13 @@ class SimEngine:
     @property
     def queued_prefill_tokens(self) -> int:
         return sum(s.prefill_left for s in self._running) + sum(
-            max(1, s.prompt_tokens - max(s.pulled, self._prefix.get(s.conversation_id, 0)))
+            max(1, s.prompt_tokens - max(s.pulled, self._prefix.get(s.conversation_id)))
             for s in self._waiting
             if s.handle_tokens < 0
         )
 
     def cached_prefix_tokens(self, conversation_id: str) -> int:
-        return self._prefix.get(conversation_id, 0)
-
-    def _energy_counters(self) -> dict[str, float]:
-        """STEP_ENERGY_J_TOTAL and BUSY_S_TOTAL now, the step in progress counted pro rata (so the model meter
-        splits a long step over the intervals it spans, as the simulator's energy windows do)."""
-        energy, busy = self.step_energy_j_total, self.busy_s_total
-        if self._step is not None:
-            t0, step_s, power_w = self._step
-            elapsed = max(self.clock.now_s() - t0, 0.0)
-            energy += power_w * step_s * self._done(elapsed, step_s)
-            busy += elapsed
-        return {STEP_ENERGY_J_TOTAL: energy, BUSY_S_TOTAL: busy}
-
-    def _done(self, elapsed_s: float, step_s: float) -> float:
-        """Fraction of a step of ``step_s`` modelled seconds done after ``elapsed_s`` clock seconds."""
-        return min(elapsed_s * self._speedup / step_s, 1.0) if step_s > 0 else 1.0
+        return self._prefix.get(conversation_id)
 
     # ---- internals ------------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -404,6 +327,17 @@ class SimEngine:
             self._loop_task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"sim-{self.instance_id}"
             )
+            self._loop_task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop that crashed fails its requests (instead of leaving them waiting for ever)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        for seq in list(self._running) + list(self._waiting):
+            self._fail(seq, f"engine {self.instance_id} crashed: {task.exception()!r}")
+        self._running.clear()
+        self._waiting.clear()
+        self._reserved = 0
 
     async def _tokens(self, seq: _Seq) -> AsyncIterator[int]:
         """Token indices of a sequence as the engine loop emits them; raises what the engine failed with."""
@@ -415,36 +349,13 @@ class SimEngine:
                 raise item
             yield item
 
-    def _cache_put(self, conversation_id: str, tokens: int) -> None:
-        self._cache_take(conversation_id)
-        self._prefix[conversation_id] = tokens
-        self._prefix_total += tokens
-
-    def _cache_take(self, conversation_id: str) -> int:
-        tokens = self._prefix.pop(conversation_id, 0)
-        self._prefix_total -= tokens
-        return tokens
-
-    def _cache_evict(self, need: int) -> None:
-        """Evict least recently used prefixes (trimming the last one) until the reservations, ``need`` and the
-        cache fit in the KV capacity (as the simulator's instance does)."""
-        while self._prefix and self._reserved + need + self._prefix_total > self.kv_capacity_tokens:
-            cid, tokens = self._prefix.popitem(last=False)
-            over = self._reserved + need + self._prefix_total - self.kv_capacity_tokens
-            if tokens > over:  # trim the entry's tail, keep its prefix
-                self._prefix[cid] = tokens - over
-                self._prefix.move_to_end(cid, last=False)
-                self._prefix_total -= over
-            else:
-                self._prefix_total -= tokens
-
     def _end(self, seq: _Seq) -> None:
         """The sequence leaves the batch: its reservation is freed, what it computed stays in the prefix
         cache (as vLLM's freed blocks do)."""
         seq.ended = True
         self._running.remove(seq)
         self._reserved -= seq.reserve
-        self._cache_put(seq.conversation_id, seq.context_tokens - seq.prefill_left)
+        self._prefix.put(seq.conversation_id, seq.context_tokens - seq.prefill_left)
 
     def _abort(self, seq: _Seq) -> None:
         """Drop a sequence nobody reads any more."""
@@ -483,8 +394,9 @@ class SimEngine:
             if self._reserved + seq.reserve > self.kv_capacity_tokens:
                 return  # wait for running sequences to finish (vLLM would preempt; we queue)
             self._waiting.popleft()
-            own = self._cache_take(seq.conversation_id)
-            self._cache_evict(seq.reserve)
+            own = self._prefix.take(seq.conversation_id)
+            # any cached prefix may be evicted (trimmed); the conversation's own becomes part of the sequence
+            self._prefix.evict(self.kv_capacity_tokens - self._reserved - seq.reserve)
             self._reserved += seq.reserve
             self._running.append(seq)
             seq.admitted = True
@@ -544,17 +456,13 @@ class SimEngine:
             else:
                 step_s = tm.decode_step_time_s(nd, ctx)
                 power_w = tm.step_power_w(0, nd, ctx)
-            t0 = self.clock.now_s()
-            self._step = (t0, step_s, power_w)
+            self.meter.start(step_s, power_w)
             done = False
             try:
                 await self.clock.sleep(step_s)
                 done = True
             finally:  # a killed engine drew the step up to now
-                self._step = None
-                elapsed = max(self.clock.now_s() - t0, 0.0)
-                self.busy_s_total += elapsed
-                self.step_energy_j_total += power_w * step_s * (1.0 if done else self._done(elapsed, step_s))
+                self.meter.end(done)
             if self._dead:
                 return
             self.engine_steps_total += 1

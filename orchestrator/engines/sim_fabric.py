@@ -1,6 +1,7 @@
-"""The 'network' between the simulated engines of one fleet (orchestrator/engines/sim.py): a prefiller
-registers a KV handle, exactly one decoder claims it; every engine is attached with its link type, so a
-hand-off runs over the slower of the two links (tiers.steps.handoff_link), as in the simulator.
+"""Where the simulated engines' KV lives (orchestrator/engines/sim.py): the 'network' between the engines of
+one fleet (a prefiller registers a KV handle, exactly one decoder claims it; every engine is attached with its
+link type, so a hand-off runs over the slower of the two links, tiers.steps.handoff_link, as in the
+simulator) and each engine's prefix cache.
 
 Must not import fastapi, sqlalchemy or httpx.
 """
@@ -8,11 +9,12 @@ Must not import fastapi, sqlalchemy or httpx.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from orchestrator.errors import EngineError
 
-__all__ = ["KvHandle", "SimKvFabric"]
+__all__ = ["KvHandle", "PrefixCache", "SimKvFabric"]
 
 DEFAULT_LINK = "pcie"  # the simulator's default link of a tier with none given (orchestrator.sim.core)
 
@@ -61,3 +63,42 @@ class SimKvFabric:
     @property
     def pending(self) -> int:
         return len(self._handles)
+
+
+class PrefixCache:
+    """One engine's prefix cache: conversation -> tokens of KV kept after its last request (LRU order),
+    evicted (the last victim trimmed, keeping its prefix) only when an admission needs the room, as the
+    simulator's instance does."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, int] = OrderedDict()
+        self.total = 0
+
+    def get(self, conversation_id: str) -> int:
+        return self._entries.get(conversation_id, 0)
+
+    def put(self, conversation_id: str, tokens: int) -> None:
+        self.take(conversation_id)
+        self._entries[conversation_id] = tokens
+        self.total += tokens
+
+    def take(self, conversation_id: str) -> int:
+        tokens = self._entries.pop(conversation_id, 0)
+        self.total -= tokens
+        return tokens
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.total = 0
+
+    def evict(self, room: int) -> None:
+        """Evict least recently used entries until at most ``room`` tokens stay cached."""
+        while self._entries and self.total > room:
+            cid, tokens = self._entries.popitem(last=False)
+            over = self.total - room
+            if tokens > over:  # trim the entry's tail, keep its prefix
+                self._entries[cid] = tokens - over
+                self._entries.move_to_end(cid, last=False)
+                self.total -= over
+            else:
+                self.total -= tokens

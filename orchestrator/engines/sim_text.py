@@ -1,22 +1,24 @@
 """What the simulated engines (orchestrator/engines/sim.py) answer: synthetic text that says it is simulated,
-a tool call when the request offers tools, the output length a request asks for, and the non-streaming body
-assembled from the streamed chunks.
+a tool call when the request offers tools, the output length a request asks for, the streamed chunks and the
+non-streaming body assembled from them.
 
 Must not import fastapi, sqlalchemy or httpx.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from orchestrator.engines.base import RequestKind
+from orchestrator.engines.base import EngineRequest, RequestKind
 
 __all__ = [
     "DEFAULT_NATURAL_OUTPUT_TOKENS",
     "SIM_TEXT_PREFIX",
     "collect_completion",
     "natural_output",
+    "openai_chunks",
     "requested_max",
     "tool_to_call",
 ]
@@ -65,6 +67,59 @@ def tool_to_call(body: dict[str, Any]) -> str | None:
         if isinstance(name, str):
             return name
     return "tool"
+
+
+async def openai_chunks(
+    req: EngineRequest,
+    model_name: str,
+    natural_output_tokens: int,
+    tokens: AsyncIterator[int],
+    usage: Callable[[int], dict[str, Any]],
+) -> AsyncIterator[dict[str, Any]]:
+    """The OpenAI streaming chunks of a request whose tokens come from ``tokens``: synthetic text (or a tool
+    call's arguments), then the finish reason, then ``usage(tokens emitted)``."""
+    chat = req.kind is RequestKind.CHAT
+    rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    tool = tool_to_call(req.body) if chat else None
+    max_out = requested_max(req.body, natural_output_tokens)
+
+    def chunk(delta_or_text: Any, finish: str | None = None) -> dict[str, Any]:
+        ch: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            ch["delta"] = delta_or_text
+        else:
+            ch["text"] = delta_or_text
+        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [ch]}
+
+    n = 0
+    call_id = f"call_{req.request_id}"
+    async for _ in tokens:
+        n += 1
+        if tool is not None:
+            piece = ('{"note": "' + SIM_TEXT_PREFIX) if n == 1 else " token"
+            if n == max_out:
+                piece += '"}'
+            tc: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
+            if n == 1:
+                tc.update(id=call_id, type="function")
+                tc["function"]["name"] = tool
+            delta: Any = {"tool_calls": [tc]}
+        else:
+            text = SIM_TEXT_PREFIX if n == 1 else " token"
+            delta = {"content": text} if chat else text
+        if chat and n == 1:
+            delta = {"role": "assistant", **delta}
+        yield chunk(delta)
+    if tool is not None:
+        finish = "tool_calls"
+    else:
+        natural = natural_output(req.body, natural_output_tokens)
+        finish = "length" if max_out < natural else "stop"
+    yield chunk({} if chat else "", finish)
+    last = chunk({} if chat else "")
+    yield last | {"choices": [], "usage": usage(n)}
 
 
 async def collect_completion(
