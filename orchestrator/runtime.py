@@ -283,12 +283,17 @@ class Runtime:
         return run
 
     async def _every(self, fn: Any, every_s: float) -> None:
+        """A scheduled job on the runtime's clock: every ``every_s``, a run that fails is logged (as
+        APScheduler does) and the next one runs on time."""
         job = self._job(fn)
         while True:
             await self.clock.sleep(every_s)
             if self._draining:
                 return
-            await job()
+            try:
+                await job()
+            except Exception:
+                log.exception("scheduled job %s failed", getattr(fn, "__qualname__", fn))
 
     def scheduler_pause(self) -> None:
         """Pause the scheduled jobs (tests: make a failure invisible to the health poll)."""
