@@ -15,11 +15,9 @@ checks that both put every token at the same instant):
   (``tiers.steps.handoff_time_s``); a prefill with ``history_tokens`` (a KV round trip) pulls that history
   from ``history_source`` first, and the hand-back pays the round trip's bookkeeping.
 
-One simplification against the simulator: a prefiller frees a prefilled sequence's KV (into its prefix
-cache) when the prefill ends, not when the decoder has received it; this matters only when its KV is full.
-Text is synthetic and says so (orchestrator/engines/sim_text.py: tool calls, ``min_tokens``, finish reasons).
-
-Must not import fastapi, sqlalchemy or httpx. Time comes from an injected clock (conserve/clock.py).
+One simplification against the simulator: a prefiller frees a prefill's KV (into its prefix cache) when the
+prefill ends, not once the decoder has it (matters only when its KV is full). Text is synthetic and says so
+(sim_text.py). Must not import fastapi, sqlalchemy or httpx. Time: an injected clock (conserve/clock.py).
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from energy.meters import (
     PROMPT_TOKENS_TOTAL,
 )
 from orchestrator.core.turns import kv_shipped_tokens
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, Wire
 from orchestrator.engines.sim_fabric import DEFAULT_LINK, PrefixCache, SimKvFabric
 from orchestrator.engines.sim_meter import StepMeter
 from orchestrator.engines.sim_text import (
@@ -49,6 +47,7 @@ from orchestrator.engines.sim_text import (
     openai_chunks,
     requested_max,
 )
+from orchestrator.engines.sse import sse_from_chunks
 from orchestrator.errors import EngineError
 from placement.base import Role
 from tiers.perf import TierModel
@@ -63,8 +62,7 @@ __all__ = [
     "WallClock",
 ]
 
-# The engine's clock is the project's one (conserve/clock.py); the engine only sleeps on it. A
-# SystemClock(speedup) makes a modelled second last 1/speedup real seconds.
+# The project's clocks (conserve/clock.py); a SystemClock(speedup) makes a modelled second 1/speedup real s.
 SimClock = Clock
 WallClock = SystemClock
 
@@ -98,6 +96,8 @@ class _Seq:
 
 class SimEngine:
     """An Engine whose timing comes from a TierModel; see the module docstring."""
+
+    wire = Wire.CHUNKS  # in-process: the router reads stream()'s chunk dicts
 
     def __init__(
         self,
@@ -258,6 +258,12 @@ class SimEngine:
                 **self.meter.counters(),
             },
         )
+
+    async def observe_shared(self) -> EngineObservation:
+        return await self.observe()  # computed from memory: nothing to share
+
+    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
+        return sse_from_chunks(self.stream(req))
 
     async def aclose(self) -> None:
         for task in list(self._transfers):

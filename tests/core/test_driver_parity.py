@@ -52,7 +52,8 @@ CONVS = [
 OPTIONS = {"per-turn": {"mispredict_rate": 0.3, "seed": 3}}  # round trips happen
 # measured on this workload with one engine model (tiers/steps.py): <= 1e-14 for every policy but per-turn,
 # 1.7e-6 (its round trips: the prefiller frees a prefill's KV at its end in SimEngine, after the hand-off in
-# the simulator). Before (SimEngine's own batching loop and A40 KV-transfer constants) it was 0.02% and 0.49%.
+# the simulator). Before (SimEngine's own batching loop and A40 KV-transfer constants, no round-trip
+# bookkeeping) it was 0.02% and 0.49%.
 TTFET_REL = 1e-5
 
 
