@@ -13,10 +13,9 @@ constants vs the simulator's instance model and tiers.links; issue 11 item 3).
 The simulator runs with ``SimOptions(view_cached_histories=False)``: its views then count what a live engine
 reports. With the default (its prefix-cache entries of conversations still going counted as used, the setting
 the fidelity tables were measured with) the policies that read unpinned KV decide differently; a strict xfail
-records that divergence so it cannot go unnoticed. Another records where failure handling differs: a
-decoder that fails while a turn's remote prefill for it runs; the simulator re-places the turn at once, the
-router only when the prefill returns and the decoder refuses the hand-off (the prefill's work is lost and
-later decisions shift).
+records that divergence so it cannot go unnoticed. A decoder that fails while a turn's remote prefill for it
+runs is handled by one rule in both drivers (orchestrator.core.failures): the turn is re-placed when the
+prefill ends, and the prefiller keeps the prompt's KV.
 """
 
 from __future__ import annotations
@@ -135,14 +134,21 @@ def test_default_simulator_views_diverge_where_unpinned_kv_is_read(name: str) ->
     assert live.calls.calls == rec.calls
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the router notices a failed decoder only when the turn's remote prefill returns and the hand-off "
-    "fails (the simulator re-places the turn at the failure)",
-)
-def test_a_decoder_failing_during_its_turns_remote_prefill() -> None:
-    failures = [("d0", 2.2)]  # c3's turn-1 prefill for d0 runs on p0 at 2.2 s
-    live = run_live(FLEET, CONVS, make_policy("per-turn", **OPTIONS["per-turn"]), failures)
-    rec, res = run_sim(FLEET, CONVS, make_policy("per-turn", **OPTIONS["per-turn"]), failures)
-    assert [(t.conversation_id, t.turn) for t in res.turns if t.restarts] == [("c3", 1)]
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_a_decoder_failing_during_its_turns_remote_prefill(name: str) -> None:
+    """orchestrator.core.failures: the turn is re-placed when its prefill ends and the hand-off is refused,
+    and the prefiller keeps the prompt's KV, so the re-placed prefill there computes only the rest."""
+    failures = [("d0", 2.2)]  # c3's turn 1 runs on d0 at 2.2 s: its remote prefill on p0, where one is made
+    live = run_live(FLEET, CONVS, make_policy(name, **OPTIONS.get(name, {})), failures)
+    rec, res = run_sim(FLEET, CONVS, make_policy(name, **OPTIONS.get(name, {})), failures)
+    restarted = [t for t in res.turns if t.restarts]
+    if any(c.prefill_instance == "p0" for c in rec.calls):
+        assert [(t.conversation_id, t.turn, t.remote_prefill) for t in restarted] == [("c3", 1, True)]
+        # the abandoned prefill's KV stayed on p0: the retry's prefill there hit all of it (whole blocks; the
+        # last token is always recomputed)
+        t = restarted[0]
+        assert t.cached_tokens == (t.input_tokens - 1) // TM.block_size_tokens * TM.block_size_tokens
     assert live.calls.calls == rec.calls
+    assert live.ok_tokens() == sim_tokens(res)
+    for c in res.conversations:
+        assert live.ttfet_s[c.conversation_id] == pytest.approx(c.ttfet_s, rel=TTFET_REL), c.conversation_id
