@@ -55,6 +55,17 @@ OPTIONS = {"per-turn": {"mispredict_rate": 0.3, "seed": 3}}  # round trips happe
 # charges the artifact's KV bookkeeping per round trip (sim/steps.py, tiers.connector KV_MGMT_*), which
 # SimEngine does not model
 TTFET_REL = 0.01
+# What each registered policy does on this workload: (uses the prefiller, pins conversations). Every policy
+# in placement.policies' registry runs through the parity tests; one added there is classified here too
+# (test_every_registered_policy_is_covered), so the scenario checks below hold it to what it does.
+TRAITS = {
+    "conserve": (True, True),
+    "per-turn": (True, False),
+    "full-disagg": (True, False),
+    "colocated": (False, True),
+    "round-robin": (False, False),
+    "kv-aware": (False, False),
+}
 
 
 def _runs(name: str, options: SimOptions | None = None) -> tuple[LiveRun, Recording, SimResult]:
@@ -79,10 +90,14 @@ def test_the_scenario_has_prefills_overlapping_turns_and_a_failure(runs) -> None
     assert any(c.decode_instance == "d1" for c in before) and after
     assert not any(c.decode_instance == "d1" for c in after)
     assert any(t.restarts for t in res.turns)  # a turn was running on d1 when it failed
-    if name not in ("colocated", "round-robin", "kv-aware"):  # those never use the prefiller
-        assert any(c.prefill_instance == "p0" for c in rec.calls)
-    if name in ("conserve", "colocated"):  # a pinned conversation lost its decoder and moved
+    prefills, pins = TRAITS[name]
+    assert any(c.prefill_instance == "p0" for c in rec.calls) == prefills
+    if pins:  # a pinned conversation lost its decoder and moved
         assert any(c.pin_before == "d1" and c.decode_instance != "d1" for c in after)
+
+
+def test_every_registered_policy_is_covered() -> None:
+    assert set(TRAITS) == set(POLICY_NAMES)
 
 
 def _times(res: SimResult) -> list[float]:
@@ -103,7 +118,7 @@ def test_identical_pin_records(runs) -> None:  # type: ignore[no-untyped-def]
         if moves_pin(Placement(c.decode_instance, pin=c.pin), c.pin_before)
     ]
     assert [(p.conversation_id, p.instance_id) for p in live.pins] == moves
-    assert bool(moves) == (name in ("conserve", "colocated"))
+    assert bool(moves) == TRAITS[name][1]
 
 
 def test_identical_token_counts_per_conversation(runs) -> None:  # type: ignore[no-untyped-def]
