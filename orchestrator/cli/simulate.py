@@ -86,6 +86,10 @@ _BUDGET_HELP = (
 _PREFILL_BUDGET_HELP = "the same for prefill engines (default: --max-batched-tokens; the artifact used 8192)"
 
 
+_VIEW_HELP = (
+    "policies' views count the cached histories of conversations still going as used KV, as the paper "
+    "tables in docs/paper-reproduction.md were measured (default: only what a live engine reports)"
+)
 _ADMISSION_HELP = (
     "admit conversations through a router-side KV tracker as the paper's artifact did (orchestrator.sim."
     "admission); the admission wait is inside the honest convention's clock, outside the artifact's"
@@ -93,7 +97,10 @@ _ADMISSION_HELP = (
 
 
 def _sim_options(
-    max_batched: int | None, prefill_max_batched: int | None, router_admission: bool = False
+    max_batched: int | None,
+    prefill_max_batched: int | None,
+    router_admission: bool = False,
+    view_cached_histories: bool = False,
 ) -> SimOptions:
     pairs = (("--max-batched-tokens", max_batched), ("--prefill-max-batched-tokens", prefill_max_batched))
     for name, v in pairs:
@@ -104,6 +111,7 @@ def _sim_options(
         max_batched_tokens=max_batched if max_batched is not None else base.max_batched_tokens,
         prefill_max_batched_tokens=prefill_max_batched,
         router_admission=router_admission,
+        view_cached_histories=view_cached_histories,
     )
 
 
@@ -272,6 +280,7 @@ def register(app: typer.Typer) -> None:
             None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=_ADMISSION_HELP),
+        view_cached: bool = typer.Option(False, "--view-cached-histories", help=_VIEW_HELP),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
         json_out: bool = typer.Option(False, "--json", help="print JSON for scripts"),
@@ -293,7 +302,7 @@ def register(app: typer.Typer) -> None:
         pol = policy or cfg.policy
         make_policy(pol, **_policy_options(pol, mispredict_rate, threshold))  # validate early
         out_dir = _out_dir(out)
-        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
+        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission, view_cached)
         seed = sim_setup.effective_seed(cfg, seed)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         rate_label, arrivals = sim_setup.arrivals(cfg, rate, convs)
@@ -415,6 +424,7 @@ def register(app: typer.Typer) -> None:
             None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=_ADMISSION_HELP),
+        view_cached: bool = typer.Option(False, "--view-cached-histories", help=_VIEW_HELP),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
     ) -> None:
@@ -433,7 +443,7 @@ def register(app: typer.Typer) -> None:
         if rate_list is not None and any(not r > 0 for r in rate_list):
             fail("--rates must be > 0 conversations/s")
         out_dir = _out_dir(out)
-        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
+        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission, view_cached)
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
         from orchestrator.workload import poisson_arrivals
 
