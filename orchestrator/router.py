@@ -67,6 +67,7 @@ from orchestrator.core import (
 )
 from orchestrator.engines.base import Engine, EngineObservation, EngineRequest, RequestKind
 from orchestrator.errors import EngineError
+from orchestrator.replicas import SharedTurns, agree_pin, claim_turn, finish_turn
 from placement.base import FleetView, InstanceView, Placement, Policy, Role, TurnRequest
 from placement.errors import PlacementError
 
@@ -385,6 +386,7 @@ class Router:
         clock: Clock = SYSTEM_CLOCK,
         kv_capacity_tokens: Mapping[str, int] | None = None,
         durability: Callable[[], Awaitable[None]] | None = None,
+        shared: SharedTurns | None = None,
     ) -> None:
         if not engines:
             raise EngineUnavailable(
@@ -399,6 +401,8 @@ class Router:
         # awaited between recording an answered turn and its last byte: the record is durable by then
         # (the runtime's LedgerWriter.wait_durable; None: no wait)
         self.durability = durability
+        # replicas sharing a PostgreSQL ledger: turn numbers and pins decided there (orchestrator/replicas.py)
+        self.shared = shared
         caps = kv_capacity_tokens or {}
         self._instances: dict[str, _Instance] = {
             iid: _Instance(
@@ -614,6 +618,8 @@ class Router:
             max_out = _max_output(inp.body)
             self._check_fits(prompt_tokens + (max_out or 0))  # before a turn number or an engine is used
             conv = await self._conversation_for(inp, arrival_s)
+            if self.shared is not None and not conv.one_turn:
+                await claim_turn(self.shared, conv, self._book, self._instances, self.clock, arrival_s)
             treq = conv.next_turn(prompt_tokens, _max_output(inp.body))
             turn = treq.turn
             conv.last_active_s = arrival_s
@@ -621,7 +627,7 @@ class Router:
                 await self._admit(treq)
             last_err: BaseException | None = None
             for attempt_no in range(self.config.max_attempts):
-                placement = self._place(treq, conv, arrival_s)
+                placement = await self._place(treq, conv, arrival_s)
                 att = _Attempt(request_id=f"req-{self._id_prefix}-{next(self._ids)}", placement=placement)
                 dec = self._instances[placement.decode_instance]
                 failed_on: str | None = None
@@ -781,8 +787,7 @@ class Router:
                     self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
                     raise
                 self._finish(conv, treq, att, arrival_s, status, inp.client_final)
-                if self.durability is not None:
-                    await self.durability()  # the turn's record is committed before its last byte leaves
+                await self._settle(conv, turn)  # the turn's record is committed before its last byte leaves
                 if sse:
                     held.append(SSE_DONE)
                     yield b"".join(held)
@@ -832,16 +837,35 @@ class Router:
                 self.admission_stats["waited"] += 1
             await asyncio.sleep(self.config.admission_poll_s)
 
-    def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
-        try:
-            placement = self.policy.place(treq, self.fleet_view())
-        except PlacementError as err:
-            down = [f"{i.instance_id}: {i.down_reason}" for i in self._instances.values() if not i.healthy]
-            detail = f" Down: {'; '.join(down)}." if down else ""
-            raise EngineUnavailable(f"{err}{detail}") from err
-        for iid in (placement.decode_instance, placement.prefill_instance):
-            if iid is not None and iid not in self._instances:
-                raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")
+    async def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
+        expected = conv.pin  # the shared store's pin, as far as this replica knows (claim_turn)
+        for _ in range(3):
+            try:
+                placement = self.policy.place(treq, self.fleet_view())
+            except PlacementError as err:
+                down = [
+                    f"{i.instance_id}: {i.down_reason}" for i in self._instances.values() if not i.healthy
+                ]
+                detail = f" Down: {'; '.join(down)}." if down else ""
+                raise EngineUnavailable(f"{err}{detail}") from err
+            for iid in (placement.decode_instance, placement.prefill_instance):
+                if iid is not None and iid not in self._instances:
+                    raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")
+            if self.shared is None or conv.one_turn or not moves_pin(placement, conv.pin):
+                break
+            agreed = await agree_pin(self.shared, conv.conversation_id, expected, placement.decode_instance)
+            if agreed == placement.decode_instance:
+                break
+            # another replica pinned it first: its pin (recorded by that replica) and placement again
+            expected = agreed
+            if agreed in self._instances:
+                self._book.pin(conv, agreed)
+            else:
+                self._book.unpin(conv)
+        else:
+            raise EngineUnavailable(
+                f"replicas kept re-pinning conversation {conv.conversation_id}; send the turn again"
+            )
         old = conv.pin
         # Placement.pin asks to (re)bind the conversation; without it an existing pin stays as it is and
         # none is made (orchestrator.core.turns): policies that never pin (per-turn, full-disagg,
@@ -862,6 +886,15 @@ class Router:
             if not conv.one_turn:
                 conv.pins.append(rec)
             self.sink.pin(rec)
+
+    async def _settle(self, conv: _Conversation, turn: int) -> None:
+        """An answered turn, before its last byte: its record committed (durability) and, with replicas,
+        the shared store told (both at once)."""
+        waits = [] if self.durability is None else [self.durability()]
+        if self.shared is not None and not conv.one_turn:
+            waits.append(finish_turn(self.shared, conv, turn, self.clock.wall()))
+        if waits:
+            await asyncio.gather(*waits)
 
     def _end(self, conv: _Conversation) -> None:
         self._book.unpin(conv)
@@ -934,7 +967,10 @@ class Router:
             self._end(conv)
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(i.engine.aclose() for i in self._instances.values()), return_exceptions=True)
+        closing = [i.engine.aclose() for i in self._instances.values()]
+        if self.shared is not None:
+            closing.append(self.shared.aclose())
+        await asyncio.gather(*closing, return_exceptions=True)
 
 
 # ---- engine event streams -----------------------------------------------------------------------------
