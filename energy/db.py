@@ -169,6 +169,8 @@ class ConversationHeadRow(Base):
     last_decoder: Mapped[str | None] = mapped_column(String(128))  # decoder of the last finished turn
     first_arrival_at: Mapped[datetime] = mapped_column(UTCDateTime())
     active_at: Mapped[datetime] = mapped_column(UTCDateTime())  # last turn start or end (pin TTL)
+    run_id: Mapped[str | None] = mapped_column(String(128))  # run of the replica that claimed the last turn
+    claimed_by: Mapped[int | None] = mapped_column(Integer)  # that replica's advisory lock key (alive?)
 
 
 class EnergySampleRow(Base):

@@ -16,9 +16,18 @@ any interleaving. Each used to number turns and pin from its own memory (issue 1
   when the client ended the conversation), unless a later turn was claimed meanwhile.
 
 One round trip each, in autocommit, on a small pool of psycopg async connections (on the serving event
-loop: no thread hop). A replica that dies mid-turn leaves the number it claimed unused (the turn has no row;
-the next turn gets the next number) and the pin in place: the next turn, on any replica, goes to the same
-decoder. Errors (PostgreSQL down, a timeout) raise :class:`HeadsUnavailable`; the router then decides from
+loop: no thread hop).
+
+A replica that dies mid-turn: its turn's record may never be written (the client had no complete answer).
+Every replica holds a session-level advisory lock (``REPLICA_LOCK_NAMESPACE``, its random key) on a
+connection of its own while it serves; PostgreSQL drops it when the process dies. The head remembers which
+replica claimed the last turn, in which run; a claim after another replica's reuses that turn's number when
+that turn has no row in the ledger and its replica no longer holds its lock, so numbering goes on from what
+was durable (issue 13 item 4). The pin stays: the next turn, on any replica, goes to the same decoder. The
+extra checks run only when the previous turn was another replica's (an index probe of ``turns``) and, when
+that turn has no row, a look at ``pg_locks``.
+
+Errors (PostgreSQL down, a timeout) raise :class:`HeadsUnavailable`; the router then decides from
 its memory as a single replica does (orchestrator/core/shared.py), so an outage never stops serving.
 
 Must not import fastapi or the orchestrator.
@@ -29,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -59,12 +69,26 @@ class HeadClaim:
     first_arrival_at: datetime
 
 
-_CLAIM = """
+# The first key of every replica's advisory lock (the second is the replica's random key): "CnSv".
+REPLICA_LOCK_NAMESPACE = 0x436E5376
+
+_CLAIM = f"""
 INSERT INTO conversation_heads AS h
-    (conversation_id, turns, pin, context_tokens, last_decoder, first_arrival_at, active_at)
-VALUES (%(cid)s, 1, NULL, 0, NULL, %(at)s, %(at)s)
+    (conversation_id, turns, pin, context_tokens, last_decoder, first_arrival_at, active_at,
+     run_id, claimed_by)
+VALUES (%(cid)s, 1, NULL, 0, NULL, %(at)s, %(at)s, %(run)s, %(me)s)
 ON CONFLICT (conversation_id) DO UPDATE SET
-    turns = h.turns + 1,
+    turns = CASE
+        WHEN h.claimed_by IS NULL OR h.run_id IS NULL OR h.claimed_by = EXCLUDED.claimed_by THEN h.turns + 1
+        WHEN EXISTS (SELECT 1 FROM turns t WHERE t.run_id = h.run_id
+                     AND t.conversation_id = h.conversation_id AND t.turn = h.turns) THEN h.turns + 1
+        WHEN EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
+                     AND l.classid = {REPLICA_LOCK_NAMESPACE}::oid AND l.objid = h.claimed_by::oid
+                     AND l.objsubid = 2) THEN h.turns + 1
+        ELSE h.turns  -- its replica died before the turn was recorded: the number is given again
+    END,
+    run_id = EXCLUDED.run_id,
+    claimed_by = EXCLUDED.claimed_by,
     pin = CASE WHEN h.active_at < %(stale)s THEN NULL ELSE h.pin END,
     first_arrival_at = LEAST(h.first_arrival_at, EXCLUDED.first_arrival_at),
     active_at = GREATEST(h.active_at, EXCLUDED.active_at)
@@ -104,9 +128,20 @@ class PgConversationHeads:
     """Turn numbers and pins decided in PostgreSQL (see the module docstring). Use on one event loop."""
 
     def __init__(
-        self, url: str, *, pin_ttl_s: float, max_connections: int = 4, timeout_s: float = 2.0
+        self,
+        url: str,
+        *,
+        pin_ttl_s: float,
+        run_id: str,
+        max_connections: int = 4,
+        timeout_s: float = 2.0,
     ) -> None:
         self._conninfo = psycopg_conninfo(url)
+        self.run_id = run_id
+        # this replica's advisory lock key (see the module docstring); 31 bits: pg_locks shows it as an oid
+        self.replica_key = secrets.randbelow(2**31 - 1) + 1
+        self._alive: Any = None  # the connection holding the replica's lock
+        self._alive_lock: asyncio.Lock | None = None
         self.pin_ttl = timedelta(seconds=pin_ttl_s)
         self.timeout_s = timeout_s
         self._max = max_connections
@@ -138,10 +173,33 @@ class PgConversationHeads:
                     with contextlib.suppress(Exception):
                         await conn.close()
 
-    async def _one(self, doing: str, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    async def _hold_replica_lock(self) -> None:
+        """Take this replica's advisory lock (again, after a lost connection) before its first claim."""
+        import psycopg
+
+        def held() -> bool:
+            return self._alive is not None and not self._alive.closed and not self._alive.broken
+
+        if held():
+            return
+        if self._alive_lock is None:
+            self._alive_lock = asyncio.Lock()
+        async with self._alive_lock:  # the first claims arrive together: one connection takes the lock
+            if held():
+                return
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            await conn.execute("SELECT pg_advisory_lock(%s, %s)", (REPLICA_LOCK_NAMESPACE, self.replica_key))
+            self._alive = conn
+
+    async def _one(
+        self, doing: str, sql: str, params: dict[str, Any], *, alive: bool = False
+    ) -> tuple[Any, ...] | None:
+        """One statement's first row (None: no row); `alive`: hold this replica's lock first."""
         import psycopg
 
         async def run() -> tuple[Any, ...] | None:
+            if alive:
+                await self._hold_replica_lock()
             async with self._conn() as conn:
                 cur = await conn.execute(sql, params, prepare=True)
                 return await cur.fetchone() if cur.description is not None else None
@@ -155,6 +213,9 @@ class PgConversationHeads:
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
+        if self._alive is not None:
+            idle.append(self._alive)
+            self._alive = None
         for conn in idle:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -164,7 +225,16 @@ class PgConversationHeads:
         """The next turn of `conversation_id`, arriving `at`: its number and the shared state."""
         at = require_utc(at, "claim at")
         row = await self._one(
-            "claiming a turn", _CLAIM, {"cid": conversation_id, "at": at, "stale": at - self.pin_ttl}
+            "claiming a turn",
+            _CLAIM,
+            {
+                "cid": conversation_id,
+                "at": at,
+                "stale": at - self.pin_ttl,
+                "run": self.run_id,
+                "me": self.replica_key,
+            },
+            alive=True,
         )
         assert row is not None  # INSERT .. ON CONFLICT DO UPDATE .. RETURNING always returns the row
         turn, pin, context, last_decoder, first_at = row

@@ -324,7 +324,8 @@ def _shared_turns(settings: ServeSettings, db_url: str) -> Any:
         )
     from energy.heads import PgConversationHeads
 
-    return PgConversationHeads(db_url, pin_ttl_s=settings.pin_ttl_s)
+    assert settings.run_id is not None
+    return PgConversationHeads(db_url, pin_ttl_s=settings.pin_ttl_s, run_id=settings.run_id)
 
 
 def build_runtime(
@@ -391,7 +392,7 @@ def build_runtime(
     if settings.run_id is None:  # issue 14: one run per server start (energy/records.py new_run_id)
         settings = settings.model_copy(update={"run_id": new_run_id(RunKind.SERVE)})
     assert settings.run_id is not None
-    shared = _shared_turns(settings, db_url)  # before the ledger: a bad choice fails with one line
+    shared = _shared_turns(settings, db_url)
     ledger = Ledger(db_url, run_id=settings.run_id, policy=policy.name, kind=RunKind.SERVE)
     ledger.upgrade()
     ledger.start_run(RunInfo(settings.run_id, RunKind.SERVE, policy.name, label=str(settings.fleet)))

@@ -19,7 +19,7 @@ T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
 def _stores(url: str, n: int = 2, ttl_s: float = 900.0) -> list[PgConversationHeads]:
     Ledger(url).upgrade()
-    return [PgConversationHeads(url, pin_ttl_s=ttl_s) for _ in range(n)]
+    return [PgConversationHeads(url, pin_ttl_s=ttl_s, run_id=f"r{i}") for i in range(n)]
 
 
 def test_concurrent_claims_from_two_replicas_get_consecutive_numbers(pg_url: str) -> None:
@@ -96,3 +96,50 @@ def test_an_unreachable_database_raises_heads_unavailable(pg_url: str) -> None:
 def test_heads_need_postgresql() -> None:
     with pytest.raises(EnergyError, match="needs a PostgreSQL ledger"):
         psycopg_conninfo("sqlite:///x.db")
+
+
+def _record_turn(url: str, run_id: str, cid: str, turn: int) -> None:
+    from energy.records import TurnRecord, TurnStatus
+
+    with Ledger(url, run_id=run_id) as lg:
+        lg.record_turn(
+            TurnRecord(
+                conversation_id=cid, turn=turn, request_id=f"{cid}-{turn}", instance_id="d1", arrival_at=T0,
+                first_token_at=T0, last_token_at=T0, prompt_tokens=10, output_tokens=2, finish_reason="stop",
+                is_final=False, status=TurnStatus.OK, prefill_instance_id=None, remote_prefill=False,
+                tier="a40", cached_tokens=0, policy="conserve",
+            )
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("a_dies", "a_recorded", "b_gets"),
+    [
+        (False, False, 2),  # A alive, its turn 1 still running: B's turn is 2
+        (True, True, 2),  # A died after recording turn 1: numbering goes on
+        (True, False, 1),  # A died before turn 1 was durable: numbering goes on from what was durable
+    ],
+    ids=["alive", "died-after-recording", "died-mid-turn"],
+)
+def test_a_turn_of_a_replica_that_died_before_recording_it_is_numbered_again(
+    pg_url: str, a_dies: bool, a_recorded: bool, b_gets: int
+) -> None:
+    Ledger(pg_url).upgrade()
+    a = PgConversationHeads(pg_url, pin_ttl_s=900, run_id="ra")
+    b = PgConversationHeads(pg_url, pin_ttl_s=900, run_id="rb")
+
+    async def run() -> tuple[int, str | None, int]:
+        assert (await a.claim("c", T0)).turn == 1
+        await a.move_pin("c", None, "d1")
+        if a_recorded:
+            await asyncio.to_thread(_record_turn, pg_url, "ra", "c", 1)
+        if a_dies:
+            await a.aclose()  # its connections (and its replica lock) end, as when the process dies
+        got = await b.claim("c", T0 + timedelta(seconds=1))
+        again = await b.claim("c", T0 + timedelta(seconds=2))  # B's own previous claim: always the next
+        await a.aclose()
+        await b.aclose()
+        return got.turn, got.pin, again.turn
+
+    turn, pin, again = asyncio.run(run())
+    assert (turn, pin, again) == (b_gets, "d1", b_gets + 1)

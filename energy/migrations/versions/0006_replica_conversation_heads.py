@@ -31,6 +31,8 @@ def upgrade() -> None:
         sa.Column("last_decoder", sa.String(128), nullable=True),
         sa.Column("first_arrival_at", UTCDateTime(), nullable=False),
         sa.Column("active_at", UTCDateTime(), nullable=False),
+        sa.Column("run_id", sa.String(128), nullable=True),
+        sa.Column("claimed_by", sa.Integer(), nullable=True),
     )
     op.execute(
         "INSERT INTO conversation_heads (conversation_id, turns, context_tokens, first_arrival_at, active_at) "
