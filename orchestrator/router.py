@@ -174,6 +174,9 @@ class RouterObserver(Protocol):
 
     def retried(self, instance_id: str) -> None: ...
 
+    def forgotten(self, conversation_id: str) -> None:
+        """The conversation left the router's memory (ended, idle past its TTL, or one-turn and done)."""
+
 
 class _NullSink:
     def turn(self, rec: TurnRecord) -> None:
@@ -196,6 +199,9 @@ class _NullObserver:
         return None
 
     def retried(self, instance_id: str) -> None:
+        return None
+
+    def forgotten(self, conversation_id: str) -> None:
         return None
 
 
@@ -545,6 +551,7 @@ class Router:
         for conv in stale:
             self._end(conv)
             del self._convs[conv.conversation_id]
+            self.observer.forgotten(conv.conversation_id)
         return len(stale)
 
     # ---- serving --------------------------------------------------------------------------------------
@@ -965,6 +972,7 @@ class Router:
         )
         if conv.one_turn and (ok or status is TurnStatus.ERROR):
             self._end(conv)
+            self.observer.forgotten(conv.conversation_id)  # never in memory: gone once recorded
 
     async def aclose(self) -> None:
         closing = [i.engine.aclose() for i in self._instances.values()]
