@@ -159,8 +159,12 @@ class PgConversationHeads:
         async with self._slots:
             conn = self._idle.pop() if self._idle else None
             if conn is None:
+                # synchronous_commit off: a claim does not wait for its WAL flush (an fsync per turn on the
+                # serving path). Safe: the turn's record, committed synchronously by the ledger writer before
+                # its answer's last byte, flushes the WAL up to it; a claim a database crash loses belongs
+                # to a turn nobody had an answer for, and its number is given again.
                 conn = await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, prepare_threshold=0
+                    self._conninfo, autocommit=True, prepare_threshold=0, options="-c synchronous_commit=off"
                 )
             healthy = False
             try:
