@@ -80,12 +80,16 @@ async def claim_turn(
 
 async def agree_pin(store: SharedTurns, conversation_id: str, expected: str | None, new: str) -> str | None:
     """Pin `conversation_id` to `new` in the store if its pin there is still `expected`; returns the pin in
-    force (another replica's when it won the race; `new` when the store failed: memory decides)."""
+    force (another replica's when it won the race; `new` when the store failed or holds no head for the
+    conversation: memory decides)."""
     try:
-        return await store.move_pin(conversation_id, expected, new)
+        agreed = await store.move_pin(conversation_id, expected, new)
     except ConServeError as err:
         log.warning("conversation %s: %s; pinning from this replica's memory", conversation_id, err)
         return new
+    if agreed is None:  # the store has no head for it (its claim fell back to memory): memory decides
+        return new
+    return agreed
 
 
 async def finish_turn(store: SharedTurns, conv: ConversationState, turn: int, at: datetime) -> None:
