@@ -45,7 +45,7 @@ async def _drive(urls: list[str], n_convs: int, turns: int) -> None:
 
 
 def _ledger_rows(url: str) -> tuple[dict[str, list[tuple[int, str]]], dict[str, set[str]]]:
-    engine = create_engine(url.replace("postgresql+psycopg", "postgresql+psycopg", 1))
+    engine = create_engine(url)
     turns: dict[str, list[tuple[int, str]]] = defaultdict(list)
     pins: dict[str, set[str]] = defaultdict(set)
     with engine.connect() as conn:
