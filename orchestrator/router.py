@@ -481,7 +481,8 @@ class Router:
             run_id=self.config.run_id,
             policy=self.policy.name,
             created_at=self.clock.wall(conv.first_arrival_s),
-            pinned_instance_id=conv.pins[-1].instance_id if conv.pins else None,
+            # the pin in force (with replicas, perhaps one another replica made), else the last one recorded
+            pinned_instance_id=conv.pin or (conv.pins[-1].instance_id if conv.pins else None),
             pins=tuple(conv.pins),
             turns=tuple(conv.records),
             final_turn=conv.final_turn,

@@ -118,3 +118,5 @@ def test_a_replica_sends_the_next_turn_where_another_replica_re_pinned_it(
     assert len(pins[cid]) == 2  # P, then Q
     assert {i for t, i in rows[cid] if t > 1} == pins[cid] - {p}  # turns 2 and 3 on Q
     assert [t for t, _ in rows[cid]] == [1, 2, 3]
+    seen_by_b = httpx.get(f"{b.base_url}/v1/conversations/{cid}", timeout=30).json()
+    assert {seen_by_b["pinned_instance_id"]} == pins[cid] - {p}  # B shows the pin in force, not its first
