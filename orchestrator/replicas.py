@@ -19,19 +19,34 @@ Must not import fastapi or sqlalchemy.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Container
+from collections.abc import Awaitable, Callable, Container
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from conserve.clock import Clock
 from conserve.errors import ConServeError
-from orchestrator.core import ConversationState, PinBook
+from orchestrator.core import ConversationState, PinBook, moves_pin
 from orchestrator.core.shared import TurnClaim, adopt_claim
+from placement.base import Placement
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SharedTurns", "SharedClaim", "agree_pin", "claim_turn", "finish_turn"]
+__all__ = [
+    "SharedTurns",
+    "SharedClaim",
+    "agree_pin",
+    "agreed_placement",
+    "claim_turn",
+    "finish_turn",
+    "settle",
+]
+
+T = TypeVar("T")
+# Placements tried when other replicas keep winning the pin race (each loss adopts the winner's pin, so the
+# policy keeps it the next time unless that decoder is down here)
+PIN_RACE_TRIES = 3
 
 
 class SharedClaim(TurnClaim, Protocol):
@@ -106,3 +121,49 @@ async def finish_turn(store: SharedTurns, conv: ConversationState, turn: int, at
         )
     except ConServeError as err:
         log.warning("conversation %s: %s (its next turn reads it again)", conv.conversation_id, err)
+
+
+async def agreed_placement(
+    store: SharedTurns | None,
+    conv: ConversationState,
+    book: PinBook,
+    known: Container[str],
+    decide: Callable[[T], Placement],
+    turn: T,
+) -> Placement | None:
+    """``decide(turn)`` (the policy's placement), with a pin move agreed in the store first: when another
+    replica pinned the conversation meanwhile, its pin is adopted (recorded by that replica) and the turn
+    placed again. None: other replicas kept winning (the router answers 503: send the turn again). Without a
+    store, just ``decide(turn)``."""
+    if store is None:
+        return decide(turn)
+    expected = conv.pin  # the store's pin as far as this replica knows (claim_turn)
+    for _ in range(PIN_RACE_TRIES):
+        placement = decide(turn)
+        if not moves_pin(placement, conv.pin):
+            return placement
+        agreed = await agree_pin(store, conv.conversation_id, expected, placement.decode_instance)
+        if agreed == placement.decode_instance:
+            return placement
+        expected = agreed
+        if agreed is not None and agreed in known:
+            book.pin(conv, agreed)
+        else:
+            book.unpin(conv)
+    return None
+
+
+async def settle(
+    durability: Callable[[], Awaitable[None]] | None,
+    store: SharedTurns | None,
+    conv: ConversationState,
+    turn: int,
+    clock: Clock,
+) -> None:
+    """Before an answered turn's last byte: its record committed (`durability`) and, with replicas, the
+    store told (:func:`finish_turn`), both at once."""
+    waits: list[Awaitable[None]] = [] if durability is None else [durability()]
+    if store is not None:
+        waits.append(finish_turn(store, conv, turn, clock.wall()))
+    if waits:
+        await asyncio.gather(*waits)

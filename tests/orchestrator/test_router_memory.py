@@ -11,7 +11,7 @@ from typing import Any
 
 from conserve.clock import VirtualClock
 from energy.estimate import EnergyEstimates
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
 from orchestrator.router import Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
@@ -19,6 +19,7 @@ from placement.policies import make_policy
 
 class Engine:
     tier = "a40"
+    wire = Wire.CHUNKS
     kv_capacity_tokens = 100_000
 
     def __init__(self, instance_id: str, role: Role) -> None:
