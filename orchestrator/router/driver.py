@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,20 +32,19 @@ from energy.records import ConversationView, PinRecord, TurnRecord, TurnStatus
 from orchestrator.core import (
     ConversationState,
     PinBook,
-    has_room,
     local_prefill_tokens,
     moves_pin,
     pin_reason,
-    reservation_tokens,
     rule_for,
     running_turn_kv_tokens,
 )
 from orchestrator.engines.base import Engine, EngineRequest
 from orchestrator.replicas import SharedTurns, agreed_placement, claim_turn, settle
 from orchestrator.router.adapters import ChunkOutput, JsonOutput, OutputAdapter, SseOutput
+from orchestrator.router.admission import wait_for_room
 from orchestrator.router.decode import Attempt, decode_stream
 from orchestrator.router.failures import ENGINE_FAILURES, FailureKind, outcome
-from orchestrator.router.instances import Instance, check_fits, log
+from orchestrator.router.instances import Instance, check_fits
 from orchestrator.router.prefill import prefill_remote
 from orchestrator.router.values import (
     EngineRejected,
@@ -64,6 +64,8 @@ from placement.base import FleetView, Placement, Policy, Role, TurnRequest
 from placement.errors import PlacementError
 
 __all__ = ["Router"]
+
+log = logging.getLogger("orchestrator.router")
 
 
 def _wall(clock: Clock, at_s: float | None) -> datetime | None:
@@ -389,27 +391,19 @@ class Router:
         self.observer.retried(failed_on)
 
     # ---- placement and pins -------------------------------------------------------------------------
-    async def _admit(self, treq: TurnRequest) -> None:
-        """Wait (bounded) until some healthy decode-capable instance has room for the turn's reservation."""
-        k = treq.turn
-        inputs = [0] * (k - 1) + [treq.input_tokens]
-        outputs = [0] * (k - 1) + [treq.max_output_tokens or 0]
-        need = reservation_tokens(self._admission_rule, k, inputs, outputs)[0]
-        if need <= 0:
-            return
-        deadline = self.clock.now_s() + self.config.admission_wait_s
-        waited = False
-        while not any(
-            v.healthy and v.role.can_decode and has_room(v.kv_capacity_tokens, v.kv_used_tokens, need)
-            for v in self.fleet_view().instances
-        ):
-            if self.clock.now_s() >= deadline:
-                self.admission_stats["timed_out"] += 1
-                break
-            if not waited:
-                waited = True
-                self.admission_stats["waited"] += 1
-            await asyncio.sleep(self.config.admission_poll_s)
+    async def _admit(self, treq: TurnRequest) -> bool:
+        """The admission step (orchestrator.router.admission): a bounded wait for KV room; False if it timed
+        out (the turn is placed anyway)."""
+        cfg = self.config
+        return await wait_for_room(
+            self._admission_rule,
+            treq,
+            self.fleet_view,
+            self.clock,
+            cfg.admission_wait_s,
+            cfg.admission_poll_s,
+            self.admission_stats,
+        )
 
     async def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
         shared = None if conv.one_turn else self.shared  # replicas: a pin moves by compare-and-set there
