@@ -313,8 +313,9 @@ def build_runtime(
     spec = cfg.model_spec()
     served = settings.served_model_name or spec.name
     policy_name = settings.policy or cfg.policy
-    policy = make_policy(policy_name)
+    make_policy(policy_name)  # a bad name fails before anything is built; the fleet's models are bound below
     engines: dict[str, Engine] = {}
+    models: dict[str, Any] = {}  # instance id -> TierModel, for policies that cost decisions with it
     caps: dict[str, int] = {}
     # one clock for the router and the simulated engines (conserve/clock.py): monotonic time, record
     # timestamps; simulated engines sleep modelled seconds / sim_speedup on it
@@ -338,6 +339,7 @@ def build_runtime(
                 fabric=fabric,
             )
             caps[inst.instance_id] = inst.tier_model.kv_capacity_tokens
+            models[inst.instance_id] = inst.tier_model
     else:
         try:
             from orchestrator.engines.vllm import VllmEngine
@@ -347,8 +349,17 @@ def build_runtime(
 
         for e in cfg.engines:
             engines[e.id] = VllmEngine(e.id, Role(e.role), e.tier, e.url)
-            caps[e.id] = tier_model(cfg, e.tier).kv_capacity_tokens  # replaced by the engine's own report
+            models[e.id] = tier_model(cfg, e.tier)
+            caps[e.id] = models[e.id].kv_capacity_tokens  # replaced by the engine's own report
         source = f"engines: in {settings.fleet}"
+    # conserve-adaptive costs turn 1 with every instance's tier model and link (placement/adaptive.py), as
+    # the simulator's driver does (orchestrator/sim/fleet.py)
+    from placement.adaptive import fleet_options
+
+    tier_links = {t.name: str(t.link.value) for t in cfg.tiers}
+    tiers_of = {e.id: e.tier for e in cfg.engines} | {i.instance_id: i.tier for i in instances or ()}
+    links = {iid: tier_links.get(tiers_of.get(iid, ""), "pcie") for iid in models}
+    policy = make_policy(policy_name, **fleet_options(policy_name, models, links))
     # GPU power caps (fleet.yaml / plan), applied in start(); decided before anything is started, so a bad cap
     # fails here with one line
     from orchestrator.power import SessionPowerCaps
