@@ -21,8 +21,8 @@ from orchestrator.planner import make_plan  # one direction only: the planner ne
 from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.result import SimResult
 from orchestrator.workload import ConversationSpec, poisson_arrivals, workload_from_config
-from placement.base import Role
 from placement.adaptive import fleet_options
+from placement.base import Role
 from placement.policies import make_policy
 
 _ITEM = re.compile(
