@@ -52,15 +52,19 @@ from conserve.clock import SYSTEM_CLOCK, Clock
 from conserve.errors import ConServeError
 from energy.records import ConversationView, PinRecord, TurnRecord, TurnStatus
 from orchestrator.core import (
+    Admit,
     ConversationState,
     PinBook,
-    has_room,
+    admit,
+    any_room,
     instance_view,
     local_prefill_tokens,
     moves_pin,
     pin_reason,
+    refusal_message,
     remote_prefill_tokens,
     reservation_tokens,
+    retry_after_s,
     round_trip_tokens,
     rule_for,
     running_turn_kv_tokens,
@@ -95,6 +99,7 @@ __all__ = [
     "TurnSink",
     "RouterObserver",
     "EngineUnavailable",
+    "AdmissionTimedOut",
     "EngineRejected",
     "ConversationNotFound",
     "PromptTooLarge",
@@ -121,6 +126,14 @@ class EngineAnsweredError(EngineError):
 
 class EngineUnavailable(ConServeError):
     """No healthy engine could serve the turn (API: 503)."""
+
+
+class AdmissionTimedOut(EngineUnavailable):
+    """No decoder had room for the turn within RouterConfig.admission_wait_s (API: 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class EngineRejected(ConServeError):
@@ -614,11 +627,11 @@ class Router:
             max_out = _max_output(inp.body)
             self._check_fits(prompt_tokens + (max_out or 0))  # before a turn number or an engine is used
             conv = await self._conversation_for(inp, arrival_s)
+            if self.config.admission_wait_s > 0:  # before the turn is numbered: a refused turn is not one
+                await self._admit(conv.turns + 1, prompt_tokens, max_out)
             treq = conv.next_turn(prompt_tokens, _max_output(inp.body))
             turn = treq.turn
             conv.last_active_s = arrival_s
-            if self.config.admission_wait_s > 0:
-                await self._admit(treq)
             last_err: BaseException | None = None
             for attempt_no in range(self.config.max_attempts):
                 placement = self._place(treq, conv, arrival_s)
@@ -810,27 +823,26 @@ class Router:
                 limit_tokens=largest,
             )
 
-    async def _admit(self, treq: TurnRequest) -> None:
-        """Wait (bounded) until some healthy decode-capable instance has room for the turn's reservation."""
-        k = treq.turn
-        inputs = [0] * (k - 1) + [treq.input_tokens]
-        outputs = [0] * (k - 1) + [treq.max_output_tokens or 0]
-        need = reservation_tokens(self._admission_rule, k, inputs, outputs)[0]
+    async def _admit(self, k: int, prompt_tokens: int, max_out: int | None) -> None:
+        """Wait (bounded) until some healthy decode-capable instance has room for turn `k`'s reservation;
+        refuse it after the wait (orchestrator.core.admission: admit; the API answers 503 + Retry-After)."""
+        pad = [0] * (k - 1)
+        need = reservation_tokens(self._admission_rule, k, [*pad, prompt_tokens], [*pad, max_out or 0])[0]
         if need <= 0:
             return
-        deadline = self.clock.now_s() + self.config.admission_wait_s
-        waited = False
-        while not any(
-            v.healthy and v.role.can_decode and has_room(v.kv_capacity_tokens, v.kv_used_tokens, need)
-            for v in self.fleet_view().instances
-        ):
-            if self.clock.now_s() >= deadline:
-                self.admission_stats["timed_out"] += 1
+        start, wait_s, waited = self.clock.now_s(), self.config.admission_wait_s, False
+        while True:
+            waited_s = self.clock.now_s() - start
+            decision = admit(any_room(self.fleet_view().instances, need), waited_s, wait_s)
+            if decision is not Admit.WAIT:
                 break
             if not waited:
                 waited = True
                 self.admission_stats["waited"] += 1
-            await asyncio.sleep(self.config.admission_poll_s)
+            await asyncio.sleep(min(self.config.admission_poll_s, wait_s - waited_s))
+        if decision is Admit.REJECT:
+            self.admission_stats["timed_out"] += 1
+            raise AdmissionTimedOut(refusal_message(need, wait_s), retry_after_s(wait_s))
 
     def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
         try:

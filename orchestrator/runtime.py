@@ -75,6 +75,12 @@ class ServeSettings(BaseSettings):
     )
     poll_interval_s: float = Field(1.0, gt=0, description="engine health/metrics poll period")
     pin_ttl_s: float = Field(900.0, gt=0, description="release the pin of a conversation idle this long")
+    admission_wait_s: float | None = Field(
+        None,
+        ge=0,
+        description="a turn that no decoder can hold waits this long for room, then gets 503 with "
+        "Retry-After (0: off); default: the fleet's admission_wait_s, else 30 s (core/admission.py)",
+    )
     run_id: str | None = Field(
         None,
         min_length=1,
@@ -299,6 +305,16 @@ class Runtime:
         self._started = False
 
 
+def admission_wait_s(settings: ServeSettings, cfg: FleetConfig) -> float:
+    """The router's admission wait: the serve flag, else the fleet file's, else the documented default."""
+    from orchestrator.core import DEFAULT_ADMISSION_WAIT_S
+
+    for v in (settings.admission_wait_s, cfg.admission_wait_s):
+        if v is not None:
+            return v
+    return DEFAULT_ADMISSION_WAIT_S
+
+
 def build_runtime(
     settings: ServeSettings, cfg: FleetConfig | None = None, instances: Sequence[Any] | None = None
 ) -> Runtime:
@@ -395,6 +411,7 @@ def build_runtime(
             model_name=served,
             max_context_tokens=spec.max_context_tokens,
             pin_ttl_s=settings.pin_ttl_s,
+            admission_wait_s=admission_wait_s(settings, cfg),
             run_id=settings.run_id,
         ),
         sink=writer,

@@ -18,7 +18,8 @@ Cost of each option, in seconds of added latency summed over the requests it tou
     local(d)     = W(d) + step_time_s_d(n, 0, B_d, C_d)            (the turn's own first token)
                    + B_d * (step_time_s_d(n, 0, B_d, C_d) - decode_step_time_s_d(B_d, C_d))
             d: any healthy decoder whose free KV holds the turn (n + the client's output cap); B_d its
-            observed running sequences and C_d its observed used KV tokens. The second line is the stall: each
+            observed running sequences and C_d its observed used KV tokens; equal costs (idle decoders) go
+            to the most free KV, ConServe's worst fit. The second line is the stall: each
             of the B_d running sequences waits for the prefill's share of the step (chunked prefill spreads it
             over several steps; the sum is the same).
 
@@ -165,13 +166,14 @@ class AdaptiveConservePolicy:
         ]
         r_cost, _, pre = min(remote, key=lambda x: (x[0], x[1]))
         # local candidates: decoders (not prefill-only instances) that hold the turn and have a model
+        # (ties, e.g. idle decoders: the most free KV, ConServe's worst fit, so pins stay balanced)
         local = [
-            (local_cost_s(n, d, models[d.instance_id]), d.instance_id, d)
+            (local_cost_s(n, d, models[d.instance_id]), -d.kv_free_tokens, d.instance_id, d)
             for d in decoders
             if d.role is not Role.PREFILL and d.kv_free_tokens >= need and d.instance_id in models
         ]
         if local:
-            l_cost, _, ldec = min(local, key=lambda x: (x[0], x[1]))
+            l_cost, _, _, ldec = min(local, key=lambda x: x[:3])
             if l_cost < r_cost:
                 self._local += 1
                 return Placement(
