@@ -119,11 +119,11 @@ class Admit(StrEnum):
 
 
 def any_room(instances: Iterable[InstanceView], need_tokens: int) -> bool:
-    """Some healthy decode-capable instance can take `need_tokens` next to its used KV (as views show it)."""
-    return any(
-        v.healthy and v.role.can_decode and has_room(v.kv_capacity_tokens, v.kv_used_tokens, need_tokens)
-        for v in instances
-    )
+    """Room for `need_tokens` as the admission rule sees it: some healthy decode-capable instance can take
+    them next to its used KV (as views show it) -- or none is healthy at all: then waiting cannot help, and
+    placement answers at once (EngineUnavailable, 503 engine_unavailable)."""
+    healthy = [v for v in instances if v.healthy and v.role.can_decode]
+    return not healthy or any(has_room(v.kv_capacity_tokens, v.kv_used_tokens, need_tokens) for v in healthy)
 
 
 def admit(room: bool, waited_s: float, max_wait_s: float) -> Admit:
