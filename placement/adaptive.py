@@ -17,7 +17,10 @@ Cost of each option, in seconds of added latency summed over the requests it tou
             The decoder's running batch pays nothing (the KV arrives over the link).
     local(d)     = W(d) + step_time_s_d(n, 0, B_d, C_d)            (the turn's own first token)
                    + B_d * (step_time_s_d(n, 0, B_d, C_d) - decode_step_time_s_d(B_d, C_d))
-            d: any healthy decoder whose free KV holds the turn (n + the client's output cap); B_d its
+            d: any healthy decoder whose free KV holds the turn (n + the client's output cap) and on which no
+            request waits (a waiting request means the engine cannot admit more now: a local prefill would
+            queue behind it for a time nothing observable bounds; the remote option overlaps that wait
+            with the prefill); B_d its
             observed running sequences and C_d its observed used KV tokens; equal costs (idle decoders) go
             to the most free KV, ConServe's worst fit. The second line is the stall: each
             of the B_d running sequences waits for the prefill's share of the step (chunked prefill spreads it
@@ -170,7 +173,10 @@ class AdaptiveConservePolicy:
         local = [
             (local_cost_s(n, d, models[d.instance_id]), -d.kv_free_tokens, d.instance_id, d)
             for d in decoders
-            if d.role is not Role.PREFILL and d.kv_free_tokens >= need and d.instance_id in models
+            if d.role is not Role.PREFILL
+            and d.kv_free_tokens >= need
+            and d.waiting_seqs == 0
+            and d.instance_id in models
         ]
         if local:
             l_cost, _, _, ldec = min(local, key=lambda x: x[:3])

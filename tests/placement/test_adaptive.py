@@ -101,6 +101,16 @@ def test_an_idle_decoder_without_room_is_never_the_local_choice() -> None:
     assert p.decode_instance == "d1"
 
 
+def test_a_decoder_with_waiting_requests_is_never_the_local_choice() -> None:
+    # d0 is cheapest by batch but has a request waiting (its engine admits nothing now); d1 runs 30 sequences
+    busy = InstanceView("d0", Role.DECODE, "a40", kv_capacity_tokens=CAP, running_seqs=1, waiting_seqs=1)
+    view = FleetView((pre("p0", queued=160_000, seqs=10), busy, dec("d1", 0, 30)))
+    p = policy(view).place(t1(2_000), view)
+    assert p.decode_instance == "d1" and p.prefill_instance is None
+    only = FleetView((pre("p0", queued=160_000, seqs=10), busy))
+    assert policy(only).place(t1(2_000), only).prefill_instance == "p0"
+
+
 def test_later_turns_follow_conserve() -> None:
     view = FleetView((pre("p0", queued=48_000, seqs=3), dec("d0"), dec("d1")), {"c": "d1"})
     p = policy(view).place(TurnRequest("c", 2, 17_000, 200), view)
