@@ -92,18 +92,34 @@ _ADMISSION_HELP = (
 )
 
 
+_ADMISSION_WAIT_HELP = (
+    "with --router-admission: refuse a conversation whose turn 1 waited this many seconds for KV room "
+    "(serve's 503 after its admission wait; refused ones count as SLO violations); default: no bound"
+)
+
+
 def _sim_options(
-    max_batched: int | None, prefill_max_batched: int | None, router_admission: bool = False
+    max_batched: int | None,
+    prefill_max_batched: int | None,
+    router_admission: bool = False,
+    admission_wait: float | None = None,
 ) -> SimOptions:
     pairs = (("--max-batched-tokens", max_batched), ("--prefill-max-batched-tokens", prefill_max_batched))
     for name, v in pairs:
         if v is not None and v < 1:
             raise ConfigError(f"{name} must be >= 1 token, got {v}. To fix: e.g. 2944 (the paper's engines).")
+    if admission_wait is not None and not router_admission:
+        raise ConfigError(
+            "--admission-wait bounds the router-side admission wait. To fix: add --router-admission."
+        )
+    if admission_wait is not None and admission_wait < 0:
+        raise ConfigError(f"--admission-wait must be >= 0 s, got {admission_wait}. To fix: e.g. 30.")
     base = SimOptions()
     return SimOptions(
         max_batched_tokens=max_batched if max_batched is not None else base.max_batched_tokens,
         prefill_max_batched_tokens=prefill_max_batched,
         router_admission=router_admission,
+        admission_wait_s=admission_wait,
     )
 
 
@@ -272,6 +288,7 @@ def register(app: typer.Typer) -> None:
             None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=_ADMISSION_HELP),
+        admission_wait: float | None = typer.Option(None, "--admission-wait", help=_ADMISSION_WAIT_HELP),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
         json_out: bool = typer.Option(False, "--json", help="print JSON for scripts"),
@@ -293,7 +310,7 @@ def register(app: typer.Typer) -> None:
         pol = policy or cfg.policy
         make_policy(pol, **_policy_options(pol, mispredict_rate, threshold))  # validate early
         out_dir = _out_dir(out)
-        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
+        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission, admission_wait)
         seed = sim_setup.effective_seed(cfg, seed)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         rate_label, arrivals = sim_setup.arrivals(cfg, rate, convs)
@@ -415,6 +432,7 @@ def register(app: typer.Typer) -> None:
             None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=_ADMISSION_HELP),
+        admission_wait: float | None = typer.Option(None, "--admission-wait", help=_ADMISSION_WAIT_HELP),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
     ) -> None:
@@ -433,7 +451,7 @@ def register(app: typer.Typer) -> None:
         if rate_list is not None and any(not r > 0 for r in rate_list):
             fail("--rates must be > 0 conversations/s")
         out_dir = _out_dir(out)
-        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
+        sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission, admission_wait)
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
         from orchestrator.workload import poisson_arrivals
 
