@@ -1,7 +1,8 @@
 """Issue 12 acceptance: ConServe vs the best baseline over seeds, honest clock (simulated, modelled energy).
 
-Runs ``orchestrator compare --json`` once per seed (each run under ``flock /tmp/conserve-heavy.lock`` with
-``--lock``), optionally a second time per seed for the colocated family at a power cap (``--coloc-cap``: the
+Runs ``orchestrator compare --json`` once per seed (in this process; each seed's runs under the machine's
+heavy-job lock ``/tmp/conserve-heavy.lock`` with ``--lock``), optionally a second time per seed for the
+colocated family at a power cap (``--coloc-cap``: the
 same caps available to every mode), and prints one markdown table: per configuration and rate, SLO violations
 (% of conversations) and tokens/J as mean [min-max] over the seeds, and p95 TTFET slowdown (mean). Then, per
 rate and per ConServe configuration, the target of issue 12: violations <= the best baseline's + 1 point and
@@ -17,11 +18,13 @@ Nothing is tuned here: every number comes from the simulator's compare command w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import statistics
-import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 CONSERVE = ("conserve", "conserve-adaptive")
@@ -37,19 +40,36 @@ def _seeds(text: str) -> list[int]:
 
 
 def _compare(args: argparse.Namespace, seed: int, policies: str, extra: list[str]) -> list[dict[str, Any]]:
-    cmd = ["orchestrator", "compare", "--fleet", args.fleet, "--policies", policies, "--seed", str(seed)]
-    cmd += ["--json", *extra]
+    """``orchestrator compare --json`` in this process (typer's CliRunner: no interpreter start per run)."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    cmd = ["compare", "--fleet", args.fleet, "--policies", policies, "--seed", str(seed), "--json", *extra]
     if args.rates:
         cmd += ["--rates", args.rates]
     if args.conversations:
         cmd += ["--conversations", str(args.conversations)]
-    if args.lock:
-        cmd = ["flock", LOCK, *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        sys.exit(f"compare failed (seed {seed}): {out.stderr.strip() or out.stdout.strip()}")
-    runs: list[dict[str, Any]] = json.loads(out.stdout)["runs"]
+    out = CliRunner().invoke(app, cmd)
+    if out.exit_code != 0:
+        sys.exit(f"compare failed (seed {seed}): {out.output.strip()}")
+    text = out.stdout
+    runs: list[dict[str, Any]] = json.loads(text[text.index("{") :])["runs"]
     return runs
+
+
+@contextlib.contextmanager
+def _locked(on: bool) -> Iterator[None]:
+    """The machine's heavy-job lock around one seed's runs (TEAM.md: keep each locked job short)."""
+    if not on:
+        yield
+        return
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fmt(xs: list[float], spec: str) -> str:
@@ -67,7 +87,7 @@ def main() -> None:
     )
     ap.add_argument("--decode-caps", default=None, help="extra decoder caps for the disaggregated policies")
     ap.add_argument("--coloc-cap", default=None, help="also run the colocated family capped at this many W")
-    ap.add_argument("--lock", action="store_true", help=f"run each compare under flock {LOCK}")
+    ap.add_argument("--lock", action="store_true", help=f"hold {LOCK} around each seed's runs")
     args = ap.parse_args()
     extra: list[str] = []
     if args.layout:
@@ -77,22 +97,30 @@ def main() -> None:
     # (config, rate) -> metric -> one value per seed
     cells: dict[tuple[str, float | None], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for seed in _seeds(args.seeds):
-        runs = _compare(args, seed, ",".join(CONSERVE + BASELINES), extra)
-        if args.coloc_cap:
-            # the same GPUs as compare gives the colocated family (the first tier's), capped
-            lay = f"colocated={_gpus(args)}@{args.coloc_cap}"
-            capped = _compare(
-                args, seed, "colocated,kv-aware,round-robin", [*extra, "--colocated-layout", lay]
-            )
-            for r in capped:
-                r["config"] = f"{r['config']}@{args.coloc_cap}W"
-            runs += capped
+        with _locked(args.lock):
+            runs = _seed_runs(args, seed, extra)
         for r in runs:
             s = r["summary"]
             c = cells[(r["config"], r["rate_per_s"])]
             c["viol"].append(s["slo_violation_pct"])
             c["tokj"].append(s["tokens_per_j"])
             c["ttfet"].append(s["ttfet_slowdown"]["p95"])
+    _print(args, cells)
+
+
+def _seed_runs(args: argparse.Namespace, seed: int, extra: list[str]) -> list[dict[str, Any]]:
+    runs = _compare(args, seed, ",".join(CONSERVE + BASELINES), extra)
+    if args.coloc_cap:
+        # the same GPUs as compare gives the colocated family (the first tier's), capped
+        lay = f"colocated={_gpus(args)}@{args.coloc_cap}"
+        capped = _compare(args, seed, "colocated,kv-aware,round-robin", [*extra, "--colocated-layout", lay])
+        for r in capped:
+            r["config"] = f"{r['config']}@{args.coloc_cap}W"
+        runs += capped
+    return runs
+
+
+def _print(args: argparse.Namespace, cells: dict[tuple[str, float | None], dict[str, list[float]]]) -> None:
     print(f"fleet {args.fleet}, seeds {args.seeds}, honest clock; mean [min-max] over seeds\n")
     print("| config | rate conv/s | SLO viol. % | tokens/J | p95 TTFET x (mean) |")
     print("|---|---|---|---|---|")
