@@ -598,6 +598,22 @@ def _plots(out_dir: Path, rows: list[tuple[str, float | None, Summary]]) -> None
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=120)
         plt.close(fig)
+    # the issue-12 acceptance figures: SLO violations and tokens/J per policy and rate
+    for fname, ylabel, get in (
+        ("slo_violations.png", "SLO violations (% of conversations)", lambda x: x.slo_violation_pct),
+        ("tokens_per_j_by_rate.png", "tokens/J (modelled, idle GPUs billed)", lambda x: x.tokens_per_j),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for lab in labels:
+            pts = [(r[1], get(r[2])) for r in rows if r[0] == lab]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
+        ax.set_xlabel("arrival rate (conversations/s)")
+        ax.set_ylabel(ylabel)
+        ax.set_title("simulated")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=120)
+        plt.close(fig)
     top = max(r[1] or 0 for r in rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     vals = [(r[0], r[2].tokens_per_j) for r in rows if r[1] == top]
