@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--decode-caps", default=None, help="extra decoder caps for the disaggregated policies")
     ap.add_argument("--coloc-cap", default=None, help="also run the colocated family capped at this many W")
     ap.add_argument("--lock", action="store_true", help=f"hold {LOCK} around each seed's runs")
+    ap.add_argument("--lock-all", action="store_true", help=f"hold {LOCK} around all seeds (short workloads)")
     args = ap.parse_args()
     extra: list[str] = []
     if args.layout:
@@ -96,15 +97,16 @@ def main() -> None:
         extra += ["--decode-caps", args.decode_caps]
     # (config, rate) -> metric -> one value per seed
     cells: dict[tuple[str, float | None], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for seed in _seeds(args.seeds):
-        with _locked(args.lock):
-            runs = _seed_runs(args, seed, extra)
-        for r in runs:
-            s = r["summary"]
-            c = cells[(r["config"], r["rate_per_s"])]
-            c["viol"].append(s["slo_violation_pct"])
-            c["tokj"].append(s["tokens_per_j"])
-            c["ttfet"].append(s["ttfet_slowdown"]["p95"])
+    with _locked(args.lock_all):
+        for seed in _seeds(args.seeds):
+            with _locked(args.lock):
+                runs = _seed_runs(args, seed, extra)
+            for r in runs:
+                s = r["summary"]
+                c = cells[(r["config"], r["rate_per_s"])]
+                c["viol"].append(s["slo_violation_pct"])
+                c["tokj"].append(s["tokens_per_j"])
+                c["ttfet"].append(s["ttfet_slowdown"]["p95"])
     _print(args, cells)
 
 
