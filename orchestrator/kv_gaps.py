@@ -122,7 +122,6 @@ def kv_gap_report(
         if t_rel is None:
             kept += 1
             continue
-        assert gap_action(t_rel - start, True, costs, host_free) is action
         released += tok * (end - t_rel)
         if action is GapAction.OFFLOAD:
             offloaded += 1
