@@ -44,6 +44,7 @@ from orchestrator.core import (
     running_turn_kv_tokens,
 )
 from orchestrator.engines.base import Engine, EngineRequest
+from orchestrator.replicas import SharedTurns, agreed_placement, claim_turn, settle
 from orchestrator.router.adapters import ChunkOutput, JsonOutput, OutputAdapter, SseOutput
 from orchestrator.router.decode import Attempt, decode_stream
 from orchestrator.router.failures import ENGINE_FAILURES, FailureKind, outcome
@@ -100,6 +101,7 @@ class Router:
         clock: Clock = SYSTEM_CLOCK,
         kv_capacity_tokens: Mapping[str, int] | None = None,
         durability: Callable[[], Awaitable[None]] | None = None,
+        shared: SharedTurns | None = None,
     ) -> None:
         if not engines:
             raise EngineUnavailable(
@@ -114,6 +116,7 @@ class Router:
         # awaited between recording an answered turn and its last byte: the record is durable by then
         # (the runtime's LedgerWriter.wait_durable; None: no wait)
         self.durability = durability
+        self.shared = shared  # replicas on one PostgreSQL ledger: turn numbers and pins decided there
         caps = kv_capacity_tokens or {}
         self._instances: dict[str, Instance] = {
             iid: Instance(
@@ -161,7 +164,7 @@ class Router:
             run_id=self.config.run_id,
             policy=self.policy.name,
             created_at=self.clock.wall(conv.first_arrival_s),
-            pinned_instance_id=conv.pins[-1].instance_id if conv.pins else None,
+            pinned_instance_id=conv.pin or (conv.pins[-1].instance_id if conv.pins else None),
             pins=tuple(conv.pins),
             turns=tuple(conv.records),
             final_turn=conv.final_turn,
@@ -202,6 +205,7 @@ class Router:
         for conv in stale:
             self._end(conv)
             del self._convs[conv.conversation_id]
+            self.observer.forgotten(conv.conversation_id)
         return len(stale)
 
     # ---- serving --------------------------------------------------------------------------------------
@@ -284,10 +288,13 @@ class Router:
             # before the turn is numbered: a refused turn is not one
             if self.config.admission_wait_s > 0:
                 await self._admit(conv.turns + 1, prompt_tokens, cap)
+            shared = None if conv.one_turn else self.shared  # replicas agree there (orchestrator/replicas.py)
+            if shared is not None:
+                await claim_turn(shared, conv, self._book, self._instances, self.clock, arrival_s)
             treq = conv.next_turn(prompt_tokens, cap)
             conv.last_active_s = arrival_s
             for attempt_no in range(self.config.max_attempts):
-                placement = self._place(treq, conv, arrival_s)
+                placement = await self._place(treq, conv, arrival_s)
                 att = Attempt(request_id=f"req-{self._id_prefix}-{next(self._ids)}", placement=placement)
                 dec = self._instances[placement.decode_instance]
                 failed_on = dec.instance_id
@@ -343,8 +350,8 @@ class Router:
                     self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
                     raise
                 self._finish(conv, treq, att, arrival_s, TurnStatus.OK, inp.client_final)
-                if self.durability is not None:
-                    await self.durability()  # the turn's record is committed before its last byte leaves
+                # the turn's record is committed (and replicas told) before its last byte leaves
+                await settle(self.durability, shared, conv, treq.turn, self.clock)
                 final = adapter.close(held)
                 if final is not None:
                     yield final
@@ -409,16 +416,12 @@ class Router:
             self.admission_stats["timed_out"] += 1
             raise AdmissionTimedOut(refusal_message(need, wait_s), retry_after_s(wait_s))
 
-    def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
-        try:
-            placement = self.policy.place(treq, self.fleet_view())
-        except PlacementError as err:
-            down = [f"{i.instance_id}: {i.down_reason}" for i in self._instances.values() if not i.healthy]
-            detail = f" Down: {'; '.join(down)}." if down else ""
-            raise EngineUnavailable(f"{err}{detail}") from err
-        for iid in (placement.decode_instance, placement.prefill_instance):
-            if iid is not None and iid not in self._instances:
-                raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")
+    async def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
+        shared = None if conv.one_turn else self.shared  # replicas: a pin moves by compare-and-set there
+        agreed = await agreed_placement(shared, conv, self._book, self._instances, self._decide, treq)
+        if agreed is None:
+            raise EngineUnavailable(f"replicas kept re-pinning {conv.conversation_id}; send it again")
+        placement = agreed
         old = conv.pin
         # Placement.pin asks to (re)bind the conversation; without it an existing pin stays as it is and
         # none is made (orchestrator.core.turns): policies that never pin (per-turn, full-disagg,
@@ -430,6 +433,19 @@ class Router:
                 self.observer.replaced(conv.conversation_id, old, placement.decode_instance)
             self._pin(conv, placement.decode_instance, now_s, reason=reason)
         self._book.account(conv, running_turn_kv_tokens(treq))
+        return placement
+
+    def _decide(self, treq: TurnRequest) -> Placement:
+        """The policy's placement of `treq` on the current fleet view, on instances this router knows."""
+        try:
+            placement = self.policy.place(treq, self.fleet_view())
+        except PlacementError as err:
+            down = [f"{i.instance_id}: {i.down_reason}" for i in self._instances.values() if not i.healthy]
+            detail = f" Down: {'; '.join(down)}." if down else ""
+            raise EngineUnavailable(f"{err}{detail}") from err
+        for iid in (placement.decode_instance, placement.prefill_instance):
+            if iid is not None and iid not in self._instances:
+                raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")
         return placement
 
     def _pin(self, conv: _Conversation, instance_id: str, now_s: float, reason: str | None) -> None:
@@ -509,6 +525,7 @@ class Router:
         )
         if conv.one_turn and (ok or status is TurnStatus.ERROR):
             self._end(conv)
+            self.observer.forgotten(conv.conversation_id)  # never in memory: gone once recorded
 
     async def aclose(self) -> None:
         await asyncio.gather(*(i.engine.aclose() for i in self._instances.values()), return_exceptions=True)
