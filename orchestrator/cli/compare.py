@@ -259,8 +259,8 @@ def _plots(out_dir: Path, rows: list[tuple[str, float | None, Summary]]) -> None
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for lab in labels:
-            pts = [(r[1], get(r[2])) for r in rows if r[0] == lab]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
+            pts2 = [(_nan(r[1]), float(get(r[2]))) for r in rows if r[0] == lab]
+            ax.plot([p[0] for p in pts2], [p[1] for p in pts2], marker="o", label=lab)
         ax.set_xlabel("arrival rate (conversations/s)")
         ax.set_ylabel(ylabel)
         ax.set_title("simulated")
