@@ -2,7 +2,8 @@
 
 Body: ``{"error": {"message", "type", "param", "code"}}``. Mapping: request validation -> 400
 ``invalid_request_error`` naming the field; unknown model -> 404 ``model_not_found``; unknown conversation
--> 404; other ConServeError -> 400; no healthy engine -> 503 ``engine_unavailable``; anything unexpected
+-> 404; other ConServeError -> 400; no healthy engine -> 503 ``engine_unavailable``; no decoder with room
+within the admission wait -> 503 ``no_capacity`` with Retry-After; anything unexpected
 -> 500 with a generic message (logged server-side, never sent).
 """
 
@@ -18,7 +19,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conserve.errors import ConServeError
-from orchestrator.router import ConversationNotFound, EngineRejected, EngineUnavailable, PromptTooLarge
+from orchestrator.router import (
+    AdmissionTimedOut,
+    ConversationNotFound,
+    EngineRejected,
+    EngineUnavailable,
+    PromptTooLarge,
+)
 
 log = logging.getLogger("conserve.api")
 
@@ -74,6 +81,14 @@ def sse_error(message: str, code: str = "engine_unavailable", status: int = 503)
 def to_api_error(err: BaseException) -> ApiError:
     if isinstance(err, ApiError):
         return err
+    if isinstance(err, AdmissionTimedOut):  # no decoder had room within the admission wait (router.py)
+        return ApiError(
+            503,
+            str(err),
+            type_="service_unavailable_error",
+            code="no_capacity",
+            headers={"Retry-After": str(err.retry_after_s)},
+        )
     if isinstance(err, EngineUnavailable):
         return ApiError(503, str(err), type_="service_unavailable_error", code="engine_unavailable")
     if isinstance(err, EngineRejected):

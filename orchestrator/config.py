@@ -173,6 +173,12 @@ class FleetConfig(_Strict):
     unallocated: Literal["idle", "off"] = Field("idle", description="bill unallocated GPUs as idle, or off")
     reference_tier: str | None = Field(None, description="tier for standalone latency (default: first)")
     policy: str = "conserve"
+    admission_wait_s: float | None = Field(
+        None,
+        ge=0,
+        description="serve: a turn that no decoder can hold waits this long for room, then gets 503 with "
+        "Retry-After (0: off, turns queue on their engine); default 30 s (orchestrator/core/admission.py)",
+    )
     backend: Literal["sim", "vllm"] = "sim"
     engines: list[EngineConfig] = Field(default_factory=list)
     meters: list[MeterConfig] = Field(default_factory=list)

@@ -77,6 +77,12 @@ class ServeSettings(BaseSettings):
     )
     poll_interval_s: float = Field(1.0, gt=0, description="engine health/metrics poll period")
     pin_ttl_s: float = Field(900.0, gt=0, description="release the pin of a conversation idle this long")
+    admission_wait_s: float | None = Field(
+        None,
+        ge=0,
+        description="a turn that no decoder can hold waits this long for room, then gets 503 with "
+        "Retry-After (0: off); default: the fleet's admission_wait_s, else 30 s (core/admission.py)",
+    )
     run_id: str | None = Field(
         None,
         min_length=1,
@@ -345,6 +351,16 @@ class Runtime:
         self._started = False
 
 
+def admission_wait_s(settings: ServeSettings, cfg: FleetConfig) -> float:
+    """The router's admission wait: the serve flag, else the fleet file's, else the documented default."""
+    from orchestrator.core import DEFAULT_ADMISSION_WAIT_S
+
+    for v in (settings.admission_wait_s, cfg.admission_wait_s):
+        if v is not None:
+            return v
+    return DEFAULT_ADMISSION_WAIT_S
+
+
 def _shared_turns(settings: ServeSettings, db_url: str) -> Any:
     """The store replicas number turns and pin in (energy/heads.py), or None: this process decides."""
     from sqlalchemy.engine import make_url
@@ -386,8 +402,9 @@ def build_runtime(
     spec = cfg.model_spec()
     served = settings.served_model_name or spec.name
     policy_name = settings.policy or cfg.policy
-    policy = make_policy(policy_name)
+    make_policy(policy_name)  # a bad name fails before anything is built; the fleet's models are bound below
     engines: dict[str, Engine] = {}
+    models: dict[str, Any] = {}  # instance id -> TierModel, for policies that cost decisions with it
     caps: dict[str, int] = {}
     # one clock for the router and the simulated engines (conserve/clock.py): monotonic time, record
     # timestamps; simulated engines sleep modelled seconds / sim_speedup on it
@@ -414,6 +431,7 @@ def build_runtime(
                 link=links.get(inst.tier, "pcie"),
             )
             caps[inst.instance_id] = inst.tier_model.kv_capacity_tokens
+            models[inst.instance_id] = inst.tier_model
     else:
         try:
             from orchestrator.engines.vllm import VllmEngine
@@ -423,8 +441,17 @@ def build_runtime(
 
         for e in cfg.engines:
             engines[e.id] = VllmEngine(e.id, Role(e.role), e.tier, e.url)
-            caps[e.id] = tier_model(cfg, e.tier).kv_capacity_tokens  # replaced by the engine's own report
+            models[e.id] = tier_model(cfg, e.tier)
+            caps[e.id] = models[e.id].kv_capacity_tokens  # replaced by the engine's own report
         source = f"engines: in {settings.fleet}"
+    # conserve-adaptive costs turn 1 with every instance's tier model and link (placement/adaptive.py), as
+    # the simulator's driver does (orchestrator/sim/fleet.py)
+    from placement.adaptive import fleet_options
+
+    tier_links = {t.name: str(t.link.value) for t in cfg.tiers}
+    tiers_of = {e.id: e.tier for e in cfg.engines} | {i.instance_id: i.tier for i in instances or ()}
+    links = {iid: tier_links.get(tiers_of.get(iid, ""), "pcie") for iid in models}
+    policy = make_policy(policy_name, **fleet_options(policy_name, models, links))
     # GPU power caps (fleet.yaml / plan), applied in start(); decided before anything is started, so a bad cap
     # fails here with one line
     from orchestrator.power import SessionPowerCaps
@@ -461,6 +488,7 @@ def build_runtime(
             model_name=served,
             max_context_tokens=spec.max_context_tokens,
             pin_ttl_s=settings.pin_ttl_s,
+            admission_wait_s=admission_wait_s(settings, cfg),
             run_id=settings.run_id,
         ),
         sink=writer,

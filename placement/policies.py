@@ -21,6 +21,8 @@ Policies (DESIGN.md section 5):
     colocated    no prefillers; conversation affinity to the least-loaded instance.
     round-robin  every turn to the next decode-capable instance, prefilled there.
     kv-aware     Dynamo-style: minimise prefill-blocks-to-compute (after prefix overlap) + active blocks.
+    conserve-adaptive  ConServe whose turn-1 prefill goes local or remote by the observed cost
+                 (placement/adaptive.py).
 """
 
 from __future__ import annotations
@@ -508,8 +510,17 @@ class KvAwarePolicy:
 
 # ---- registry -----------------------------------------------------------------------------------------
 
+
+def _adaptive(**options: Any) -> Policy:
+    """placement/adaptive.py builds on the helpers above: imported when first asked for (no import cycle)."""
+    from placement.adaptive import AdaptiveConservePolicy
+
+    return AdaptiveConservePolicy(**options)
+
+
 _REGISTRY: dict[str, Callable[..., Policy]] = {
     "conserve": ConservePolicy,
+    "conserve-adaptive": _adaptive,
     "per-turn": PerTurnPolicy,
     "full-disagg": FullDisaggPolicy,
     "colocated": ColocatedPolicy,
@@ -521,6 +532,7 @@ POLICY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "conserve": ("local_prefill_below_tokens",),
+    "conserve-adaptive": ("instance_models", "instance_links"),
     "per-turn": (
         "mispredict_rate",
         "seed",

@@ -20,6 +20,7 @@ from orchestrator.cli import sim_setup
 from orchestrator.cli.common import console, fail, handle_errors, print_json
 from orchestrator.cli.sim_common import (
     ADMISSION_HELP,
+    ADMISSION_WAIT_HELP,
     BUDGET_HELP,
     JSON_SCHEMA_VERSION,
     PREFILL_BUDGET_HELP,
@@ -77,6 +78,7 @@ def register(app: typer.Typer) -> None:
             None, "--prefill-max-batched-tokens", help=PREFILL_BUDGET_HELP
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=ADMISSION_HELP),
+        admission_wait: float | None = typer.Option(None, "--admission-wait", help=ADMISSION_WAIT_HELP),
         view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
@@ -96,7 +98,9 @@ def register(app: typer.Typer) -> None:
         if rate_list is not None and any(not r > 0 for r in rate_list):
             fail("--rates must be > 0 conversations/s")
         out_dir = make_out_dir(out)
-        sim_opts = build_sim_options(max_batched, prefill_max_batched, router_admission, view_cached)
+        sim_opts = build_sim_options(
+            max_batched, prefill_max_batched, router_admission, view_cached, admission_wait
+        )
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
         from orchestrator.workload import poisson_arrivals
 
@@ -243,6 +247,22 @@ def _plots(out_dir: Path, rows: list[tuple[str, float | None, Summary]]) -> None
         ax.set_ylabel(ylabel)
         ax.set_yscale("log")
         ax.axhline(5.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title("simulated")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=120)
+        plt.close(fig)
+    # the issue-12 acceptance figures: SLO violations and tokens/J per policy and rate
+    for fname, ylabel, get in (
+        ("slo_violations.png", "SLO violations (% of conversations)", lambda x: x.slo_violation_pct),
+        ("tokens_per_j_by_rate.png", "tokens/J (modelled, idle GPUs billed)", lambda x: x.tokens_per_j),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for lab in labels:
+            pts2 = [(_nan(r[1]), float(get(r[2]))) for r in rows if r[0] == lab]
+            ax.plot([p[0] for p in pts2], [p[1] for p in pts2], marker="o", label=lab)
+        ax.set_xlabel("arrival rate (conversations/s)")
+        ax.set_ylabel(ylabel)
         ax.set_title("simulated")
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -37,6 +37,13 @@ def serve(
         1.0, "--sim-speedup", min=1e-3, help="run simulated engines X times faster"
     ),
     served_model_name: str | None = typer.Option(None, "--served-model-name", help="model id clients send"),
+    admission_wait_s: float | None = typer.Option(
+        None,
+        "--admission-wait",
+        min=0,
+        help="seconds a turn that no decoder can hold waits for room before a 503 with Retry-After "
+        "(0: off); default: the fleet's admission_wait_s, else 30",
+    ),
     ledger_writer: str = typer.Option(
         "process",
         "--ledger-writer",
@@ -81,6 +88,7 @@ def serve(
         policy=policy,
         sim_speedup=sim_speedup,
         served_model_name=served_model_name,
+        admission_wait_s=admission_wait_s,
         ledger_writer=ledger_writer,  # type: ignore[arg-type]  # validated by ServeSettings
         shared_state=shared_state,  # type: ignore[arg-type]  # checked above
     )

@@ -84,22 +84,36 @@ ADMISSION_HELP = (
 )
 
 
+ADMISSION_WAIT_HELP = (
+    "with --router-admission: refuse a conversation whose turn 1 waited this many seconds for KV room "
+    "(serve's 503 after its admission wait; refused ones count as SLO violations); default: no bound"
+)
+
+
 def build_sim_options(
     max_batched: int | None,
     prefill_max_batched: int | None,
     router_admission: bool = False,
     view_cached_histories: bool = False,
+    admission_wait: float | None = None,
 ) -> SimOptions:
     pairs = (("--max-batched-tokens", max_batched), ("--prefill-max-batched-tokens", prefill_max_batched))
     for name, v in pairs:
         if v is not None and v < 1:
             raise ConfigError(f"{name} must be >= 1 token, got {v}. To fix: e.g. 2944 (the paper's engines).")
+    if admission_wait is not None and not router_admission:
+        raise ConfigError(
+            "--admission-wait bounds the router-side admission wait. To fix: add --router-admission."
+        )
+    if admission_wait is not None and admission_wait < 0:
+        raise ConfigError(f"--admission-wait must be >= 0 s, got {admission_wait}. To fix: e.g. 30.")
     base = SimOptions()
     return SimOptions(
         max_batched_tokens=max_batched if max_batched is not None else base.max_batched_tokens,
         prefill_max_batched_tokens=prefill_max_batched,
         router_admission=router_admission,
         view_cached_histories=view_cached_histories,
+        admission_wait_s=admission_wait,
     )
 
 

@@ -18,6 +18,7 @@ from orchestrator.cli import sim_setup
 from orchestrator.cli.common import console, handle_errors, print_json
 from orchestrator.cli.sim_common import (
     ADMISSION_HELP,
+    ADMISSION_WAIT_HELP,
     BUDGET_HELP,
     JSON_SCHEMA_VERSION,
     PREFILL_BUDGET_HELP,
@@ -74,6 +75,7 @@ def register(app: typer.Typer) -> None:
             None, "--prefill-max-batched-tokens", help=PREFILL_BUDGET_HELP
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=ADMISSION_HELP),
+        admission_wait: float | None = typer.Option(None, "--admission-wait", help=ADMISSION_WAIT_HELP),
         view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
@@ -96,7 +98,9 @@ def register(app: typer.Typer) -> None:
         pol = policy or cfg.policy
         make_policy(pol, **options_for_policy(pol, mispredict_rate, threshold))  # validate early
         out_dir = make_out_dir(out)
-        sim_opts = build_sim_options(max_batched, prefill_max_batched, router_admission, view_cached)
+        sim_opts = build_sim_options(
+            max_batched, prefill_max_batched, router_admission, view_cached, admission_wait
+        )
         seed = sim_setup.effective_seed(cfg, seed)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         rate_label, arrivals = sim_setup.arrivals(cfg, rate, convs)

@@ -15,7 +15,8 @@ model. Both take from here, and from nowhere else:
                      tokens a turn is counted for on its pin);
 - :mod:`.failures`   what an instance failure does to the turns it touches (when they are re-placed, what
                      an abandoned prefill leaves);
-- :mod:`.admission`  router-side KV admission: the rule per policy and what a turn reserves;
+- :mod:`.admission`  router-side KV admission: the rule per policy, what a turn reserves, and the bounded
+                     wait after which a turn is refused (:func:`admit`);
 - :mod:`.summary`    the per-conversation summary: TTFET, E2E and the slowdowns, computed once.
 
 Pure and deterministic: no clock, no I/O, no randomness. Imports only placement/ (the policy contract).
@@ -23,11 +24,17 @@ Must not import fastapi, sqlalchemy, httpx, orchestrator.router or orchestrator.
 """
 
 from orchestrator.core.admission import (
+    DEFAULT_ADMISSION_WAIT_S,
     AdmissionRule,
+    Admit,
     Reserve,
+    admit,
+    any_room,
     growth_tokens,
     has_room,
+    refusal_message,
     reservation_tokens,
+    retry_after_s,
     rule_for,
 )
 from orchestrator.core.conversations import ConversationState
@@ -52,7 +59,13 @@ from orchestrator.core.turns import (
 from orchestrator.core.views import instance_view, kv_used_tokens
 
 __all__ = [
+    "DEFAULT_ADMISSION_WAIT_S",
+    "Admit",
     "AdmissionRule",
+    "admit",
+    "any_room",
+    "retry_after_s",
+    "refusal_message",
     "ConversationState",
     "ConversationTimes",
     "PinBook",

@@ -37,9 +37,11 @@ Pure data; must not import fastapi, sqlalchemy or httpx.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+
+from placement.base import InstanceView
 
 
 class Reserve(StrEnum):
@@ -97,3 +99,51 @@ def growth_tokens(rule: AdmissionRule, appended_tokens: int, output_tokens: int)
 def has_room(capacity_tokens: int, reserved_tokens: int, need_tokens: int) -> bool:
     """An engine can take a reservation of `need_tokens` next to what is already reserved on it."""
     return capacity_tokens - reserved_tokens >= need_tokens
+
+
+# ---- bounded admission wait (issue 12 item 4): the live router's rule, and the simulator's -----------------
+
+# serve's default bound on the wait (``serve --admission-wait``, fleet.yaml ``admission_wait_s``): a turn
+# that no decoder can hold waits up to this long for one to free room, then is refused (503, Retry-After).
+# A choice, not a measurement: room frees when running turns end, and a turn of the paper's trace decodes
+# ~120 tokens at tens of ms per token (seconds), so 30 s spans many turn ends; a wait that outlasts it means
+# the fleet is over capacity. It stays well under common client timeouts (the OpenAI Python client's default
+# is 600 s). 0 turns admission off (turns queue on their engine, unbounded).
+DEFAULT_ADMISSION_WAIT_S = 30.0
+
+
+class Admit(StrEnum):
+    ADMIT = "admit"  # some healthy decode-capable instance has room: place the turn now
+    WAIT = "wait"  # none has room yet and the wait is not over: look again later
+    REJECT = "reject"  # none had room within the bound: refuse the turn
+
+
+def any_room(instances: Iterable[InstanceView], need_tokens: int) -> bool:
+    """Room for `need_tokens` as the admission rule sees it: some healthy decode-capable instance can take
+    them next to its used KV (as views show it) -- or none is healthy at all: then waiting cannot help, and
+    placement answers at once (EngineUnavailable, 503 engine_unavailable)."""
+    healthy = [v for v in instances if v.healthy and v.role.can_decode]
+    return not healthy or any(has_room(v.kv_capacity_tokens, v.kv_used_tokens, need_tokens) for v in healthy)
+
+
+def admit(room: bool, waited_s: float, max_wait_s: float) -> Admit:
+    """The bounded-wait rule: admit when there is room; otherwise wait while ``waited_s < max_wait_s``, then
+    reject. ``max_wait_s <= 0`` means admission is off: always admit (the turn queues on its engine)."""
+    if room or max_wait_s <= 0:
+        return Admit.ADMIT
+    return Admit.WAIT if waited_s < max_wait_s else Admit.REJECT
+
+
+def retry_after_s(max_wait_s: float) -> int:
+    """Retry-After of a refused turn: the bound itself (whole seconds, at least 1): room freed within one
+    wait is what the refused client would have waited for."""
+    return max(1, -int(-max_wait_s // 1))
+
+
+def refusal_message(need_tokens: int, max_wait_s: float) -> str:
+    """What a refused turn is told (the router raises it as AdmissionTimedOut; the API answers 503)."""
+    return (
+        f"no decoder had room for this turn's ~{need_tokens} KV tokens within the admission wait of "
+        f"{max_wait_s:g} s: the fleet is at capacity. To fix: retry after Retry-After seconds, lower "
+        "max_tokens, or add decode capacity."
+    )

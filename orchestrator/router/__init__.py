@@ -44,6 +44,7 @@ from orchestrator.router.driver import Router
 from orchestrator.router.failures import EngineAnsweredError
 from orchestrator.router.values import (
     CHARS_PER_TOKEN,
+    AdmissionTimedOut,
     ConversationNotFound,
     EngineRejected,
     EngineUnavailable,
@@ -58,6 +59,7 @@ from orchestrator.router.values import (
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "AdmissionTimedOut",
     "ConversationNotFound",
     "EngineAnsweredError",
     "EngineRejected",

@@ -41,7 +41,7 @@ from orchestrator.core import (
 from orchestrator.engines.base import Engine, EngineRequest
 from orchestrator.replicas import SharedTurns, agreed_placement, claim_turn, settle
 from orchestrator.router.adapters import ChunkOutput, JsonOutput, OutputAdapter, SseOutput
-from orchestrator.router.admission import wait_for_room
+from orchestrator.router.admission import admit_or_refuse
 from orchestrator.router.decode import Attempt, decode_stream
 from orchestrator.router.failures import ENGINE_FAILURES, FailureKind, outcome
 from orchestrator.router.instances import Instance, check_fits
@@ -281,14 +281,15 @@ class Router:
             # before a turn number or an engine is used
             check_fits(self._instances.values(), prompt_tokens + (cap or 0))
             conv = await self._conversation_for(inp, arrival_s)
+            # the admission seam: a bounded wait for KV room before placement (RouterConfig.admission_wait_s),
+            # before the turn is numbered: a refused turn is not one
+            if self.config.admission_wait_s > 0:
+                await self._admit(conv.turns + 1, prompt_tokens, cap)
             shared = None if conv.one_turn else self.shared  # replicas agree there (orchestrator/replicas.py)
             if shared is not None:
                 await claim_turn(shared, conv, self._book, self._instances, self.clock, arrival_s)
             treq = conv.next_turn(prompt_tokens, cap)
             conv.last_active_s = arrival_s
-            # the admission seam: a bounded wait for KV room before placement (RouterConfig.admission_wait_s)
-            if self.config.admission_wait_s > 0:
-                await self._admit(treq)
             for attempt_no in range(self.config.max_attempts):
                 placement = await self._place(treq, conv, arrival_s)
                 att = Attempt(request_id=f"req-{self._id_prefix}-{next(self._ids)}", placement=placement)
@@ -391,19 +392,12 @@ class Router:
         self.observer.retried(failed_on)
 
     # ---- placement and pins -------------------------------------------------------------------------
-    async def _admit(self, treq: TurnRequest) -> bool:
-        """The admission step (orchestrator.router.admission): a bounded wait for KV room; False if it timed
-        out (the turn is placed anyway)."""
-        cfg = self.config
-        return await wait_for_room(
-            self._admission_rule,
-            treq,
-            self.fleet_view,
-            self.clock,
-            cfg.admission_wait_s,
-            cfg.admission_poll_s,
-            self.admission_stats,
-        )
+    async def _admit(self, k: int, prompt_tokens: int, max_out: int | None) -> None:
+        """The admission step (orchestrator.router.admission): a bounded wait for KV room for turn `k`'s
+        reservation, then AdmissionTimedOut (the API answers 503 + Retry-After)."""
+        cfg, rule, view = self.config, self._admission_rule, self.fleet_view
+        waits = (cfg.admission_wait_s, cfg.admission_poll_s, self.admission_stats)
+        await admit_or_refuse(rule, k, prompt_tokens, max_out, view, self.clock, *waits)
 
     async def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
         shared = None if conv.one_turn else self.shared  # replicas: a pin moves by compare-and-set there

@@ -28,6 +28,14 @@ class EngineUnavailable(ConServeError):
     """No healthy engine could serve the turn (API: 503)."""
 
 
+class AdmissionTimedOut(EngineUnavailable):
+    """No decoder had room for the turn within RouterConfig.admission_wait_s (API: 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class EngineRejected(ConServeError):
     """The engine refused the request as invalid (HTTP 4xx); the engine is healthy (API: same status)."""
 
@@ -132,8 +140,9 @@ class RouterConfig:
     # Router-side KV admission (the rule per policy: orchestrator.core.admission, as the simulator's
     # --router-admission): a turn the rule reserves for waits until a healthy decode-capable instance shows
     # room for its reservation in the fleet view, re-checking every admission_poll_s, at most
-    # admission_wait_s (then it is placed anyway: bounded). Live, only the turns so far are known: the
-    # reservation is the current prompt + the client's output cap. 0: off (the default; no await added).
+    # admission_wait_s, then it is refused (AdmissionTimedOut: 503 with Retry-After). Live, only the turns so
+    # far are known: the reservation is the current prompt + the client's output cap. 0: off here (serve's
+    # default: orchestrator.core.admission.DEFAULT_ADMISSION_WAIT_S).
     admission_wait_s: float = 0.0
     admission_poll_s: float = 0.05
 

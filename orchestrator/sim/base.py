@@ -26,6 +26,7 @@ _XFER = 2
 _FAIL = 3
 _PULL = 4
 _RESUME = 5
+_REFUSE = 6  # a turn 1 has waited SimOptions.admission_wait_s for router-side admission
 
 
 class SimBase:
@@ -64,6 +65,7 @@ class SimBase:
     adm_waiting: list[_TurnState]
     adm_parked: list[tuple[_TurnState, Placement]]
     adm_parked_count: int
+    refused: list[int]  # conversations refused at admission (SimOptions.admission_wait_s)
 
     def _push(self, t: float, kind: int, a: Any, b: Any) -> None:
         self.order += 1
@@ -88,6 +90,7 @@ class SimBase:
         def _adm_retry(self, t: float) -> None: ...
         def _enqueue(self, inst: _Instance, s: _Seq, t: float) -> None: ...
         def _restart(self, ts: _TurnState, t: float) -> None: ...
+        def _refuse(self, ts: _TurnState, t: float) -> None: ...
 
 
-__all__ = ["_ARRIVE", "_FAIL", "_PULL", "_RESUME", "_STEP", "_XFER", "SimBase"]
+__all__ = ["_ARRIVE", "_FAIL", "_PULL", "_REFUSE", "_RESUME", "_STEP", "_XFER", "SimBase"]

@@ -41,6 +41,8 @@ class Collecting(SimBase):
                     ts.first_token_s = _step_end_s(self.insts[ts.decode_inst], ts.first_step, starts)
         for ci, c in enumerate(self.convs):
             states = self.turn_states[ci]
+            if not states:  # refused at admission (SimOptions.admission_wait_s): no turn ran
+                continue
             for ts in states:
                 turns.append(self._turn_record(ts))
             first, last = states[0], states[-1]
@@ -105,6 +107,7 @@ class Collecting(SimBase):
             policy_stats=pstats,
             router_admission=self.admission,
             admission_parked=self.adm_parked_count,
+            refused_conversations=tuple(self.convs[ci].conversation_id for ci in self.refused),
         )
 
     def _turn_record(self, ts: _TurnState) -> TurnRecord:

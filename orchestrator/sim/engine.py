@@ -52,7 +52,7 @@ from typing import Any
 
 from orchestrator.core import AdmissionRule, PinBook, PinState, rule_for
 from orchestrator.errors import SimulationError
-from orchestrator.sim.base import _ARRIVE, _FAIL, _PULL, _RESUME, _STEP, _XFER
+from orchestrator.sim.base import _ARRIVE, _FAIL, _PULL, _REFUSE, _RESUME, _STEP, _XFER
 from orchestrator.sim.clock import VirtualClock
 from orchestrator.sim.collect import Collecting
 from orchestrator.sim.instance import _Instance, _TurnState
@@ -143,6 +143,7 @@ class _Sim(Placing, Stepping, Collecting):
         self.adm_waiting: list[_TurnState] = []  # turns waiting for room, in arrival order
         self.adm_parked: list[tuple[_TurnState, Placement]] = []  # placed; the chosen engine has no room yet
         self.adm_parked_count = 0
+        self.refused: list[int] = []
         if self.admission:
             caps = [i.cap for i in self.insts if i.role.can_decode]
             for ci, c in enumerate(self.convs):
@@ -179,6 +180,8 @@ class _Sim(Placing, Stepping, Collecting):
                 self._pull_done(a, b, t)
             elif kind == _RESUME:
                 self._arrive(a.conv, a.turn, t, a, resumed=True)
+            elif kind == _REFUSE:
+                self._refuse(a, t)
             else:
                 self._fail(a, t)
         if self.done != len(self.convs):

@@ -21,6 +21,7 @@ from orchestrator.planner import make_plan  # one direction only: the planner ne
 from orchestrator.sim.core import SimOptions, run_simulation
 from orchestrator.sim.result import SimResult
 from orchestrator.workload import ConversationSpec, poisson_arrivals, workload_from_config
+from placement.adaptive import fleet_options
 from placement.base import Role
 from placement.policies import make_policy
 
@@ -189,6 +190,14 @@ def simulate_fleet(
     if key == "conserve" and threshold > 0:
         # the planner's observable refinement: turn-1 prompts below this prefill on the decoder
         opts.setdefault("local_prefill_below_tokens", threshold)
+    # a policy that costs its decisions with the tier model (conserve-adaptive) sees every instance's model
+    links = links_of(cfg)
+    for k, v in fleet_options(
+        policy_name,
+        {i.instance_id: i.tier_model for i in insts},
+        {i.instance_id: links.get(i.tier, "pcie") for i in insts},
+    ).items():
+        opts.setdefault(k, v)
     policy = make_policy(policy_name, **opts)
     if not any(i.role.can_decode for i in insts):
         raise SimulationError(

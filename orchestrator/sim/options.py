@@ -66,6 +66,11 @@ class SimOptions:
     prefill_max_batched_tokens: int | None = None
     # router-side KV admission as the paper's artifact ran it (orchestrator.sim.admission): off by default
     router_admission: bool = False
+    # with router_admission: a conversation whose turn 1 has waited this long for room is refused, as serve
+    # answers 503 after its admission wait (the same rule: orchestrator.core.admission.admit); refused
+    # conversations count as SLO violations. None: unbounded (the artifact's clients waited forever). Later
+    # turns of full-disagg's per-turn reservations still wait unbounded here.
+    admission_wait_s: float | None = None
     # the resident KV policies see: only the sequences' KV, as a live engine reports it (vLLM's
     # kv_cache_usage_perc counts no evictable cached block) and the live router sees it (False, the default:
     # the router/simulator parity test, tests/core/test_driver_parity.py), or also the prefix-cache entries of
@@ -87,6 +92,8 @@ class SimOptions:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise SimulationError(f"SimOptions.{name} must be >= 1, got {v}")
+        if self.admission_wait_s is not None and not self.admission_wait_s >= 0:
+            raise SimulationError(f"SimOptions.admission_wait_s must be >= 0 s, got {self.admission_wait_s}")
 
     def budget_for(self, role: Role) -> int:
         if role == Role.PREFILL and self.prefill_max_batched_tokens is not None:

@@ -14,7 +14,7 @@ from orchestrator.core import (
     round_trip_tokens,
 )
 from orchestrator.errors import SimulationError
-from orchestrator.sim.base import _PULL, _RESUME, SimBase
+from orchestrator.sim.base import _PULL, _REFUSE, _RESUME, SimBase
 from orchestrator.sim.instance import _DECODE_ONLY, _FULL, _PREFILL_ONLY, _Instance, _Seq, _TurnState
 from orchestrator.sim.result import Decision
 from placement.base import FleetView, Placement, Role, TurnRequest
@@ -112,6 +112,19 @@ class Placing(SimBase):
                 else:
                     self.adm_waiting.append(ts)
 
+    def _refuse(self, ts: _TurnState, t: float) -> None:
+        """Turn 1 waited the bound and, if still not admitted, the conversation is refused (live: 503)."""
+        if ts not in self.adm_waiting:
+            return  # admitted meanwhile
+        # this event is at arrival + the bound: the core rule's REJECT (orchestrator.core.admission.admit with
+        # waited == bound), without recomputing the wait in floating point
+        self.adm_waiting.remove(ts)
+        self.turn_states[ts.conv].remove(ts)
+        self.refused.append(ts.conv)
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, len(self.convs))
+
     def _arrive(
         self, ci: int, turn: int, t: float, ts: _TurnState | None = None, resumed: bool = False
     ) -> None:
@@ -131,6 +144,9 @@ class Placing(SimBase):
         if self.admission and fresh and self._adm_need(ci, turn)[0] > 0:
             if not self._adm_open(ts):
                 self.adm_waiting.append(ts)
+                bound = self.opts.admission_wait_s
+                if bound is not None and turn == 1:  # serve's bounded wait (orchestrator.core.admission)
+                    self._push(t + bound, _REFUSE, ts, None)
                 return
             admitting = True
         self._place(ts, t, admitting, fresh)

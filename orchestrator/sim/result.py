@@ -144,6 +144,8 @@ class SimResult:
     summary: Any = None
     router_admission: bool = False  # SimOptions.router_admission was on (orchestrator.sim.admission)
     admission_parked: int = 0  # admissions whose chosen engine had no room yet (waited for that engine)
+    # refused after SimOptions.admission_wait_s at router-side admission (live: 503); no turn of theirs ran
+    refused_conversations: tuple[str, ...] = ()
 
     @property
     def energy_j(self) -> float:

@@ -49,7 +49,11 @@ CONVS = [
     )
     for i in range(5)
 ]
-OPTIONS = {"per-turn": {"mispredict_rate": 0.3, "seed": 3}}  # round trips happen
+OPTIONS = {
+    "per-turn": {"mispredict_rate": 0.3, "seed": 3},  # round trips happen
+    # turn 1 costed with the tier model, as both drivers bind it (placement/adaptive.py fleet_options)
+    "conserve-adaptive": {"instance_models": {i.instance_id: TM for i in FLEET}},
+}
 # measured on this workload with one engine model (tiers/steps.py): <= 1e-14 for every policy but per-turn,
 # 1.7e-6 (its round trips: the prefiller frees a prefill's KV at its end in SimEngine, after the hand-off in
 # the simulator). Before (SimEngine's own batching loop and A40 KV-transfer constants, no round-trip
@@ -60,6 +64,8 @@ TTFET_REL = 1e-5
 # (test_every_registered_policy_is_covered), so the scenario checks below hold it to what it does.
 TRAITS = {
     "conserve": (True, True),
+    # at every turn 1 here some decoder has an empty batch: a local prefill costs less than prefill + transfer
+    "conserve-adaptive": (False, True),
     "per-turn": (True, False),
     "full-disagg": (True, False),
     "colocated": (False, True),
@@ -154,7 +160,8 @@ def test_a_decoder_failing_during_its_turns_remote_prefill(name: str) -> None:
     live = run_live(FLEET, CONVS, make_policy(name, **OPTIONS.get(name, {})), failures)
     rec, res = run_sim(FLEET, CONVS, make_policy(name, **OPTIONS.get(name, {})), failures)
     restarted = [t for t in res.turns if t.restarts]
-    if any(c.prefill_instance == "p0" for c in rec.calls):
+    # where c3's turn 1 is prefilled remotely (conserve-adaptive prefills it on its idle decoder instead)
+    if any(c.prefill_instance == "p0" and (c.conversation_id, c.turn) == ("c3", 1) for c in rec.calls):
         assert [(t.conversation_id, t.turn, t.remote_prefill) for t in restarted] == [("c3", 1, True)]
         # the abandoned prefill's KV stayed on p0: the retry's prefill there hit all of it (whole blocks; the
         # last token is always recomputed)

@@ -14,11 +14,12 @@ from conserve.clock import LoopClock
 from energy.records import PinRecord, TurnRecord
 from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
 from orchestrator.engines.sse import sse_from_chunks
-from orchestrator.router import Router, RouterConfig, TurnInput
+from orchestrator.router import AdmissionTimedOut, Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
 
 CAP = 1000
+refused: list[tuple[float, int]] = []  # _run's refusals of B: (loop time, Retry-After s)
 
 
 class Decoder:
@@ -65,8 +66,10 @@ class Sink:
 
 def _run(wait_s: float) -> tuple[dict[str, float], dict[str, int]]:
     """A (pinned: 705 tokens held on d0 between its turns) and B (needs 500 of the 295 left) -> when B's first
-    token came, per conversation; the admission counters."""
+    token came, per conversation; the admission counters. A refused B (``refused``: when, Retry-After) is sent
+    again at t = 12 s, after A's last turn."""
     sink = Sink()
+    refused.clear()
 
     async def main() -> dict[str, int]:
         cfg = RouterConfig("m", 10**6, admission_wait_s=wait_s, admission_poll_s=0.05)
@@ -90,7 +93,12 @@ def _run(wait_s: float) -> tuple[dict[str, float], dict[str, int]]:
 
         async def b() -> None:
             await asyncio.sleep(1.0)
-            await router.complete(turn("B", 500, True))
+            try:
+                await router.complete(turn("B", 500, True))
+            except AdmissionTimedOut as err:  # refused after the bounded wait: retried once A has ended
+                refused.append((asyncio.get_running_loop().time(), err.retry_after_s))
+                await asyncio.sleep(12.0 - asyncio.get_running_loop().time())
+                await router.complete(turn("B", 500, True))
 
         await asyncio.gather(a(), b())
         return router.admission_stats
@@ -106,9 +114,14 @@ def test_a_turn_waits_for_room_and_enters_when_a_conversation_ends() -> None:
     assert stats == {"waited": 1, "timed_out": 0}
 
 
-def test_the_wait_is_bounded() -> None:
+def test_the_wait_is_bounded_then_the_turn_is_refused() -> None:
+    # issue 12 item 4: after the bounded wait the turn is refused (the API answers 503 with Retry-After),
+    # not placed anyway on a decoder that cannot hold it; the refused request is not a turn (B's retry is
+    # its turn 1)
     first, stats = _run(wait_s=2.0)
-    assert first["B1"] == pytest.approx(1.0 + 2.0 + 0.01, abs=0.06)  # placed anyway after 2 s
+    assert len(refused) == 1
+    assert refused[0][0] == pytest.approx(1.0 + 2.0, abs=0.06) and refused[0][1] == 2
+    assert first["B1"] == pytest.approx(12.0 + 0.01, abs=0.06)
     assert stats == {"waited": 1, "timed_out": 1}
 
 

@@ -29,6 +29,7 @@ def turn(cid: str, k: int, inp: int, new: int | None = None) -> TurnRequest:
 def test_registry_names_and_fresh_instances() -> None:
     assert set(POLICY_NAMES) == {
         "conserve",
+        "conserve-adaptive",
         "per-turn",
         "full-disagg",
         "colocated",

@@ -84,6 +84,8 @@ def test_compare_writes_plots(tmp_path: Path) -> None:
     assert len(runs) == 6
     for png in ("ttfet_p95_slowdown.png", "tbt_p95_slowdown.png", "e2e_p95_slowdown.png", "tokens_per_j.png"):
         assert (out / png).stat().st_size > 1000
+    for png in ("slo_violations.png", "tokens_per_j_by_rate.png"):  # issue 12: per policy and rate
+        assert (out / png).stat().st_size > 1000
 
 
 def test_errors_are_one_line_exit_1(tmp_path: Path) -> None:
