@@ -117,6 +117,12 @@ class ServeSettings(BaseSettings):
         description="state file of the GPU power limits serve changed (orchestrator/power.py); "
         "default ~/.cache/conserve/power-caps.json",
     )
+    power_controller: bool = Field(
+        False,
+        description="run the online power controller (orchestrator/power_loop.py): every "
+        "power_controller_interval_s it moves each pool's GPU caps within its tier's power_caps_w",
+    )
+    power_controller_interval_s: float = Field(5.0, gt=0, description="power controller period, seconds")
 
 
 # At shutdown, scheduled job runs in progress (an engine poll, an energy tick) get this long to end.
@@ -207,6 +213,7 @@ class Runtime:
     notes: list[str] = field(default_factory=list)
     accountant: Any = None  # energy.accounting.EnergyAccountant (None: energy accounting off)
     power: Any = None  # orchestrator.power.SessionPowerCaps: GPU caps applied at start, restored at stop
+    power_loop: Any = None  # orchestrator.power_loop.LivePowerLoop (None: the power controller is off)
 
     async def start(self) -> None:
         """Start scheduled jobs (needs the running event loop) and take a first observation."""
@@ -244,6 +251,19 @@ class Runtime:
         )
         if self.accountant is not None:
             self.accountant.install(sched, self.settings.energy_interval_s, wrap=self._job)
+        if self.power_loop is not None:  # sees the router's finished turns beside the API's metrics
+            from orchestrator.power_loop import TeeObserver
+
+            self.router.observer = TeeObserver(self.router.observer, self.power_loop)
+            sched.add_job(
+                self._job(self.power_loop.run),
+                "interval",
+                seconds=self.power_loop.interval_s,
+                id="power-controller",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
         sched.start()
         self._scheduler = sched
         self._started = True
@@ -414,7 +434,7 @@ def build_runtime(
             offload=writer.energy,
             lease=lease_for(db_url, settings.run_id),  # one replica per run accounts (energy/lease.py)
         )
-    return Runtime(
+    rt = Runtime(
         cfg=cfg,
         settings=settings,
         router=router,
@@ -428,3 +448,8 @@ def build_runtime(
         accountant=accountant,
         power=power,
     )
+    if settings.power_controller:  # built now: a fleet it cannot control fails here with one line
+        from orchestrator.power_loop import build_power_loop
+
+        rt.power_loop = build_power_loop(rt, settings.power_controller_interval_s)
+    return rt
