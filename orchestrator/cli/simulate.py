@@ -11,6 +11,7 @@ import csv
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,7 @@ def register(app: typer.Typer) -> None:
             None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=_ADMISSION_HELP),
+        power_controller: bool = typer.Option(False, "--power-controller", help=_POWER_HELP),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
         json_out: bool = typer.Option(False, "--json", help="print JSON for scripts"),
@@ -294,6 +296,10 @@ def register(app: typer.Typer) -> None:
         make_policy(pol, **_policy_options(pol, mispredict_rate, threshold))  # validate early
         out_dir = _out_dir(out)
         sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
+        if power_controller:
+            from orchestrator.sim.power import fleet_power_control
+
+            sim_opts = replace(sim_opts, power_controller=fleet_power_control(cfg))
         seed = sim_setup.effective_seed(cfg, seed)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         rate_label, arrivals = sim_setup.arrivals(cfg, rate, convs)
@@ -304,7 +310,7 @@ def register(app: typer.Typer) -> None:
         thr = sim_setup.conserve_threshold(plan, threshold) if is_conserve else None
         sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg), sim_opts)
         opts = _policy_options(pol, mispredict_rate, thr[0] if thr else None)
-        kept: dict[str, Any] | None = {} if db else None
+        kept: dict[str, Any] | None = {} if db or power_controller else None
         with _progress(disable=json_out) as prog:  # no bar with --json: stdout carries the JSON only
             task = prog.add_task(f"simulating {pol}", total=len(convs))
 
@@ -343,6 +349,8 @@ def register(app: typer.Typer) -> None:
             ],
             "summary": summ.to_dict(),
         }
+        if power_controller and kept is not None:
+            doc["power_controller"] = _power_summary(kept["result"])
         if db and kept is not None:
             doc["ledger"] = _write_ledger(db, run_id, pol, kept, cfg, insts)
         if out_dir is not None:
@@ -365,6 +373,16 @@ def register(app: typer.Typer) -> None:
             f"the conversation alone on an idle {reference_tier_model(cfg).name}.",
             style="dim",
         )
+        if "power_controller" in doc:
+            pc = doc["power_controller"]
+            console.print(
+                f"power controller (modelled): {pc['steps']} steps every {pc['interval_s']:g} s, "
+                f"{pc['changes']} cap changes; time at each cap per pool: "
+                + "; ".join(f"{k} " + ", ".join(f"{c} W {s:.0f} s" for c, s in v.items())
+                            for k, v in pc["seconds_at_cap"].items()),
+                highlight=False,
+                soft_wrap=True,
+            )  # fmt: skip
         if summ.policy_stats:
             ps = summ.policy_stats
             console.print(
@@ -537,6 +555,33 @@ def register(app: typer.Typer) -> None:
         )
         if out_dir is not None:
             console.print(f"Wrote {out_dir}/conversations.csv, compare.json and PNG plots")
+
+
+_POWER_HELP = (
+    "run the online power controller (placement/power.py): every 5 virtual seconds it moves each pool's "
+    "cap within its tier's power_caps_w; energy is modelled at the cap in force"
+)
+
+
+def _power_summary(res: Any) -> dict[str, Any]:
+    """The controller's steps of a run: how many, the cap changes, virtual seconds spent at each cap."""
+    steps = res.power_steps
+    at: dict[str, dict[str, float]] = {}
+    prev_t, prev_caps = 0.0, None
+    for st in steps:
+        if prev_caps is not None:
+            for pool, cap in prev_caps.items():
+                cell = at.setdefault(pool, {})
+                cell[f"{cap:g}"] = cell.get(f"{cap:g}", 0.0) + st.t_s - prev_t
+        prev_t, prev_caps = st.t_s, st.caps_w
+    interval = steps[1].t_s - steps[0].t_s if len(steps) > 1 else (steps[0].t_s if steps else 0.0)
+    return {
+        "steps": len(steps),
+        "interval_s": interval,
+        "changes": sum(len(st.changes) for st in steps),
+        "seconds_at_cap": at,
+        "source": "modelled",
+    }
 
 
 def _capped_layout(instances: Sequence[InstanceSpec], cap_w: float | None) -> str:

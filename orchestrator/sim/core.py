@@ -150,6 +150,9 @@ class SimOptions:
     # (tiers.serving: +1.17 ms per decode step with >= 2 running requests, measured on the paper's A40
     # `vllm serve` engines, shared/data/conserve/interference_cell_wall.csv); off by default
     serving_step_overhead: bool = False
+    # the online power controller (orchestrator.sim.power.SimPowerControl; issue 14 item 3): every few
+    # virtual seconds it moves each pool's power cap; None: every instance keeps its configured cap
+    power_controller: Any = None
 
     def __post_init__(self) -> None:
         for name in ("max_batched_tokens", "max_seqs", "prefill_max_batched_tokens"):
@@ -245,6 +248,7 @@ class _Instance:
         "cache", "cache_total", "steps_done", "busy", "cur", "version", "segments", "prefill_log",
         "queued_prefill", "running_other", "pinned", "view", "dirty", "peak_reserved", "kvb", "link",
         "prefill_tokens", "decode_tokens", "live", "live_total", "adm_used", "pinned_tokens", "view_live",
+        "tbt_gap_token_s", "tbt_tokens",
     )
 
     def __init__(self, idx: int, spec: InstanceLike, opts: SimOptions, link: str) -> None:
@@ -299,6 +303,10 @@ class _Instance:
         # conversations pinned here hold (prompt while a turn runs, prompt + output after it), whether or not
         # the engine still has them resident
         self.pinned_tokens = 0
+        # sum over decode steps of step seconds x sequences decoded, and those tokens (the power
+        # controller's token-weighted mean TBT, orchestrator.sim.power)
+        self.tbt_gap_token_s = 0.0
+        self.tbt_tokens = 0
 
     def cache_take(self, cid: str) -> int:
         tok = self.cache.pop(cid, 0)
@@ -387,6 +395,7 @@ _XFER = 2
 _FAIL = 3
 _PULL = 4
 _RESUME = 5
+_POWER = 6
 
 
 class _Sim:
@@ -483,6 +492,12 @@ class _Sim:
             self._push(t, _FAIL, self.by_id[inst_id], None)
         for ci, c in enumerate(self.convs):
             self._push(c.arrival_s, _ARRIVE, ci, 1)
+        self.power: Any = None  # the power controller's driver (SimOptions.power_controller)
+        if opts.power_controller is not None:
+            from orchestrator.sim.power import SimPowerDriver
+
+            self.power = SimPowerDriver(opts.power_controller, self.insts)
+            self._push(opts.power_controller.interval_s, _POWER, None, None)
 
     # ---- event plumbing ------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, a: Any, b: Any) -> None:
@@ -516,6 +531,10 @@ class _Sim:
                 self._pull_done(a, b, t)
             elif kind == _RESUME:
                 self._arrive(a.conv, a.turn, t, a, resumed=True)
+            elif kind == _POWER:
+                self.power.step(self, t)
+                if self.done < len(self.convs):
+                    self._push(t + self.opts.power_controller.interval_s, _POWER, None, None)
             else:
                 self._fail(a, t)
         if self.done != len(self.convs):
@@ -923,6 +942,9 @@ class _Sim:
         t0, n, a, d, pw, is_prefill, chunks = cur
         nd = inst.n_decode
         inst.segments.append((t0, t, n, a, d, pw, inst.steps_done))
+        if nd:
+            inst.tbt_gap_token_s += (t - t0) * nd
+            inst.tbt_tokens += nd * n
         inst.steps_done += n
         inst.ctx_sum += nd * n
         inst.decode_tokens += nd * n
@@ -1199,6 +1221,7 @@ class _Sim:
             policy_stats=pstats,
             router_admission=self.admission,
             admission_parked=self.adm_parked_count,
+            power_steps=tuple(self.power.steps) if self.power is not None else (),
         )
 
     def _turn_record(self, ts: _TurnState) -> TurnRecord:
@@ -1433,6 +1456,8 @@ def run_simulation(
     gc.disable()
     try:
         sim.run()
+        if sim.power is not None:
+            sim.power.finish()
         wall = time.perf_counter() - w0
         res = sim.result(wall, energy_window_s)
     finally:

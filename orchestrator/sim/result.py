@@ -144,6 +144,8 @@ class SimResult:
     summary: Any = None
     router_admission: bool = False  # SimOptions.router_admission was on (orchestrator.sim.admission)
     admission_parked: int = 0  # admissions whose chosen engine had no room yet (waited for that engine)
+    # the power controller's steps (orchestrator.sim.power.PowerStep; SimOptions.power_controller), modelled
+    power_steps: tuple[Any, ...] = ()
 
     @property
     def energy_j(self) -> float:
