@@ -77,6 +77,7 @@ class LivePowerLoop:
         status: Callable[[], list[dict[str, Any]]],
         watts: Callable[[], Mapping[str, float]] | None = None,
         apply: Applier | None = None,
+        on_results: Callable[[list[CapResult]], None] | None = None,
         config: ControllerConfig | None = None,
         budget_w: float | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
@@ -91,6 +92,7 @@ class LivePowerLoop:
         self.status = status
         self.watts = watts
         self.apply = apply
+        self.on_results = on_results  # e.g. record them in the ledger, show them in /v1/fleet
         self.controller = PowerController(config)
         self.budget_w = budget_w
         self.interval_s = interval_s
@@ -191,6 +193,8 @@ class LivePowerLoop:
         for r in out:
             self.results.setdefault(r.engine_id, []).append(r)
             del self.results[r.engine_id][:-8]
+        if self.on_results is not None and out:
+            self.on_results(out)
         return out
 
     async def run(self) -> None:
@@ -266,7 +270,14 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
         def watts() -> Mapping[str, float]:
             return {engine: w for engine, _, _, _, w in acc.power_snapshot()}
 
+    def on_results(results: list[CapResult]) -> None:
+        """Each change in the ledger (event ``controller``) and in /v1/fleet's power_cap of its engines."""
+        power._record(rt.ledger, results, "controller")
+        for eid in {r.engine_id for r in results}:
+            power.results[eid] = [r for r in results if r.engine_id == eid]
+            power.sources[eid] = "power controller (--power-controller)"
+
     return LivePowerLoop(
         engines, allowed, initial, slo, status=rt.router.instance_status, watts=watts,
-        apply=nvml_applier(holder, power.state_path), interval_s=interval_s,
+        apply=nvml_applier(holder, power.state_path), on_results=on_results, interval_s=interval_s,
     )  # fmt: skip

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from nvml_fake import FakeNvml
 
 from api.app import create_app
+from energy.ledger import Ledger
 from energy.power import Holder
 from orchestrator.config import parse_fleet
 from orchestrator.core.power import PowerSlo
@@ -125,13 +126,22 @@ def test_serve_runs_the_controller_and_restores_its_caps_at_stop(tmp_path: Path)
     rt = build_runtime(settings, parse_fleet(fleet))
     assert rt.power_loop is not None and rt.power_loop.caps_w == {"a40/prefill": 300.0, "a40/decode": 300.0}
     with FakeNvml().patched() as nvml:
-        with TestClient(create_app(settings, runtime=rt)):
+        with TestClient(create_app(settings, runtime=rt)) as client:
             assert isinstance(rt.router.observer, TeeObserver)
             assert rt._scheduler.get_job("power-controller") is not None
             rt.power_loop.step()  # idle pools (nothing running, nothing queued): no work is slowed -> down
             assert [b.limit_mw for b in nvml.boards] == [250_000, 250_000]
+            inst = {i["instance_id"]: i for i in client.get("/v1/fleet").json()["instances"]}
+            cap = inst["d0"]["power_cap"]
+            assert (cap["status"], cap["applied_w"], cap["source"]) == (
+                "applied", 250.0, "power controller (--power-controller)"
+            )  # fmt: skip
         assert [b.limit_mw for b in nvml.boards] == [300_000, 300_000]  # restored at stop
     assert not (tmp_path / "power-caps.json").exists()
+    with Ledger(fleet["database_url"]) as lg:
+        rows = [(r.engine_id, r.event, r.status, r.applied_w) for _, r in lg.power_caps()]
+    assert ("d0", "controller", "applied", 250.0) in rows and ("p0", "controller", "applied", 250.0) in rows
+    assert ("d0", "restore", "restored", 300.0) in rows
 
 
 def test_sim_backend_records_simulated_caps(tmp_path: Path) -> None:
