@@ -433,6 +433,9 @@ def register(app: typer.Typer) -> None:
             None, "--prefill-max-batched-tokens", help=_PREFILL_BUDGET_HELP
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=_ADMISSION_HELP),
+        power_controller: bool = typer.Option(
+            False, "--power-controller", help="also run every policy under the power controller (+power)"
+        ),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
     ) -> None:
@@ -478,12 +481,21 @@ def register(app: typer.Typer) -> None:
         )
         sa = StandaloneCache(reference_tier_model(cfg), sim_opts)
         configs: list[tuple[str, str, str | None, Plan | None]] = []  # label, policy, layout, plan
+        ctl_opts = None
+        if power_controller:
+            from orchestrator.sim.power import fleet_power_control
+
+            ctl_opts = replace(sim_opts, power_controller=fleet_power_control(cfg))
         for p in pols:
             key = sim_setup.policy_key(p)
             if key in sim_setup.COLOCATED_FAMILY:
                 configs.append((key, key, coloc, None))
+                if ctl_opts is not None:
+                    configs.append((f"{key}+power", key, coloc, None))
             else:
                 configs.append((key, key, layout, plan))
+                if ctl_opts is not None:
+                    configs.append((f"{key}+power", key, layout, plan))
                 for cap in caps:
                     configs.append((f"{key}@{cap:g}W", key, _capped_layout(disagg_insts, cap), None))
 
@@ -509,7 +521,7 @@ def register(app: typer.Typer) -> None:
                         sa,
                         convention,
                         1.0 if out_dir is not None else None,
-                        sim_options=sim_opts,
+                        sim_options=ctl_opts if label.endswith("+power") else sim_opts,
                     )
                     table_rows.append((label, rate, summ))
                     results.append(

@@ -120,3 +120,35 @@ def test_simulate_cli_flag(tmp_path: Path) -> None:
     assert set(pc["seconds_at_cap"]) == {"a40/prefill", "a40/decode"}
     plain = CliRunner().invoke(app, [*args, "--json"])
     assert "power_controller" not in json.loads(plain.output)
+
+
+def test_compare_cli_adds_a_power_row(tmp_path: Path) -> None:
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": "Qwen3-0.6B",
+                "tiers": [{"name": "a40", "gpu": "A40", "count": 2, "power_caps_w": list(CAPS)}],
+                "workload": {
+                    "format": "synthetic",
+                    "conversations": 10,
+                    "arrival_rate_per_s": 0.5,
+                    "synthetic": {"turns_mean": 2, "turn1_input_tokens_median": 4000},
+                },
+            }  # fmt: skip
+        )
+    )
+    args = [
+        "compare",
+        "--fleet",
+        str(fleet_file),
+        "--policies",
+        "conserve",
+        "--layout",
+        "a40.prefill=1,a40.decode=1",
+    ]
+    out = CliRunner().invoke(app, [*args, "--power-controller", "--json"])
+    assert out.exit_code == 0, out.output
+    runs = {r["config"]: r["summary"] for r in json.loads(out.output)["runs"]}
+    assert set(runs) == {"conserve", "conserve+power"}
+    assert runs["conserve+power"]["energy_j"] < runs["conserve"]["energy_j"]  # caps lowered from TDP
