@@ -135,8 +135,8 @@ class LivePowerLoop:
         for s in self.specs:
             iv = out[s.pool_id]
             iv.batch /= len(s.instance_ids)
-            used, running = ctx[s.pool_id]
-            iv.context_tokens = used / running if running else 0.0
+            used, seqs = ctx[s.pool_id]
+            iv.context_tokens = used / seqs if seqs else 0.0
             acc, self._acc[s.pool_id] = self._acc[s.pool_id], _Acc()
             iv.gap_token_s, iv.tokens, iv.prefills = acc.gap_token_s, acc.tokens, acc.prefills
             if w is not None and all(i in w for i in s.instance_ids):

@@ -153,8 +153,13 @@ def test_sim_backend_records_simulated_caps(tmp_path: Path) -> None:
     settings = ServeSettings(fleet=Path("inline"), db=fleet["database_url"], energy_interval_s=0,
                              ledger_writer="thread", power_controller=True)  # fmt: skip
     rt = build_runtime(settings, parse_fleet(fleet))
-    d = rt.power_loop.step()
-    assert d.changes and all(c.to_w == 250.0 for c in d.changes)
-    assert {s for c in rt.power_loop.history[-1]["changes"] for s in c["statuses"]} == {"simulated"}
-    rt.writer.close()
-    rt.ledger.close()
+    with TestClient(create_app(settings, runtime=rt)) as client:
+        msgs = [{"role": "user", "content": "hi " * 300}]
+        body = {"model": "Qwen3-0.6B", "messages": msgs, "max_tokens": 16}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        acc = rt.power_loop._acc
+        assert acc["a40/decode"].tokens == 15  # the turn's 16 tokens, 15 gaps, seen through the tee
+        assert len(acc["a40/prefill"].prefills) == 1  # its remote prefill's TTFT
+        d = rt.power_loop.step()
+        assert d.changes and all(c.to_w == 250.0 for c in d.changes)
+        assert {s for c in rt.power_loop.history[-1]["changes"] for s in c["statuses"]} == {"simulated"}
