@@ -819,8 +819,9 @@ def build_accountant(
             out = {}
             for eid, eng in engines.items():
                 try:
-                    # observe_shared (vLLM engines): the router's health poll scrapes at the same moment
-                    out[eid] = await getattr(eng, "observe_shared", eng.observe)()
+                    # the Engine protocol's observe_shared: one scrape serves this tick and the router's
+                    # health poll at the same moment (vLLM engines; others observe)
+                    out[eid] = await eng.observe_shared()
                 except Exception as err:  # an engine that cannot be observed did no measurable work
                     log.warning("energy: observing %s failed: %s", eid, err)
             return out

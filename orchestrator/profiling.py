@@ -7,15 +7,22 @@ model layer tiers/ imports nothing above it (issue 11 item 6).
                     prefix-cache hit possible); latency_ms = median client-side latency;
                     energy_j = meter delta / repeats.
     decode sweep    for each (batch B, total context C): B concurrent requests with fresh prompts of
-                    p = C/B - K/2 tokens, once generating 1 token and once exactly K tokens (ignore_eos);
-                    step_ms = (min over repeats of T_K - min over repeats of T_1) / (K - 1), the time of
-                    one decode step of the whole batch (differential, so prefill and HTTP costs cancel; the
-                    fastest run is the least disturbed one, as noise only adds time; streamed chunk times are
-                    not used because vLLM delivers a fast model's tokens in bursts). When that difference is
-                    not positive the point is re-measured, up to `noise_retries` more repeats, before it is
-                    refused. A decode curve not monotone in batch at one context (a larger batch stepping
-                    faster than a smaller one by more than `monotone_tolerance`) is re-measured, both points,
-                    up to `noise_retries` rounds, then refused. context_tokens records the batch's mean total
+                    p = C/B - K/2 tokens, once generating 1 token and once exactly K tokens (ignore_eos).
+                    When the engine keeps its own clock of decoding (vLLM's inter-token latency histogram,
+                    stamped by the engine core per step), step_ms = median over repeats of that clock's mean
+                    over the K-token run (sum delta / count delta): the time of one decode step of the whole
+                    batch as the engine measured it, free of HTTP and client scheduling. Otherwise
+                    step_ms = (min over repeats of T_K - min over repeats of T_1) / (K - 1) from the client's
+                    wall times (differential, so prefill and HTTP costs cancel; the fastest run is the least
+                    disturbed one, as noise only adds time; streamed chunk times are not used because vLLM
+                    delivers a fast model's tokens in bursts). The client-side difference proved too noisy on
+                    a loaded 2-core box: CI measured batch 4 at 5.5 ms/step and batch 1 at 8.2 ms (10 runs
+                    each), while the engine's own clock gave 1.8-1.9 ms for both at contexts 128 and 512.
+                    When a differential step is not positive the point is re-measured, up to
+                    `noise_retries` more repeats, before it is refused. A decode curve not monotone in
+                    batch at one context (a larger batch stepping faster than a smaller one by more than
+                    `monotone_tolerance`) is re-measured, both points, up to `noise_retries` rounds, then
+                    refused. context_tokens records the batch's mean total
                     context B * (p + K/2); energy_j = median over repeats of (E_K - E_1) / (K - 1) from the
                     meter.
     idle            with a measured meter: idle_w = energy over `idle_s` seconds of no requests / idle_s.
@@ -124,6 +131,19 @@ class EngineDriver(Protocol):
     async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
         """Wall time (s) of `batch` concurrent fresh-prompt requests, each making exactly output_tokens."""
         ...
+
+    async def decode_clock(self) -> DecodeClock | None:
+        """The engine's own cumulative inter-token latency, or None when the engine keeps no such clock
+        (the sweep then times decode steps from the client's wall times)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeClock:
+    """Cumulative inter-token latency as the engine counts it: the sum of the gaps (s) and their number."""
+
+    sum_s: float
+    count: float
 
 
 class ActivityLog:
@@ -234,12 +254,15 @@ class _DecodeRuns:
     t_1s: list[float] = field(default_factory=list)
     t_ks: list[float] = field(default_factory=list)
     steps_j: list[float] = field(default_factory=list)
+    engine_steps_s: list[float] = field(default_factory=list)  # the engine's own clock, per K-token run
 
     @property
     def mean_context(self) -> float:
         return self.batch * (self.prompt_tokens + self.steps / 2)
 
     def step_s(self) -> float:
+        if self.engine_steps_s and len(self.engine_steps_s) == len(self.t_ks):
+            return statistics.median(self.engine_steps_s)
         # Fastest of the runs on each side: noise (a preempted core, a GC pause) only adds time, so the
         # minimum is the least disturbed run. A median of per-repeat differences failed in CI when one 1-token
         # run of two stalled 1.2 s (steps [0.014, -0.082] s, median < 0); later both 1-token runs of a point
@@ -260,10 +283,14 @@ async def _decode_pair(driver: EngineDriver, meter: Meter, log: ActivityLog, r: 
     e1 = _total_j(meter)
     log.add(Activity(prefill_tokens=b * p))
     log.add(Activity(decode_tokens=b * (k - 1), decode_batch=b, decode_context_tokens=r.mean_context))
+    c0 = await driver.decode_clock()
     t_k = await driver.run_batch(b, p, k)
+    c1 = await driver.decode_clock()
     e2 = _total_j(meter)
     r.t_1s.append(t_1)
     r.t_ks.append(t_k)
+    if c0 is not None and c1 is not None and c1.count > c0.count:
+        r.engine_steps_s.append((c1.sum_s - c0.sum_s) / (c1.count - c0.count))
     r.steps_j.append(((e2 - e1) - (e1 - e0)) / (k - 1))
 
 
@@ -472,6 +499,21 @@ class VllmHttpDriver:
             raise EngineError(f"engine counted {got} prompt tokens for a {new_tokens}-token prompt")
         return elapsed
 
+    async def decode_clock(self) -> DecodeClock | None:
+        """vLLM's inter-token latency histogram from /metrics (summed over its label sets; the profiler is the
+        engine's only client). vLLM >= 0.10 names it ``vllm:inter_token_latency_seconds``, older releases
+        ``vllm:time_per_output_token_seconds``. None when /metrics is missing or has neither."""
+        import aiohttp
+
+        try:
+            async with self._session.get(self.base_url + "/metrics") as resp:
+                if resp.status != 200:
+                    return None
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        return parse_decode_clock(text)
+
     async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
         async def one() -> int:
             body = {
@@ -490,3 +532,22 @@ class VllmHttpDriver:
                 "engine must honour ignore_eos and min_tokens, as vLLM does)"
             )
         return elapsed
+
+
+def parse_decode_clock(metrics_text: str) -> DecodeClock | None:
+    """The inter-token latency histogram's _sum and _count in Prometheus text, summed over label sets."""
+    for name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
+        total = {"_sum": 0.0, "_count": 0.0}
+        seen = False
+        for line in metrics_text.splitlines():
+            for suffix in total:
+                head = name + suffix
+                if line.startswith(head) and line[len(head) : len(head) + 1] in ("{", " "):
+                    try:
+                        total[suffix] += float(line.rsplit(" ", 1)[1])
+                    except ValueError:
+                        continue
+                    seen = True
+        if seen:
+            return DecodeClock(total["_sum"], total["_count"])
+    return None

@@ -41,7 +41,8 @@ from energy.meters import (
     PROMPT_TOKENS_TOTAL,
 )
 from orchestrator.core.turns import kv_shipped_tokens
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
+from orchestrator.engines.sse import sse_from_chunks
 from orchestrator.errors import EngineError
 from placement.base import Role
 from tiers.perf import TierModel
@@ -134,6 +135,8 @@ class _Seq:
 
 class SimEngine:
     """An Engine whose timing comes from a TierModel; see the module docstring."""
+
+    wire = Wire.CHUNKS  # in-process: the router reads stream()'s chunk dicts
 
     def __init__(
         self,
@@ -367,6 +370,12 @@ class SimEngine:
                 GENERATION_TOKENS_TOTAL: float(self.generation_tokens_total),
             },
         )
+
+    async def observe_shared(self) -> EngineObservation:
+        return await self.observe()  # computed from memory: nothing to share
+
+    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
+        return sse_from_chunks(self.stream(req))
 
     async def aclose(self) -> None:
         if self._loop_task is not None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
 from orchestrator.engines.sim import SimClock, SimEngine, SimKvFabric
+from orchestrator.engines.sse import sse_from_chunks
 from orchestrator.router import Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
@@ -21,6 +22,7 @@ class Engine:
     `out` tokens."""
 
     tier = "a40"
+    wire = Wire.CHUNKS
     kv_capacity_tokens = 100_000
 
     def __init__(self, instance_id: str, role: Role, out: int = 5) -> None:
@@ -49,6 +51,12 @@ class Engine:
 
     async def observe(self) -> EngineObservation:
         return EngineObservation(healthy=True, kv_capacity_tokens=self.kv_capacity_tokens)
+
+    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
+        return sse_from_chunks(self.stream(req))
+
+    async def observe_shared(self) -> EngineObservation:
+        return await self.observe()
 
     async def aclose(self) -> None:
         return None
