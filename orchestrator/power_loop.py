@@ -48,6 +48,7 @@ class LiveEngine:
     gpus: tuple[int, ...] = ()  # NVML indices
     local: bool = True
     simulated: bool = False
+    n_gpus: int = 0  # GPUs of the engine when it names none (a simulated engine's TP); 0: len(gpus) or 1
 
     @property
     def instance_id(self) -> str:  # the name orchestrator.core.power.pools_of groups by
@@ -84,7 +85,7 @@ class LivePowerLoop:
     ) -> None:
         self.engines = {e.engine_id: e for e in engines}
         self.specs: list[PoolSpec] = pools_of(
-            engines, allowed_caps_w, {e.engine_id: max(len(e.gpus), 1) for e in engines}
+            engines, allowed_caps_w, {e.engine_id: max(len(e.gpus), e.n_gpus, 1) for e in engines}
         )
         self.pool_of = {i: s.pool_id for s in self.specs for i in s.instance_ids}
         self.caps_w = {s.pool_id: float(initial_caps_w[s.instance_ids[0]]) for s in self.specs}
@@ -246,7 +247,10 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
     cfg = rt.cfg
     allowed = {t.name: allowed_caps_w(t) for t in cfg.tiers}
     if cfg.backend == "sim":
-        engines = [LiveEngine(i, e.tier, str(e.role), simulated=True) for i, e in rt.engines.items()]
+        engines = [
+            LiveEngine(i, e.tier, str(e.role), simulated=True, n_gpus=e.tier_model.gpus)
+            for i, e in rt.engines.items()
+        ]
         initial = {i: float(e.tier_model.cap_w) for i, e in rt.engines.items()}
     else:
         caps = engine_caps(cfg)
@@ -256,6 +260,11 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
             for c in caps
         }
     slo = fleet_power_slo(cfg)
+    for t in cfg.tiers:
+        if len(allowed[t.name]) < 2 and any(e.tier == t.name for e in engines):
+            caps = ", ".join(f"{c:g}" for c in allowed[t.name])
+            log.warning("power controller: tier %s allows one cap (%s W); list tiers[].power_caps_w to "
+                        "let it move", t.name, caps)  # fmt: skip
     power = rt.power
 
     def holder() -> Holder:

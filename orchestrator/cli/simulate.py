@@ -350,7 +350,9 @@ def register(app: typer.Typer) -> None:
             "summary": summ.to_dict(),
         }
         if power_controller and kept is not None:
-            doc["power_controller"] = _power_summary(kept["result"])
+            from orchestrator.sim.power import power_summary
+
+            doc["power_controller"] = power_summary(kept["result"])
         if db and kept is not None:
             doc["ledger"] = _write_ledger(db, run_id, pol, kept, cfg, insts)
         if out_dir is not None:
@@ -573,27 +575,6 @@ _POWER_HELP = (
     "run the online power controller (placement/power.py): every 5 virtual seconds it moves each pool's "
     "cap within its tier's power_caps_w; energy is modelled at the cap in force"
 )
-
-
-def _power_summary(res: Any) -> dict[str, Any]:
-    """The controller's steps of a run: how many, the cap changes, virtual seconds spent at each cap."""
-    steps = res.power_steps
-    at: dict[str, dict[str, float]] = {}
-    prev_t, prev_caps = 0.0, None
-    for st in steps:
-        if prev_caps is not None:
-            for pool, cap in prev_caps.items():
-                cell = at.setdefault(pool, {})
-                cell[f"{cap:g}"] = cell.get(f"{cap:g}", 0.0) + st.t_s - prev_t
-        prev_t, prev_caps = st.t_s, st.caps_w
-    interval = steps[1].t_s - steps[0].t_s if len(steps) > 1 else (steps[0].t_s if steps else 0.0)
-    return {
-        "steps": len(steps),
-        "interval_s": interval,
-        "changes": sum(len(st.changes) for st in steps),
-        "seconds_at_cap": at,
-        "source": "modelled",
-    }
 
 
 def _capped_layout(instances: Sequence[InstanceSpec], cap_w: float | None) -> str:

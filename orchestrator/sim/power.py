@@ -209,6 +209,27 @@ class SimPowerDriver:
             inst.tm = self.original[inst.id]
 
 
+def power_summary(res: Any) -> dict[str, Any]:
+    """The controller's steps of a run: how many, the cap changes, virtual seconds spent at each cap."""
+    steps = res.power_steps
+    at: dict[str, dict[str, float]] = {}
+    prev_t, prev_caps = 0.0, None
+    for st in steps:
+        if prev_caps is not None:
+            for pool, cap in prev_caps.items():
+                cell = at.setdefault(pool, {})
+                cell[f"{cap:g}"] = cell.get(f"{cap:g}", 0.0) + st.t_s - prev_t
+        prev_t, prev_caps = st.t_s, st.caps_w
+    interval = steps[1].t_s - steps[0].t_s if len(steps) > 1 else (steps[0].t_s if steps else 0.0)
+    return {
+        "steps": len(steps),
+        "interval_s": interval,
+        "changes": sum(len(st.changes) for st in steps),
+        "seconds_at_cap": at,
+        "source": "modelled",
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class _Named:
     instance_id: str
