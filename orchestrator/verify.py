@@ -1,7 +1,7 @@
 """Plans verified before they are shown: simulate the ILP's plan in steady state and tighten until it holds.
 
 The validation step of `orchestrator plan` (the only place where planning meets simulation: the model modules,
-placement/ilp.py and orchestrator/planner.py, never import the simulator).
+placement/ilp/ and orchestrator/planner.py, never import the simulator).
 
 Steady state
     The plan is simulated on a long stream of the workload's own conversations (drawn with replacement from

@@ -1,7 +1,7 @@
 """The driver core: everything around ``policy.place()`` that the live router and the simulator share.
 
 One policy, one driver core, two drivers (DESIGN.md section 3). The live router (orchestrator/router.py) adds
-HTTP engines and the ledger; the simulator (orchestrator/sim/core.py) adds virtual time and the instance
+HTTP engines and the ledger; the simulator (orchestrator/sim/engine.py) adds virtual time and the instance
 model. Both take from here, and from nowhere else:
 
 - :mod:`.views`      building an instance's :class:`placement.base.InstanceView` (used KV = max(resident,

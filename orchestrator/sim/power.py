@@ -24,7 +24,7 @@ from typing import Any
 
 from orchestrator.core.power import PoolInterval, PoolSpec, PowerSlo, pools_of, power_view
 from orchestrator.errors import SimulationError
-from orchestrator.sim.core import _DECODE_ONLY  # a sequence that decodes KV a prefiller sent (no prefill)
+from orchestrator.sim.instance import _DECODE_ONLY  # a sequence that decodes KV a prefiller sent (no prefill)
 from placement.power import ControllerConfig, PowerController, PowerDecision
 from tiers.perf import TierModel
 

@@ -52,7 +52,8 @@ CONVS = [
 ]
 OPTIONS = {"per-turn": {"mispredict_rate": 0.3, "seed": 3}}  # round trips happen
 # measured on this workload: <= 0.02% (0.9 ms) for every policy but per-turn, 0.49% (20 ms): the simulator
-# charges the artifact's KV bookkeeping per round trip (sim/core.py KV_MGMT_*), which SimEngine does not model
+# charges the artifact's KV bookkeeping per round trip (sim/steps.py, tiers.connector KV_MGMT_*), which
+# SimEngine does not model
 TTFET_REL = 0.01
 
 

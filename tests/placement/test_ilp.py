@@ -1,4 +1,4 @@
-"""The capacity-planning ILP (placement/ilp.py): optimality against brute force, diagnosis, status
+"""The capacity-planning ILP (placement/ilp/): optimality against brute force, diagnosis, status
 
 handling.
 """

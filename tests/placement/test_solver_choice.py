@@ -56,7 +56,8 @@ def test_an_explicit_solver_is_used_for_everything(name: str) -> None:
 
 
 def test_auto_without_highspy_is_cbc(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ilp, "_highs_available", lambda: False)
+    # resolve_solver and _solver look the probe up in the module that defines them
+    monkeypatch.setattr(ilp.model, "_highs_available", lambda: False)
     s = ilp.resolve_solver(ilp.Settings(solver="auto"), _fleet(2, 100))
     assert s.solver == "cbc"
     assert isinstance(ilp._solver(s, mip=False), pulp.PULP_CBC_CMD)

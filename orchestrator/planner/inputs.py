@@ -1,0 +1,138 @@
+"""The planner's inputs from a fleet file: workload statistics -> ilp.Demand, tiers -> ilp.TierSupply, the
+SLO, the solver settings, and the highest rate the fleet sustains."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from conserve.errors import ConServeError
+from orchestrator.config import FleetConfig, Objective
+from orchestrator.fleet import allowed_caps_w, tier_model
+from orchestrator.workload import WorkloadStats, workload_from_config, workload_stats
+from placement import ilp
+from placement.errors import PlanningError
+
+
+def demand_from_stats(ws: WorkloadStats) -> ilp.Demand:
+    return ilp.Demand(
+        arrival_rate_per_s=ws.arrival_rate_per_s,
+        turn1_input_tokens=ws.turn1_input_tokens_quantiles,
+        decode_tokens=ws.decode_tokens_mean,
+        decode_tokens_before_final=ws.decode_tokens_before_final_mean,
+        later_turns=ws.later_turns_mean,
+        tail_prefill_tokens=ws.tail_prefill_tokens_mean,
+        tail_prefill_context_tokens=ws.tail_prefill_context_tokens_mean,
+        kv_decode_token_steps=ws.kv_decode_token_steps_mean,
+        kv_gap_token_seconds=ws.kv_gap_token_seconds_mean,
+        tool_gap_s_total=ws.tool_gap_s_total_mean,
+        final_context_tokens_max=ws.final_context_tokens_max,
+        tokens_per_conversation=ws.tokens_per_conversation_mean,
+        turn1_input_tokens_max=ws.turn1_input_tokens_max,
+        shapes=tuple(ilp.ConvShape(*x) for x in ws.conversation_shapes),
+    )
+
+
+def tier_supplies(cfg: FleetConfig) -> list[ilp.TierSupply]:
+    out = []
+    for t in cfg.tiers:
+        models = []
+        for tp in sorted(set(t.tp)):
+            if t.count and tp > t.count:
+                continue
+            for cap in allowed_caps_w(t):
+                try:
+                    models.append(tier_model(cfg, t.name, cap, tp))
+                except ConServeError as err:
+                    raise PlanningError(f"tiers.{t.name}: power cap {cap:g} W / tp {tp}: {err}") from None
+        out.append(
+            ilp.TierSupply(
+                name=t.name,
+                gpus=t.count,
+                roles=tuple(t.roles),
+                models=tuple(models),
+                link=str(t.link.value),
+                cost_per_gpu_hour=t.cost_per_gpu_hour,
+            )
+        )
+    return out
+
+
+def slo_from_config(cfg: FleetConfig) -> ilp.Slo:
+    s = cfg.slo
+    return ilp.Slo(
+        percentile=s.percentile,
+        ttfet_slowdown=s.ttfet_slowdown,
+        ttfet_s=s.ttfet_s,
+        tbt_slowdown=s.tbt_slowdown,
+        tbt_ms=s.tbt_ms,
+    )
+
+
+def tightened_slo(slo: ilp.Slo, ttfet_factor: float = 1.0, tbt_factor: float = 1.0) -> ilp.Slo:
+    """The planning SLO with the TTFET bounds x ttfet_factor and the TBT bounds x tbt_factor."""
+    if ttfet_factor == 1.0 and tbt_factor == 1.0:
+        return slo
+
+    def mul(x: float | None, f: float) -> float | None:
+        return None if x is None else x * f
+
+    return replace(
+        slo,
+        ttfet_slowdown=mul(slo.ttfet_slowdown, ttfet_factor),
+        ttfet_s=mul(slo.ttfet_s, ttfet_factor),
+        tbt_slowdown=mul(slo.tbt_slowdown, tbt_factor),
+        tbt_ms=mul(slo.tbt_ms, tbt_factor),
+    )
+
+
+def fleet_stats(cfg: FleetConfig) -> WorkloadStats:
+    convs = workload_from_config(cfg.workload)
+    # the configured rate is the planning rate (a Mooncake trace without an explicit rate keeps its own)
+    explicit = cfg.workload.format != "mooncake" or "arrival_rate_per_s" in cfg.workload.model_fields_set
+    return workload_stats(convs, cfg.workload.arrival_rate_per_s if explicit else None)
+
+
+SERVING_MODES = ("disaggregated", "hybrid", "colocated")
+
+
+def _settings(
+    cfg: FleetConfig,
+    objective: Objective | None,
+    solver: str,
+    time_limit_s: float | None,
+    modes: tuple[str, ...] = SERVING_MODES,
+) -> ilp.Settings:
+    obj = ilp.Objective((objective or cfg.objective).value)
+    bad = [m for m in modes if m not in SERVING_MODES]
+    if bad or not modes:
+        raise PlanningError(
+            f"--modes {','.join(modes)!r}: unknown or empty. To fix: a comma-separated subset of "
+            f"{','.join(SERVING_MODES)}."
+        )
+    return ilp.Settings(
+        objective=obj, unallocated=cfg.unallocated, solver=solver, time_limit_s=time_limit_s, modes=modes
+    )
+
+
+def _highest_rate(
+    cfg: FleetConfig,
+    supplies: list[ilp.TierSupply],
+    demand: ilp.Demand,
+    slo: ilp.Slo,
+    settings: ilp.Settings,
+    context: str = "",
+) -> tuple[ilp.Reference, float]:
+    """The reference tier and the highest arrival rate (conv/s) any split of the fleet sustains within the
+    SLOs (an ILP). Raises PlanningError when no rate fits; `context` is added to its first sentence."""
+    ref = ilp.reference_for(supplies, demand, cfg.reference_tier)
+    top = ilp.max_rate_per_s(supplies, demand, slo, settings, ref)
+    if top <= 0:
+        raise PlanningError(
+            f"no arrival rate fits this fleet within the SLOs (no instance shape meets them){context}. To "
+            "fix: relax the SLOs or add a tier whose KV capacity holds the longest conversation."
+        )
+    return ref, top
+
+
+def _demand_like(ws: WorkloadStats) -> ilp.Demand:
+    return demand_from_stats(ws)

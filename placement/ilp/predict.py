@@ -1,0 +1,261 @@
+"""Predictions of a solved plan: pools' operating points, watts, the TTFET / TBT percentiles (placement.ilp
+docstring: "Per-conversation SLO model", Predictions)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from placement.ilp.model import Solution
+from placement.ilp.options import hybrid_split
+from placement.ilp.queueing import (
+    _bisect_max,
+    decode_power_at_w,
+    decode_side_s,
+    decode_sides_s,
+    decode_step_s,
+    mg1_wait_mean_s,
+    mg1_wait_quantile_s,
+    mixture_quantile,
+    slo_targets,
+    tbt_floor_s,
+)
+from placement.ilp.values import Demand, Option, Reference, Settings, Slo, TierSupply
+from tiers.links import kv_transfer_time_s
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPrediction:
+    option: Option
+    instances: int
+    arrival_rate_per_s: float
+    utilisation: float  # prefill: rho; decode: max share of the KV / TBT / tail capacity used
+    kv_occupancy: float
+    batch: float  # planned mean running conversations per decode instance
+    step_s: float  # planned mean decode step (mean TBT)
+    wait_p_s: float  # prefill: p-quantile queueing wait
+    wait_mean_s: float
+    watts: float
+
+
+@dataclass(frozen=True, slots=True)
+class PlanResult:
+    pools: tuple[PoolPrediction, ...]
+    options: tuple[Option, ...]
+    solution: Solution
+    tau_s: float
+    reference: Reference
+    ttfet_target_s: float
+    tbt_target_s: float
+    ttfet_p_s: float  # p-th percentile of TTFET over the conversations (mixture over the prefill pools)
+    tbt_mean_s: float
+    watts_allocated: float
+    watts_unallocated: float
+    gpus_used: int
+    gpus_available: int
+    tokens_per_s: float
+    threshold_tokens: int
+    levels_tried: int
+    cost_per_hour: float | None
+    ilps_solved: int = 0  # ILPs the level search solved (the others were pruned by their LP bound)
+    mode: str = ""  # disaggregated | hybrid | colocated (threshold_tokens: the hybrid threshold)
+    ttfet_slowdown_p: float = 0.0  # p-th percentile of each conversation's TTFET / its own standalone
+    tbt_slowdown_p: float = 0.0  # served step / the (100 - p)-th percentile standalone step
+
+    @property
+    def watts_total(self) -> float:
+        return self.watts_allocated + self.watts_unallocated
+
+    @property
+    def tokens_per_j(self) -> float:
+        return self.tokens_per_s / self.watts_total if self.watts_total > 0 else 0.0
+
+
+def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float) -> tuple[float, float]:
+    """(B, step s): the mean active batch B = rate x (O + Kn) step(B) (Little's law over the steps a
+    conversation spends in the batch, at the actual, not the target, step time; tool gaps excluded)."""
+    if rate_per_instance <= 0:
+        return 0.0, 0.0
+    colo = opt.role == "colocated"
+    loc = opt.local_tokens
+
+    def excess(b: float) -> float:
+        step = decode_step_s(opt.model, demand, b, colo, local_tokens=loc)
+        resid = (demand.decode_tokens + demand.later_turns) * step
+        return rate_per_instance * resid - b
+
+    hi = max(opt.batch_max, 1.0)
+    if excess(hi) > 0:  # beyond the planned capacity: report the capacity point
+        return hi, decode_step_s(opt.model, demand, hi, colo, local_tokens=loc)
+    lo = 1e-9
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if excess(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    b = max(hi, 1e-9)
+    return b, decode_step_s(opt.model, demand, max(b, 1.0), colo, local_tokens=loc)
+
+
+def conserve_threshold_tokens(
+    decoder: Option,
+    prefiller: Option | None,
+    demand: Demand,
+    wait_mean_s: float,
+    link: str,
+    decoder_batch: float = 0.0,
+) -> int:
+    """Turn-1 input length below which prefilling on the decoder is cheaper than hand-off + queueing.
+
+    Local cost: the decoder's prefill time of L tokens, paid by the conversation itself and, as a stall, by
+    each of the decoder's `decoder_batch` running conversations: S_dec(L) (1 + B). Remote cost: the
+    prefiller's
+    mean M/G/1 wait + its prefill time + the KV transfer of L tokens. Returns the largest L (16-token steps)
+    with local < remote, 0 if none. Latency-seconds, not energy: the refinement exists to cut TTFET.
+    """
+    if prefiller is None:
+        return 0
+    kvb = decoder.model.model.kv_bytes_per_token
+
+    def local_wins(length: float) -> bool:
+        tokens = max(16, int(length))
+        local = decoder.model.prefill_time_s(tokens) * (1.0 + max(decoder_batch, 0.0))
+        remote = wait_mean_s + prefiller.model.prefill_time_s(tokens) + kv_transfer_time_s(tokens, kvb, link)
+        return local < remote
+
+    hi = float(decoder.model.model.max_context_tokens)
+    if not local_wins(16):
+        return 0
+    x = _bisect_max(local_wins, 16.0, hi, iters=40)
+    return int(x) // 16 * 16
+
+
+def _predict(
+    options: Sequence[Option],
+    sol: Solution,
+    tiers: Sequence[TierSupply],
+    demand: Demand,
+    slo: Slo,
+    ref: Reference,
+    tau_s: float,
+    settings: Settings,
+    levels_tried: int,
+) -> PlanResult:
+    by_tier = {t.name: t for t in tiers}
+    pools: list[PoolPrediction] = []
+    worst_prefill = 0.0
+    worst_decode_side = 0.0
+    worst_step = 0.0
+    best_wait_mean = math.inf
+    main_decoder: Option | None = None
+    heaviest_d = -1.0
+    parts: list[tuple[float, float, float, float, np.ndarray, np.ndarray]] = []
+    shapes = demand.conv_shapes
+    split = hybrid_split(demand, settings.local_prefill_below_tokens)
+    all_i = np.ones(len(shapes), dtype=bool)
+    for o, k, load in zip(options, sol.counts, sol.loads, strict=True):
+        if k <= 0:
+            continue
+        per = load / k
+        util = 0.0
+        wait_p = wait_m = 0.0
+        kv_occ = batch = step = 0.0
+        watts = 0.0
+        if o.does_prefill:
+            rho = per * o.prefill_s
+            util = rho
+            wait_p = mg1_wait_quantile_s(rho, o.prefill_s, o.prefill2_s2, slo.percentile)
+            wait_m = mg1_wait_mean_s(rho, o.prefill_s, o.prefill2_s2)
+            worst_prefill = max(worst_prefill, wait_p + o.prefill_s + o.transfer_s)
+            best_wait_mean = min(best_wait_mean, wait_m)
+            kvb = o.model.model.kv_bytes_per_token
+            link = by_tier[o.tier].link
+            sel = split.mask if o.role == "prefill" else all_i
+            c_i = np.array(
+                [
+                    o.model.prefill_time_s(max(1, round(c.turn1_tokens)))
+                    + (kv_transfer_time_s(round(c.turn1_tokens), kvb, link) if o.role == "prefill" else 0.0)
+                    for c, k in zip(shapes, sel, strict=True)
+                    if k
+                ],
+                dtype=float,
+            )
+            parts.append((load, rho, o.prefill_s, o.prefill2_s2, c_i, sel))
+        if o.does_decode:
+            batch, step = decode_operating_point(o, demand, per)
+            kvts = demand.kv_decode_token_steps * step + demand.kv_gap_token_seconds
+            kv_occ = per * kvts / o.kv_capacity_tokens if o.kv_capacity_tokens else 0.0
+            shares = [kv_occ / settings.kv_occupancy_max, per / o.mu_tbt if o.mu_tbt > 0 else 0.0]
+            if o.tail_busy_s > 0:
+                shares.append(per * o.tail_busy_s / settings.tail_share_max)
+            util = max([util, *shares])
+            worst_step = max(worst_step, step)
+            worst_decode_side = max(worst_decode_side, decode_side_s(demand, step))
+            if load > heaviest_d:
+                heaviest_d, main_decoder = load, o
+        if o.role == "prefill":
+            watts = k * o.fixed_w + load * o.joules_per_conversation
+        else:
+            # Poisson occupancy: a decoder with mean active batch B has no sequence in its batch with
+            # probability exp(-B) (idle draw), else a batch of B / (1 - exp(-B)) on average
+            busy = 1.0 - math.exp(-batch) if batch > 0 else 0.0
+            p_b = decode_power_at_w(o.model, demand, max(1.0, batch / busy)) if busy > 0 else o.model.idle_w
+            watts = k * (busy * p_b + (1.0 - busy) * o.model.idle_w)
+            if o.role == "colocated":
+                pf_w = o.model.prefill_power_w(round(demand.turn1_mean_tokens))
+                watts += load * o.prefill_s * max(pf_w - p_b, 0.0)
+        pools.append(PoolPrediction(o, k, load, util, kv_occ, batch, step, wait_p, wait_m, watts))
+    used: dict[str, int] = {}
+    for p in pools:
+        used[p.option.tier] = used.get(p.option.tier, 0) + p.instances * p.option.gpus
+    watts_alloc = sum(p.watts for p in pools)
+    watts_unalloc = 0.0
+    if settings.unallocated == "idle":
+        watts_unalloc = sum((t.gpus - used.get(t.name, 0)) * t.idle_w_per_gpu for t in tiers)
+    cost = None
+    if all(t.cost_per_gpu_hour is not None for t in tiers):
+        cost = sum(
+            p.instances * p.option.gpus * (by_tier[p.option.tier].cost_per_gpu_hour or 0.0) for p in pools
+        )
+    ttfet_target, tbt_target = slo_targets(slo, ref)
+    threshold = split.threshold_tokens
+    d_i = decode_sides_s(demand, worst_step)
+    t0_i = np.asarray(ref.ttfet_i_s if ref.ttfet_i_s else (ref.ttfet_s,) * len(shapes), dtype=float)
+    if split.local_share > 0 and main_decoder is not None:  # hybrid: local turn-1 prefills, no queue
+        local = ~split.mask
+        c_loc = np.array(
+            [main_decoder.model.prefill_time_s(max(1, round(c.turn1_tokens))) for c in shapes], dtype=float
+        )[local]
+        lam = demand.arrival_rate_per_s
+        parts.append((lam * split.local_share, 0.0, 1.0, 1.0, c_loc, local))
+    full = [(w, rho, s1, s2, c + d_i[m], np.ones(int(m.sum()))) for w, rho, s1, s2, c, m in parts]
+    ttfet_p = mixture_quantile(full, slo.percentile) if full else worst_decode_side
+    full = [(w, rho, s1, s2, c + d_i[m], t0_i[m]) for w, rho, s1, s2, c, m in parts]
+    ttfet_sd = mixture_quantile(full, slo.percentile) if full else 0.0
+    floor = tbt_floor_s(ref, slo.percentile)
+    return PlanResult(
+        pools=tuple(pools),
+        options=tuple(options),
+        solution=sol,
+        tau_s=tau_s,
+        reference=ref,
+        ttfet_target_s=ttfet_target,
+        tbt_target_s=tbt_target,
+        ttfet_p_s=ttfet_p,
+        ttfet_slowdown_p=ttfet_sd,
+        tbt_slowdown_p=worst_step / floor if floor > 0 else 0.0,
+        mode=settings.mode or ("colocated" if all(p.option.role == "colocated" for p in pools) else ""),
+        tbt_mean_s=worst_step,
+        watts_allocated=watts_alloc,
+        watts_unallocated=watts_unalloc,
+        gpus_used=sum(used.values()),
+        gpus_available=sum(t.gpus for t in tiers),
+        tokens_per_s=demand.arrival_rate_per_s * demand.tokens_per_conversation,
+        threshold_tokens=threshold,
+        levels_tried=levels_tried,
+        cost_per_hour=cost,
+    )
