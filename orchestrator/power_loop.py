@@ -289,4 +289,5 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
     return LivePowerLoop(
         engines, allowed, initial, slo, status=rt.router.instance_status, watts=watts,
         apply=nvml_applier(holder, power.state_path), on_results=on_results, interval_s=interval_s,
+        budget_w=rt.settings.power_budget_w,
     )  # fmt: skip

@@ -123,6 +123,9 @@ class ServeSettings(BaseSettings):
         "power_controller_interval_s it moves each pool's GPU caps within its tier's power_caps_w",
     )
     power_controller_interval_s: float = Field(5.0, gt=0, description="power controller period, seconds")
+    power_budget_w: float | None = Field(
+        None, gt=0, description="power controller: fleet cap budget in W (sum over engines of GPUs x cap)"
+    )
 
 
 # At shutdown, scheduled job runs in progress (an engine poll, an energy tick) get this long to end.

@@ -274,6 +274,9 @@ def register(app: typer.Typer) -> None:
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=_ADMISSION_HELP),
         power_controller: bool = typer.Option(False, "--power-controller", help=_POWER_HELP),
+        power_budget: float | None = typer.Option(
+            None, "--power-budget", help="with --power-controller: fleet cap budget, W (sum of GPUs x cap)"
+        ),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
         json_out: bool = typer.Option(False, "--json", help="print JSON for scripts"),
@@ -296,10 +299,12 @@ def register(app: typer.Typer) -> None:
         make_policy(pol, **_policy_options(pol, mispredict_rate, threshold))  # validate early
         out_dir = _out_dir(out)
         sim_opts = _sim_options(max_batched, prefill_max_batched, router_admission)
+        if power_budget is not None and (not power_controller or not power_budget > 0):
+            raise ConfigError("--power-budget needs --power-controller and a budget > 0 W, e.g. 1000")
         if power_controller:
             from orchestrator.sim.power import fleet_power_control
 
-            sim_opts = replace(sim_opts, power_controller=fleet_power_control(cfg))
+            sim_opts = replace(sim_opts, power_controller=fleet_power_control(cfg, budget_w=power_budget))
         seed = sim_setup.effective_seed(cfg, seed)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         rate_label, arrivals = sim_setup.arrivals(cfg, rate, convs)

@@ -41,7 +41,9 @@ class SimPowerControl:
     allowed_caps_w: Mapping[str, tuple[float, ...]]  # tier label -> caps per GPU
     interval_s: float = DEFAULT_INTERVAL_S
     config: ControllerConfig = field(default_factory=ControllerConfig)
-    budget_w: float | None = None  # optional fleet cap budget (sum of gpus x cap)
+    # optional fleet cap budget (sum of gpus x cap), enforced from the first step (interval_s): until then
+    # the configured caps are in force
+    budget_w: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.interval_s > 0 and math.isfinite(self.interval_s)):

@@ -152,3 +152,17 @@ def test_compare_cli_adds_a_power_row(tmp_path: Path) -> None:
     runs = {r["config"]: r["summary"] for r in json.loads(out.output)["runs"]}
     assert set(runs) == {"conserve", "conserve+power"}
     assert runs["conserve+power"]["energy_j"] < runs["conserve"]["energy_j"]  # caps lowered from TDP
+
+
+def test_a_fleet_budget_is_never_exceeded() -> None:
+    ctl = control()
+    budgeted = SimPowerControl(ctl.slo, ctl.allowed_caps_w, ctl.interval_s, budget_w=350.0)
+    res = run(budgeted)
+    assert res.power_steps and all(sum(st.caps_w.values()) <= 350.0 for st in res.power_steps)
+    assert max(st.caps_w["a40/prefill"] for st in res.power_steps) <= 250.0  # 250 + 100: the most it can get
+
+
+def test_simulate_refuses_a_budget_without_the_controller(tmp_path: Path) -> None:
+    out = CliRunner().invoke(app, ["simulate", "--fleet", "examples/paper-a40.yaml", "--power-budget", "900"])
+    assert out.exit_code == 1 and "--power-budget needs --power-controller" in out.output
+    assert "Traceback" not in out.output
