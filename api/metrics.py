@@ -244,9 +244,9 @@ class ApiMetrics:
 
     def attach_energy(self, accountant: Any, g_per_kwh: float) -> None:
         """Energy series from ``accountant`` (energy.accounting.EnergyAccountant) and per-turn estimates."""
-        self.estimates = EnergyEstimates(accountant.weights_by_engine())
+        estimates = self.estimates = EnergyEstimates(accountant.weights_by_engine())
         self.registry.register(
-            _EnergyCollector(accountant.power_snapshot, g_per_kwh, lambda: dict(self.estimates.tenant_j))
+            _EnergyCollector(accountant.power_snapshot, g_per_kwh, lambda: dict(estimates.tenant_j))
         )
 
     def usage_energy(self, rec: TurnRecord | None, conversation_id: str | None) -> dict[str, Any] | None:

@@ -422,7 +422,7 @@ def build_runtime(
         from orchestrator.fleet import tier_model as _tier_model
 
         metered = (
-            instances
+            instances or ()
             if cfg.backend == "sim"
             else [SimInstance(e.id, e.tier, Role(e.role), _tier_model(cfg, e.tier)) for e in cfg.engines]
         )
