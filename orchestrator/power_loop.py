@@ -262,9 +262,9 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
     slo = fleet_power_slo(cfg)
     for t in cfg.tiers:
         if len(allowed[t.name]) < 2 and any(e.tier == t.name for e in engines):
-            caps = ", ".join(f"{c:g}" for c in allowed[t.name])
+            only = ", ".join(f"{c:g}" for c in allowed[t.name])
             log.warning("power controller: tier %s allows one cap (%s W); list tiers[].power_caps_w to "
-                        "let it move", t.name, caps)  # fmt: skip
+                        "let it move", t.name, only)  # fmt: skip
     power = rt.power
 
     def holder() -> Holder:
