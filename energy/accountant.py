@@ -26,10 +26,12 @@ from energy.intervals import EnergyJob, LedgerTurnSource, TurnSource, run_energy
 from energy.lease import Lease
 from energy.ledger import Ledger
 from energy.meters import (
+    BUSY_S_TOTAL,
     ENGINE_STEPS_TOTAL,
     EXTERNAL_HITS_TOTAL,
     GENERATION_TOKENS_TOTAL,
     PROMPT_TOKENS_TOTAL,
+    STEP_ENERGY_J_TOTAL,
     Activity,
     Meter,
     MeterReading,
@@ -100,6 +102,7 @@ class EnergyAccountant:
     _pending: list[_Pending] = field(default_factory=list)
     # computed prompt, generated, hit tokens and engine steps, per engine
     _counters: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    _step_energy: dict[str, tuple[float, float]] = field(default_factory=dict)  # simulated engines' (J, s)
     samples_written: int = 0  # written here, or handed to the writer (offload)
     rows_written: int = 0  # attribution rows written here; offloaded jobs' rows: the writer's count
     jobs_offloaded: int = 0
@@ -151,12 +154,20 @@ class EnergyAccountant:
             if steps > s0 and gen > g0:  # the interval's mean batch: decode tokens per engine step
                 running = max((gen - g0) / (steps - s0), 1.0)
             ctx = float(getattr(o, "kv_usage_frac", 0.0)) * float(getattr(o, "kv_capacity_tokens", 0))
+            step_j, busy = None, 0.0  # a simulated engine's modelled energy of its steps (energy/meters.py)
+            if STEP_ENERGY_J_TOTAL in extra:
+                e1, b1 = float(extra[STEP_ENERGY_J_TOTAL]), float(extra.get(BUSY_S_TOTAL, 0.0))
+                e0, b0 = self._step_energy.get(engine_id, (e1, b1))
+                self._step_energy[engine_id] = (e1, b1)
+                step_j, busy = max(e1 - e0, 0.0), max(b1 - b0, 0.0)
             self.activity[engine_id] = Activity(
                 prefill_tokens=int(max(computed - c0, 0)),
                 cached_tokens=int(max(hits - h0, 0)),
                 decode_tokens=int(max(gen - g0, 0)),
                 decode_batch=running,
                 decode_context_tokens=ctx,
+                step_energy_j=step_j,
+                busy_s=busy,
             )
 
     def sample(self) -> int:

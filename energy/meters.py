@@ -41,10 +41,12 @@ from energy.meter_base import (
     utc_now,
 )
 from energy.model_meter import (
+    BUSY_S_TOTAL,
     ENGINE_STEPS_TOTAL,
     EXTERNAL_HITS_TOTAL,
     GENERATION_TOKENS_TOTAL,
     PROMPT_TOKENS_TOTAL,
+    STEP_ENERGY_J_TOTAL,
     Activity,
     ActivitySource,
     ModelMeter,
@@ -56,6 +58,8 @@ from energy.replay_meter import ReplayMeter, read_samples, write_samples
 __all__ = [
     "DCGM_ENERGY_METRIC",
     "ENGINE_STEPS_TOTAL",
+    "STEP_ENERGY_J_TOTAL",
+    "BUSY_S_TOTAL",
     "EXTERNAL_HITS_TOTAL",
     "GENERATION_TOKENS_TOTAL",
     "METER_KINDS",

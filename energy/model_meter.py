@@ -30,6 +30,13 @@ EXTERNAL_HITS_TOTAL = "external_prefix_cache_hits_tokens"
 # steps is the interval's mean batch (a scrape's num_requests_running is one instant's, and counts sequences
 # still prefilling).
 ENGINE_STEPS_TOTAL = "engine_steps_total"
+# Simulated engines only (orchestrator/engines/sim.py): the modelled joules their steps drew (each step at the
+# tier model's step power for its duration, tiers/steps.py, pro rata for the step in progress) and the clock
+# seconds a step was running. With them the model meter charges an engine what the simulator charges an
+# instance (its steps, and the idle draw for the rest of the time) instead of re-deriving steps from token
+# counts (a tick's tokens at its mean batch and end-of-tick context: ~6% less decode energy than simulated).
+STEP_ENERGY_J_TOTAL = "sim_step_energy_j_total"
+BUSY_S_TOTAL = "sim_busy_s_total"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,10 @@ class Activity:
     decode_tokens: int = 0
     decode_batch: float = 1.0  # mean running sequences while decoding
     decode_context_tokens: float = 0.0  # mean total context over the decoding batch
+    # the engine's own modelled energy of its steps in the interval and the seconds they ran (simulated
+    # engines: STEP_ENERGY_J_TOTAL, BUSY_S_TOTAL); None: derive the energy from the token counts
+    step_energy_j: float | None = None
+    busy_s: float = 0.0
 
 
 class TierPower(Protocol):
@@ -61,9 +72,12 @@ class TierPower(Protocol):
 
 def modelled_energy_j(tier: TierPower, activity: Activity, wall_s: float) -> float:
     """Energy of one instance over ``wall_s``: idle power throughout + each phase's power above idle for its
-    modelled busy time, never more than the power cap for the whole wall time."""
+    modelled busy time, never more than the power cap for the whole wall time. When the engine reports the
+    energy of its steps (``Activity.step_energy_j``): that, plus the idle draw while no step ran."""
     if wall_s < 0:
         raise EnergyError(f"wall time must be >= 0 s, got {wall_s}")
+    if activity.step_energy_j is not None:  # the engine's steps, and the idle draw while none ran
+        return tier.idle_w * max(wall_s - activity.busy_s, 0.0) + activity.step_energy_j
     idle_j = tier.idle_w * wall_s
     dyn_j = 0.0
     if activity.prefill_tokens > 0:

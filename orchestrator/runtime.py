@@ -11,7 +11,9 @@ lifespan). It owns:
   waits for its commit (``ledger_durable``); ``stop()`` drains the queue, so no ledger row is lost on
   shutdown;
 - APScheduler jobs (AsyncIOScheduler): poll engine health/metrics every ``poll_interval_s``, release pins of
-  conversations idle for ``pin_ttl_s``.
+  conversations idle for ``pin_ttl_s``, account energy every ``energy_interval_s``. On an injected clock
+  other than the system's (``build_runtime(clock=...)``, e.g. ``conserve.clock.LoopClock`` on a virtual-time
+  event loop) the same jobs are asyncio tasks sleeping on that clock, so a whole `serve` runs in virtual time.
 
 Settings are pydantic-settings (env prefix ``CONSERVE_``), the edge where files and flags enter.
 Must not import fastapi (the API imports this, not the reverse).
@@ -30,7 +32,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from conserve.clock import SystemClock
+from conserve.clock import Clock, SystemClock
 from conserve.errors import ConServeError
 from energy.records import (
     ConversationView,
@@ -217,6 +219,9 @@ class Runtime:
     accountant: Any = None  # energy.accounting.EnergyAccountant (None: energy accounting off)
     power: Any = None  # orchestrator.power.SessionPowerCaps: GPU caps applied at start, restored at stop
     power_loop: Any = None  # orchestrator.power_loop.LivePowerLoop (None: the power controller is off)
+    clock: Clock = field(default_factory=SystemClock)  # the router's, the sim engines' and the accountant's
+    _clock_jobs: list[asyncio.Task[None]] = field(default_factory=list)  # jobs on a non-system clock
+    _draining: bool = False
 
     async def start(self) -> None:
         """Start scheduled jobs (needs the running event loop) and take a first observation."""
@@ -233,6 +238,23 @@ class Runtime:
             # the engines' token counters now are the baseline of the model meters' activity: without it the
             # first tick took its own reading as the baseline and the work served before it got no energy
             await self.accountant.observe_engines()
+        if self.power_loop is not None:  # sees the router's finished turns beside the API's metrics
+            from orchestrator.power_loop import TeeObserver
+
+            self.router.observer = TeeObserver(self.router.observer, self.power_loop)
+        if not isinstance(self.clock, SystemClock):  # APScheduler runs on wall time: jobs sleep on the clock
+            jobs: list[tuple[Any, float]] = [
+                (self.router.poll, self.settings.poll_interval_s),
+                (self.router.expire_idle, min(30.0, self.settings.pin_ttl_s)),
+            ]
+            if self.accountant is not None:
+                jobs.append((self.accountant.tick, self.settings.energy_interval_s))
+            if self.power_loop is not None:
+                jobs.append((self.power_loop.run, self.power_loop.interval_s))
+            loop = asyncio.get_running_loop()
+            self._clock_jobs = [loop.create_task(self._every(fn, every)) for fn, every in jobs]
+            self._started = True
+            return
         sched = AsyncIOScheduler()
         sched.add_job(
             self._job(self.router.poll),
@@ -254,10 +276,7 @@ class Runtime:
         )
         if self.accountant is not None:
             self.accountant.install(sched, self.settings.energy_interval_s, wrap=self._job)
-        if self.power_loop is not None:  # sees the router's finished turns beside the API's metrics
-            from orchestrator.power_loop import TeeObserver
-
-            self.router.observer = TeeObserver(self.router.observer, self.power_loop)
+        if self.power_loop is not None:
             sched.add_job(
                 self._job(self.power_loop.run),
                 "interval",
@@ -289,6 +308,19 @@ class Runtime:
         run.__qualname__ = getattr(fn, "__qualname__", "job")
         return run
 
+    async def _every(self, fn: Any, every_s: float) -> None:
+        """A scheduled job on the runtime's clock: every ``every_s``, a run that fails is logged (as
+        APScheduler does) and the next one runs on time."""
+        job = self._job(fn)
+        while True:
+            await self.clock.sleep(every_s)
+            if self._draining:
+                return
+            try:
+                await job()
+            except Exception:
+                log.exception("scheduled job %s failed", getattr(fn, "__qualname__", fn))
+
     def scheduler_pause(self) -> None:
         """Pause the scheduled jobs (tests: make a failure invisible to the health poll)."""
         if self._scheduler is not None:
@@ -300,6 +332,13 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop jobs, close engines, drain the ledger queue (no row lost), close the ledger."""
+        if self._clock_jobs:  # no new runs; those in progress end
+            self._draining = True
+            for task in self._clock_jobs:
+                if task not in self._jobs:
+                    task.cancel()
+            await asyncio.wait(self._clock_jobs, timeout=JOB_DRAIN_S)
+            self._clock_jobs = []
         if self._scheduler is not None:
             self._scheduler.pause()  # no new runs; let those in progress end (a poll, a tick: seconds)
             await asyncio.sleep(0)  # a run submitted just now starts and registers
@@ -323,11 +362,16 @@ class Runtime:
 
 
 def build_runtime(
-    settings: ServeSettings, cfg: FleetConfig | None = None, instances: Sequence[Any] | None = None
+    settings: ServeSettings,
+    cfg: FleetConfig | None = None,
+    instances: Sequence[Any] | None = None,
+    clock: Clock | None = None,
 ) -> Runtime:
     """Everything `orchestrator serve` runs, from settings (and an already-loaded fleet, for tests).
 
     `instances` (objects with instance_id, tier, role, tier_model) overrides the plan for the sim backend.
+    `clock` (default: the system clock, sim engines sped up by ``sim_speedup``) is the router's, the
+    simulated engines' and the energy accountant's; another clock also runs the scheduled jobs on it.
     """
     from energy.ledger import Ledger
     from placement.policies import make_policy
@@ -341,7 +385,8 @@ def build_runtime(
     caps: dict[str, int] = {}
     # one clock for the router and the simulated engines (conserve/clock.py): monotonic time, record
     # timestamps; simulated engines sleep modelled seconds / sim_speedup on it
-    clock = SystemClock(settings.sim_speedup if cfg.backend == "sim" else 1.0)
+    if clock is None:
+        clock = SystemClock(settings.sim_speedup if cfg.backend == "sim" else 1.0)
     if cfg.backend == "sim":
         if instances is not None:
             instances, source = list(instances), "explicit instances"
@@ -350,6 +395,7 @@ def build_runtime(
         if not instances:
             raise ConfigError(f"{settings.fleet}: the plan has no instances. To fix: give tiers a count > 0.")
         fabric = SimKvFabric()
+        links = {t.name: str(t.link.value) for t in cfg.tiers}  # as `simulate` links them (links_of)
         for inst in instances:
             engines[inst.instance_id] = SimEngine(
                 inst.instance_id,
@@ -359,6 +405,7 @@ def build_runtime(
                 model_name=served,
                 clock=clock,
                 fabric=fabric,
+                link=links.get(inst.tier, "pcie"),
             )
             caps[inst.instance_id] = inst.tier_model.kv_capacity_tokens
     else:
@@ -436,6 +483,7 @@ def build_runtime(
             # samples and attribution run in the ledger writer, after the turns handed to it before them
             offload=writer.energy,
             lease=lease_for(db_url, settings.run_id),  # one replica per run accounts (energy/lease.py)
+            clock=clock.wall,  # meter readings in the time base of the router's turn records
         )
     rt = Runtime(
         cfg=cfg,
@@ -450,6 +498,7 @@ def build_runtime(
         policy_name=policy.name,
         accountant=accountant,
         power=power,
+        clock=clock,
     )
     if settings.power_controller:  # built now: a fleet it cannot control fails here with one line
         from orchestrator.power_loop import build_power_loop

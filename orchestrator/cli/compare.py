@@ -25,6 +25,7 @@ from orchestrator.cli.sim_common import (
     JSON_SCHEMA_VERSION,
     PREFILL_BUDGET_HELP,
     THRESHOLD_HELP,
+    VIEW_HELP,
     build_sim_options,
     clean_json,
     load_fleet_and_plan,
@@ -80,6 +81,7 @@ def register(app: typer.Typer) -> None:
         power_controller: bool = typer.Option(
             False, "--power-controller", help="also run every policy under the power controller (+power)"
         ),
+        view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
     ) -> None:
@@ -98,7 +100,7 @@ def register(app: typer.Typer) -> None:
         if rate_list is not None and any(not r > 0 for r in rate_list):
             fail("--rates must be > 0 conversations/s")
         out_dir = make_out_dir(out)
-        sim_opts = build_sim_options(max_batched, prefill_max_batched, router_admission)
+        sim_opts = build_sim_options(max_batched, prefill_max_batched, router_admission, view_cached)
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
         from orchestrator.workload import poisson_arrivals
 

@@ -74,6 +74,10 @@ BUDGET_HELP = (
 PREFILL_BUDGET_HELP = "the same for prefill engines (default: --max-batched-tokens; the artifact used 8192)"
 
 
+VIEW_HELP = (
+    "policies' views count the cached histories of conversations still going as used KV, as the paper "
+    "tables in docs/paper-reproduction.md were measured (default: only what a live engine reports)"
+)
 ADMISSION_HELP = (
     "admit conversations through a router-side KV tracker as the paper's artifact did (orchestrator.sim."
     "admission); the admission wait is inside the honest convention's clock, outside the artifact's"
@@ -81,7 +85,10 @@ ADMISSION_HELP = (
 
 
 def build_sim_options(
-    max_batched: int | None, prefill_max_batched: int | None, router_admission: bool = False
+    max_batched: int | None,
+    prefill_max_batched: int | None,
+    router_admission: bool = False,
+    view_cached_histories: bool = False,
 ) -> SimOptions:
     pairs = (("--max-batched-tokens", max_batched), ("--prefill-max-batched-tokens", prefill_max_batched))
     for name, v in pairs:
@@ -92,6 +99,7 @@ def build_sim_options(
         max_batched_tokens=max_batched if max_batched is not None else base.max_batched_tokens,
         prefill_max_batched_tokens=prefill_max_batched,
         router_admission=router_admission,
+        view_cached_histories=view_cached_histories,
     )
 
 

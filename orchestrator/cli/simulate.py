@@ -23,6 +23,7 @@ from orchestrator.cli.sim_common import (
     JSON_SCHEMA_VERSION,
     PREFILL_BUDGET_HELP,
     THRESHOLD_HELP,
+    VIEW_HELP,
     build_sim_options,
     clean_json,
     load_fleet_and_plan,
@@ -84,6 +85,7 @@ def register(app: typer.Typer) -> None:
         power_budget: float | None = typer.Option(
             None, "--power-budget", help="with --power-controller: fleet cap budget, W (sum of GPUs x cap)"
         ),
+        view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
         json_out: bool = typer.Option(False, "--json", help="print JSON for scripts"),
@@ -105,7 +107,7 @@ def register(app: typer.Typer) -> None:
         pol = policy or cfg.policy
         make_policy(pol, **options_for_policy(pol, mispredict_rate, threshold))  # validate early
         out_dir = make_out_dir(out)
-        sim_opts = build_sim_options(max_batched, prefill_max_batched, router_admission)
+        sim_opts = build_sim_options(max_batched, prefill_max_batched, router_admission, view_cached)
         if power_budget is not None and (not power_controller or not power_budget > 0):
             raise ConfigError("--power-budget needs --power-controller and a budget > 0 W, e.g. 1000")
         if power_controller:

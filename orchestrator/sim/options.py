@@ -66,11 +66,12 @@ class SimOptions:
     prefill_max_batched_tokens: int | None = None
     # router-side KV admission as the paper's artifact ran it (orchestrator.sim.admission): off by default
     router_admission: bool = False
-    # the resident KV policies see includes the prefix-cache entries of conversations still going (True, the
-    # behaviour the fidelity tables were measured with) or only the sequences' KV, as a live engine reports it
-    # (vLLM's kv_cache_usage_perc counts no evictable cached block) and the live router sees it (False: the
-    # router/simulator parity test, tests/core/test_driver_parity.py). Pinned conversations count either way.
-    view_cached_histories: bool = True
+    # the resident KV policies see: only the sequences' KV, as a live engine reports it (vLLM's
+    # kv_cache_usage_perc counts no evictable cached block) and the live router sees it (False, the default:
+    # the router/simulator parity test, tests/core/test_driver_parity.py), or also the prefix-cache entries of
+    # conversations still going (True: what docs/paper-reproduction.md's tables were measured with,
+    # orchestrator.sim.paper.PAPER_SIM_OPTIONS). Pinned conversations count either way (their pin accounting).
+    view_cached_histories: bool = False
     # keep every inter-token gap of each conversation's final turn in its ConversationRecord
     # (last_turn_gaps_s), for the per-token last-turn TBT statistic the paper reports
     # (orchestrator.artifact.pooled_token_slowdowns; s5_metrics.py lines 587-599). Off by default: memory

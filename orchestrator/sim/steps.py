@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from orchestrator.core import Reserve, kv_shipped_tokens
+from orchestrator.core import Reserve, abandoned_prefill_cached_tokens, handoff_refused, kv_shipped_tokens
 from orchestrator.sim.base import _ARRIVE, _STEP, _XFER, SimBase
 from orchestrator.sim.instance import (
     _D,
@@ -18,6 +18,7 @@ from orchestrator.sim.instance import (
     _H,
     _J,
     _P,
+    _PREFILL_ONLY,
     _T,
     _W,
     _X,
@@ -235,7 +236,7 @@ class Stepping(SimBase):
                 partner = s.partner
                 assert partner is not None
                 dec = self.insts[ts.decode_inst]
-                if not dec.healthy:
+                if handoff_refused(dec.healthy):  # re-placed now (orchestrator.core.failures)
                     self._restart(ts, t)
                     continue
                 self._enqueue(dec, partner, t)
@@ -350,8 +351,18 @@ class Stepping(SimBase):
         touched = []
         for q in ts.seqs:
             if q.state != _X and self.insts[q.inst].healthy:
-                self._release(self.insts[q.inst], q)
-                touched.append(self.insts[q.inst])
+                inst = self.insts[q.inst]
+                # an abandoned remote prefill's prompt KV stays in the prefiller's prefix cache
+                # (orchestrator.core.failures)
+                kept = (
+                    abandoned_prefill_cached_tokens(q.ts.input_tokens, q.cached, q.prefill_done)
+                    if q.kind == _PREFILL_ONLY and q.state in (_P, _H) and inst.cache_on
+                    else 0
+                )
+                self._release(inst, q)
+                if kept:
+                    inst.cache_put(q.cid, kept, False)
+                touched.append(inst)
         ts.seqs = []
         ts.restarts += 1
         ts.prefill_start_s = ts.prefill_end_s = ts.kv_admit_s = ts.first_token_s = math.nan

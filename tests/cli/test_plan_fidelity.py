@@ -28,12 +28,10 @@ TOLERANCE = 0.10
 
 # measured on this commit (simulated / predicted, steady state, seeds 0-2); also in docs/planning.md
 OUTSIDE: dict[tuple[str, str], str] = {
-    ("fleet", "mean TBT ms"): "predicted 10.73 ms, simulated 9.57 ms (0.891)",
     ("paper-a40", "p95 TTFET slowdown"): "predicted 4.16x, simulated 2.43x (0.584): planned at the burst "
     "rate 0.89 conv/s, where the modelled decoders sit at their capacity point",
     ("paper-a40", "mean TBT ms"): "predicted 56.0 ms, simulated 23.0 ms (0.411): the modelled active batch "
     "is ~4x the simulated one at the capacity point",
-    ("fleet-llama8b-a100-l40s", "p95 TTFET slowdown"): "predicted 2.08x, simulated 2.32x (1.114)",
     ("fleet-long-gaps", "tokens/J"): "predicted 47.3, simulated 41.9 (0.884): colocated plan, the model "
     "underprices the draw of instances that hold KV through 30 s tool gaps",
     ("fleet-single-turn", "mean TBT ms"): "predicted 46.26 ms, simulated 41.62 ms (0.8997)",
