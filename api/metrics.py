@@ -288,5 +288,10 @@ class ApiMetrics:
     def replaced(self, conversation_id: str, old_instance: str | None, new_instance: str) -> None:
         self.replacements += 1
 
+    def forgotten(self, conversation_id: str) -> None:
+        """The router forgot the conversation: so does its running energy estimate (issue 13 item 5)."""
+        if self.estimates is not None:
+            self.estimates.forget(conversation_id)
+
     def retried(self, instance_id: str) -> None:
         self.retries[(instance_id,)] += 1

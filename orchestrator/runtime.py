@@ -114,6 +114,13 @@ class ServeSettings(BaseSettings):
         description="attribute an interval at least this long after it ends; an interval also waits "
         "for the turns still running in it (they are recorded when they end)",
     )
+    shared_state: Literal["auto", "memory", "database"] = Field(
+        "auto",
+        description="who numbers a conversation's turns and pins it: 'database' (conversation heads in the "
+        "PostgreSQL ledger, energy/heads.py: replicas sharing the ledger agree; one round trip more per "
+        "turn), 'memory' (this process: one replica, no database round trip), or 'auto' (database on "
+        "PostgreSQL, memory on SQLite)",
+    )
     power_state_file: Path | None = Field(
         None,
         description="state file of the GPU power limits serve changed (orchestrator/power.py); "
@@ -268,7 +275,8 @@ class Runtime:
         sched.add_job(
             self._job(self.router.expire_idle),  # on the loop: it edits the router's conversations
             "interval",
-            seconds=min(30.0, self.settings.pin_ttl_s),
+            # ended conversations leave memory within ended_keep_s + this (issue 13 item 5)
+            seconds=min(10.0, self.settings.pin_ttl_s),
             id="expire-pins",
             max_instances=1,
             coalesce=True,
@@ -350,6 +358,8 @@ class Runtime:
             await self.accountant.observe_engines()  # the engines' last token counts, before they close
             await asyncio.to_thread(self.accountant.wait_idle)  # a cancelled tick runs on in its thread
         await self.router.aclose()
+        if self.router.shared is not None:  # its connections (and this replica's advisory lock)
+            await self.router.shared.aclose()
         if self.accountant is not None:  # every turn is handed to the writer: attribute what is still pending
             await asyncio.to_thread(self.accountant.finish)  # a last job, queued behind those turns
         await asyncio.to_thread(self.writer.close)  # writes the turns, then runs the job
@@ -359,6 +369,28 @@ class Runtime:
             await asyncio.to_thread(self.power.stop, self.ledger)
         self.ledger.close()
         self._started = False
+
+
+def _shared_turns(settings: ServeSettings, db_url: str) -> Any:
+    """The store replicas number turns and pin in (energy/heads.py), or None: this process decides."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        backend = make_url(db_url).get_backend_name()
+    except Exception:  # noqa: BLE001 - the Ledger names a bad URL, with how to fix it
+        return None
+    mode = settings.shared_state
+    if mode == "memory" or (mode == "auto" and backend != "postgresql"):
+        return None
+    if backend != "postgresql":
+        raise ConfigError(
+            f"shared_state 'database' needs a PostgreSQL ledger, not {backend!r}. To fix: use a "
+            "postgresql+psycopg:// URL, or shared_state 'memory' (one replica)."
+        )
+    from energy.heads import PgConversationHeads
+
+    assert settings.run_id is not None
+    return PgConversationHeads(db_url, pin_ttl_s=settings.pin_ttl_s, run_id=settings.run_id)
 
 
 def build_runtime(
@@ -433,6 +465,7 @@ def build_runtime(
     if settings.run_id is None:  # issue 14: one run per server start (energy/records.py new_run_id)
         settings = settings.model_copy(update={"run_id": new_run_id(RunKind.SERVE)})
     assert settings.run_id is not None
+    shared = _shared_turns(settings, db_url)
     ledger = Ledger(db_url, run_id=settings.run_id, policy=policy.name, kind=RunKind.SERVE)
     ledger.upgrade()
     ledger.start_run(RunInfo(settings.run_id, RunKind.SERVE, policy.name, label=str(settings.fleet)))
@@ -461,6 +494,7 @@ def build_runtime(
         pin_lookup=LedgerPinLookup(ledger),
         kv_capacity_tokens=caps,
         clock=clock,
+        shared=shared,
     )
     accountant = None
     if settings.energy_interval_s > 0:  # meters -> attribution -> ledger (energy/accounting.py)

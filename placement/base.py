@@ -1,6 +1,6 @@
 """The policy interface: observations in, decisions out, as data.
 
-One policy, two drivers: the live router (orchestrator/router.py) and the simulator (orchestrator/sim/)
+One policy, two drivers: the live router (orchestrator/router/) and the simulator (orchestrator/sim/)
 build a :class:`FleetView` from what they observe, call ``policy.place(turn, view)`` and apply the returned
 :class:`Placement`. Nothing here reads a clock, a socket or a database.
 Must not import fastapi, sqlalchemy, httpx or anything that reads wall-clock time.

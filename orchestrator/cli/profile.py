@@ -82,7 +82,8 @@ def profile(
     if engine is None or tier is None:
         raise ConfigError(f"--{'engine' if engine is None else 'tier'} is required (or pass --micro)")
     from energy.meters import METER_KINDS, make_meter
-    from orchestrator.profiling import ActivityLog, SweepPlan, VllmHttpDriver, build_profile, run_sweep
+    from orchestrator.profiling import ActivityLog, SweepPlan, build_profile, run_sweep
+    from orchestrator.profiling_vllm import VllmHttpDriver
     from tiers.catalog import get_gpu
     from tiers.models import get_model
     from tiers.perf import TierModel

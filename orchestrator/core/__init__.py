@@ -1,6 +1,6 @@
 """The driver core: everything around ``policy.place()`` that the live router and the simulator share.
 
-One policy, one driver core, two drivers (DESIGN.md section 3). The live router (orchestrator/router.py) adds
+One policy, one driver core, two drivers (DESIGN.md section 3). The live router (orchestrator/router/) adds
 HTTP engines and the ledger; the simulator (orchestrator/sim/engine.py) adds virtual time and the instance
 model. Both take from here, and from nowhere else:
 

@@ -11,7 +11,7 @@ engine, which the router forwards without re-encoding) and implements both (the 
 by the router's health poll and the energy tick where a scrape is costly, :meth:`Engine.observe` otherwise)
 and states its KV capacity (0 where it is learned from the engine's observations).
 
-THIS IS THE CONTRACT the router (api/, orchestrator/router.py) and the engine implementations
+THIS IS THE CONTRACT the router (api/, orchestrator/router/) and the engine implementations
 (orchestrator/engines/vllm.py, orchestrator/engines/sim.py) code against; keep it stable.
 """
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,19 +32,19 @@ from energy.records import ConversationView, PinRecord, TurnRecord, TurnStatus
 from orchestrator.core import (
     ConversationState,
     PinBook,
-    has_room,
     local_prefill_tokens,
     moves_pin,
     pin_reason,
-    reservation_tokens,
     rule_for,
     running_turn_kv_tokens,
 )
 from orchestrator.engines.base import Engine, EngineRequest
+from orchestrator.replicas import SharedTurns, agreed_placement, claim_turn, settle
 from orchestrator.router.adapters import ChunkOutput, JsonOutput, OutputAdapter, SseOutput
+from orchestrator.router.admission import wait_for_room
 from orchestrator.router.decode import Attempt, decode_stream
 from orchestrator.router.failures import ENGINE_FAILURES, FailureKind, outcome
-from orchestrator.router.instances import Instance, check_fits, log
+from orchestrator.router.instances import Instance, check_fits
 from orchestrator.router.prefill import prefill_remote
 from orchestrator.router.values import (
     EngineRejected,
@@ -63,6 +64,8 @@ from placement.base import FleetView, Placement, Policy, Role, TurnRequest
 from placement.errors import PlacementError
 
 __all__ = ["Router"]
+
+log = logging.getLogger("orchestrator.router")
 
 
 def _wall(clock: Clock, at_s: float | None) -> datetime | None:
@@ -95,6 +98,7 @@ class Router:
         clock: Clock = SYSTEM_CLOCK,
         kv_capacity_tokens: Mapping[str, int] | None = None,
         durability: Callable[[], Awaitable[None]] | None = None,
+        shared: SharedTurns | None = None,
     ) -> None:
         if not engines:
             raise EngineUnavailable(
@@ -109,6 +113,7 @@ class Router:
         # awaited between recording an answered turn and its last byte: the record is durable by then
         # (the runtime's LedgerWriter.wait_durable; None: no wait)
         self.durability = durability
+        self.shared = shared  # replicas on one PostgreSQL ledger: turn numbers and pins decided there
         caps = kv_capacity_tokens or {}
         self._instances: dict[str, Instance] = {
             iid: Instance(
@@ -156,7 +161,7 @@ class Router:
             run_id=self.config.run_id,
             policy=self.policy.name,
             created_at=self.clock.wall(conv.first_arrival_s),
-            pinned_instance_id=conv.pins[-1].instance_id if conv.pins else None,
+            pinned_instance_id=conv.pin or (conv.pins[-1].instance_id if conv.pins else None),
             pins=tuple(conv.pins),
             turns=tuple(conv.records),
             final_turn=conv.final_turn,
@@ -197,6 +202,7 @@ class Router:
         for conv in stale:
             self._end(conv)
             del self._convs[conv.conversation_id]
+            self.observer.forgotten(conv.conversation_id)
         return len(stale)
 
     # ---- serving --------------------------------------------------------------------------------------
@@ -275,13 +281,16 @@ class Router:
             # before a turn number or an engine is used
             check_fits(self._instances.values(), prompt_tokens + (cap or 0))
             conv = await self._conversation_for(inp, arrival_s)
+            shared = None if conv.one_turn else self.shared  # replicas agree there (orchestrator/replicas.py)
+            if shared is not None:
+                await claim_turn(shared, conv, self._book, self._instances, self.clock, arrival_s)
             treq = conv.next_turn(prompt_tokens, cap)
             conv.last_active_s = arrival_s
             # the admission seam: a bounded wait for KV room before placement (RouterConfig.admission_wait_s)
             if self.config.admission_wait_s > 0:
                 await self._admit(treq)
             for attempt_no in range(self.config.max_attempts):
-                placement = self._place(treq, conv, arrival_s)
+                placement = await self._place(treq, conv, arrival_s)
                 att = Attempt(request_id=f"req-{self._id_prefix}-{next(self._ids)}", placement=placement)
                 dec = self._instances[placement.decode_instance]
                 failed_on = dec.instance_id
@@ -337,8 +346,8 @@ class Router:
                     self._finish(conv, treq, att, arrival_s, TurnStatus.ERROR, inp.client_final)
                     raise
                 self._finish(conv, treq, att, arrival_s, TurnStatus.OK, inp.client_final)
-                if self.durability is not None:
-                    await self.durability()  # the turn's record is committed before its last byte leaves
+                # the turn's record is committed (and replicas told) before its last byte leaves
+                await settle(self.durability, shared, conv, treq.turn, self.clock)
                 final = adapter.close(held)
                 if final is not None:
                     yield final
@@ -382,38 +391,26 @@ class Router:
         self.observer.retried(failed_on)
 
     # ---- placement and pins -------------------------------------------------------------------------
-    async def _admit(self, treq: TurnRequest) -> None:
-        """Wait (bounded) until some healthy decode-capable instance has room for the turn's reservation."""
-        k = treq.turn
-        inputs = [0] * (k - 1) + [treq.input_tokens]
-        outputs = [0] * (k - 1) + [treq.max_output_tokens or 0]
-        need = reservation_tokens(self._admission_rule, k, inputs, outputs)[0]
-        if need <= 0:
-            return
-        deadline = self.clock.now_s() + self.config.admission_wait_s
-        waited = False
-        while not any(
-            v.healthy and v.role.can_decode and has_room(v.kv_capacity_tokens, v.kv_used_tokens, need)
-            for v in self.fleet_view().instances
-        ):
-            if self.clock.now_s() >= deadline:
-                self.admission_stats["timed_out"] += 1
-                break
-            if not waited:
-                waited = True
-                self.admission_stats["waited"] += 1
-            await asyncio.sleep(self.config.admission_poll_s)
+    async def _admit(self, treq: TurnRequest) -> bool:
+        """The admission step (orchestrator.router.admission): a bounded wait for KV room; False if it timed
+        out (the turn is placed anyway)."""
+        cfg = self.config
+        return await wait_for_room(
+            self._admission_rule,
+            treq,
+            self.fleet_view,
+            self.clock,
+            cfg.admission_wait_s,
+            cfg.admission_poll_s,
+            self.admission_stats,
+        )
 
-    def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
-        try:
-            placement = self.policy.place(treq, self.fleet_view())
-        except PlacementError as err:
-            down = [f"{i.instance_id}: {i.down_reason}" for i in self._instances.values() if not i.healthy]
-            detail = f" Down: {'; '.join(down)}." if down else ""
-            raise EngineUnavailable(f"{err}{detail}") from err
-        for iid in (placement.decode_instance, placement.prefill_instance):
-            if iid is not None and iid not in self._instances:
-                raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")
+    async def _place(self, treq: TurnRequest, conv: _Conversation, now_s: float) -> Placement:
+        shared = None if conv.one_turn else self.shared  # replicas: a pin moves by compare-and-set there
+        agreed = await agreed_placement(shared, conv, self._book, self._instances, self._decide, treq)
+        if agreed is None:
+            raise EngineUnavailable(f"replicas kept re-pinning {conv.conversation_id}; send it again")
+        placement = agreed
         old = conv.pin
         # Placement.pin asks to (re)bind the conversation; without it an existing pin stays as it is and
         # none is made (orchestrator.core.turns): policies that never pin (per-turn, full-disagg,
@@ -425,6 +422,19 @@ class Router:
                 self.observer.replaced(conv.conversation_id, old, placement.decode_instance)
             self._pin(conv, placement.decode_instance, now_s, reason=reason)
         self._book.account(conv, running_turn_kv_tokens(treq))
+        return placement
+
+    def _decide(self, treq: TurnRequest) -> Placement:
+        """The policy's placement of `treq` on the current fleet view, on instances this router knows."""
+        try:
+            placement = self.policy.place(treq, self.fleet_view())
+        except PlacementError as err:
+            down = [f"{i.instance_id}: {i.down_reason}" for i in self._instances.values() if not i.healthy]
+            detail = f" Down: {'; '.join(down)}." if down else ""
+            raise EngineUnavailable(f"{err}{detail}") from err
+        for iid in (placement.decode_instance, placement.prefill_instance):
+            if iid is not None and iid not in self._instances:
+                raise EngineUnavailable(f"policy {self.policy.name} chose unknown instance {iid!r}")
         return placement
 
     def _pin(self, conv: _Conversation, instance_id: str, now_s: float, reason: str | None) -> None:
@@ -504,6 +514,7 @@ class Router:
         )
         if conv.one_turn and (ok or status is TurnStatus.ERROR):
             self._end(conv)
+            self.observer.forgotten(conv.conversation_id)  # never in memory: gone once recorded
 
     async def aclose(self) -> None:
         await asyncio.gather(*(i.engine.aclose() for i in self._instances.values()), return_exceptions=True)

@@ -78,6 +78,9 @@ class RouterObserver(Protocol):
 
     def retried(self, instance_id: str) -> None: ...
 
+    def forgotten(self, conversation_id: str) -> None:
+        """The conversation left the router's memory (ended, idle past its TTL, or one-turn and done)."""
+
 
 class NullSink:
     def turn(self, rec: TurnRecord) -> None:
@@ -100,6 +103,9 @@ class NullObserver:
         return None
 
     def retried(self, instance_id: str) -> None:
+        return None
+
+    def forgotten(self, conversation_id: str) -> None:
         return None
 
 

@@ -308,12 +308,3 @@ def _steps_by(elapsed: float, a: float, d: float, n: int) -> int:
     while m > 0 and _cum(m, a, d) > elapsed:
         m -= 1
     return m
-
-
-_LINK_ORDER = ("ethernet", "infiniband", "pcie", "nvlink")
-
-
-def _slower(a: str, b: str) -> str:
-    ra = _LINK_ORDER.index(a) if a in _LINK_ORDER else 0
-    rb = _LINK_ORDER.index(b) if b in _LINK_ORDER else 0
-    return _LINK_ORDER[min(ra, rb)]

@@ -15,11 +15,11 @@ from orchestrator.core import (
 )
 from orchestrator.errors import SimulationError
 from orchestrator.sim.base import _PULL, _RESUME, SimBase
-from orchestrator.sim.instance import _DECODE_ONLY, _FULL, _PREFILL_ONLY, _Instance, _Seq, _slower, _TurnState
+from orchestrator.sim.instance import _DECODE_ONLY, _FULL, _PREFILL_ONLY, _Instance, _Seq, _TurnState
 from orchestrator.sim.result import Decision
 from placement.base import FleetView, Placement, Role, TurnRequest
 from placement.errors import PlacementError
-from tiers.links import kv_transfer_time_s
+from tiers.steps import handoff_time_s
 
 
 class Placing(SimBase):
@@ -224,10 +224,9 @@ class Placing(SimBase):
                 nbytes = hist * dec.kvb
                 self.kv_transfers += 1
                 self.kv_transfer_bytes += nbytes
-                link = dec.link if dec.link == pre.link else _slower(dec.link, pre.link)
                 s.pulled = hist
                 s.inst = pre.idx
-                self._push(t + kv_transfer_time_s(hist, dec.kvb, link), _PULL, s, pre)
+                self._push(t + handoff_time_s(hist, dec.kvb, dec.link, pre.link), _PULL, s, pre)
                 return
             self._enqueue(pre, s, t)
         else:

@@ -25,13 +25,11 @@ from orchestrator.sim.instance import (
     _cum,
     _Instance,
     _Seq,
-    _slower,
     _steps_by,
     _TurnState,
 )
-from orchestrator.sim.options import kv_round_trip_bookkeeping_s
 from orchestrator.sim.result import Feedback
-from tiers.links import kv_transfer_time_s
+from tiers.steps import handoff_time_s, plan_chunks, prefill_step_power_w, prefill_step_time_s
 
 
 class Stepping(SimBase):
@@ -93,10 +91,10 @@ class Stepping(SimBase):
                 tokens = kv_shipped_tokens(ts.input_tokens, own if inst.cache_on else 0, blk)
                 nbytes = tokens * inst.kvb
                 src = self.insts[ts.prefill_inst]
-                link = inst.link if inst.link == src.link else _slower(inst.link, src.link)
-                dur = kv_transfer_time_s(tokens, inst.kvb, link)
-                if ts.history_tokens:  # a round trip: both sides' block bookkeeping over history + new
-                    dur += kv_round_trip_bookkeeping_s(ts.input_tokens)
+                # a round trip also pays both sides' block bookkeeping over history + new (the whole prompt)
+                dur = handoff_time_s(
+                    tokens, inst.kvb, inst.link, src.link, ts.input_tokens if ts.history_tokens else 0
+                )
                 ts.kv_admit_s = t
                 ts.transfer_tokens = tokens
                 ts.transfer_bytes = nbytes
@@ -145,24 +143,12 @@ class Stepping(SimBase):
         tm = inst.tm
         nd = inst.n_decode
         if inst.prefilling:
-            budget = inst.budget - nd
-            chunks: list[tuple[_Seq, int]] = []
-            for s in inst.prefilling:
-                if budget <= 0:
-                    break
-                c = min(budget, s.prefill_total - s.prefill_done)
-                chunks.append((s, c))
-                budget -= c
-            if chunks:
-                s0, c0 = chunks[0]
-                dt = tm.step_time_s(c0, s0.cached + s0.prefill_done, nd, inst.ctx_sum)
-                if len(chunks) > 1:
-                    base = tm.decode_step_time_s(max(nd, 1), inst.ctx_sum)
-                    for s, c in chunks[1:]:
-                        dt += tm.step_time_s(c, s.cached + s.prefill_done, nd, inst.ctx_sum) - base
-                ptok = sum(c for _, c in chunks)
-                # Decode power is mostly KV traffic: pass the batch's context, not just its size.
-                pw = tm.step_power_w(ptok, nd, inst.ctx_sum, s0.cached + s0.prefill_done)
+            sizes = plan_chunks(inst.budget, nd, [s.prefill_total - s.prefill_done for s in inst.prefilling])
+            if sizes:
+                chunks = [(inst.prefilling[i], c) for i, c in enumerate(sizes)]
+                work = [(c, s.cached + s.prefill_done) for s, c in chunks]
+                dt = prefill_step_time_s(tm, work, nd, inst.ctx_sum)
+                pw = prefill_step_power_w(tm, work, nd, inst.ctx_sum)
                 inst.busy = True
                 inst.version += 1
                 inst.cur = (t, 1, dt, 0.0, pw, True, chunks)

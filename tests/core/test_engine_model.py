@@ -12,6 +12,8 @@ round trip's history pull and bookkeeping).
 from __future__ import annotations
 
 import asyncio
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 from parity import Inst
 from vloop import run_virtual
 
+import tiers.steps
 from conserve.clock import LoopClock
 from orchestrator.config import load_fleet
 from orchestrator.core import round_trip_tokens
@@ -207,4 +210,61 @@ def test_round_trip_history_pull_alike(gpu: str, link: str) -> None:
     links = {"t": link}
     res = _simulate(insts, convs, policy, links)
     assert res.turns[1].history_transfer_tokens > 0
+    _compare(res, _serve(insts, convs, policy, links))
+
+
+def _rebind(monkeypatch: pytest.MonkeyPatch, name: str, fake: Callable[..., Any]) -> None:
+    """Replace tiers.steps.<name> wherever a module of the project holds it (tiers.steps itself, the
+    simulated engines, the simulator)."""
+    orig = getattr(tiers.steps, name)
+    for mod in list(sys.modules.values()):
+        if mod is None or not mod.__name__.startswith(("orchestrator", "tiers")):
+            continue
+        if getattr(mod, name, None) is orig:
+            monkeypatch.setattr(mod, name, fake)
+
+
+def _faster_link(a: str, b: str) -> str:
+    order = tiers.steps.LINK_ORDER
+    ra = order.index(a) if a in order else 0
+    rb = order.index(b) if b in order else 0
+    return str(order[max(ra, rb)])
+
+
+_plan, _step, _book = tiers.steps.plan_chunks, tiers.steps.prefill_step_time_s, tiers.steps.kv_bookkeeping_s
+
+
+def _small_chunks(budget: int, decode_batch: int, left: list[int]) -> list[int]:
+    return [min(c, 1_500) for c in _plan(budget, decode_batch, left)]
+
+
+# each a deliberately wrong rule: if only one driver read it from tiers/steps.py, the drivers would part
+DISTORTIONS: dict[str, tuple[str, Callable[..., Any]]] = {
+    "chunks of at most 1,500 tokens": ("plan_chunks", _small_chunks),
+    "prefill steps 1.7x longer": ("prefill_step_time_s", lambda *a: 1.7 * _step(*a)),
+    "hand-offs over the faster link": ("handoff_link", _faster_link),
+    "round-trip bookkeeping 5x": ("kv_bookkeeping_s", lambda n: 5.0 * _book(n)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("distortion", list(DISTORTIONS))
+def test_both_drivers_take_the_step_and_link_rules_from_tiers_steps(
+    distortion: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one engine model lives in tiers/steps.py: change a rule there and the simulator and the simulated
+    engines move together (mixed links, chunked prefill, a round trip's pull and hand-back)."""
+    insts = [Inst("p0", "pre", Role.PREFILL, _tm("L4")), Inst("d0", "dec", Role.DECODE, _tm("H100-SXM"))]
+    convs = [
+        ConversationSpec("a", 0.0, (TurnSpec(9_000, 30), TurnSpec(700, 20, 0.4))),
+        ConversationSpec("b", 0.0412, (TurnSpec(2_000, 50),)),
+    ]
+    policy = Fixed({"a": "d0", "b": "d0"}, {"a": "p0", "b": "p0"}, round_trip=True)
+    links = {"pre": "ethernet", "dec": "infiniband"}
+    plain = _simulate(insts, convs, policy, links)
+    name, fake = DISTORTIONS[distortion]
+    _rebind(monkeypatch, name, fake)
+    res = _simulate(insts, convs, policy, links)
+    assert res.turns[1].history_transfer_tokens > 0  # the round trip happened
+    moved = max(abs(a.last_token_s - b.last_token_s) for a, b in zip(res.turns, plain.turns, strict=True))
+    assert moved > 1e-4, f"{distortion} did not change the simulator"
     _compare(res, _serve(insts, convs, policy, links))

@@ -18,9 +18,9 @@ from orchestrator.profiling import (
     DecodeClock,
     SweepPlan,
     build_profile,
-    parse_decode_clock,
     run_sweep,
 )
+from orchestrator.profiling_vllm import parse_decode_clock
 from tiers.catalog import get_gpu
 from tiers.errors import ProfileError
 from tiers.models import get_model

@@ -2,7 +2,7 @@
 
 The simulator records every policy call (placements with the FleetView it observed, and turn-end feedback) in
 order. Replaying them through a *fresh* policy object via placement.base.Policy, the interface the live router
-(orchestrator/router.py) calls -- must give identical placements, including for the stateful, seeded per-turn
+(orchestrator/router/) calls -- must give identical placements, including for the stateful, seeded per-turn
 policy.
 """
 

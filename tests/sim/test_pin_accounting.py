@@ -1,6 +1,6 @@
 """Pin accounting: the simulator's FleetView counts the KV of pinned conversations as the live router does.
 
-One policy, two drivers: orchestrator/router.py reports a decoder's used KV as the larger of what the engine
+One policy, two drivers: orchestrator/router/ reports a decoder's used KV as the larger of what the engine
 reports and what the conversations pinned there hold (prompt while a turn runs, prompt + output between
 turns), so a decoder that evicted cached histories of its pinned conversations does not look emptier. The
 simulator must report the same (capped at capacity). Here the same small scenario runs through both drivers:
