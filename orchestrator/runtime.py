@@ -132,6 +132,15 @@ class ServeSettings(BaseSettings):
         description="state file of the GPU power limits serve changed (orchestrator/power.py); "
         "default ~/.cache/conserve/power-caps.json",
     )
+    power_controller: bool = Field(
+        False,
+        description="run the online power controller (orchestrator/power_loop.py): every "
+        "power_controller_interval_s it moves each pool's GPU caps within its tier's power_caps_w",
+    )
+    power_controller_interval_s: float = Field(5.0, gt=0, description="power controller period, seconds")
+    power_budget_w: float | None = Field(
+        None, gt=0, description="power controller: fleet cap budget in W (sum over engines of GPUs x cap)"
+    )
 
 
 # At shutdown, scheduled job runs in progress (an engine poll, an energy tick) get this long to end.
@@ -222,6 +231,7 @@ class Runtime:
     notes: list[str] = field(default_factory=list)
     accountant: Any = None  # energy.accounting.EnergyAccountant (None: energy accounting off)
     power: Any = None  # orchestrator.power.SessionPowerCaps: GPU caps applied at start, restored at stop
+    power_loop: Any = None  # orchestrator.power_loop.LivePowerLoop (None: the power controller is off)
     clock: Clock = field(default_factory=SystemClock)  # the router's, the sim engines' and the accountant's
     _clock_jobs: list[asyncio.Task[None]] = field(default_factory=list)  # jobs on a non-system clock
     _draining: bool = False
@@ -241,6 +251,10 @@ class Runtime:
             # the engines' token counters now are the baseline of the model meters' activity: without it the
             # first tick took its own reading as the baseline and the work served before it got no energy
             await self.accountant.observe_engines()
+        if self.power_loop is not None:  # sees the router's finished turns beside the API's metrics
+            from orchestrator.power_loop import TeeObserver
+
+            self.router.observer = TeeObserver(self.router.observer, self.power_loop)
         if not isinstance(self.clock, SystemClock):  # APScheduler runs on wall time: jobs sleep on the clock
             jobs: list[tuple[Any, float]] = [
                 (self.router.poll, self.settings.poll_interval_s),
@@ -248,6 +262,8 @@ class Runtime:
             ]
             if self.accountant is not None:
                 jobs.append((self.accountant.tick, self.settings.energy_interval_s))
+            if self.power_loop is not None:
+                jobs.append((self.power_loop.run, self.power_loop.interval_s))
             loop = asyncio.get_running_loop()
             self._clock_jobs = [loop.create_task(self._every(fn, every)) for fn, every in jobs]
             self._started = True
@@ -274,6 +290,16 @@ class Runtime:
         )
         if self.accountant is not None:
             self.accountant.install(sched, self.settings.energy_interval_s, wrap=self._job)
+        if self.power_loop is not None:
+            sched.add_job(
+                self._job(self.power_loop.run),
+                "interval",
+                seconds=self.power_loop.interval_s,
+                id="power-controller",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
         sched.start()
         self._scheduler = sched
         self._started = True
@@ -521,7 +547,7 @@ def build_runtime(
             lease=lease_for(db_url, settings.run_id),  # one replica per run accounts (energy/lease.py)
             clock=clock.wall,  # meter readings in the time base of the router's turn records
         )
-    return Runtime(
+    rt = Runtime(
         cfg=cfg,
         settings=settings,
         router=router,
@@ -536,3 +562,8 @@ def build_runtime(
         power=power,
         clock=clock,
     )
+    if settings.power_controller:  # built now: a fleet it cannot control fails here with one line
+        from orchestrator.power_loop import build_power_loop
+
+        rt.power_loop = build_power_loop(rt, settings.power_controller_interval_s)
+    return rt

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,9 @@ def register(app: typer.Typer) -> None:
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=ADMISSION_HELP),
         admission_wait: float | None = typer.Option(None, "--admission-wait", help=ADMISSION_WAIT_HELP),
+        power_controller: bool = typer.Option(
+            False, "--power-controller", help="also run every policy under the power controller (+power)"
+        ),
         view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
@@ -127,12 +131,21 @@ def register(app: typer.Typer) -> None:
         )
         sa = StandaloneCache(reference_tier_model(cfg), sim_opts)
         configs: list[tuple[str, str, str | None, Plan | None]] = []  # label, policy, layout, plan
+        ctl_opts = None
+        if power_controller:
+            from orchestrator.sim.power import fleet_power_control
+
+            ctl_opts = replace(sim_opts, power_controller=fleet_power_control(cfg))
         for p in pols:
             key = sim_setup.policy_key(p)
             if key in sim_setup.COLOCATED_FAMILY:
                 configs.append((key, key, coloc, None))
+                if ctl_opts is not None:
+                    configs.append((f"{key}+power", key, coloc, None))
             else:
                 configs.append((key, key, layout, plan))
+                if ctl_opts is not None:
+                    configs.append((f"{key}+power", key, layout, plan))
                 for cap in caps:
                     configs.append((f"{key}@{cap:g}W", key, _capped_layout(disagg_insts, cap), None))
 
@@ -158,7 +171,7 @@ def register(app: typer.Typer) -> None:
                         sa,
                         convention,
                         1.0 if out_dir is not None else None,
-                        sim_options=sim_opts,
+                        sim_options=ctl_opts if label.endswith("+power") else sim_opts,
                     )
                     table_rows.append((label, rate, summ))
                     results.append(

@@ -63,6 +63,12 @@ def serve(
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     json_out: bool = typer.Option(False, "--json", help="print the fleet as JSON before serving"),
+    power_controller: bool = typer.Option(
+        False,
+        "--power-controller",
+        help="move each pool's GPU power caps online within its tier's power_caps_w (NVML; without it the "
+        "caps are reported not applied and serving goes on)",
+    ),
 ) -> None:
     """Serve the OpenAI-compatible API with conversation-level placement."""
     import uvicorn
@@ -90,6 +96,7 @@ def serve(
         served_model_name=served_model_name,
         admission_wait_s=admission_wait_s,
         ledger_writer=ledger_writer,  # type: ignore[arg-type]  # validated by ServeSettings
+        power_controller=power_controller,
         shared_state=shared_state,  # type: ignore[arg-type]  # checked above
     )
     rt = build_runtime(settings)
@@ -183,7 +190,9 @@ ENV_SETTINGS_EPILOG = (
     "CONSERVE_ENERGY_INTERVAL_S [1.0] energy accounting period, 0 turns it off; "
     "CONSERVE_ENERGY_LAG_S [10] attribute an energy interval this long after it ends; "
     "CONSERVE_POWER_STATE_FILE [~/.cache/conserve/power-caps.json] GPU power limits serve changed, "
-    "restored at stop or by `orchestrator power restore` after a crash. "
+    "restored at stop or by `orchestrator power restore` after a crash; "
+    "CONSERVE_POWER_CONTROLLER_INTERVAL_S [5] period of the power controller (--power-controller); "
+    "CONSERVE_POWER_BUDGET_W [none] the controller's fleet cap budget, W (sum of GPUs x cap). "
     "HTTP edge (api/settings.py): "
     "CONSERVE_SCRAPE_TOKEN [none] bearer token that may read /metrics only; "
     "CONSERVE_AUTH_CACHE_TTL_S [5] a checked key is trusted this long (a revoked key works at most this "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,17 @@ from orchestrator.cli.sim_common import (
     write_rows,
 )
 from orchestrator.config import FleetConfig
+from orchestrator.errors import ConfigError
 from orchestrator.fleet import InstanceSpec
 from orchestrator.metrics import TOKENS_COUNTED, Convention
 from orchestrator.sim.fleet import fleet_workload, reference_tier_model, unallocated_idle_w
 from orchestrator.sim.standalone import StandaloneCache
 from placement.policies import POLICY_NAMES, make_policy
+
+POWER_HELP = (
+    "run the online power controller (placement/power.py): every 5 virtual seconds it moves each pool's "
+    "cap within its tier's power_caps_w; energy is modelled at the cap in force"
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -76,6 +83,10 @@ def register(app: typer.Typer) -> None:
         ),
         router_admission: bool = typer.Option(False, "--router-admission", help=ADMISSION_HELP),
         admission_wait: float | None = typer.Option(None, "--admission-wait", help=ADMISSION_WAIT_HELP),
+        power_controller: bool = typer.Option(False, "--power-controller", help=POWER_HELP),
+        power_budget: float | None = typer.Option(
+            None, "--power-budget", help="with --power-controller: fleet cap budget, W (sum of GPUs x cap)"
+        ),
         view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
@@ -101,6 +112,12 @@ def register(app: typer.Typer) -> None:
         sim_opts = build_sim_options(
             max_batched, prefill_max_batched, router_admission, view_cached, admission_wait
         )
+        if power_budget is not None and (not power_controller or not power_budget > 0):
+            raise ConfigError("--power-budget needs --power-controller and a budget > 0 W, e.g. 1000")
+        if power_controller:
+            from orchestrator.sim.power import fleet_power_control
+
+            sim_opts = replace(sim_opts, power_controller=fleet_power_control(cfg, budget_w=power_budget))
         seed = sim_setup.effective_seed(cfg, seed)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         rate_label, arrivals = sim_setup.arrivals(cfg, rate, convs)
@@ -111,7 +128,7 @@ def register(app: typer.Typer) -> None:
         thr = sim_setup.conserve_threshold(plan, threshold) if is_conserve else None
         sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg), sim_opts)
         opts = options_for_policy(pol, mispredict_rate, thr[0] if thr else None)
-        kept: dict[str, Any] | None = {} if db else None
+        kept: dict[str, Any] | None = {} if db or power_controller else None
         with progress_bar(disable=json_out) as prog:  # no bar with --json: stdout carries the JSON only
             task = prog.add_task(f"simulating {pol}", total=len(convs))
 
@@ -150,6 +167,10 @@ def register(app: typer.Typer) -> None:
             ],
             "summary": summ.to_dict(),
         }
+        if power_controller and kept is not None:
+            from orchestrator.sim.power import power_summary
+
+            doc["power_controller"] = power_summary(kept["result"])
         if db and kept is not None:
             doc["ledger"] = _write_ledger(db, run_id, pol, kept, cfg, insts)
         if out_dir is not None:
@@ -170,6 +191,16 @@ def register(app: typer.Typer) -> None:
             f"the conversation alone on an idle {reference_tier_model(cfg).name}.",
             style="dim",
         )
+        if "power_controller" in doc:
+            pc = doc["power_controller"]
+            console.print(
+                f"power controller (modelled): {pc['steps']} steps every {pc['interval_s']:g} s, "
+                f"{pc['changes']} cap changes; time at each cap per pool: "
+                + "; ".join(f"{k} " + ", ".join(f"{c} W {s:.0f} s" for c, s in v.items())
+                            for k, v in pc["seconds_at_cap"].items()),
+                highlight=False,
+                soft_wrap=True,
+            )  # fmt: skip
         if summ.policy_stats:
             ps = summ.policy_stats
             console.print(

@@ -18,6 +18,8 @@ model. Both take from here, and from nowhere else:
 - :mod:`.admission`  router-side KV admission: the rule per policy, what a turn reserves, and the bounded
                      wait after which a turn is refused (:func:`admit`);
 - :mod:`.summary`    the per-conversation summary: TTFET, E2E and the slowdowns, computed once.
+- :mod:`.power`      the power controller's steps: pools, what a driver measured over an interval, the
+                     :class:`placement.power.PowerView` (imports placement.power, the controller's contract).
 
 Pure and deterministic: no clock, no I/O, no randomness. Imports only placement/ (the policy contract).
 Must not import fastapi, sqlalchemy, httpx, orchestrator.router or orchestrator.sim.

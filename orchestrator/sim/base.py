@@ -27,6 +27,7 @@ _FAIL = 3
 _PULL = 4
 _RESUME = 5
 _REFUSE = 6  # a turn 1 has waited SimOptions.admission_wait_s for router-side admission
+_POWER = 7  # a power-controller step (orchestrator.sim.power)
 
 
 class SimBase:
@@ -66,6 +67,7 @@ class SimBase:
     adm_parked: list[tuple[_TurnState, Placement]]
     adm_parked_count: int
     refused: list[int]  # conversations refused at admission (SimOptions.admission_wait_s)
+    power: Any  # orchestrator.sim.power.SimPowerDriver, or None (SimOptions.power_controller)
 
     def _push(self, t: float, kind: int, a: Any, b: Any) -> None:
         self.order += 1
@@ -93,4 +95,4 @@ class SimBase:
         def _refuse(self, ts: _TurnState, t: float) -> None: ...
 
 
-__all__ = ["_ARRIVE", "_FAIL", "_PULL", "_REFUSE", "_RESUME", "_STEP", "_XFER", "SimBase"]
+__all__ = ["_ARRIVE", "_FAIL", "_POWER", "_PULL", "_REFUSE", "_RESUME", "_STEP", "_XFER", "SimBase"]

@@ -108,6 +108,7 @@ class Collecting(SimBase):
             router_admission=self.admission,
             admission_parked=self.adm_parked_count,
             refused_conversations=tuple(self.convs[ci].conversation_id for ci in self.refused),
+            power_steps=tuple(self.power.steps) if self.power is not None else (),
         )
 
     def _turn_record(self, ts: _TurnState) -> TurnRecord:

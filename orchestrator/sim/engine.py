@@ -52,7 +52,7 @@ from typing import Any
 
 from orchestrator.core import AdmissionRule, PinBook, PinState, rule_for
 from orchestrator.errors import SimulationError
-from orchestrator.sim.base import _ARRIVE, _FAIL, _PULL, _REFUSE, _RESUME, _STEP, _XFER
+from orchestrator.sim.base import _ARRIVE, _FAIL, _POWER, _PULL, _REFUSE, _RESUME, _STEP, _XFER
 from orchestrator.sim.clock import VirtualClock
 from orchestrator.sim.collect import Collecting
 from orchestrator.sim.instance import _Instance, _TurnState
@@ -160,6 +160,12 @@ class _Sim(Placing, Stepping, Collecting):
             self._push(fail_s, _FAIL, self.by_id[inst_id], None)
         for ci, c in enumerate(self.convs):
             self._push(c.arrival_s, _ARRIVE, ci, 1)
+        self.power = None  # the power controller's driver (SimOptions.power_controller)
+        if opts.power_controller is not None:
+            from orchestrator.sim.power import SimPowerDriver
+
+            self.power = SimPowerDriver(opts.power_controller, self.insts)
+            self._push(opts.power_controller.interval_s, _POWER, None, None)
 
     def run(self) -> None:
         heap = self.heap
@@ -182,6 +188,10 @@ class _Sim(Placing, Stepping, Collecting):
                 self._arrive(a.conv, a.turn, t, a, resumed=True)
             elif kind == _REFUSE:
                 self._refuse(a, t)
+            elif kind == _POWER:
+                self.power.step(self, t)
+                if self.done < len(self.convs):
+                    self._push(t + self.opts.power_controller.interval_s, _POWER, None, None)
             else:
                 self._fail(a, t)
         if self.done != len(self.convs):
@@ -234,6 +244,8 @@ def run_simulation(
     gc.disable()
     try:
         sim.run()
+        if sim.power is not None:
+            sim.power.finish()
         wall = time.perf_counter() - w0
         res = sim.result(wall, energy_window_s)
     finally:

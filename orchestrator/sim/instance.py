@@ -168,6 +168,8 @@ class _Instance:
         "adm_used",
         "pinned_tokens",
         "view_live",
+        "tbt_gap_token_s",
+        "tbt_tokens",
     )
 
     def __init__(self, idx: int, spec: InstanceLike, opts: SimOptions, link: str) -> None:
@@ -222,6 +224,10 @@ class _Instance:
         # conversations pinned here hold (prompt while a turn runs, prompt + output after it), whether or not
         # the engine still has them resident
         self.pinned_tokens = 0
+        # sum over decode steps of step seconds x sequences decoded, and those tokens (the power
+        # controller's token-weighted mean TBT, orchestrator.sim.power)
+        self.tbt_gap_token_s = 0.0
+        self.tbt_tokens = 0
 
     def cache_take(self, cid: str) -> int:
         tok = self.cache.pop(cid, 0)

@@ -7,7 +7,7 @@ Split out of orchestrator/sim/core.py (issue 11 item 6); ``orchestrator.sim.core
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from orchestrator.errors import SimulationError
 from placement.base import Role
@@ -86,6 +86,9 @@ class SimOptions:
     # (tiers.serving: +1.17 ms per decode step with >= 2 running requests, measured on the paper's A40
     # `vllm serve` engines, shared/data/conserve/interference_cell_wall.csv); off by default
     serving_step_overhead: bool = False
+    # the online power controller (orchestrator.sim.power.SimPowerControl; issue 14 item 3): every few
+    # virtual seconds it moves each pool's power cap; None: every instance keeps its configured cap
+    power_controller: Any = None
 
     def __post_init__(self) -> None:
         for name in ("max_batched_tokens", "max_seqs", "prefill_max_batched_tokens"):

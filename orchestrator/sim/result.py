@@ -146,6 +146,8 @@ class SimResult:
     admission_parked: int = 0  # admissions whose chosen engine had no room yet (waited for that engine)
     # refused after SimOptions.admission_wait_s at router-side admission (live: 503); no turn of theirs ran
     refused_conversations: tuple[str, ...] = ()
+    # the power controller's steps (orchestrator.sim.power.PowerStep; SimOptions.power_controller), modelled
+    power_steps: tuple[Any, ...] = ()
 
     @property
     def energy_j(self) -> float:

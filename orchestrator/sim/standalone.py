@@ -44,6 +44,7 @@ class StandaloneCache:
             router_admission=False,
             prefix_cache=reference_prefix_cache,
             prefiller_prefix_cache=reference_prefix_cache,
+            power_controller=None,  # the normaliser runs at the reference tier's own cap
         )
         self._cache: dict[tuple[TurnSpec, ...], Standalone] = {}
 

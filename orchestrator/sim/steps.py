@@ -171,6 +171,9 @@ class Stepping(SimBase):
         t0, n, a, d, pw, is_prefill, chunks = cur
         nd = inst.n_decode
         inst.segments.append((t0, t, n, a, d, pw, inst.steps_done))
+        if nd:  # the power controller's token-weighted TBT (orchestrator.sim.power)
+            inst.tbt_gap_token_s += (t - t0) * nd
+            inst.tbt_tokens += nd * n
         inst.steps_done += n
         inst.ctx_sum += nd * n
         inst.decode_tokens += nd * n

@@ -13,6 +13,8 @@ CORE = Path(orchestrator.core.__file__).parent
 ALLOWED = (
     "orchestrator.core",
     "placement.base",
+    "placement.power",  # the power controller's contract (PowerView in, PowerDecision out), as placement.base
+    "placement.errors",  # is the placement policy's; the core's power view raises its PlacementError
     "__future__",
     "collections",
     "dataclasses",

@@ -1,0 +1,163 @@
+"""The online power controller against the best static caps (issue 14 item 3 acceptance), modelled.
+
+Fleet: the paper's testbed (examples/paper-a40.yaml: 4x A40, Qwen3-0.6B, its SWE-bench trace, up to 5
+turns) as 1 prefiller + 3 decoders under conserve, each A40 allowed the caps ``--caps`` (default: its whole
+NVML range 100-300 W in 50 W steps, chosen before any run). Workload: the trace's conversations with
+arrivals from a 4x load swing (orchestrator/load_swing.py): trough at ``--base`` conv/s, a linear ramp to
+4x and back, a trough, a 4x burst, the trough again; the default base is the paper's highest rate / 4
+(1.634 / 4), so the swing peaks at the paper's highest rate. Conversations: the profile's expected arrivals.
+
+Per seed (workload arrivals): every static pair (prefill cap, decode cap) from the allowed caps, and the
+controller (placement/power.py, thresholds as its docstring states, not fitted here) starting at TDP. The
+best static is the pair with the most tokens/J among those whose SLO attainment is at least the
+controller's; gain = controller tokens/J / best static tokens/J - 1. Every figure is simulated (energy
+modelled by the tier power model, every GPU billed, idle included), not measured.
+
+    python benchmarks/bench_power_controller.py [--seeds 0,1,2,3,4] [--json]
+
+Heavy (26 simulations per seed, ~1 min per seed on the 2-core dev box): run it under the team's lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from orchestrator.config import load_fleet  # noqa: E402
+from orchestrator.load_swing import load_swing, profiled_arrivals  # noqa: E402
+from orchestrator.metrics import SloSpec, conversation_metrics, summarize  # noqa: E402
+from orchestrator.sim.core import SimOptions  # noqa: E402
+from orchestrator.sim.fleet import reference_tier_model, simulate_fleet  # noqa: E402
+from orchestrator.sim.power import fleet_power_control  # noqa: E402
+from orchestrator.sim.standalone import StandaloneCache  # noqa: E402
+from orchestrator.workload import load_conserve_trace  # noqa: E402
+
+PAPER_TOP_RATE = 1.634  # conversations/s, the paper's highest arrival rate (DESIGN.md section 1)
+A40_CAPS = (100.0, 150.0, 200.0, 250.0, 300.0)  # A40 NVML range 100-300 W (tiers/catalog.py), 50 W steps
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    base_cfg = load_fleet(ROOT / "examples" / "paper-a40.yaml")
+    tier = base_cfg.tiers[0].model_copy(update={"power_caps_w": list(args.caps)})
+    cfg = base_cfg.model_copy(update={"tiers": [tier]})
+    trace = load_conserve_trace(cfg.workload.path, None, cfg.workload.max_turns)
+    profile = load_swing(args.base, 4.0, args.trough_s, args.ramp_s, args.burst_s)
+    span_s = profile.points[-1][0] + args.trough_s / 2
+    n = int(profile.cumulative(span_s))
+    if n > len(trace):
+        raise SystemExit(f"the swing needs {n} conversations; the trace has {len(trace)}")
+    slo = SloSpec.from_config(cfg.slo)
+    sa = StandaloneCache(reference_tier_model(cfg), SimOptions())
+    control = fleet_power_control(cfg)
+    layout = "a40.prefill=1,a40.decode=3"
+
+    def one(convs: list[Any], seed: int, lay: str, ctl: bool) -> dict[str, Any]:
+        opts = SimOptions(power_controller=control if ctl else None)
+        res, _ = simulate_fleet(cfg, None, "conserve", layout=lay, seed=seed, conversations=convs,
+                                options=opts, energy_window_s=None)  # fmt: skip
+        s = summarize(res, conversation_metrics(res, convs, sa, slo))
+        out = {"tokens_per_j": s.tokens_per_j, "slo_attainment_pct": 100.0 - s.slo_violation_pct,
+               "energy_kj": s.energy_j / 1e3, "ttfet_p95_slowdown": s.ttfet_slowdown["p95"],
+               "tbt_p95_slowdown": s.tbt_slowdown["p95"]}  # fmt: skip
+        if ctl:
+            out["cap_changes"] = sum(len(st.changes) for st in res.power_steps)
+            out["steps"] = len(res.power_steps)
+        return out
+
+    seeds_out = []
+    t0 = time.perf_counter()
+    for seed in args.seeds:
+        convs = profiled_arrivals(trace[:n], profile, seed)
+        ctl = one(convs, seed, layout, True)
+        _log(f"seed {seed}: controller {ctl['tokens_per_j']:.2f} tok/J, SLO {ctl['slo_attainment_pct']:.1f}"
+             f"%, {ctl['cap_changes']} cap changes ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+        statics = []
+        for p in args.caps:
+            for d in args.caps:
+                r = one(convs, seed, f"a40.prefill=1@{p:g},a40.decode=3@{d:g}", False)
+                statics.append({"prefill_cap_w": p, "decode_cap_w": d, **r})
+                _log(f"  static prefill {p:g} W, decode {d:g} W: {r['tokens_per_j']:.2f} tok/J, "
+                     f"SLO {r['slo_attainment_pct']:.1f}%")  # fmt: skip
+        ok = [s for s in statics if s["slo_attainment_pct"] >= ctl["slo_attainment_pct"] - 1e-9]
+        best = max(ok, key=lambda s: s["tokens_per_j"]) if ok else None
+        best_any = max(statics, key=lambda s: s["tokens_per_j"])
+        gain = ctl["tokens_per_j"] / best["tokens_per_j"] - 1 if best else None
+        seeds_out.append({"seed": seed, "conversations": n, "controller": ctl, "best_static": best,
+                          "best_static_any_slo": best_any, "gain_pct": None if gain is None else 100 * gain,
+                          "statics": statics})  # fmt: skip
+        if best is not None and gain is not None:
+            _log(f"seed {seed}: best static at >= its SLO attainment {best['prefill_cap_w']:g}/"
+                 f"{best['decode_cap_w']:g} W {best['tokens_per_j']:.2f} tok/J (SLO "
+                 f"{best['slo_attainment_pct']:.1f}%): gain {100 * gain:+.1f}%")  # fmt: skip
+        else:
+            _log(f"seed {seed}: every static pair misses the controller's SLO attainment")
+    gains = [s["gain_pct"] for s in seeds_out if s["gain_pct"] is not None]
+    return {
+        "note": "simulated; energy modelled by the tier power model (every GPU billed, idle included)",
+        "fleet": "examples/paper-a40.yaml, 1 prefiller + 3 decoders, conserve",
+        "allowed_caps_w": list(args.caps),
+        "profile": [list(p) for p in profile.points],
+        "peak_over_trough": profile.peak_over_trough,
+        "seeds": seeds_out,
+        "gain_pct": {
+            "median": statistics.median(gains) if gains else None,
+            "min": min(gains, default=None),
+            "max": max(gains, default=None),
+        },  # fmt: skip
+        "target_pct": 10.0,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--base", type=float, default=PAPER_TOP_RATE / 4, help="trough rate, conversations/s")
+    ap.add_argument("--caps", default=",".join(f"{c:g}" for c in A40_CAPS), help="allowed caps per GPU, W")
+    ap.add_argument("--trough-s", type=float, default=120.0)
+    ap.add_argument("--ramp-s", type=float, default=120.0)
+    ap.add_argument("--burst-s", type=float, default=60.0)
+    ap.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
+    args = ap.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.caps = tuple(sorted(float(c) for c in args.caps.split(",") if c.strip()))
+    doc = run(args)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return
+    head = ("seed", "ctrl tok/J", "ctrl SLO%", "best static", "tok/J", "SLO%", "gain")
+    print(" ".join(f"{h:>11}" for h in head))
+    nan = float("nan")
+    for s in doc["seeds"]:
+        c, b = s["controller"], s["best_static"] or {}
+        caps = f"{b['prefill_cap_w']:g}/{b['decode_cap_w']:g} W" if b else "-"
+        gain = s["gain_pct"] if s["gain_pct"] is not None else nan
+        row = (
+            f"{s['seed']}",
+            f"{c['tokens_per_j']:.2f}",
+            f"{c['slo_attainment_pct']:.1f}",
+            caps,
+            f"{b.get('tokens_per_j', nan):.2f}",
+            f"{b.get('slo_attainment_pct', nan):.1f}",
+            f"{gain:+.1f}%",
+        )
+        print(" ".join(f"{x:>11}" for x in row))
+    g = doc["gain_pct"]
+    print(f"gain over the best static caps (modelled): median {g['median']:+.1f}%, range {g['min']:+.1f}% to "
+          f"{g['max']:+.1f}% (target >= +10%); {doc['wall_s']:.0f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The online power controller in `serve` (orchestrator/power_loop.py), pynvml patched with autospec: observed
+slack lowers a pool's caps through NVML, a violated TBT raises them, a refused permission or a missing NVML
+leaves the cap in force and serving up, and `serve --power-controller` wires the loop into the runtime
+(scheduled, fed by the router's observer, restored at stop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from fastapi.testclient import TestClient
+from nvml_fake import FakeNvml
+
+from api.app import create_app
+from energy.ledger import Ledger
+from energy.power import Holder
+from orchestrator.config import parse_fleet
+from orchestrator.core.power import PowerSlo
+from orchestrator.power_loop import LiveEngine, LivePowerLoop, TeeObserver, nvml_applier
+from orchestrator.runtime import ServeSettings, build_runtime
+
+CAPS = (150.0, 200.0, 250.0, 300.0)
+
+
+class RefModel:
+    """A reference tier whose decode step alone is 10 ms and whose prefill alone is 100 ms."""
+
+    def decode_step_time_s(self, batch: int, context_tokens: int) -> float:
+        return 0.010
+
+    def prefill_time_s(self, new_tokens: int, cached_tokens: int = 0) -> float:
+        return 0.100
+
+
+def loop(tmp_path: Path, status: list[dict[str, Any]]) -> tuple[LivePowerLoop, Holder]:
+    holder = Holder.this_process("serve", "test")
+    engines = [LiveEngine("p0", "a40", "prefill", (0,)), LiveEngine("d0", "a40", "decode", (1,))]
+    lp = LivePowerLoop(
+        engines, {"a40": CAPS}, {"p0": 300.0, "d0": 300.0}, PowerSlo(RefModel()),  # TBT budget 50 ms
+        status=lambda: status, apply=nvml_applier(lambda: holder, tmp_path / "caps.json"),
+    )  # fmt: skip
+    return lp, holder
+
+
+def turn(gap_s: float, n: int = 20) -> tuple[Any, float, list[float]]:
+    rec = SimpleNamespace(instance_id="d0", prefill_instance_id="p0", remote_prefill=True, prompt_tokens=1000,
+                          prefill_cached_tokens=0, cached_tokens=1000)  # fmt: skip
+    return rec, 0.15, [gap_s] * n  # TTFT 150 ms vs a 500 ms budget: the prefiller has slack
+
+
+BUSY = [
+    {"instance_id": "p0", "running": 1, "queued_prefill_tokens": 0, "kv_used_tokens": 0},
+    {"instance_id": "d0", "running": 8, "queued_prefill_tokens": 0, "kv_used_tokens": 8000},
+]
+
+
+def test_slack_lowers_caps_and_a_violated_tbt_raises_them_through_nvml(tmp_path: Path) -> None:
+    lp, _ = loop(tmp_path, BUSY)
+    with FakeNvml().patched() as nvml:
+        lp.turn_done(*turn(0.020))  # 20 ms gaps vs a 50 ms budget: pressure 0.4 <= 0.6
+        d = lp.step()
+        assert d.caps_w == {"a40/prefill": 250.0, "a40/decode": 250.0}
+        assert [b.limit_mw for b in nvml.boards] == [250_000, 250_000]
+        assert lp.caps_w == {"a40/prefill": 250.0, "a40/decode": 250.0}
+        lp.turn_done(*turn(0.060))  # 60 ms: the TBT bound is violated -> up at once despite the hold
+        d = lp.step()
+        assert d.caps_w["a40/decode"] == 300.0 and nvml.boards[1].limit_mw == 300_000
+        assert lp.history[-1]["changes"][0]["applied"] is True
+        assert lp.results["d0"][-1].status == "applied"
+
+
+def test_a_refused_permission_keeps_the_cap_in_force_and_says_not_applied(tmp_path: Path) -> None:
+    lp, _ = loop(tmp_path, BUSY)
+    with FakeNvml(permission=False).patched() as nvml:
+        lp.turn_done(*turn(0.020))
+        lp.step()
+        assert nvml.sets == [] and lp.caps_w == {"a40/prefill": 300.0, "a40/decode": 300.0}
+        change = lp.history[-1]["changes"][0]
+        assert change["applied"] is False and change["statuses"] == ["no_permission"]
+
+
+def test_without_nvml_the_step_reports_not_applied(tmp_path: Path) -> None:
+    """This machine has no NVIDIA driver: nothing is patched."""
+    lp, _ = loop(tmp_path, BUSY)
+    lp.turn_done(*turn(0.020))
+    lp.step()
+    statuses = {s for c in lp.history[-1]["changes"] for s in c["statuses"]}
+    if statuses == {"applied"}:  # pragma: no cover - a GPU host running the tests as root
+        return
+    assert statuses == {"no_nvml"} and lp.caps_w["a40/decode"] == 300.0
+
+
+def test_the_tee_feeds_both_observers() -> None:
+    seen: list[Any] = []
+    inner = SimpleNamespace(turn_done=lambda *a: seen.append(a), request_done=lambda *a: "inner")
+    lp = LivePowerLoop([LiveEngine("d0", "a40", "decode", (1,))], {"a40": CAPS}, {"d0": 300.0},
+                       PowerSlo(RefModel()), status=lambda: [])  # fmt: skip
+    tee = TeeObserver(inner, lp)
+    rec, ttft, gaps = turn(0.02, 4)
+    tee.turn_done(rec, ttft, gaps, None)
+    assert len(seen) == 1 and lp._acc["a40/decode"].tokens == 4
+    assert tee.request_done() == "inner"
+
+
+def vllm_fleet(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "model": "Qwen3-0.6B",
+        "tiers": [{"name": "a40", "gpu": "A40", "count": 2, "power_caps_w": list(CAPS)}],
+        "backend": "vllm",
+        "engines": [  # ports nothing listens on: the engines are down, which serving survives
+            {"id": "p0", "tier": "a40", "role": "prefill", "url": "http://127.0.0.1:9", "gpu_indices": [0]},
+            {"id": "d0", "tier": "a40", "role": "decode", "url": "http://127.0.0.1:9", "gpu_indices": [1]},
+        ],
+        "database_url": f"sqlite:///{tmp_path / 'ledger.db'}",
+    }
+
+
+def test_serve_runs_the_controller_and_restores_its_caps_at_stop(tmp_path: Path) -> None:
+    fleet = vllm_fleet(tmp_path)
+    settings = ServeSettings(
+        fleet=Path("inline"), db=fleet["database_url"], energy_interval_s=0, ledger_writer="thread",
+        power_state_file=tmp_path / "power-caps.json", power_controller=True,
+        power_controller_interval_s=3600,
+    )  # fmt: skip
+    rt = build_runtime(settings, parse_fleet(fleet))
+    assert rt.power_loop is not None and rt.power_loop.caps_w == {"a40/prefill": 300.0, "a40/decode": 300.0}
+    with FakeNvml().patched() as nvml:
+        with TestClient(create_app(settings, runtime=rt)) as client:
+            assert isinstance(rt.router.observer, TeeObserver)
+            assert rt._scheduler.get_job("power-controller") is not None
+            rt.power_loop.step()  # idle pools (nothing running, nothing queued): no work is slowed -> down
+            assert [b.limit_mw for b in nvml.boards] == [250_000, 250_000]
+            inst = {i["instance_id"]: i for i in client.get("/v1/fleet").json()["instances"]}
+            cap = inst["d0"]["power_cap"]
+            assert (cap["status"], cap["applied_w"], cap["source"]) == (
+                "applied", 250.0, "power controller (--power-controller)"
+            )  # fmt: skip
+        assert [b.limit_mw for b in nvml.boards] == [300_000, 300_000]  # restored at stop
+    assert not (tmp_path / "power-caps.json").exists()
+    with Ledger(fleet["database_url"]) as lg:
+        rows = [(r.engine_id, r.event, r.status, r.applied_w) for _, r in lg.power_caps()]
+    assert ("d0", "controller", "applied", 250.0) in rows and ("p0", "controller", "applied", 250.0) in rows
+    assert ("d0", "restore", "restored", 300.0) in rows
+
+
+def test_sim_backend_records_simulated_caps(tmp_path: Path) -> None:
+    fleet = {
+        "model": "Qwen3-0.6B",
+        "tiers": [{"name": "a40", "gpu": "A40", "count": 2, "power_caps_w": list(CAPS)}],
+        "database_url": f"sqlite:///{tmp_path / 'ledger.db'}",
+    }
+    settings = ServeSettings(fleet=Path("inline"), db=fleet["database_url"], energy_interval_s=0,
+                             ledger_writer="thread", power_controller=True)  # fmt: skip
+    rt = build_runtime(settings, parse_fleet(fleet))
+    with TestClient(create_app(settings, runtime=rt)) as client:
+        msgs = [{"role": "user", "content": "hi " * 300}]
+        body = {"model": "Qwen3-0.6B", "messages": msgs, "max_tokens": 16}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        acc = rt.power_loop._acc
+        assert acc["a40/decode"].tokens == 15  # the turn's 16 tokens, 15 gaps, seen through the tee
+        assert len(acc["a40/prefill"].prefills) == 1  # its remote prefill's TTFT
+        d = rt.power_loop.step()
+        assert d.changes and all(c.to_w == 250.0 for c in d.changes)
+        assert {s for c in rt.power_loop.history[-1]["changes"] for s in c["statuses"]} == {"simulated"}
