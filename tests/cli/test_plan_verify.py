@@ -124,6 +124,22 @@ def test_steady_stream_is_seeded_and_at_the_rate() -> None:
     assert 499 / span == pytest.approx(4.0, rel=0.15)
 
 
+def test_steady_stream_is_the_planned_workload_at_the_planned_rate() -> None:
+    # the planner predicts for the workload's own mix at the planned rate: the stream must realise both
+    # (with replacement and unconditioned Poisson arrivals, seed 0 ran 11% below the rate)
+    from orchestrator.workload import workload_from_config
+
+    cfg = load_fleet(REPO / "examples" / "fleet-single-turn.yaml")
+    base = workload_from_config(cfg.workload)
+    n = len(base)
+    for seed in (0, 1, 2):
+        s = steady_stream(base, 2 * n + 7, 4.0, seed)
+        assert (len(s) - 1) / (s[-1].arrival_s - s[0].arrival_s) == pytest.approx(4.0, rel=1e-9)
+        first = sorted((c.input_tokens(1), c.total_tokens, len(c.turns)) for c in s[:n])
+        assert first == sorted((c.input_tokens(1), c.total_tokens, len(c.turns)) for c in base)
+        assert all(y.arrival_s > x.arrival_s for x, y in zip(s, s[1:], strict=False))
+
+
 def test_validate_plan_rejects_no_seeds(tmp_path: Path) -> None:
     cfg = load_fleet(_fleet(tmp_path))
     with pytest.raises(Exception, match="seeds"):
