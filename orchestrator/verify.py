@@ -122,7 +122,22 @@ class Validation:
 
     @property
     def holds(self) -> bool:
-        return self.slo_violation_pct <= self.allowance_pct + 1e-9
+        """Steady-state violations within the allowance -- and a steady state at all: when the mean E2E
+        fills the arrival span after the ramp-up, every conversation is ramp-up or drain (the fleet does
+        not keep up: waits grow with the run) and 0% of none must not read as holding."""
+        return self.steady.conversations > 0 and self.slo_violation_pct <= self.allowance_pct + 1e-9
+
+    def shortfall(self) -> str:
+        """Why it does not hold, in words (for the status)."""
+        if self.steady.conversations == 0:
+            return (
+                "no steady state: every simulated conversation arrived in the ramp-up or the drain (the mean "
+                "E2E spans the run, so the fleet does not keep up with the rate)"
+            )
+        return (
+            f"{self.slo_violation_pct:.1f}% of steady-state conversations miss an SLO (allowed "
+            f"{self.allowance_pct:g}%)"
+        )
 
     def metric(self, name: str) -> ValidationRow | None:
         return next((r for r in self.rows if r.metric == name), None)
@@ -452,8 +467,7 @@ def verify(
             nxt = replan(f.ttfet, f.tbt)
         except ConServeError as err:
             status = (
-                f"fails: {v.slo_violation_pct:.1f}% of steady-state conversations miss an SLO (allowed "
-                f"{v.allowance_pct:g}%), and tightening the planning {family} target to "
+                f"fails: {v.shortfall()}, and tightening the planning {family} target to "
                 f"{f.ttfet if family == 'TTFET' else f.tbt:.2f}x leaves no feasible plan: {err}"
             )
             break
@@ -467,10 +481,7 @@ def verify(
     run, v = best
     if status is None:
         status = (
-            "holds"
-            if v.holds
-            else f"fails: {v.slo_violation_pct:.1f}% of steady-state conversations miss an SLO (allowed "
-            f"{v.allowance_pct:g}%) after {len(f.history) - 1} tightening rounds"
+            "holds" if v.holds else f"fails: {v.shortfall()} after {len(f.history) - 1} tightening rounds"
         )
     return run, replace(v, rounds=tuple(f.history), loop_wall_s=time.perf_counter() - t0, status=status)
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,15 @@ def test_a_replan_with_the_same_instances_is_not_resimulated(
     assert len(calls) == 1 and len(replans) == 3  # three tightenings, one simulation
     assert replans == sorted(replans, reverse=True) and replans[-1] < replans[0]
     assert not v.holds and v.status.startswith("fails:")
+
+
+def test_an_empty_steady_window_does_not_hold(tmp_path: Path) -> None:
+    # far above capacity the mean E2E spans the run: every conversation is ramp-up or drain, and 0% of no
+    # steady-state conversation used to read as "holds" (examples/paper-a40.yaml at 1.38 conv/s, 2,000
+    # conversations: steady window empty, 100% of the drain missing an SLO)
+    cfg = load_fleet(_fleet(tmp_path))
+    run = make_plan(cfg)
+    v = validate_plan(cfg, run, seeds=(0,))
+    empty = replace(v, steady=replace(v.steady, conversations=0, slo_violation_pct=0.0))
+    assert empty.slo_violation_pct <= empty.allowance_pct and not empty.holds
+    assert "no steady state" in empty.shortfall()
