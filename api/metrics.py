@@ -244,9 +244,9 @@ class ApiMetrics:
 
     def attach_energy(self, accountant: Any, g_per_kwh: float) -> None:
         """Energy series from ``accountant`` (energy.accounting.EnergyAccountant) and per-turn estimates."""
-        self.estimates = EnergyEstimates(accountant.weights_by_engine())
+        estimates = self.estimates = EnergyEstimates(accountant.weights_by_engine())
         self.registry.register(
-            _EnergyCollector(accountant.power_snapshot, g_per_kwh, lambda: dict(self.estimates.tenant_j))
+            _EnergyCollector(accountant.power_snapshot, g_per_kwh, lambda: dict(estimates.tenant_j))
         )
 
     def usage_energy(self, rec: TurnRecord | None, conversation_id: str | None) -> dict[str, Any] | None:
@@ -287,6 +287,11 @@ class ApiMetrics:
 
     def replaced(self, conversation_id: str, old_instance: str | None, new_instance: str) -> None:
         self.replacements += 1
+
+    def forgotten(self, conversation_id: str) -> None:
+        """The router forgot the conversation: so does its running energy estimate (issue 13 item 5)."""
+        if self.estimates is not None:
+            self.estimates.forget(conversation_id)
 
     def retried(self, instance_id: str) -> None:
         self.retries[(instance_id,)] += 1

@@ -26,7 +26,17 @@ from api.errors import ApiError
 from api.schemas import ErrorResponse
 from energy.api_keys import TENANT_PATTERN
 from energy.estimate import DEFAULT_GRID_G_PER_KWH
-from energy.reports import Column, Format, GroupBy, Report, build_report, parse_choice, parse_time, render
+from energy.reports import (
+    Column,
+    Format,
+    GroupBy,
+    Report,
+    build_report,
+    parse_choice,
+    parse_time,
+    render,
+    row_totals,
+)
 
 router = APIRouter(tags=["reports"])
 
@@ -47,17 +57,6 @@ def tenant_of(conversation_id: str) -> tuple[str, str]:
     return (tenant, rest) if sep else (NO_TENANT, conversation_id)
 
 
-def _div(a: float, b: float) -> float | None:
-    return a / b if b else None
-
-
-def _measured_share(rows: Any) -> float | None:
-    """Joule-weighted measured share of rows that carry ``joules`` and ``measured_share``."""
-    joules = sum(float(r.get("joules") or 0.0) for r in rows)
-    measured = sum(float(r.get("joules") or 0.0) * float(r.get("measured_share") or 0.0) for r in rows)
-    return _div(measured, joules)
-
-
 def scope_report(report: Report, tenant: str | None) -> Report:
     """A by-conversation report cut to one tenant's conversations (ids without the tenant prefix), with
     totals over them (None: every tenant, ids as stored)."""
@@ -68,16 +67,7 @@ def scope_report(report: Report, tenant: str | None) -> Report:
         owner, own_id = tenant_of(str(r["conversation_id"]))
         if owner == tenant:
             rows.append({**r, "conversation_id": own_id})
-    joules = sum(float(r.get("joules") or 0.0) for r in rows)
-    tokens = sum(int(r.get("tokens") or 0) for r in rows)
-    totals = {
-        "tenant": tenant,
-        "joules": joules,
-        "tokens": tokens,
-        "tokens_per_j": _div(tokens, joules),
-        "conversations": len(rows),
-        "measured_share": _measured_share(rows),
-    }
+    totals = {"tenant": tenant, **row_totals(rows), "conversations": len(rows)}
     notes = (
         *report.notes,
         f"tenant {tenant}: its conversations only; totals exclude idle energy (it belongs to no tenant)",
@@ -96,31 +86,20 @@ def scope_report(report: Report, tenant: str | None) -> Report:
 
 def tenant_report(report: Report, only: str | None) -> Report:
     """Per-tenant totals from a by-conversation report: conversations, turns, tokens, joules, J/token."""
-    acc: dict[str, dict[str, Any]] = {}
+    convs: dict[str, list[dict[str, Any]]] = {}
     for r in report.rows:
         owner, _ = tenant_of(str(r["conversation_id"]))
-        if only is not None and owner != only:
-            continue
-        a = acc.setdefault(
-            owner,
-            {"tenant": owner, "conversations": 0, "turns": 0, "tokens": 0, "joules": 0.0, "_measured_j": 0.0},
-        )
-        a["conversations"] += 1
-        a["turns"] += int(r.get("turns") or 0)
-        a["tokens"] += int(r.get("tokens") or 0)
-        a["joules"] += float(r.get("joules") or 0.0)
-        a["_measured_j"] += float(r.get("joules") or 0.0) * float(r.get("measured_share") or 0.0)
-    rows = []
-    for owner in sorted(acc):
-        a = acc[owner]
-        a["measured_share"] = _div(a.pop("_measured_j"), a["joules"])
-        rows.append(
-            {
-                **a,
-                "j_per_token": _div(a["joules"], a["tokens"]),
-                "tokens_per_j": _div(a["tokens"], a["joules"]),
-            }
-        )
+        if only is None or owner == only:
+            convs.setdefault(owner, []).append(r)
+    rows = [
+        {
+            "tenant": owner,
+            "conversations": len(rs),
+            "turns": sum(int(r.get("turns") or 0) for r in rs),
+            **row_totals(rs),
+        }
+        for owner, rs in sorted(convs.items())
+    ]
     cols = (
         Column("tenant", "tenant"),
         Column("conversations", "conversations"),
@@ -131,16 +110,11 @@ def tenant_report(report: Report, only: str | None) -> Report:
         Column("tokens_per_j", "tokens/J"),
         Column("measured_share", "measured share"),
     )
-    joules = sum(r["joules"] for r in rows)
-    tokens = sum(r["tokens"] for r in rows)
     totals = {
         "tenants": len(rows),
-        "joules": joules,
-        "tokens": tokens,
-        "tokens_per_j": _div(tokens, joules),
+        **row_totals(rows),
         "conversations": sum(r["conversations"] for r in rows),
         "idle_j": report.totals.get("idle_j") if only is None else None,
-        "measured_share": _measured_share(rows),
     }
     notes = (
         *report.notes,

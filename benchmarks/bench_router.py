@@ -27,6 +27,12 @@ and the proxy queue for the same two cores, and the added time is mostly that qu
 floor and the reference router are reported next to it for that reason, see BENCHMARKS.md).
 
     python benchmarks/bench_router.py [--reps 3] [--requests 1000] [--duration-s 5] [--json]
+                                      [--db URL] [--conversations K]
+
+``--conversations K``: every request of the aiohttp load generator names one of K conversations
+(``X-Conversation-Id``, cycled), so the router numbers and pins turns (with a PostgreSQL ``--db`` ledger: in
+the database, energy/heads.py) instead of serving one-turn conversations. ``--db``: the ledger (default: an
+SQLite file in a temporary directory).
 """
 
 from __future__ import annotations
@@ -113,10 +119,15 @@ def _body(stream: bool, max_tokens: int) -> bytes:
 # ---- the load generator (runs in its own process: `--loadgen`) ---------------------------------------------
 
 
-async def _one(session: Any, url: str, body: bytes, stream: bool) -> tuple[float, float]:
+async def _one(
+    session: Any, url: str, body: bytes, stream: bool, conversation: str | None = None
+) -> tuple[float, float]:
     """(TTFT, time to last byte) in s for streams; (total latency, total latency) for JSON."""
+    headers = {"Content-Type": "application/json"}
+    if conversation is not None:
+        headers["X-Conversation-Id"] = conversation
     t0 = time.perf_counter()
-    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+    async with session.post(url, data=body, headers=headers) as r:
         if r.status != 200:
             raise RuntimeError(f"{url}: HTTP {r.status}: {(await r.text())[:200]}")
         if not stream:
@@ -133,9 +144,22 @@ async def _one(session: Any, url: str, body: bytes, stream: bool) -> tuple[float
 
 
 async def _loadgen(
-    url: str, conns: int, requests: int, duration_s: float, stream: bool, max_tokens: int
+    url: str,
+    conns: int,
+    requests: int,
+    duration_s: float,
+    stream: bool,
+    max_tokens: int,
+    conversations: int = 0,
 ) -> dict[str, Any]:
     import aiohttp
+
+    sent = 0
+
+    def conversation() -> str | None:
+        nonlocal sent
+        sent += 1
+        return f"bench-{os.getpid()}-{sent % conversations}" if conversations > 0 else None
 
     body = _body(stream, max_tokens)
     lat: list[float] = []
@@ -143,7 +167,7 @@ async def _loadgen(
     errors = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conns)) as s:
         for _ in range(max(10, conns)):  # warm-up: open the connections
-            await _one(s, url, body, stream)
+            await _one(s, url, body, stream, conversation())
         left = requests
         stop_at = time.perf_counter() + duration_s if duration_s > 0 else float("inf")
 
@@ -152,7 +176,7 @@ async def _loadgen(
             while left > 0 if duration_s <= 0 else time.perf_counter() < stop_at:
                 left -= 1
                 try:
-                    ttft, ttlb = await _one(s, url, body, stream)
+                    ttft, ttlb = await _one(s, url, body, stream, conversation())
                     lat.append(ttft)
                     last.append(ttlb)
                 except Exception:
@@ -171,7 +195,14 @@ async def _loadgen(
 
 
 def _run_loadgen(
-    url: str, conns: int, *, requests: int = 0, duration_s: float = 0, stream: bool, max_tokens: int
+    url: str,
+    conns: int,
+    *,
+    requests: int = 0,
+    duration_s: float = 0,
+    stream: bool,
+    max_tokens: int,
+    conversations: int = 0,
 ) -> dict[str, Any]:
     # the answer comes back in a file: through the stdout pipe, answers of hundreds of KB (throughput runs,
     # two lists of latencies) arrived cut at 64 or 128 KiB with a newline inserted
@@ -193,6 +224,8 @@ def _run_loadgen(
             str(duration_s),
             "--max-tokens",
             str(max_tokens),
+            "--conversations",
+            str(conversations),
             *(["--stream"] if stream else []),
         ],
         check=True,
@@ -284,12 +317,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
     stub_port, router_port = _free_port(), _free_port()
     fleet = tmp / "fleet.yaml"
+    db_url = args.db or f"sqlite:///{tmp / 'ledger.db'}"
     fleet.write_text(
         f"model: {MODEL}\n"
         "tiers:\n  - {name: stub, gpu: A40, count: 1, roles: [colocated]}\n"
         "backend: vllm\n"
         f"engines:\n  - {{id: stub-0, tier: stub, role: colocated, url: 'http://127.0.0.1:{stub_port}'}}\n"
-        f"database_url: sqlite:///{tmp / 'ledger.db'}\n"
+        f"database_url: {db_url}\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
     stub_argv = [sys.executable, str(REPO / "benchmarks" / "stub_engine.py"), "--port", str(stub_port)]
@@ -347,7 +381,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rep: dict[str, float] = {}
                 for name, url in urls.items():
                     r = _run_loadgen(
-                        url, conns, requests=args.requests, stream=True, max_tokens=args.max_tokens
+                        url,
+                        conns,
+                        requests=args.requests,
+                        stream=True,
+                        max_tokens=args.max_tokens,
+                        conversations=args.conversations,
                     )
                     xs = r["latencies_s"]
                     rep[f"{name}_p50_ms"], rep[f"{name}_p99_ms"] = _pct(xs, 50) * 1e3, _pct(xs, 99) * 1e3
@@ -542,6 +581,15 @@ def main() -> None:
         "the same stub",
     )
     ap.add_argument(
+        "--db", metavar="URL", help="ledger URL (default: an SQLite file in a temporary directory)"
+    )
+    ap.add_argument(
+        "--conversations",
+        type=int,
+        default=0,
+        help="latency runs: each request names one of K conversations (0: one-turn requests)",
+    )
+    ap.add_argument(
         "--wrk-latency-s", type=float, default=3.0, help="seconds per wrk latency run (with wrk installed)"
     )
     # internal: the load-generator process
@@ -558,7 +606,15 @@ def main() -> None:
         pass
     if args.loadgen:
         out = asyncio.run(
-            _loadgen(args.loadgen, args.conns, args.requests, args.duration_s, args.stream, args.max_tokens)
+            _loadgen(
+                args.loadgen,
+                args.conns,
+                args.requests,
+                args.duration_s,
+                args.stream,
+                args.max_tokens,
+                args.conversations,
+            )
         )
         Path(args.loadgen_out).write_text(json.dumps(out))
         return

@@ -101,6 +101,12 @@ class KeyStore:
         if self._owns:
             self._engine.dispose()
 
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
         try:

@@ -11,6 +11,9 @@ Tables (all timestamps UTC):
                   filled in once, when the final turn or the simulator's summary arrives
   turns           append-only, one row per turn attempt
   pins            append-only; a re-placement is a new row
+  conversation_heads  one row per conversation id (all runs): the last turn number given out and the
+                  current pin, updated in place; router replicas on one PostgreSQL ledger decide turn
+                  numbers and pins here (energy/heads.py)
   energy_samples  append-only meter readings (cumulative joules per GPU)
   attributions    append-only: interval x engine x conversation turn (conversation NULL: idle row)
 
@@ -152,6 +155,22 @@ class PinRow(Base):
     instance_id: Mapped[str] = mapped_column(String(128))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     reason: Mapped[str] = mapped_column(String(256))
+
+
+class ConversationHeadRow(Base):
+    """What replicas sharing the ledger agree on per conversation (migration 0006; energy/heads.py)."""
+
+    __tablename__ = "conversation_heads"
+
+    conversation_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    turns: Mapped[int] = mapped_column(Integer)  # the last turn number given out
+    pin: Mapped[str | None] = mapped_column(String(128))  # None: not pinned
+    context_tokens: Mapped[int] = mapped_column(Integer, server_default="0")  # of the last finished turn
+    last_decoder: Mapped[str | None] = mapped_column(String(128))  # decoder of the last finished turn
+    first_arrival_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    active_at: Mapped[datetime] = mapped_column(UTCDateTime())  # last turn start or end (pin TTL)
+    run_id: Mapped[str | None] = mapped_column(String(128))  # run of the replica that claimed the last turn
+    claimed_by: Mapped[int | None] = mapped_column(Integer)  # that replica's advisory lock key (alive?)
 
 
 class EnergySampleRow(Base):

@@ -86,6 +86,10 @@ class EnergyEstimates:
         self.tenant_j[rec.tenant] = self.tenant_j.get(rec.tenant, 0.0) + est.total_j
         return est, so_far
 
+    def forget(self, conversation_id: str) -> None:
+        """Drop a conversation's running estimate (the router forgot the conversation)."""
+        self._conv.pop(conversation_id, None)
+
     def conversation_j(self, conversation_id: str) -> float | None:
         return self._conv.get(conversation_id)
 

@@ -73,7 +73,8 @@ def plots(report: Report) -> list[tuple[str, str, str]]:
         data = np.zeros((len(tiers), len(times)))
         for t, tier, j in report.tier_timeline:
             data[tiers.index(tier), idx[t]] += j / width
-        ax.stackplot(times, data, labels=tiers, alpha=0.85)
+        # matplotlib's date converter takes datetimes; its stubs list only numeric arrays
+        ax.stackplot(times, data, labels=tiers, alpha=0.85)  # type: ignore[arg-type]
         ax.legend(fontsize=8, loc="upper left")
         fig.autofmt_xdate()
     else:
@@ -100,7 +101,7 @@ def plots(report: Report) -> list[tuple[str, str, str]]:
         x = np.arange(len(rows))
         bar_w = 0.8 / len(PHASES)
         for k, phase in enumerate(PHASES):
-            vals = [r[1 + k] for r in rows]
+            vals = [float(r[1 + k]) for r in rows]
             ax.bar(x + (k - (len(PHASES) - 1) / 2) * bar_w, vals, bar_w, label=phase)
         if any(r[5] > 0 for r in rows):
             ax.bar(x + 0.45, [r[5] for r in rows], bar_w / 2, label="not split (older rows)", color="#999")

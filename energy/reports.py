@@ -16,113 +16,35 @@ Must not import fastapi.
 
 from __future__ import annotations
 
-import csv
-import html
-import io
-import json
 import math
-import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from importlib import resources
+from datetime import datetime, timedelta
 from typing import Any
 
-from conserve.errors import did_you_mean
 from energy.errors import EnergyError
 from energy.estimate import DEFAULT_GRID_G_PER_KWH, co2e_g
 from energy.ledger import ConversationFacts, Ledger
 from energy.records import AttributionRow, ReportFilter, Source
-from energy.report_plots import plots
+from energy.report_render import render, render_csv, render_html, render_json, render_table
+from energy.report_types import Column, Format, GroupBy, Report, parse_choice, parse_time
 
-
-class GroupBy(StrEnum):
-    CONVERSATION = "conversation"
-    TIER = "tier"
-    POLICY = "policy"
-    ENGINE = "engine"
-
-
-class Format(StrEnum):
-    TABLE = "table"
-    CSV = "csv"
-    JSON = "json"
-    HTML = "html"
-
-
-def parse_choice(value: str, enum: type[StrEnum], name: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        choices = [e.value for e in enum]
-        raise EnergyError(
-            f"{name} {value!r} is not one of {', '.join(choices)}.{did_you_mean(value, choices)}"
-        ) from None
-
-
-def parse_time(value: str | None, name: str) -> datetime | None:
-    """ISO 8601 (``2025-03-01``, ``2025-03-01T12:00:00+02:00``); a time without offset is taken as UTC."""
-    if value is None or value == "":
-        return None
-    try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise EnergyError(
-            f"{name} {value!r} is not an ISO 8601 time in years 1-9999 UTC; e.g. 2025-03-01T12:00:00Z"
-        ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    key: str
-    title: str
-    unit: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    by: GroupBy
-    since: datetime | None
-    until: datetime | None
-    columns: tuple[Column, ...]
-    rows: tuple[dict[str, Any], ...]
-    totals: dict[str, Any]
-    notes: tuple[str, ...]
-    # for the HTML plots
-    conversation_joules: tuple[tuple[str, float], ...] = ()  # (policy, joules) per conversation
-    tier_timeline: tuple[tuple[datetime, str, float], ...] = ()  # (bucket start, tier, joules)
-    policy_tokens_per_j: tuple[tuple[str, float], ...] = ()
-    timeline_bucket_s: float = 0.0  # width of the tier_timeline buckets
-    # (policy label, prefill J, decode J, KV transfer J, idle J, unsplit J) per policy and run kind
-    policy_phases: tuple[tuple[str, float, float, float, float, float], ...] = ()
-    measured_share: float | None = None  # of all the report's joules (plot labels)
-    generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "by": str(self.by),
-            "since": self.since.isoformat() if self.since else None,
-            "until": self.until.isoformat() if self.until else None,
-            "columns": [{"key": c.key, "title": c.title, "unit": c.unit} for c in self.columns],
-            "rows": [_jsonable(r) for r in self.rows],
-            "totals": _jsonable(self.totals),
-            "notes": list(self.notes),
-        }
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        elif isinstance(v, datetime):
-            v = v.isoformat()
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[k] = v
-    return out
+__all__ = [
+    "Column",
+    "Format",
+    "GroupBy",
+    "Report",
+    "build_report",
+    "parse_choice",
+    "parse_time",
+    "power_cap_notes",
+    "render",
+    "render_csv",
+    "render_html",
+    "render_json",
+    "render_table",
+    "row_totals",
+]
 
 
 def _p95(values: Sequence[float]) -> float | None:
@@ -135,6 +57,23 @@ def _p95(values: Sequence[float]) -> float | None:
 
 def _div(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
+
+
+def row_totals(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Tokens, joules, tokens/J, J/token and the joule-weighted measured share over report rows that carry
+    ``tokens``, ``joules`` and ``measured_share``: the sums of a report regrouped after it was built (the
+    API's per-tenant rows and totals, api/routes_reports.py)."""
+    rows = list(rows)
+    joules = sum(float(r.get("joules") or 0.0) for r in rows)
+    tokens = sum(int(r.get("tokens") or 0) for r in rows)
+    measured_j = sum(float(r.get("joules") or 0.0) * float(r.get("measured_share") or 0.0) for r in rows)
+    return {
+        "tokens": tokens,
+        "joules": joules,
+        "tokens_per_j": _div(tokens, joules),
+        "j_per_token": _div(joules, tokens),
+        "measured_share": _div(measured_j, joules),
+    }
 
 
 # ---- building -----------------------------------------------------------------------------------------
@@ -197,7 +136,7 @@ def build_report(
     timeline_buckets: int = 60,
     grid_g_per_kwh: float = DEFAULT_GRID_G_PER_KWH,
 ) -> Report:
-    by = parse_choice(by, GroupBy, "--by") if isinstance(by, str) else by
+    by = GroupBy(parse_choice(by, GroupBy, "--by"))
     if since and until and until <= since:
         raise EnergyError(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
     flt = ReportFilter(since, until, tuple(run_ids))
@@ -466,136 +405,3 @@ def _timeline(
                 acc[(k, series)] = acc.get((k, series), 0.0) + j * part / (hi - lo)
             k += 1
     return [(t0 + timedelta(seconds=k * width), s, j) for (k, s), j in sorted(acc.items())], width
-
-
-# ---- rendering ----------------------------------------------------------------------------------------
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if v == 0:
-            return "0"
-        a = abs(v)
-        return (
-            f"{v:.4g}"
-            if a < 1e-3 or a >= 1e6
-            else f"{v:,.4f}".rstrip("0").rstrip(".")
-            if a < 10
-            else f"{v:,.1f}"
-        )
-    if isinstance(v, (tuple, list)):
-        return ",".join(str(x) for x in v)
-    return str(v)
-
-
-def render_csv(report: Report) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([c.key for c in report.columns])
-    for r in report.rows:
-        w.writerow(
-            [
-                ""
-                if r.get(c.key) is None
-                else (";".join(r[c.key]) if isinstance(r.get(c.key), tuple) else r[c.key])
-                for c in report.columns
-            ]
-        )
-    return buf.getvalue()
-
-
-def render_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2, default=str) + "\n"
-
-
-def render_table(report: Report) -> Any:
-    """A rich Table (the CLI prints it)."""
-    from rich.table import Table
-
-    title = (
-        f"energy by {report.by}"
-        + (f" since {report.since:%Y-%m-%d %H:%M:%S}" if report.since else "")
-        + (f" until {report.until:%Y-%m-%d %H:%M:%S}" if report.until else "")
-    )
-    caption = " | ".join(report.notes)
-    t = Table(title=title, caption=caption)
-    for c in report.columns:
-        t.add_column(
-            f"{c.title} ({c.unit})" if c.unit else c.title,
-            justify="left"
-            if c.key in ("run_id", "conversation_id", "policy", "tier", "engine_id", "tiers")
-            else "right",
-        )
-    for r in report.rows:
-        t.add_row(*[_fmt(r.get(c.key)) for c in report.columns])
-    tot = report.totals
-    t.caption = (
-        caption + f" | total {_fmt(tot['joules'])} J, {tot['tokens']} tokens, "
-        f"{_fmt(tot['tokens_per_j'])} tokens/J"
-    )
-    return t
-
-
-def render_html(report: Report, max_rows: int = 500) -> str:
-    """One self-contained HTML page (inline CSS, plots as inline base64 PNG; no external resources)."""
-    esc = html.escape
-    head = "".join(
-        f"<th>{esc(c.title)}{' (' + esc(c.unit) + ')' if c.unit else ''}</th>" for c in report.columns
-    )
-    body_rows = []
-    for r in report.rows[:max_rows]:
-        body_rows.append(
-            "<tr>" + "".join(f"<td>{esc(_fmt(r.get(c.key)))}</td>" for c in report.columns) + "</tr>"
-        )
-    more = (
-        f"<p class='note'>showing {max_rows} of {len(report.rows)} rows; use --format csv for all</p>"
-        if len(report.rows) > max_rows
-        else ""
-    )
-    figs = "".join(
-        f"<figure><img id='{pid}' alt='{esc(title)}' src='data:image/png;base64,{b64}'>"
-        f"<figcaption>{esc(title)}</figcaption></figure>"
-        for pid, title, b64 in plots(report)
-    )
-    tot = report.totals
-    window = (
-        f"{report.since.isoformat() if report.since else 'start'} to "
-        f"{report.until.isoformat() if report.until else 'now'}"
-    )
-    notes = "".join(f"<li>{esc(n)}</li>" for n in report.notes)
-    return _template().substitute(
-        by=esc(str(report.by)),
-        window=esc(window),
-        generated=esc(report.generated_at.isoformat(timespec="seconds")),
-        energy=esc(_fmt(tot["joules"])),
-        tokens=tot["tokens"],
-        tokens_per_j=esc(_fmt(tot["tokens_per_j"])),
-        conversations=tot["conversations"],
-        measured_share="-" if tot["measured_share"] is None else f"{tot['measured_share']:.0%}",
-        notes=notes,
-        figures=figs,
-        head=head,
-        rows="".join(body_rows),
-        more=more,
-    )
-
-
-def _template() -> string.Template:
-    """energy/templates/report.html: a string.Template with $placeholders (self-contained: inline CSS)."""
-    text = resources.files("energy.templates").joinpath("report.html").read_text(encoding="utf-8")
-    return string.Template(text)
-
-
-def render(report: Report, fmt: Format | str) -> str:
-    fmt = parse_choice(fmt, Format, "--format") if isinstance(fmt, str) else fmt
-    if fmt == Format.CSV:
-        return render_csv(report)
-    if fmt == Format.JSON:
-        return render_json(report)
-    if fmt == Format.HTML:
-        return render_html(report)
-    from rich.console import Console
-
-    console = Console(record=True, width=200, file=io.StringIO())
-    console.print(render_table(report))
-    return console.export_text()

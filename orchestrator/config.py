@@ -69,6 +69,11 @@ class InlineGpu(_Strict):
         return GpuSpec(**d, source="inline in fleet.yaml")
 
 
+def _split_roles() -> list[Literal["prefill", "decode", "colocated"]]:
+    """A tier's default roles: prefill and decode in separate instances (colocated is opt-in per tier)."""
+    return ["prefill", "decode"]
+
+
 class TierConfig(_Strict):
     name: str = Field(description="label of this tier, unique in the fleet (e.g. 'h100')")
     gpu: str | InlineGpu
@@ -78,7 +83,7 @@ class TierConfig(_Strict):
     )
     tp: list[int] = Field(default_factory=lambda: [1], description="allowed tensor-parallel sizes")
     roles: list[Literal["prefill", "decode", "colocated"]] = Field(
-        default_factory=lambda: ["prefill", "decode"], description="roles this tier may take"
+        default_factory=_split_roles, description="roles this tier may take"
     )
     profile: Path | None = Field(None, description="measured profile YAML (orchestrator profile --out)")
     cap_curves: Path | None = Field(

@@ -19,3 +19,7 @@ class SimulationError(ConServeError):
 
 class EngineError(ConServeError):
     """An engine failed or answered with something we cannot use."""
+
+    # the engine's HTTP status where it answered with one (4xx: the request was invalid; 5xx: it failed);
+    # None: it did not answer (orchestrator.router.failures classifies on it)
+    status: int | None = None

@@ -75,7 +75,10 @@ def _time_kernel(fn: Callable[[], None], sync: Callable[[], None], seconds: floa
 
 
 def measure_kernels(
-    torch: Any, device: str, settings: MicroSettings, power: Callable[[Callable[[], Any]], tuple[Any, float]]
+    torch: Any,
+    device: str,
+    settings: MicroSettings,
+    power: Callable[[Callable[[], Any]], tuple[Any, float | None]],
 ) -> tuple[float, float, float | None, float | None]:
     """(gemm TFLOP/s, memory GB/s, gemm W, memory W) on ``device``; ``power(run)`` returns (run(), mean W or
     None)."""

@@ -7,15 +7,22 @@ model layer tiers/ imports nothing above it (issue 11 item 6).
                     prefix-cache hit possible); latency_ms = median client-side latency;
                     energy_j = meter delta / repeats.
     decode sweep    for each (batch B, total context C): B concurrent requests with fresh prompts of
-                    p = C/B - K/2 tokens, once generating 1 token and once exactly K tokens (ignore_eos);
-                    step_ms = (min over repeats of T_K - min over repeats of T_1) / (K - 1), the time of
-                    one decode step of the whole batch (differential, so prefill and HTTP costs cancel; the
-                    fastest run is the least disturbed one, as noise only adds time; streamed chunk times are
-                    not used because vLLM delivers a fast model's tokens in bursts). When that difference is
-                    not positive the point is re-measured, up to `noise_retries` more repeats, before it is
-                    refused. A decode curve not monotone in batch at one context (a larger batch stepping
-                    faster than a smaller one by more than `monotone_tolerance`) is re-measured, both points,
-                    up to `noise_retries` rounds, then refused. context_tokens records the batch's mean total
+                    p = C/B - K/2 tokens, once generating 1 token and once exactly K tokens (ignore_eos).
+                    When the engine keeps its own clock of decoding (vLLM's inter-token latency histogram,
+                    stamped by the engine core per step), step_ms = median over repeats of that clock's mean
+                    over the K-token run (sum delta / count delta): the time of one decode step of the whole
+                    batch as the engine measured it, free of HTTP and client scheduling. Otherwise
+                    step_ms = (min over repeats of T_K - min over repeats of T_1) / (K - 1) from the client's
+                    wall times (differential, so prefill and HTTP costs cancel; the fastest run is the least
+                    disturbed one, as noise only adds time; streamed chunk times are not used because vLLM
+                    delivers a fast model's tokens in bursts). The client-side difference proved too noisy on
+                    a loaded 2-core box: CI measured batch 4 at 5.5 ms/step and batch 1 at 8.2 ms (10 runs
+                    each), while the engine's own clock gave 1.8-1.9 ms for both at contexts 128 and 512.
+                    When a differential step is not positive the point is re-measured, up to
+                    `noise_retries` more repeats, before it is refused. A decode curve not monotone in
+                    batch at one context (a larger batch stepping faster than a smaller one by more than
+                    `monotone_tolerance`) is re-measured, both points, up to `noise_retries` rounds, then
+                    refused. context_tokens records the batch's mean total
                     context B * (p + K/2); energy_j = median over repeats of (E_K - E_1) / (K - 1) from the
                     meter.
     idle            with a measured meter: idle_w = energy over `idle_s` seconds of no requests / idle_s.
@@ -24,34 +31,25 @@ Energy comes from an energy/meters.py Meter (zeus, nvml, dcgm: measured; model: 
 activity the profiler reports, Source.MODELLED). With a modelled meter the profile says
 ``energy_measured: false`` (tiers/profiles.py then ignores its energy values) and no idle_w is written.
 
-The sweep core (:func:`run_sweep`) talks to an :class:`EngineDriver` Protocol; :class:`VllmHttpDriver` is the
-aiohttp implementation for a vLLM OpenAI server (prompts are token-id lists built from /tokenize output, so
-lengths are exact). Must not import fastapi, sqlalchemy or httpx; aiohttp is imported only by the driver.
+The sweep core (:func:`run_sweep`) talks to an :class:`EngineDriver` Protocol; the aiohttp implementation for
+a vLLM OpenAI server is orchestrator/profiling_vllm.py's :class:`VllmHttpDriver`. Must not import fastapi,
+sqlalchemy or httpx.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from orchestrator.errors import EngineError
 from tiers.errors import ProfileError
 from tiers.profiles import DecodePoint, MeasuredProfile, PrefillPoint
 
 if TYPE_CHECKING:
     from energy.meters import Activity, Meter
-
-# Text tokenized once to build prompts of exact lengths (any text works: it only supplies token ids).
-_POOL_TEXT = (
-    "run the test file and read the error then fix the bug in the repo and commit the patch to the branch . "
-    "the function returns none because the value of the key is not found in the list ; assert the output . "
-    "open the file , search for the class , replace the line , edit the code , call the tool , exit 0 . "
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +122,19 @@ class EngineDriver(Protocol):
     async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
         """Wall time (s) of `batch` concurrent fresh-prompt requests, each making exactly output_tokens."""
         ...
+
+    async def decode_clock(self) -> DecodeClock | None:
+        """The engine's own cumulative inter-token latency, or None when the engine keeps no such clock
+        (the sweep then times decode steps from the client's wall times)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeClock:
+    """Cumulative inter-token latency as the engine counts it: the sum of the gaps (s) and their number."""
+
+    sum_s: float
+    count: float
 
 
 class ActivityLog:
@@ -234,12 +245,15 @@ class _DecodeRuns:
     t_1s: list[float] = field(default_factory=list)
     t_ks: list[float] = field(default_factory=list)
     steps_j: list[float] = field(default_factory=list)
+    engine_steps_s: list[float] = field(default_factory=list)  # the engine's own clock, per K-token run
 
     @property
     def mean_context(self) -> float:
         return self.batch * (self.prompt_tokens + self.steps / 2)
 
     def step_s(self) -> float:
+        if self.engine_steps_s and len(self.engine_steps_s) == len(self.t_ks):
+            return statistics.median(self.engine_steps_s)
         # Fastest of the runs on each side: noise (a preempted core, a GC pause) only adds time, so the
         # minimum is the least disturbed run. A median of per-repeat differences failed in CI when one 1-token
         # run of two stalled 1.2 s (steps [0.014, -0.082] s, median < 0); later both 1-token runs of a point
@@ -260,10 +274,14 @@ async def _decode_pair(driver: EngineDriver, meter: Meter, log: ActivityLog, r: 
     e1 = _total_j(meter)
     log.add(Activity(prefill_tokens=b * p))
     log.add(Activity(decode_tokens=b * (k - 1), decode_batch=b, decode_context_tokens=r.mean_context))
+    c0 = await driver.decode_clock()
     t_k = await driver.run_batch(b, p, k)
+    c1 = await driver.decode_clock()
     e2 = _total_j(meter)
     r.t_1s.append(t_1)
     r.t_ks.append(t_k)
+    if c0 is not None and c1 is not None and c1.count > c0.count:
+        r.engine_steps_s.append((c1.sum_s - c0.sum_s) / (c1.count - c0.count))
     r.steps_j.append(((e2 - e1) - (e1 - e0)) / (k - 1))
 
 
@@ -384,109 +402,3 @@ def build_profile(
         idle_w=round(result.idle_w, 4) if energy_measured and result.idle_w and result.idle_w > 0 else None,
         inline_specs=inline_specs,
     )
-
-
-# ---- the vLLM HTTP driver ---------------------------------------------------------------------------------
-
-
-class VllmHttpDriver:
-    """EngineDriver for a vLLM OpenAI server (aiohttp; one session)."""
-
-    def __init__(self, base_url: str, seed: int = 0, request_timeout_s: float = 600.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model = ""
-        self.version = "unknown"
-        self.max_model_len_tokens = 0
-        self._pool: list[int] = []
-        self._rng = random.Random(seed)
-        self._timeout_s = request_timeout_s
-        self._session: Any = None
-
-    async def __aenter__(self) -> VllmHttpDriver:
-        import aiohttp
-
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
-        try:
-            models = await self._get("/v1/models")
-            card = models["data"][0]
-            self.model = str(card["id"])
-            self.max_model_len_tokens = int(card.get("max_model_len") or 0)
-            self.version = str((await self._get("/version")).get("version", "unknown"))
-            tok = await self._post("/tokenize", {"model": self.model, "prompt": _POOL_TEXT})
-            self._pool = [int(t) for t in tok["tokens"]]
-        except BaseException:
-            await self._session.close()
-            raise
-        if not self._pool or self.max_model_len_tokens <= 0:
-            await self._session.close()
-            raise EngineError(f"engine at {self.base_url} gave no tokens or no max_model_len; is it vLLM?")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    def _fail(self, err: BaseException) -> EngineError:
-        return EngineError(
-            f"engine at {self.base_url} failed ({type(err).__name__}: {err}). To fix: check that a vLLM "
-            "OpenAI server runs there (GET /health) and pass its base URL with --engine."
-        )
-
-    async def _get(self, path: str) -> dict[str, Any]:
-        import aiohttp
-
-        try:
-            async with self._session.get(self.base_url + path) as resp:
-                if resp.status != 200:
-                    raise EngineError(
-                        f"GET {self.base_url}{path} answered HTTP {resp.status}: {await resp.text()}"
-                    )
-                return dict(await resp.json(content_type=None))
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise self._fail(err) from err
-
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        import aiohttp
-
-        try:
-            async with self._session.post(self.base_url + path, json=body) as resp:
-                if resp.status != 200:
-                    raise EngineError(
-                        f"POST {self.base_url}{path} answered HTTP {resp.status}: {await resp.text()}"
-                    )
-                return dict(await resp.json(content_type=None))
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise self._fail(err) from err
-
-    def _prompt(self, n: int) -> list[int]:
-        """n token ids drawn from the pool: fresh random sequences never share a cached prefix block."""
-        return [self._rng.choice(self._pool) for _ in range(n)]
-
-    async def prefill_once(self, new_tokens: int) -> float:
-        body = {"model": self.model, "prompt": self._prompt(new_tokens), "max_tokens": 1, "temperature": 0.0}
-        t0 = time.perf_counter()
-        out = await self._post("/v1/completions", body)
-        elapsed = time.perf_counter() - t0
-        got = int((out.get("usage") or {}).get("prompt_tokens", new_tokens))
-        if got != new_tokens:
-            raise EngineError(f"engine counted {got} prompt tokens for a {new_tokens}-token prompt")
-        return elapsed
-
-    async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
-        async def one() -> int:
-            body = {
-                "model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": output_tokens,
-                "min_tokens": output_tokens, "ignore_eos": True, "temperature": 0.0,
-            }  # fmt: skip
-            out = await self._post("/v1/completions", body)
-            return int((out.get("usage") or {}).get("completion_tokens", -1))
-
-        t0 = time.perf_counter()
-        got = await asyncio.gather(*(one() for _ in range(batch)))
-        elapsed = time.perf_counter() - t0
-        if any(n != output_tokens for n in got):
-            raise EngineError(
-                f"batch of {batch}: sequences generated {got} tokens, expected {output_tokens} each (the "
-                "engine must honour ignore_eos and min_tokens, as vLLM does)"
-            )
-        return elapsed

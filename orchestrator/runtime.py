@@ -11,7 +11,9 @@ lifespan). It owns:
   waits for its commit (``ledger_durable``); ``stop()`` drains the queue, so no ledger row is lost on
   shutdown;
 - APScheduler jobs (AsyncIOScheduler): poll engine health/metrics every ``poll_interval_s``, release pins of
-  conversations idle for ``pin_ttl_s``.
+  conversations idle for ``pin_ttl_s``, account energy every ``energy_interval_s``. On an injected clock
+  other than the system's (``build_runtime(clock=...)``, e.g. ``conserve.clock.LoopClock`` on a virtual-time
+  event loop) the same jobs are asyncio tasks sleeping on that clock, so a whole `serve` runs in virtual time.
 
 Settings are pydantic-settings (env prefix ``CONSERVE_``), the edge where files and flags enter.
 Must not import fastapi (the API imports this, not the reverse).
@@ -30,7 +32,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from conserve.clock import SystemClock
+from conserve.clock import Clock, SystemClock
 from conserve.errors import ConServeError
 from energy.records import (
     ConversationView,
@@ -111,6 +113,13 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="attribute an interval at least this long after it ends; an interval also waits "
         "for the turns still running in it (they are recorded when they end)",
+    )
+    shared_state: Literal["auto", "memory", "database"] = Field(
+        "auto",
+        description="who numbers a conversation's turns and pins it: 'database' (conversation heads in the "
+        "PostgreSQL ledger, energy/heads.py: replicas sharing the ledger agree; one round trip more per "
+        "turn), 'memory' (this process: one replica, no database round trip), or 'auto' (database on "
+        "PostgreSQL, memory on SQLite)",
     )
     power_state_file: Path | None = Field(
         None,
@@ -207,6 +216,9 @@ class Runtime:
     notes: list[str] = field(default_factory=list)
     accountant: Any = None  # energy.accounting.EnergyAccountant (None: energy accounting off)
     power: Any = None  # orchestrator.power.SessionPowerCaps: GPU caps applied at start, restored at stop
+    clock: Clock = field(default_factory=SystemClock)  # the router's, the sim engines' and the accountant's
+    _clock_jobs: list[asyncio.Task[None]] = field(default_factory=list)  # jobs on a non-system clock
+    _draining: bool = False
 
     async def start(self) -> None:
         """Start scheduled jobs (needs the running event loop) and take a first observation."""
@@ -223,6 +235,17 @@ class Runtime:
             # the engines' token counters now are the baseline of the model meters' activity: without it the
             # first tick took its own reading as the baseline and the work served before it got no energy
             await self.accountant.observe_engines()
+        if not isinstance(self.clock, SystemClock):  # APScheduler runs on wall time: jobs sleep on the clock
+            jobs: list[tuple[Any, float]] = [
+                (self.router.poll, self.settings.poll_interval_s),
+                (self.router.expire_idle, min(30.0, self.settings.pin_ttl_s)),
+            ]
+            if self.accountant is not None:
+                jobs.append((self.accountant.tick, self.settings.energy_interval_s))
+            loop = asyncio.get_running_loop()
+            self._clock_jobs = [loop.create_task(self._every(fn, every)) for fn, every in jobs]
+            self._started = True
+            return
         sched = AsyncIOScheduler()
         sched.add_job(
             self._job(self.router.poll),
@@ -236,7 +259,8 @@ class Runtime:
         sched.add_job(
             self._job(self.router.expire_idle),  # on the loop: it edits the router's conversations
             "interval",
-            seconds=min(30.0, self.settings.pin_ttl_s),
+            # ended conversations leave memory within ended_keep_s + this (issue 13 item 5)
+            seconds=min(10.0, self.settings.pin_ttl_s),
             id="expire-pins",
             max_instances=1,
             coalesce=True,
@@ -266,6 +290,19 @@ class Runtime:
         run.__qualname__ = getattr(fn, "__qualname__", "job")
         return run
 
+    async def _every(self, fn: Any, every_s: float) -> None:
+        """A scheduled job on the runtime's clock: every ``every_s``, a run that fails is logged (as
+        APScheduler does) and the next one runs on time."""
+        job = self._job(fn)
+        while True:
+            await self.clock.sleep(every_s)
+            if self._draining:
+                return
+            try:
+                await job()
+            except Exception:
+                log.exception("scheduled job %s failed", getattr(fn, "__qualname__", fn))
+
     def scheduler_pause(self) -> None:
         """Pause the scheduled jobs (tests: make a failure invisible to the health poll)."""
         if self._scheduler is not None:
@@ -277,6 +314,13 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop jobs, close engines, drain the ledger queue (no row lost), close the ledger."""
+        if self._clock_jobs:  # no new runs; those in progress end
+            self._draining = True
+            for task in self._clock_jobs:
+                if task not in self._jobs:
+                    task.cancel()
+            await asyncio.wait(self._clock_jobs, timeout=JOB_DRAIN_S)
+            self._clock_jobs = []
         if self._scheduler is not None:
             self._scheduler.pause()  # no new runs; let those in progress end (a poll, a tick: seconds)
             await asyncio.sleep(0)  # a run submitted just now starts and registers
@@ -288,6 +332,8 @@ class Runtime:
             await self.accountant.observe_engines()  # the engines' last token counts, before they close
             await asyncio.to_thread(self.accountant.wait_idle)  # a cancelled tick runs on in its thread
         await self.router.aclose()
+        if self.router.shared is not None:  # its connections (and this replica's advisory lock)
+            await self.router.shared.aclose()
         if self.accountant is not None:  # every turn is handed to the writer: attribute what is still pending
             await asyncio.to_thread(self.accountant.finish)  # a last job, queued behind those turns
         await asyncio.to_thread(self.writer.close)  # writes the turns, then runs the job
@@ -299,12 +345,39 @@ class Runtime:
         self._started = False
 
 
+def _shared_turns(settings: ServeSettings, db_url: str) -> Any:
+    """The store replicas number turns and pin in (energy/heads.py), or None: this process decides."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        backend = make_url(db_url).get_backend_name()
+    except Exception:  # noqa: BLE001 - the Ledger names a bad URL, with how to fix it
+        return None
+    mode = settings.shared_state
+    if mode == "memory" or (mode == "auto" and backend != "postgresql"):
+        return None
+    if backend != "postgresql":
+        raise ConfigError(
+            f"shared_state 'database' needs a PostgreSQL ledger, not {backend!r}. To fix: use a "
+            "postgresql+psycopg:// URL, or shared_state 'memory' (one replica)."
+        )
+    from energy.heads import PgConversationHeads
+
+    assert settings.run_id is not None
+    return PgConversationHeads(db_url, pin_ttl_s=settings.pin_ttl_s, run_id=settings.run_id)
+
+
 def build_runtime(
-    settings: ServeSettings, cfg: FleetConfig | None = None, instances: Sequence[Any] | None = None
+    settings: ServeSettings,
+    cfg: FleetConfig | None = None,
+    instances: Sequence[Any] | None = None,
+    clock: Clock | None = None,
 ) -> Runtime:
     """Everything `orchestrator serve` runs, from settings (and an already-loaded fleet, for tests).
 
     `instances` (objects with instance_id, tier, role, tier_model) overrides the plan for the sim backend.
+    `clock` (default: the system clock, sim engines sped up by ``sim_speedup``) is the router's, the
+    simulated engines' and the energy accountant's; another clock also runs the scheduled jobs on it.
     """
     from energy.ledger import Ledger
     from placement.policies import make_policy
@@ -318,7 +391,8 @@ def build_runtime(
     caps: dict[str, int] = {}
     # one clock for the router and the simulated engines (conserve/clock.py): monotonic time, record
     # timestamps; simulated engines sleep modelled seconds / sim_speedup on it
-    clock = SystemClock(settings.sim_speedup if cfg.backend == "sim" else 1.0)
+    if clock is None:
+        clock = SystemClock(settings.sim_speedup if cfg.backend == "sim" else 1.0)
     if cfg.backend == "sim":
         if instances is not None:
             instances, source = list(instances), "explicit instances"
@@ -327,6 +401,7 @@ def build_runtime(
         if not instances:
             raise ConfigError(f"{settings.fleet}: the plan has no instances. To fix: give tiers a count > 0.")
         fabric = SimKvFabric()
+        links = {t.name: str(t.link.value) for t in cfg.tiers}  # as `simulate` links them (links_of)
         for inst in instances:
             engines[inst.instance_id] = SimEngine(
                 inst.instance_id,
@@ -336,6 +411,7 @@ def build_runtime(
                 model_name=served,
                 clock=clock,
                 fabric=fabric,
+                link=links.get(inst.tier, "pcie"),
             )
             caps[inst.instance_id] = inst.tier_model.kv_capacity_tokens
     else:
@@ -363,6 +439,7 @@ def build_runtime(
     if settings.run_id is None:  # issue 14: one run per server start (energy/records.py new_run_id)
         settings = settings.model_copy(update={"run_id": new_run_id(RunKind.SERVE)})
     assert settings.run_id is not None
+    shared = _shared_turns(settings, db_url)
     ledger = Ledger(db_url, run_id=settings.run_id, policy=policy.name, kind=RunKind.SERVE)
     ledger.upgrade()
     ledger.start_run(RunInfo(settings.run_id, RunKind.SERVE, policy.name, label=str(settings.fleet)))
@@ -391,6 +468,7 @@ def build_runtime(
         pin_lookup=LedgerPinLookup(ledger),
         kv_capacity_tokens=caps,
         clock=clock,
+        shared=shared,
     )
     accountant = None
     if settings.energy_interval_s > 0:  # meters -> attribution -> ledger (energy/accounting.py)
@@ -399,7 +477,7 @@ def build_runtime(
         from orchestrator.fleet import tier_model as _tier_model
 
         metered = (
-            instances
+            instances or ()
             if cfg.backend == "sim"
             else [SimInstance(e.id, e.tier, Role(e.role), _tier_model(cfg, e.tier)) for e in cfg.engines]
         )
@@ -413,6 +491,7 @@ def build_runtime(
             # samples and attribution run in the ledger writer, after the turns handed to it before them
             offload=writer.energy,
             lease=lease_for(db_url, settings.run_id),  # one replica per run accounts (energy/lease.py)
+            clock=clock.wall,  # meter readings in the time base of the router's turn records
         )
     return Runtime(
         cfg=cfg,
@@ -427,4 +506,5 @@ def build_runtime(
         policy_name=policy.name,
         accountant=accountant,
         power=power,
+        clock=clock,
     )

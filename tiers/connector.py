@@ -40,7 +40,7 @@ PREFILL_HIT_SLOPE_S_PER_TOKEN = 0.95e-6  # PREFILL_HIT_HIGH_SLOPE_US_PER_TOKEN
 PREFILL_HIT_OFFSET_S = 5.6e-3  # PREFILL_HIT_HIGH_OFFSET_MS
 
 # Block bookkeeping of a KV round trip, per side (x2 sides): cost_model_constants.csv KV_MGMT_BASE_MS and
-# KV_MGMT_PER_BLOCK_US, KV_BLOCK_SIZE_TOKENS. The simulator's round trip (orchestrator/sim/core.py) charges
+# KV_MGMT_PER_BLOCK_US, KV_BLOCK_SIZE_TOKENS. The simulator's round trip (orchestrator/sim/steps.py) charges
 # kv_bookkeeping_s from here.
 KV_MGMT_BASE_S = 2.0e-3
 KV_MGMT_PER_BLOCK_S = 5.0e-6

@@ -20,7 +20,7 @@ app = typer.Typer(
 
 # Each module defines `register(app)`. A module that is not there yet is skipped, so the CLI keeps working
 # while capabilities land one by one.
-_COMMAND_MODULES = ("plan", "simulate", "serve", "report", "profile", "engines", "power", "keys")
+_COMMAND_MODULES = ("plan", "simulate", "compare", "serve", "report", "profile", "engines", "power", "keys")
 
 for _name in _COMMAND_MODULES:
     try:

@@ -51,11 +51,8 @@ def register(app: typer.Typer) -> None:
         from energy.api_keys import KeyStore, validate_tenant
 
         validate_tenant(tenant)  # before touching the database
-        store = KeyStore.open(_db_url(db, fleet))
-        try:
+        with KeyStore.open(_db_url(db, fleet)) as store:
             key, rec = store.create(tenant, admin=admin, label=label)
-        finally:
-            store.close()
         if as_json:
             print_json({"key": key, "key_id": rec.key_id, "tenant": rec.tenant, "admin": rec.is_admin})
             return
@@ -74,11 +71,8 @@ def register(app: typer.Typer) -> None:
         """Keys (ids, tenants, admin, created, revoked); never the keys themselves."""
         from energy.api_keys import KeyStore
 
-        store = KeyStore.open(_db_url(db, fleet))
-        try:
+        with KeyStore.open(_db_url(db, fleet)) as store:
             keys = store.list(tenant)
-        finally:
-            store.close()
         rows = [
             {
                 "key_id": k.key_id,
@@ -98,15 +92,12 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"API keys ({len(rows)})")
         for col in ("key id", "tenant", "admin", "created (UTC)", "revoked (UTC)", "label"):
             table.add_column(col)
-        for r in rows:
+        for k in keys:
+            revoked = f"{k.revoked_at:%Y-%m-%dT%H:%M:%S}" if k.revoked_at else ""
             table.add_row(
-                r["key_id"],
-                r["tenant"],
-                "yes" if r["admin"] else "",
-                r["created_at"][:19],
-                (r["revoked_at"] or "")[:19],
-                r["label"] or "",
-            )
+                k.key_id, k.tenant, "yes" if k.is_admin else "", f"{k.created_at:%Y-%m-%dT%H:%M:%S}", revoked,
+                k.label or "",
+            )  # fmt: skip
         console.print(table)
 
     @keys_app.command("revoke")
@@ -120,11 +111,8 @@ def register(app: typer.Typer) -> None:
         """Revoke a key (running servers refuse it within CONSERVE_AUTH_CACHE_TTL_S, 5 s by default)."""
         from energy.api_keys import KeyStore
 
-        store = KeyStore.open(_db_url(db, fleet))
-        try:
+        with KeyStore.open(_db_url(db, fleet)) as store:
             rec = store.revoke(key_id)
-        finally:
-            store.close()
         assert rec.revoked_at is not None
         if as_json:
             print_json({"key_id": rec.key_id, "tenant": rec.tenant, "revoked_at": rec.revoked_at.isoformat()})

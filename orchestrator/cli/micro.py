@@ -35,14 +35,15 @@ def profile_micro(
         from orchestrator.config import load_fleet
         from orchestrator.fleet import allowed_caps_w, find_tier
 
-        t = find_tier(load_fleet(fleet), tier)
-        gpu_name = t.gpu_spec().name
-        caps_w = caps_w or default_caps(allowed_caps_w(t))
+        tier_cfg = find_tier(load_fleet(fleet), tier)
+        gpu_name = tier_cfg.gpu_spec().name
+        caps_w = caps_w or default_caps(allowed_caps_w(tier_cfg))
     elif tier is not None:
         from tiers.catalog import get_gpu
 
         gpu_name = get_gpu(tier).name
     settings = MicroSettings(default_caps(caps_w), gpu_index=gpu_index, seconds=seconds, repeats=repeats)
+
     def note(line: str) -> None:
         if not json_out:
             err_console.print(f"  {line}", highlight=False, markup=False)

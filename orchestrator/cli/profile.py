@@ -77,12 +77,13 @@ def profile(
         from orchestrator.cli.micro import profile_micro
 
         caps_w = tuple(float(c) for c in _int_list("--caps", caps))
-        gpu = (_int_list("--gpu-indices", gpu_indices) or (0,))[0]
-        return profile_micro(out, fleet, tier, caps_w, gpu, micro_seconds, repeats, json_out)
+        gpu_index = (_int_list("--gpu-indices", gpu_indices) or (0,))[0]
+        return profile_micro(out, fleet, tier, caps_w, gpu_index, micro_seconds, repeats, json_out)
     if engine is None or tier is None:
         raise ConfigError(f"--{'engine' if engine is None else 'tier'} is required (or pass --micro)")
     from energy.meters import METER_KINDS, make_meter
-    from orchestrator.profiling import ActivityLog, SweepPlan, VllmHttpDriver, build_profile, run_sweep
+    from orchestrator.profiling import ActivityLog, SweepPlan, build_profile, run_sweep
+    from orchestrator.profiling_vllm import VllmHttpDriver
     from tiers.catalog import get_gpu
     from tiers.models import get_model
     from tiers.perf import TierModel

@@ -42,6 +42,12 @@ def serve(
         "--ledger-writer",
         help="where ledger SQL runs: 'process' (a child process, off the serving GIL) or 'thread'",
     ),
+    shared_state: str = typer.Option(
+        "auto",
+        "--shared-state",
+        help="who numbers turns and pins conversations: database (replicas on one PostgreSQL ledger agree), "
+        "memory (one replica), auto (database on PostgreSQL)",
+    ),
     auth: str = typer.Option(
         "auto",
         "--auth",
@@ -61,6 +67,8 @@ def serve(
 
     if ledger_writer not in ("process", "thread"):
         raise ConfigError(f"--ledger-writer {ledger_writer!r}: use 'process' or 'thread'")
+    if shared_state not in ("auto", "memory", "database"):
+        raise ConfigError(f"--shared-state {shared_state!r}: use 'auto', 'memory' or 'database'")
     if auth not in ("auto", "on", "off"):
         raise ConfigError(f"--auth {auth!r}: use 'auto', 'on' or 'off'")
     api_settings = ApiSettings(auth=auth)  # type: ignore[arg-type]  # checked above
@@ -74,6 +82,7 @@ def serve(
         sim_speedup=sim_speedup,
         served_model_name=served_model_name,
         ledger_writer=ledger_writer,  # type: ignore[arg-type]  # validated by ServeSettings
+        shared_state=shared_state,  # type: ignore[arg-type]  # checked above
     )
     rt = build_runtime(settings)
     app = create_app(settings, runtime=rt, api_settings=api_settings)

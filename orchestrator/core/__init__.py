@@ -1,7 +1,7 @@
 """The driver core: everything around ``policy.place()`` that the live router and the simulator share.
 
 One policy, one driver core, two drivers (DESIGN.md section 3). The live router (orchestrator/router.py) adds
-HTTP engines and the ledger; the simulator (orchestrator/sim/core.py) adds virtual time and the instance
+HTTP engines and the ledger; the simulator (orchestrator/sim/engine.py) adds virtual time and the instance
 model. Both take from here, and from nowhere else:
 
 - :mod:`.views`      building an instance's :class:`placement.base.InstanceView` (used KV = max(resident,
@@ -13,6 +13,8 @@ model. Both take from here, and from nowhere else:
 - :mod:`.turns`      the meaning of every :class:`placement.base.Placement` field (whether the pin moves, the
                      prefill split of a remote placement, a KV round trip's history, the KV shipped, the
                      tokens a turn is counted for on its pin);
+- :mod:`.failures`   what an instance failure does to the turns it touches (when they are re-placed, what
+                     an abandoned prefill leaves);
 - :mod:`.admission`  router-side KV admission: the rule per policy and what a turn reserves;
 - :mod:`.summary`    the per-conversation summary: TTFET, E2E and the slowdowns, computed once.
 
@@ -29,6 +31,7 @@ from orchestrator.core.admission import (
     rule_for,
 )
 from orchestrator.core.conversations import ConversationState
+from orchestrator.core.failures import abandoned_prefill_cached_tokens, handoff_refused
 from orchestrator.core.pins import PinBook, PinHolder, PinnedConversation, PinState
 from orchestrator.core.summary import (
     ConversationTimes,
@@ -58,9 +61,11 @@ __all__ = [
     "PinState",
     "Reserve",
     "TurnTimes",
+    "abandoned_prefill_cached_tokens",
     "conversation_times",
     "final_turn_times",
     "growth_tokens",
+    "handoff_refused",
     "has_room",
     "instance_view",
     "kv_shipped_tokens",

@@ -4,6 +4,13 @@ The router talks to engines only through this Protocol. Bodies are OpenAI-compat
 received (plus the fields the router must set); engines return OpenAI-compatible dicts, so the API layer
 can pass them through unchanged.
 
+Capabilities are declared, never probed: every engine says which of its two streams is native
+(:attr:`Engine.wire`: OpenAI chunk dicts from an in-process engine, or the OpenAI SSE bytes of an HTTP
+engine, which the router forwards without re-encoding) and implements both (the other one converts, with
+:mod:`orchestrator.engines.sse`); every engine answers :meth:`Engine.observe_shared` (one scrape shared
+by the router's health poll and the energy tick where a scrape is costly, :meth:`Engine.observe` otherwise)
+and states its KV capacity (0 where it is learned from the engine's observations).
+
 THIS IS THE CONTRACT the router (api/, orchestrator/router.py) and the engine implementations
 (orchestrator/engines/vllm.py, orchestrator/engines/sim.py) code against; keep it stable.
 """
@@ -26,6 +33,13 @@ REMOTE_DECODE_PARAMS: dict[str, Any] = {
     "remote_host": None,
     "remote_port": None,
 }
+
+
+class Wire(StrEnum):
+    """Which stream an engine produces natively (the router reads that one)."""
+
+    CHUNKS = "chunks"  # Engine.stream: OpenAI chunk dicts (in-process engines)
+    SSE = "sse"  # Engine.stream_raw: the engine's OpenAI SSE bytes as they arrive (HTTP engines)
 
 
 class RequestKind(StrEnum):
@@ -80,6 +94,8 @@ class Engine(Protocol):
     instance_id: str
     role: Role
     tier: str
+    wire: Wire  # the native stream: the router reads stream() for CHUNKS, stream_raw() for SSE
+    kv_capacity_tokens: int  # KV cache size in tokens; 0: not known until observe() reports it
 
     async def prefill(self, req: EngineRequest) -> PrefillResult:
         """Prefill only (max_tokens 1, do_remote_decode) and return the KV handle for the decoder."""
@@ -93,6 +109,16 @@ class Engine(Protocol):
         """Streaming: OpenAI chunk dicts; the last one carries `usage` (stream_options.include_usage)."""
         ...
 
+    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
+        """Streaming as OpenAI SSE bytes (``data: {chunk}\\n\\n`` events, ``data: [DONE]`` last), in blocks of
+        any size; the usage chunk is requested as for :meth:`stream`."""
+        ...
+
     async def observe(self) -> EngineObservation: ...
+
+    async def observe_shared(self) -> EngineObservation:
+        """:meth:`observe`, possibly answered by a scrape already in flight or made a moment ago (the router's
+        health poll and the energy tick observe every engine in the same scheduler tick)."""
+        ...
 
     async def aclose(self) -> None: ...

@@ -1,34 +1,30 @@
-"""A simulated engine that serves in wall time from a tier model, so `orchestrator serve` runs with no GPU.
+"""A simulated engine that serves from a tier model on an injected clock, so `orchestrator serve` runs with no
+GPU. It implements the Engine protocol (orchestrator/engines/base.py) as a vLLM server behaves, on the
+discrete-event simulator's instance step and link models (tiers/steps.py; tests/core/test_engine_model.py
+checks that both put every token at the same instant):
 
-It implements the Engine protocol (orchestrator/engines/base.py) the way a vLLM server behaves, at the pace
-the tier model (tiers/perf.py) predicts:
+- continuous batching in one asyncio task: each step admits waiting requests (FCFS, head of line) while
+  ``max_num_seqs`` and the KV reservations (prompt + output, whole blocks; cached prefixes evicted LRU) allow,
+  decodes a token for every running sequence, spends the rest of ``max_batched_tokens`` on prefill chunks
+  (``tiers.steps.plan_chunks``) and lasts ``tiers.steps.prefill_step_time_s`` (or the decode step);
+- vLLM-like observations (``EngineObservation``), plus the modelled energy of the steps
+  (energy/meters.py ``STEP_ENERGY_J_TOTAL``, ``BUSY_S_TOTAL``);
+- a prefix cache per conversation (whole blocks): a later turn prefills only its increment;
+- remote decode: ``prefill()`` returns ``kv_transfer_params`` a decoder accepts once (:class:`SimKvFabric`);
+  the decoder reserves the KV, then receives what it does not hold over the slower of the two links
+  (``tiers.steps.handoff_time_s``); a prefill with ``history_tokens`` (a KV round trip) pulls that history
+  from ``history_source`` first, and the hand-back pays the round trip's bookkeeping.
 
-- continuous batching in one asyncio task per engine: every step admits waiting requests while KV and
-  ``max_num_seqs`` allow, prefills up to ``max_batched_tokens`` prompt tokens (chunked prefill) together with
-  one decode token for every running sequence, and lasts ``TierModel.step_time_s(...)`` (divided by the
-  speed-up factor, so tests can run the same schedule faster than real time);
-- KV occupancy and queues exposed like vLLM's /metrics (``EngineObservation``);
-- a prefix cache per conversation (LRU, bounded by free KV): a later turn prefills only its increment;
-- the remote-decode protocol: ``prefill()`` returns ``kv_transfer_params`` that a decoder accepts once
-  (through a shared :class:`SimKvFabric`), paying the modelled KV-transfer time, and counts the transfer;
-  a prefill request with ``history_tokens`` (a KV round trip) pulls that history's KV first, paying the same
-  modelled transfer time, and computes only the rest.
-
-The generated text is synthetic and says so (``"[simulated] token token ..."``). A request that offers
-``tools`` (and no ``tool_choice: "none"``) gets a synthetic tool call (finish_reason ``tool_calls``), the
-shape of an agent's intermediate turn; otherwise a turn ends with ``stop`` after ``natural_output_tokens``
-tokens (or vLLM's ``min_tokens`` when it is larger: a replayed trace's output length), or ``length`` if
-``max_tokens`` is smaller.
-
-Must not import fastapi, sqlalchemy or httpx. Time comes from an injected clock (conserve/clock.py).
+One simplification against the simulator: a prefiller frees a prefill's KV (into its prefix cache) when the
+prefill ends, not once the decoder has it (matters only when its KV is full). Text is synthetic and says so
+(sim_text.py). Must not import fastapi, sqlalchemy or httpx. Time: an injected clock (conserve/clock.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,75 +37,34 @@ from energy.meters import (
     PROMPT_TOKENS_TOTAL,
 )
 from orchestrator.core.turns import kv_shipped_tokens
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, Wire
+from orchestrator.engines.sim_fabric import DEFAULT_LINK, PrefixCache, SimKvFabric
+from orchestrator.engines.sim_meter import StepMeter
+from orchestrator.engines.sim_text import (
+    DEFAULT_NATURAL_OUTPUT_TOKENS,
+    SIM_TEXT_PREFIX,
+    collect_completion,
+    openai_chunks,
+    requested_max,
+)
+from orchestrator.engines.sse import sse_from_chunks
 from orchestrator.errors import EngineError
 from placement.base import Role
 from tiers.perf import TierModel
+from tiers.steps import handoff_time_s, plan_chunks, prefill_step_power_w, prefill_step_time_s
 
-__all__ = ["SimClock", "WallClock", "SimKvFabric", "SimEngine", "kv_transfer_time_s", "SIM_TEXT_PREFIX"]
+__all__ = [
+    "DEFAULT_NATURAL_OUTPUT_TOKENS",
+    "SIM_TEXT_PREFIX",
+    "SimClock",
+    "SimEngine",
+    "SimKvFabric",
+    "WallClock",
+]
 
-SIM_TEXT_PREFIX = "[simulated]"
-
-# KV transfer cost between two A40 nodes measured by the ConServe artifact
-# (shared/data/conserve/cost_model_constants.csv): flat 4.849 ms up to 1,024 tokens, then
-# 5.27 ms + 0.985 us/token.
-_KV_LOW_CONST_S = 4.849e-3
-_KV_KNEE_TOKENS = 1024
-_KV_HIGH_OFFSET_S = 5.27e-3
-_KV_HIGH_SLOPE_S_PER_TOKEN = 0.985e-6
-
-# Output length of a turn that the client does not cap: the paper's SWE-bench trace decodes ~120 tokens per
-# turn (DESIGN.md section 1; trace_profile_summary.csv).
-DEFAULT_NATURAL_OUTPUT_TOKENS = 120
-
-
-def kv_transfer_time_s(tokens: int) -> float:
-    """Modelled KV-transfer latency for `tokens` tokens (A40 node measurement, see constants above)."""
-    if tokens <= _KV_KNEE_TOKENS:
-        return _KV_LOW_CONST_S
-    return _KV_HIGH_OFFSET_S + _KV_HIGH_SLOPE_S_PER_TOKEN * tokens
-
-
-# The engine's clock is the project's one (conserve/clock.py); the engine only sleeps on it. A
-# SystemClock(speedup) makes a modelled second last 1/speedup real seconds.
+# The project's clocks (conserve/clock.py); a SystemClock(speedup) makes a modelled second 1/speedup real s.
 SimClock = Clock
 WallClock = SystemClock
-
-
-@dataclass(slots=True)
-class _Handle:
-    source: str
-    conversation_id: str
-    tokens: int
-    claimed: bool = False
-
-
-class SimKvFabric:
-    """The 'network' between simulated engines: a prefiller registers a KV handle, one decoder claims it."""
-
-    def __init__(self) -> None:
-        self._handles: dict[str, _Handle] = {}
-        self._ids = itertools.count(1)
-
-    def register(self, source: str, conversation_id: str, tokens: int) -> str:
-        transfer_id = f"{source}-xfer-{next(self._ids)}"
-        self._handles[transfer_id] = _Handle(source, conversation_id, tokens)
-        return transfer_id
-
-    def claim(self, transfer_id: str) -> _Handle:
-        handle = self._handles.pop(transfer_id, None)
-        if handle is None:
-            raise EngineError(
-                f"KV transfer {transfer_id!r} is unknown or was already claimed. "
-                "To fix: forward the kv_transfer_params of a fresh prefill() exactly once."
-            )
-        handle.claimed = True
-        return handle
-
-    @property
-    def pending(self) -> int:
-        return len(self._handles)
-
 
 _END = object()
 
@@ -119,9 +74,16 @@ class _Seq:
     req_id: str
     conversation_id: str
     prompt_tokens: int
-    cached_tokens: int  # prompt tokens already in KV (prefix cache hit or transferred)
-    prefill_left: int
     max_out: int  # 0: prefill only (remote decode)
+    reserve: int  # KV tokens reserved while it runs (prompt + output, whole blocks)
+    pulled: int = 0  # history tokens whose KV came from a decoder before the prefill (a round trip)
+    handle_tokens: int = -1  # >= 0: decode of a remote prefill of that many tokens (the KV arrives)
+    round_trip: bool = False
+    source_link: str = DEFAULT_LINK  # the prefiller's link (a decode of a remote prefill)
+    cached_tokens: int = 0  # prompt tokens already in KV (prefix cache hit or transferred), set on admission
+    prefill_left: int = 0
+    ready: bool = True  # False while its KV is in transfer
+    admitted: bool = False
     out: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     produced: int = 0
     prefill_done: asyncio.Future[None] | None = None
@@ -135,6 +97,8 @@ class _Seq:
 class SimEngine:
     """An Engine whose timing comes from a TierModel; see the module docstring."""
 
+    wire = Wire.CHUNKS  # in-process: the router reads stream()'s chunk dicts
+
     def __init__(
         self,
         instance_id: str,
@@ -145,6 +109,7 @@ class SimEngine:
         model_name: str,
         clock: Clock | None = None,
         fabric: SimKvFabric | None = None,
+        link: str = DEFAULT_LINK,  # the tier's interconnect (tiers.links.LinkType), as the simulator's links
         max_num_seqs: int = 256,  # vLLM's default --max-num-seqs
         max_batched_tokens: int = 8192,  # vLLM's default chunked-prefill budget on datacenter GPUs (V1)
         natural_output_tokens: int = DEFAULT_NATURAL_OUTPUT_TOKENS,
@@ -156,15 +121,21 @@ class SimEngine:
         self.model_name = model_name
         self.clock: Clock = clock or SystemClock()
         self.fabric = fabric or SimKvFabric()
+        self.link = str(link)
+        self.fabric.attach(instance_id, self.link)
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.natural_output_tokens = natural_output_tokens
         self.kv_capacity_tokens = tier_model.kv_capacity_tokens
+        self._block = int(tier_model.block_size_tokens)
+        self._kvb = int(tier_model.model.kv_bytes_per_token)
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
-        self._prefix: OrderedDict[str, int] = OrderedDict()  # conversation -> tokens cached (LRU order)
+        self._reserved = 0  # KV tokens reserved by the running sequences
+        self._prefix = PrefixCache()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._transfers: set[asyncio.Task[None]] = set()
         self._dead = False
         self._ids = itertools.count(1)
         # counters, like vLLM's Prometheus counters
@@ -180,6 +151,7 @@ class SimEngine:
         self.external_prefix_cache_hits_tokens = 0
         self.generation_tokens_total = 0
         self.engine_steps_total = 0
+        self.meter = StepMeter(self.clock)  # the modelled energy of the steps
 
     # ---- failure injection ----------------------------------------------------------------------
     @property
@@ -193,7 +165,10 @@ class SimEngine:
             self._fail(seq, f"engine {self.instance_id} died")
         self._running.clear()
         self._waiting.clear()
+        self._reserved = 0
         self._prefix.clear()
+        for task in list(self._transfers):
+            task.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             self._loop_task = None
@@ -212,15 +187,16 @@ class SimEngine:
             if not seq.ended:
                 self._abort(seq)
             raise
-        transfer_id = self.fabric.register(self.instance_id, req.conversation_id, seq.prompt_tokens)
+        transfer_id = self.fabric.register(
+            self.instance_id, req.conversation_id, seq.prompt_tokens, round_trip=seq.pulled > 0
+        )
         self.kv_transfers_sent += 1
-        nbytes = seq.prompt_tokens * self.tier_model.model.kv_bytes_per_token
-        block = self.tier_model.block_size_tokens
+        nbytes = seq.prompt_tokens * self._kvb
         params = {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "remote_engine_id": self.instance_id,
-            "remote_block_ids": list(range(-(-seq.prompt_tokens // block))),
+            "remote_block_ids": list(range(-(-seq.prompt_tokens // self._block))),
             "remote_host": "sim",
             "remote_port": 0,
             "sim_transfer_id": transfer_id,
@@ -234,113 +210,27 @@ class SimEngine:
         )
 
     async def complete(self, req: EngineRequest) -> dict[str, Any]:
-        parts: list[str] = []
-        tool_args: list[str] = []
-        tool_head: dict[str, Any] | None = None
-        finish: str | None = None
-        usage: dict[str, Any] | None = None
-        rid = created = None
-        async for chunk in self.stream(req):
-            rid, created = chunk["id"], chunk["created"]
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for ch in chunk["choices"]:
-                finish = ch.get("finish_reason") or finish
-                if req.kind is RequestKind.COMPLETION:
-                    parts.append(ch.get("text", ""))
-                    continue
-                delta = ch.get("delta", {})
-                parts.append(delta.get("content") or "")
-                for tc in delta.get("tool_calls") or ():
-                    if "id" in tc:
-                        tool_head = {"id": tc["id"], "type": "function", "name": tc["function"]["name"]}
-                    tool_args.append(tc["function"].get("arguments", ""))
-        text = "".join(parts)
-        if req.kind is RequestKind.COMPLETION:
-            choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
-        else:
-            message: dict[str, Any] = {"role": "assistant", "content": text or None}
-            if tool_head is not None:
-                message["tool_calls"] = [
-                    {
-                        "id": tool_head["id"],
-                        "type": "function",
-                        "function": {"name": tool_head["name"], "arguments": "".join(tool_args)},
-                    }
-                ]
-            choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
-            obj = "chat.completion"
-        return {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": self.model_name,
-            "choices": [choice],
-            "usage": usage,
-        }
+        return await collect_completion(self.stream(req), req.kind, self.model_name)
 
     async def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
         self._check_alive()
-        chat = req.kind is RequestKind.CHAT
-        rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        tool = _tool_to_call(req.body) if chat else None
         seq = await self._submit(req, prefill_only=False)
 
-        def chunk(delta_or_text: Any, finish: str | None = None) -> dict[str, Any]:
-            ch: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-            if chat:
-                ch["delta"] = delta_or_text
-            else:
-                ch["text"] = delta_or_text
-            return {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [ch]}
-
-        n = 0
-        call_id = f"call_{req.request_id}"
-        try:
-            async for _ in self._tokens(seq):
-                n += 1
-                last = n == seq.max_out
-                if tool is not None:
-                    piece = ('{"note": "' + SIM_TEXT_PREFIX) if n == 1 else " token"
-                    if last:
-                        piece += '"}'
-                    tc: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
-                    if n == 1:
-                        tc.update(id=call_id, type="function")
-                        tc["function"]["name"] = tool
-                    delta: Any = {"tool_calls": [tc]}
-                else:
-                    text = SIM_TEXT_PREFIX if n == 1 else " token"
-                    delta = {"content": text} if chat else text
-                if chat and n == 1:
-                    delta = {"role": "assistant", **delta}
-                yield chunk(delta)
-        finally:
-            if not seq.ended:  # the consumer went away (client disconnect): vLLM aborts the request
-                self._abort(seq)
-        if tool is not None:
-            finish = "tool_calls"
-        else:
-            natural = _natural_output(req.body, self.natural_output_tokens)
-            capped = _requested_max(req.body, self.natural_output_tokens) < natural
-            finish = "length" if capped else "stop"
-        yield chunk({} if chat else "", finish)
-        yield {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": self.model_name,
-            "choices": [],
-            "usage": {
+        def usage(n: int) -> dict[str, Any]:
+            return {
                 "prompt_tokens": seq.prompt_tokens,
                 "completion_tokens": n,
                 "total_tokens": seq.prompt_tokens + n,
                 "prompt_tokens_details": {"cached_tokens": seq.cached_tokens},
-            },
-        }
+            }
+
+        chunks = openai_chunks(req, self.model_name, self.natural_output_tokens, self._tokens(seq), usage)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            if not seq.ended:  # the consumer went away (client disconnect): vLLM aborts the request
+                self._abort(seq)
 
     async def observe(self) -> EngineObservation:
         if self._dead:
@@ -359,16 +249,25 @@ class SimEngine:
             extra={
                 "kv_transfers_accepted": float(self.kv_transfers_accepted),
                 "kv_transfers_sent": float(self.kv_transfers_sent),
-                "prefix_cache_tokens": float(sum(self._prefix.values())),
+                "prefix_cache_tokens": float(self._prefix.total),
                 "queued_prefill_tokens": float(self.queued_prefill_tokens),
                 PROMPT_TOKENS_TOTAL: float(self.prompt_tokens_total),
                 EXTERNAL_HITS_TOTAL: float(self.external_prefix_cache_hits_tokens),
                 ENGINE_STEPS_TOTAL: float(self.engine_steps_total),
                 GENERATION_TOKENS_TOTAL: float(self.generation_tokens_total),
+                **self.meter.counters(),
             },
         )
 
+    async def observe_shared(self) -> EngineObservation:
+        return await self.observe()  # computed from memory: nothing to share
+
+    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
+        return sse_from_chunks(self.stream(req))
+
     async def aclose(self) -> None:
+        for task in list(self._transfers):
+            task.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             self._loop_task = None
@@ -380,63 +279,50 @@ class SimEngine:
 
     @property
     def queued_prefill_tokens(self) -> int:
-        return sum(s.prefill_left for s in self._running) + sum(s.prefill_left for s in self._waiting)
+        return sum(s.prefill_left for s in self._running) + sum(
+            max(1, s.prompt_tokens - max(s.pulled, self._prefix.get(s.conversation_id)))
+            for s in self._waiting
+            if s.handle_tokens < 0
+        )
 
     def cached_prefix_tokens(self, conversation_id: str) -> int:
-        return self._prefix.get(conversation_id, 0)
+        return self._prefix.get(conversation_id)
 
     # ---- internals ------------------------------------------------------------------------------
     def _check_alive(self) -> None:
         if self._dead:
             raise EngineError(f"engine {self.instance_id} is down (connection refused)")
 
+    def _blocks(self, tokens: int) -> int:
+        return -(-tokens // self._block) * self._block
+
     async def _submit(self, req: EngineRequest, prefill_only: bool) -> _Seq:
         prompt = max(1, req.prompt_tokens)
-        cached = 0
+        max_out = 0 if prefill_only else requested_max(req.body, self.natural_output_tokens)
+        seq = _Seq(req.request_id, req.conversation_id, prompt, max_out, self._blocks(prompt + max_out))
         params = req.kv_transfer_params
         if params and params.get("do_remote_prefill") and not prefill_only:
             transfer_id = params.get("sim_transfer_id")
             if not isinstance(transfer_id, str):
                 raise EngineError(
                     f"engine {self.instance_id}: kv_transfer_params lack 'sim_transfer_id'; a simulated "
-                    "decoder "
-                    "accepts only handles from a simulated prefiller of the same fleet."
+                    "decoder accepts only handles from a simulated prefiller of the same fleet."
                 )
             handle = self.fabric.claim(transfer_id)
-            # only the KV this decoder does not hold already travels (its prefix cache of the conversation,
-            # whole blocks: orchestrator.core.turns.kv_shipped_tokens, as in the simulator)
-            own = self._prefix.get(req.conversation_id, 0)
-            shipped = kv_shipped_tokens(handle.tokens, own, self.tier_model.block_size_tokens)
-            await self.clock.sleep(kv_transfer_time_s(shipped))
-            self._check_alive()
-            cached = min(handle.tokens, prompt)
-            self.external_prefix_cache_hits_tokens += cached
-            self.kv_transfers_accepted += 1
-            self.kv_transfer_bytes += shipped * self.tier_model.model.kv_bytes_per_token
-        else:
-            hit = min(self._prefix.get(req.conversation_id, 0), prompt - 1)  # last token is always computed
-            self.prefix_cache_queries_tokens += prompt
-            self.prefix_cache_hits_tokens += max(0, hit)
-            cached = max(0, hit)
-            pulled = min(req.history_tokens, prompt - 1) if prefill_only else 0
-            if pulled > cached:  # a KV round trip: the history's KV comes from the decoder holding it
-                await self.clock.sleep(kv_transfer_time_s(pulled))
+            seq.handle_tokens = handle.tokens
+            seq.round_trip = handle.round_trip
+            seq.source_link = handle.link
+            seq.ready = False  # the KV moves once this decoder has reserved room for it (_admit)
+        elif prefill_only:
+            pulled = min(req.history_tokens, prompt - 1)
+            if pulled > 0:  # a KV round trip: the history's KV comes from the decoder holding it
+                link = self.fabric.link_of(req.history_source)
+                await self.clock.sleep(handoff_time_s(pulled, self._kvb, self.link, link))
                 self._check_alive()
-                self.kv_transfer_bytes += pulled * self.tier_model.model.kv_bytes_per_token
-                cached = pulled
-        self._prefix.pop(req.conversation_id, None)  # in use now; re-cached when the request ends
-        max_out = 0 if prefill_only else _requested_max(req.body, self.natural_output_tokens)
-        seq = _Seq(
-            req_id=req.request_id,
-            conversation_id=req.conversation_id,
-            prompt_tokens=prompt,
-            cached_tokens=cached,
-            prefill_left=prompt - cached,
-            max_out=max_out,
-        )
+                self.kv_transfer_bytes += pulled * self._kvb
+                seq.pulled = pulled
         if prefill_only:
             seq.prefill_done = asyncio.get_running_loop().create_future()
-        self.prompt_tokens_total += cached  # the computed rest is counted chunk by chunk (_run)
         self._waiting.append(seq)
         self._ensure_loop()
         self._wake.set()
@@ -447,6 +333,17 @@ class SimEngine:
             self._loop_task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"sim-{self.instance_id}"
             )
+            self._loop_task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop that crashed fails its requests (instead of leaving them waiting for ever)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        for seq in list(self._running) + list(self._waiting):
+            self._fail(seq, f"engine {self.instance_id} crashed: {task.exception()!r}")
+        self._running.clear()
+        self._waiting.clear()
+        self._reserved = 0
 
     async def _tokens(self, seq: _Seq) -> AsyncIterator[int]:
         """Token indices of a sequence as the engine loop emits them; raises what the engine failed with."""
@@ -458,16 +355,22 @@ class SimEngine:
                 raise item
             yield item
 
-    def _abort(self, seq: _Seq) -> None:
-        """Drop a sequence nobody reads any more; what it computed stays in the prefix cache (as vLLM's
-        freed blocks do)."""
+    def _end(self, seq: _Seq) -> None:
+        """The sequence leaves the batch: its reservation is freed, what it computed stays in the prefix
+        cache (as vLLM's freed blocks do)."""
         seq.ended = True
+        self._running.remove(seq)
+        self._reserved -= seq.reserve
+        self._prefix.put(seq.conversation_id, seq.context_tokens - seq.prefill_left)
+
+    def _abort(self, seq: _Seq) -> None:
+        """Drop a sequence nobody reads any more."""
         if seq in self._waiting:
+            seq.ended = True
             self._waiting.remove(seq)
         elif seq in self._running:
-            self._running.remove(seq)
-            self._prefix[seq.conversation_id] = seq.context_tokens - seq.prefill_left
-            self._prefix.move_to_end(seq.conversation_id)
+            self._end(seq)
+        seq.ended = True
         self._wake.set()
 
     def _fail(self, seq: _Seq, message: str, status: int | None = None) -> None:
@@ -480,10 +383,11 @@ class SimEngine:
         seq.out.put_nowait(err)
 
     def _admit(self) -> None:
+        """Admit waiting sequences, first come first served, while a sequence slot and the KV reservation of
+        the head allow (its conversation's cached prefix becomes part of it; other prefixes are evicted)."""
         while self._waiting and len(self._running) < self.max_num_seqs:
             seq = self._waiting[0]
-            need = seq.prompt_tokens + seq.max_out
-            if need > self.kv_capacity_tokens:
+            if seq.reserve > self.kv_capacity_tokens:
                 self._waiting.popleft()
                 # a request no KV cache of this engine can hold: what vLLM answers with HTTP 400 (its
                 # max_model_len is at most what its KV cache holds); the engine itself is fine
@@ -493,42 +397,78 @@ class SimEngine:
                     status=400,
                 )
                 continue
-            free = self.kv_capacity_tokens - self.kv_used_tokens
-            while free - sum(self._prefix.values()) < need and self._prefix:
-                self._prefix.popitem(last=False)  # evict the least recently used conversation prefix
-            if free < need and self._running:
+            if self._reserved + seq.reserve > self.kv_capacity_tokens:
                 return  # wait for running sequences to finish (vLLM would preempt; we queue)
             self._waiting.popleft()
+            own = self._prefix.take(seq.conversation_id)
+            # any cached prefix may be evicted (trimmed); the conversation's own becomes part of the sequence
+            self._prefix.evict(self.kv_capacity_tokens - self._reserved - seq.reserve)
+            self._reserved += seq.reserve
             self._running.append(seq)
+            seq.admitted = True
+            if seq.handle_tokens >= 0:
+                self._start_transfer(seq, own)
+                continue
+            self.prefix_cache_queries_tokens += seq.prompt_tokens
+            # whole blocks, and the last prompt token is always computed
+            hit = min(own, seq.prompt_tokens - 1) // self._block * self._block
+            self.prefix_cache_hits_tokens += hit
+            if seq.pulled > hit:  # the history's KV shipped in from the decoder (a round trip)
+                hit = min(seq.pulled, seq.prompt_tokens - 1) // self._block * self._block
+            seq.cached_tokens = hit
+            seq.prefill_left = seq.prompt_tokens - hit
+            self.prompt_tokens_total += hit  # the computed rest is counted chunk by chunk (_run)
+
+    def _start_transfer(self, seq: _Seq, own: int) -> None:
+        """A remote prefill's KV comes in: only what this decoder does not hold (whole blocks), over the
+        slower link; the sequence joins the batch at the first step after it arrived."""
+        shipped = kv_shipped_tokens(seq.handle_tokens, own, self._block)
+        prompt_for_round_trip = seq.handle_tokens if seq.round_trip else 0
+        dur = handoff_time_s(shipped, self._kvb, self.link, seq.source_link, prompt_for_round_trip)
+        seq.cached_tokens = min(seq.handle_tokens, seq.prompt_tokens)
+        seq.prefill_left = seq.prompt_tokens - seq.cached_tokens
+        self.external_prefix_cache_hits_tokens += seq.cached_tokens
+        self.prompt_tokens_total += seq.cached_tokens
+        self.kv_transfers_accepted += 1
+        self.kv_transfer_bytes += shipped * self._kvb
+
+        async def arrive() -> None:
+            await self.clock.sleep(dur)
+            seq.ready = True
+            self._wake.set()
+
+        task = asyncio.get_running_loop().create_task(arrive(), name=f"sim-{self.instance_id}-kv")
+        self._transfers.add(task)
+        task.add_done_callback(self._transfers.discard)
 
     async def _run(self) -> None:
+        tm = self.tier_model
         while True:
             self._admit()
-            if not self._running:
+            decoders = [s for s in self._running if s.ready and s.prefill_left == 0]
+            prefilling = [s for s in self._running if s.ready and s.prefill_left > 0]
+            nd = len(decoders)
+            sizes = plan_chunks(self.max_batched_tokens, nd, [s.prefill_left for s in prefilling])
+            chunks = list(zip(prefilling, sizes, strict=False))
+            if not chunks and not nd:
                 self._wake.clear()
-                if self._waiting:
-                    continue
                 await self._wake.wait()
                 continue
-            budget = self.max_batched_tokens
-            prefill_tokens = prefill_cached = 0
-            chunks: list[tuple[_Seq, int]] = []
-            decoders: list[_Seq] = []
-            for seq in self._running:
-                if seq.prefill_left > 0:
-                    if budget <= 0:
-                        continue
-                    n = min(seq.prefill_left, budget)
-                    budget -= n
-                    if not chunks:
-                        prefill_cached = seq.prompt_tokens - seq.prefill_left
-                    prefill_tokens += n
-                    chunks.append((seq, n))
-                else:
-                    decoders.append(seq)
             ctx = sum(s.context_tokens for s in decoders)
-            step_s = self.tier_model.step_time_s(prefill_tokens, prefill_cached, len(decoders), ctx)
-            await self.clock.sleep(step_s)
+            if chunks:
+                work = [(n, s.prompt_tokens - s.prefill_left) for s, n in chunks]
+                step_s = prefill_step_time_s(tm, work, nd, ctx)
+                power_w = prefill_step_power_w(tm, work, nd, ctx)
+            else:
+                step_s = tm.decode_step_time_s(nd, ctx)
+                power_w = tm.step_power_w(0, nd, ctx)
+            self.meter.start(step_s, power_w)
+            done = False
+            try:
+                await self.clock.sleep(step_s)
+                done = True
+            finally:  # a killed engine drew the step up to now
+                self.meter.end(done)
             if self._dead:
                 return
             self.engine_steps_total += 1
@@ -550,12 +490,9 @@ class SimEngine:
                 if not seq.ended:
                     self._emit(seq, finished)
             for seq in finished:
-                seq.ended = True
-                self._running.remove(seq)
+                self._end(seq)
                 if seq.max_out > 0:
                     seq.out.put_nowait(_END)
-                self._prefix[seq.conversation_id] = seq.context_tokens
-                self._prefix.move_to_end(seq.conversation_id)
 
     def _emit(self, seq: _Seq, finished: list[_Seq]) -> None:
         seq.produced += 1
@@ -563,42 +500,3 @@ class SimEngine:
         seq.out.put_nowait(seq.produced)
         if seq.produced >= seq.max_out:
             finished.append(seq)
-
-
-def _natural_output(body: dict[str, Any], natural: int) -> int:
-    """Where the simulated model would stop by itself: the engine's natural length, or later when the client
-    asks for at least ``min_tokens`` (vLLM's sampling parameter: no end of sequence before that many)."""
-    lo = body.get("min_tokens")
-    if isinstance(lo, int) and not isinstance(lo, bool) and lo > natural:
-        return lo
-    return natural
-
-
-def _requested_max(body: dict[str, Any], natural: int) -> int:
-    """Output tokens this turn decodes: the client's cap, or the model's natural length (see
-    :func:`_natural_output`)."""
-    natural = _natural_output(body, natural)
-    cap = body.get("max_completion_tokens")
-    if cap is None:
-        cap = body.get("max_tokens")
-    if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
-        return min(cap, natural)
-    return natural
-
-
-def _tool_to_call(body: dict[str, Any]) -> str | None:
-    """Name of the tool the simulated model calls, or None (no tools offered, or tool_choice 'none')."""
-    tools = body.get("tools")
-    if not tools or body.get("tool_choice") == "none":
-        return None
-    choice = body.get("tool_choice")
-    if isinstance(choice, dict):
-        name = choice.get("function", {}).get("name")
-        if isinstance(name, str):
-            return name
-    first = tools[0] if isinstance(tools, list) else None
-    if isinstance(first, dict):
-        name = first.get("function", {}).get("name")
-        if isinstance(name, str):
-            return name
-    return "tool"

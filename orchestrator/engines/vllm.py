@@ -40,8 +40,10 @@ from orchestrator.engines.base import (
     EngineRequest,
     PrefillResult,
     RequestKind,
+    Wire,
 )
 from orchestrator.engines.http1 import Http1Pool
+from orchestrator.engines.sse import chunks_from_sse
 from orchestrator.errors import EngineError
 from placement.base import Role
 
@@ -195,6 +197,8 @@ def observation_from_metrics(text: str) -> EngineObservation:
 class VllmEngine:
     """An Engine backed by one vLLM OpenAI server at `base_url`."""
 
+    wire = Wire.SSE  # the router forwards the server's SSE bytes (stream_raw)
+
     def __init__(
         self,
         instance_id: str,
@@ -211,6 +215,7 @@ class VllmEngine:
         self.role = role
         self.tier = tier
         self.base_url = base_url.rstrip("/")
+        self.kv_capacity_tokens = 0  # learned from /metrics (vllm:cache_config_info) by observe()
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s)
         self._observe_timeout = aiohttp.ClientTimeout(total=observe_timeout_s, sock_connect=connect_timeout_s)
         self._max_connections = max_connections
@@ -302,42 +307,22 @@ class VllmEngine:
             kv_transfer_params=params, prompt_tokens=int(usage.get("prompt_tokens", 0)), cached_tokens=cached
         )
 
-    def _decode_body(self, req: EngineRequest, stream: bool) -> dict[str, Any]:
+    async def complete(self, req: EngineRequest) -> dict[str, Any]:
         body = dict(req.body)  # shallow: only top-level keys are set or popped
-        body["stream"] = stream
+        body["stream"] = False
         if req.kv_transfer_params is not None:
             body["kv_transfer_params"] = req.kv_transfer_params
-        if stream:
-            opts = dict(body.get("stream_options") or {})
-            opts["include_usage"] = True
-            body["stream_options"] = opts
-        else:
-            body.pop("stream_options", None)
-        return body
+        body.pop("stream_options", None)
+        return await self._post_json(_PATHS[req.kind], body, req.request_id)
 
-    async def complete(self, req: EngineRequest) -> dict[str, Any]:
-        return await self._post_json(_PATHS[req.kind], self._decode_body(req, stream=False), req.request_id)
-
-    async def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:
-        body = self._decode_body(req, stream=True)
-        try:
-            async with self._client().post(
-                self.base_url + _PATHS[req.kind], json=body, headers={"X-Request-Id": req.request_id}
-            ) as resp:
-                if resp.status >= 400:
-                    raise await self._http_error(resp)
-                async for chunk in iter_sse(resp.content):
-                    if "error" in chunk and "choices" not in chunk:
-                        err = chunk["error"]
-                        msg = err.get("message", err) if isinstance(err, dict) else err
-                        raise EngineError(f"engine {self.instance_id!r} failed mid-stream: {msg}")
-                    yield chunk
-        except (TimeoutError, aiohttp.ClientError) as err:
-            raise self._unreachable(err) from err
+    def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:
+        """:meth:`stream_raw` parsed into chunk dicts (the router reads stream_raw: this engine's wire is
+        SSE); an error event raises EngineError."""
+        return chunks_from_sse(self.stream_raw(req), self.instance_id)
 
     async def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
-        """Like :meth:`stream`, but the engine's SSE bytes as they arrive (whole or partial events), for the
-        router's pass-through (orchestrator.router.RawSseEngine): no per-chunk JSON decode here, no deep
+        """The engine's SSE bytes as they arrive (whole or partial events), for the router's pass-through
+        (this engine's wire is SSE): no per-chunk JSON decode here, no deep
         copy of the body (only top-level keys change, on a shallow copy), body encoded with orjson, and
         for ``http://`` URLs the lean keep-alive client of orchestrator/engines/http1.py instead of
         aiohttp (~180 us less CPU per request on the dev box; BENCHMARKS.md, router overhead)."""
@@ -459,36 +444,3 @@ class VllmEngine:
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
             return False
-
-
-async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
-    """OpenAI-style SSE: `data: {json}` events separated by blank lines, ending with `data: [DONE]`."""
-    data_lines: list[str] = []
-    async for raw in content:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if line == "":
-            if data_lines:
-                payload = "\n".join(data_lines)
-                data_lines = []
-                if payload.strip() == "[DONE]":
-                    return
-                yield _load_event(payload)
-            continue
-        if line.startswith(":"):  # SSE comment / keep-alive
-            continue
-        if line.startswith("data:"):
-            data_lines.append(line[5:].lstrip(" "))
-    if data_lines:  # stream ended without a trailing blank line
-        payload = "\n".join(data_lines)
-        if payload.strip() != "[DONE]":
-            yield _load_event(payload)
-
-
-def _load_event(payload: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(payload)
-    except ValueError as err:
-        raise EngineError(f"engine sent an SSE event that is not JSON: {payload[:200]!r}") from err
-    if not isinstance(obj, dict):
-        raise EngineError(f"engine sent an SSE event that is not a JSON object: {payload[:200]!r}")
-    return obj

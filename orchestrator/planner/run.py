@@ -76,11 +76,11 @@ def make_plan(
     planned_rate = result.tokens_per_s / demand.tokens_per_conversation
     plan_ws = ws if overload is None else replace(ws, arrival_rate_per_s=planned_rate)
     plan = to_plan(cfg, result, settings, elapsed, fleet_file, plan_ws)
-    modes: tuple[ilp.ModeOutcome, ...] = ()
+    outcomes: tuple[ilp.ModeOutcome, ...] = ()
     if len(settings.modes) > 1:
         planned = replace(demand, arrival_rate_per_s=planned_rate)
-        modes = tuple(ilp.best_per_mode(supplies, planned, slo, settings, result.reference))
-        why = mode_note(result, modes, settings.objective.value)
+        outcomes = tuple(ilp.best_per_mode(supplies, planned, slo, settings, result.reference))
+        why = mode_note(result, outcomes, settings.objective.value)
         if why:
             plan = replace(plan, notes=(why, *plan.notes))
     if overload is not None:
@@ -95,7 +95,7 @@ def make_plan(
                 *plan.notes,
             ),
         )
-    return PlanRun(plan, result, ws, settings, modes)
+    return PlanRun(plan, result, ws, settings, outcomes)
 
 
 def caps_comparison(

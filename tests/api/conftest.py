@@ -76,6 +76,7 @@ def start_server(
     db_url: str | None = None,
     run_id: str | None = None,  # replicas sharing a ledger share a run (serve makes a new one per start)
     api_settings: ApiSettings | None = None,
+    shared_state: str = "auto",  # replicas: turn numbers and pins in the PostgreSQL ledger (auto) or memory
 ) -> tuple[Served, Callable[[], None]]:
     db_url = db_url or f"sqlite:///{tmp_path / 'ledger.db'}"
     cfg = parse_fleet(dict(FLEET, database_url=db_url))
@@ -87,6 +88,7 @@ def start_server(
         poll_interval_s=poll_interval_s,
         ledger_flush_interval_s=0.01,
         run_id=run_id,
+        shared_state=shared_state,  # type: ignore[arg-type]
     )
     rt = build_runtime(settings, cfg, instances=instances(cfg) if instances else None)
     app = create_app(settings, runtime=rt, fast_path=fast_path, api_settings=api_settings or ApiSettings())

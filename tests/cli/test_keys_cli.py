@@ -12,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from energy.api_keys import KeyStore
+from energy.errors import EnergyError
 from orchestrator.cli import app
 
 runner = CliRunner()
@@ -47,6 +49,14 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "tenant 'a/b'" in bad.output and "Traceback" not in bad.output
     gone = runner.invoke(app, ["keys", "revoke", "0123456789abcdef", "--db", db])
     assert gone.exit_code == 1 and "keys list" in gone.output
+
+
+def test_a_store_in_a_with_block_disposes_its_pool_when_the_block_raises(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with pytest.raises(EnergyError, match="keys list"), KeyStore.open(db) as store:
+        used = store._engine.pool
+        store.revoke("0123456789abcdef")
+    assert store._engine.pool is not used  # Engine.dispose() replaced the pool the block used
 
 
 def _serve(repo_root: Path, tmp_path: Path, port: int, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:

@@ -197,7 +197,7 @@ def run_sim(
     options: SimOptions | None = None,
 ) -> tuple[Recording, SimResult]:
     rec = Recording(policy)
-    opts = options or SimOptions(view_cached_histories=False)
+    opts = options or SimOptions()
     res = run_simulation(instances, convs, rec, failures=failures, options=opts, energy_window_s=None)  # type: ignore[arg-type]
     return rec, res
 

@@ -382,6 +382,9 @@ async def test_build_accountant_for_sim_engines_uses_model_meters(tmp_path: Path
             self.n += 1
             return Obs(1000.0 * self.n, 50.0 * self.n)
 
+        async def observe_shared(self) -> Obs:  # the Engine protocol's shared scrape: nothing to share
+            return await self.observe()
+
     acct = build_accountant(
         ledger, fleet()[:1], engines={"a40-prefill-0": FakeEngine()}, clock=clock, lag_s=0.0
     )

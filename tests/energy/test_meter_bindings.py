@@ -96,7 +96,7 @@ def test_dcgm_text_of_two_hosts_needs_the_hostname_from_fleet_yaml(tmp_path: Pat
             return with_page(kw["url"], kw["gpu_indices"], kw["meter_id"], hostname=kw["hostname"])
         return meters_make(kind, **kw)
 
-    import energy.accounting as accounting
+    import energy.accountant as accounting  # build_accountant looks make_meter up in its own module
 
     orig = accounting.make_meter
     accounting.make_meter = make

@@ -23,7 +23,7 @@ from api.errors import install_error_handlers
 from api.routes_reports import router as reports_router
 from energy.ledger import Ledger
 from energy.records import AttributionRow, RunInfo, RunKind, Source, TurnRecord
-from energy.reports import GroupBy, build_report
+from energy.reports import GroupBy, build_report, row_totals
 from orchestrator.cli import app as cli_app
 
 T0 = datetime(2025, 3, 1, 12, tzinfo=UTC)
@@ -301,3 +301,17 @@ def test_html_report_renders_in_headless_chromium(db_url: str, tmp_path: Path, r
     keep = os.environ.get("CONSERVE_KEEP_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_row_totals_weigh_the_measured_share_by_joules() -> None:
+    rows = [
+        {"tokens": 100, "joules": 300.0, "measured_share": 1.0},
+        {"tokens": 50, "joules": 100.0, "measured_share": 0.0},
+        {"tokens": 10, "joules": None, "measured_share": None},  # a conversation without energy rows yet
+    ]
+    t = row_totals(rows)
+    assert (t["tokens"], t["joules"]) == (160, 400.0)
+    assert t["measured_share"] == pytest.approx(0.75)  # 300 J of 400 J measured, not the mean of 1.0 and 0.0
+    assert t["tokens_per_j"] == pytest.approx(0.4) and t["j_per_token"] == pytest.approx(2.5)
+    empty = row_totals([])
+    assert (empty["tokens_per_j"], empty["j_per_token"], empty["measured_share"]) == (None, None, None)

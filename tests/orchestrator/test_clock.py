@@ -13,7 +13,8 @@ import pytest
 
 from conserve.clock import SYSTEM_CLOCK, SystemClock, VirtualClock
 from energy.records import PinRecord, TurnRecord
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
+from orchestrator.engines.sse import sse_from_chunks
 from orchestrator.router import Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
@@ -54,6 +55,7 @@ class TimedEngine:
 
     role = Role.COLOCATED
     tier = "t"
+    wire = Wire.CHUNKS
     kv_capacity_tokens = 100_000
     instance_id = "e0"
 
@@ -77,6 +79,12 @@ class TimedEngine:
 
     async def observe(self) -> EngineObservation:
         return EngineObservation(healthy=True)
+
+    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
+        return sse_from_chunks(self.stream(req))
+
+    async def observe_shared(self) -> EngineObservation:
+        return await self.observe()
 
     async def aclose(self) -> None:
         return None

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from energy.records import PinRecord, TurnRecord
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
 from orchestrator.router import SSE_DONE, Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
@@ -28,6 +28,7 @@ class SseEngine:
 
     role = Role.COLOCATED
     tier = "t"
+    wire = Wire.SSE
     kv_capacity_tokens = 100_000
     instance_id = "e0"
 
@@ -46,6 +47,9 @@ class SseEngine:
 
     async def observe(self) -> EngineObservation:
         return EngineObservation(healthy=True)
+
+    async def observe_shared(self) -> EngineObservation:
+        return await self.observe()
 
     async def aclose(self) -> None:
         return None

@@ -13,7 +13,14 @@ import pytest
 
 from energy.meters import Meter, MeterReading, ModelMeter
 from energy.records import Source
-from orchestrator.profiling import ActivityLog, SweepPlan, build_profile, run_sweep
+from orchestrator.profiling import (
+    ActivityLog,
+    DecodeClock,
+    SweepPlan,
+    build_profile,
+    run_sweep,
+)
+from orchestrator.profiling_vllm import parse_decode_clock
 from tiers.catalog import get_gpu
 from tiers.errors import ProfileError
 from tiers.models import get_model
@@ -54,6 +61,9 @@ class VirtualEngine:
         self.clock.advance(s)
         self.calls.append(("batch", batch, prompt_tokens, output_tokens))
         return s
+
+    async def decode_clock(self) -> DecodeClock | None:
+        return None  # no engine-side clock: the sweep times steps from the client's wall times
 
 
 class ConstantPowerMeter:
@@ -284,3 +294,52 @@ async def test_a_monotone_curve_within_noise_is_accepted_as_measured() -> None:
     eng = SlowBatchOneEngine(clock, stalled=0, per_seq_s=-0.00001)  # batch 8 0.7% faster: within 5%
     res = await run_sweep(eng, ConstantPowerMeter(clock, 1.0), MONO_PLAN)
     assert eng.k_runs_b1 == 2 and len(res.decode) == 3
+
+
+class EngineClockedEngine(SlowBatchOneEngine):
+    """Every K-token run at batch 1 stalls on the client's side (a loaded box), but the engine's own
+    inter-token clock counts only its steps: the sweep reads the step from the engine's clock."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock, stalled=10**6)
+        self.itl = DecodeClock(0.0, 0.0)
+
+    async def run_batch(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
+        s = await super().run_batch(batch, prompt_tokens, output_tokens)
+        gaps = batch * (output_tokens - 1)
+        step = STEP_BASE_S + self.per_seq_s * batch
+        self.itl = DecodeClock(self.itl.sum_s + gaps * step, self.itl.count + gaps)
+        return s
+
+    async def decode_clock(self) -> DecodeClock | None:
+        return self.itl
+
+
+async def test_the_engines_own_decode_clock_decides_the_step_when_it_has_one() -> None:
+    """CI (issue 14's monotone check): client-side differences gave batch 4 5.5 ms/step < batch 1 8.2 ms on
+    a loaded box; the engine's inter-token clock gave 1.8-1.9 ms for both. Stalls never count."""
+    clock = VirtualClock()
+    eng = EngineClockedEngine(clock)
+    res = await run_sweep(eng, ConstantPowerMeter(clock, 1.0), MONO_PLAN)
+    steps = {d.batch: d.step_ms for d in res.decode}
+    for b, ms in steps.items():
+        assert ms == pytest.approx((STEP_BASE_S + STEP_PER_SEQ_S * b) * 1e3, abs=1e-9)
+    assert eng.k_runs_b1 == MONO_PLAN.repeats  # nothing re-measured: the client's stalls are not the engine's
+
+
+VLLM_METRICS = """# HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.
+# TYPE vllm:inter_token_latency_seconds histogram
+vllm:inter_token_latency_seconds_bucket{engine="0",le="0.01",model_name="tiny-llama"} 70.0
+vllm:inter_token_latency_seconds_sum{engine="0",model_name="tiny-llama"} 0.3229941340032383
+vllm:inter_token_latency_seconds_count{engine="0",model_name="tiny-llama"} 75.0
+vllm:inter_token_latency_seconds_sum{engine="1",model_name="tiny-llama"} 0.5
+vllm:inter_token_latency_seconds_count{engine="1",model_name="tiny-llama"} 25.0
+"""
+
+
+def test_the_decode_clock_is_read_from_vllm_metrics() -> None:
+    got = parse_decode_clock(VLLM_METRICS)
+    assert got == DecodeClock(pytest.approx(0.8229941340032383), 100.0)
+    old = "vllm:time_per_output_token_seconds_sum 2.0\nvllm:time_per_output_token_seconds_count 40\n"
+    assert parse_decode_clock(old) == DecodeClock(2.0, 40.0)
+    assert parse_decode_clock("vllm:num_requests_running 0.0\n") is None

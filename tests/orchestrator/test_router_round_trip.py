@@ -3,11 +3,17 @@ including a KV round trip (``history_tokens``), which only the simulator honoure
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+import pytest
+
+from conserve.clock import VirtualClock
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
 from orchestrator.engines.sim import SimClock, SimEngine, SimKvFabric
+from orchestrator.engines.sse import sse_from_chunks
+from orchestrator.errors import EngineError
 from orchestrator.router import Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
@@ -21,6 +27,7 @@ class Engine:
     `out` tokens."""
 
     tier = "a40"
+    wire = Wire.CHUNKS
     kv_capacity_tokens = 100_000
 
     def __init__(self, instance_id: str, role: Role, out: int = 5) -> None:
@@ -50,6 +57,12 @@ class Engine:
     async def observe(self) -> EngineObservation:
         return EngineObservation(healthy=True, kv_capacity_tokens=self.kv_capacity_tokens)
 
+    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
+        return sse_from_chunks(self.stream(req))
+
+    async def observe_shared(self) -> EngineObservation:
+        return await self.observe()
+
     async def aclose(self) -> None:
         return None
 
@@ -76,17 +89,8 @@ async def test_a_round_trip_ships_the_history_and_queues_only_the_rest_on_the_pr
     assert router.fleet_view().get("p0").queued_prefill_tokens == 0  # type: ignore[union-attr]
 
 
-class _Clock:
-    """Modelled time advanced by sleeps (a single-task test needs no event loop time)."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep(self, modelled_s: float) -> None:
-        self.t += modelled_s
+# modelled time advanced by sleeps (a single-task test needs no event loop time): the project's virtual clock
+_Clock = VirtualClock
 
 
 async def test_the_simulated_prefiller_pulls_the_history_instead_of_computing_it() -> None:
@@ -99,7 +103,7 @@ async def test_the_simulated_prefiller_pulls_the_history_instead_of_computing_it
         req = EngineRequest(RequestKind.COMPLETION, body, "r", "c", 16_000, history_tokens=history)
         await eng.prefill(req)
         obs = await eng.observe()
-        times.append(clock.now())  # type: ignore[attr-defined]
+        times.append(clock.now_s())
         assert obs.kv_transfer_bytes == history * tm.model.kv_bytes_per_token
         await eng.aclose()
     # pulling 15k tokens' KV and computing 1k is far cheaper than computing 16k (modelled)
@@ -139,3 +143,19 @@ async def test_a_simulated_decoder_receives_only_the_kv_it_does_not_hold() -> No
     assert (await dec.observe()).kv_transfer_bytes == (1100 - 1008) * tm.model.kv_bytes_per_token
     await pre.aclose()
     await dec.aclose()
+
+
+async def test_a_simulated_engine_whose_loop_crashes_fails_its_requests() -> None:
+    """A clock that cannot tell the time (not a conserve.clock.Clock) crashes the engine's batching loop: the
+    request fails with EngineError naming the crash instead of waiting for ever."""
+
+    class NoTime:
+        async def sleep(self, seconds: float) -> None:
+            return None
+
+    tm = TierModel(get_gpu("A40"), get_model("Qwen3-0.6B"))
+    eng = SimEngine("p0", Role.PREFILL, "a40", tm, model_name="m", clock=NoTime())  # type: ignore[arg-type]
+    req = EngineRequest(RequestKind.COMPLETION, {"model": "m", "prompt": "p"}, "r", "c", 100)
+    with pytest.raises(EngineError, match="crashed"):
+        await asyncio.wait_for(eng.prefill(req), timeout=30)
+    await eng.aclose()

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from energy.records import PinRecord, TurnRecord, TurnStatus
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
 from orchestrator.errors import EngineError
 from orchestrator.router import (
     SSE_DONE,
@@ -82,6 +82,7 @@ class CannedSseEngine:
 
     role = Role.COLOCATED
     tier = "t"
+    wire = Wire.SSE
     kv_capacity_tokens = 100_000
 
     def __init__(self, blocks: list[bytes]) -> None:
@@ -105,6 +106,9 @@ class CannedSseEngine:
 
     async def observe(self) -> EngineObservation:
         return EngineObservation(healthy=True)
+
+    async def observe_shared(self) -> EngineObservation:
+        return await self.observe()
 
     async def aclose(self) -> None:
         return None

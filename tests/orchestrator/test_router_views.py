@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.engines.base import EngineObservation
-from orchestrator.router import _Instance
+from orchestrator.router.instances import Instance as _Instance
 from placement.base import Role
 
 # every mutation the router makes to an _Instance between two fleet views

@@ -120,10 +120,9 @@ def _two_turn_trace(tmp_path: Path, n: int) -> Path:
 
 
 def _lines_executed(fn: Callable[[], object]) -> int:
-    """Python lines run in orchestrator/workload.py while fn runs (an operation count, not a time)."""
-    import orchestrator.workload as wl
-
-    target, count = wl.__file__, 0
+    """Python lines run in the loader's module (orchestrator/traces.py) while fn runs (an operation count, not
+    a time)."""
+    target, count = load_mooncake.__code__.co_filename, 0
 
     def local(frame: FrameType, event: str, arg: object) -> object:
         nonlocal count

@@ -118,3 +118,16 @@ def test_batch_budget_options(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, base + ["--prefill-max-batched-tokens", "0"])
     assert r.exit_code == 1
     assert "--prefill-max-batched-tokens must be >= 1" in r.output
+
+
+def test_view_cached_histories_option(tmp_path: Path) -> None:
+    """--view-cached-histories: the paper tables' view (SimOptions.view_cached_histories), which kv-aware
+    reads: its decoder choices change; without it the views count what a live engine reports."""
+    base = ["simulate", "--fleet", str(fleet_file(tmp_path)), "--layout", "colocated=4", "--policy",
+            "kv-aware", "--json", "--no-standalone"]  # fmt: skip
+    decoders = {}
+    for flag in ([], ["--view-cached-histories"]):
+        r = CliRunner().invoke(app, base + flag)
+        assert r.exit_code == 0, r.output
+        decoders[bool(flag)] = [c["decoders"] for c in json.loads(r.output)["conversations"]]
+    assert decoders[True] != decoders[False]
