@@ -66,7 +66,7 @@ OUTSIDE: dict[tuple[str, str], str] = {
         "predicted 3.59x, simulated 2.97x (0.827): the prefillers pack several prompts into one "
         "8,192-token step (one fixed overhead), the M/G/1 model serves them one by one"
     ),
-    ("fleet-mooncake", "p95 TTFET slowdown"): f"predicted 1.34x, simulated 1.54x (1.148): {TTFET_GAP}",
+    ("fleet-mooncake", "p95 TTFET slowdown"): f"predicted 1.34x, simulated 1.54x (1.147): {TTFET_GAP}",
 }
 
 
@@ -120,16 +120,19 @@ def test_prediction_within_10pct_of_the_simulator(verified: dict[str, dict], nam
             "paper-a40",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="not within 10%: --max-rate 0.90 conv/s, the simulator holds the SLO up to 1.38 "
-                "conv/s on the same instances (0.653)",
+                reason="not within 10%: --max-rate 0.907 conv/s, the bisection holds the SLO up to 1.198 "
+                "conv/s on 255-conversation streams (0.757); above ~0.98 conv/s the three decoders cannot "
+                "deliver the decode tokens (tier model), so that is a transient the short stream ends "
+                "before it breaks the TTFET bound",
             ),
         ),
         pytest.param(
             "fleet-single-turn",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="not within 10%: --max-rate 10.26 conv/s, the simulator holds the SLO at 20.5 "
-                "conv/s, the top of the search (<= 0.5)",
+                reason="not within 10%: --max-rate 10.29 conv/s, the bisection holds the SLO up to 14.79 "
+                "conv/s on 400-conversation streams (0.696); at 12 conv/s a 2,000-conversation stream "
+                "misses it (69% violations): the short stream hides the overload",
             ),
         ),
     ],
