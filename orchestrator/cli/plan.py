@@ -172,6 +172,8 @@ def _predicted_met(p: Plan) -> bool:
 def _slo_met(v: Validation | None, own: bool = True) -> str:
     if v is None:
         return "not verified (--no-verify)" if own else "not simulated"
+    if v.steady.conversations == 0:
+        return "NO: no steady state (the fleet does not keep up with the rate), simulated"
     word = "yes" if v.holds else "NO"
     return f"{word}: {v.slo_violation_pct:.1f}% miss (<= {v.allowance_pct:g}% allowed), simulated"
 

@@ -22,19 +22,51 @@ from orchestrator.verify import highest_simulated_rate
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
-FLEETS = ["fleet", "paper-a40", "fleet-llama8b-a100-l40s", "fleet-long-gaps", "fleet-single-turn"]
+FLEETS = [
+    "fleet",
+    "paper-a40",
+    "fleet-llama8b-a100-l40s",
+    "fleet-long-gaps",
+    "fleet-single-turn",
+    "fleet-mooncake",
+]
 METRICS = ["p95 TTFET slowdown", "mean TBT ms", "tokens/J"]
 TOLERANCE = 0.10
 
-# measured on this commit (simulated / predicted, steady state, seeds 0-2); also in docs/planning.md
+# measured on this commit (simulated / predicted, steady state, seeds 0-2, the stream realising the planned
+# workload and rate: orchestrator.verify.steady_stream); also in docs/planning.md
+TTFET_GAP = (
+    "the decode side of the served TTFET is (O_b + Kn) x the planned mean step; with the tail prefill "
+    "priced as the simulator runs it (appended tokens only, orchestrator.planner.inputs) the step now "
+    "matches the simulated TBT within 5%, and the TTFET term the old overcount hid is not yet identified "
+    "(candidates: later turns queueing behind turn-1 prefill chunks on their decoder, the per-step batch "
+    "variance the mean step ignores)"
+)
 OUTSIDE: dict[tuple[str, str], str] = {
-    ("paper-a40", "p95 TTFET slowdown"): "predicted 4.16x, simulated 2.43x (0.584): planned at the burst "
-    "rate 0.89 conv/s, where the modelled decoders sit at their capacity point",
-    ("paper-a40", "mean TBT ms"): "predicted 56.0 ms, simulated 23.0 ms (0.411): the modelled active batch "
-    "is ~4x the simulated one at the capacity point",
-    ("fleet-long-gaps", "tokens/J"): "predicted 47.3, simulated 41.9 (0.884): colocated plan, the model "
-    "underprices the draw of instances that hold KV through 30 s tool gaps",
-    ("fleet-single-turn", "mean TBT ms"): "predicted 46.26 ms, simulated 41.62 ms (0.8997)",
+    ("paper-a40", "p95 TTFET slowdown"): (
+        "predicted 4.10x, simulated 2.69x (0.655): planned at the burst rate 0.89 conv/s, where the "
+        "decoders run at 99.5% of their modelled token throughput; there the active batch "
+        "(B = rate x steps x step(B)) is hypersensitive to the stream's tokens (a steady window's few "
+        "hundred heavy-tailed conversations carry ~7% fewer decode tokens than the workload mean)"
+    ),
+    ("paper-a40", "mean TBT ms"): (
+        "predicted 54.7 ms, simulated 26.5 ms (0.484): same cause; the simulated decoders batch ~6 "
+        "sequences at the throughput they realise, as the tier model's step curve says"
+    ),
+    (
+        "fleet-llama8b-a100-l40s",
+        "p95 TTFET slowdown",
+    ): f"predicted 1.97x, simulated 2.27x (1.152): {TTFET_GAP}",
+    ("fleet-long-gaps", "tokens/J"): (
+        "predicted 47.4, simulated 41.2 (0.870): colocated plan at 88% planned KV occupancy; in simulation "
+        "17% of the later turns find their history gone after the 30 s tool gap and recompute it (2,249 "
+        "tokens per later turn on average vs ~200 appended), prefill energy the model omits"
+    ),
+    ("fleet-single-turn", "p95 TTFET slowdown"): (
+        "predicted 3.59x, simulated 2.97x (0.827): the prefillers pack several prompts into one "
+        "8,192-token step (one fixed overhead), the M/G/1 model serves them one by one"
+    ),
+    ("fleet-mooncake", "p95 TTFET slowdown"): f"predicted 1.34x, simulated 1.54x (1.147): {TTFET_GAP}",
 }
 
 
@@ -88,16 +120,19 @@ def test_prediction_within_10pct_of_the_simulator(verified: dict[str, dict], nam
             "paper-a40",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="not within 10%: --max-rate 0.90 conv/s, the simulator holds the SLO up to 1.38 "
-                "conv/s on the same instances (0.653)",
+                reason="not within 10%: --max-rate 0.907 conv/s, the bisection holds the SLO up to 1.198 "
+                "conv/s on 255-conversation streams (0.757); above ~0.98 conv/s the three decoders cannot "
+                "deliver the decode tokens (tier model), so that is a transient the short stream ends "
+                "before it breaks the TTFET bound",
             ),
         ),
         pytest.param(
             "fleet-single-turn",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="not within 10%: --max-rate 10.26 conv/s, the simulator holds the SLO at 20.5 "
-                "conv/s, the top of the search (<= 0.5)",
+                reason="not within 10%: --max-rate 10.29 conv/s, the bisection holds the SLO up to 14.79 "
+                "conv/s on 400-conversation streams (0.696); at 12 conv/s a 2,000-conversation stream "
+                "misses it (69% violations): the short stream hides the overload",
             ),
         ),
     ],

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,22 @@ def test_steady_stream_is_seeded_and_at_the_rate() -> None:
     assert 499 / span == pytest.approx(4.0, rel=0.15)
 
 
+def test_steady_stream_is_the_planned_workload_at_the_planned_rate() -> None:
+    # the planner predicts for the workload's own mix at the planned rate: the stream must realise both
+    # (with replacement and unconditioned Poisson arrivals, seed 0 ran 11% below the rate)
+    from orchestrator.workload import workload_from_config
+
+    cfg = load_fleet(REPO / "examples" / "fleet-single-turn.yaml")
+    base = workload_from_config(cfg.workload)
+    n = len(base)
+    for seed in (0, 1, 2):
+        s = steady_stream(base, 2 * n + 7, 4.0, seed)
+        assert (len(s) - 1) / (s[-1].arrival_s - s[0].arrival_s) == pytest.approx(4.0, rel=1e-9)
+        first = sorted((c.input_tokens(1), c.total_tokens, len(c.turns)) for c in s[:n])
+        assert first == sorted((c.input_tokens(1), c.total_tokens, len(c.turns)) for c in base)
+        assert all(y.arrival_s > x.arrival_s for x, y in zip(s, s[1:], strict=False))
+
+
 def test_validate_plan_rejects_no_seeds(tmp_path: Path) -> None:
     cfg = load_fleet(_fleet(tmp_path))
     with pytest.raises(Exception, match="seeds"):
@@ -158,3 +175,15 @@ def test_a_replan_with_the_same_instances_is_not_resimulated(
     assert len(calls) == 1 and len(replans) == 3  # three tightenings, one simulation
     assert replans == sorted(replans, reverse=True) and replans[-1] < replans[0]
     assert not v.holds and v.status.startswith("fails:")
+
+
+def test_an_empty_steady_window_does_not_hold(tmp_path: Path) -> None:
+    # far above capacity the mean E2E spans the run: every conversation is ramp-up or drain, and 0% of no
+    # steady-state conversation used to read as "holds" (examples/paper-a40.yaml at 1.38 conv/s, 2,000
+    # conversations: steady window empty, 100% of the drain missing an SLO)
+    cfg = load_fleet(_fleet(tmp_path))
+    run = make_plan(cfg)
+    v = validate_plan(cfg, run, seeds=(0,))
+    empty = replace(v, steady=replace(v.steady, conversations=0, slo_violation_pct=0.0))
+    assert empty.slo_violation_pct <= empty.allowance_pct and not empty.holds
+    assert "no steady state" in empty.shortfall()
