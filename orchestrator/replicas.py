@@ -162,8 +162,10 @@ async def settle(
 ) -> None:
     """Before an answered turn's last byte: its record committed (`durability`) and, with replicas, the
     store told (:func:`finish_turn`), both at once."""
+    if store is None:  # one replica: only the commit to wait for (no task wrapped around it by gather)
+        if durability is not None:
+            await durability()
+        return
     waits: list[Awaitable[None]] = [] if durability is None else [durability()]
-    if store is not None:
-        waits.append(finish_turn(store, conv, turn, clock.wall()))
-    if waits:
-        await asyncio.gather(*waits)
+    waits.append(finish_turn(store, conv, turn, clock.wall()))
+    await asyncio.gather(*waits)
