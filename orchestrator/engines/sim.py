@@ -37,7 +37,7 @@ from energy.meters import (
     PROMPT_TOKENS_TOTAL,
 )
 from orchestrator.core.turns import kv_shipped_tokens
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, Wire
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult
 from orchestrator.engines.sim_fabric import DEFAULT_LINK, PrefixCache, SimKvFabric
 from orchestrator.engines.sim_meter import StepMeter
 from orchestrator.engines.sim_text import (
@@ -47,7 +47,7 @@ from orchestrator.engines.sim_text import (
     openai_chunks,
     requested_max,
 )
-from orchestrator.engines.sse import sse_from_chunks
+from orchestrator.engines.sse import ChunkNative
 from orchestrator.errors import EngineError
 from placement.base import Role
 from tiers.perf import TierModel
@@ -94,10 +94,9 @@ class _Seq:
         return self.prompt_tokens + self.produced
 
 
-class SimEngine:
-    """An Engine whose timing comes from a TierModel; see the module docstring."""
-
-    wire = Wire.CHUNKS  # in-process: the router reads stream()'s chunk dicts
+class SimEngine(ChunkNative):
+    """An Engine whose timing comes from a TierModel; see the module docstring. In process: its native stream
+    is chunk dicts (ChunkNative: wire, stream_raw, observe_shared)."""
 
     def __init__(
         self,
@@ -258,12 +257,6 @@ class SimEngine:
                 **self.meter.counters(),
             },
         )
-
-    async def observe_shared(self) -> EngineObservation:
-        return await self.observe()  # computed from memory: nothing to share
-
-    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
-        return sse_from_chunks(self.stream(req))
 
     async def aclose(self) -> None:
         for task in list(self._transfers):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
+from orchestrator.engines.base import EngineObservation, EngineRequest, Wire
 from orchestrator.errors import EngineError
 
 try:  # orjson parses and encodes SSE chunks ~3-5x faster than json (measured on the dev box)
@@ -40,6 +41,7 @@ __all__ = [
     "loads",
     "parse_event",
     "sse_from_chunks",
+    "ChunkNative",
 ]
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -146,3 +148,23 @@ async def sse_from_chunks(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterato
         async for chunk in chunks:
             yield encode_event(chunk)
     yield SSE_DONE
+
+
+class _ChunkEngine(Protocol):
+    def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]: ...
+    async def observe(self) -> EngineObservation: ...
+
+
+class ChunkNative:
+    """Mixin of an engine whose native stream is OpenAI chunk dicts (``Wire.CHUNKS``: in process, computed in
+    memory): its SSE stream is derived from :meth:`stream`, and :meth:`observe_shared` is :meth:`observe` (an
+    observation computed from memory has nothing to share). The Engine protocol's other members stay the
+    engine's own."""
+
+    wire = Wire.CHUNKS
+
+    def stream_raw(self: _ChunkEngine, req: EngineRequest) -> AsyncIterator[bytes]:
+        return sse_from_chunks(self.stream(req))
+
+    async def observe_shared(self: _ChunkEngine) -> EngineObservation:
+        return await self.observe()

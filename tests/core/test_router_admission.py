@@ -12,8 +12,8 @@ from vloop import run_virtual
 
 from conserve.clock import LoopClock
 from energy.records import PinRecord, TurnRecord
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
-from orchestrator.engines.sse import sse_from_chunks
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.sse import ChunkNative
 from orchestrator.router import AdmissionTimedOut, Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
@@ -22,11 +22,10 @@ CAP = 1000
 refused: list[tuple[float, int]] = []  # _run's refusals of B: (loop time, Retry-After s)
 
 
-class Decoder:
+class Decoder(ChunkNative):
     """One decode instance of 1,000 KV tokens that streams 5 tokens, 10 ms apart."""
 
     instance_id, role, tier, kv_capacity_tokens = "d0", Role.DECODE, "a40", CAP
-    wire = Wire.CHUNKS
 
     async def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:
         for k in range(5):
@@ -43,11 +42,7 @@ class Decoder:
     async def observe(self) -> EngineObservation:
         return EngineObservation(healthy=True, kv_capacity_tokens=CAP)
 
-    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
-        return sse_from_chunks(self.stream(req))
 
-    async def observe_shared(self) -> EngineObservation:
-        return await self.observe()
 
     async def aclose(self) -> None:
         return None

@@ -13,8 +13,8 @@ import pytest
 
 from conserve.clock import SYSTEM_CLOCK, SystemClock, VirtualClock
 from energy.records import PinRecord, TurnRecord
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
-from orchestrator.engines.sse import sse_from_chunks
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.sse import ChunkNative
 from orchestrator.router import Router, RouterConfig, TurnInput
 from placement.base import Role
 from placement.policies import make_policy
@@ -50,12 +50,11 @@ async def test_virtual_clock_moves_only_forward_and_maps_to_wall_time() -> None:
         clock.advance_to(1.0)
 
 
-class TimedEngine:
+class TimedEngine(ChunkNative):
     """Streams 3 tokens: the first after `first_s`, then one every `gap_s`, sleeping on the given clock."""
 
     role = Role.COLOCATED
     tier = "t"
-    wire = Wire.CHUNKS
     kv_capacity_tokens = 100_000
     instance_id = "e0"
 
@@ -80,11 +79,7 @@ class TimedEngine:
     async def observe(self) -> EngineObservation:
         return EngineObservation(healthy=True)
 
-    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
-        return sse_from_chunks(self.stream(req))
 
-    async def observe_shared(self) -> EngineObservation:
-        return await self.observe()
 
     async def aclose(self) -> None:
         return None

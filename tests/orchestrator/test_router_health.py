@@ -12,20 +12,19 @@ from typing import Any
 
 import pytest
 
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, Wire
-from orchestrator.engines.sse import sse_from_chunks
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult
+from orchestrator.engines.sse import ChunkNative
 from orchestrator.errors import EngineError
 from orchestrator.router import Router, RouterConfig
 from placement.base import Role
 from placement.policies import make_policy
 
 
-class ScriptedObserveEngine:
+class ScriptedObserveEngine(ChunkNative):
     """Colocated engine whose observe() follows a script: "ok", "unhealthy" or "raise" per poll."""
 
     role = Role.COLOCATED
     tier = "t"
-    wire = Wire.CHUNKS
     kv_capacity_tokens = 10_000
 
     def __init__(self, script: list[str]) -> None:
@@ -47,11 +46,7 @@ class ScriptedObserveEngine:
     async def complete(self, req: EngineRequest) -> dict[str, Any]:  # pragma: no cover - not used
         raise AssertionError
 
-    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
-        return sse_from_chunks(self.stream(req))
 
-    async def observe_shared(self) -> EngineObservation:
-        return await self.observe()
 
     async def aclose(self) -> None:
         return None

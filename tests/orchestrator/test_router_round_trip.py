@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from conserve.clock import VirtualClock
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
 from orchestrator.engines.sim import SimClock, SimEngine, SimKvFabric
-from orchestrator.engines.sse import sse_from_chunks
+from orchestrator.engines.sse import ChunkNative
 from orchestrator.errors import EngineError
 from orchestrator.router import Router, RouterConfig, TurnInput
 from placement.base import Role
@@ -22,12 +22,11 @@ from tiers.models import get_model
 from tiers.perf import TierModel
 
 
-class Engine:
+class Engine(ChunkNative):
     """Prefills (recording each request and the queued prefill work the router shows meanwhile) and streams
     `out` tokens."""
 
     tier = "a40"
-    wire = Wire.CHUNKS
     kv_capacity_tokens = 100_000
 
     def __init__(self, instance_id: str, role: Role, out: int = 5) -> None:
@@ -57,11 +56,7 @@ class Engine:
     async def observe(self) -> EngineObservation:
         return EngineObservation(healthy=True, kv_capacity_tokens=self.kv_capacity_tokens)
 
-    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
-        return sse_from_chunks(self.stream(req))
 
-    async def observe_shared(self) -> EngineObservation:
-        return await self.observe()
 
     async def aclose(self) -> None:
         return None

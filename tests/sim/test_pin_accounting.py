@@ -19,8 +19,8 @@ import pytest
 from simkit import Inst, agentic, colocated, disagg, small_gpu_model
 
 from energy.records import PinRecord, TurnRecord
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind, Wire
-from orchestrator.engines.sse import sse_from_chunks
+from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult, RequestKind
+from orchestrator.engines.sse import ChunkNative
 from orchestrator.router import Router, RouterConfig, TurnInput
 from orchestrator.sim import SimOptions, run_simulation
 from orchestrator.workload import ConversationSpec, TurnSpec
@@ -48,12 +48,11 @@ def _simulate(policy: str = "conserve"):  # type: ignore[no-untyped-def]
     )
 
 
-class EvictedEngine:
+class EvictedEngine(ChunkNative):
     """A decoder that streams `conserve_output` tokens and reports no resident KV (everything evicted)."""
 
     role = Role.DECODE
     tier = "a40"
-    wire = Wire.CHUNKS
     kv_capacity_tokens = CAP
 
     def __init__(self, instance_id: str) -> None:
@@ -76,11 +75,7 @@ class EvictedEngine:
     async def observe(self) -> EngineObservation:
         return EngineObservation(healthy=True, kv_usage_frac=0.0, kv_capacity_tokens=CAP)
 
-    def stream_raw(self, req: EngineRequest) -> AsyncIterator[bytes]:
-        return sse_from_chunks(self.stream(req))
 
-    async def observe_shared(self) -> EngineObservation:
-        return await self.observe()
 
     async def aclose(self) -> None:
         return None
