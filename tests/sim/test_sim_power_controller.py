@@ -89,7 +89,8 @@ def test_without_the_option_the_run_has_no_steps() -> None:
     assert run(None).power_steps == ()
 
 
-def test_simulate_cli_flag(tmp_path: Path) -> None:
+def _two_a40_fleet(tmp_path: Path, conversations: int) -> Path:
+    """Two A40s with the test's caps and a small synthetic workload, written as fleet.yaml."""
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text(
         yaml.safe_dump(
@@ -98,13 +99,18 @@ def test_simulate_cli_flag(tmp_path: Path) -> None:
                 "tiers": [{"name": "a40", "gpu": "A40", "count": 2, "power_caps_w": list(CAPS)}],
                 "workload": {
                     "format": "synthetic",
-                    "conversations": 20,
+                    "conversations": conversations,
                     "arrival_rate_per_s": 0.5,
                     "synthetic": {"turns_mean": 2, "turn1_input_tokens_median": 4000},
                 },
             }  # fmt: skip
         )
     )
+    return fleet_file
+
+
+def test_simulate_cli_flag(tmp_path: Path) -> None:
+    fleet_file = _two_a40_fleet(tmp_path, conversations=20)
     args = [
         "simulate",
         "--fleet",
@@ -123,21 +129,7 @@ def test_simulate_cli_flag(tmp_path: Path) -> None:
 
 
 def test_compare_cli_adds_a_power_row(tmp_path: Path) -> None:
-    fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text(
-        yaml.safe_dump(
-            {
-                "model": "Qwen3-0.6B",
-                "tiers": [{"name": "a40", "gpu": "A40", "count": 2, "power_caps_w": list(CAPS)}],
-                "workload": {
-                    "format": "synthetic",
-                    "conversations": 10,
-                    "arrival_rate_per_s": 0.5,
-                    "synthetic": {"turns_mean": 2, "turn1_input_tokens_median": 4000},
-                },
-            }  # fmt: skip
-        )
-    )
+    fleet_file = _two_a40_fleet(tmp_path, conversations=10)
     args = [
         "compare",
         "--fleet",
