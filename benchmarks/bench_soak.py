@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,13 +33,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 TARGET_SLOPE_MB_PER_MIN = 1.0  # issue 13 item 5
+# the router benchmark's process helpers (this directory is on sys.path)
+from bench_router import _children as children  # noqa: E402
+from bench_router import _free_port  # noqa: E402
+
 SYSTEM = "You are a coding agent. Tools: bash, edit, search. Answer with one tool call per turn. " * 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float:
@@ -49,16 +46,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
 
 
 def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
