@@ -1,0 +1,114 @@
+"""The KV-gap rule applied to a live router (orchestrator/kv_gaps_live.py) over a simulated engine, in virtual
+time: a pinned conversation idle in a tool gap keeps its KV while its decoder has no pressure, and is dropped
+once requests wait there and it has been idle longer than its re-prefill would take; its next turn is then
+served by a re-prefill, and the ledger's pin rows say so."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from vloop import run_virtual
+
+from conserve.clock import LoopClock
+from energy.records import PinRecord, TurnRecord
+from orchestrator.engines.base import RequestKind
+from orchestrator.engines.sim import SimEngine
+from orchestrator.kv_gaps_live import GapKeeper, GapRelease
+from orchestrator.router import Router, RouterConfig, TurnInput
+from placement.base import Role
+from placement.kv_gaps import GapAction, gap_costs
+from placement.policies import make_policy
+from tiers.catalog import get_gpu
+from tiers.models import get_model
+from tiers.perf import TierModel
+
+TM = TierModel(get_gpu("A40"), get_model("Qwen3-0.6B"))
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.turns: list[TurnRecord] = []
+        self.pins: list[PinRecord] = []
+
+    def turn(self, rec: TurnRecord) -> None:
+        self.turns.append(rec)
+
+    def pin(self, rec: PinRecord) -> None:
+        self.pins.append(rec)
+
+
+def turn(cid: str, tokens: int, out: int) -> TurnInput:
+    body = {"model": "m", "prompt": "p", "max_tokens": out, "min_tokens": out}
+    return TurnInput(RequestKind.COMPLETION, body, cid, prompt_tokens=tokens)
+
+
+def _pinned(router: Router) -> int:
+    """The KV tokens the router counts for conversations pinned to d0."""
+    return int(next(s["pinned_tokens"] for s in router.instance_status() if s["instance_id"] == "d0"))
+
+
+def _run(apply_rule: bool) -> dict[str, Any]:
+    """A (4,000-token prompt) ends turn 1 and idles; B runs a long generation on the one-sequence decoder
+    while C waits behind it (pressure); the keeper ticks (or not) during that; A's turn 2 comes after."""
+    sink = Sink()
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        clock = LoopClock(epoch=datetime.fromtimestamp(0, UTC))
+        eng = SimEngine("d0", Role.COLOCATED, "a40", TM, model_name="m", clock=clock, max_num_seqs=1)
+        router = Router(
+            {"d0": eng}, make_policy("colocated"), RouterConfig("m", 10**6), sink=sink, clock=clock
+        )
+        keeper = GapKeeper(router, {"d0": TM})
+        await router.complete(turn("A", 4000, 16))
+        await router.poll()
+        seen["quiet"] = await keeper.tick()  # idle, no request waits: kept
+        seen["pinned_before"] = _pinned(router)
+        b = asyncio.create_task(router.complete(turn("B", 100, 2000)))
+        c = asyncio.create_task(router.complete(turn("C", 100, 4)))
+        await asyncio.sleep(0.5)
+        await router.poll()
+        seen["waiting"] = router.fleet_view().get("d0").waiting_seqs  # type: ignore[union-attr]
+        if apply_rule:
+            a = router.gap_state()[0]["A"]
+            seen["too_soon"] = await keeper.tick(now_s=a.last_active_s + 1e-4)  # idle < its re-prefill
+            seen["released"] = await keeper.tick()
+            seen["cached_after"] = eng.cached_prefix_tokens("A")
+            seen["pinned_after"] = _pinned(router)
+            seen["again"] = await keeper.tick()  # already released: nothing more to do
+        await asyncio.gather(b, c)
+        await router.complete(turn("A", 4100, 16))
+        seen["pin"] = router.active_pin("A")
+        seen["stats"] = dict(keeper.stats)
+        await router.aclose()
+
+    run_virtual(main())
+    seen["A2"] = next(t for t in sink.turns if t.conversation_id == "A" and t.turn == 2)
+    seen["pins"] = [p for p in sink.pins if p.conversation_id == "A"]
+    return seen
+
+
+def test_an_idle_pinned_conversation_is_dropped_under_pressure_and_its_next_turn_re_prefills() -> None:
+    seen = _run(apply_rule=True)
+    assert seen["quiet"] == [] and seen["waiting"] == 1 and seen["too_soon"] == []
+    [rel] = seen["released"]
+    assert isinstance(rel, GapRelease) and (rel.conversation_id, rel.decoder) == ("A", "d0")
+    assert rel.action is GapAction.DROP and rel.context_tokens == 4016  # no host tier: drop
+    assert rel.idle_s >= gap_costs(4016, TM, None).drop_restore_s
+    assert seen["cached_after"] == 0  # the engine forgot A's prefix
+    # the router no longer counts A's context on d0: only B and C, for their prompt + output cap
+    assert seen["pinned_before"] == 4016 and seen["pinned_after"] == (100 + 2000) + (100 + 4)
+    assert seen["again"] == []
+    assert seen["pin"] == "d0"  # the pin stays: the next turn goes to d0, which re-prefills
+    assert seen["A2"].cached_tokens == 0 and seen["A2"].instance_id == "d0"
+    reasons = [p.reason for p in seen["pins"]]
+    assert reasons[0] == "placed" and reasons[1].startswith("kv drop: idle ") and len(reasons) == 2
+    assert seen["stats"]["dropped"] == 1 and seen["stats"]["offloaded"] == 0
+
+
+def test_without_the_rule_the_next_turn_hits_the_prefix_cache() -> None:
+    seen = _run(apply_rule=False)
+    assert seen["A2"].cached_tokens >= 4000 - TM.block_size_tokens  # the control: kept, whole blocks hit
+    assert [p.reason for p in seen["pins"]] == ["placed"]
