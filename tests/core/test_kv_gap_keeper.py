@@ -112,3 +112,38 @@ def test_without_the_rule_the_next_turn_hits_the_prefix_cache() -> None:
     seen = _run(apply_rule=False)
     assert seen["A2"].cached_tokens >= 4000 - TM.block_size_tokens  # the control: kept, whole blocks hit
     assert [p.reason for p in seen["pins"]] == ["placed"]
+
+
+def test_serve_runs_the_keeper_on_its_clock_only_when_asked(tmp_path: Any) -> None:
+    """build_runtime wires the keeper from CONSERVE_KV_GAP_INTERVAL_S (off by default) with every instance's
+    tier model, and start() schedules its tick at that period on the runtime's clock."""
+    from orchestrator.config import parse_fleet
+    from orchestrator.runtime import ServeSettings, SimInstance, build_runtime
+
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    fleet = {"model": "Qwen3-0.6B", "backend": "sim", "policy": "colocated", "database_url": db_url,
+             "tiers": [{"name": "a40", "gpu": "A40", "count": 1, "roles": ["colocated"]}]}  # fmt: skip
+    cfg = parse_fleet(fleet)
+    instances = [SimInstance("c0", "a40", Role.COLOCATED, TM)]
+
+    def settings(**kw: Any) -> Any:
+        # not durable: on a virtual-time loop a wait for the writer thread would let virtual time run on
+        return ServeSettings(
+            db=db_url, energy_interval_s=0, ledger_writer="thread", ledger_durable=False, **kw
+        )
+
+    async def main() -> dict[str, int]:
+        off = build_runtime(settings(), cfg, instances=instances, clock=LoopClock())
+        assert off.kv_gaps is None
+        await off.stop()
+        rt = build_runtime(settings(kv_gap_interval_s=0.5), cfg, instances=instances, clock=LoopClock())
+        assert isinstance(rt.kv_gaps, GapKeeper) and set(rt.kv_gaps.tier_models) == {"c0"}
+        await rt.start()
+        await rt.router.complete(turn("A", 4000, 16))  # pinned, idle, no pressure: kept at every tick
+        await asyncio.sleep(2.1)
+        stats = dict(rt.kv_gaps.stats)
+        await rt.stop()
+        return stats
+
+    stats = run_virtual(main())
+    assert stats["ticks"] == 4 and stats["kept"] >= 3 and stats["dropped"] == 0
