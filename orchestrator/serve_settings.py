@@ -99,3 +99,9 @@ class ServeSettings(BaseSettings):
     power_budget_w: float | None = Field(
         None, gt=0, description="power controller: fleet cap budget in W (sum over engines of GPUs x cap)"
     )
+    kv_gap_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="apply the KV-gap rule (keep, offload or drop an idle pinned conversation's KV; "
+        "orchestrator/kv_gaps_live.py) this often, seconds; 0 turns it off",
+    )
