@@ -23,7 +23,9 @@ from orchestrator.cli.sim_common import (
     ADMISSION_HELP,
     ADMISSION_WAIT_HELP,
     BUDGET_HELP,
+    HOST_KV_HELP,
     JSON_SCHEMA_VERSION,
+    KV_GAP_HELP,
     PREFILL_BUDGET_HELP,
     THRESHOLD_HELP,
     VIEW_HELP,
@@ -84,6 +86,8 @@ def register(app: typer.Typer) -> None:
             False, "--power-controller", help="also run every policy under the power controller (+power)"
         ),
         view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
+        kv_gap_rule: bool = typer.Option(False, "--kv-gap-rule", help=KV_GAP_HELP),
+        host_kv_gb: float | None = typer.Option(None, "--host-kv-gb", help=HOST_KV_HELP),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
     ) -> None:
@@ -103,7 +107,13 @@ def register(app: typer.Typer) -> None:
             fail("--rates must be > 0 conversations/s")
         out_dir = make_out_dir(out)
         sim_opts = build_sim_options(
-            max_batched, prefill_max_batched, router_admission, view_cached, admission_wait
+            max_batched,
+            prefill_max_batched,
+            router_admission,
+            view_cached,
+            admission_wait,
+            kv_gap_rule,
+            host_kv_gb,
         )
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
         from orchestrator.workload import poisson_arrivals
