@@ -41,7 +41,7 @@ from placement.kv_gaps import GapAction, GapCosts, gap_action, gap_costs, kv_pre
 class _Gap:
     """One open tool gap of a conversation: where its KV is and what the rule did with it."""
 
-    __slots__ = ("action", "costs", "dec", "offloaded", "serial", "start_s", "tokens", "released_s")
+    __slots__ = ("action", "costs", "dec", "hold_s", "offloaded", "serial", "start_s", "tokens", "released_s")
 
     def __init__(self, dec: int, start_s: float, tokens: int, costs: GapCosts, serial: int) -> None:
         self.dec = dec
@@ -51,6 +51,7 @@ class _Gap:
         self.serial = serial
         self.action = GapAction.KEEP
         self.offloaded = 0  # tokens copied to host memory
+        self.hold_s = 0.0  # the hold the last check was scheduled for (idle seconds)
         self.released_s = float("nan")
 
 
@@ -89,6 +90,7 @@ class GapRule(SimBase):
         action = gap_action(float("inf"), True, g.costs, self._host_free(g.dec))
         hold = g.costs.offload_restore_s if action is GapAction.OFFLOAD else g.costs.drop_restore_s
         assert hold is not None
+        g.hold_s = hold
         self._push(max(t, g.start_s + hold), _GAP, ci, g.serial)
 
     def _gap_check(self, ci: int, serial: int, t: float) -> None:
@@ -100,7 +102,9 @@ class GapRule(SimBase):
         if not inst.healthy:
             return
         pressure = kv_pressure(inst.make_view())
-        action = gap_action(t - g.start_s, pressure, g.costs, self._host_free(g.dec))
+        # idle at least the hold this check was scheduled for: start + hold - start may round below hold
+        idle = max(t - g.start_s, g.hold_s)
+        action = gap_action(idle, pressure, g.costs, self._host_free(g.dec))
         if action is not GapAction.KEEP:
             self._gap_release(ci, g, action, t)
         elif pressure:  # the host tier filled meanwhile: the slower release's hold is not over yet
@@ -120,7 +124,7 @@ class GapRule(SimBase):
             if g is None:
                 eligible.pop(ci, None)
                 continue
-            action = gap_action(t - g.start_s, True, g.costs, self._host_free(g.dec))
+            action = gap_action(max(t - g.start_s, g.hold_s), True, g.costs, self._host_free(g.dec))
             if action is not GapAction.KEEP:
                 eligible.pop(ci, None)
                 self._gap_release(ci, g, action, t)
