@@ -4,12 +4,14 @@ waited (simulated; honest clock).
     python benchmarks/issue12_why.py --fleet examples/fleet-single-turn.yaml --seeds 0-4 --lock
     python benchmarks/issue12_why.py --fleet examples/paper-a40.yaml --rate 1.634 --seeds 0-4 --lock
 
-Per configuration (compare's: the plan's layout for the disaggregated policies, the same GPUs as colocated
-instances for the colocated family; compare's policy options), over the seeds: violations (% of
+Per configuration (``conserve-adaptive:slowdown``: that policy with ``objective="slowdown"``) on compare's
+layout (the plan's for the disaggregated policies, the same GPUs as colocated instances for the colocated
+family) with compare's policy options, over the seeds: tokens/J, violations (% of
 conversations; by SLO: TTFET / TBT / E2E), and for turn 1 of the violating and the other conversations the
 mean seconds spent in each place: queued before its prefill started (on the prefiller, or on the decoder for a
-local prefill), in prefill, from the prefill's end to the KV's allocation on the decoder (waiting for room)
-and to the first token; how many turn 1s prefilled locally and how many violators were short prompts
+local prefill), in prefill (with chunked prefill, first come first served, this includes waiting for the
+chunks of prompts admitted before it), from the prefill's end to the KV's allocation on the decoder (waiting
+for room) and to the first token; how many turn 1s prefilled locally and how many violators were short prompts
 (below the median turn-1 prompt of the run); and each role's utilisation. No figure is tuned: every number
 comes from the simulator with compare's defaults.
 """
@@ -101,6 +103,7 @@ def main() -> None:
                 med = statistics.median(p["input"] for p in parts.values())
                 a = acc[label]
                 a["viol"].append(summ.slo_violation_pct)
+                a["tokj"].append(summ.tokens_per_j)
                 for k in ("ttfet", "tbt", "e2e"):
                     key = {"ttfet": "ttfet_slowdown", "tbt": "tbt_slowdown", "e2e": "e2e_slowdown"}[k]
                     a[f"by_{k}"].append(summ.slo_violation_pct_by.get(key, 0.0))
@@ -119,14 +122,14 @@ def main() -> None:
     shown = f"{args.rate} conv/s" if args.rate else "the file's rate"
     print(f"fleet {args.fleet} at {shown}, seeds {args.seeds}, honest clock; means over seeds\n")
     print(
-        "| config | viol. % (TTFET/TBT/E2E) | turn-1 local % | violators: queue / prefill / to KV / to 1st "
-        "token s | others: same s | violators short % / local % | utilisation by role |"
+        "| config | viol. % (TTFET/TBT/E2E) | tokens/J | turn-1 local % | violators: queue / prefill / to KV "
+        "/ to 1st token s | others: same s | violators short % / local % | utilisation by role |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for pol, a in acc.items():
         print(
             f"| {pol} | {_m(a['viol'])} ({_m(a['by_ttfet'])}/{_m(a['by_tbt'])}/{_m(a['by_e2e'])}) "
-            f"| {_m(a['local_pct'])} | {_parts(a, 'bad')} | {_parts(a, 'good')} "
+            f"| {_m(a['tokj'], 2)} | {_m(a['local_pct'])} | {_parts(a, 'bad')} | {_parts(a, 'good')} "
             f"| {_m(a['bad_short_pct'])} / {_m(a['bad_local_pct'])} "
             f"| {', '.join(f'{k[5:]} {_m(v, 2)}' for k, v in a.items() if k.startswith('util_'))} |"
         )
