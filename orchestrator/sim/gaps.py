@@ -19,7 +19,13 @@ KV is full as the policies see it) and the time already idle.
   (``gap_costs``: bytes / host-link bandwidth) before it is placed; the KV is then in the decoder's prefix
   cache again and the turn prefills only its new tokens.
 - **drop**: the KV leaves the cache and the pin accounting; the next turn re-prefills its whole context on
-  the decoder (the simulator's step rule, ``tiers.steps``, prices it like any prefill).
+  the decoder (the simulator's step rule, ``tiers.steps``, prices it like any prefill). A drop is applied only
+  when the engine must evict cached KV to admit a request, oldest idle conversation first, for the room that
+  admission needs beyond the cached KV of conversations that have ended (the driver knows a conversation has
+  ended: its last turn ended without tool calls): a cached entry is room the engine can take anyway, and
+  dropping every idle conversation past its hold under any pressure re-prefilled 26-37 million tokens on
+  examples/fleet-long-gaps.yaml where the prefix cache's LRU alone lost 0.75-31 million
+  (docs/paper-reproduction.md).
 - **keep**: nothing moves. The prefix cache may still evict the entry when an admission needs the room (LRU,
   as without the rule): counted as ``evicted_while_kept`` (the next turn found less than it left).
 
@@ -105,29 +111,37 @@ class GapRule(SimBase):
         # idle at least the hold this check was scheduled for: start + hold - start may round below hold
         idle = max(t - g.start_s, g.hold_s)
         action = gap_action(idle, pressure, g.costs, self._host_free(g.dec))
-        if action is not GapAction.KEEP:
+        if action is GapAction.OFFLOAD:
             self._gap_release(ci, g, action, t)
+        elif action is GapAction.DROP:  # a drop waits until an admission needs the room (module doc)
+            self.gap_eligible[g.dec][ci] = None
         elif pressure:  # the host tier filled meanwhile: the slower release's hold is not over yet
             self._gap_schedule(ci, g, t)
         else:
             self.gap_eligible[g.dec][ci] = None
 
-    def _gap_pressure_check(self, inst: _Instance, t: float, full: bool = False) -> None:
+    def _gap_pressure_check(self, inst: _Instance, t: float, need_tokens: int = 0) -> None:
         """Called when `inst` has admitted what it could (pressure: as its view shows, ``kv_pressure``) and
-        when it must evict cached KV to admit a request (`full`: its KV is full, seen before the LRU evicts):
-        under pressure, release its idle conversations past their hold."""
+        when it must evict `need_tokens` > 0 of cached KV to admit a request (its KV is full, seen before the
+        LRU evicts): under pressure, offload its idle conversations past their hold; drop them, oldest idle
+        first, only for the room an admission needs beyond the cached KV of conversations that have ended."""
         eligible = self.gap_eligible[inst.idx]
-        if not eligible or not (full or kv_pressure(inst.make_view())):
+        if not eligible or not (need_tokens > 0 or kv_pressure(inst.make_view())):
             return
+        # the cached KV of conversations that have ended covers that much of the need first
+        need_tokens -= inst.cache_total - inst.live_total
         for ci in list(eligible):
             g = self.gap_open.get(ci)
             if g is None:
                 eligible.pop(ci, None)
                 continue
             action = gap_action(max(t - g.start_s, g.hold_s), True, g.costs, self._host_free(g.dec))
-            if action is not GapAction.KEEP:
-                eligible.pop(ci, None)
-                self._gap_release(ci, g, action, t)
+            if action is GapAction.KEEP or (action is GapAction.DROP and need_tokens <= 0):
+                continue
+            if action is GapAction.DROP:
+                need_tokens -= inst.cache.get(self.convs[ci].conversation_id, 0)
+            eligible.pop(ci, None)
+            self._gap_release(ci, g, action, t)
 
     def _gap_release(self, ci: int, g: _Gap, action: GapAction, t: float) -> None:
         inst = self.insts[g.dec]

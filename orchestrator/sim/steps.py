@@ -82,7 +82,7 @@ class Stepping(SimBase):
                 inst.cache_take(s.cid)
             if self.gap_on and inst.reserved + s.reserve + inst.cache_total > inst.cap:
                 # the engine must evict cached KV to admit: pressure (orchestrator.sim.gaps) before the LRU
-                self._gap_pressure_check(inst, t, True)
+                self._gap_pressure_check(inst, t, inst.reserved + s.reserve + inst.cache_total - inst.cap)
             inst.cache_evict(s.reserve)
             inst.reserved += s.reserve
             if inst.reserved > inst.peak_reserved:

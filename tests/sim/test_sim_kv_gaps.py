@@ -86,6 +86,30 @@ def test_under_pressure_without_a_host_tier_the_kv_is_dropped_and_turn_2_re_pref
     assert t2.prefill_start_s == t2.arrival_s and g.restore_s == 0.0 and g.copy_energy_j == 0.0
 
 
+def test_a_drop_frees_only_the_room_an_admission_needs_oldest_idle_first() -> None:
+    # A (1,000 tokens) and A2 (600) idle; B needs 1,200: 304 tokens over capacity: only A (idle longest) goes
+    a = ConversationSpec("A", 0.0, (TurnSpec(900, 100), TurnSpec(50, 50, 20.0)))
+    a2 = ConversationSpec("A2", 0.5, (TurnSpec(500, 100), TurnSpec(50, 50, 15.0)))
+    b = ConversationSpec("B", 5.0, (TurnSpec(1_100, 100),))
+    inst = [Inst("c0", "a40", Role.COLOCATED, SMALL)]
+    res = run_simulation(inst, [a, a2, b], make_policy("colocated"), options=SimOptions(kv_gap_rule=True))
+    g = res.kv_gaps
+    assert g is not None and (g.gaps, g.dropped, g.kept, g.offloaded) == (2, 1, 1, 0)
+    t2 = {t.conversation_id: t for t in res.turns if t.turn == 2}
+    assert t2["A"].cached_tokens == 0 and t2["A2"].cached_tokens == 600 // 16 * 16
+
+
+def test_no_drop_while_ended_conversations_cached_kv_covers_the_need() -> None:
+    # B has ended (one turn): its 2,400 cached tokens are what C's admission takes, not idle A's KV
+    a = ConversationSpec("A", 6.0, (TurnSpec(900, 100), TurnSpec(50, 50, 20.0)))
+    b = ConversationSpec("B", 0.0, (TurnSpec(2_300, 100),))
+    c = ConversationSpec("C", 10.0, (TurnSpec(1_000, 100),))
+    inst = [Inst("c0", "a40", Role.COLOCATED, SMALL)]
+    res = run_simulation(inst, [a, b, c], make_policy("colocated"), options=SimOptions(kv_gap_rule=True))
+    g = res.kv_gaps
+    assert g is not None and (g.dropped, g.kept, g.evicted_while_kept) == (0, 1, 0)
+
+
 def test_a_full_host_tier_drops() -> None:
     res = run(SimOptions(kv_gap_rule=True, kv_gap_host=HostMemory(1_000 * 114_688 - 1)))
     g = res.kv_gaps
