@@ -170,6 +170,7 @@ def register(app: typer.Typer) -> None:
                     shown = "trace" if rate is None else f"{rate:.3g} conv/s"
                     prog.update(task, description=f"{label} @ {shown}")
                     thr_tokens = thr[0] if pol == "conserve" else None
+                    kept: dict[str, Any] | None = {} if kv_gap_rule else None
                     summ, rows, _ = run_one(
                         cfg,
                         pl,
@@ -181,18 +182,23 @@ def register(app: typer.Typer) -> None:
                         sa,
                         convention,
                         1.0 if out_dir is not None else None,
+                        keep=kept,
                         sim_options=ctl_opts if label.endswith("+power") else sim_opts,
                     )
                     table_rows.append((label, rate, summ))
-                    results.append(
-                        {
-                            "config": label,
-                            "policy": pol,
-                            "rate_per_s": rate,
-                            "arrivals": how,
-                            "summary": summ.to_dict(),
-                        }
-                    )
+                    run_doc: dict[str, Any] = {
+                        "config": label,
+                        "policy": pol,
+                        "rate_per_s": rate,
+                        "arrivals": how,
+                        "summary": summ.to_dict(),
+                    }
+                    gaps = kept["result"].kv_gaps if kept else None
+                    if (
+                        gaps is not None
+                    ):  # the closed-loop gap rule's record (orchestrator.sim.gaps), modelled
+                        run_doc["kv_gaps"] = {k: getattr(gaps, k) for k in gaps.__slots__}
+                    results.append(run_doc)
                     for r in rows:
                         all_rows.append({"config": label, "rate_per_s": rate, **r})
                     prog.advance(task)

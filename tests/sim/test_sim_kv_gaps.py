@@ -183,3 +183,23 @@ def test_simulate_option_reports_the_rule_and_refuses_a_host_tier_alone(tmp_path
     assert r.exit_code == 1 and "--kv-gap-rule" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, [*base, "--kv-gap-rule", "--host-kv-gb", "0"])
     assert r.exit_code == 1 and "--host-kv-gb must be > 0" in r.output
+
+
+def test_compare_option_records_the_rule_per_run(tmp_path: Path) -> None:
+    f = tmp_path / "fleet.yaml"
+    f.write_text(yaml.safe_dump(FLEET))
+    args = [
+        "compare",
+        "--fleet",
+        str(f),
+        "--policies",
+        "colocated,kv-aware",
+        "--colocated-layout",
+        "colocated=2",
+    ]
+    r = CliRunner().invoke(app, [*args, "--json", "--kv-gap-rule", "--host-kv-gb", "64"])
+    assert r.exit_code == 0, r.output
+    runs = json.loads(r.output[r.output.index("{") :])["runs"]
+    assert len(runs) == 2 and all(run["kv_gaps"]["gaps"] > 0 for run in runs)
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0 and "kv_gaps" not in json.loads(r.output[r.output.index("{") :])["runs"][0]
