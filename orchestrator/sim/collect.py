@@ -109,6 +109,7 @@ class Collecting(SimBase):
             admission_parked=self.adm_parked_count,
             refused_conversations=tuple(self.convs[ci].conversation_id for ci in self.refused),
             power_steps=tuple(self.power.steps) if self.power is not None else (),
+            kv_gaps=self._gap_stats(),
         )
 
     def _turn_record(self, ts: _TurnState) -> TurnRecord:
