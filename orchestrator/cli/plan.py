@@ -401,6 +401,15 @@ def register(app: typer.Typer) -> None:
             console.print(f"- {note}", highlight=False)
         if sim_max is not None:
             console.print(_sim_max_rate_text(run, sim_max), highlight=False, soft_wrap=True)
+        elif max_rate and validation is not None:
+            console.print(
+                f"Max rate: modelled. The verification's {validation.conversations}-conversation streams "
+                "do not test stability (a transient above capacity can hold the SLO on them); "
+                "--sim-search bisects the rate the instances sustain (docs/planning.md, Max rate).",
+                style="dim",
+                highlight=False,
+                soft_wrap=True,
+            )
         if validation is not None:
             console.print(_validation_table(validation))
         else:

@@ -126,3 +126,10 @@ def test_cli_sim_search_bad_input_is_one_line(extra: list[str], needle: str) -> 
     assert res.exit_code == 1
     assert needle in res.output and len(res.output.strip().splitlines()) == 1
     assert "Traceback" not in res.output
+
+
+def test_cli_max_rate_table_says_the_verification_does_not_test_stability() -> None:
+    fleet = str(REPO / "examples" / "fleet-single-turn.yaml")
+    res = runner.invoke(app, ["plan", "--fleet", fleet, "--max-rate", "--seeds", "1"])
+    assert res.exit_code == 0, res.output
+    assert "do not test stability" in res.stdout and "--sim-search bisects" in res.stdout
