@@ -133,3 +133,14 @@ def test_cli_max_rate_table_says_the_verification_does_not_test_stability() -> N
     res = runner.invoke(app, ["plan", "--fleet", fleet, "--max-rate", "--seeds", "1"])
     assert res.exit_code == 0, res.output
     assert "do not test stability" in res.stdout and "--sim-search bisects" in res.stdout
+
+
+def test_a_seed_without_a_steady_state_fails_the_rate_at_once() -> None:
+    """Far above capacity (4x the planner's max rate) the mean E2E spans the run: no steady window, so the
+    rate fails on the first seed and the later seeds are not simulated."""
+    cfg = _fleet("fleet-single-turn")
+    run = make_plan(cfg, max_rate=True)
+    far = 4.0 * run.plan.predictions.arrival_rate_per_s
+    c = check_rate(cfg, run, far, seeds=(0, 1, 2), conversations=300)
+    assert not c.holds and c.steady_conversations == 0
+    assert c.why.startswith("seed 0: no steady state")
