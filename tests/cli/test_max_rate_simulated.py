@@ -97,7 +97,7 @@ def test_search_stops_at_its_time_budget_with_the_bracket_so_far() -> None:
 
 def test_cli_sim_search_reports_the_bracket_within_its_budget() -> None:
     fleet = str(REPO / "examples" / "fleet-single-turn.yaml")
-    args = ["plan", "--fleet", fleet, "--max-rate", "--sim-search", "--sim-budget", "1", "--seeds", "1"]
+    args = ["plan", "--fleet", fleet, "--max-rate", "--sim-search", "--sim-budget", "0.001", "--seeds", "1"]
     res = runner.invoke(app, [*args, "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)  # the progress lines go to stderr only
@@ -105,7 +105,7 @@ def test_cli_sim_search_reports_the_bracket_within_its_budget() -> None:
     planned = doc["plan"]["predictions"]["arrival_rate_per_s"]
     assert mr["predicted_per_s"] == pytest.approx(planned)
     sim = mr["simulated"]
-    # 1 s runs out after the two ends of the bracket: half the planned rate holds, twice it does not
+    # 1 ms runs out after the two ends of the bracket: half the planned rate holds, twice it does not
     assert sim["budget_exhausted"] is True and sim["seeds"] == [0]
     assert [c["holds"] for c in sim["checks"]] == [True, False]
     assert sim["rate_per_s"] == pytest.approx(planned / 2, rel=1e-5)
