@@ -14,9 +14,9 @@ A decision is applied through the power API of issue 14 item 2 (energy/power.py 
 zeusd), under the serving session's holder, so ``serve``'s stop (or the next start after a crash) restores
 the limits. Without NVML, without permission, or for engines on another host, the result says the cap was
 not applied, the pool keeps the cap in force, and serving goes on. Simulated engines (``backend: sim``) get a
-``simulated`` result: the controller's caps are recorded but no GPU exists to cap, and the engines' modelled
-speed and draw stay at their configured cap (a cap's modelled effect is evaluated in ``simulate
---power-controller``). Must not import fastapi.
+``simulated`` result: no GPU exists to cap, so the cap goes to the engine's tier model instead
+(``SimEngine.set_power_cap`` through ``sim_cap``): its later steps are timed and powered at the new cap by
+tiers/steps.py, as the simulator's instances are (orchestrator/sim/power.py). Must not import fastapi.
 """
 
 from __future__ import annotations
@@ -82,8 +82,10 @@ class LivePowerLoop:
         config: ControllerConfig | None = None,
         budget_w: float | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
+        sim_cap: Callable[[str, float], None] | None = None,  # a simulated engine's cap hook (engine id, W)
     ) -> None:
         self.engines = {e.engine_id: e for e in engines}
+        self.sim_cap = sim_cap
         self.specs: list[PoolSpec] = pools_of(
             engines, allowed_caps_w, {e.engine_id: max(len(e.gpus), e.n_gpus, 1) for e in engines}
         )
@@ -179,7 +181,11 @@ class LivePowerLoop:
         for eid in spec.instance_ids:
             e = self.engines[eid]
             if e.simulated:
-                msg = "simulated engine: no GPU limit is set (modelled caps: `simulate --power-controller`)"
+                if self.sim_cap is not None:
+                    self.sim_cap(eid, cap_w)
+                    msg = "simulated engine: no GPU limit is set; its tier model runs at the cap (modelled)"
+                else:
+                    msg = "simulated engine: no GPU limit is set and no model hook: recorded only"
                 out.append(CapResult(eid, CapStatus.SIMULATED, msg, cap_w, tier=e.tier))
             elif not e.local:
                 msg = f"engine {eid!r} runs on another host: the controller caps local GPUs only"
@@ -252,7 +258,11 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
             for i, e in rt.engines.items()
         ]
         initial = {i: float(e.tier_model.cap_w) for i, e in rt.engines.items()}
+
+        def sim_cap(engine_id: str, cap_w: float) -> None:
+            rt.engines[engine_id].set_power_cap(cap_w)
     else:
+        sim_cap = None  # type: ignore[assignment]
         caps = engine_caps(cfg)
         engines = [LiveEngine(c.engine_id, c.tier, c.role, c.gpus, c.local) for c in caps]
         initial = {
@@ -289,5 +299,5 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
     return LivePowerLoop(
         engines, allowed, initial, slo, status=rt.router.instance_status, watts=watts,
         apply=nvml_applier(holder, power.state_path), on_results=on_results, interval_s=interval_s,
-        budget_w=rt.settings.power_budget_w,
+        budget_w=rt.settings.power_budget_w, sim_cap=sim_cap,
     )  # fmt: skip

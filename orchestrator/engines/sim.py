@@ -26,7 +26,7 @@ import asyncio
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from conserve.clock import Clock, SystemClock
@@ -174,6 +174,16 @@ class SimEngine(ChunkNative):
 
     def revive(self) -> None:
         self._dead = False
+
+    # ---- power cap (the power controller's hook, orchestrator/power_loop.py) ----------------------
+    def set_power_cap(self, cap_w: float) -> TierModel:
+        """Run at ``cap_w`` per GPU from the next step on: the tier model at that cap (tiers/power.py: a cap
+        slows compute-bound work and lowers the draw) times and powers every later step. A step in progress
+        ends at the cap it started with, as in the simulator (orchestrator/sim/power.py)."""
+        tm = self.tier_model
+        if tm.cap_w != cap_w:
+            self.tier_model = replace(tm, power_cap_w=float(cap_w))  # range checked by TierModel
+        return self.tier_model
 
     # ---- Engine protocol ------------------------------------------------------------------------
     async def prefill(self, req: EngineRequest) -> PrefillResult:
@@ -435,8 +445,8 @@ class SimEngine(ChunkNative):
         task.add_done_callback(self._transfers.discard)
 
     async def _run(self) -> None:
-        tm = self.tier_model
         while True:
+            tm = self.tier_model  # read per step: a power cap set meanwhile applies from this step on
             self._admit()
             decoders = [s for s in self._running if s.ready and s.prefill_left == 0]
             prefilling = [s for s in self._running if s.ready and s.prefill_left > 0]

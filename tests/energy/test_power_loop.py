@@ -163,3 +163,50 @@ def test_sim_backend_records_simulated_caps(tmp_path: Path) -> None:
         d = rt.power_loop.step()
         assert d.changes and all(c.to_w == 250.0 for c in d.changes)
         assert {s for c in rt.power_loop.history[-1]["changes"] for s in c["statuses"]} == {"simulated"}
+
+
+def test_sim_backend_cap_changes_the_engines_speed_and_power(tmp_path: Path) -> None:
+    """A cap the loop applies on the sim backend reaches the SimEngine's tier model, and a running engine
+    times and powers its next steps at it: a long prefill (compute-bound, slowed by a cap) takes longer."""
+    import asyncio
+
+    from conserve.clock import VirtualClock
+    from energy.meters import STEP_ENERGY_J_TOTAL
+    from orchestrator.engines.base import EngineRequest, RequestKind
+    from orchestrator.engines.sim import SimEngine
+
+    fleet = {
+        "model": "Qwen3-0.6B",
+        "tiers": [{"name": "a40", "gpu": "A40", "count": 2, "power_caps_w": [100.0, 300.0]}],
+        "database_url": f"sqlite:///{tmp_path / 'ledger.db'}",
+    }
+    settings = ServeSettings(fleet=Path("inline"), db=fleet["database_url"], energy_interval_s=0,
+                             ledger_writer="thread", power_controller=True)  # fmt: skip
+    rt = build_runtime(settings, parse_fleet(fleet))
+    with TestClient(create_app(settings, runtime=rt)):
+        lp = rt.power_loop
+        assert lp is not None
+        pre = next(e for e in rt.engines.values() if str(e.role) == "prefill")
+        assert pre.tier_model.cap_w == 300.0
+        d = lp.step()  # idle pools: no work is slowed -> down to 100 W
+        assert {c.to_w for c in d.changes} == {100.0}
+        assert pre.tier_model.cap_w == 100.0  # the engine's own model, not only the record
+
+    # a running engine (its step loop already started at 300 W) takes a cap between two prefills
+    clock = VirtualClock()
+    eng = SimEngine("x", pre.role, "a40", pre.tier_model, model_name="Qwen3-0.6B", clock=clock)
+    eng.set_power_cap(300.0)
+
+    async def two_prefills() -> tuple[float, float, float, float]:
+        req = EngineRequest(RequestKind.COMPLETION, {"max_tokens": 1}, "r1", "c1", 16_000)
+        await eng.prefill(req)
+        t1, e1 = clock.now_s(), eng.meter.counters()[STEP_ENERGY_J_TOTAL]
+        eng.set_power_cap(100.0)
+        await eng.prefill(EngineRequest(RequestKind.COMPLETION, {"max_tokens": 1}, "r2", "c2", 16_000))
+        t2, e2 = clock.now_s(), eng.meter.counters()[STEP_ENERGY_J_TOTAL]
+        await eng.aclose()
+        return t1, e1, t2 - t1, e2 - e1
+
+    t300, e300, t100, e100 = asyncio.run(two_prefills())
+    assert t100 > 1.5 * t300  # modelled: 16k tokens ~1.96 s at 100 W vs ~0.59 s at 300 W
+    assert e100 / t100 < 100.0 + 1e-6 < e300 / t300  # drawn at most the new cap
