@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     slo = SloSpec.from_config(cfg.slo)
     sa = StandaloneCache(reference_tier_model(cfg), SimOptions())
     caps_only = fleet_power_control(cfg)
-    parking = ParkingConfig(parked_w=args.parked_w, wake_s=args.wake_s)
+    parking = ParkingConfig(parked_w=args.parked_w, wake_s=args.wake_s, spare=args.spare)
     with_parking = replace(caps_only, parking=parking)
     n_dec = 3
     layout = f"a40.prefill=1,a40.decode={n_dec}"
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "parked GPU at parked_w)",
         "fleet": "examples/paper-a40.yaml, 1 prefiller + 3 decoders, conserve",
         "allowed_caps_w": list(args.caps),
-        "parking": {"parked_w": args.parked_w, "wake_s": args.wake_s},
+        "parking": {"parked_w": args.parked_w, "wake_s": args.wake_s, "spare": args.spare},
         "profile": [list(p) for p in profile.points],
         "peak_over_trough": profile.peak_over_trough,
         "seeds": seeds_out,
@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--burst-s", type=float, default=60.0)
     ap.add_argument("--parked-w", type=float, default=A40_PARKED_W, help="draw of a parked A40, W")
     ap.add_argument("--wake-s", type=float, default=60.0, help="cold start of a parked engine, s")
+    ap.add_argument("--spare", type=int, default=1, help="parking: decoders kept beyond Little's law")
     ap.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

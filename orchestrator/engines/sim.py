@@ -175,6 +175,19 @@ class SimEngine(ChunkNative):
     def revive(self) -> None:
         self._dead = False
 
+    # ---- parking (the power controller's hook): a stopped engine draws less than idle --------------
+    def park(self, parked_w: float) -> None:
+        """Engine stopped (its GPU without a CUDA context, orchestrator/core/power.py): from now on it draws
+        ``parked_w`` (all its GPUs) instead of the loaded idle, billed through the step meter. Only an engine
+        with nothing running or waiting can be parked (the controller drains it first)."""
+        if self._running or self._waiting:
+            raise EngineError(f"engine {self.instance_id}: cannot park with requests running or waiting")
+        self.meter.park(parked_w)
+
+    def unpark(self) -> None:
+        """Cold start begins: the loaded idle draw again (placement keeps away from it meanwhile)."""
+        self.meter.unpark()
+
     # ---- power cap (the power controller's hook, orchestrator/power_loop.py) ----------------------
     def set_power_cap(self, cap_w: float) -> TierModel:
         """Run at ``cap_w`` per GPU from the next step on: the tier model at that cap (tiers/power.py: a cap

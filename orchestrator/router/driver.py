@@ -148,6 +148,14 @@ class Router:
         """Per instance: id, role, tier, health, KV occupancy, queues, pins (GET /v1/fleet, /metrics)."""
         return [inst.status() for inst in self._instances.values()]
 
+    def pinned_ids(self) -> dict[str, frozenset[str]]:
+        """Per instance: the conversations pinned to it now (the power controller's parking rule)."""
+        return {iid: frozenset(inst.pinned) for iid, inst in self._instances.items()}
+
+    def set_accepting(self, instance_id: str, accepting: bool) -> None:
+        """Let an instance take new conversations or not (drained / parked); its pinned ones stay."""
+        self._instances[instance_id].accepting = accepting
+
     def ready(self) -> bool:
         """At least one healthy decode-capable instance (a turn can be placed)."""
         return any(i.healthy and i.role.can_decode for i in self._instances.values())

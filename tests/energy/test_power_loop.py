@@ -210,3 +210,59 @@ def test_sim_backend_cap_changes_the_engines_speed_and_power(tmp_path: Path) -> 
     t300, e300, t100, e100 = asyncio.run(two_prefills())
     assert t100 > 1.5 * t300  # modelled: 16k tokens ~1.96 s at 100 W vs ~0.59 s at 300 W
     assert e100 / t100 < 100.0 + 1e-6 < e300 / t300  # drawn at most the new cap
+
+
+def test_live_parking_runs_the_core_rule_and_a_parked_sim_engine_draws_parked_w() -> None:
+    """The live loop feeds the router's pins and KV to the same Parker the simulator drives: a decoder with no
+    conversation drains and parks when demand is low, wakes when its partner fills up; a parked SimEngine's
+    meter bills the parked draw in place of the idle one."""
+    from conserve.clock import VirtualClock
+    from energy.meters import BUSY_S_TOTAL, STEP_ENERGY_J_TOTAL
+    from orchestrator.core.power import ParkingConfig
+    from orchestrator.engines.sim import SimEngine
+    from placement.base import Role
+    from tiers.catalog import get_gpu
+    from tiers.models import get_model
+    from tiers.perf import TierModel
+
+    now = [0.0]
+    pins: dict[str, frozenset[str]] = {"d0": frozenset({"a"}), "d1": frozenset()}
+    kv = {"d0": 18_000, "d1": 0}
+    calls: list[tuple[str, str, str]] = []
+
+    def status() -> list[dict[str, Any]]:
+        return [{"instance_id": i, "running": len(pins[i]), "queued_prefill_tokens": 0,
+                 "kv_used_tokens": kv[i], "kv_capacity_tokens": 300_000} for i in ("d0", "d1")]  # fmt: skip
+
+    engines = [
+        LiveEngine("d0", "a40", "decode", simulated=True),
+        LiveEngine("d1", "a40", "decode", simulated=True),
+    ]
+    lp = LivePowerLoop(
+        engines, {"a40": CAPS}, {"d0": 300.0, "d1": 300.0}, PowerSlo(RefModel()), status=status,
+        parking=ParkingConfig(parked_w=11.0, wake_s=30.0, hold_s=0.0, spare=0), pins=lambda: pins,
+        set_state=lambda i, a, b: calls.append((i, a, b)), now_s=lambda: now[0],
+    )  # fmt: skip
+    lp.step()  # conversation a seen
+    now[0], pins["d0"], kv["d0"] = 5.0, frozenset(), 0
+    lp.step()  # a ended (a lifetime is known); demand: 1 decoder -> the other drains, then parks (no pins)
+    now[0] = 10.0
+    lp.step()
+    assert ("d1", "active", "draining") in calls or ("d0", "active", "draining") in calls
+    parked = next(i for i, _, b in calls if b == "parked")
+    live = "d0" if parked == "d1" else "d1"
+    now[0], pins[live], kv[live] = 15.0, frozenset(f"c{k}" for k in range(14)), 14 * 18_000  # 84% full
+    lp.step()
+    assert calls[-1] == (parked, "parked", "waking")
+    assert lp.history[-1]["parking"][-1][:3] == (parked, "parked", "waking")
+
+    clock = VirtualClock()
+    tm = TierModel(get_gpu("A40"), get_model("Qwen3-0.6B"))
+    eng = SimEngine("d9", Role.DECODE, "a40", tm, model_name="Qwen3-0.6B", clock=clock)
+    eng.park(11.0)
+    clock.advance_to(100.0)
+    c = eng.meter.counters()
+    assert (c[STEP_ENERGY_J_TOTAL], c[BUSY_S_TOTAL]) == (1100.0, 100.0)  # 11 W for 100 s, no idle on top
+    eng.unpark()
+    clock.advance_to(150.0)
+    assert eng.meter.counters()[STEP_ENERGY_J_TOTAL] == 1100.0  # loaded idle again (billed by the meter)

@@ -25,3 +25,13 @@ def test_new_conversation_skips_a_non_accepting_decoder_and_pins_stay() -> None:
     assert new.decode_instance == "d1"  # d0 has more free KV but takes no new conversation
     pinned = pol.place(TurnRequest("c-old", 2, 16_200, 200), view({"c-old": "d0"}))
     assert pinned.decode_instance == "d0"  # draining: its own conversations finish there
+
+
+def test_router_instance_view_carries_accepting() -> None:
+    from orchestrator.router.instances import Instance
+
+    inst = Instance(engine=None, instance_id="d0", role=Role.DECODE, tier="a40")  # type: ignore[arg-type]
+    assert inst.view().accepting
+    inst.accepting = False
+    assert not inst.view().accepting  # the reused view is rebuilt
+    assert inst.status()["accepting"] is False
