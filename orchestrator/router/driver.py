@@ -148,12 +148,10 @@ class Router:
         """Per instance: id, role, tier, health, KV occupancy, queues, pins (GET /v1/fleet, /metrics)."""
         return [inst.status() for inst in self._instances.values()]
 
-    def pinned_ids(self) -> dict[str, frozenset[str]]:
-        """Per instance: the conversations pinned to it now (the power controller's parking rule)."""
+    def pinned_ids(self) -> dict[str, frozenset[str]]:  # conversations pinned per instance (power parking)
         return {iid: frozenset(inst.pinned) for iid, inst in self._instances.items()}
 
-    def set_accepting(self, instance_id: str, accepting: bool) -> None:
-        """Let an instance take new conversations or not (drained / parked); its pinned ones stay."""
+    def set_accepting(self, instance_id: str, accepting: bool) -> None:  # drained/parked: no new conversation
         self._instances[instance_id].accepting = accepting
 
     def ready(self) -> bool:
