@@ -13,6 +13,11 @@ planned, so the energy windows, per-instance totals and tokens/J of the run carr
 power of a pool over an interval = its busy steps' energy (clipped to the interval) + idle draw while no step
 ran. An instance keeps its configured tier model's name in the result (the cap history is in
 ``SimResult.power_steps``). Reads the simulator's own state; never the wall clock.
+
+Parking (optional, ``SimPowerControl.parking``): each decode pool's :class:`orchestrator.core.power.Parker`
+steps with the caps; a draining, parked or waking instance shows ``accepting = False`` in its view (no new
+conversation is placed on it; its pinned ones stay), and a parked one is billed ``parked_w`` per GPU instead
+of its idle draw (``_Instance.parked`` spans, read by sim/collect.py); its changes: ``PowerStep.parking``.
 """
 
 from __future__ import annotations
