@@ -266,3 +266,30 @@ def test_live_parking_runs_the_core_rule_and_a_parked_sim_engine_draws_parked_w(
     eng.unpark()
     clock.advance_to(150.0)
     assert eng.meter.counters()[STEP_ENERGY_J_TOTAL] == 1100.0  # loaded idle again (billed by the meter)
+
+
+def test_serve_sim_backend_wires_parking_to_the_router_and_the_engines(tmp_path: Path) -> None:
+    """CONSERVE_POWER_PARK_W on the sim backend: one Parker per decode pool; its changes take a decoder out of
+    placement (the router's view) and park / unpark the simulated engine's meter."""
+    fleet = {
+        "model": "Qwen3-0.6B",
+        "tiers": [{"name": "a40", "gpu": "A40", "count": 4, "power_caps_w": [100.0, 300.0]}],
+        "database_url": f"sqlite:///{tmp_path / 'ledger.db'}",
+    }
+    settings = ServeSettings(fleet=Path("inline"), db=fleet["database_url"], energy_interval_s=0,
+                             ledger_writer="thread", power_controller=True, power_park_w=11.0)  # fmt: skip
+    rt = build_runtime(settings, parse_fleet(fleet))
+    with TestClient(create_app(settings, runtime=rt)):
+        lp = rt.power_loop
+        assert lp is not None and list(lp.parkers) == ["a40/decode"]
+        dec = sorted(i for i, e in rt.engines.items() if str(e.role) == "decode")[-1]
+        assert lp.set_state is not None
+        lp.set_state(dec, "active", "draining")
+        view = {v.instance_id: v for v in rt.router.fleet_view().instances}
+        assert not view[dec].accepting and all(v.accepting for i, v in view.items() if i != dec)
+        lp.set_state(dec, "draining", "parked")
+        assert rt.engines[dec].meter._parked is not None
+        lp.set_state(dec, "parked", "waking")
+        assert rt.engines[dec].meter._parked is None
+        lp.set_state(dec, "waking", "active")
+        assert {v.instance_id: v for v in rt.router.fleet_view().instances}[dec].accepting
