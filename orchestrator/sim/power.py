@@ -96,13 +96,16 @@ def fleet_power_slo(cfg: Any) -> PowerSlo:
 
 
 def fleet_power_control(
-    cfg: Any, interval_s: float = DEFAULT_INTERVAL_S, budget_w: float | None = None
+    cfg: Any,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    budget_w: float | None = None,
+    parking: ParkingConfig | None = None,
 ) -> SimPowerControl:
-    """``SimOptions.power_controller`` for a fleet: its SLO and every tier's allowed caps."""
+    """``SimOptions.power_controller`` for a fleet: its SLO and every tier's allowed caps (and parking)."""
     from orchestrator.fleet import allowed_caps_w
 
     caps = {t.name: tuple(allowed_caps_w(t)) for t in cfg.tiers}
-    return SimPowerControl(fleet_power_slo(cfg), caps, interval_s, budget_w=budget_w)
+    return SimPowerControl(fleet_power_slo(cfg), caps, interval_s, budget_w=budget_w, parking=parking)
 
 
 class SimPowerDriver:
@@ -276,13 +279,26 @@ def power_summary(res: Any) -> dict[str, Any]:
                 cell[f"{cap:g}"] = cell.get(f"{cap:g}", 0.0) + st.t_s - prev_t
         prev_t, prev_caps = st.t_s, st.caps_w
     interval = steps[1].t_s - steps[0].t_s if len(steps) > 1 else (steps[0].t_s if steps else 0.0)
-    return {
+    out: dict[str, Any] = {
         "steps": len(steps),
         "interval_s": interval,
         "changes": sum(len(st.changes) for st in steps),
         "seconds_at_cap": at,
         "source": "modelled",
     }
+    park = [c for st in steps for c in st.parking]
+    if park:  # decoder-seconds parked per instance (the run ends at its makespan)
+        since: dict[str, float] = {}
+        parked: dict[str, float] = {}
+        for c in park:
+            if c.to_state == PARKED:
+                since[c.instance_id] = c.t_s
+            elif c.from_state == PARKED:
+                parked[c.instance_id] = parked.get(c.instance_id, 0.0) + c.t_s - since.pop(c.instance_id)
+        for i, t in since.items():
+            parked[i] = parked.get(i, 0.0) + max(0.0, res.makespan_s - t)
+        out["parking"] = {"changes": len(park), "seconds_parked": parked}
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,13 @@ run's energy falls), no conversation is placed on a decoder that is not acceptin
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
 from orchestrator.core.power import ParkingConfig, PowerSlo
 from orchestrator.load_swing import RateProfile, profiled_arrivals
 from orchestrator.sim.core import SimOptions, run_simulation
@@ -67,3 +74,36 @@ def test_parking_saves_idle_energy_and_places_nothing_on_a_parked_decoder() -> N
     for t in firsts:
         for a, b in spans.get(t.decode_instance, []):
             assert not a < t.arrival_s < b, (t.conversation_id, t.decode_instance, a, b)  # placed at arrival
+
+
+def test_simulate_cli_parks_with_park_w_and_refuses_it_alone(tmp_path: Path) -> None:
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": "Qwen3-0.6B",
+                "tiers": [{"name": "a40", "gpu": "A40", "count": 4, "power_caps_w": [300.0]}],
+                "workload": {
+                    "format": "synthetic",
+                    "conversations": 40,
+                    "arrival_rate_per_s": 0.1,
+                    "synthetic": {"turns_mean": 2, "turn1_input_tokens_median": 4000},
+                },
+            }  # fmt: skip
+        )
+    )
+    args = [
+        "simulate",
+        "--fleet",
+        str(fleet_file),
+        "--layout",
+        "a40.prefill=1,a40.decode=3",
+        "--no-standalone",
+    ]
+    out = CliRunner().invoke(app, [*args, "--power-controller", "--park-w", "11", "--json"])
+    assert out.exit_code == 0, out.output
+    park = json.loads(out.output)["power_controller"]["parking"]
+    assert park["changes"] > 0 and sum(park["seconds_parked"].values()) > 60.0
+    bad = CliRunner().invoke(app, [*args, "--park-w", "11"])
+    assert bad.exit_code == 1 and "--park-w needs --power-controller" in bad.output
+    assert "Traceback" not in bad.output
