@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_cfg = load_fleet(ROOT / "examples" / "paper-a40.yaml")
     tier = base_cfg.tiers[0].model_copy(update={"power_caps_w": list(args.caps)})
     cfg = base_cfg.model_copy(update={"tiers": [tier]})
+    if cfg.workload.path is None:
+        raise SystemExit("examples/paper-a40.yaml names no trace (workload.path)")
     trace = load_conserve_trace(cfg.workload.path, None, cfg.workload.max_turns)
     profile = load_swing(args.base, 4.0, args.trough_s, args.ramp_s, args.burst_s)
     span_s = profile.points[-1][0] + args.trough_s / 2
