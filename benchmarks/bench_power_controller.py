@@ -185,26 +185,31 @@ def main() -> None:
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    head = ("seed", "ctrl tok/J", "ctrl SLO%", "best static", "tok/J", "SLO%", "gain")
-    print(" ".join(f"{h:>11}" for h in head))
+    head = ("seed", "caps tok/J", "SLO%", "best static", "tok/J", "gain",
+            "+park tok/J", "SLO%", "best static", "tok/J", "gain")  # fmt: skip
+    print(" ".join(f"{h:>12}" for h in head))
     nan = float("nan")
+
+    def cfg_of(b: dict[str, Any] | None) -> str:
+        return f"{b.get('decoders', 3)}d {b['prefill_cap_w']:g}/{b['decode_cap_w']:g}" if b else "-"
+
     for s in doc["seeds"]:
         c, b = s["controller"], s["best_static"] or {}
-        caps = f"{b['prefill_cap_w']:g}/{b['decode_cap_w']:g} W" if b else "-"
-        gain = s["gain_pct"] if s["gain_pct"] is not None else nan
+        cp, bp = s["controller_parking"], s["best_static_parking"] or {}
+        g = s["gain_pct"] if s["gain_pct"] is not None else nan
+        gp = s["gain_parking_pct"] if s["gain_parking_pct"] is not None else nan
         row = (
-            f"{s['seed']}",
-            f"{c['tokens_per_j']:.2f}",
-            f"{c['slo_attainment_pct']:.1f}",
-            caps,
-            f"{b.get('tokens_per_j', nan):.2f}",
-            f"{b.get('slo_attainment_pct', nan):.1f}",
-            f"{gain:+.1f}%",
-        )
-        print(" ".join(f"{x:>11}" for x in row))
-    g = doc["gain_pct"]
-    print(f"gain over the best static caps (modelled): median {g['median']:+.1f}%, range {g['min']:+.1f}% to "
-          f"{g['max']:+.1f}% (target >= +10%); {doc['wall_s']:.0f} s")  # fmt: skip
+            f"{s['seed']}", f"{c['tokens_per_j']:.2f}", f"{c['slo_attainment_pct']:.1f}", cfg_of(b or None),
+            f"{b.get('tokens_per_j', nan):.2f}", f"{g:+.1f}%", f"{cp['tokens_per_j']:.2f}",
+            f"{cp['slo_attainment_pct']:.1f}", cfg_of(bp or None), f"{bp.get('tokens_per_j', nan):.2f}",
+            f"{gp:+.1f}%",
+        )  # fmt: skip
+        print(" ".join(f"{x:>12}" for x in row))
+    for key, name in (("gain_pct", "caps"), ("gain_parking_pct", "caps + parking")):
+        g = doc[key]
+        print(f"{name}: gain over the best static (modelled): median {g['median']:+.1f}%, "
+              f"range {g['min']:+.1f}% to {g['max']:+.1f}% (target >= +10%)")  # fmt: skip
+    print(f"{doc['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":
