@@ -1,4 +1,4 @@
-"""The online power controller against the best static caps (issue 14 item 3 acceptance), modelled.
+"""The power controller (caps; caps + parking) vs the best static configuration (issue 14 item 3), modelled.
 
 Fleet: the paper's testbed (examples/paper-a40.yaml: 4x A40, Qwen3-0.6B, its SWE-bench trace, up to 5
 turns) as 1 prefiller + 3 decoders under conserve, each A40 allowed the caps ``--caps`` (default: its whole
@@ -7,15 +7,18 @@ arrivals from a 4x load swing (orchestrator/load_swing.py): trough at ``--base``
 4x and back, a trough, a 4x burst, the trough again; the default base is the paper's highest rate / 4
 (1.634 / 4), so the swing peaks at the paper's highest rate. Conversations: the profile's expected arrivals.
 
-Per seed (workload arrivals): every static pair (prefill cap, decode cap) from the allowed caps, and the
-controller (placement/power.py, thresholds as its docstring states, not fitted here) starting at TDP. The
-best static is the pair with the most tokens/J among those whose SLO attainment is at least the
-controller's; gain = controller tokens/J / best static tokens/J - 1. Every figure is simulated (energy
-modelled by the tier power model, every GPU billed, idle included), not measured.
+Per seed (workload arrivals): the cap controller (placement/power.py, thresholds as its docstring states, not
+fitted here) starting at TDP against every static pair (prefill cap, decode cap) of the same 1 + 3 layout;
+and the cap controller with parking (orchestrator/core/power.py ``Parker``: parked draw ``--parked-w``, cold
+start ``--wake-s``, ``--spare`` decoders beyond Little's law) against every static pair with 1, 2 or 3
+decoders, the decoders left out parked for the whole run (billed at ``--parked-w``). The best static is the
+configuration with the most tokens/J among those whose SLO attainment is at least the controller's; gain =
+controller tokens/J / best static tokens/J - 1. Every figure is simulated (energy modelled by the tier power
+model, every GPU billed, idle included), not measured.
 
-    python benchmarks/bench_power_controller.py [--seeds 0,1,2,3,4] [--json]
+    python benchmarks/bench_power_controller.py [--seeds 0,1,2,3,4] [--base 0.25] [--parked-w 11] [--json]
 
-Heavy (26 simulations per seed, ~1 min per seed on the 2-core dev box): run it under the team's lock.
+Heavy (77 simulations per seed, 10-20 s per seed on the 2-core dev box): run it under the team's lock.
 """
 
 from __future__ import annotations
