@@ -211,9 +211,8 @@ ACTIVE, DRAINING, PARKED, WAKING = "active", "draining", "parked", "waking"
 @dataclass(frozen=True, slots=True)
 class ParkingConfig:
     parked_w: float  # draw per GPU of a stopped engine (no CUDA context)
-    wake_s: float = (
-        60.0  # an engine's cold start (vLLM: "30-100+ seconds per switch", blog.vllm.ai sleep mode)
-    )
+    # an engine's cold start: vLLM's reload takes "30-100+ seconds per switch" (blog.vllm.ai, sleep mode)
+    wake_s: float = 60.0
     occupancy_target: float = 0.5  # KV an active decoder is planned to hold (room for conversations' growth)
     window_s: float = 30.0  # arrival rate measured over
     hold_s: float = 60.0  # demand under the active count this long before a decoder drains (hysteresis)
