@@ -321,7 +321,7 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
         def set_state(engine_id: str, from_state: str, to_state: str) -> None:
             """Placement takes an engine only while active; a parked simulated engine draws parked_w."""
             eng = rt.engines[engine_id]
-            rt.router.set_accepting(engine_id, to_state == ACTIVE)
+            holders[engine_id].accepting = to_state == ACTIVE  # router/instances.py Instance.accepting
             if to_state == PARKED:
                 eng.park(parking.parked_w * eng.tier_model.gpus)  # type: ignore[union-attr]
             elif from_state == PARKED:
@@ -335,6 +335,12 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
             for c in caps
         }
     slo = fleet_power_slo(cfg)
+    # the router's instances, read live (orchestrator/core/pins.py PinBook.holders)
+    holders = rt.router.gap_state()[1].holders
+
+    def pinned_ids() -> Mapping[str, frozenset[str]]:
+        return {i: frozenset(h.pinned) for i, h in holders.items()}
+
     parking = None
     if rt.settings.power_park_w is not None:
         if cfg.backend != "sim":  # stopping and cold-starting vLLM engines is not built: say so, keep serving
@@ -371,6 +377,6 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
     return LivePowerLoop(
         engines, allowed, initial, slo, status=rt.router.instance_status, watts=watts,
         apply=nvml_applier(holder, power.state_path), on_results=on_results, interval_s=interval_s,
-        budget_w=rt.settings.power_budget_w, sim_cap=sim_cap, parking=parking, pins=rt.router.pinned_ids,
+        budget_w=rt.settings.power_budget_w, sim_cap=sim_cap, parking=parking, pins=pinned_ids,
         set_state=set_state, now_s=rt.router.clock.now_s,
     )  # fmt: skip

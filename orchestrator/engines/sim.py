@@ -37,7 +37,7 @@ from energy.meters import (
     PROMPT_TOKENS_TOTAL,
 )
 from orchestrator.core.turns import kv_shipped_tokens
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult
+from orchestrator.engines.base import EngineObservation, EngineRequest, KvReleased, PrefillResult
 from orchestrator.engines.sim_fabric import DEFAULT_LINK, PrefixCache, SimKvFabric
 from orchestrator.engines.sim_meter import StepMeter
 from orchestrator.engines.sim_text import (
@@ -50,6 +50,7 @@ from orchestrator.engines.sim_text import (
 from orchestrator.engines.sse import ChunkNative
 from orchestrator.errors import EngineError
 from placement.base import Role
+from placement.kv_gaps import GapAction
 from tiers.perf import TierModel
 from tiers.steps import handoff_time_s, plan_chunks, prefill_step_power_w, prefill_step_time_s
 
@@ -97,6 +98,8 @@ class _Seq:
 class SimEngine(ChunkNative):
     """An Engine whose timing comes from a TierModel; see the module docstring. In process: its native stream
     is chunk dicts (ChunkNative: wire, stream_raw, observe_shared)."""
+
+    kv_offload = False  # no host-memory tier: release_kv drops (the next turn re-prefills from its prefix)
 
     def __init__(
         self,
@@ -280,6 +283,13 @@ class SimEngine(ChunkNative):
                 **self.meter.counters(),
             },
         )
+
+    async def release_kv(self, conversation_id: str, action: GapAction) -> KvReleased:
+        """DROP: forget the conversation's cached prefix (its next request prefills its whole prompt)."""
+        if action is not GapAction.DROP:
+            err = ValueError if action is GapAction.KEEP else EngineError
+            raise err(f"simulated engine {self.instance_id}: cannot {action} (no host-memory tier)")
+        return KvReleased(conversation_id, action, f"{self._prefix.take(conversation_id)} tokens freed")
 
     async def aclose(self) -> None:
         for task in list(self._transfers):

@@ -148,12 +148,6 @@ class Router:
         """Per instance: id, role, tier, health, KV occupancy, queues, pins (GET /v1/fleet, /metrics)."""
         return [inst.status() for inst in self._instances.values()]
 
-    def pinned_ids(self) -> dict[str, frozenset[str]]:  # conversations pinned per instance (power parking)
-        return {iid: frozenset(inst.pinned) for iid, inst in self._instances.items()}
-
-    def set_accepting(self, instance_id: str, accepting: bool) -> None:  # drained/parked: no new conversation
-        self._instances[instance_id].accepting = accepting
-
     def ready(self) -> bool:
         """At least one healthy decode-capable instance (a turn can be placed)."""
         return any(i.healthy and i.role.can_decode for i in self._instances.values())
@@ -187,6 +181,10 @@ class Router:
 
     def active_pin(self, conversation_id: str) -> str | None:
         return self._pins.get(conversation_id)
+
+    def gap_state(self) -> tuple[Mapping[str, _Conversation], PinBook]:
+        """Conversations and pin book, for the KV-gap keeper (orchestrator/kv_gaps_live.py) to release."""
+        return self._convs, self._book
 
     # ---- health ---------------------------------------------------------------------------------------
     def mark_down(self, instance_id: str, reason: str) -> None:
