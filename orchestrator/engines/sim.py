@@ -178,27 +178,20 @@ class SimEngine(ChunkNative):
     def revive(self) -> None:
         self._dead = False
 
-    # ---- parking (the power controller's hook): a stopped engine draws less than idle --------------
+    # ---- the power controller's hooks (orchestrator/power_loop.py) ------------------------------------
     def park(self, parked_w: float) -> None:
-        """Engine stopped (its GPU without a CUDA context, orchestrator/core/power.py): from now on it draws
-        ``parked_w`` (all its GPUs) instead of the loaded idle, billed through the step meter. Only an engine
-        with nothing running or waiting can be parked (the controller drains it first)."""
+        """Engine stopped (no CUDA context): it draws ``parked_w`` in place of the loaded idle."""
         if self._running or self._waiting:
             raise EngineError(f"engine {self.instance_id}: cannot park with requests running or waiting")
         self.meter.park(parked_w)
 
-    def unpark(self) -> None:
-        """Cold start begins: the loaded idle draw again (placement keeps away from it meanwhile)."""
+    def unpark(self) -> None:  # cold start begins: the loaded idle draw again
         self.meter.unpark()
 
-    # ---- power cap (the power controller's hook, orchestrator/power_loop.py) ----------------------
     def set_power_cap(self, cap_w: float) -> TierModel:
-        """Run at ``cap_w`` per GPU from the next step on: the tier model at that cap (tiers/power.py: a cap
-        slows compute-bound work and lowers the draw) times and powers every later step. A step in progress
-        ends at the cap it started with, as in the simulator (orchestrator/sim/power.py)."""
-        tm = self.tier_model
-        if tm.cap_w != cap_w:
-            self.tier_model = replace(tm, power_cap_w=float(cap_w))  # range checked by TierModel
+        """Steps from the next one on are timed and powered by the tier model at ``cap_w`` per GPU."""
+        if self.tier_model.cap_w != cap_w:  # TierModel checks the range
+            self.tier_model = replace(self.tier_model, power_cap_w=float(cap_w))
         return self.tier_model
 
     # ---- Engine protocol ------------------------------------------------------------------------
