@@ -193,6 +193,8 @@ ENV_SETTINGS_EPILOG = (
     "restored at stop or by `orchestrator power restore` after a crash; "
     "CONSERVE_POWER_CONTROLLER_INTERVAL_S [5] period of the power controller (--power-controller); "
     "CONSERVE_POWER_BUDGET_W [none] the controller's fleet cap budget, W (sum of GPUs x cap); "
+    "CONSERVE_POWER_PARK_W [none] the controller parks decoders in troughs (simulated engines), a parked GPU "
+    "drawing this, W; CONSERVE_POWER_WAKE_S [60] cold start of a parked engine, s; "
     "CONSERVE_KV_GAP_INTERVAL_S [0] apply the KV-gap rule to idle pinned conversations this often, 0 turns "
     "it off. "
     "HTTP edge (api/settings.py): "

@@ -89,6 +89,12 @@ def register(app: typer.Typer) -> None:
         power_budget: float | None = typer.Option(
             None, "--power-budget", help="with --power-controller: fleet cap budget, W (sum of GPUs x cap)"
         ),
+        park_w: float | None = typer.Option(
+            None,
+            "--park-w",
+            help="with --power-controller: park decoders in troughs, drawing this many W per "
+            "GPU while parked (engine stopped; docs/energy.md)",
+        ),
         view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
         kv_gap_rule: bool = typer.Option(False, "--kv-gap-rule", help=KV_GAP_HELP),
         host_kv_gb: float | None = typer.Option(None, "--host-kv-gb", help=HOST_KV_HELP),
@@ -124,10 +130,15 @@ def register(app: typer.Typer) -> None:
         )
         if power_budget is not None and (not power_controller or not power_budget > 0):
             raise ConfigError("--power-budget needs --power-controller and a budget > 0 W, e.g. 1000")
+        if park_w is not None and (not power_controller or not park_w >= 0):
+            raise ConfigError("--park-w needs --power-controller and a draw >= 0 W, e.g. 11")
         if power_controller:
+            from orchestrator.core.power import ParkingConfig
             from orchestrator.sim.power import fleet_power_control
 
-            sim_opts = replace(sim_opts, power_controller=fleet_power_control(cfg, budget_w=power_budget))
+            parking = ParkingConfig(parked_w=park_w) if park_w is not None else None
+            ctl = fleet_power_control(cfg, budget_w=power_budget, parking=parking)
+            sim_opts = replace(sim_opts, power_controller=ctl)
         seed = sim_setup.effective_seed(cfg, seed)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         rate_label, arrivals = sim_setup.arrivals(cfg, rate, convs)
@@ -214,6 +225,10 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
                 soft_wrap=True,
             )  # fmt: skip
+            if "parking" in pc:
+                parked = ", ".join(f"{k} {v:.0f} s" for k, v in pc["parking"]["seconds_parked"].items())
+                console.print(f"parking (modelled): {pc['parking']['changes']} changes; parked: {parked}",
+                              highlight=False, soft_wrap=True)  # fmt: skip
         if gaps is not None:
             console.print(
                 f"KV across tool gaps (modelled): {gaps.gaps} gaps, {gaps.kept} kept, {gaps.offloaded} "

@@ -26,7 +26,7 @@ import asyncio
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from conserve.clock import Clock, SystemClock
@@ -177,6 +177,22 @@ class SimEngine(ChunkNative):
 
     def revive(self) -> None:
         self._dead = False
+
+    # ---- the power controller's hooks (orchestrator/power_loop.py) ------------------------------------
+    def park(self, parked_w: float) -> None:
+        """Engine stopped (no CUDA context): it draws ``parked_w`` in place of the loaded idle."""
+        if self._running or self._waiting:
+            raise EngineError(f"engine {self.instance_id}: cannot park with requests running or waiting")
+        self.meter.park(parked_w)
+
+    def unpark(self) -> None:  # cold start begins: the loaded idle draw again
+        self.meter.unpark()
+
+    def set_power_cap(self, cap_w: float) -> TierModel:
+        """Steps from the next one on are timed and powered by the tier model at ``cap_w`` per GPU."""
+        if self.tier_model.cap_w != cap_w:  # TierModel checks the range
+            self.tier_model = replace(self.tier_model, power_cap_w=float(cap_w))
+        return self.tier_model
 
     # ---- Engine protocol ------------------------------------------------------------------------
     async def prefill(self, req: EngineRequest) -> PrefillResult:
@@ -445,8 +461,8 @@ class SimEngine(ChunkNative):
         task.add_done_callback(self._transfers.discard)
 
     async def _run(self) -> None:
-        tm = self.tier_model
         while True:
+            tm = self.tier_model  # read per step: a power cap set meanwhile applies from this step on
             self._admit()
             decoders = [s for s in self._running if s.ready and s.prefill_left == 0]
             prefilling = [s for s in self._running if s.ready and s.prefill_left > 0]
