@@ -18,6 +18,9 @@ from conserve.errors import ConServeError
 # columns (or COLUMNS) and cut every cell of a wide table to "…". Wide enough for the widest table the
 # commands print at its natural width (tables do not stretch to the console width); text lines wrap here.
 PIPED_WIDTH = 1000
+# Panels (the plan's warnings) stretch to the console: piped, that would be a 1,000-column box. They are drawn
+# at most this wide, their text wrapped inside.
+PANEL_WIDTH = 110
 
 
 class _PipeWideConsole(Console):

@@ -15,7 +15,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.cli.common import console, err_console, fail, handle_errors, print_json
+from orchestrator.cli.common import PANEL_WIDTH, console, err_console, fail, handle_errors, print_json
 from orchestrator.config import FleetConfig, Objective, load_fleet
 from orchestrator.fleet import Plan, save_plan
 from orchestrator.planner import (
@@ -352,6 +352,7 @@ def register(app: typer.Typer) -> None:
                     "Pools and totals below are at the plan's rate. Modelled (fluid backlog), not measured.",
                     title="OVERLOAD: finite run above steady-state capacity",
                     border_style="bold red",
+                    width=min(console.width, PANEL_WIDTH),
                 )
             )
         console.print(_pool_table(run.plan, "Pools"))
@@ -376,7 +377,12 @@ def register(app: typer.Typer) -> None:
         console.print(_totals_table(plans, {"plan": validation}))
         if validation is not None and not validation.holds:
             console.print(
-                Panel(validation.status, title="SLO NOT MET in the simulator", border_style="bold red"),
+                Panel(
+                    validation.status,
+                    title="SLO NOT MET in the simulator",
+                    border_style="bold red",
+                    width=min(console.width, PANEL_WIDTH),
+                ),
                 soft_wrap=True,
             )
         if compare:

@@ -11,7 +11,7 @@ from placement.ilp.capacity import max_rate_per_s
 from placement.ilp.diagnosis import diagnose
 from placement.ilp.model import resolve_solver
 from placement.ilp.predict import PlanResult, _predict
-from placement.ilp.search import _best, merge_identical_tiers, reference_for, split_merged
+from placement.ilp.search import _best, merge_identical_tiers, reference_for, split_merged, variants
 from placement.ilp.values import Demand, Reference, Settings, Slo, TierSupply
 
 
@@ -61,6 +61,14 @@ class ModeOutcome:
     reason: str = ""
 
 
+_NOT_ALLOWED = {
+    "colocated": "not considered: no tier lists `colocated` in its roles. To fix: add colocated to a tier's "
+    "roles in the fleet file to let the planner compare it",
+    "disaggregated": "not considered: it needs a tier with the `prefill` role and one with `decode`",
+    "hybrid": "not considered: it needs a tier with the `prefill` role and one with `decode`",
+}
+
+
 def best_per_mode(
     tiers: Sequence[TierSupply], demand: Demand, slo: Slo, settings: Settings, ref: Reference
 ) -> list[ModeOutcome]:
@@ -70,6 +78,9 @@ def best_per_mode(
     out: list[ModeOutcome] = []
     for mode in settings.modes:
         only = replace(settings, modes=(mode,))
+        if not variants(merged, demand, only):  # the fleet's roles rule the mode out: nothing was sized
+            out.append(ModeOutcome(mode, None, _NOT_ALLOWED.get(mode, "not allowed by the fleet's roles")))
+            continue
         best = _best(merged, demand, slo, ref, only)
         if best is None:
             top = max_rate_per_s(tiers, demand, slo, only, ref)

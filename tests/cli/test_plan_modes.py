@@ -93,6 +93,20 @@ def test_paper_fleet_chooses_a_mode_and_says_why(tmp_path: Path, shared_data: Pa
     assert "disaggregated" in note and "colocated" in note and "<- chosen" in note
 
 
+def test_a_mode_the_fleet_roles_rule_out_is_named_not_rated_zero(shared_data: Path) -> None:
+    """examples/paper-a40.yaml lists only prefill and decode roles: colocated is not sized at all, so the
+    explanation says how to allow it instead of "sustains at most 0 conv/s"."""
+    res = runner.invoke(
+        app, ["plan", "--fleet", str(REPO / "examples" / "paper-a40.yaml"), "--json", "--no-verify"]
+    )
+    assert res.exit_code == 0, res.output
+    modes = {m["mode"]: m for m in _json(res.stdout)["modes"]}
+    assert not modes["colocated"]["feasible"]
+    assert "no tier lists `colocated` in its roles" in modes["colocated"]["reason"]
+    assert "sustains at most 0 " not in modes["colocated"]["reason"]
+    assert modes["hybrid"]["feasible"] or "sustains at most" in modes["hybrid"]["reason"]
+
+
 def test_compare_homogeneous_prints_the_best_colocated_plan() -> None:
     fleet = str(REPO / "examples" / "fleet.yaml")
     res = runner.invoke(app, ["plan", "--fleet", fleet, "--json", "--no-verify", "--compare-homogeneous"])
