@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -301,7 +301,7 @@ def energy_annotator(
     return annotate
 
 
-async def _chain(first: bytes, gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _chain(first: bytes, gen: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
     yield first
     async for block in gen:
         yield block

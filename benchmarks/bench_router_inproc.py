@@ -95,7 +95,7 @@ async def _run(requests: int, reps: int, tmp: Path, engines: int = 1, concurrenc
         yield canned
 
     for engine in rt.engines.values():
-        engine.stream_raw = stream_raw  # type: ignore[attr-defined]
+        engine.stream_raw = stream_raw  # type: ignore[attr-defined,method-assign]
 
     async def receive() -> MutableMapping[str, Any]:
         return {"type": "http.request", "body": BODY, "more_body": False}
