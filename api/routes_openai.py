@@ -13,9 +13,10 @@ Chunks are passed through as the engine produced them (no re-validation).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -300,7 +301,7 @@ def energy_annotator(
     return annotate
 
 
-async def _chain(first: bytes, gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _chain(first: bytes, gen: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
     yield first
     async for block in gen:
         yield block
@@ -324,20 +325,22 @@ async def sse_body(
     try:
         if first is not None:
             done = first.endswith(SSE_DONE)
-            blocks = _chain(first, gen)
-            async for block in blocks:
-                done = block.endswith(SSE_DONE)
-                if annotate is None:
-                    yield block
-                    continue
-                block = held + block
-                held = b""
-                if done:
-                    yield annotate(block)
-                elif b'"usage"' in block:
-                    held = block
-                else:
-                    yield block
+            # closed here when the consumer stops at [DONE] (api/fastpath.py), not left to the event loop's
+            # async-generator finalizer (a thread-safe wake-up and an aclose task per response)
+            async with contextlib.aclosing(_chain(first, gen)) as blocks:
+                async for block in blocks:
+                    done = block.endswith(SSE_DONE)
+                    if annotate is None:
+                        yield block
+                        continue
+                    block = held + block
+                    held = b""
+                    if done:
+                        yield annotate(block)
+                    elif b'"usage"' in block:
+                        held = block
+                    else:
+                        yield block
     except ConServeError as err:
         if held:
             yield held

@@ -10,10 +10,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def commit() -> str:
-    """The checked-out commit (short hash; empty outside a git checkout)."""
+def commit(repo: Path = REPO) -> str:
+    """The checked-out commit of `repo` (default: this one; short hash; empty outside a git checkout)."""
     return subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
 
 

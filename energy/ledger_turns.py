@@ -39,6 +39,35 @@ from energy.records import (
 __all__ = ["TurnLedger"]
 
 
+_SUMMARY_COLUMNS = ("final_turn", "ttfet_s", "e2e_s")
+
+
+def _fold_summaries(turn_rows: Sequence[dict[str, Any]], finals: set[str]) -> dict[str, dict[str, Any]]:
+    """final_turn / ttfet_s / e2e_s of the `finals` conversations from these turns alone, as
+    :meth:`TurnLedger._refresh_summaries` folds them from the ledger (the latest OK final turn wins: rows are
+    inserted in this order, so the last one has the highest pk; times from the earliest arrival)."""
+    first_at: dict[str, datetime] = {}
+    latest: dict[str, dict[str, Any]] = {}
+    ok = str(TurnStatus.OK)
+    for r in turn_rows:
+        cid = r["conversation_id"]
+        if cid not in finals:
+            continue
+        if cid not in first_at or r["arrival_at"] < first_at[cid]:
+            first_at[cid] = r["arrival_at"]
+        if r["is_final"] and r["status"] == ok:
+            latest[cid] = r
+    out: dict[str, dict[str, Any]] = {}
+    for cid, r in latest.items():
+        ft, lt, t0 = r["first_token_at"], r["last_token_at"], first_at[cid]
+        out[cid] = {
+            "final_turn": r["turn"],
+            "ttfet_s": (ft - t0).total_seconds() if ft else None,
+            "e2e_s": (lt - t0).total_seconds() if lt else None,
+        }
+    return out
+
+
 class TurnLedger(LedgerBase):
     """Records and reads turns, pins and conversations of the ledger's run."""
 
@@ -77,11 +106,23 @@ class TurnLedger(LedgerBase):
                 }
             )  # fmt: skip
         finals = {r.conversation_id for r in recs if r.is_final and r.status == TurnStatus.OK}
+        # A conversation this insert creates has no turns but these: its summary is folded from them and
+        # stored with the row; those that existed get it from all their turns (_refresh_summaries). One-turn
+        # conversations (every request without a conversation id) then cost 2 statements instead of 4.
+        for cid, summary in _fold_summaries(turn_rows, finals).items():
+            convs[cid].update(summary)
+        rows = list(convs.values())
+        for row in rows:  # executemany needs one set of keys
+            for col in _SUMMARY_COLUMNS:
+                row.setdefault(col, None)
         try:
             with self._tx("recording turns") as conn:
-                conn.execute(self._insert_ignore(ConversationRow), list(convs.values()))
+                created = conn.execute(
+                    self._insert_ignore(ConversationRow).returning(ConversationRow.id), rows
+                ).scalars()
+                existed = finals.difference(created)
                 conn.execute(insert(TurnRow), turn_rows)  # Core executemany
-                self._refresh_summaries(conn, sorted(finals))
+                self._refresh_summaries(conn, sorted(existed))
         except EnergyError as err:
             if isinstance(err.__cause__, IntegrityError):
                 dup = self._duplicate_request_ids([r.request_id for r in recs])
