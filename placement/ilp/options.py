@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from placement.ilp.batching import BATCH_CAP, BatchLaw, capacity_law, decode_side_points
 from placement.ilp.queueing import (
     _bisect_max,
     decode_power_at_w,
     decode_side_s,
-    decode_sides_s,
     decode_step_s,
     rho_for_budgets,
     slo_targets,
@@ -41,6 +41,8 @@ class _Static:
     s_i: np.ndarray  # S_j(L1_i): turn-1 prefill of each conversation of the sample
     x_i: np.ndarray  # X_j(L1_i): its KV hand-off
     local_e_j: float = 0.0  # hybrid: dynamic joules of a mean local turn-1 prefill above P_j(1)
+    # step(b), b = 1..BATCH_CAP, of one instance (placement.ilp.batching): (decode role, colocated role)
+    steps_s: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
 
 
 def _static(m: TierModel, link: str, demand: Demand, split: HybridSplit | None = None) -> _Static:
@@ -64,6 +66,16 @@ def _static(m: TierModel, link: str, demand: Demand, split: HybridSplit | None =
         p1_w=(p1 := decode_power_at_w(m, demand, 1.0)),
         w_tail=demand.tail_prefill_tokens * costs[0],
         local_e_j=split.local_prefill_energy_j(m, p1) if split is not None and split.local_share > 0 else 0.0,
+        steps_s=(
+            _curve(m, demand, False, costs, split.local_tokens if split is not None else 0.0),
+            _curve(m, demand, True, costs, 0.0),
+        ),
+    )
+
+
+def _curve(m: TierModel, demand: Demand, colo: bool, costs: tuple[float, float], loc: float) -> np.ndarray:
+    return np.array(
+        [decode_step_s(m, demand, float(b), colo, costs, loc) for b in range(1, BATCH_CAP + 1)], dtype=float
     )
 
 
@@ -129,16 +141,33 @@ def build_options(
     ttfet_target, _ = slo_targets(slo, ref)
     sample = demand.turn1_input_tokens
     d_side = decode_side_s(demand, tau_s)
-    # per-conversation TTFET budgets before the prefill side: bound_i - D_i(tau)
-    room_i = ttfet_targets_s(slo, ref) - decode_sides_s(demand, tau_s)
     split = hybrid_split(demand, settings.local_prefill_below_tokens)
-    room_i = room_i[split.mask]
+    if cache is None:
+        cache = {}
+    # each decode-capable model's batch law at its capacity for this tau (placement.ilp.batching): the
+    # capacity of constraint (5), and the spread of the conversations' mean step the TTFET budgets allow for
+    steps_conv = demand.decode_tokens + demand.later_turns
+    laws: dict[tuple[int, int, bool], tuple[float, BatchLaw]] = {}
+    for ti, t in enumerate(tiers):
+        for mi, m in enumerate(t.models):
+            st = cache.get((ti, mi))
+            if st is None:
+                st = cache[(ti, mi)] = _static(m, t.link, demand, split)
+            for colo in (False, True):
+                if ("colocated" if colo else "decode") in t.roles:
+                    laws[(ti, mi, colo)] = capacity_law(st.steps_s[int(colo)], steps_conv, tau_s)
+    targets = ttfet_targets_s(slo, ref)
+    spread_dec = max(
+        (law for (_, _, colo), (_, law) in laws.items() if not colo),
+        key=lambda x: x.step_cv_tok,
+        default=None,
+    )
+    # per-conversation TTFET budgets before the prefill side: bound_i - D_i(tau) at the spread's points
+    room_i = (targets[:, None] - decode_side_points(demand, tau_s, spread_dec))[split.mask]
     # the prefilled conversations may miss at most (1 - p/100) / (1 - f) of theirs (locals assumed to meet
     # theirs: a short local prefill, no queue)
     q_pre = min(1.0, (1.0 - slo.percentile / 100.0) / max(1.0 - split.local_share, 1e-9))
     pct_pre = 100.0 * (1.0 - q_pre)
-    if cache is None:
-        cache = {}
     out: list[Option] = []
     for ti, t in enumerate(tiers):
         spec = link_spec(t.link)
@@ -167,7 +196,10 @@ def build_options(
                     xj = x if role == "prefill" else 0.0
                     if role == "colocated" and split.local_share > 0:  # colocated prefills all of them
                         continue
-                    budgets = room_i - st.s_i - (st.x_i if role == "prefill" else 0.0)
+                    room = room_i
+                    if role == "colocated":
+                        room = targets[:, None] - decode_side_points(demand, tau_s, laws[(ti, mi, True)][1])
+                    budgets = (room - (st.s_i + (st.x_i if role == "prefill" else 0.0))[:, None]).ravel()
                     rho = (
                         rho_for_budgets(budgets, s_mean, s2, pct_pre if role == "prefill" else slo.percentile)
                         if math.isfinite(ttfet_target)
@@ -225,7 +257,9 @@ def build_options(
                     # active residence: steps in which the conversation is in the batch (its decode tokens +
                     # one step per later turn's incremental prefill); tool gaps hold KV, not batch slots
                     resid = (demand.decode_tokens + demand.later_turns) * tau_s
-                    mu = bmax / resid if resid > 0 else math.inf
+                    # (5): the rate at which the instance's token-weighted mean step, under its own batch
+                    # law, reaches tau (the fluid point bmax / resid ignores the batch's swings)
+                    mu = laws[(ti, mi, colo)][0] if bmax > 0 else 0.0
                     kvts = demand.kv_decode_token_steps * tau_s + demand.kv_gap_token_seconds
                     w_tail = st.w_tail
                     # decode draw depends on the KV read per step: pass the planned resident context
