@@ -45,7 +45,9 @@ class _Static:
     steps_s: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
 
 
-def _static(m: TierModel, link: str, demand: Demand, split: HybridSplit | None = None) -> _Static:
+def _static(
+    m: TierModel, link: str, demand: Demand, split: HybridSplit | None = None, colocated: bool = True
+) -> _Static:
     """split: the hybrid split (its prefill_demand: the conversations the prefill side serves)."""
     pdemand = split.prefill_demand if split is not None else demand
     sample = pdemand.turn1_input_tokens
@@ -68,15 +70,20 @@ def _static(m: TierModel, link: str, demand: Demand, split: HybridSplit | None =
         local_e_j=split.local_prefill_energy_j(m, p1) if split is not None and split.local_share > 0 else 0.0,
         steps_s=(
             _curve(m, demand, False, costs, split.local_tokens if split is not None else 0.0),
-            _curve(m, demand, True, costs, 0.0),
+            _curve(m, demand, True, costs, 0.0) if colocated else np.zeros(0),
         ),
     )
 
 
+# batches at which the step curve is evaluated (every batch to 32, then every 8th: the tier model's step is
+# close to linear in the batch there), interpolated to 1..BATCH_CAP
+_CURVE_AT = np.unique(np.concatenate((np.arange(1, 33), np.arange(40, BATCH_CAP + 1, 8), [BATCH_CAP])))
+
+
 def _curve(m: TierModel, demand: Demand, colo: bool, costs: tuple[float, float], loc: float) -> np.ndarray:
-    return np.array(
-        [decode_step_s(m, demand, float(b), colo, costs, loc) for b in range(1, BATCH_CAP + 1)], dtype=float
-    )
+    at = _CURVE_AT.astype(float)
+    vals = np.array([decode_step_s(m, demand, float(b), colo, costs, loc) for b in at], dtype=float)
+    return np.interp(np.arange(1, BATCH_CAP + 1, dtype=float), at, vals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +131,15 @@ def hybrid_split(demand: Demand, threshold_tokens: int) -> HybridSplit:
     )
 
 
+def _compressed(values: np.ndarray, n: int) -> np.ndarray:
+    """n equal-weight quantiles ((j + 1/2) / n) of `values`: the spread points of the conversations' budgets
+    in as many values as there are conversations (the violation share is a mean over them)."""
+    if len(values) <= n or n <= 0:
+        return values
+    idx = ((np.arange(n) + 0.5) / n * len(values)).astype(int)
+    return np.sort(values)[idx]
+
+
 def build_options(
     tiers: Sequence[TierSupply],
     demand: Demand,
@@ -152,7 +168,7 @@ def build_options(
         for mi, m in enumerate(t.models):
             st = cache.get((ti, mi))
             if st is None:
-                st = cache[(ti, mi)] = _static(m, t.link, demand, split)
+                st = cache[(ti, mi)] = _static(m, t.link, demand, split, "colocated" in t.roles)
             for colo in (False, True):
                 if ("colocated" if colo else "decode") in t.roles:
                     laws[(ti, mi, colo)] = capacity_law(st.steps_s[int(colo)], steps_conv, tau_s)
@@ -175,7 +191,7 @@ def build_options(
             cap = m.cap_w
             st = cache.get((ti, mi))
             if st is None:
-                st = cache[(ti, mi)] = _static(m, t.link, demand, split)
+                st = cache[(ti, mi)] = _static(m, t.link, demand, split, "colocated" in t.roles)
             s_mean, s2, x = st.s_mean, st.s2, st.transfer_s
             for role in t.roles:
                 if not settings.decoder_caps and role != "prefill" and m.power_cap_w is not None:
@@ -199,7 +215,10 @@ def build_options(
                     room = room_i
                     if role == "colocated":
                         room = targets[:, None] - decode_side_points(demand, tau_s, laws[(ti, mi, True)][1])
-                    budgets = (room - (st.s_i + (st.x_i if role == "prefill" else 0.0))[:, None]).ravel()
+                    budgets = _compressed(
+                        (room - (st.s_i + (st.x_i if role == "prefill" else 0.0))[:, None]).ravel(),
+                        len(st.s_i),
+                    )
                     rho = (
                         rho_for_budgets(budgets, s_mean, s2, pct_pre if role == "prefill" else slo.percentile)
                         if math.isfinite(ttfet_target)
