@@ -1,4 +1,4 @@
-"""The online power controller against the best static caps (issue 14 item 3 acceptance), modelled.
+"""The power controller (caps; caps + parking) vs the best static configuration (issue 14 item 3), modelled.
 
 Fleet: the paper's testbed (examples/paper-a40.yaml: 4x A40, Qwen3-0.6B, its SWE-bench trace, up to 5
 turns) as 1 prefiller + 3 decoders under conserve, each A40 allowed the caps ``--caps`` (default: its whole
@@ -7,15 +7,18 @@ arrivals from a 4x load swing (orchestrator/load_swing.py): trough at ``--base``
 4x and back, a trough, a 4x burst, the trough again; the default base is the paper's highest rate / 4
 (1.634 / 4), so the swing peaks at the paper's highest rate. Conversations: the profile's expected arrivals.
 
-Per seed (workload arrivals): every static pair (prefill cap, decode cap) from the allowed caps, and the
-controller (placement/power.py, thresholds as its docstring states, not fitted here) starting at TDP. The
-best static is the pair with the most tokens/J among those whose SLO attainment is at least the
-controller's; gain = controller tokens/J / best static tokens/J - 1. Every figure is simulated (energy
-modelled by the tier power model, every GPU billed, idle included), not measured.
+Per seed (workload arrivals): the cap controller (placement/power.py, thresholds as its docstring states, not
+fitted here) starting at TDP against every static pair (prefill cap, decode cap) of the same 1 + 3 layout;
+and the cap controller with parking (orchestrator/core/power.py ``Parker``: parked draw ``--parked-w``, cold
+start ``--wake-s``, ``--spare`` decoders beyond Little's law) against every static pair with 1, 2 or 3
+decoders, the decoders left out parked for the whole run (billed at ``--parked-w``). The best static is the
+configuration with the most tokens/J among those whose SLO attainment is at least the controller's; gain =
+controller tokens/J / best static tokens/J - 1. Every figure is simulated (energy modelled by the tier power
+model, every GPU billed, idle included), not measured.
 
-    python benchmarks/bench_power_controller.py [--seeds 0,1,2,3,4] [--json]
+    python benchmarks/bench_power_controller.py [--seeds 0,1,2,3,4] [--base 0.25] [--parked-w 11] [--json]
 
-Heavy (26 simulations per seed, ~1 min per seed on the 2-core dev box): run it under the team's lock.
+Heavy (77 simulations per seed, 10-20 s per seed on the 2-core dev box): run it under the team's lock.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.config import load_fleet  # noqa: E402
+from orchestrator.core.power import ParkingConfig  # noqa: E402
 from orchestrator.load_swing import load_swing, profiled_arrivals  # noqa: E402
 from orchestrator.metrics import SloSpec, conversation_metrics, summarize  # noqa: E402
 from orchestrator.sim.core import SimOptions  # noqa: E402
@@ -42,6 +47,11 @@ from orchestrator.workload import load_conserve_trace  # noqa: E402
 
 PAPER_TOP_RATE = 1.634  # conversations/s, the paper's highest arrival rate (DESIGN.md section 1)
 A40_CAPS = (100.0, 150.0, 200.0, 250.0, 300.0)  # A40 NVML range 100-300 W (tiers/catalog.py), 50 W steps
+# A parked A40 (engine stopped, no CUDA context), modelled: its idle with vLLM loaded, 77 W (ConServe
+# artifact, cost_model_constants.csv), less the 66 W a CUDA context adds over bare idle on the L40S, the
+# GDDR6 48 GB part measured in arXiv 2605.23918 ("The Model Parking Tax"; 26-50 W on HBM parts). Not an A40
+# measurement: --parked-w 51 (77 - 26, the smallest context delta measured there) is the pessimistic case.
+A40_PARKED_W = 77.0 - 66.0
 
 
 def _log(msg: str) -> None:
@@ -52,6 +62,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_cfg = load_fleet(ROOT / "examples" / "paper-a40.yaml")
     tier = base_cfg.tiers[0].model_copy(update={"power_caps_w": list(args.caps)})
     cfg = base_cfg.model_copy(update={"tiers": [tier]})
+    if cfg.workload.path is None:
+        raise SystemExit("examples/paper-a40.yaml names no trace (workload.path)")
     trace = load_conserve_trace(cfg.workload.path, None, cfg.workload.max_turns)
     profile = load_swing(args.base, 4.0, args.trough_s, args.ramp_s, args.burst_s)
     span_s = profile.points[-1][0] + args.trough_s / 2
@@ -60,65 +72,101 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"the swing needs {n} conversations; the trace has {len(trace)}")
     slo = SloSpec.from_config(cfg.slo)
     sa = StandaloneCache(reference_tier_model(cfg), SimOptions())
-    control = fleet_power_control(cfg)
-    layout = "a40.prefill=1,a40.decode=3"
+    caps_only = fleet_power_control(cfg)
+    parking = ParkingConfig(parked_w=args.parked_w, wake_s=args.wake_s, spare=args.spare)
+    with_parking = replace(caps_only, parking=parking)
+    n_dec = 3
+    layout = f"a40.prefill=1,a40.decode={n_dec}"
 
-    def one(convs: list[Any], seed: int, lay: str, ctl: bool) -> dict[str, Any]:
-        opts = SimOptions(power_controller=control if ctl else None)
+    def one(convs: list[Any], seed: int, lay: str, control: Any, parked_gpus: int = 0) -> dict[str, Any]:
+        opts = SimOptions(power_controller=control)
         res, _ = simulate_fleet(cfg, None, "conserve", layout=lay, seed=seed, conversations=convs,
                                 options=opts, energy_window_s=None)  # fmt: skip
         s = summarize(res, conversation_metrics(res, convs, sa, slo))
-        out = {"tokens_per_j": s.tokens_per_j, "slo_attainment_pct": 100.0 - s.slo_violation_pct,
-               "energy_kj": s.energy_j / 1e3, "ttfet_p95_slowdown": s.ttfet_slowdown["p95"],
-               "tbt_p95_slowdown": s.tbt_slowdown["p95"]}  # fmt: skip
-        if ctl:
+        tokens = s.tokens_per_j * s.energy_j
+        # a decoder left out of a static layout is parked for the whole run: its GPU draws parked_w
+        energy_j = s.energy_j + parked_gpus * args.parked_w * res.makespan_s
+        out = {"tokens_per_j": tokens / energy_j, "slo_attainment_pct": 100.0 - s.slo_violation_pct,
+               "energy_kj": energy_j / 1e3, "ttfet_p95_slowdown": s.ttfet_slowdown["p95"],
+               "tbt_p95_slowdown": s.tbt_slowdown["p95"], "makespan_s": res.makespan_s}  # fmt: skip
+        if control is not None:
             out["cap_changes"] = sum(len(st.changes) for st in res.power_steps)
             out["steps"] = len(res.power_steps)
+            park = [c for st in res.power_steps for c in st.parking]
+            out["parking_changes"] = len(park)
+            out["parked_gpu_s"] = _parked_gpu_s(park, res.makespan_s)
         return out
+
+    def best_of(
+        statics: list[dict[str, Any]], ctl: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, float | None]:
+        ok = [s for s in statics if s["slo_attainment_pct"] >= ctl["slo_attainment_pct"] - 1e-9]
+        best = max(ok, key=lambda s: s["tokens_per_j"]) if ok else None
+        return best, (100 * (ctl["tokens_per_j"] / best["tokens_per_j"] - 1) if best else None)
 
     seeds_out = []
     t0 = time.perf_counter()
     for seed in args.seeds:
         convs = profiled_arrivals(trace[:n], profile, seed)
-        ctl = one(convs, seed, layout, True)
-        _log(f"seed {seed}: controller {ctl['tokens_per_j']:.2f} tok/J, SLO {ctl['slo_attainment_pct']:.1f}"
-             f"%, {ctl['cap_changes']} cap changes ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+        ctl = one(convs, seed, layout, caps_only)
+        ctlp = one(convs, seed, layout, with_parking)
+        _log(f"seed {seed}: caps controller {ctl['tokens_per_j']:.2f} tok/J, SLO "
+             f"{ctl['slo_attainment_pct']:.1f}%; caps + parking {ctlp['tokens_per_j']:.2f} tok/J, SLO "
+             f"{ctlp['slo_attainment_pct']:.1f}%, "
+             f"{ctlp['parked_gpu_s']:.0f} GPU-s parked ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         statics = []
-        for p in args.caps:
-            for d in args.caps:
-                r = one(convs, seed, f"a40.prefill=1@{p:g},a40.decode=3@{d:g}", False)
-                statics.append({"prefill_cap_w": p, "decode_cap_w": d, **r})
-                _log(f"  static prefill {p:g} W, decode {d:g} W: {r['tokens_per_j']:.2f} tok/J, "
-                     f"SLO {r['slo_attainment_pct']:.1f}%")  # fmt: skip
-        ok = [s for s in statics if s["slo_attainment_pct"] >= ctl["slo_attainment_pct"] - 1e-9]
-        best = max(ok, key=lambda s: s["tokens_per_j"]) if ok else None
-        best_any = max(statics, key=lambda s: s["tokens_per_j"])
-        gain = ctl["tokens_per_j"] / best["tokens_per_j"] - 1 if best else None
+        for k in range(1, n_dec + 1):
+            for p in args.caps:
+                for d in args.caps:
+                    r = one(convs, seed, f"a40.prefill=1@{p:g},a40.decode={k}@{d:g}", None, n_dec - k)
+                    statics.append({"decoders": k, "prefill_cap_w": p, "decode_cap_w": d, **r})
+                    _log(f"  static {k} decoders, prefill {p:g} W, decode {d:g} W: {r['tokens_per_j']:.2f} "
+                         f"tok/J, SLO {r['slo_attainment_pct']:.1f}%")  # fmt: skip
+        caps3 = [s for s in statics if s["decoders"] == n_dec]
+        best, gain = best_of(caps3, ctl)
+        best_p, gain_p = best_of(statics, ctlp)
         seeds_out.append({"seed": seed, "conversations": n, "controller": ctl, "best_static": best,
-                          "best_static_any_slo": best_any, "gain_pct": None if gain is None else 100 * gain,
-                          "statics": statics})  # fmt: skip
-        if best is not None and gain is not None:
-            _log(f"seed {seed}: best static at >= its SLO attainment {best['prefill_cap_w']:g}/"
-                 f"{best['decode_cap_w']:g} W {best['tokens_per_j']:.2f} tok/J (SLO "
-                 f"{best['slo_attainment_pct']:.1f}%): gain {100 * gain:+.1f}%")  # fmt: skip
-        else:
-            _log(f"seed {seed}: every static pair misses the controller's SLO attainment")
-    gains = [s["gain_pct"] for s in seeds_out if s["gain_pct"] is not None]
+                          "gain_pct": gain, "controller_parking": ctlp, "best_static_parking": best_p,
+                          "gain_parking_pct": gain_p, "statics": statics})  # fmt: skip
+        for name, b, g in (("caps", best, gain), ("caps + parking", best_p, gain_p)):
+            if b is not None and g is not None:
+                _log(f"seed {seed}: {name}: best static {b['decoders']} decoders {b['prefill_cap_w']:g}/"
+                     f"{b['decode_cap_w']:g} W {b['tokens_per_j']:.2f} tok/J (SLO "
+                     f"{b['slo_attainment_pct']:.1f}%): gain {g:+.1f}%")  # fmt: skip
+            else:
+                _log(f"seed {seed}: {name}: every static misses the controller's SLO attainment")
+
+    def spread(key: str) -> dict[str, float | None]:
+        g = [s[key] for s in seeds_out if s[key] is not None]
+        return {"median": statistics.median(g) if g else None, "min": min(g, default=None),
+                "max": max(g, default=None)}  # fmt: skip
+
     return {
-        "note": "simulated; energy modelled by the tier power model (every GPU billed, idle included)",
+        "note": "simulated; energy modelled by the tier power model (every GPU billed, idle included; a "
+        "parked GPU at parked_w)",
         "fleet": "examples/paper-a40.yaml, 1 prefiller + 3 decoders, conserve",
         "allowed_caps_w": list(args.caps),
+        "parking": {"parked_w": args.parked_w, "wake_s": args.wake_s, "spare": args.spare},
         "profile": [list(p) for p in profile.points],
         "peak_over_trough": profile.peak_over_trough,
         "seeds": seeds_out,
-        "gain_pct": {
-            "median": statistics.median(gains) if gains else None,
-            "min": min(gains, default=None),
-            "max": max(gains, default=None),
-        },  # fmt: skip
+        "gain_pct": spread("gain_pct"),
+        "gain_parking_pct": spread("gain_parking_pct"),
         "target_pct": 10.0,
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def _parked_gpu_s(changes: list[Any], end_s: float) -> float:
+    """GPU-seconds parked (one GPU per decoder here) from the parking changes of a run."""
+    since: dict[str, float] = {}
+    total = 0.0
+    for c in changes:
+        if c.to_state == "parked":
+            since[c.instance_id] = c.t_s
+        elif c.from_state == "parked":
+            total += c.t_s - since.pop(c.instance_id)
+    return total + sum(end_s - t for t in since.values())
 
 
 def main() -> None:
@@ -129,6 +177,9 @@ def main() -> None:
     ap.add_argument("--trough-s", type=float, default=120.0)
     ap.add_argument("--ramp-s", type=float, default=120.0)
     ap.add_argument("--burst-s", type=float, default=60.0)
+    ap.add_argument("--parked-w", type=float, default=A40_PARKED_W, help="draw of a parked A40, W")
+    ap.add_argument("--wake-s", type=float, default=60.0, help="cold start of a parked engine, s")
+    ap.add_argument("--spare", type=int, default=1, help="parking: decoders kept beyond Little's law")
     ap.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -137,26 +188,31 @@ def main() -> None:
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    head = ("seed", "ctrl tok/J", "ctrl SLO%", "best static", "tok/J", "SLO%", "gain")
-    print(" ".join(f"{h:>11}" for h in head))
+    head = ("seed", "caps tok/J", "SLO%", "best static", "tok/J", "gain",
+            "+park tok/J", "SLO%", "best static", "tok/J", "gain")  # fmt: skip
+    print(" ".join(f"{h:>12}" for h in head))
     nan = float("nan")
+
+    def cfg_of(b: dict[str, Any] | None) -> str:
+        return f"{b.get('decoders', 3)}d {b['prefill_cap_w']:g}/{b['decode_cap_w']:g}" if b else "-"
+
     for s in doc["seeds"]:
         c, b = s["controller"], s["best_static"] or {}
-        caps = f"{b['prefill_cap_w']:g}/{b['decode_cap_w']:g} W" if b else "-"
-        gain = s["gain_pct"] if s["gain_pct"] is not None else nan
+        cp, bp = s["controller_parking"], s["best_static_parking"] or {}
+        g = s["gain_pct"] if s["gain_pct"] is not None else nan
+        gp = s["gain_parking_pct"] if s["gain_parking_pct"] is not None else nan
         row = (
-            f"{s['seed']}",
-            f"{c['tokens_per_j']:.2f}",
-            f"{c['slo_attainment_pct']:.1f}",
-            caps,
-            f"{b.get('tokens_per_j', nan):.2f}",
-            f"{b.get('slo_attainment_pct', nan):.1f}",
-            f"{gain:+.1f}%",
-        )
-        print(" ".join(f"{x:>11}" for x in row))
-    g = doc["gain_pct"]
-    print(f"gain over the best static caps (modelled): median {g['median']:+.1f}%, range {g['min']:+.1f}% to "
-          f"{g['max']:+.1f}% (target >= +10%); {doc['wall_s']:.0f} s")  # fmt: skip
+            f"{s['seed']}", f"{c['tokens_per_j']:.2f}", f"{c['slo_attainment_pct']:.1f}", cfg_of(b or None),
+            f"{b.get('tokens_per_j', nan):.2f}", f"{g:+.1f}%", f"{cp['tokens_per_j']:.2f}",
+            f"{cp['slo_attainment_pct']:.1f}", cfg_of(bp or None), f"{bp.get('tokens_per_j', nan):.2f}",
+            f"{gp:+.1f}%",
+        )  # fmt: skip
+        print(" ".join(f"{x:>12}" for x in row))
+    for key, name in (("gain_pct", "caps"), ("gain_parking_pct", "caps + parking")):
+        g = doc[key]
+        print(f"{name}: gain over the best static (modelled): median {g['median']:+.1f}%, "
+              f"range {g['min']:+.1f}% to {g['max']:+.1f}% (target >= +10%)")  # fmt: skip
+    print(f"{doc['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

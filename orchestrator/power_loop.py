@@ -14,9 +14,9 @@ A decision is applied through the power API of issue 14 item 2 (energy/power.py 
 zeusd), under the serving session's holder, so ``serve``'s stop (or the next start after a crash) restores
 the limits. Without NVML, without permission, or for engines on another host, the result says the cap was
 not applied, the pool keeps the cap in force, and serving goes on. Simulated engines (``backend: sim``) get a
-``simulated`` result: the controller's caps are recorded but no GPU exists to cap, and the engines' modelled
-speed and draw stay at their configured cap (a cap's modelled effect is evaluated in ``simulate
---power-controller``). Must not import fastapi.
+``simulated`` result: no GPU exists to cap, so the cap goes to the engine's tier model instead
+(``SimEngine.set_power_cap`` through ``sim_cap``): its later steps are timed and powered at the new cap by
+tiers/steps.py, as the simulator's instances are (orchestrator/sim/power.py). Must not import fastapi.
 """
 
 from __future__ import annotations
@@ -28,7 +28,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from energy.power import CapRequest, CapResult, CapStatus, Holder, apply_caps
-from orchestrator.core.power import PoolInterval, PoolSpec, PowerSlo, pools_of, power_view
+from orchestrator.core.power import (
+    ACTIVE,
+    PARKED,
+    DecoderObservation,
+    ParkChange,
+    Parker,
+    ParkingConfig,
+    PoolInterval,
+    PoolSpec,
+    PowerSlo,
+    pools_of,
+    power_view,
+)
 from placement.power import ControllerConfig, PowerController, PowerDecision
 
 log = logging.getLogger("conserve.power")
@@ -82,8 +94,27 @@ class LivePowerLoop:
         config: ControllerConfig | None = None,
         budget_w: float | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
+        sim_cap: Callable[[str, float], None] | None = None,  # a simulated engine's cap hook (engine id, W)
+        parking: ParkingConfig
+        | None = None,  # park decoders (orchestrator/core/power.py); needs the three below
+        pins: Callable[[], Mapping[str, frozenset[str]]] | None = None,  # engine id -> conversations pinned
+        set_state: Callable[[str, str, str], None]
+        | None = None,  # (engine id, from, to): apply a parking change
+        now_s: Callable[[], float] | None = None,  # the serving clock
     ) -> None:
         self.engines = {e.engine_id: e for e in engines}
+        self.sim_cap = sim_cap
+        self.parkers: dict[str, Parker] = {}
+        if parking is not None:
+            if pins is None or set_state is None or now_s is None:
+                raise ValueError("parking needs pins, set_state and now_s")
+            self.parkers = {
+                s.pool_id: Parker(parking, s.instance_ids)
+                for s in pools_of(engines, allowed_caps_w, {e.engine_id: 1 for e in engines})
+                if s.role.value == "decode" and len(s.instance_ids) > 1
+            }
+        self.pins, self.set_state, self.now_s = pins, set_state, now_s
+        self.parking_changes: list[ParkChange] = []
         self.specs: list[PoolSpec] = pools_of(
             engines, allowed_caps_w, {e.engine_id: max(len(e.gpus), e.n_gpus, 1) for e in engines}
         )
@@ -164,14 +195,41 @@ class LivePowerLoop:
                 )  # fmt: skip
             applied.append({"pool": c.pool_id, "from_w": c.from_w, "to_w": c.to_w, "reason": c.reason,
                             "applied": ok, "statuses": sorted({str(r.status) for r in results})})  # fmt: skip
+        parking = self._park(view)
         self.history.append(
             {
                 "caps_w": dict(self.caps_w),
                 "changes": applied,
                 "pressure": {p.pool_id: p.latency_s / p.slo_s for p in view.pools},
+                "parking": [(c.instance_id, c.from_state, c.to_state, c.reason) for c in parking],
             }  # fmt: skip
         )
         return decision
+
+    def _park(self, view: Any) -> list[ParkChange]:
+        """The parking rule of each decode pool, on the router's pins and KV (the simulator's rule, live)."""
+        if not self.parkers:
+            return []
+        assert self.pins is not None and self.set_state is not None and self.now_s is not None
+        t = self.now_s()
+        pins = self.pins()
+        status = {st["instance_id"]: st for st in self.status()}
+        press = {p.pool_id: (p.latency_s / p.slo_s if p.slo_s > 0 else 0.0) for p in view.pools}
+        out: list[ParkChange] = []
+        for pid, parker in self.parkers.items():
+            obs = []
+            for i in parker.state:
+                st = status.get(i, {})
+                obs.append(DecoderObservation(i, pins.get(i, frozenset()), int(st.get("kv_used_tokens") or 0),
+                                              int(st.get("kv_capacity_tokens") or 1)))  # fmt: skip
+            for c in parker.step(t, obs, press.get(pid, 0.0)):
+                self.set_state(c.instance_id, c.from_state, c.to_state)
+                log.info(
+                    "power controller: %s %s -> %s (%s)", c.instance_id, c.from_state, c.to_state, c.reason
+                )
+                out.append(c)
+        self.parking_changes += out
+        return out
 
     def _apply(self, spec: PoolSpec, cap_w: float) -> list[CapResult]:
         out: list[CapResult] = []
@@ -179,7 +237,11 @@ class LivePowerLoop:
         for eid in spec.instance_ids:
             e = self.engines[eid]
             if e.simulated:
-                msg = "simulated engine: no GPU limit is set (modelled caps: `simulate --power-controller`)"
+                if self.sim_cap is not None:
+                    self.sim_cap(eid, cap_w)
+                    msg = "simulated engine: no GPU limit is set; its tier model runs at the cap (modelled)"
+                else:
+                    msg = "simulated engine: no GPU limit is set and no model hook: recorded only"
                 out.append(CapResult(eid, CapStatus.SIMULATED, msg, cap_w, tier=e.tier))
             elif not e.local:
                 msg = f"engine {eid!r} runs on another host: the controller caps local GPUs only"
@@ -252,7 +314,20 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
             for i, e in rt.engines.items()
         ]
         initial = {i: float(e.tier_model.cap_w) for i, e in rt.engines.items()}
+
+        def sim_cap(engine_id: str, cap_w: float) -> None:
+            rt.engines[engine_id].set_power_cap(cap_w)
+
+        def set_state(engine_id: str, from_state: str, to_state: str) -> None:
+            """Placement takes an engine only while active; a parked simulated engine draws parked_w."""
+            eng = rt.engines[engine_id]
+            holders[engine_id].accepting = to_state == ACTIVE  # router/instances.py Instance.accepting
+            if to_state == PARKED:
+                eng.park(parking.parked_w * eng.tier_model.gpus)  # type: ignore[union-attr]
+            elif from_state == PARKED:
+                eng.unpark()
     else:
+        sim_cap = set_state = None  # type: ignore[assignment]
         caps = engine_caps(cfg)
         engines = [LiveEngine(c.engine_id, c.tier, c.role, c.gpus, c.local) for c in caps]
         initial = {
@@ -260,6 +335,19 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
             for c in caps
         }
     slo = fleet_power_slo(cfg)
+    # the router's instances, read live (orchestrator/core/pins.py PinBook.holders)
+    holders = rt.router.gap_state()[1].holders
+
+    def pinned_ids() -> Mapping[str, frozenset[str]]:
+        return {i: frozenset(h.pinned) for i, h in holders.items()}
+
+    parking = None
+    if rt.settings.power_park_w is not None:
+        if cfg.backend != "sim":  # stopping and cold-starting vLLM engines is not built: say so, keep serving
+            log.warning("power controller: parking (power_park_w) is built for simulated engines only; "
+                        "the vLLM engines stay up")  # fmt: skip
+        else:
+            parking = ParkingConfig(parked_w=rt.settings.power_park_w, wake_s=rt.settings.power_wake_s)
     for t in cfg.tiers:
         if len(allowed[t.name]) < 2 and any(e.tier == t.name for e in engines):
             only = ", ".join(f"{c:g}" for c in allowed[t.name])
@@ -289,5 +377,6 @@ def build_power_loop(rt: Any, interval_s: float = DEFAULT_INTERVAL_S) -> LivePow
     return LivePowerLoop(
         engines, allowed, initial, slo, status=rt.router.instance_status, watts=watts,
         apply=nvml_applier(holder, power.state_path), on_results=on_results, interval_s=interval_s,
-        budget_w=rt.settings.power_budget_w,
+        budget_w=rt.settings.power_budget_w, sim_cap=sim_cap, parking=parking, pins=pinned_ids,
+        set_state=set_state, now_s=rt.router.clock.now_s,
     )  # fmt: skip

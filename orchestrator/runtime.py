@@ -148,6 +148,7 @@ class Runtime:
     accountant: Any = None  # energy.accounting.EnergyAccountant (None: energy accounting off)
     power: Any = None  # orchestrator.power.SessionPowerCaps: GPU caps applied at start, restored at stop
     power_loop: Any = None  # orchestrator.power_loop.LivePowerLoop (None: the power controller is off)
+    kv_gaps: Any = None  # orchestrator.kv_gaps_live.GapKeeper (None: the KV-gap rule is off)
     clock: Clock = field(default_factory=SystemClock)  # the router's, the sim engines' and the accountant's
     _clock_jobs: list[asyncio.Task[None]] = field(default_factory=list)  # jobs on a non-system clock
     _draining: bool = False
@@ -180,6 +181,8 @@ class Runtime:
                 jobs.append((self.accountant.tick, self.settings.energy_interval_s))
             if self.power_loop is not None:
                 jobs.append((self.power_loop.run, self.power_loop.interval_s))
+            if self.kv_gaps is not None:
+                jobs.append((self.kv_gaps.tick, self.settings.kv_gap_interval_s))
             loop = asyncio.get_running_loop()
             self._clock_jobs = [loop.create_task(self._every(fn, every)) for fn, every in jobs]
             self._started = True
@@ -212,6 +215,16 @@ class Runtime:
                 "interval",
                 seconds=self.power_loop.interval_s,
                 id="power-controller",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
+        if self.kv_gaps is not None:
+            sched.add_job(
+                self._job(self.kv_gaps.tick),  # on the loop: it edits the router's pin accounting
+                "interval",
+                seconds=self.settings.kv_gap_interval_s,
+                id="kv-gaps",
                 max_instances=1,
                 coalesce=True,
                 misfire_grace_time=None,
@@ -482,4 +495,8 @@ def build_runtime(
         from orchestrator.power_loop import build_power_loop
 
         rt.power_loop = build_power_loop(rt, settings.power_controller_interval_s)
+    if settings.kv_gap_interval_s > 0:  # issue 12 item 3, live: every decoder's tier model costs its restores
+        from orchestrator.kv_gaps_live import GapKeeper
+
+        rt.kv_gaps = GapKeeper(router, models)
     return rt

@@ -99,3 +99,16 @@ class ServeSettings(BaseSettings):
     power_budget_w: float | None = Field(
         None, gt=0, description="power controller: fleet cap budget in W (sum over engines of GPUs x cap)"
     )
+    power_park_w: float | None = Field(
+        None,
+        ge=0,
+        description="power controller: park decoders in a trough (simulated engines), drawing "
+        "this per GPU while parked (orchestrator/core/power.py); None: caps only",
+    )
+    power_wake_s: float = Field(60.0, ge=0, description="power controller: cold start of a parked engine, s")
+    kv_gap_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="apply the KV-gap rule (keep, offload or drop an idle pinned conversation's KV; "
+        "orchestrator/kv_gaps_live.py) this often, seconds; 0 turns it off",
+    )

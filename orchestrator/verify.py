@@ -378,36 +378,6 @@ def validate_plan(
     )
 
 
-def highest_simulated_rate(
-    cfg: FleetConfig,
-    run: PlanRun,
-    seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS)),
-    lo_per_s: float | None = None,
-    hi_per_s: float | None = None,
-    steps: int = 6,
-) -> float:
-    """The highest arrival rate at which the plan's instances meet the SLO in steady-state simulation
-    (violations <= the allowance), by bisection between lo (default half the planned rate) and hi
-    (default twice it); 0 when even lo misses it. The measure `--max-rate` is compared with."""
-    rate = run.plan.predictions.arrival_rate_per_s
-    lo, hi = lo_per_s or rate / 2, hi_per_s or rate * 2
-
-    def holds(r: float) -> bool:
-        return validate_plan(cfg, run, seeds, rate_per_s=r).holds
-
-    if not holds(lo):
-        return 0.0
-    if holds(hi):
-        return hi
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        if holds(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def _decode_busy_predicted(run: PlanRun) -> float | None:
     rows = [(1.0 - math.exp(-p.batch), p.instances) for p in run.plan.pools if p.role != "prefill"]
     n = sum(k for _, k in rows)
@@ -507,7 +477,6 @@ def _round(f: _Factors, v: Validation, run: PlanRun) -> Round:
 __all__: list[str] = [
     "Validation",
     "ValidationRow",
-    "highest_simulated_rate",
     "steady_stream",
     "validate_plan",
     "verify",

@@ -26,12 +26,27 @@ Cost of each option, in seconds of added latency summed over the requests it tou
             of the B_d running sequences waits for the prefill's share of the step (chunked prefill spreads it
             over several steps; the sum is the same).
 
+Two objectives (option ``objective``), both from the same observed terms:
+
+- ``latency`` (the default; the rule's first version): the seconds above, summed over the requests a choice
+  touches (the new turn, and each of the B_d running sequences for its stall).
+- ``slowdown``: the SLO's unit, and the worst request a choice touches instead of the sum. With
+  alone(n) = prefill_time_s_d(n) (the new turn's first token alone on an idle decoder of its tier):
+      remote  = remote(p, d) / alone(n)
+      local   = max((W(d) + step_time_s_d(n, 0, B_d, C_d)) / alone(n),
+                    step_time_s_d(n, 0, B_d, C_d) / decode_step_time_s_d(1, C_d / B_d))
+  the second term: the running sequences' token during the local prefill's step, over that token alone
+  (batch 1 at their mean observed context); 0 when nothing runs. It grows with the observed batch.
+  A running sequence's SLO is on its mean TBT over its final turn, which one stalled token moves by the
+  stall over its output length; the rule cannot see that length (no prediction), so it counts the stalled
+  token itself (the bound for one token).
+
 The turn prefills locally on the cheapest local decoder when that is strictly cheaper than the cheapest remote
 option; otherwise ConServe's rule (the cheapest prefiller, the worst-fit decoder, one KV transfer). Properties
 (tests/placement/test_adaptive.py): a local placement always fits its decoder, and a remote one fits whenever
 any decoder does; more observed prefill queue never turns a local decision into a remote one (remote costs
-only grow with it); a short prompt goes local once the prefillers are busy enough, a long one stays remote
-while a prefiller is idle.
+only grow with it), and more observed prefill work on a decoder never moves a turn there; a short prompt goes
+local once the prefillers are busy enough, a long one stays remote while a prefiller is idle.
 
 The costs need every instance's tier model (and link): the drivers pass ``instance_models`` (instance id ->
 TierModel) and ``instance_links`` (instance id -> link type) through :func:`fleet_options`; the simulator and
@@ -56,6 +71,9 @@ from tiers.perf import TierModel
 __all__ = ["AdaptiveConservePolicy", "AdaptiveStats", "fleet_options", "local_cost_s", "remote_cost_s"]
 
 DEFAULT_LINK = "pcie"  # the fleet file's default link type (orchestrator.config)
+# what the rule minimises (module doc): the summed seconds of added latency (the default), or the worst
+# slowdown of the requests a choice touches (the SLO's unit)
+OBJECTIVES = ("latency", "slowdown")
 
 
 def queue_wait_s(tm: TierModel, inst: InstanceView) -> float:
@@ -92,6 +110,23 @@ def local_cost_s(n_tokens: int, dec: InstanceView, dec_tm: TierModel) -> float:
     return queue_wait_s(dec_tm, dec) + step + b * stall
 
 
+def stall_slowdown(n_tokens: int, dec: InstanceView, dec_tm: TierModel) -> float:
+    """Slowdown of the running sequences' token during a local prefill of `n_tokens` on `dec`: the step's time
+    over the time of that token for one of them alone (batch 1, the batch's mean observed context); 0 when
+    nothing runs. Grows with the observed batch (more sequences share the step, each alone is no slower)."""
+    b, c = dec.running_seqs, dec.kv_used_tokens
+    if b <= 0:
+        return 0.0
+    return dec_tm.step_time_s(n_tokens, 0, b, c) / dec_tm.decode_step_time_s(1, c // b)
+
+
+def local_slowdown(n_tokens: int, dec: InstanceView, dec_tm: TierModel, alone_s: float) -> float:
+    """The worst slowdown a local prefill causes (module doc, slowdown rule): the new turn's first token, or
+    the running sequences' token stalled by it."""
+    own = queue_wait_s(dec_tm, dec) + dec_tm.step_time_s(n_tokens, 0, dec.running_seqs, dec.kv_used_tokens)
+    return max(own / alone_s, stall_slowdown(n_tokens, dec, dec_tm))
+
+
 @dataclass(frozen=True, slots=True)
 class AdaptiveStats:
     """What the adaptive rule decided for turn 1s so far."""
@@ -115,7 +150,11 @@ class AdaptiveConservePolicy:
         self,
         instance_models: Mapping[str, TierModel] | None = None,
         instance_links: Mapping[str, str] | None = None,
+        objective: str = OBJECTIVES[0],
     ) -> None:
+        if objective not in OBJECTIVES:
+            raise PlacementError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        self.objective = objective
         for iid, link in (instance_links or {}).items():
             try:
                 link_spec(link)
@@ -168,10 +207,19 @@ class AdaptiveConservePolicy:
             for p in pres
         ]
         r_cost, _, pre = min(remote, key=lambda x: (x[0], x[1]))
+        slowdown = self.objective == "slowdown"
+        alone = dec_tm.prefill_time_s(n)  # the new turn's first token alone on an idle decoder of its tier
+        if slowdown:
+            r_cost /= alone
+
+        def cost(d: InstanceView) -> float:
+            tm = models[d.instance_id]
+            return local_slowdown(n, d, tm, alone) if slowdown else local_cost_s(n, d, tm)
+
         # local candidates: decoders (not prefill-only instances) that hold the turn and have a model
         # (ties, e.g. idle decoders: the most free KV, ConServe's worst fit, so pins stay balanced)
         local = [
-            (local_cost_s(n, d, models[d.instance_id]), -d.kv_free_tokens, d.instance_id, d)
+            (cost(d), -d.kv_free_tokens, d.instance_id, d)
             for d in decoders
             if d.role is not Role.PREFILL
             and d.kv_free_tokens >= need
@@ -180,15 +228,20 @@ class AdaptiveConservePolicy:
         ]
         if local:
             l_cost, _, _, ldec = min(local, key=lambda x: x[:3])
+            unit = "x" if slowdown else " s"
             if l_cost < r_cost:
                 self._local += 1
                 return Placement(
                     decode_instance=ldec.instance_id,
                     pin=True,
-                    reason=f"turn 1: local prefill costs {l_cost:.3f} s < remote {r_cost:.3f} s",
+                    reason=f"turn 1: local prefill costs {l_cost:.3f}{unit} < remote {r_cost:.3f}{unit}",
                 )
+        unit = "x" if slowdown else " s"
         return self._remote_placement(
-            turn, pre, dec, f"turn 1: remote prefill costs {r_cost:.3f} s, no cheaper local decoder{suffix}"
+            turn,
+            pre,
+            dec,
+            f"turn 1: remote prefill costs {r_cost:.3f}{unit}, no cheaper local decoder{suffix}",
         )
 
     def _remote_placement(

@@ -44,6 +44,8 @@ class InstanceView:
     running_seqs: int = 0
     waiting_seqs: int = 0
     pinned_conversations: int = 0
+    # takes new conversations; False while a power controller drains or parks it (its pinned ones stay)
+    accepting: bool = True
 
     @property
     def kv_free_tokens(self) -> int:

@@ -286,7 +286,7 @@ POLICY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "conserve": ("local_prefill_below_tokens",),
-    "conserve-adaptive": ("instance_models", "instance_links"),
+    "conserve-adaptive": ("instance_models", "instance_links", "objective"),
     "per-turn": (
         "mispredict_rate",
         "seed",

@@ -13,13 +13,14 @@ from placement.errors import PlacementError
 
 
 def _prefillers(view: FleetView) -> tuple[InstanceView, ...]:
-    """Healthy dedicated prefillers; when there are none, healthy colocated instances can prefill remotely."""
-    pre = view.healthy(Role.PREFILL)
-    return pre if pre else view.healthy(Role.COLOCATED)
+    """Healthy dedicated prefillers taking work; else healthy colocated ones can prefill remotely."""
+    pre = tuple(i for i in view.healthy(Role.PREFILL) if i.accepting)
+    return pre if pre else tuple(i for i in view.healthy(Role.COLOCATED) if i.accepting)
 
 
 def _decoders(view: FleetView) -> tuple[InstanceView, ...]:
-    return tuple(i for i in view.instances if i.healthy and i.role.can_decode)
+    """Healthy decode-capable instances that take new conversations (a drained or parked one does not)."""
+    return tuple(i for i in view.instances if i.healthy and i.accepting and i.role.can_decode)
 
 
 def _least_loaded_prefiller(view: FleetView) -> InstanceView | None:

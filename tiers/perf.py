@@ -41,7 +41,7 @@ from tiers.catalog import GpuSpec, get_gpu
 from tiers.errors import CatalogError
 from tiers.links import LinkType, kv_transfer_time_s, tp_link_bandwidth_bytes_per_s
 from tiers.models import ModelSpec, get_model
-from tiers.power import cap_slowdown, check_cap, draw_w
+from tiers.power import DRAM_PJ_PER_BIT, cap_slowdown, check_cap, dram_traffic_w, draw_w, mem_cap_slowdown
 from tiers.presets import (  # re-exported: the names other packages and tests import from tiers.perf
     _AUTO,
     CONSERVE_A40_VLLM011,
@@ -163,7 +163,16 @@ class TierModel:
         s(self, "_gpu_per_seq_s", c.gpu_per_sequence_s)
         s(self, "_s_gemm", cap_slowdown(c.power_gemm_frac, g.idle_w, g.tdp_w, cap_w, c.cap_exponent))
         s(self, "_s_attn", cap_slowdown(c.power_attn_frac, g.idle_w, g.tdp_w, cap_w, c.cap_exponent))
-        if self.cap_curves is not None:  # measured (orchestrator profile --micro) instead of modelled
+        if self.cap_curves is None:
+            # memory traffic's energy floor (tiers/power.py): a cap too low for one GPU's DRAM traffic at full
+            # bandwidth stretches its memory reads (measured curves below include that effect)
+            dram_w = dram_traffic_w(
+                g.bandwidth_bytes_per_s * c.bandwidth_efficiency, DRAM_PJ_PER_BIT.get(g.name)
+            )
+            s_mem = mem_cap_slowdown(dram_w, g.idle_w, cap_w)
+            s(self, "_weights_read_s", self._weights_read_s * s_mem)
+            s(self, "_kv_read_s", self._kv_read_s * s_mem)
+        else:  # measured (orchestrator profile --micro) instead of modelled
             s_compute, s_memory = self.cap_curves.slowdowns(cap_w)
             s(self, "_s_gemm", s_compute)
             s(self, "_s_attn", s_compute)

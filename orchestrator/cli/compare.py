@@ -23,7 +23,9 @@ from orchestrator.cli.sim_common import (
     ADMISSION_HELP,
     ADMISSION_WAIT_HELP,
     BUDGET_HELP,
+    HOST_KV_HELP,
     JSON_SCHEMA_VERSION,
+    KV_GAP_HELP,
     PREFILL_BUDGET_HELP,
     THRESHOLD_HELP,
     VIEW_HELP,
@@ -84,6 +86,8 @@ def register(app: typer.Typer) -> None:
             False, "--power-controller", help="also run every policy under the power controller (+power)"
         ),
         view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
+        kv_gap_rule: bool = typer.Option(False, "--kv-gap-rule", help=KV_GAP_HELP),
+        host_kv_gb: float | None = typer.Option(None, "--host-kv-gb", help=HOST_KV_HELP),
         json_out: bool = typer.Option(False, "--json"),
         out: Path | None = typer.Option(None, "--out", help="directory for CSV/JSON rows and PNG plots"),
     ) -> None:
@@ -103,7 +107,13 @@ def register(app: typer.Typer) -> None:
             fail("--rates must be > 0 conversations/s")
         out_dir = make_out_dir(out)
         sim_opts = build_sim_options(
-            max_batched, prefill_max_batched, router_admission, view_cached, admission_wait
+            max_batched,
+            prefill_max_batched,
+            router_admission,
+            view_cached,
+            admission_wait,
+            kv_gap_rule,
+            host_kv_gb,
         )
         base_convs = fleet_workload(cfg, None, seed, conversations, max_turns)
         from orchestrator.workload import poisson_arrivals
@@ -160,6 +170,7 @@ def register(app: typer.Typer) -> None:
                     shown = "trace" if rate is None else f"{rate:.3g} conv/s"
                     prog.update(task, description=f"{label} @ {shown}")
                     thr_tokens = thr[0] if pol == "conserve" else None
+                    kept: dict[str, Any] | None = {} if kv_gap_rule else None
                     summ, rows, _ = run_one(
                         cfg,
                         pl,
@@ -171,18 +182,23 @@ def register(app: typer.Typer) -> None:
                         sa,
                         convention,
                         1.0 if out_dir is not None else None,
+                        keep=kept,
                         sim_options=ctl_opts if label.endswith("+power") else sim_opts,
                     )
                     table_rows.append((label, rate, summ))
-                    results.append(
-                        {
-                            "config": label,
-                            "policy": pol,
-                            "rate_per_s": rate,
-                            "arrivals": how,
-                            "summary": summ.to_dict(),
-                        }
-                    )
+                    run_doc: dict[str, Any] = {
+                        "config": label,
+                        "policy": pol,
+                        "rate_per_s": rate,
+                        "arrivals": how,
+                        "summary": summ.to_dict(),
+                    }
+                    gaps = kept["result"].kv_gaps if kept else None
+                    if (
+                        gaps is not None
+                    ):  # the closed-loop gap rule's record (orchestrator.sim.gaps), modelled
+                        run_doc["kv_gaps"] = {k: getattr(gaps, k) for k in gaps.__slots__}
+                    results.append(run_doc)
                     for r in rows:
                         all_rows.append({"config": label, "rate_per_s": rate, **r})
                     prog.advance(task)

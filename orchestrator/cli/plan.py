@@ -28,6 +28,7 @@ from orchestrator.planner import (
     mode_text,
     modes_json,
 )
+from orchestrator.sim_capacity import RateCheck, SimulatedMaxRate, highest_sustained_rate
 from orchestrator.verify import Validation, verify
 from placement.errors import PlanningError
 
@@ -130,6 +131,34 @@ def _verify(cfg: FleetConfig, run: PlanRun, replan: Any, seeds: int) -> tuple[Pl
         return verify(cfg, run, replan, tuple(range(seeds)), progress=tick)
 
 
+def _sim_max_rate(cfg: FleetConfig, run: PlanRun, seeds: int, budget_s: float) -> SimulatedMaxRate:
+    """--sim-search: bisect the highest rate the plan's instances sustain in simulation (one stderr line per
+    simulated rate: the progress, and why a rate misses)."""
+    err_console.print(
+        f"searching the highest sustained rate in the simulator ({seeds} seed(s) x >= 4,000 conversations "
+        f"per rate; budget {budget_s:g} s)",
+        highlight=False,
+    )
+
+    def tick(c: RateCheck) -> None:
+        verdict = "sustained" if c.holds else f"not sustained: {c.why}"
+        err_console.print(f"  {c.rate_per_s:.4g} conv/s: {verdict} ({c.wall_s:.1f} s)", highlight=False)
+
+    return highest_sustained_rate(cfg, run, tuple(range(seeds)), time_budget_s=budget_s, progress=tick)
+
+
+def _sim_max_rate_text(run: PlanRun, sim: SimulatedMaxRate) -> str:
+    top = run.plan.predictions.arrival_rate_per_s
+    upper = "above the bracket" if sim.upper_per_s == float("inf") else f"{sim.upper_per_s:.4g} is not"
+    ratio = f"; modelled / simulated {top / sim.rate_per_s:.3f}" if sim.rate_per_s > 0 else ""
+    cut = " (time budget reached: the bracket so far)" if sim.budget_exhausted else ""
+    return (
+        f"Max rate: modelled {top:.4g} conv/s; simulated {sim.rate_per_s:.4g} conv/s sustained ({upper}; "
+        f"{len(sim.seeds)} seed(s) x {sim.conversations} conversations, the SLO in each half of the steady "
+        f"window){ratio}{cut}; {sim.wall_s:.0f} s."
+    )
+
+
 def _validation_table(v: Validation) -> Table:
     t = Table(
         title=(
@@ -215,6 +244,12 @@ def register(app: typer.Typer) -> None:
             help="serving modes the ILP chooses among (comma-separated subset)",
         ),
         seeds: int = typer.Option(3, "--seeds", help="arrival streams (seeds) the verification simulates"),
+        sim_search: bool = typer.Option(
+            False,
+            "--sim-search",
+            help="with --max-rate: also bisect the highest rate the plan's instances sustain in simulation",
+        ),
+        sim_budget: float = typer.Option(300.0, "--sim-budget", help="seconds for --sim-search"),
     ) -> None:
         """Size prefill/decode pools per GPU tier and power cap for a workload and SLOs (PuLP ILP)."""
         if solver.lower() not in ("highs", "cbc", "auto"):
@@ -227,6 +262,12 @@ def register(app: typer.Typer) -> None:
             fail("--validate and --no-verify exclude each other. To fix: pass one of them.")
         if seeds < 1:
             fail(f"--seeds must be >= 1, got {seeds}. To fix: pass --seeds 3.")
+        if sim_search and not max_rate:
+            fail("--sim-search needs --max-rate. To fix: add --max-rate.")
+        if sim_search and no_verify:
+            fail("--sim-search and --no-verify exclude each other. To fix: pass one of them.")
+        if not sim_budget > 0:
+            fail(f"--sim-budget must be > 0 seconds, got {sim_budget}. To fix: pass e.g. --sim-budget 300.")
         cfg = load_fleet(fleet)
         mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
 
@@ -247,6 +288,7 @@ def register(app: typer.Typer) -> None:
         validation: Validation | None = None
         if not no_verify:
             run, validation = _verify(cfg, run, replan, seeds)
+        sim_max = _sim_max_rate(cfg, run, seeds, sim_budget) if sim_search else None
         homog: list[tuple[str, PlanRun | None, str]] = []
         if compare:
             # at the plan's rate (below the requested one for a finite run above capacity)
@@ -281,6 +323,11 @@ def register(app: typer.Typer) -> None:
             doc["out"] = str(out) if out else None
             doc["validated"] = validation is not None
             doc["validation"] = None if validation is None else validation.to_dict()
+            if sim_max is not None:
+                doc["max_rate"] = {
+                    "predicted_per_s": run.plan.predictions.arrival_rate_per_s,
+                    "simulated": sim_max.to_dict(),
+                }
             print_json(doc)
             return
         console.print(
@@ -352,6 +399,17 @@ def register(app: typer.Typer) -> None:
             )
         for note in run.plan.notes:
             console.print(f"- {note}", highlight=False)
+        if sim_max is not None:
+            console.print(_sim_max_rate_text(run, sim_max), highlight=False, soft_wrap=True)
+        elif max_rate and validation is not None:
+            console.print(
+                f"Max rate: modelled. The verification's {validation.conversations}-conversation streams "
+                "do not test stability (a transient above capacity can hold the SLO on them); "
+                "--sim-search bisects the rate the instances sustain (docs/planning.md, Max rate).",
+                style="dim",
+                highlight=False,
+                soft_wrap=True,
+            )
         if validation is not None:
             console.print(_validation_table(validation))
         else:

@@ -32,6 +32,7 @@ from orchestrator.sim.core import SimOptions
 from orchestrator.sim.fleet import simulate_fleet, unallocated_idle_w
 from orchestrator.sim.standalone import StandaloneCache
 from orchestrator.workload import ConversationSpec
+from placement.kv_gaps import HostMemory
 
 JSON_SCHEMA_VERSION = 1
 DEFAULT_MISPREDICT_RATE = 0.1  # the paper's AMPD emulation injected 10% mispredictions (DESIGN.md s5)
@@ -90,12 +91,22 @@ ADMISSION_WAIT_HELP = (
 )
 
 
+KV_GAP_HELP = (
+    "apply the keep / offload / drop rule to KV across tool gaps in the run (orchestrator.sim.gaps): "
+    "under KV pressure an idle conversation's KV is offloaded to host memory (--host-kv-gb) or dropped "
+    "and re-prefilled"
+)
+HOST_KV_HELP = "with --kv-gap-rule: each decoder's host-memory tier for offloaded KV, in GB (PCIe 4.0 x16)"
+
+
 def build_sim_options(
     max_batched: int | None,
     prefill_max_batched: int | None,
     router_admission: bool = False,
     view_cached_histories: bool = False,
     admission_wait: float | None = None,
+    kv_gap_rule: bool = False,
+    host_kv_gb: float | None = None,
 ) -> SimOptions:
     pairs = (("--max-batched-tokens", max_batched), ("--prefill-max-batched-tokens", prefill_max_batched))
     for name, v in pairs:
@@ -107,8 +118,14 @@ def build_sim_options(
         )
     if admission_wait is not None and admission_wait < 0:
         raise ConfigError(f"--admission-wait must be >= 0 s, got {admission_wait}. To fix: e.g. 30.")
+    if host_kv_gb is not None and not kv_gap_rule:
+        raise ConfigError("--host-kv-gb is the gap rule's host tier. To fix: add --kv-gap-rule.")
+    if host_kv_gb is not None and not host_kv_gb > 0:
+        raise ConfigError(f"--host-kv-gb must be > 0 GB, got {host_kv_gb}. To fix: e.g. 256.")
     base = SimOptions()
     return SimOptions(
+        kv_gap_rule=kv_gap_rule,
+        kv_gap_host=HostMemory(host_kv_gb * 1e9) if host_kv_gb is not None else None,
         max_batched_tokens=max_batched if max_batched is not None else base.max_batched_tokens,
         prefill_max_batched_tokens=prefill_max_batched,
         router_admission=router_admission,

@@ -21,7 +21,9 @@ from orchestrator.cli.sim_common import (
     ADMISSION_HELP,
     ADMISSION_WAIT_HELP,
     BUDGET_HELP,
+    HOST_KV_HELP,
     JSON_SCHEMA_VERSION,
+    KV_GAP_HELP,
     PREFILL_BUDGET_HELP,
     THRESHOLD_HELP,
     VIEW_HELP,
@@ -87,7 +89,15 @@ def register(app: typer.Typer) -> None:
         power_budget: float | None = typer.Option(
             None, "--power-budget", help="with --power-controller: fleet cap budget, W (sum of GPUs x cap)"
         ),
+        park_w: float | None = typer.Option(
+            None,
+            "--park-w",
+            help="with --power-controller: park decoders in troughs, drawing this many W per "
+            "GPU while parked (engine stopped; docs/energy.md)",
+        ),
         view_cached: bool = typer.Option(False, "--view-cached-histories", help=VIEW_HELP),
+        kv_gap_rule: bool = typer.Option(False, "--kv-gap-rule", help=KV_GAP_HELP),
+        host_kv_gb: float | None = typer.Option(None, "--host-kv-gb", help=HOST_KV_HELP),
         energy_window: float = typer.Option(1.0, "--energy-window", help="energy accounting window, seconds"),
         no_standalone: bool = typer.Option(False, "--no-standalone", help="skip slowdowns (faster)"),
         json_out: bool = typer.Option(False, "--json", help="print JSON for scripts"),
@@ -110,14 +120,25 @@ def register(app: typer.Typer) -> None:
         make_policy(pol, **options_for_policy(pol, mispredict_rate, threshold))  # validate early
         out_dir = make_out_dir(out)
         sim_opts = build_sim_options(
-            max_batched, prefill_max_batched, router_admission, view_cached, admission_wait
+            max_batched,
+            prefill_max_batched,
+            router_admission,
+            view_cached,
+            admission_wait,
+            kv_gap_rule,
+            host_kv_gb,
         )
         if power_budget is not None and (not power_controller or not power_budget > 0):
             raise ConfigError("--power-budget needs --power-controller and a budget > 0 W, e.g. 1000")
+        if park_w is not None and (not power_controller or not park_w >= 0):
+            raise ConfigError("--park-w needs --power-controller and a draw >= 0 W, e.g. 11")
         if power_controller:
+            from orchestrator.core.power import ParkingConfig
             from orchestrator.sim.power import fleet_power_control
 
-            sim_opts = replace(sim_opts, power_controller=fleet_power_control(cfg, budget_w=power_budget))
+            parking = ParkingConfig(parked_w=park_w) if park_w is not None else None
+            ctl = fleet_power_control(cfg, budget_w=power_budget, parking=parking)
+            sim_opts = replace(sim_opts, power_controller=ctl)
         seed = sim_setup.effective_seed(cfg, seed)
         convs = fleet_workload(cfg, rate, seed, conversations, max_turns)
         rate_label, arrivals = sim_setup.arrivals(cfg, rate, convs)
@@ -128,7 +149,7 @@ def register(app: typer.Typer) -> None:
         thr = sim_setup.conserve_threshold(plan, threshold) if is_conserve else None
         sa = None if no_standalone else StandaloneCache(reference_tier_model(cfg), sim_opts)
         opts = options_for_policy(pol, mispredict_rate, thr[0] if thr else None)
-        kept: dict[str, Any] | None = {} if db or power_controller else None
+        kept: dict[str, Any] | None = {} if db or power_controller or kv_gap_rule else None
         with progress_bar(disable=json_out) as prog:  # no bar with --json: stdout carries the JSON only
             task = prog.add_task(f"simulating {pol}", total=len(convs))
 
@@ -171,6 +192,9 @@ def register(app: typer.Typer) -> None:
             from orchestrator.sim.power import power_summary
 
             doc["power_controller"] = power_summary(kept["result"])
+        gaps = kept["result"].kv_gaps if kv_gap_rule and kept is not None else None
+        if gaps is not None:  # the closed-loop gap rule's record (orchestrator.sim.gaps), modelled
+            doc["kv_gaps"] = {k: getattr(gaps, k) for k in gaps.__slots__}
         if db and kept is not None:
             doc["ledger"] = _write_ledger(db, run_id, pol, kept, cfg, insts)
         if out_dir is not None:
@@ -201,6 +225,19 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
                 soft_wrap=True,
             )  # fmt: skip
+            if "parking" in pc:
+                parked = ", ".join(f"{k} {v:.0f} s" for k, v in pc["parking"]["seconds_parked"].items())
+                console.print(f"parking (modelled): {pc['parking']['changes']} changes; parked: {parked}",
+                              highlight=False, soft_wrap=True)  # fmt: skip
+        if gaps is not None:
+            console.print(
+                f"KV across tool gaps (modelled): {gaps.gaps} gaps, {gaps.kept} kept, {gaps.offloaded} "
+                f"offloaded, {gaps.dropped} dropped ({gaps.evicted_while_kept} kept but evicted by the LRU); "
+                f"restores {gaps.restore_s:.2f} s in all, host copies {gaps.copy_energy_j:.0f} J; "
+                f"{gaps.idle_share_released:.1%} of the idle KV-token-seconds released.",
+                highlight=False,
+                soft_wrap=True,
+            )
         if summ.policy_stats:
             ps = summ.policy_stats
             console.print(

@@ -173,3 +173,179 @@ def power_view(
     empty = PoolInterval()
     obs = (observation(s, caps_w[s.pool_id], intervals.get(s.pool_id, empty), slo) for s in specs)
     return PowerView(tuple(obs), budget_w)
+
+
+# ---- parking: drain a decoder in a trough, stop its engine, start it again before it is needed ------------
+#
+# A cap cannot go below the idle draw of an engine that is loaded: ~77 W on the A40 with vLLM
+# (tiers/catalog.py), a quarter of its TDP. Only an engine that is stopped (no CUDA context on the GPU) drops
+# below it: idle power is set by the DVFS state the CUDA context forces, not by what is in memory
+# (arXiv 2605.23918, "The Model Parking Tax": the context adds 26-50 W over bare idle on HBM GPUs and 66 W on
+# the GDDR6 L40S; VRAM occupancy < 0.02 W/GB). So vLLM's sleep mode, which keeps the process and its context,
+# saves memory, not power; a parked decoder here is an engine stopped, and waking it is a cold start.
+#
+# States of a decoder: active (takes new conversations) -> draining (keeps its pinned conversations, takes no
+# new one) -> parked (no pins left: engine stopped, draws ``parked_w``) -> waking (cold start: draws the
+# loaded idle, ``wake_s``, takes nothing) -> active. A draining decoder is re-activated at once when needed.
+#
+# How many decoders to keep active, from what was observed only (no future knowledge):
+#
+#     rate_now   = new conversations pinned in the last window_s / window_s
+#     rate_prev  = the same over the window before
+#     rate_proj  = max(rate_now, rate_now + (rate_now - rate_prev) / window_s * wake_s)   # the trend, carried
+#                                                                     over the time a cold start takes
+#     lifetime   = mean pinned lifetime of the conversations that ended (first seen -> gone)
+#     kv_conv    = KV tokens held per pinned conversation now (the last value seen when none is pinned)
+#     needed     = ceil(rate_proj x lifetime x kv_conv / (occupancy_target x kv_capacity))   (Little's law)
+#                  and >= ceil(KV held now / (occupancy_target x kv_capacity)), >= min_active; + spare
+#     wake now   when an active decoder's occupancy passes wake_occupancy or the pool's decode pressure
+#                passes wake_pressure: needed >= active + 1
+#
+# More needed than active -> re-activate draining decoders, then wake parked ones. Fewer needed for hold_s
+# in a row, nothing waking or draining -> drain the active decoder with the fewest pinned conversations.
+# Until a conversation has ended (no lifetime yet) nothing is drained.
+
+ACTIVE, DRAINING, PARKED, WAKING = "active", "draining", "parked", "waking"
+
+
+@dataclass(frozen=True, slots=True)
+class ParkingConfig:
+    parked_w: float  # draw per GPU of a stopped engine (no CUDA context)
+    # an engine's cold start: vLLM's reload takes "30-100+ seconds per switch" (blog.vllm.ai, sleep mode)
+    wake_s: float = 60.0
+    occupancy_target: float = 0.5  # KV an active decoder is planned to hold (room for conversations' growth)
+    window_s: float = 30.0  # arrival rate measured over
+    hold_s: float = 60.0  # demand under the active count this long before a decoder drains (hysteresis)
+    min_active: int = 1
+    # decoders kept active beyond what Little's law asks (N+1): a cold start takes wake_s, so a step in load
+    # (a burst) lands on the active ones before a parked one can help
+    spare: int = 1
+    wake_occupancy: float = 0.75
+    wake_pressure: float = 0.85  # = ControllerConfig.upper: the TBT margin the cap controller keeps
+
+    def __post_init__(self) -> None:
+        if not (self.parked_w >= 0 and self.wake_s >= 0 and self.window_s > 0 and self.hold_s >= 0):
+            raise PlacementError("parking: parked_w, wake_s, hold_s must be >= 0 and window_s > 0")
+        if not (0 < self.occupancy_target <= 1 and 0 < self.wake_occupancy <= 1 and self.min_active >= 1):
+            raise PlacementError("parking: occupancies must be in (0, 1] and min_active >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderObservation:
+    instance_id: str
+    pinned: frozenset[object]  # conversations pinned to it now
+    kv_used_tokens: int
+    kv_capacity_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParkChange:
+    t_s: float
+    instance_id: str
+    from_state: str
+    to_state: str
+    reason: str
+
+
+def _ceil(x: float) -> int:
+    """Ceiling that ignores float noise (a demand of 1.0000000001 decoders is 1)."""
+    n = int(x)
+    return n + 1 if x - n > 1e-9 else n
+
+
+class Parker:
+    """The parking rule over one decode pool (module comment above); keeps its own observations."""
+
+    def __init__(self, cfg: ParkingConfig, instance_ids: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.state = {i: ACTIVE for i in instance_ids}
+        self.since = {i: 0.0 for i in instance_ids}
+        self.first_seen: dict[object, float] = {}
+        self.arrivals: list[float] = []
+        self.lifetimes: list[float] = []
+        self.kv_conv = 0.0
+        self.under_since: float | None = None
+        self.changes: list[ParkChange] = []
+
+    def accepting(self, instance_id: str) -> bool:
+        return self.state.get(instance_id, ACTIVE) == ACTIVE
+
+    def _to(self, t: float, i: str, to: str, why: str) -> ParkChange:
+        c = ParkChange(t, i, self.state[i], to, why)
+        self.state[i], self.since[i] = to, t
+        self.changes.append(c)
+        return c
+
+    def _observe(self, t: float, decoders: Sequence[DecoderObservation]) -> None:
+        now: set[object] = set()
+        for d in decoders:
+            now |= d.pinned
+        for c in now - self.first_seen.keys():
+            self.first_seen[c] = t
+            self.arrivals.append(t)
+        for c in [c for c in self.first_seen if c not in now]:
+            self.lifetimes.append(t - self.first_seen.pop(c))
+        del self.lifetimes[:-200]  # the recent ones
+        horizon = t - 2 * self.cfg.window_s
+        while self.arrivals and self.arrivals[0] <= horizon:
+            self.arrivals.pop(0)
+        if now:
+            self.kv_conv = sum(d.kv_used_tokens for d in decoders if d.pinned) / len(now)
+
+    def needed(self, t: float, decoders: Sequence[DecoderObservation], pressure: float) -> int:
+        cfg = self.cfg
+        w = cfg.window_s
+        n_now = sum(1 for a in self.arrivals if a > t - w)
+        rate_now, rate_prev = n_now / w, (len(self.arrivals) - n_now) / w
+        rate = max(rate_now, rate_now + (rate_now - rate_prev) / w * cfg.wake_s)
+        cap = max(1.0, sum(d.kv_capacity_tokens for d in decoders) / max(len(decoders), 1))
+        per = cfg.occupancy_target * cap
+        held = sum(d.kv_used_tokens for d in decoders)
+        if not self.lifetimes:
+            return len(decoders)
+        life = sum(self.lifetimes) / len(self.lifetimes)
+        need = max(cfg.min_active, _ceil(rate * life * self.kv_conv / per), _ceil(held / per))
+        active = [d for d in decoders if self.state[d.instance_id] == ACTIVE]
+        hot = any(d.kv_used_tokens > cfg.wake_occupancy * d.kv_capacity_tokens for d in active)
+        need += cfg.spare
+        if hot or pressure >= cfg.wake_pressure:
+            need = max(need, len(active) + 1)
+        return min(need, len(decoders))
+
+    def step(
+        self, t: float, decoders: Sequence[DecoderObservation], pressure: float = 0.0
+    ) -> list[ParkChange]:
+        """One step at time ``t``: the decoders' states after it change as the returned list says."""
+        cfg = self.cfg
+        out: list[ParkChange] = []
+        self._observe(t, decoders)
+        by_id = {d.instance_id: d for d in decoders}
+        for i, st in self.state.items():
+            if st == WAKING and t - self.since[i] >= cfg.wake_s - 1e-9:
+                out.append(self._to(t, i, ACTIVE, f"cold start done ({cfg.wake_s:g} s)"))
+            elif st == DRAINING and not by_id[i].pinned:
+                out.append(self._to(t, i, PARKED, "drained: engine stopped"))
+        need = self.needed(t, decoders, pressure)
+        ready = [i for i, s in self.state.items() if s in (ACTIVE, WAKING)]
+        if need > len(ready):
+            self.under_since = None
+            short = need - len(ready)
+            for i in sorted((i for i, s in self.state.items() if s == DRAINING),
+                            key=lambda i: (-len(by_id[i].pinned), i))[:short]:  # fmt: skip
+                out.append(self._to(t, i, ACTIVE, f"needed: {need} decoders"))
+                short -= 1
+            for i in sorted(i for i, s in self.state.items() if s == PARKED)[:short]:
+                out.append(self._to(t, i, WAKING, f"needed: {need} decoders, cold start"))
+        elif need < len(ready) and all(s in (ACTIVE, PARKED) for s in self.state.values()):
+            if self.under_since is None:
+                self.under_since = t
+            if t - self.under_since >= cfg.hold_s:
+                active = [i for i, s in self.state.items() if s == ACTIVE]
+                i = min(active, key=lambda i: (len(by_id[i].pinned), by_id[i].kv_used_tokens, i))
+                out.append(
+                    self._to(t, i, DRAINING, f"{need} of {len(ready)} decoders needed for {cfg.hold_s:g} s")
+                )
+                self.under_since = None
+        else:
+            self.under_since = None
+        return out

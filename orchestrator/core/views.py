@@ -39,6 +39,7 @@ def instance_view(
     waiting_seqs: int,
     pinned_conversations: int,
     reserved_kv_tokens: int = 0,
+    accepting: bool = True,
 ) -> InstanceView:
     """One instance's :class:`InstanceView` from the driver's observations and accounting."""
     return InstanceView(
@@ -54,4 +55,5 @@ def instance_view(
         running_seqs=running_seqs,
         waiting_seqs=waiting_seqs,
         pinned_conversations=pinned_conversations,
+        accepting=accepting,
     )

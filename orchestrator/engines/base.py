@@ -9,7 +9,10 @@ Capabilities are declared, never probed: every engine says which of its two stre
 engine, which the router forwards without re-encoding) and implements both (the other one converts, with
 :mod:`orchestrator.engines.sse`); every engine answers :meth:`Engine.observe_shared` (one scrape shared
 by the router's health poll and the energy tick where a scrape is costly, :meth:`Engine.observe` otherwise)
-and states its KV capacity (0 where it is learned from the engine's observations).
+and states its KV capacity (0 where it is learned from the engine's observations). An idle conversation's KV
+can be released (:meth:`Engine.release_kv`, applied by the KV-gap keeper, orchestrator/kv_gaps_live.py):
+dropped by every engine, offloaded to host memory by those that declare :attr:`Engine.kv_offload`; the
+conversation's next request is then served by a restore from host memory or a re-prefill.
 
 THIS IS THE CONTRACT the router (api/, orchestrator/router/) and the engine implementations
 (orchestrator/engines/vllm.py, orchestrator/engines/sim.py) code against; keep it stable.
@@ -23,6 +26,7 @@ from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 from placement.base import Role
+from placement.kv_gaps import GapAction
 
 # What the router sends a prefiller for a disaggregated turn 1 (vLLM KV-connector protocol, DESIGN.md s7).
 REMOTE_DECODE_PARAMS: dict[str, Any] = {
@@ -89,6 +93,15 @@ class EngineObservation:
     error: str = ""  # why the engine is reported unhealthy (empty when healthy)
 
 
+@dataclass(frozen=True, slots=True)
+class KvReleased:
+    """What :meth:`Engine.release_kv` did with an idle conversation's KV."""
+
+    conversation_id: str
+    action: GapAction  # OFFLOAD (to host memory; restored on its next request) or DROP (re-prefilled)
+    detail: str = ""  # how the engine did it (e.g. vLLM: the cache salt it now sends for the conversation)
+
+
 @runtime_checkable
 class Engine(Protocol):
     instance_id: str
@@ -96,6 +109,7 @@ class Engine(Protocol):
     tier: str
     wire: Wire  # the native stream: the router reads stream() for CHUNKS, stream_raw() for SSE
     kv_capacity_tokens: int  # KV cache size in tokens; 0: not known until observe() reports it
+    kv_offload: bool  # release_kv(.., GapAction.OFFLOAD) works: a host-memory KV tier it restores from
 
     async def prefill(self, req: EngineRequest) -> PrefillResult:
         """Prefill only (max_tokens 1, do_remote_decode) and return the KV handle for the decoder."""
@@ -119,6 +133,12 @@ class Engine(Protocol):
     async def observe_shared(self) -> EngineObservation:
         """:meth:`observe`, possibly answered by a scrape already in flight or made a moment ago (the router's
         health poll and the energy tick observe every engine in the same scheduler tick)."""
+        ...
+
+    async def release_kv(self, conversation_id: str, action: GapAction) -> KvReleased:
+        """Release the KV this engine keeps for an idle conversation (no request of it running): DROP frees
+        it (its next request re-prefills the whole context), OFFLOAD moves it to host memory (its next request
+        restores it from there; EngineError where ``kv_offload`` is false). KEEP: ValueError."""
         ...
 
     async def aclose(self) -> None: ...

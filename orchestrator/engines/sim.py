@@ -26,7 +26,7 @@ import asyncio
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from conserve.clock import Clock, SystemClock
@@ -37,7 +37,7 @@ from energy.meters import (
     PROMPT_TOKENS_TOTAL,
 )
 from orchestrator.core.turns import kv_shipped_tokens
-from orchestrator.engines.base import EngineObservation, EngineRequest, PrefillResult
+from orchestrator.engines.base import EngineObservation, EngineRequest, KvReleased, PrefillResult
 from orchestrator.engines.sim_fabric import DEFAULT_LINK, PrefixCache, SimKvFabric
 from orchestrator.engines.sim_meter import StepMeter
 from orchestrator.engines.sim_text import (
@@ -50,6 +50,7 @@ from orchestrator.engines.sim_text import (
 from orchestrator.engines.sse import ChunkNative
 from orchestrator.errors import EngineError
 from placement.base import Role
+from placement.kv_gaps import GapAction
 from tiers.perf import TierModel
 from tiers.steps import handoff_time_s, plan_chunks, prefill_step_power_w, prefill_step_time_s
 
@@ -97,6 +98,8 @@ class _Seq:
 class SimEngine(ChunkNative):
     """An Engine whose timing comes from a TierModel; see the module docstring. In process: its native stream
     is chunk dicts (ChunkNative: wire, stream_raw, observe_shared)."""
+
+    kv_offload = False  # no host-memory tier: release_kv drops (the next turn re-prefills from its prefix)
 
     def __init__(
         self,
@@ -174,6 +177,22 @@ class SimEngine(ChunkNative):
 
     def revive(self) -> None:
         self._dead = False
+
+    # ---- the power controller's hooks (orchestrator/power_loop.py) ------------------------------------
+    def park(self, parked_w: float) -> None:
+        """Engine stopped (no CUDA context): it draws ``parked_w`` in place of the loaded idle."""
+        if self._running or self._waiting:
+            raise EngineError(f"engine {self.instance_id}: cannot park with requests running or waiting")
+        self.meter.park(parked_w)
+
+    def unpark(self) -> None:  # cold start begins: the loaded idle draw again
+        self.meter.unpark()
+
+    def set_power_cap(self, cap_w: float) -> TierModel:
+        """Steps from the next one on are timed and powered by the tier model at ``cap_w`` per GPU."""
+        if self.tier_model.cap_w != cap_w:  # TierModel checks the range
+            self.tier_model = replace(self.tier_model, power_cap_w=float(cap_w))
+        return self.tier_model
 
     # ---- Engine protocol ------------------------------------------------------------------------
     async def prefill(self, req: EngineRequest) -> PrefillResult:
@@ -257,6 +276,13 @@ class SimEngine(ChunkNative):
                 **self.meter.counters(),
             },
         )
+
+    async def release_kv(self, conversation_id: str, action: GapAction) -> KvReleased:
+        """DROP: forget the conversation's cached prefix (its next request prefills its whole prompt)."""
+        if action is not GapAction.DROP:
+            err = ValueError if action is GapAction.KEEP else EngineError
+            raise err(f"simulated engine {self.instance_id}: cannot {action} (no host-memory tier)")
+        return KvReleased(conversation_id, action, f"{self._prefix.take(conversation_id)} tokens freed")
 
     async def aclose(self) -> None:
         for task in list(self._transfers):
@@ -435,8 +461,8 @@ class SimEngine(ChunkNative):
         task.add_done_callback(self._transfers.discard)
 
     async def _run(self) -> None:
-        tm = self.tier_model
         while True:
+            tm = self.tier_model  # read per step: a power cap set meanwhile applies from this step on
             self._admit()
             decoders = [s for s in self._running if s.ready and s.prefill_left == 0]
             prefilling = [s for s in self._running if s.ready and s.prefill_left > 0]

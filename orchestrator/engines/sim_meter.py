@@ -22,6 +22,9 @@ class StepMeter:
         self.energy_j = 0.0
         self.busy_s = 0.0
         self._step: tuple[float, float, float] | None = None  # (clock start, modelled s, W)
+        # parked (engine stopped, sim.py park): (clock start, W); billed like a step at that draw, so the
+        # model meter adds no idle for it
+        self._parked: tuple[float, float] | None = None
 
     def start(self, step_s: float, power_w: float) -> None:
         self._step = (self.clock.now_s(), step_s, power_w)
@@ -36,9 +39,25 @@ class StepMeter:
         self.busy_s += elapsed
         self.energy_j += power_w * step_s * (1.0 if done else self._done(elapsed, step_s))
 
+    def park(self, power_w: float) -> None:
+        if self._parked is None:
+            self._parked = (self.clock.now_s(), power_w)
+
+    def unpark(self) -> None:
+        if self._parked is not None:
+            t0, power_w = self._parked
+            self._parked = None
+            elapsed = max(self.clock.now_s() - t0, 0.0)
+            self.busy_s += elapsed
+            self.energy_j += power_w * elapsed  # clock seconds, as the idle draw it replaces
+
     def counters(self) -> dict[str, float]:
         """STEP_ENERGY_J_TOTAL and BUSY_S_TOTAL now."""
         energy, busy = self.energy_j, self.busy_s
+        if self._parked is not None:
+            elapsed = max(self.clock.now_s() - self._parked[0], 0.0)
+            energy += self._parked[1] * elapsed
+            busy += elapsed
         if self._step is not None:
             t0, step_s, power_w = self._step
             elapsed = max(self.clock.now_s() - t0, 0.0)

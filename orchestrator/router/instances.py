@@ -40,6 +40,7 @@ class Instance:
     pinned_tokens: int = 0
     pinned: set[str] = field(default_factory=set)
     kv_transfers_in: int = 0
+    accepting: bool = True  # takes new conversations (False: drained or parked by the power controller)
     # the last view and what it was built from: every request builds the fleet view, and an unchanged instance
     # (all but one or two per request) returns its previous one. 64 instances: 270 -> 30 us per fleet view
     # (timeit), 409 -> 259 us loop CPU per request (benchmarks/bench_router_inproc.py --engines 64);
@@ -57,6 +58,7 @@ class Instance:
             self.pinned_tokens,
             len(self.pinned),
             self.kv_capacity_tokens,
+            self.accepting,
         )
         if key != self._view_key or self._view is None:
             self._view, self._view_key = self._build_view(), key
@@ -78,6 +80,7 @@ class Instance:
             running_seqs=max(obs.running if obs is not None else 0, self.inflight_requests),
             waiting_seqs=obs.waiting if obs is not None else 0,
             pinned_conversations=len(self.pinned),
+            accepting=self.accepting,
         )
 
     def status(self) -> dict[str, Any]:
@@ -99,6 +102,7 @@ class Instance:
             "inflight_requests": self.inflight_requests,
             "queued_prefill_tokens": self.inflight_prefill_tokens,
             "pinned_conversations": len(self.pinned),
+            "accepting": self.accepting,
             "pinned_tokens": self.pinned_tokens,
             "kv_transfers_in": self.kv_transfers_in,
             "engine": dict(obs.extra) if obs is not None else {},

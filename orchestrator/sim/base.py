@@ -15,7 +15,7 @@ from orchestrator.core import AdmissionRule, PinBook, PinState
 from orchestrator.sim.clock import VirtualClock
 from orchestrator.sim.instance import _Instance, _Seq, _TurnState
 from orchestrator.sim.options import SimOptions, TurnDelay
-from orchestrator.sim.result import Decision, Feedback
+from orchestrator.sim.result import Decision, Feedback, KvGapStats
 from orchestrator.workload import ConversationSpec
 from placement.base import InstanceView, Placement, Policy
 
@@ -28,6 +28,7 @@ _PULL = 4
 _RESUME = 5
 _REFUSE = 6  # a turn 1 has waited SimOptions.admission_wait_s for router-side admission
 _POWER = 7  # a power-controller step (orchestrator.sim.power)
+_GAP = 8  # a tool gap's hold time is over (orchestrator.sim.gaps, SimOptions.kv_gap_rule)
 
 
 class SimBase:
@@ -68,6 +69,7 @@ class SimBase:
     adm_parked_count: int
     refused: list[int]  # conversations refused at admission (SimOptions.admission_wait_s)
     power: Any  # orchestrator.sim.power.SimPowerDriver, or None (SimOptions.power_controller)
+    gap_on: bool  # SimOptions.kv_gap_rule (orchestrator.sim.gaps)
 
     def _push(self, t: float, kind: int, a: Any, b: Any) -> None:
         self.order += 1
@@ -93,6 +95,11 @@ class SimBase:
         def _enqueue(self, inst: _Instance, s: _Seq, t: float) -> None: ...
         def _restart(self, ts: _TurnState, t: float) -> None: ...
         def _refuse(self, ts: _TurnState, t: float) -> None: ...
+        def _gap_start(self, ci: int, inst: _Instance, t: float) -> None: ...
+        def _gap_pressure_check(self, inst: _Instance, t: float, need_tokens: int = 0) -> None: ...
+        def _gap_end(self, ci: int, t: float) -> float: ...
+        def _gap_restored(self, ci: int) -> None: ...
+        def _gap_stats(self) -> KvGapStats | None: ...
 
 
-__all__ = ["_ARRIVE", "_FAIL", "_POWER", "_PULL", "_REFUSE", "_RESUME", "_STEP", "_XFER", "SimBase"]
+__all__ = ["_ARRIVE", "_FAIL", "_GAP", "_POWER", "_PULL", "_REFUSE", "_RESUME", "_STEP", "_XFER", "SimBase"]

@@ -109,6 +109,7 @@ class Collecting(SimBase):
             admission_parked=self.adm_parked_count,
             refused_conversations=tuple(self.convs[ci].conversation_id for ci in self.refused),
             power_steps=tuple(self.power.steps) if self.power is not None else (),
+            kv_gaps=self._gap_stats(),
         )
 
     def _turn_record(self, ts: _TurnState) -> TurnRecord:
@@ -191,6 +192,11 @@ def _steps_done_at(inst: _Instance, t: float, seg_idx: int) -> tuple[int, int]:
     return inst.steps_done, k
 
 
+def _parked_saving_j(inst: _Instance, idle_w: float, t0: float, t1: float) -> float:
+    """Idle energy not drawn in (t0, t1] while the instance was parked (its draw then: the span's W)."""
+    return sum(max(0.0, min(b, t1) - max(a, t0)) * (idle_w - w) for a, b, w in inst.parked)
+
+
 def _energy(
     insts: Sequence[_Instance],
     makespan: float,
@@ -207,7 +213,7 @@ def _energy(
         busy_s = sum(s[1] - s[0] for s in inst.segments)
         if window_s is None or makespan <= 0:
             busy_j = sum((s[1] - s[0]) * s[5] for s in inst.segments)
-            idle_j = max(0.0, makespan - busy_s) * idle_w
+            idle_j = max(0.0, makespan - busy_s) * idle_w - _parked_saving_j(inst, idle_w, 0.0, makespan)
             total = busy_j + idle_j
         else:
             nwin = max(1, math.ceil(makespan / window_s - 1e-12))
@@ -229,6 +235,8 @@ def _energy(
             # the idle draw over the whole window, capped at its energy; the rest is the work's.
             # InstanceEnergy.idle_energy_j stays the draw while no step ran (busy energy = energy - that).
             idle_free = np.maximum(0.0, lengths - t_busy) * idle_w
+            if inst.parked:  # a parked instance (engine stopped, sim/power.py) draws less than idle
+                idle_free -= [_parked_saving_j(inst, idle_w, starts[w], bounds[w]) for w in range(nwin)]
             e_win = e_busy + idle_free
             idle_win = np.minimum(lengths * idle_w, e_win)
             # work per turn per window: decode tokens from the step ranges, prefill tokens from the log

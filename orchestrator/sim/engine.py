@@ -52,9 +52,10 @@ from typing import Any
 
 from orchestrator.core import AdmissionRule, PinBook, PinState, rule_for
 from orchestrator.errors import SimulationError
-from orchestrator.sim.base import _ARRIVE, _FAIL, _POWER, _PULL, _REFUSE, _RESUME, _STEP, _XFER
+from orchestrator.sim.base import _ARRIVE, _FAIL, _GAP, _POWER, _PULL, _REFUSE, _RESUME, _STEP, _XFER
 from orchestrator.sim.clock import VirtualClock
 from orchestrator.sim.collect import Collecting
+from orchestrator.sim.gaps import GapRule
 from orchestrator.sim.instance import _Instance, _TurnState
 from orchestrator.sim.options import InstanceLike, SimOptions, TurnDelay
 from orchestrator.sim.placing import Placing
@@ -65,7 +66,7 @@ from placement.base import InstanceView, Placement, Policy
 from tiers.perf import TierModel
 
 
-class _Sim(Placing, Stepping, Collecting):
+class _Sim(Placing, Stepping, GapRule, Collecting):
     def __init__(
         self,
         instances: Sequence[InstanceLike],
@@ -160,6 +161,7 @@ class _Sim(Placing, Stepping, Collecting):
             self._push(fail_s, _FAIL, self.by_id[inst_id], None)
         for ci, c in enumerate(self.convs):
             self._push(c.arrival_s, _ARRIVE, ci, 1)
+        self._gap_init()  # SimOptions.kv_gap_rule (orchestrator.sim.gaps)
         self.power = None  # the power controller's driver (SimOptions.power_controller)
         if opts.power_controller is not None:
             from orchestrator.sim.power import SimPowerDriver
@@ -188,6 +190,8 @@ class _Sim(Placing, Stepping, Collecting):
                 self._arrive(a.conv, a.turn, t, a, resumed=True)
             elif kind == _REFUSE:
                 self._refuse(a, t)
+            elif kind == _GAP:
+                self._gap_check(a, b, t)
             elif kind == _POWER:
                 self.power.step(self, t)
                 if self.done < len(self.convs):

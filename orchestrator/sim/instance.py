@@ -170,6 +170,8 @@ class _Instance:
         "view_live",
         "tbt_gap_token_s",
         "tbt_tokens",
+        "accepting",
+        "parked",
     )
 
     def __init__(self, idx: int, spec: InstanceLike, opts: SimOptions, link: str) -> None:
@@ -186,6 +188,8 @@ class _Instance:
         self.max_seqs = opts.max_seqs
         self.budget = opts.budget_for(self.role)
         self.healthy = True
+        self.accepting = True  # takes new conversations (the power controller's parking, sim/power.py)
+        self.parked: list[tuple[float, float, float]] = []  # (start, end, W per instance) while parked
         self.cache_on = opts.prefix_cache and (opts.prefiller_prefix_cache or self.role != Role.PREFILL)
         self.link = link
         self.waiting: deque[_Seq] = deque()
@@ -283,6 +287,7 @@ class _Instance:
                 running_seqs=len(self.prefilling) + self.n_decode,
                 waiting_seqs=len(self.waiting),
                 pinned_conversations=len(self.pinned),
+                accepting=self.accepting,
             )
             self.dirty = False
         return self.view

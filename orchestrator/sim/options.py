@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from orchestrator.errors import SimulationError
 from placement.base import Role
+from placement.kv_gaps import HostMemory
 from tiers.connector import kv_bookkeeping_s
 from tiers.perf import TierModel
 
@@ -89,12 +90,22 @@ class SimOptions:
     # the online power controller (orchestrator.sim.power.SimPowerControl; issue 14 item 3): every few
     # virtual seconds it moves each pool's power cap; None: every instance keeps its configured cap
     power_controller: Any = None
+    # the keep / offload / drop rule for KV across tool gaps, closed loop (orchestrator.sim.gaps,
+    # placement.kv_gaps): off by default (every idle conversation's KV stays in its decoder's prefix cache and
+    # pin accounting until the next turn, evicted only by the cache's LRU). kv_gap_host: each decoder's
+    # host-memory tier for offloads (None: no host tier, releases drop and the next turn re-prefills)
+    kv_gap_rule: bool = False
+    kv_gap_host: HostMemory | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batched_tokens", "max_seqs", "prefill_max_batched_tokens"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise SimulationError(f"SimOptions.{name} must be >= 1, got {v}")
+        if self.kv_gap_host is not None and not self.kv_gap_rule:
+            raise SimulationError(
+                "SimOptions.kv_gap_host is the gap rule's host tier: set kv_gap_rule=True too"
+            )
         if self.admission_wait_s is not None and not self.admission_wait_s >= 0:
             raise SimulationError(f"SimOptions.admission_wait_s must be >= 0 s, got {self.admission_wait_s}")
 

@@ -135,11 +135,16 @@ class Placing(SimBase):
         if ts is None:
             ts = _TurnState(ci, turn, t, inp, spec.output_tokens)
             self.turn_states[ci].append(ts)
+            wait = 0.0
             if self.turn_delay is not None and turn > 1:
                 wait = self.turn_delay.delay_s(conv.conversation_id, turn, t)
-                if wait > 0:  # issued now (ts.arrival_s), placed after the wait
-                    self._push(t + wait, _RESUME, ts, None)
-                    return
+            if self.gap_on and turn > 1:  # its KV copied back from host memory first (orchestrator.sim.gaps)
+                wait += self._gap_end(ci, t)
+            if wait > 0:  # issued now (ts.arrival_s), placed after the wait
+                self._push(t + wait, _RESUME, ts, None)
+                return
+        elif resumed and self.gap_on:
+            self._gap_restored(ci)
         admitting = False
         if self.admission and fresh and self._adm_need(ci, turn)[0] > 0:
             if not self._adm_open(ts):

@@ -13,6 +13,11 @@ planned, so the energy windows, per-instance totals and tokens/J of the run carr
 power of a pool over an interval = its busy steps' energy (clipped to the interval) + idle draw while no step
 ran. An instance keeps its configured tier model's name in the result (the cap history is in
 ``SimResult.power_steps``). Reads the simulator's own state; never the wall clock.
+
+Parking (optional, ``SimPowerControl.parking``): each decode pool's :class:`orchestrator.core.power.Parker`
+steps with the caps; a draining, parked or waking instance shows ``accepting = False`` in its view (no new
+conversation is placed on it; its pinned ones stay), and a parked one is billed ``parked_w`` per GPU instead
+of its idle draw (``_Instance.parked`` spans, read by sim/collect.py); its changes: ``PowerStep.parking``.
 """
 
 from __future__ import annotations
@@ -22,9 +27,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from orchestrator.core.power import PoolInterval, PoolSpec, PowerSlo, pools_of, power_view
+from orchestrator.core.power import (
+    PARKED,
+    DecoderObservation,
+    ParkChange,
+    Parker,
+    ParkingConfig,
+    PoolInterval,
+    PoolSpec,
+    PowerSlo,
+    pools_of,
+    power_view,
+)
 from orchestrator.errors import SimulationError
 from orchestrator.sim.instance import _DECODE_ONLY  # a sequence that decodes KV a prefiller sent (no prefill)
+from placement.base import Role
 from placement.power import ControllerConfig, PowerController, PowerDecision
 from tiers.perf import TierModel
 
@@ -44,6 +61,8 @@ class SimPowerControl:
     # optional fleet cap budget (sum of gpus x cap), enforced from the first step (interval_s): until then
     # the configured caps are in force
     budget_w: float | None = None
+    # optional parking of decoders (orchestrator/core/power.py): drain, stop, cold-start; None: caps only
+    parking: ParkingConfig | None = None
 
     def __post_init__(self) -> None:
         if not (self.interval_s > 0 and math.isfinite(self.interval_s)):
@@ -59,6 +78,7 @@ class PowerStep:
     pressures: Mapping[str, float]  # pool id -> latency / budget of the interval
     power_w: Mapping[str, float | None]  # pool id -> mean modelled draw over the interval
     changes: tuple[tuple[str, float, float, str], ...]  # (pool id, from W, to W, reason)
+    parking: tuple[ParkChange, ...] = ()  # decoders that changed state (drain, park, wake, ready)
 
 
 def fleet_power_slo(cfg: Any) -> PowerSlo:
@@ -76,13 +96,16 @@ def fleet_power_slo(cfg: Any) -> PowerSlo:
 
 
 def fleet_power_control(
-    cfg: Any, interval_s: float = DEFAULT_INTERVAL_S, budget_w: float | None = None
+    cfg: Any,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    budget_w: float | None = None,
+    parking: ParkingConfig | None = None,
 ) -> SimPowerControl:
-    """``SimOptions.power_controller`` for a fleet: its SLO and every tier's allowed caps."""
+    """``SimOptions.power_controller`` for a fleet: its SLO and every tier's allowed caps (and parking)."""
     from orchestrator.fleet import allowed_caps_w
 
     caps = {t.name: tuple(allowed_caps_w(t)) for t in cfg.tiers}
-    return SimPowerControl(fleet_power_slo(cfg), caps, interval_s, budget_w=budget_w)
+    return SimPowerControl(fleet_power_slo(cfg), caps, interval_s, budget_w=budget_w, parking=parking)
 
 
 class SimPowerDriver:
@@ -115,6 +138,11 @@ class SimPowerDriver:
         self.logged = {i.id: 0 for i in self.insts}  # prefill-log entries already measured
         self.tbt_mark = {i.id: (0.0, 0) for i in self.insts}
         self.steps: list[PowerStep] = []
+        self.parkers: dict[str, Parker] = {}
+        if ctl.parking is not None:
+            for s in self.specs:
+                if s.role == Role.DECODE and len(s.instance_ids) > 1:
+                    self.parkers[s.pool_id] = Parker(ctl.parking, s.instance_ids)
 
     # ---- measuring -------------------------------------------------------------------------------------
     def _energy_j(self, inst: Any, t0: float, t1: float) -> float:
@@ -134,7 +162,9 @@ class SimPowerDriver:
             if ov > 0:
                 busy_s += ov
                 e += ov * pw
-        return e + max(0.0, (t1 - t0) - busy_s) * inst.tm.idle_w
+        idle_w = inst.tm.idle_w
+        saved = sum(max(0.0, min(b, t1) - max(a, t0)) * (idle_w - w) for a, b, w in inst.parked)
+        return e + max(0.0, (t1 - t0) - busy_s) * idle_w - saved
 
     def _measure(self, sim: Any, t: float) -> dict[str, PoolInterval]:
         out: dict[str, PoolInterval] = {}
@@ -192,6 +222,7 @@ class SimPowerDriver:
                 inst.dirty = True
                 sim._wake(inst, t)  # cut a decode stretch at its next step: the rest runs at the new cap
         self.caps_w = dict(decision.caps_w)
+        parked = self._park(t, view)
         self.steps.append(
             PowerStep(
                 t,
@@ -199,10 +230,35 @@ class SimPowerDriver:
                 {p.pool_id: (p.latency_s / p.slo_s if p.slo_s > 0 else 0.0) for p in view.pools},
                 {p.pool_id: p.power_w for p in view.pools},
                 tuple((c.pool_id, c.from_w, c.to_w, c.reason) for c in decision.changes),
+                parked,
             )
         )
         self.last_t = t
         return decision
+
+    def _park(self, t: float, view: Any) -> tuple[ParkChange, ...]:
+        """The parking rule of every decode pool; a parked instance draws ``parked_w`` per GPU from now."""
+        out: list[ParkChange] = []
+        press = {p.pool_id: (p.latency_s / p.slo_s if p.slo_s > 0 else 0.0) for p in view.pools}
+        for pid, parker in self.parkers.items():
+            members = self.members[pid]
+            obs = [
+                DecoderObservation(i.id, frozenset(i.pinned), i.make_view().kv_used_tokens, i.cap)
+                for i in members
+            ]
+            by_id = {i.id: i for i in members}
+            for c in parker.step(t, obs, press.get(pid, 0.0)):
+                inst = by_id[c.instance_id]
+                inst.accepting = parker.accepting(inst.id)
+                inst.dirty = True
+                if c.to_state == PARKED:
+                    assert parker.cfg is not None
+                    inst.parked.append((t, math.inf, parker.cfg.parked_w * inst.tm.gpus))
+                elif c.from_state == PARKED:
+                    a, _, w = inst.parked[-1]
+                    inst.parked[-1] = (a, t, w)  # waking: a cold start draws the loaded idle
+                out.append(c)
+        return tuple(out)
 
     def finish(self) -> None:
         """Give every instance back its configured tier model (names and idle draw in the result; every
@@ -223,13 +279,26 @@ def power_summary(res: Any) -> dict[str, Any]:
                 cell[f"{cap:g}"] = cell.get(f"{cap:g}", 0.0) + st.t_s - prev_t
         prev_t, prev_caps = st.t_s, st.caps_w
     interval = steps[1].t_s - steps[0].t_s if len(steps) > 1 else (steps[0].t_s if steps else 0.0)
-    return {
+    out: dict[str, Any] = {
         "steps": len(steps),
         "interval_s": interval,
         "changes": sum(len(st.changes) for st in steps),
         "seconds_at_cap": at,
         "source": "modelled",
     }
+    park = [c for st in steps for c in st.parking]
+    if park:  # decoder-seconds parked per instance (the run ends at its makespan)
+        since: dict[str, float] = {}
+        parked: dict[str, float] = {}
+        for c in park:
+            if c.to_state == PARKED:
+                since[c.instance_id] = c.t_s
+            elif c.from_state == PARKED:
+                parked[c.instance_id] = parked.get(c.instance_id, 0.0) + c.t_s - since.pop(c.instance_id)
+        for i, t in since.items():
+            parked[i] = parked.get(i, 0.0) + max(0.0, res.makespan_s - t)
+        out["parking"] = {"changes": len(park), "seconds_parked": parked}
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,26 @@ class Feedback:
 
 
 @dataclass(frozen=True, slots=True)
+class KvGapStats:
+    """What the closed-loop gap rule did in a run (orchestrator.sim.gaps; SimOptions.kv_gap_rule), modelled.
+    Counts are tool gaps (a conversation between two of its turns whose KV was on its decoder)."""
+
+    gaps: int
+    kept: int  # kept on the decoder until the next turn
+    offloaded: int  # copied to host memory, copied back when the next turn arrived
+    dropped: int  # freed; the next turn re-prefilled its context
+    evicted_while_kept: int  # kept by the rule, but the prefix cache's LRU evicted (part of) it meanwhile
+    restore_s: float  # summed waits of next turns for their KV's copy back
+    copy_energy_j: float  # host copies out and back at the decoder's idle draw (in SimResult.energy_j)
+    idle_kv_token_s: float  # tokens x seconds of the gaps (what keeping everything would hold)
+    released_kv_token_s: float  # of those, the part after a release (not held on the decoder)
+
+    @property
+    def idle_share_released(self) -> float:
+        return self.released_kv_token_s / self.idle_kv_token_s if self.idle_kv_token_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class SimResult:
     policy: str
     seed: int
@@ -148,10 +168,14 @@ class SimResult:
     refused_conversations: tuple[str, ...] = ()
     # the power controller's steps (orchestrator.sim.power.PowerStep; SimOptions.power_controller), modelled
     power_steps: tuple[Any, ...] = ()
+    # the closed-loop gap rule's record (SimOptions.kv_gap_rule), None when off; its host copies' modelled
+    # energy is part of energy_j
+    kv_gaps: KvGapStats | None = None
 
     @property
     def energy_j(self) -> float:
-        return sum(i.energy_j for i in self.instances)
+        extra = self.kv_gaps.copy_energy_j if self.kv_gaps is not None else 0.0
+        return sum(i.energy_j for i in self.instances) + extra
 
     @property
     def tokens(self) -> int:

@@ -80,6 +80,9 @@ class Stepping(SimBase):
             # Take the conversation's own cache entry out (it becomes part of this sequence's KV).
             if own:
                 inst.cache_take(s.cid)
+            if self.gap_on and inst.reserved + s.reserve + inst.cache_total > inst.cap:
+                # the engine must evict cached KV to admit: pressure (orchestrator.sim.gaps) before the LRU
+                self._gap_pressure_check(inst, t, inst.reserved + s.reserve + inst.cache_total - inst.cap)
             inst.cache_evict(s.reserve)
             inst.reserved += s.reserve
             if inst.reserved > inst.peak_reserved:
@@ -125,6 +128,8 @@ class Stepping(SimBase):
         inst.busy = False
         inst.cur = None
         self._admit(inst, t)
+        if self.gap_on:  # KV pressure releases idle conversations past their hold (orchestrator.sim.gaps)
+            self._gap_pressure_check(inst, t)
         if inst.pending_join:
             for s in inst.pending_join:
                 ts = s.ts
@@ -249,6 +254,8 @@ class Stepping(SimBase):
         if ts.turn < len(conv.turns):
             gap = conv.turns[ts.turn].tool_gap_s
             if gap > 0:
+                if self.gap_on:
+                    self._gap_start(ts.conv, inst, t)
                 self._push(t + gap, _ARRIVE, ts.conv, ts.turn + 1)
             else:  # no tool gap: the next turn is queued before the instance schedules its next step
                 self._arrive(ts.conv, ts.turn + 1, t)

