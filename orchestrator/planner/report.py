@@ -182,8 +182,9 @@ def explain(cfg: FleetConfig, r: ilp.PlanResult, ws: WorkloadStats) -> list[str]
         notes.append(
             f"Decode on {p.instances} x {o.tier} at {o.power_cap_w:g} W: one decoder sustains "
             f"{caps[ilp.Family.KV]:.3g} conv/s by KV ({o.kv_capacity_tokens:,} tokens) and "
-            f"{caps[ilp.Family.TBT]:.3g} conv/s at the {o.tau_s * 1e3:.1f} ms decode-step target (batch <= "
-            f"{o.batch_max:.0f}); {ilp.FAMILY_TEXT[binding]} limits it. Planned "
+            f"{caps[ilp.Family.TBT]:.3g} conv/s at the {o.tau_s * 1e3:.1f} ms decode-step target (its "
+            f"batch law's mean step; a steady batch would reach it at {o.batch_max:.0f}); "
+            f"{ilp.FAMILY_TEXT[binding]} limits it. Planned "
             f"{p.arrival_rate_per_s:.3g} conv/s "
             f"-> batch {p.batch:.1f}, step {p.step_s * 1e3:.1f} ms, KV occupancy {p.kv_occupancy:.0%}, "
             f"{p.watts / max(p.instances, 1):.0f} W each."

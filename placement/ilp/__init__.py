@@ -3,10 +3,11 @@
 Pure: inputs are frozen values (tier models, a workload summary, SLOs), output is a frozen solution. Must not
 import fastapi, sqlalchemy, httpx, orchestrator, or read wall-clock time (the caller times the solve).
 
-Modules (import from placement.ilp): values (inputs, Option), queueing (M/G/1, operating points, the
-standalone reference), options (build_options, the hybrid split), model (solver, objective, the ILP), predict
-(a solved plan's figures), search (modes x levels, bound-and-prune, tier merging), capacity (max rate,
-bursts), diagnosis (infeasible fleets), planning (plan, plan_with_reference, best_per_mode).
+Modules (import from placement.ilp): values (inputs, Option), queueing (M/G/1 and M/G/c, operating points,
+the standalone reference), batching (the decode batch's birth-death law), options (build_options, the
+hybrid split), model (solver, objective, the ILP), predict (a solved plan's figures), search (modes x
+levels, bound-and-prune, tier merging), capacity (max rate, bursts), diagnosis (infeasible fleets),
+planning (plan, plan_with_reference, best_per_mode).
 
 Symbols (code names in brackets)
 ---------------------------------
@@ -34,8 +35,10 @@ Per-option coefficients (``Option``; computed by :func:`build_options` from the 
     B_j            largest B with step_j(B) <= tau                                          [``batch_max``]
     R_j  active residence of a conversation on its decoder at step tau: (O + Kn) tau, the steps it spends in
                    the batch (tool gaps hold KV, not batch slots)                          [``residence_s``]
-    mu_j           B_j / R_j: conversations/s one decoder sustains at tau (Little's law on the active batch)
-                                                                                            [``mu_tbt``]
+    mu_j           conversations/s one decoder sustains with its token-weighted mean step <= tau under
+                   its own batch law (module batching: the birth-death chain of its running
+                   conversations, n = 1 so no credit is taken for pooling); the fluid point B_j / R_j
+                   ignores the batch's swings and certified plans on the knife edge       [``mu_tbt``]
     KVTS_j  A tau + Agap: KV-token-seconds per conversation  [``kv_token_seconds``]
     K_j            KV capacity in tokens; kappa the planned maximum KV occupancy (default 0.9)
     W_j  P * (tier's marginal prefill time per tail token): tail-prefill busy seconds per conversation
@@ -49,7 +52,7 @@ Constraints
     (2) coverage  sum_{j in P u C} l_j = lam ;  sum_{j in D u C} l_j = lam  [``cover:*``]
     (3) prefill  l_j S_j <= rho_j n_j  j in P u C  [``prefill:<j>``]
     (4) KV         l_j KVTS_j <= kappa K_j n_j          (Little's law: resident KV = rate x KV-token-seconds)
-    (5) TBT        l_j <= mu_j n_j                      (resident conversations B = l_j R_j / n_j <= B_j)
+    (5) TBT        l_j <= mu_j n_j                      (the batch law's mean step <= tau at l_j / n_j)
     (6) tail       l_j W_j <= phi n_j                   (incremental prefills of turns 2..n on decoders)
     (7) transfer   l_j E[L1] kv_bytes <= V_j n_j                                        j in P u D
     (4)-(6) hold for j in D u C.
@@ -79,8 +82,22 @@ Per-conversation SLO model (TTFET, TBT, E2E) -- what the simulator and the paper
     sample. Waiting time W: Pollaczek-Khinchine mean E[W] = rho S2 / (2 S (1 - rho)), and Kingman's
     exponential tail P(W > w) = rho exp(-w / theta), theta = E[W] / rho = S2 / (2 S (1 - rho)). Assumptions:
     Poisson arrivals; W independent of the conversation's own shape (FCFS, the wait is caused by others);
-    the decoder's step is its planned mean step for every conversation (no per-step variance); tool gaps and
-    output lengths as in the trace (no prediction is used).
+    the decode side at tau with the spread of a conversation's mean step that the decoder's batch law
+    gives at its capacity (module batching); tool gaps and output lengths as in the trace (no prediction
+    is used). The ILP keeps M/G/1 per instance (linear in n_j, conservative); the predictions below use
+    M/G/k for a prefill pool of k instances.
+    Decode batch (module batching): a decoder's running conversations form the birth-death chain with
+    birth rate lam_j and death rate k / (K step_j(k / n_j)) (K = O + Kn steps in the batch; k spread over
+    the pool's n_j instances by the least-loaded placement): a processor-sharing station whose speed
+    depends on its population, with the product-form law pi_k ~ prod_{i<=k} lam K step(i / n) / i
+    (insensitive to the distribution of K). Mean TBT = the token-weighted mean step; a conversation's mean
+    step over its span T has CV = CV_tok(step) sqrt(g(T / tau_c)), tau_c the chain's integrated
+    autocorrelation time (exact for birth-death chains), g(x) = 2 (x - 1 + e^-x) / x^2.
+    Hand-off (predictions): a remote prompt's KV is admitted on its decoder at a step boundary,
+    transferred, joins at the next boundary and its first token ends the step after (residual + X + mean
+    residual + step); a hybrid decoder's local prompt waits for the step in progress and is prefilled in one
+    mixed step. The residual is that of a decode step (step / 2) or, with the decoder's time share in
+    local-prefill steps, of a length-biased local step.
     Constraint: the share of conversations that miss their bound, (1/|I|) sum_i P(W > b_i - S_j(L1_i) -
     X_j(L1_i) - D_i(tau)) (1 when the argument is < 0), must be <= 1 - p/100; rho_j is the largest rho that
     keeps it there (bisection; the share rises with rho). The tail therefore comes from the workload's own
@@ -90,8 +107,9 @@ Per-conversation SLO model (TTFET, TBT, E2E) -- what the simulator and the paper
     E2E: E2E_i = TTFET_i + the final turn's decode; with both TTFET and TBT slowdowns <= their bounds, E2E's
     slowdown is <= the larger one (a mediant), so it needs no constraint of its own.
     Predictions (:func:`_predict`): the p-th percentile of TTFET (seconds) and of the TTFET slowdown are the
-    quantiles of the mixture over the prefill pools (weighted by their load) and the conversations, at the
-    planned operating point (the actual decode step, not the target tau).
+    quantiles of the mixture over the prefill pools (weighted by their load, M/G/k each), the hand-off
+    residuals and the conversations (each at 9 quantiles of its mean step), at the planned operating
+    point (the pool's batch law at its actual load, not the target tau).
 
 Levels
     tau couples both phases (a slower decode leaves less TTFET budget for prefill queueing). The planner
@@ -124,6 +142,7 @@ Infeasibility diagnosis (:func:`diagnose`)
 from __future__ import annotations
 
 from placement.errors import PlanningError
+from placement.ilp.batching import BATCH_CAP, BatchLaw, batch_law, capacity_law, pool_batch_law
 from placement.ilp.capacity import Burst, _max_rate_model, burst, max_rate_of_counts, max_rate_per_s
 from placement.ilp.diagnosis import Diagnosis, diagnose, elastic_shortfalls
 from placement.ilp.model import (
@@ -161,6 +180,7 @@ from placement.ilp.queueing import (
     decode_side_s,
     decode_sides_s,
     decode_step_s,
+    erlang_c,
     mg1_wait_mean_s,
     mg1_wait_quantile_s,
     mixture_quantile,
@@ -199,27 +219,29 @@ from placement.ilp.values import (
 )
 
 __all__ = [
-    "PlanningError",
     "AUTO_HIGHS_MAX_GPUS",
     "AUTO_HIGHS_MAX_SHAPES",
+    "BATCH_CAP",
+    "FAMILY_TEXT",
+    "MIP_REL_GAP",
+    "TIE_BREAK_W",
+    "BatchLaw",
     "Burst",
     "ConvShape",
     "Demand",
     "Diagnosis",
-    "FAMILY_TEXT",
     "Family",
     "HybridSplit",
-    "MIP_REL_GAP",
     "ModeOutcome",
     "Objective",
     "Option",
     "PlanResult",
+    "PlanningError",
     "PoolPrediction",
     "Reference",
     "Settings",
     "Slo",
     "Solution",
-    "TIE_BREAK_W",
     "TierSupply",
     "_Model",
     "_Search",
@@ -235,9 +257,11 @@ __all__ = [
     "_solver",
     "_static",
     "_status_ok",
+    "batch_law",
     "best_per_mode",
     "build_options",
     "burst",
+    "capacity_law",
     "colocated_roles",
     "conserve_threshold_tokens",
     "decode_operating_point",
@@ -248,6 +272,7 @@ __all__ = [
     "diagnose",
     "dominated",
     "elastic_shortfalls",
+    "erlang_c",
     "hybrid_split",
     "instance_shapes",
     "lp_bound",
@@ -261,6 +286,7 @@ __all__ = [
     "objective_constant",
     "plan",
     "plan_with_reference",
+    "pool_batch_law",
     "reference_for",
     "reference_latencies",
     "resolve_solver",

@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from placement.ilp.batching import BATCH_CAP, BatchLaw, capacity_law, decode_side_points
 from placement.ilp.queueing import (
     _bisect_max,
     decode_power_at_w,
     decode_side_s,
-    decode_sides_s,
     decode_step_s,
     rho_for_budgets,
     slo_targets,
@@ -41,9 +41,13 @@ class _Static:
     s_i: np.ndarray  # S_j(L1_i): turn-1 prefill of each conversation of the sample
     x_i: np.ndarray  # X_j(L1_i): its KV hand-off
     local_e_j: float = 0.0  # hybrid: dynamic joules of a mean local turn-1 prefill above P_j(1)
+    # step(b), b = 1..BATCH_CAP, of one instance (placement.ilp.batching): (decode role, colocated role)
+    steps_s: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
 
 
-def _static(m: TierModel, link: str, demand: Demand, split: HybridSplit | None = None) -> _Static:
+def _static(
+    m: TierModel, link: str, demand: Demand, split: HybridSplit | None = None, colocated: bool = True
+) -> _Static:
     """split: the hybrid split (its prefill_demand: the conversations the prefill side serves)."""
     pdemand = split.prefill_demand if split is not None else demand
     sample = pdemand.turn1_input_tokens
@@ -64,7 +68,22 @@ def _static(m: TierModel, link: str, demand: Demand, split: HybridSplit | None =
         p1_w=(p1 := decode_power_at_w(m, demand, 1.0)),
         w_tail=demand.tail_prefill_tokens * costs[0],
         local_e_j=split.local_prefill_energy_j(m, p1) if split is not None and split.local_share > 0 else 0.0,
+        steps_s=(
+            _curve(m, demand, False, costs, split.local_tokens if split is not None else 0.0),
+            _curve(m, demand, True, costs, 0.0) if colocated else np.zeros(0),
+        ),
     )
+
+
+# batches at which the step curve is evaluated (every batch to 32, then every 8th: the tier model's step is
+# close to linear in the batch there), interpolated to 1..BATCH_CAP
+_CURVE_AT = np.unique(np.concatenate((np.arange(1, 33), np.arange(40, BATCH_CAP + 1, 8), [BATCH_CAP])))
+
+
+def _curve(m: TierModel, demand: Demand, colo: bool, costs: tuple[float, float], loc: float) -> np.ndarray:
+    at = _CURVE_AT.astype(float)
+    vals = np.array([decode_step_s(m, demand, float(b), colo, costs, loc) for b in at], dtype=float)
+    return np.interp(np.arange(1, BATCH_CAP + 1, dtype=float), at, vals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +131,15 @@ def hybrid_split(demand: Demand, threshold_tokens: int) -> HybridSplit:
     )
 
 
+def _compressed(values: np.ndarray, n: int) -> np.ndarray:
+    """n equal-weight quantiles ((j + 1/2) / n) of `values`: the spread points of the conversations' budgets
+    in as many values as there are conversations (the violation share is a mean over them)."""
+    if len(values) <= n or n <= 0:
+        return values
+    idx = ((np.arange(n) + 0.5) / n * len(values)).astype(int)
+    return np.sort(values)[idx]
+
+
 def build_options(
     tiers: Sequence[TierSupply],
     demand: Demand,
@@ -129,16 +157,33 @@ def build_options(
     ttfet_target, _ = slo_targets(slo, ref)
     sample = demand.turn1_input_tokens
     d_side = decode_side_s(demand, tau_s)
-    # per-conversation TTFET budgets before the prefill side: bound_i - D_i(tau)
-    room_i = ttfet_targets_s(slo, ref) - decode_sides_s(demand, tau_s)
     split = hybrid_split(demand, settings.local_prefill_below_tokens)
-    room_i = room_i[split.mask]
+    if cache is None:
+        cache = {}
+    # each decode-capable model's batch law at its capacity for this tau (placement.ilp.batching): the
+    # capacity of constraint (5), and the spread of the conversations' mean step the TTFET budgets allow for
+    steps_conv = demand.decode_tokens + demand.later_turns
+    laws: dict[tuple[int, int, bool], tuple[float, BatchLaw]] = {}
+    for ti, t in enumerate(tiers):
+        for mi, m in enumerate(t.models):
+            st = cache.get((ti, mi))
+            if st is None:
+                st = cache[(ti, mi)] = _static(m, t.link, demand, split, "colocated" in t.roles)
+            for colo in (False, True):
+                if ("colocated" if colo else "decode") in t.roles:
+                    laws[(ti, mi, colo)] = capacity_law(st.steps_s[int(colo)], steps_conv, tau_s)
+    targets = ttfet_targets_s(slo, ref)
+    spread_dec = max(
+        (law for (_, _, colo), (_, law) in laws.items() if not colo),
+        key=lambda x: x.step_cv_tok,
+        default=None,
+    )
+    # per-conversation TTFET budgets before the prefill side: bound_i - D_i(tau) at the spread's points
+    room_i = (targets[:, None] - decode_side_points(demand, tau_s, spread_dec))[split.mask]
     # the prefilled conversations may miss at most (1 - p/100) / (1 - f) of theirs (locals assumed to meet
     # theirs: a short local prefill, no queue)
     q_pre = min(1.0, (1.0 - slo.percentile / 100.0) / max(1.0 - split.local_share, 1e-9))
     pct_pre = 100.0 * (1.0 - q_pre)
-    if cache is None:
-        cache = {}
     out: list[Option] = []
     for ti, t in enumerate(tiers):
         spec = link_spec(t.link)
@@ -146,7 +191,7 @@ def build_options(
             cap = m.cap_w
             st = cache.get((ti, mi))
             if st is None:
-                st = cache[(ti, mi)] = _static(m, t.link, demand, split)
+                st = cache[(ti, mi)] = _static(m, t.link, demand, split, "colocated" in t.roles)
             s_mean, s2, x = st.s_mean, st.s2, st.transfer_s
             for role in t.roles:
                 if not settings.decoder_caps and role != "prefill" and m.power_cap_w is not None:
@@ -167,7 +212,13 @@ def build_options(
                     xj = x if role == "prefill" else 0.0
                     if role == "colocated" and split.local_share > 0:  # colocated prefills all of them
                         continue
-                    budgets = room_i - st.s_i - (st.x_i if role == "prefill" else 0.0)
+                    room = room_i
+                    if role == "colocated":
+                        room = targets[:, None] - decode_side_points(demand, tau_s, laws[(ti, mi, True)][1])
+                    budgets = _compressed(
+                        (room - (st.s_i + (st.x_i if role == "prefill" else 0.0))[:, None]).ravel(),
+                        len(st.s_i),
+                    )
                     rho = (
                         rho_for_budgets(budgets, s_mean, s2, pct_pre if role == "prefill" else slo.percentile)
                         if math.isfinite(ttfet_target)
@@ -225,7 +276,9 @@ def build_options(
                     # active residence: steps in which the conversation is in the batch (its decode tokens +
                     # one step per later turn's incremental prefill); tool gaps hold KV, not batch slots
                     resid = (demand.decode_tokens + demand.later_turns) * tau_s
-                    mu = bmax / resid if resid > 0 else math.inf
+                    # (5): the rate at which the instance's token-weighted mean step, under its own batch
+                    # law, reaches tau (the fluid point bmax / resid ignores the batch's swings)
+                    mu = laws[(ti, mi, colo)][0] if bmax > 0 else 0.0
                     kvts = demand.kv_decode_token_steps * tau_s + demand.kv_gap_token_seconds
                     w_tail = st.w_tail
                     # decode draw depends on the KV read per step: pass the planned resident context

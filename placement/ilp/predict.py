@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from placement.ilp.batching import BatchLaw, decode_side_points, pool_batch_law
 from placement.ilp.model import Solution
 from placement.ilp.options import hybrid_split
 from placement.ilp.queueing import (
     _bisect_max,
     decode_power_at_w,
     decode_side_s,
-    decode_sides_s,
     decode_step_s,
     mg1_wait_mean_s,
     mg1_wait_quantile_s,
@@ -72,6 +72,59 @@ class PlanResult:
     @property
     def tokens_per_j(self) -> float:
         return self.tokens_per_s / self.watts_total if self.watts_total > 0 else 0.0
+
+
+RESIDUAL_POINTS = 8  # equal-weight quantiles of a long step's residual (hybrid decoders' local prefills)
+
+
+@dataclass(frozen=True, slots=True)
+class _Residual:
+    """The residual of the decoder step in progress when a turn-1 prompt reaches its decoder: a decode step
+    (mean residual step / 2) or, with probability `long_share`, a local prefill step (length-biased, its
+    residual uniform over it: `quantiles`, equal weights)."""
+
+    step_s: float
+    long_share: float
+    quantiles: tuple[float, ...]
+
+    @property
+    def mean_s(self) -> float:
+        q = float(np.mean(self.quantiles)) if self.quantiles else 0.0
+        return (1.0 - self.long_share) * self.step_s / 2.0 + self.long_share * q
+
+    def spread(self, base: np.ndarray, weight: float) -> list[tuple[float, np.ndarray]]:
+        """(weight, base + one residual) for the decode-step case and each long-step quantile."""
+        out = [(weight * (1.0 - self.long_share), base + self.step_s / 2.0)]
+        for q in self.quantiles:
+            out.append((weight * self.long_share / len(self.quantiles), base + q))
+        return out
+
+
+def _local_steps_s(dec: Option, batch: float, demand: Demand) -> np.ndarray:
+    """step(L1_i prefilled next to the batch's decode) for every conversation of the sample."""
+    b = max(1, round(batch))
+    ctx = round(batch * demand.decode_context_tokens)
+    return np.array(
+        [dec.model.step_time_s(max(1, round(c.turn1_tokens)), 0, b, ctx) for c in demand.conv_shapes],
+        dtype=float,
+    )
+
+
+def _residual(own_local: np.ndarray, local_rate_per_instance: float, step_s: float) -> _Residual:
+    """The decoder's step residual (see _Residual); f = local rate per decoder x the local steps' mean."""
+    if len(own_local) == 0 or local_rate_per_instance <= 0:
+        return _Residual(step_s, 0.0, ())
+    f = min(local_rate_per_instance * float(own_local.mean()), 0.9)
+    u = (np.arange(64) + 0.5) / 64
+    r = (own_local[:, None] * u[None, :]).ravel()
+    w = np.repeat(own_local, len(u))
+    order = np.argsort(r)
+    cum = np.cumsum(w[order]) / w.sum()
+    qs = tuple(
+        float(r[order][min(int(np.searchsorted(cum, (j + 0.5) / RESIDUAL_POINTS)), len(r) - 1)])
+        for j in range(RESIDUAL_POINTS)
+    )
+    return _Residual(step_s, f, qs)
 
 
 def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float) -> tuple[float, float]:
@@ -152,8 +205,12 @@ def _predict(
     worst_step = 0.0
     best_wait_mean = math.inf
     main_decoder: Option | None = None
+    main_batch = main_step = 0.0
+    main_k = 1
+    remote: set[int] = set()  # parts of prefill pools (their KV is handed off to a decoder)
     heaviest_d = -1.0
-    parts: list[tuple[float, float, float, float, np.ndarray, np.ndarray]] = []
+    worst_law: BatchLaw | None = None
+    parts: list[tuple[float, float, float, float, np.ndarray, np.ndarray, int]] = []
     shapes = demand.conv_shapes
     split = hybrid_split(demand, settings.local_prefill_below_tokens)
     all_i = np.ones(len(shapes), dtype=bool)
@@ -184,19 +241,31 @@ def _predict(
                 ],
                 dtype=float,
             )
-            parts.append((load, rho, o.prefill_s, o.prefill2_s2, c_i, sel))
+            # a prefill pool is M/G/k (least-work routing); a colocated instance keeps its own
+            # conversations (M/G/1 each)
+            if o.role == "prefill":
+                remote.add(len(parts))
+            parts.append((load, rho, o.prefill_s, o.prefill2_s2, c_i, sel, k if o.role == "prefill" else 1))
+        law: BatchLaw | None = None
         if o.does_decode:
             batch, step = decode_operating_point(o, demand, per)
+            # the batch law of the pool (placement.ilp.batching); the fluid point above where it has none
+            law = pool_batch_law(o, demand, load, k)
+            if law.stable:
+                batch, step = law.mean_batch, law.step_tok_s
             kvts = demand.kv_decode_token_steps * step + demand.kv_gap_token_seconds
             kv_occ = per * kvts / o.kv_capacity_tokens if o.kv_capacity_tokens else 0.0
             shares = [kv_occ / settings.kv_occupancy_max, per / o.mu_tbt if o.mu_tbt > 0 else 0.0]
             if o.tail_busy_s > 0:
                 shares.append(per * o.tail_busy_s / settings.tail_share_max)
             util = max([util, *shares])
+            if step >= worst_step:
+                worst_law = law if law is not None and law.stable else None
             worst_step = max(worst_step, step)
             worst_decode_side = max(worst_decode_side, decode_side_s(demand, step))
             if load > heaviest_d:
                 heaviest_d, main_decoder = load, o
+                main_batch, main_step, main_k = batch, step, k
         if o.role == "prefill":
             watts = k * o.fixed_w + load * o.joules_per_conversation
         else:
@@ -205,9 +274,9 @@ def _predict(
             busy = 1.0 - math.exp(-batch) if batch > 0 else 0.0
             p_b = decode_power_at_w(o.model, demand, max(1.0, batch / busy)) if busy > 0 else o.model.idle_w
             watts = k * (busy * p_b + (1.0 - busy) * o.model.idle_w)
-            if o.role == "colocated":
-                pf_w = o.model.prefill_power_w(round(demand.turn1_mean_tokens))
-                watts += load * o.prefill_s * max(pf_w - p_b, 0.0)
+        if o.role == "colocated":
+            pf_w = o.model.prefill_power_w(round(demand.turn1_mean_tokens))
+            watts += load * o.prefill_s * max(pf_w - p_b, 0.0)
         pools.append(PoolPrediction(o, k, load, util, kv_occ, batch, step, wait_p, wait_m, watts))
     used: dict[str, int] = {}
     for p in pools:
@@ -223,18 +292,43 @@ def _predict(
         )
     ttfet_target, tbt_target = slo_targets(slo, ref)
     threshold = split.threshold_tokens
-    d_i = decode_sides_s(demand, worst_step)
+    d_i = decode_side_points(demand, worst_step, worst_law)
     t0_i = np.asarray(ref.ttfet_i_s if ref.ttfet_i_s else (ref.ttfet_s,) * len(shapes), dtype=float)
-    if split.local_share > 0 and main_decoder is not None:  # hybrid: local turn-1 prefills, no queue
+    if main_decoder is not None:
+        # turn-1 prompts reaching a decoder (placement.ilp docstring, "hand-off"): a local prompt is admitted
+        # when the step in progress ends and prefilled in one step next to the batch's decode, which emits
+        # its first token; a remote prompt's KV is admitted at the end of one step, transferred, joins the
+        # batch at the end of another, and its first token ends the step after: residual + X + mean
+        # residual + step on top of the prefill
         local = ~split.mask
-        c_loc = np.array(
-            [main_decoder.model.prefill_time_s(max(1, round(c.turn1_tokens))) for c in shapes], dtype=float
-        )[local]
+        own = _local_steps_s(main_decoder, main_batch, demand)
         lam = demand.arrival_rate_per_s
-        parts.append((lam * split.local_share, 0.0, 1.0, 1.0, c_loc, local))
-    full = [(w, rho, s1, s2, c + d_i[m], np.ones(int(m.sum()))) for w, rho, s1, s2, c, m in parts]
+        res = _residual(own[local], lam * split.local_share / max(main_k, 1), main_step)
+        spread: list[tuple[float, float, float, float, np.ndarray, np.ndarray, int]] = []
+        for j, (w, rho, s1, s2, c, m, ns) in enumerate(parts):
+            if j in remote:
+                spread.extend(
+                    (wk, rho, s1, s2, ck, m, ns) for wk, ck in res.spread(c + res.mean_s + main_step, w)
+                )
+            else:
+                spread.append((w, rho, s1, s2, c, m, ns))
+        parts = spread
+        if split.local_share > 0:
+            parts.extend(
+                (wk, 0.0, 1.0, 1.0, ck, local, 1)
+                for wk, ck in res.spread(own[local], lam * split.local_share)
+            )
+    # each conversation at SPREAD_POINTS quantiles of its decode side (equal weights)
+    npt = d_i.shape[1]
+    full = [
+        (w, rho, s1, s2, (c[:, None] + d_i[m]).ravel(), np.ones(int(m.sum()) * npt), ns)
+        for w, rho, s1, s2, c, m, ns in parts
+    ]
     ttfet_p = mixture_quantile(full, slo.percentile) if full else worst_decode_side
-    full = [(w, rho, s1, s2, c + d_i[m], t0_i[m]) for w, rho, s1, s2, c, m in parts]
+    full = [
+        (w, rho, s1, s2, (c[:, None] + d_i[m]).ravel(), np.repeat(t0_i[m], npt), ns)
+        for w, rho, s1, s2, c, m, ns in parts
+    ]
     ttfet_sd = mixture_quantile(full, slo.percentile) if full else 0.0
     floor = tbt_floor_s(ref, slo.percentile)
     return PlanResult(

@@ -189,19 +189,42 @@ def decode_sides_s(demand: Demand, step_s: float) -> np.ndarray:
     return np.array([(c.decode_before_final + c.later_turns) * step_s + c.gap_s for c in sh], dtype=float)
 
 
-def wait_tail(rho: float, s_mean: float, s2_mean: float) -> tuple[float, float]:
-    """(P(W > 0), theta) of the M/G/1 wait with the exponential tail P(W > w) = rho exp(-w / theta),
-    theta = E[W] / rho = S2 / (2 S (1 - rho)) (Pollaczek-Khinchine mean, Kingman's tail)."""
+def erlang_c(servers: int, rho: float) -> float:
+    """P(wait > 0) in an M/M/c queue at utilisation rho per server (Erlang's C formula); rho for c = 1."""
+    c = max(1, int(servers))
+    if rho <= 0:
+        return 0.0
+    if rho >= 1:
+        return 1.0
+    a = c * rho
+    term, acc = 1.0, 1.0  # a^k / k!, summed for k < c
+    for k in range(1, c):
+        term *= a / k
+        acc += term
+    top = term * a / c / (1.0 - rho)  # a^c / c! x 1 / (1 - rho)
+    return top / (acc + top)
+
+
+def wait_tail(rho: float, s_mean: float, s2_mean: float, servers: int = 1) -> tuple[float, float]:
+    """(P(W > 0), theta) of the M/G/c FCFS wait with the exponential tail P(W > w) = P(W > 0) exp(-w / theta).
+
+    c = 1: P(W > 0) = rho, theta = E[W] / rho = S2 / (2 S (1 - rho)) (Pollaczek-Khinchine mean, Kingman's
+    tail). c > 1 (a pool whose turn-1 prompts go to the instance with the least queued work: least-work-left
+    routing is the central FCFS queue of c servers): Erlang's C for P(W > 0) and the Lee-Longton scaling of
+    the M/M/c conditional wait, theta = S2 / (2 S) / (c (1 - rho))."""
     if rho <= 0 or s_mean <= 0:
         return 0.0, 1.0
     if rho >= 1:
         return 1.0, math.inf
-    return rho, s2_mean / (2.0 * s_mean * (1.0 - rho))
+    c = max(1, int(servers))
+    return erlang_c(c, rho), s2_mean / (2.0 * s_mean * c * (1.0 - rho))
 
 
-def violation_share(rho: float, s_mean: float, s2_mean: float, budgets_s: np.ndarray) -> float:
+def violation_share(
+    rho: float, s_mean: float, s2_mean: float, budgets_s: np.ndarray, servers: int = 1
+) -> float:
     """Share of conversations whose wait exceeds their own budget: mean_i P(W > b_i) (1 when b_i < 0)."""
-    p0, theta = wait_tail(rho, s_mean, s2_mean)
+    p0, theta = wait_tail(rho, s_mean, s2_mean, servers)
     if not math.isfinite(theta):
         return 1.0
     b = np.asarray(budgets_s, dtype=float)
@@ -233,20 +256,27 @@ def rho_for_budgets(budgets_s: np.ndarray, s_mean: float, s2_mean: float, percen
 
 
 def mixture_quantile(
-    parts: Sequence[tuple[float, float, float, float, np.ndarray, np.ndarray]], percentile: float
+    parts: Sequence[tuple[float, float, float, float, np.ndarray, np.ndarray]]
+    | Sequence[tuple[float, float, float, float, np.ndarray, np.ndarray, int]],
+    percentile: float,
 ) -> float:
     """Smallest x with sum_k w_k mean_i P(W_k > x scale_ki - c_ki) <= 1 - p/100 (weights normalised).
 
     parts: (weight w_k, rho_k, S_k, S2_k, c_k, scale_k) per group k of conversations (a prefill pool's, or
     the hybrid decoders' local prefills with rho 0); c_k: the conversations' fixed latency there; scale = 1
-    gives the p-th percentile of TTFET in seconds, scale = T0_i that of the slowdown.
+    gives the p-th percentile of TTFET in seconds, scale = T0_i that of the slowdown; an optional 7th
+    element: the group's number of servers (M/G/c, :func:`wait_tail`; 1 when absent).
     """
     q = 1.0 - percentile / 100.0
     wsum = sum(p[0] for p in parts) or 1.0
 
     def share(x: float) -> float:
         return (
-            sum(w * violation_share(rho, s, s2, x * sc - c) for w, rho, s, s2, c, sc in parts if len(c))
+            sum(
+                p[0] * violation_share(p[1], p[2], p[3], x * p[5] - p[4], p[6] if len(p) > 6 else 1)
+                for p in parts
+                if len(p[4])
+            )
             / wsum
         )
 

@@ -35,21 +35,7 @@ def _fleet(name: str) -> FleetConfig:
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(
-            "paper-a40",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "not within 10%: --max-rate 0.907 conv/s, the simulator sustains 0.814 (0.823 misses: "
-                    "6.3% of the later half; ratio 1.114). The planner's decoders are bound by the TBT step "
-                    "target (0.303 conv/s each, batch <= 16 at 59.4 ms) and KV by Little's law (0.307, 88% "
-                    "mean occupancy); in simulation a fluctuation of the resident KV evicts cached "
-                    "histories, later turns recompute them (prefilled/input tokens 0.005 -> 0.65-0.98 at "
-                    "0.9 conv/s), and the extra prefill work never drains (congestion collapse). The KV "
-                    "model is a mean, without that feedback"
-                ),
-            ),
-        ),
+        "paper-a40",
         "fleet-single-turn",
         "fleet-llama8b-a100-l40s",
     ],

@@ -1,0 +1,77 @@
+"""The decode batch's birth-death law (placement/ilp/batching.py) and the M/G/c wait (ilp.queueing)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from placement import ilp
+
+
+def test_constant_step_gives_the_poisson_law_of_m_g_inf() -> None:
+    steps = np.full(256, 0.02)
+    law = ilp.batch_law(steps, rate_per_s=0.5, steps_per_conversation=800, instances=1)
+    mean = 0.5 * 800 * 0.02  # lam K step
+    var = float((law.pi * law.per_instance**2).sum() - law.mean_batch**2)
+    assert law.stable
+    assert law.mean_batch == pytest.approx(mean, rel=1e-6)
+    assert var == pytest.approx(mean, rel=1e-6)
+    assert law.step_tok_s == pytest.approx(0.02)
+    assert law.step_cv_tok == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_step_growing_with_the_batch_widens_the_law_beyond_the_fluid_point() -> None:
+    b = np.arange(1, 257, dtype=float)
+    steps = 0.01 + 0.0015 * b
+    lam, k = 0.5, 950.0
+    fluid = lam * k * 0.01 / (1 - lam * k * 0.0015)  # B = lam K (a + b B)
+    law = ilp.batch_law(steps, lam, k, 1)
+    var = float((law.pi * law.per_instance**2).sum() - law.mean_batch**2)
+    assert law.stable
+    assert law.mean_batch > fluid
+    assert var > law.mean_batch  # wider than Poisson
+    assert law.step_tok_s > 0.01 + 0.0015 * fluid
+    assert law.tau_c_s > 0
+    # a longer span averages the swings out; a span of 0 sees the whole spread
+    cv = law.span_cv(np.array([0.0, 1.0, 100.0, 1e4]))
+    assert cv[0] == pytest.approx(law.step_cv_tok, rel=1e-3)
+    assert all(np.diff(cv) < 0)
+
+
+def test_pooling_over_instances_narrows_the_law() -> None:
+    steps = 0.01 + 0.0015 * np.arange(1, 257, dtype=float)
+    one = ilp.batch_law(steps, 0.5, 950.0, 1)
+    four = ilp.batch_law(steps, 2.0, 950.0, 4)  # four instances at the same load each
+    assert four.step_tok_s < one.step_tok_s
+    assert four.step_cv_tok < one.step_cv_tok
+
+
+def test_no_stationary_law_when_the_pool_cannot_deliver_the_tokens() -> None:
+    steps = 0.01 + 0.0015 * np.arange(1, 257, dtype=float)
+    # at the cap a step serves 256 tokens in 0.394 s: 650 tokens/s; ask for 700
+    law = ilp.batch_law(steps, 700.0 / 950.0, 950.0, 1)
+    assert not law.stable
+
+
+def test_capacity_law_is_the_rate_at_which_the_mean_step_reaches_the_target() -> None:
+    steps = 0.01 + 0.0015 * np.arange(1, 257, dtype=float)
+    rate, law = ilp.capacity_law(steps, 950.0, 0.03)
+    assert law.step_tok_s == pytest.approx(0.03, rel=2e-3)
+    assert ilp.batch_law(steps, rate * 1.01, 950.0, 1).step_tok_s > 0.03
+    # the fluid capacity (B at step 0.03 over its residence) is higher: the law is stricter
+    b_max = (0.03 - 0.01) / 0.0015
+    assert rate < b_max / (950.0 * 0.03)
+    assert ilp.capacity_law(steps, 950.0, 0.005)[0] == 0.0  # a step at batch 1 above the target
+
+
+def test_erlang_c() -> None:
+    assert ilp.erlang_c(1, 0.4) == pytest.approx(0.4)
+    for rho in (0.2, 0.5, 0.9):
+        assert ilp.erlang_c(2, rho) == pytest.approx(2 * rho * rho / (1 + rho))
+    assert ilp.erlang_c(4, 0.5) < ilp.erlang_c(2, 0.5) < ilp.erlang_c(1, 0.5)
+    p0, theta = ilp.wait_tail(0.5, 1.0, 1.5, servers=2)
+    assert p0 == pytest.approx(1 / 3) and theta == pytest.approx(1.5 / 2 / (2 * 0.5))
+    assert ilp.wait_tail(0.5, 1.0, 1.5) == (0.5, pytest.approx(1.5 / (2 * 0.5)))
+    assert math.isinf(ilp.wait_tail(1.0, 1.0, 1.5, servers=3)[1])
