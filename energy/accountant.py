@@ -353,21 +353,6 @@ class EnergyAccountant:
             await self.observe_engines()
         await asyncio.to_thread(self.finish)
 
-    def install(
-        self, scheduler: Any, interval_s: float = 1.0, wrap: Callable[[Any], Any] | None = None
-    ) -> None:
-        """Add the accounting job to an APScheduler (AsyncIOScheduler) scheduler (``wrap``: the caller's job
-        wrapper, e.g. the runtime's, which lets a running tick finish at shutdown)."""
-        scheduler.add_job(
-            wrap(self.tick) if wrap is not None else self.tick,
-            "interval",
-            seconds=interval_s,
-            id="energy-accounting",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
-
     def close(self) -> None:
         for m in self.meters.values():
             m.close()

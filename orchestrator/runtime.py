@@ -172,59 +172,31 @@ class Runtime:
             from orchestrator.power_loop import TeeObserver
 
             self.router.observer = TeeObserver(self.router.observer, self.power_loop)
+        # (id, job, interval s): the same jobs on either clock
+        jobs: list[tuple[str, Any, float]] = [
+            ("poll-engines", self.router.poll, self.settings.poll_interval_s),
+            # on the loop: it edits the router's conversations; ended conversations leave memory within
+            # ended_keep_s + this (issue 13 item 5)
+            ("expire-pins", self.router.expire_idle, min(10.0, self.settings.pin_ttl_s)),
+        ]
+        if self.accountant is not None:
+            jobs.append(("energy-accounting", self.accountant.tick, self.settings.energy_interval_s))
+        if self.power_loop is not None:
+            jobs.append(("power-controller", self.power_loop.run, self.power_loop.interval_s))
+        if self.kv_gaps is not None:  # on the loop: it edits the router's pin accounting
+            jobs.append(("kv-gaps", self.kv_gaps.tick, self.settings.kv_gap_interval_s))
         if not isinstance(self.clock, SystemClock):  # APScheduler runs on wall time: jobs sleep on the clock
-            jobs: list[tuple[Any, float]] = [
-                (self.router.poll, self.settings.poll_interval_s),
-                (self.router.expire_idle, min(30.0, self.settings.pin_ttl_s)),
-            ]
-            if self.accountant is not None:
-                jobs.append((self.accountant.tick, self.settings.energy_interval_s))
-            if self.power_loop is not None:
-                jobs.append((self.power_loop.run, self.power_loop.interval_s))
-            if self.kv_gaps is not None:
-                jobs.append((self.kv_gaps.tick, self.settings.kv_gap_interval_s))
             loop = asyncio.get_running_loop()
-            self._clock_jobs = [loop.create_task(self._every(fn, every)) for fn, every in jobs]
+            self._clock_jobs = [loop.create_task(self._every(fn, every)) for _, fn, every in jobs]
             self._started = True
             return
         sched = AsyncIOScheduler()
-        sched.add_job(
-            self._job(self.router.poll),
-            "interval",
-            seconds=self.settings.poll_interval_s,
-            id="poll-engines",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
-        sched.add_job(
-            self._job(self.router.expire_idle),  # on the loop: it edits the router's conversations
-            "interval",
-            # ended conversations leave memory within ended_keep_s + this (issue 13 item 5)
-            seconds=min(10.0, self.settings.pin_ttl_s),
-            id="expire-pins",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
-        if self.accountant is not None:
-            self.accountant.install(sched, self.settings.energy_interval_s, wrap=self._job)
-        if self.power_loop is not None:
+        for job_id, fn, every in jobs:
             sched.add_job(
-                self._job(self.power_loop.run),
+                self._job(fn),
                 "interval",
-                seconds=self.power_loop.interval_s,
-                id="power-controller",
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=None,
-            )
-        if self.kv_gaps is not None:
-            sched.add_job(
-                self._job(self.kv_gaps.tick),  # on the loop: it edits the router's pin accounting
-                "interval",
-                seconds=self.settings.kv_gap_interval_s,
-                id="kv-gaps",
+                seconds=every,
+                id=job_id,
                 max_instances=1,
                 coalesce=True,
                 misfire_grace_time=None,
