@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from energy.errors import DuplicateTurnError, EnergyError
-from energy.records import PinRecord, TurnRecord, turn_from_wire
+from energy.records import PinRecord, TurnRecord, turn_from_wire, turn_to_wire
 
 log = logging.getLogger("conserve.ledger_writer")  # one logger for the writer, whichever side logs
 
@@ -39,6 +39,8 @@ class BatchResult:
     failed_energy_jobs: int = 0
     last_error: str | None = None
     pid: int = 0
+    # records given up at shutdown (pins, turns as wire tuples): the parent keeps them in its spool
+    given_up: tuple[Any, ...] = ()
 
 
 class LedgerBatchWriter:
@@ -102,8 +104,9 @@ class LedgerBatchWriter:
                 stats["failed_batches"] += 1
                 stats["last_error"] = str(err)
                 if self.closing.is_set() and delay_s >= RETRY_MAX_S:
-                    log.error("ledger write failed at shutdown: giving up %d pins and %d turns: %s",
+                    log.error("ledger write failed at shutdown: %d pins and %d turns go to the spool: %s",
                               len(pins), len(turns), err)  # fmt: skip
+                    stats["given_up"] = (*pins, *(turn_to_wire(t) for t in turns))
                     return
                 log.error("ledger write failed (retrying in %.2f s): %s", delay_s, err)
                 time.sleep(delay_s)

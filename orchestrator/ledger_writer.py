@@ -23,8 +23,11 @@ Failures:
 
 - SQL errors (PostgreSQL down): the worker retries the batch with back-off (up to 5 s between tries) and
   never drops it while serving; answers waiting for it wait. After ``close()`` it gives up once the back-off
-  reached 5 s, logging what it gave up. Turns whose request_id is already in the ledger
-  (:class:`energy.errors.DuplicateTurnError`) are skipped, the rest of the batch is written.
+  reached 5 s: what it gives up goes to the spool (orchestrator/ledger_spool.py, a JSON-lines file fsynced
+  before the writer moves on), which the next ``serve`` on the database replays. A batch failing with an
+  error that is not a database error (a bug) goes to the spool too, and its answers are released. Turns
+  whose request_id is already in the ledger (:class:`energy.errors.DuplicateTurnError`) are skipped, the
+  rest of the batch is written.
 - The worker process dies (killed, out of memory): the pool breaks (``BrokenProcessPool``; the executor reaps
   the dead process). The committer starts a new pool and submits the batch again; turns the dead worker had
   committed are skipped as duplicates (a pin of that batch may be stored twice; the latest pin is the same).
@@ -51,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from energy.records import PinRecord, TurnRecord, turn_to_wire
+from orchestrator.ledger_spool import LedgerSpool
 
 # the worker's side (re-exported: tests and benchmarks import it from here)
 from orchestrator.ledger_worker import (
@@ -91,8 +95,12 @@ class LedgerWriter:
         batch_max: int = 500,
         flush_interval_s: float = 0.25,
         nice: int = LEDGER_PROCESS_NICE,
+        spool: LedgerSpool | None = None,
     ) -> None:
         self.ledger = ledger  # the serving process's ledger (the thread executor's)
+        # given-up records land here (None: logged only, e.g. an in-memory ledger nobody can replay into)
+        self.spool = spool
+        self.spooled = 0  # records written to the spool instead of the ledger
         self.batch_max = batch_max
         self.flush_interval_s = flush_interval_s
         self.written_turns = 0
@@ -253,7 +261,8 @@ class LedgerWriter:
                 except Exception as err:  # noqa: BLE001 - a bug here must not leave answers waiting forever
                     self.failed_batches += 1
                     self.last_error = f"ledger writer failed: {type(err).__name__}: {err}"
-                    log.exception("%s; %d records not written", self.last_error, len(batch))
+                    log.exception("%s; %d records not written to the ledger", self.last_error, len(batch))
+                    self._to_spool(batch)
                     _release(waiters)
                 self._in_flight = 0
             idle_since = time.monotonic()
@@ -346,7 +355,8 @@ class LedgerWriter:
             except Exception as err:  # noqa: BLE001 - a bug in a batch must not stop the writer
                 self.failed_batches += 1
                 self.last_error = f"ledger batch failed: {type(err).__name__}: {err}"
-                log.exception("%s; %d records not written", self.last_error, len(records or ()))
+                log.exception("%s; %d records not written to the ledger", self.last_error, len(records or ()))
+                self._to_spool(records or [])
                 return
 
     def _replace(self, why: str, deaths: int) -> None:
@@ -375,6 +385,23 @@ class LedgerWriter:
             self.failed_energy_jobs += res.failed_energy_jobs
             if res.last_error:
                 self.last_error = res.last_error
+        if res.given_up:
+            self._to_spool(res.given_up)
+
+    def _to_spool(self, records: Sequence[Any]) -> None:
+        """Keep given-up records on disk (the module docstring's failures); never raises."""
+        if self.spool is None or not records:
+            if records:
+                log.error("ledger: %d records lost (no spool configured)", len(records))
+            return
+        led = self.ledger
+        try:
+            n = self.spool.append((led.run_id, led.policy, str(led.kind)), records)
+        except Exception:  # noqa: BLE001 - the disk failed too: say so, the writer goes on
+            log.exception("ledger: could not write %d records to the spool %s", len(records), self.spool.path)
+            return
+        with self._stats_lock:
+            self.spooled += n
 
 
 def _parent_of(pid: int) -> int | None:

@@ -400,6 +400,16 @@ def build_runtime(
     in_memory = db_url.startswith("sqlite") and (
         db_url.endswith(":memory:") or db_url.rstrip("/") == "sqlite:"
     )
+    spool = None
+    if not in_memory:  # records a previous server had to give up are written before this one serves
+        from orchestrator.ledger_spool import LedgerSpool, default_spool_path
+
+        spool = LedgerSpool(settings.ledger_spool_file or default_spool_path(db_url))
+        try:
+            spool.replay(db_url)
+        except Exception as err:  # noqa: BLE001 - serving goes on; the file stays for the next start
+            log.error("ledger spool %s not replayed (kept for the next start): %s: %s", spool.path,
+                      type(err).__name__, err)  # fmt: skip
     writer = LedgerWriter(
         ledger,
         process=settings.ledger_writer == "process" and not in_memory,  # memory: another process cannot open
@@ -407,6 +417,7 @@ def build_runtime(
         flush_interval_s=settings.ledger_flush_interval_s,
         # answers wait for this worker when durable: it gets the server's priority then, not a leftover share
         nice=0 if settings.ledger_durable else LEDGER_PROCESS_NICE,
+        spool=spool,
     )
     router = Router(
         engines,

@@ -58,6 +58,13 @@ class ServeSettings(BaseSettings):
         description="hold each answered turn's last byte ([DONE] or the JSON body) until its ledger record "
         "is committed, so a crash loses no answered turn (costs a group commit per answer: BENCHMARKS.md)",
     )
+    ledger_spool_file: Path | None = Field(
+        None,
+        description="records the ledger writer had to give up (database away at shutdown, a failing batch) "
+        "are kept in this JSON-lines file and replayed into the ledger at the next start "
+        "(orchestrator/ledger_spool.py); default: beside a SQLite ledger file, else "
+        "~/.cache/conserve/ledger-spool-<hash of the database URL>.jsonl",
+    )
     ledger_batch_max: int = Field(500, ge=1)
     ledger_flush_interval_s: float = Field(
         0.25,

@@ -185,6 +185,8 @@ ENV_SETTINGS_EPILOG = (
     "CONSERVE_RUN_ID [new per start] ledger run the turns are recorded in (replicas sharing a ledger: set "
     "the same id); "
     "CONSERVE_LEDGER_DURABLE [true] hold an answer's last byte until its turn is committed to the ledger; "
+    "CONSERVE_LEDGER_SPOOL_FILE [beside the SQLite file, else ~/.cache/conserve] records the ledger writer "
+    "had to give up, replayed into the ledger at the next start; "
     "CONSERVE_LEDGER_BATCH_MAX [500] records per ledger transaction at most; "
     "CONSERVE_LEDGER_FLUSH_INTERVAL_S [0.25] write records nobody waits for this often; "
     "CONSERVE_ENERGY_INTERVAL_S [1.0] energy accounting period, 0 turns it off; "
