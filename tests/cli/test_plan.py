@@ -120,9 +120,10 @@ def test_paper_example(repo_root: Path, shared_data: Path) -> None:
     """The paper's 4 x A40 at 1.634 conv/s: a finite burst above the modelled steady-state capacity.
 
     Among prefill/decode pools (the paper's design space, --modes disaggregated) the planner finds the
-    paper's 1 + 3 split with 200 W decoders; with every mode allowed it may choose another (colocated wins
-    on the honest clock, DESIGN.md section 1) -- tested in tests/cli/test_plan_modes.py."""
-    fleet = str(repo_root / "examples" / "paper-a40.yaml")
+    paper's 1 + 3 split with 200 W decoders, on examples/paper-a40-disagg.yaml (the paper's two roles).
+    examples/paper-a40.yaml opens every mode and the planner chooses colocated there (it wins on the honest
+    clock, DESIGN.md section 1): tests/cli/test_plan_modes.py and tests/cli/test_paper_mode_choice.py."""
+    fleet = str(repo_root / "examples" / "paper-a40-disagg.yaml")
     res = _run("--fleet", fleet, "--json", "--no-verify", "--modes", "disaggregated")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)

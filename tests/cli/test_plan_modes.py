@@ -62,19 +62,10 @@ def test_hybrid_plan_sizes_the_prefill_pool_for_the_long_prompts_only() -> None:
     assert all(p.option.local_tokens > 0 for p in r.pools if p.option.role == "decode")
 
 
-def _paper_with_colocated(tmp_path: Path) -> Path:
-    """examples/paper-a40.yaml with colocated engines allowed (the file keeps the paper's two roles)."""
-    text = (REPO / "examples" / "paper-a40.yaml").read_text()
-    text = text.replace("roles: [prefill, decode]", "roles: [prefill, decode, colocated]")
-    text = text.replace("path: ../../shared/data", f"path: {REPO.parent / 'shared' / 'data'}")
-    f = tmp_path / "paper-colocated.yaml"
-    f.write_text(text)
-    return f
-
-
-def test_paper_fleet_chooses_a_mode_and_says_why(tmp_path: Path, shared_data: Path) -> None:
+def test_paper_fleet_chooses_a_mode_and_says_why(shared_data: Path) -> None:
+    """examples/paper-a40.yaml opens every mode (examples/paper-a40-disagg.yaml keeps the paper's roles)."""
     res = runner.invoke(
-        app, ["plan", "--fleet", str(_paper_with_colocated(tmp_path)), "--json", "--no-verify"]
+        app, ["plan", "--fleet", str(REPO / "examples" / "paper-a40.yaml"), "--json", "--no-verify"]
     )
     assert res.exit_code == 0, res.output
     doc = _json(res.stdout)
@@ -94,10 +85,10 @@ def test_paper_fleet_chooses_a_mode_and_says_why(tmp_path: Path, shared_data: Pa
 
 
 def test_a_mode_the_fleet_roles_rule_out_is_named_not_rated_zero(shared_data: Path) -> None:
-    """examples/paper-a40.yaml lists only prefill and decode roles: colocated is not sized at all, so the
-    explanation says how to allow it instead of "sustains at most 0 conv/s"."""
+    """examples/paper-a40-disagg.yaml lists only prefill and decode roles (as the paper ran it): colocated is
+    not sized at all, so the explanation says how to allow it instead of "sustains at most 0 conv/s"."""
     res = runner.invoke(
-        app, ["plan", "--fleet", str(REPO / "examples" / "paper-a40.yaml"), "--json", "--no-verify"]
+        app, ["plan", "--fleet", str(REPO / "examples" / "paper-a40-disagg.yaml"), "--json", "--no-verify"]
     )
     assert res.exit_code == 0, res.output
     modes = {m["mode"]: m for m in _json(res.stdout)["modes"]}

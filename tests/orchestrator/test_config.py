@@ -125,7 +125,7 @@ def test_yaml_off_and_inline_model(tmp_path: Path) -> None:
     assert cfg.model_spec().kv_bytes_per_token == 2 * 2 * 1 * 32 * 2
 
 
-@pytest.mark.parametrize("name", ["fleet.yaml", "paper-a40.yaml"])
+@pytest.mark.parametrize("name", ["fleet.yaml", "paper-a40.yaml", "paper-a40-disagg.yaml"])
 def test_examples_load(repo_root: Path, name: str) -> None:
     cfg = load_fleet(repo_root / "examples" / name)
     assert cfg.tiers
