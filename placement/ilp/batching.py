@@ -114,7 +114,13 @@ def batch_law(
     v_f = float((pi * f**2).sum() - e_f**2)
     tau = 0.0
     if v_f > 0 and rate_per_s > 0:
-        g = np.cumsum(pi * (f - e_f))
+        # G(k) summed from the head while the mass below k is at most 1/2, else as minus the sum above k
+        # (equal in exact arithmetic, G(top) = 0): the head sum's rounding (~1e-18) divided by a far-tail
+        # pi_k (~1e-290) overflowed tau_c to ~1e40-1e267 s on every fleet
+        x = pi * (f - e_f)
+        head = np.cumsum(x)
+        tail = -(np.cumsum(x[::-1])[::-1] - x)
+        g = np.where(np.cumsum(pi) <= 0.5, head, tail)
         keep = pi > 1e-300
         tau = float((g[keep] ** 2 / (pi[keep] * rate_per_s)).sum() / v_f)
     k_all = np.arange(0, n * cap + 1, dtype=float)

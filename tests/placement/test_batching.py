@@ -75,3 +75,16 @@ def test_erlang_c() -> None:
     assert p0 == pytest.approx(1 / 3) and theta == pytest.approx(1.5 / 2 / (2 * 0.5))
     assert ilp.wait_tail(0.5, 1.0, 1.5) == (0.5, pytest.approx(1.5 / (2 * 0.5)))
     assert math.isinf(ilp.wait_tail(1.0, 1.0, 1.5, servers=3)[1])
+
+
+def test_tau_c_of_a_pool_is_the_relaxation_time_of_its_population() -> None:
+    # a step that barely grows with the batch: the chain is M/M/inf with death rate 1 / (K step) per
+    # conversation, whose population relaxes as exp(-t / (K step)); the step follows the population, so its
+    # integrated autocorrelation time is K step. Three instances put the chain's top states (k up to 768)
+    # at pi ~ 1e-290, where the head-summed G(k)'s rounding once overflowed tau_c to ~1e100 s.
+    a, k, n = 0.02, 900.0, 3
+    steps = a * (1.0 + 1e-6 * np.arange(1, 257, dtype=float))
+    lam = 60.0 / (k * a)  # 60 conversations in the pool on average
+    law = ilp.batch_law(steps, lam, k, n)
+    assert law.mean_batch == pytest.approx(20.0, rel=1e-3)
+    assert law.tau_c_s == pytest.approx(k * a, rel=1e-2)
