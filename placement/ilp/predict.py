@@ -23,6 +23,7 @@ from placement.ilp.queueing import (
     slo_targets,
     tbt_floor_s,
 )
+from placement.ilp.stepchain import local_wait_quantiles
 from placement.ilp.values import Demand, Option, Reference, Settings, Slo, TierSupply
 from tiers.links import kv_transfer_time_s
 
@@ -75,6 +76,7 @@ class PlanResult:
 
 
 RESIDUAL_POINTS = 8  # equal-weight quantiles of a long step's residual (hybrid decoders' local prefills)
+LOCAL_WAIT_POINTS = 32  # equal-weight quantiles of a local prompt's wait (placement.ilp.stepchain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,9 +316,16 @@ def _predict(
                 spread.append((w, rho, s1, s2, c, m, ns))
         parts = spread
         if split.local_share > 0:
+            # a local prompt's wait beyond its own mixed step: the step chain's R + S_M
+            # (placement.ilp.stepchain: the residual and the prompts sharing its step, correlated)
+            base = main_decoder.model.decode_step_time_s(
+                max(1, round(main_batch)), round(main_batch * demand.decode_context_tokens)
+            )
+            ys = local_wait_quantiles(
+                own[local] - base, lam * split.local_share / max(main_k, 1), main_step, LOCAL_WAIT_POINTS
+            )
             parts.extend(
-                (wk, 0.0, 1.0, 1.0, ck, local, 1)
-                for wk, ck in res.spread(own[local], lam * split.local_share)
+                (lam * split.local_share / len(ys), 0.0, 1.0, 1.0, own[local] + y, local, 1) for y in ys
             )
     # each conversation at SPREAD_POINTS quantiles of its decode side (equal weights)
     npt = d_i.shape[1]
