@@ -291,8 +291,8 @@ def _predict(
         spread: list[_Part] = []
         for j, (w, rho, s1, s2, c, m, ns, _) in enumerate(parts):
             x = remote.get(j)
-            if x is None or chain is None:
-                spread.append(parts[j])
+            if x is None or chain is None:  # chain None: an idle decoder (no batch), only the transfer
+                spread.append(parts[j] if x is None else (w, rho, s1, s2, c + x, m, ns, None))
                 continue
             # a transfer longer than T_b joins at the first step boundary after it (decode steps of d)
             late = np.maximum(d * np.ceil(x / d) - d, 0.0)
