@@ -93,11 +93,14 @@ Per-conversation SLO model (TTFET, TBT, E2E) -- what the simulator and the paper
     (insensitive to the distribution of K). Mean TBT = the token-weighted mean step; a conversation's mean
     step over its span T has CV = CV_tok(step) sqrt(g(T / tau_c)), tau_c the chain's integrated
     autocorrelation time (exact for birth-death chains), g(x) = 2 (x - 1 + e^-x) / x^2.
-    Hand-off (predictions): a remote prompt's KV is admitted on its decoder at a step boundary,
-    transferred, joins at the next boundary and its first token ends the step after (residual + X + mean
-    residual + step); a hybrid decoder's local prompt waits for the step in progress and is prefilled in one
-    mixed step. The residual is that of a decode step (step / 2) or, with the decoder's time share in
-    local-prefill steps, of a length-biased local step.
+    Hand-off (predictions; module stepchain): a hybrid decoder's local prompt waits for the step in
+    progress (R) and is prefilled in the next step together with the local prompts that arrived during
+    that same step (S_M): d + p_i + R + S_M, R and M correlated through the length of the step in progress
+    (a Markov chain on the prompts per step, Poisson arrivals, length-biased). A remote prompt's KV is
+    admitted at the end of the step in progress (R1), transferred while the next step T_b runs, joins at
+    its end and its first token ends the step after, T_c (R1 + T_b + T_c; T_b, T_c mixed steps of the same
+    chain). Their laws enter the TTFET mixture as survival functions (a remote one convolved with its
+    pool's M/G/k wait, whose service moments are taken over the conversations the pool serves).
     Constraint: the share of conversations that miss their bound, (1/|I|) sum_i P(W > b_i - S_j(L1_i) -
     X_j(L1_i) - D_i(tau)) (1 when the argument is < 0), must be <= 1 - p/100; rho_j is the largest rho that
     keeps it there (bisection; the share rises with rho). The tail therefore comes from the workload's own

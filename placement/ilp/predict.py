@@ -22,9 +22,15 @@ from placement.ilp.queueing import (
     mixture_quantile,
     slo_targets,
     tbt_floor_s,
+    wait_tail,
 )
+from placement.ilp.stepchain import StepChain, Survival
 from placement.ilp.values import Demand, Option, Reference, Settings, Slo, TierSupply
 from tiers.links import kv_transfer_time_s
+
+# a group of conversations in the TTFET mixture (placement.ilp.queueing.mixture_quantile): weight, rho, S, S2,
+# fixed latencies, mask or scale, servers, the survival of its random delay (None: the M/G/c wait's)
+_Part = tuple[float, float, float, float, np.ndarray, np.ndarray, int, Survival | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,32 +80,6 @@ class PlanResult:
         return self.tokens_per_s / self.watts_total if self.watts_total > 0 else 0.0
 
 
-RESIDUAL_POINTS = 8  # equal-weight quantiles of a long step's residual (hybrid decoders' local prefills)
-
-
-@dataclass(frozen=True, slots=True)
-class _Residual:
-    """The residual of the decoder step in progress when a turn-1 prompt reaches its decoder: a decode step
-    (mean residual step / 2) or, with probability `long_share`, a local prefill step (length-biased, its
-    residual uniform over it: `quantiles`, equal weights)."""
-
-    step_s: float
-    long_share: float
-    quantiles: tuple[float, ...]
-
-    @property
-    def mean_s(self) -> float:
-        q = float(np.mean(self.quantiles)) if self.quantiles else 0.0
-        return (1.0 - self.long_share) * self.step_s / 2.0 + self.long_share * q
-
-    def spread(self, base: np.ndarray, weight: float) -> list[tuple[float, np.ndarray]]:
-        """(weight, base + one residual) for the decode-step case and each long-step quantile."""
-        out = [(weight * (1.0 - self.long_share), base + self.step_s / 2.0)]
-        for q in self.quantiles:
-            out.append((weight * self.long_share / len(self.quantiles), base + q))
-        return out
-
-
 def _local_steps_s(dec: Option, batch: float, demand: Demand) -> np.ndarray:
     """step(L1_i prefilled next to the batch's decode) for every conversation of the sample."""
     b = max(1, round(batch))
@@ -108,23 +88,6 @@ def _local_steps_s(dec: Option, batch: float, demand: Demand) -> np.ndarray:
         [dec.model.step_time_s(max(1, round(c.turn1_tokens)), 0, b, ctx) for c in demand.conv_shapes],
         dtype=float,
     )
-
-
-def _residual(own_local: np.ndarray, local_rate_per_instance: float, step_s: float) -> _Residual:
-    """The decoder's step residual (see _Residual); f = local rate per decoder x the local steps' mean."""
-    if len(own_local) == 0 or local_rate_per_instance <= 0:
-        return _Residual(step_s, 0.0, ())
-    f = min(local_rate_per_instance * float(own_local.mean()), 0.9)
-    u = (np.arange(64) + 0.5) / 64
-    r = (own_local[:, None] * u[None, :]).ravel()
-    w = np.repeat(own_local, len(u))
-    order = np.argsort(r)
-    cum = np.cumsum(w[order]) / w.sum()
-    qs = tuple(
-        float(r[order][min(int(np.searchsorted(cum, (j + 0.5) / RESIDUAL_POINTS)), len(r) - 1)])
-        for j in range(RESIDUAL_POINTS)
-    )
-    return _Residual(step_s, f, qs)
 
 
 def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float) -> tuple[float, float]:
@@ -205,12 +168,12 @@ def _predict(
     worst_step = 0.0
     best_wait_mean = math.inf
     main_decoder: Option | None = None
-    main_batch = main_step = 0.0
+    main_batch = 0.0
     main_k = 1
-    remote: set[int] = set()  # parts of prefill pools (their KV is handed off to a decoder)
+    remote: dict[int, np.ndarray] = {}  # parts of prefill pools -> their prompts' KV hand-off X_i
     heaviest_d = -1.0
     worst_law: BatchLaw | None = None
-    parts: list[tuple[float, float, float, float, np.ndarray, np.ndarray, int]] = []
+    parts: list[_Part] = []
     shapes = demand.conv_shapes
     split = hybrid_split(demand, settings.local_prefill_below_tokens)
     all_i = np.ones(len(shapes), dtype=bool)
@@ -235,7 +198,6 @@ def _predict(
             c_i = np.array(
                 [
                     o.model.prefill_time_s(max(1, round(c.turn1_tokens)))
-                    + (kv_transfer_time_s(round(c.turn1_tokens), kvb, link) if o.role == "prefill" else 0.0)
                     for c, k in zip(shapes, sel, strict=True)
                     if k
                 ],
@@ -244,8 +206,24 @@ def _predict(
             # a prefill pool is M/G/k (least-work routing); a colocated instance keeps its own
             # conversations (M/G/1 each)
             if o.role == "prefill":
-                remote.add(len(parts))
-            parts.append((load, rho, o.prefill_s, o.prefill2_s2, c_i, sel, k if o.role == "prefill" else 1))
+                # the KV hand-off X_i of each prompt (added with the decoder's steps below)
+                remote[len(parts)] = np.array(
+                    [
+                        kv_transfer_time_s(round(c.turn1_tokens), kvb, link)
+                        for c, k in zip(shapes, sel, strict=True)
+                        if k
+                    ],
+                    dtype=float,
+                )
+            s1, s2 = o.prefill_s, o.prefill2_s2
+            if o.role == "prefill" and len(c_i):
+                # the pool's service law over the conversations it serves (the sample whose budgets are
+                # checked), not the ILP's quantile sample of turn-1 lengths: that one drops the top
+                # 1 / (2 x its size) of a heavy tail, which carries much of S2 (fleet-single-turn: S2
+                # 0.291 vs 0.323 s^2, the longest prompt 13,872 vs 22,030 tokens)
+                s1, s2 = float(c_i.mean()), float((c_i**2).mean())
+                rho = per * s1
+            parts.append((load, rho, s1, s2, c_i, sel, k if o.role == "prefill" else 1, None))
         law: BatchLaw | None = None
         if o.does_decode:
             batch, step = decode_operating_point(o, demand, per)
@@ -265,7 +243,7 @@ def _predict(
             worst_decode_side = max(worst_decode_side, decode_side_s(demand, step))
             if load > heaviest_d:
                 heaviest_d, main_decoder = load, o
-                main_batch, main_step, main_k = batch, step, k
+                main_batch, main_k = batch, k
         if o.role == "prefill":
             watts = k * o.fixed_w + load * o.joules_per_conversation
         else:
@@ -295,39 +273,45 @@ def _predict(
     d_i = decode_side_points(demand, worst_step, worst_law)
     t0_i = np.asarray(ref.ttfet_i_s if ref.ttfet_i_s else (ref.ttfet_s,) * len(shapes), dtype=float)
     if main_decoder is not None:
-        # turn-1 prompts reaching a decoder (placement.ilp docstring, "hand-off"): a local prompt is admitted
-        # when the step in progress ends and prefilled in one step next to the batch's decode, which emits
-        # its first token; a remote prompt's KV is admitted at the end of one step, transferred, joins the
-        # batch at the end of another, and its first token ends the step after: residual + X + mean
-        # residual + step on top of the prefill
+        # turn-1 prompts reaching a decoder (placement.ilp docstring, "Hand-off"; placement.ilp.stepchain): a
+        # local prompt waits for the step in progress and is prefilled in the next step together with the
+        # local prompts that arrived during that step (R + d + p_i + S_M); a remote prompt's KV is admitted
+        # at the end of the step in progress, transferred while the next step runs, joins the batch at its
+        # end and its first token ends the step after (R1 + T_b + T_c; a longer transfer joins later)
         local = ~split.mask
         own = _local_steps_s(main_decoder, main_batch, demand)
-        lam = demand.arrival_rate_per_s
-        res = _residual(own[local], lam * split.local_share / max(main_k, 1), main_step)
-        spread: list[tuple[float, float, float, float, np.ndarray, np.ndarray, int]] = []
-        for j, (w, rho, s1, s2, c, m, ns) in enumerate(parts):
-            if j in remote:
-                spread.extend(
-                    (wk, rho, s1, s2, ck, m, ns) for wk, ck in res.spread(c + res.mean_s + main_step, w)
-                )
-            else:
-                spread.append((w, rho, s1, s2, c, m, ns))
+        lam_dec = demand.arrival_rate_per_s * split.local_share / max(main_k, 1)
+        # the decode part of a step: the planned step without the local prefills (they enter the chain)
+        d = decode_step_s(main_decoder.model, demand, main_batch, local_tokens=0.0) if main_batch > 0 else 0.0
+        base = main_decoder.model.decode_step_time_s(
+            max(1, round(main_batch)), round(main_batch * demand.decode_context_tokens)
+        )
+        p_local = own[local] - base  # the local prompts' prefill parts of a mixed step
+        chain = StepChain(p_local, lam_dec, d) if d > 0 else None
+        spread: list[_Part] = []
+        for j, (w, rho, s1, s2, c, m, ns, _) in enumerate(parts):
+            x = remote.get(j)
+            if x is None or chain is None:  # chain None: an idle decoder (no batch), only the transfer
+                spread.append(parts[j] if x is None else (w, rho, s1, s2, c + x, m, ns, None))
+                continue
+            # a transfer longer than T_b joins at the first step boundary after it (decode steps of d)
+            late = np.maximum(d * np.ceil(x / d) - d, 0.0)
+            p_wait, theta = wait_tail(rho, s1, s2, ns)
+            spread.append((w, rho, s1, s2, c + late, m, ns, chain.handoff_survival(p_wait, theta)))
         parts = spread
-        if split.local_share > 0:
-            parts.extend(
-                (wk, 0.0, 1.0, 1.0, ck, local, 1)
-                for wk, ck in res.spread(own[local], lam * split.local_share)
-            )
+        if split.local_share > 0 and chain is not None:
+            w_loc = demand.arrival_rate_per_s * split.local_share
+            parts.append((w_loc, 0.0, 1.0, 1.0, d + p_local, local, 1, chain.local_survival()))
     # each conversation at SPREAD_POINTS quantiles of its decode side (equal weights)
     npt = d_i.shape[1]
     full = [
-        (w, rho, s1, s2, (c[:, None] + d_i[m]).ravel(), np.ones(int(m.sum()) * npt), ns)
-        for w, rho, s1, s2, c, m, ns in parts
+        (w, rho, s1, s2, (c[:, None] + d_i[m]).ravel(), np.ones(int(m.sum()) * npt), ns, surv)
+        for w, rho, s1, s2, c, m, ns, surv in parts
     ]
     ttfet_p = mixture_quantile(full, slo.percentile) if full else worst_decode_side
     full = [
-        (w, rho, s1, s2, (c[:, None] + d_i[m]).ravel(), np.repeat(t0_i[m], npt), ns)
-        for w, rho, s1, s2, c, m, ns in parts
+        (w, rho, s1, s2, (c[:, None] + d_i[m]).ravel(), np.repeat(t0_i[m], npt), ns, surv)
+        for w, rho, s1, s2, c, m, ns, surv in parts
     ]
     ttfet_sd = mixture_quantile(full, slo.percentile) if full else 0.0
     floor = tbt_floor_s(ref, slo.percentile)

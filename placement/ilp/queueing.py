@@ -255,9 +255,13 @@ def rho_for_budgets(budgets_s: np.ndarray, s_mean: float, s2_mean: float, percen
     )  # bracket width 1/32 -> 16 halvings: rho to ~5e-7 (the returned end is always feasible)
 
 
+Survival = Callable[[np.ndarray], np.ndarray]  # budget b (s) -> P(the part's random delay > b), elementwise
+
+
 def mixture_quantile(
     parts: Sequence[tuple[float, float, float, float, np.ndarray, np.ndarray]]
-    | Sequence[tuple[float, float, float, float, np.ndarray, np.ndarray, int]],
+    | Sequence[tuple[float, float, float, float, np.ndarray, np.ndarray, int]]
+    | Sequence[tuple[float, float, float, float, np.ndarray, np.ndarray, int, Survival | None]],
     percentile: float,
 ) -> float:
     """Smallest x with sum_k w_k mean_i P(W_k > x scale_ki - c_ki) <= 1 - p/100 (weights normalised).
@@ -265,20 +269,21 @@ def mixture_quantile(
     parts: (weight w_k, rho_k, S_k, S2_k, c_k, scale_k) per group k of conversations (a prefill pool's, or
     the hybrid decoders' local prefills with rho 0); c_k: the conversations' fixed latency there; scale = 1
     gives the p-th percentile of TTFET in seconds, scale = T0_i that of the slowdown; an optional 7th
-    element: the group's number of servers (M/G/c, :func:`wait_tail`; 1 when absent).
+    element: the group's number of servers (M/G/c, :func:`wait_tail`; 1 when absent); an optional 8th: the
+    survival function of the group's whole random delay, used instead of the M/G/c wait's when not None
+    (placement.ilp.stepchain: the wait plus the decoder's steps).
     """
     q = 1.0 - percentile / 100.0
     wsum = sum(p[0] for p in parts) or 1.0
 
+    def one(p: tuple, x: float) -> float:  # type: ignore[type-arg]
+        surv = p[7] if len(p) > 7 else None
+        if surv is not None:
+            return float(np.mean(surv(x * p[5] - p[4])))
+        return violation_share(p[1], p[2], p[3], x * p[5] - p[4], p[6] if len(p) > 6 else 1)
+
     def share(x: float) -> float:
-        return (
-            sum(
-                p[0] * violation_share(p[1], p[2], p[3], x * p[5] - p[4], p[6] if len(p) > 6 else 1)
-                for p in parts
-                if len(p[4])
-            )
-            / wsum
-        )
+        return sum(p[0] * one(p, x) for p in parts if len(p[4])) / wsum
 
     hi = 1.0
     while share(hi) > q and hi < 1e9:

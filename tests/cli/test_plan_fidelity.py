@@ -59,14 +59,6 @@ OUTSIDE: dict[tuple[str, str], str] = {
         "predicted 29.8 ms, simulated 21.9 ms (0.735): same cause (at the simulated batch, ~5 sequences, "
         "the tier model's step curve gives ~23 ms, as simulated; the batch is what the model cannot pin)"
     ),
-    ("fleet-single-turn", "p95 TTFET slowdown"): (
-        "predicted 2.65x, simulated 2.97x (1.119): the tail is turn-1 TTFT (standalone 0.07-0.3 s); "
-        "modelled now: the remote prompts' wait as M/G/2 (least-work routing over two prefillers: "
-        "P(wait) 0.31 vs 0.35 simulated, mean 0.091 vs 0.098 s incl. step sharing; M/G/1 gave 0.48 and "
-        "0.28 s, which had hidden the rest), the hand-off's two decoder step boundaries + a step "
-        "(simulated median 0.088 s beyond the transfer), the local prompts' step residual and mixed "
-        "step; left: the tails of those waits (simulated local admission wait p99 0.50 s vs 0.30 s)"
-    ),
 }
 
 
