@@ -104,8 +104,9 @@ def check_rate(
 ) -> RateCheck:
     """Simulate the plan's instances at rate_per_s (module docstring) and say whether they sustain it.
 
-    The steady window is validate_plan's: arrivals in [t_w, T - mean E2E], t_w = clamp(mean E2E, 10%, 30%
-    of the arrival span). A seed with no steady state fails the rate at once (the later seeds are skipped).
+    The steady window is validate_plan's without its floor of 3 decode relaxation times on t_w: arrivals in
+    [t_w, T - mean E2E], t_w = clamp(mean E2E, 10%, 30% of the arrival span). A seed with no steady state
+    fails the rate at once (the later seeds are skipped).
     """
     if not seeds:
         raise ConServeError("seeds must not be empty. To fix: pass at least one seed.")

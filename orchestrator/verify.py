@@ -7,10 +7,15 @@ Steady state
     The plan is simulated on a long stream of the workload's own conversations (each conversation of the
     fleet file's workload once per pass, seeded order) arriving as a Poisson stream conditioned on realising
     the planned rate exactly (:func:`steady_stream`), for several seeds
-    (default 3). The stream lasts at least STEADY_HORIZON_STANDALONE x the standalone TTFET (at least the
-    file's own run), at most MAX_CONVERSATIONS conversations per seed. Three phases, reported separately:
-    - ramp-up: conversations arriving before t_w = clamp(mean simulated E2E, 10%, 30% of the arrival span)
-      (the decoders' population converges to its Little's-law level after about one residence time);
+    (default 3). The stream lasts at least STEADY_HORIZON_STANDALONE x the standalone TTFET and
+    (RAMP_TAU_C + WINDOW_TAU_C) x tau_c (at least the file's own run), at most MAX_CONVERSATIONS
+    conversations per seed; tau_c is the decoders' batch relaxation time, the largest integrated
+    autocorrelation time of a decode pool's step under the plan's batch law (PoolPrediction.tau_c_s).
+    Three phases, reported separately:
+    - ramp-up: conversations arriving before t_w = clamp(max(mean simulated E2E, RAMP_TAU_C x tau_c), 10%,
+      30% of the arrival span): the decoders' population converges to its Little's-law level after about
+      one residence time, its spread (the batch law) after a few tau_c (141.5 s on paper-a40-disagg, whose
+      window had started after 33 s and averaged 5.6 of the law's 6.7 sequences: docs/planning.md);
     - steady state: conversations arriving in [t_w, T - mean E2E] (T = the last arrival); energy and tokens
       over [t_w, T] (tokens/J = tokens of the conversations arriving in that window / energy of every GPU
       over it, idle and unallocated GPUs included -- the planner's tokens_per_s / watts_total);
@@ -54,6 +59,11 @@ DEFAULT_SEEDS = 3
 # the ramp-up and drain (about one residence each) leave a steady window of >= ~14 standalone TTFETs.
 STEADY_HORIZON_STANDALONE = 20.0
 MAX_CONVERSATIONS = 2000  # per seed: bounds the loop's time (examples/fleet.yaml: BENCHMARKS.md)
+# Ramp-up >= RAMP_TAU_C decode relaxation times (the batch law's chain started empty on paper-a40-disagg is
+# 2.2% below its stationary mean batch at 3 tau_c = 425 s, 7.4% at 250 s), steady window >= WINDOW_TAU_C (a
+# time average over T has a standard error of sqrt(2 tau_c / T) SDs: 0.45 per seed). Choices, not measured.
+RAMP_TAU_C = 3.0
+WINDOW_TAU_C = 10.0
 MAX_ROUNDS = 4
 TIGHTEN_MIN, TIGHTEN_MAX, TIGHTEN_MARGIN = 0.5, 0.95, 0.97
 
@@ -216,11 +226,17 @@ def steady_stream(
     return [replace(c, arrival_s=float(x)) for c, x in zip(convs, times, strict=True)]
 
 
+def decode_relaxation_s(run: PlanRun) -> float:
+    """tau_c of the plan's decoders: the largest batch-law relaxation time of its decode pools (0: none)."""
+    return max((p.tau_c_s for p in run.result.pools), default=0.0)
+
+
 def stream_length(cfg: FleetConfig, run: PlanRun, max_conversations: int = MAX_CONVERSATIONS) -> int:
-    """Conversations per seed: at least the file's run and STEADY_HORIZON_STANDALONE standalone TTFETs."""
+    """Conversations per seed: >= the file's run, 20 standalone TTFETs and 13 decode relaxation times."""
     p = run.plan.predictions
     rate = p.arrival_rate_per_s
     horizon = STEADY_HORIZON_STANDALONE * max(p.ttfet_standalone_s, 1e-3)
+    horizon = max(horizon, (RAMP_TAU_C + WINDOW_TAU_C) * decode_relaxation_s(run))
     n = max(run.stats.conversations, math.ceil(rate * horizon), 50)
     return int(min(n, max(max_conversations, 50)))
 
@@ -289,6 +305,7 @@ def validate_plan(
     busy: dict[str, list[float]] = {}
     window = (0.0, 0.0)
     total = n * len(seeds)
+    ramp_s = RAMP_TAU_C * decode_relaxation_s(run)
     for k, seed in enumerate(seeds):
         convs = steady_stream(base, n, rate, seed)
         tick = None
@@ -307,7 +324,7 @@ def validate_plan(
         arrivals = [c.arrival_s for c in convs]
         t_end = max(arrivals)
         e2e_mean = float(np.mean([m.e2e_s for m in mets])) if mets else 0.0
-        t_w = min(max(e2e_mean, 0.1 * t_end), 0.3 * t_end)
+        t_w = min(max(e2e_mean, ramp_s, 0.1 * t_end), 0.3 * t_end)
         t_cut = max(t_end - e2e_mean, t_w)
         window = (t_w, t_end)
         for m in mets:

@@ -114,15 +114,7 @@ def batch_law(
     v_f = float((pi * f**2).sum() - e_f**2)
     tau = 0.0
     if v_f > 0 and rate_per_s > 0:
-        # G(k) summed from the head while the mass below k is at most 1/2, else as minus the sum above k
-        # (equal in exact arithmetic, G(top) = 0): the head sum's rounding (~1e-18) divided by a far-tail
-        # pi_k (~1e-290) overflowed tau_c to ~1e40-1e267 s on every fleet
-        x = pi * (f - e_f)
-        head = np.cumsum(x)
-        tail = -(np.cumsum(x[::-1])[::-1] - x)
-        g = np.where(np.cumsum(pi) <= 0.5, head, tail)
-        keep = pi > 1e-300
-        tau = float((g[keep] ** 2 / (pi[keep] * rate_per_s)).sum() / v_f)
+        tau = _integrated_time_s(pi, f - e_f, rate_per_s) / v_f
     k_all = np.arange(0, n * cap + 1, dtype=float)
     empty = float((pi * np.maximum(n - k_all, 0.0)).sum() / n)  # share of the pool's instances empty
     return BatchLaw(
@@ -135,6 +127,22 @@ def batch_law(
         pi=pi,
         per_instance=per_all,
     )
+
+
+def _integrated_time_s(pi: np.ndarray, dev: np.ndarray, birth_rate: float) -> float:
+    """sum_k G(k)^2 / (pi_k birth_rate), G(k) = sum_{j<=k} pi_j dev_j (module docstring: tau_c x Var).
+
+    G(k) also equals -sum_{j>k} pi_j dev_j (the deviations sum to 0 under pi). Summed from the left, the
+    rounding error of G in the tail (~1e-17 x the terms' scale) is divided by a vanishing pi_k and blows up
+    (the astronomically large tau_c of every fleet before this: 1e40 on paper-a40); so G is summed from the
+    left up to the median of pi and from the right beyond it, each side over the states where it is small.
+    """
+    terms = pi * dev
+    left = np.cumsum(terms)
+    right = -(np.cumsum(terms[::-1])[::-1] - terms)  # -sum_{j>k}
+    g = np.where(np.cumsum(pi) <= 0.5, left, right)
+    keep = pi > 1e-300
+    return float((g[keep] ** 2 / (pi[keep] * birth_rate)).sum())
 
 
 def pool_batch_law(opt: Option, demand: Demand, load_per_s: float, instances: int) -> BatchLaw:

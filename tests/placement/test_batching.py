@@ -40,6 +40,19 @@ def test_a_step_growing_with_the_batch_widens_the_law_beyond_the_fluid_point() -
     assert all(np.diff(cv) < 0)
 
 
+def test_tau_c_is_the_mean_residence_of_m_m_inf() -> None:
+    # a step that barely grows with the batch: the law is ~Poisson(lam K s) (mean 50, never empty) and the
+    # step is linear in the population, whose autocorrelation in M/M/inf is exp(-t / (K s)): integrated
+    # time K s. The law's far tail (pi ~ 1e-90 at 256 sequences) used to turn the rounding error of the
+    # cumulative sum into an astronomical tau_c (1e40 s on paper-a40; every fleet's was).
+    s, k = 0.02, 5000.0
+    steps = s * (1.0 + 1e-6 * np.arange(1, 257, dtype=float))
+    law = ilp.batch_law(steps, 0.5, k, 1)
+    assert law.mean_batch == pytest.approx(50.0, rel=1e-3)
+    assert law.pi[-1] < 1e-80
+    assert law.tau_c_s == pytest.approx(k * s, rel=1e-3)
+
+
 def test_pooling_over_instances_narrows_the_law() -> None:
     steps = 0.01 + 0.0015 * np.arange(1, 257, dtype=float)
     one = ilp.batch_law(steps, 0.5, 950.0, 1)
