@@ -8,7 +8,10 @@ arrivals from a 4x load swing (orchestrator/load_swing.py): trough at ``--base``
 (1.634 / 4), so the swing peaks at the paper's highest rate. Conversations: the profile's expected arrivals.
 
 Per seed (workload arrivals): the cap controller (placement/power.py, thresholds as its docstring states, not
-fitted here) starting at TDP against every static pair (prefill cap, decode cap) of the same 1 + 3 layout;
+fitted here) starting from the plan (``--start plan``, the default: the caps `orchestrator plan` chooses for
+the trough rate, disaggregated; with parking, the decoders that plan leaves out start parked) or at TDP with
+every decoder active (``--start tdp``, this benchmark before issue 14's follow-up) against every static pair
+(prefill cap, decode cap) of the same 1 + 3 layout;
 and the cap controller with parking (orchestrator/core/power.py ``Parker``: parked draw ``--parked-w``, cold
 start ``--wake-s``, ``--spare`` decoders beyond Little's law) against every static pair with 1, 2 or 3
 decoders, the decoders left out parked for the whole run (billed at ``--parked-w``). The best static is the
@@ -16,7 +19,8 @@ configuration with the most tokens/J among those whose SLO attainment is at leas
 controller tokens/J / best static tokens/J - 1. Every figure is simulated (energy modelled by the tier power
 model, every GPU billed, idle included), not measured.
 
-    python benchmarks/bench_power_controller.py [--seeds 0,1,2,3,4] [--base 0.25] [--parked-w 11] [--json]
+    python benchmarks/bench_power_controller.py [--seeds 0,1,2,3,4] [--base 0.25] [--parked-w 11]
+        [--start plan|tdp] [--json]
 
 Heavy (77 simulations per seed, 10-20 s per seed on the 2-core dev box): run it under the team's lock.
 """
@@ -76,7 +80,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parking = ParkingConfig(parked_w=args.parked_w, wake_s=args.wake_s, spare=args.spare)
     with_parking = replace(caps_only, parking=parking)
     n_dec = 3
-    layout = f"a40.prefill=1,a40.decode={n_dec}"
+    start: dict[str, Any] = {"prefill_cap_w": None, "decode_cap_w": None, "decoders": n_dec}
+    if args.start == "plan":
+        start = start_point(cfg, args.base, n_dec)
+    _log(f"controller start ({args.start}): {start}")
+    pcap = f"@{start['prefill_cap_w']:g}" if start["prefill_cap_w"] else ""
+    dcap = f"@{start['decode_cap_w']:g}" if start["decode_cap_w"] else ""
+    layout = f"a40.prefill=1{pcap},a40.decode={n_dec}{dcap}"
+    if int(start["decoders"]) < n_dec:
+        with_parking = replace(with_parking, parking=replace(parking, start_active=start["decoders"]))
 
     def one(convs: list[Any], seed: int, lay: str, control: Any, parked_gpus: int = 0) -> dict[str, Any]:
         opts = SimOptions(power_controller=control)
@@ -147,6 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fleet": "examples/paper-a40.yaml, 1 prefiller + 3 decoders, conserve",
         "allowed_caps_w": list(args.caps),
         "parking": {"parked_w": args.parked_w, "wake_s": args.wake_s, "spare": args.spare},
+        "start": {"mode": args.start, **start},
         "profile": [list(p) for p in profile.points],
         "peak_over_trough": profile.peak_over_trough,
         "seeds": seeds_out,
@@ -155,6 +168,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target_pct": 10.0,
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def start_point(cfg: Any, rate_per_s: float, n_dec: int) -> dict[str, Any]:
+    """Where a deployment starts: the plan for the trough rate (what is observed when the run starts, not the
+    swing to come), disaggregated like the benchmark's layout: its prefill and decode caps and its decoder
+    count (at most ``n_dec``; the decoders beyond it start parked when parking is on)."""
+    from orchestrator.planner.run import make_plan
+
+    plan = make_plan(cfg, rate_per_s=rate_per_s, modes=("disaggregated",), time_limit_s=30.0).plan
+    pre = [p for p in plan.pools if p.role == "prefill"]
+    dec = [p for p in plan.pools if p.role == "decode"]
+    if not pre or not dec:
+        raise SystemExit(f"the plan at {rate_per_s} conv/s has no prefill or decode pool: {plan.pools}")
+    return {"prefill_cap_w": pre[0].power_cap_w, "decode_cap_w": dec[0].power_cap_w,
+            "decoders": min(n_dec, sum(p.instances for p in dec))}  # fmt: skip
 
 
 def _parked_gpu_s(changes: list[Any], end_s: float) -> float:
@@ -180,6 +208,8 @@ def main() -> None:
     ap.add_argument("--parked-w", type=float, default=A40_PARKED_W, help="draw of a parked A40, W")
     ap.add_argument("--wake-s", type=float, default=60.0, help="cold start of a parked engine, s")
     ap.add_argument("--spare", type=int, default=1, help="parking: decoders kept beyond Little's law")
+    ap.add_argument("--start", choices=("plan", "tdp"), default="plan",
+                    help="controller's start: the plan at the trough rate, or TDP")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -143,6 +143,13 @@ class SimPowerDriver:
             for s in self.specs:
                 if s.role == Role.DECODE and len(s.instance_ids) > 1:
                     self.parkers[s.pool_id] = Parker(ctl.parking, s.instance_ids)
+        # decoders a plan-based start parks at t = 0 (ParkingConfig.start_active), reported with step 1
+        self._pending: list[ParkChange] = []
+        for pid, parker in self.parkers.items():
+            by_id = {i.id: i for i in self.members[pid]}
+            for c in parker.changes:
+                self._apply_park(by_id[c.instance_id], parker, c, 0.0)
+                self._pending.append(c)
 
     # ---- measuring -------------------------------------------------------------------------------------
     def _energy_j(self, inst: Any, t0: float, t1: float) -> float:
@@ -248,17 +255,21 @@ class SimPowerDriver:
             ]
             by_id = {i.id: i for i in members}
             for c in parker.step(t, obs, press.get(pid, 0.0)):
-                inst = by_id[c.instance_id]
-                inst.accepting = parker.accepting(inst.id)
-                inst.dirty = True
-                if c.to_state == PARKED:
-                    assert parker.cfg is not None
-                    inst.parked.append((t, math.inf, parker.cfg.parked_w * inst.tm.gpus))
-                elif c.from_state == PARKED:
-                    a, _, w = inst.parked[-1]
-                    inst.parked[-1] = (a, t, w)  # waking: a cold start draws the loaded idle
+                self._apply_park(by_id[c.instance_id], parker, c, t)
                 out.append(c)
+        if self._pending:  # the start's parking, reported with the first step
+            out, self._pending = [*self._pending, *out], []
         return tuple(out)
+
+    @staticmethod
+    def _apply_park(inst: Any, parker: Parker, c: ParkChange, t: float) -> None:
+        inst.accepting = parker.accepting(inst.id)
+        inst.dirty = True
+        if c.to_state == PARKED:
+            inst.parked.append((t, math.inf, parker.cfg.parked_w * inst.tm.gpus))
+        elif c.from_state == PARKED:
+            a, _, w = inst.parked[-1]
+            inst.parked[-1] = (a, t, w)  # waking: a cold start draws the loaded idle
 
     def finish(self) -> None:
         """Give every instance back its configured tier model (names and idle draw in the result; every
