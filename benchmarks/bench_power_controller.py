@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layout = f"a40.prefill=1{pcap},a40.decode={n_dec}{dcap}"
     if int(start["decoders"]) < n_dec:
         with_parking = replace(with_parking, parking=replace(parking, start_active=start["decoders"]))
+    assert with_parking.parking is not None
+    # --prefill-park: the prefill pool parks too (orchestrator/core/prefill_park.py), turn-1 local meanwhile
+    with_prefill = replace(with_parking, parking=replace(with_parking.parking, prefill=True))
 
     def one(convs: list[Any], seed: int, lay: str, control: Any, parked_gpus: int = 0) -> dict[str, Any]:
         opts = SimOptions(power_controller=control)
@@ -122,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         convs = profiled_arrivals(trace[:n], profile, seed)
         ctl = one(convs, seed, layout, caps_only)
         ctlp = one(convs, seed, layout, with_parking)
+        ctlq = one(convs, seed, layout, with_prefill) if args.prefill_park else None
         _log(f"seed {seed}: caps controller {ctl['tokens_per_j']:.2f} tok/J, SLO "
              f"{ctl['slo_attainment_pct']:.1f}%; caps + parking {ctlp['tokens_per_j']:.2f} tok/J, SLO "
              f"{ctlp['slo_attainment_pct']:.1f}%, "
@@ -134,13 +138,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     statics.append({"decoders": k, "prefill_cap_w": p, "decode_cap_w": d, **r})
                     _log(f"  static {k} decoders, prefill {p:g} W, decode {d:g} W: {r['tokens_per_j']:.2f} "
                          f"tok/J, SLO {r['slo_attainment_pct']:.1f}%")  # fmt: skip
+        # the same lever statically: no prefiller (its GPU parked all run), every turn-1 prefilled locally
+        local = []
+        if ctlq is not None:
+            for k in range(1, n_dec + 1):
+                for d in args.caps:
+                    r = one(convs, seed, f"a40.decode={k}@{d:g}", None, n_dec - k + 1)
+                    local.append(
+                        {"decoders": k, "prefillers": 0, "prefill_cap_w": 0.0, "decode_cap_w": d, **r}
+                    )
+                    _log(f"  static {k} decoders, no prefiller, decode {d:g} W: {r['tokens_per_j']:.2f} "
+                         f"tok/J, SLO {r['slo_attainment_pct']:.1f}%")  # fmt: skip
         caps3 = [s for s in statics if s["decoders"] == n_dec]
         best, gain = best_of(caps3, ctl)
         best_p, gain_p = best_of(statics, ctlp)
+        best_q, gain_q = best_of(statics + local, ctlq) if ctlq is not None else (None, None)
         seeds_out.append({"seed": seed, "conversations": n, "controller": ctl, "best_static": best,
                           "gain_pct": gain, "controller_parking": ctlp, "best_static_parking": best_p,
-                          "gain_parking_pct": gain_p, "statics": statics})  # fmt: skip
-        for name, b, g in (("caps", best, gain), ("caps + parking", best_p, gain_p)):
+                          "gain_parking_pct": gain_p, "controller_prefill_park": ctlq,
+                          "best_static_prefill_park": best_q, "gain_prefill_park_pct": gain_q,
+                          "statics": statics + local})  # fmt: skip
+        named = [("caps", best, gain), ("caps + parking", best_p, gain_p)]
+        if ctlq is not None:
+            _log(f"seed {seed}: caps + parking + prefill parking {ctlq['tokens_per_j']:.2f} tok/J, SLO "
+                 f"{ctlq['slo_attainment_pct']:.1f}%, {ctlq['parked_gpu_s']:.0f} GPU-s parked")  # fmt: skip
+            named.append(("caps + parking + prefill parking", best_q, gain_q))
+        for name, b, g in named:
             if b is not None and g is not None:
                 _log(f"seed {seed}: {name}: best static {b['decoders']} decoders {b['prefill_cap_w']:g}/"
                      f"{b['decode_cap_w']:g} W {b['tokens_per_j']:.2f} tok/J (SLO "
@@ -165,6 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": seeds_out,
         "gain_pct": spread("gain_pct"),
         "gain_parking_pct": spread("gain_parking_pct"),
+        "gain_prefill_park_pct": spread("gain_prefill_park_pct") if args.prefill_park else None,
         "target_pct": 10.0,
         "wall_s": time.perf_counter() - t0,
     }
@@ -210,6 +234,8 @@ def main() -> None:
     ap.add_argument("--spare", type=int, default=1, help="parking: decoders kept beyond Little's law")
     ap.add_argument("--start", choices=("plan", "tdp"), default="plan",
                     help="controller's start: the plan at the trough rate, or TDP")  # fmt: skip
+    ap.add_argument("--prefill-park", action="store_true",
+                    help="also: prefill parking vs statics with 0 prefillers")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -238,8 +264,11 @@ def main() -> None:
             f"{gp:+.1f}%",
         )  # fmt: skip
         print(" ".join(f"{x:>12}" for x in row))
-    for key, name in (("gain_pct", "caps"), ("gain_parking_pct", "caps + parking")):
+    for key, name in (("gain_pct", "caps"), ("gain_parking_pct", "caps + parking"),
+                      ("gain_prefill_park_pct", "caps + parking + prefill parking")):  # fmt: skip
         g = doc[key]
+        if g is None:
+            continue
         print(f"{name}: gain over the best static (modelled): median {g['median']:+.1f}%, "
               f"range {g['min']:+.1f}% to {g['max']:+.1f}% (target >= +10%)")  # fmt: skip
     print(f"{doc['wall_s']:.0f} s")

@@ -230,6 +230,10 @@ class ParkingConfig:
     wake_pressure: float = 0.85  # = ControllerConfig.upper: the TBT margin the cap controller keeps
     # decoders active at the start (the plan's count for the expected load); the rest start parked. None: all
     start_active: int | None = None
+    # also park the prefill pool while its decoders could prefill turn-1 prompts locally and keep slack
+    # (orchestrator/core/prefill_park.py); park_pressure = ControllerConfig.lower, the cap controller's slack
+    prefill: bool = False
+    park_pressure: float = 0.6
 
     def __post_init__(self) -> None:
         if not (self.parked_w >= 0 and self.wake_s >= 0 and self.window_s > 0 and self.hold_s >= 0):
