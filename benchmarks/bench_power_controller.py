@@ -8,7 +8,10 @@ arrivals from a 4x load swing (orchestrator/load_swing.py): trough at ``--base``
 (1.634 / 4), so the swing peaks at the paper's highest rate. Conversations: the profile's expected arrivals.
 
 Per seed (workload arrivals): the cap controller (placement/power.py, thresholds as its docstring states, not
-fitted here) starting at TDP against every static pair (prefill cap, decode cap) of the same 1 + 3 layout;
+fitted here) starting from the plan (``--start plan``, the default: the caps `orchestrator plan` chooses for
+the trough rate, disaggregated; with parking, the decoders that plan leaves out start parked) or at TDP with
+every decoder active (``--start tdp``, this benchmark before issue 14's follow-up) against every static pair
+(prefill cap, decode cap) of the same 1 + 3 layout;
 and the cap controller with parking (orchestrator/core/power.py ``Parker``: parked draw ``--parked-w``, cold
 start ``--wake-s``, ``--spare`` decoders beyond Little's law) against every static pair with 1, 2 or 3
 decoders, the decoders left out parked for the whole run (billed at ``--parked-w``). The best static is the
@@ -16,7 +19,8 @@ configuration with the most tokens/J among those whose SLO attainment is at leas
 controller tokens/J / best static tokens/J - 1. Every figure is simulated (energy modelled by the tier power
 model, every GPU billed, idle included), not measured.
 
-    python benchmarks/bench_power_controller.py [--seeds 0,1,2,3,4] [--base 0.25] [--parked-w 11] [--json]
+    python benchmarks/bench_power_controller.py [--seeds 0,1,2,3,4] [--base 0.25] [--parked-w 11]
+        [--start plan|tdp] [--json]
 
 Heavy (77 simulations per seed, 10-20 s per seed on the 2-core dev box): run it under the team's lock.
 """
@@ -76,7 +80,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parking = ParkingConfig(parked_w=args.parked_w, wake_s=args.wake_s, spare=args.spare)
     with_parking = replace(caps_only, parking=parking)
     n_dec = 3
-    layout = f"a40.prefill=1,a40.decode={n_dec}"
+    start: dict[str, Any] = {"prefill_cap_w": None, "decode_cap_w": None, "decoders": n_dec}
+    if args.start == "plan":
+        start = start_point(cfg, args.base, n_dec)
+    _log(f"controller start ({args.start}): {start}")
+    pcap = f"@{start['prefill_cap_w']:g}" if start["prefill_cap_w"] else ""
+    dcap = f"@{start['decode_cap_w']:g}" if start["decode_cap_w"] else ""
+    layout = f"a40.prefill=1{pcap},a40.decode={n_dec}{dcap}"
+    if int(start["decoders"]) < n_dec:
+        with_parking = replace(with_parking, parking=replace(parking, start_active=start["decoders"]))
+    assert with_parking.parking is not None
+    # --prefill-park: the prefill pool parks too (orchestrator/core/prefill_park.py), turn-1 local meanwhile
+    with_prefill = replace(with_parking, parking=replace(with_parking.parking, prefill=True))
 
     def one(convs: list[Any], seed: int, lay: str, control: Any, parked_gpus: int = 0) -> dict[str, Any]:
         opts = SimOptions(power_controller=control)
@@ -110,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         convs = profiled_arrivals(trace[:n], profile, seed)
         ctl = one(convs, seed, layout, caps_only)
         ctlp = one(convs, seed, layout, with_parking)
+        ctlq = one(convs, seed, layout, with_prefill) if args.prefill_park else None
         _log(f"seed {seed}: caps controller {ctl['tokens_per_j']:.2f} tok/J, SLO "
              f"{ctl['slo_attainment_pct']:.1f}%; caps + parking {ctlp['tokens_per_j']:.2f} tok/J, SLO "
              f"{ctlp['slo_attainment_pct']:.1f}%, "
@@ -122,13 +138,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     statics.append({"decoders": k, "prefill_cap_w": p, "decode_cap_w": d, **r})
                     _log(f"  static {k} decoders, prefill {p:g} W, decode {d:g} W: {r['tokens_per_j']:.2f} "
                          f"tok/J, SLO {r['slo_attainment_pct']:.1f}%")  # fmt: skip
+        # the same lever statically: no prefiller (its GPU parked all run), every turn-1 prefilled locally
+        local = []
+        if ctlq is not None:
+            for k in range(1, n_dec + 1):
+                for d in args.caps:
+                    r = one(convs, seed, f"a40.decode={k}@{d:g}", None, n_dec - k + 1)
+                    local.append(
+                        {"decoders": k, "prefillers": 0, "prefill_cap_w": 0.0, "decode_cap_w": d, **r}
+                    )
+                    _log(f"  static {k} decoders, no prefiller, decode {d:g} W: {r['tokens_per_j']:.2f} "
+                         f"tok/J, SLO {r['slo_attainment_pct']:.1f}%")  # fmt: skip
         caps3 = [s for s in statics if s["decoders"] == n_dec]
         best, gain = best_of(caps3, ctl)
         best_p, gain_p = best_of(statics, ctlp)
+        best_q, gain_q = best_of(statics + local, ctlq) if ctlq is not None else (None, None)
         seeds_out.append({"seed": seed, "conversations": n, "controller": ctl, "best_static": best,
                           "gain_pct": gain, "controller_parking": ctlp, "best_static_parking": best_p,
-                          "gain_parking_pct": gain_p, "statics": statics})  # fmt: skip
-        for name, b, g in (("caps", best, gain), ("caps + parking", best_p, gain_p)):
+                          "gain_parking_pct": gain_p, "controller_prefill_park": ctlq,
+                          "best_static_prefill_park": best_q, "gain_prefill_park_pct": gain_q,
+                          "statics": statics + local})  # fmt: skip
+        named = [("caps", best, gain), ("caps + parking", best_p, gain_p)]
+        if ctlq is not None:
+            _log(f"seed {seed}: caps + parking + prefill parking {ctlq['tokens_per_j']:.2f} tok/J, SLO "
+                 f"{ctlq['slo_attainment_pct']:.1f}%, {ctlq['parked_gpu_s']:.0f} GPU-s parked")  # fmt: skip
+            named.append(("caps + parking + prefill parking", best_q, gain_q))
+        for name, b, g in named:
             if b is not None and g is not None:
                 _log(f"seed {seed}: {name}: best static {b['decoders']} decoders {b['prefill_cap_w']:g}/"
                      f"{b['decode_cap_w']:g} W {b['tokens_per_j']:.2f} tok/J (SLO "
@@ -147,14 +182,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fleet": "examples/paper-a40.yaml, 1 prefiller + 3 decoders, conserve",
         "allowed_caps_w": list(args.caps),
         "parking": {"parked_w": args.parked_w, "wake_s": args.wake_s, "spare": args.spare},
+        "start": {"mode": args.start, **start},
         "profile": [list(p) for p in profile.points],
         "peak_over_trough": profile.peak_over_trough,
         "seeds": seeds_out,
         "gain_pct": spread("gain_pct"),
         "gain_parking_pct": spread("gain_parking_pct"),
+        "gain_prefill_park_pct": spread("gain_prefill_park_pct") if args.prefill_park else None,
         "target_pct": 10.0,
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def start_point(cfg: Any, rate_per_s: float, n_dec: int) -> dict[str, Any]:
+    """Where a deployment starts: the plan for the trough rate (what is observed when the run starts, not the
+    swing to come), disaggregated like the benchmark's layout: its prefill and decode caps and its decoder
+    count (at most ``n_dec``; the decoders beyond it start parked when parking is on)."""
+    from orchestrator.planner.run import make_plan
+
+    plan = make_plan(cfg, rate_per_s=rate_per_s, modes=("disaggregated",), time_limit_s=30.0).plan
+    pre = [p for p in plan.pools if p.role == "prefill"]
+    dec = [p for p in plan.pools if p.role == "decode"]
+    if not pre or not dec:
+        raise SystemExit(f"the plan at {rate_per_s} conv/s has no prefill or decode pool: {plan.pools}")
+    return {"prefill_cap_w": pre[0].power_cap_w, "decode_cap_w": dec[0].power_cap_w,
+            "decoders": min(n_dec, sum(p.instances for p in dec))}  # fmt: skip
 
 
 def _parked_gpu_s(changes: list[Any], end_s: float) -> float:
@@ -180,6 +232,10 @@ def main() -> None:
     ap.add_argument("--parked-w", type=float, default=A40_PARKED_W, help="draw of a parked A40, W")
     ap.add_argument("--wake-s", type=float, default=60.0, help="cold start of a parked engine, s")
     ap.add_argument("--spare", type=int, default=1, help="parking: decoders kept beyond Little's law")
+    ap.add_argument("--start", choices=("plan", "tdp"), default="plan",
+                    help="controller's start: the plan at the trough rate, or TDP")  # fmt: skip
+    ap.add_argument("--prefill-park", action="store_true",
+                    help="also: prefill parking vs statics with 0 prefillers")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -208,8 +264,11 @@ def main() -> None:
             f"{gp:+.1f}%",
         )  # fmt: skip
         print(" ".join(f"{x:>12}" for x in row))
-    for key, name in (("gain_pct", "caps"), ("gain_parking_pct", "caps + parking")):
+    for key, name in (("gain_pct", "caps"), ("gain_parking_pct", "caps + parking"),
+                      ("gain_prefill_park_pct", "caps + parking + prefill parking")):  # fmt: skip
         g = doc[key]
+        if g is None:
+            continue
         print(f"{name}: gain over the best static (modelled): median {g['median']:+.1f}%, "
               f"range {g['min']:+.1f}% to {g['max']:+.1f}% (target >= +10%)")  # fmt: skip
     print(f"{doc['wall_s']:.0f} s")

@@ -115,6 +115,11 @@ class LivePowerLoop:
             }
         self.pins, self.set_state, self.now_s = pins, set_state, now_s
         self.parking_changes: list[ParkChange] = []
+        for parker in self.parkers.values():  # a plan-based start (ParkingConfig.start_active) parks at once
+            for c in parker.changes:
+                assert set_state is not None
+                set_state(c.instance_id, c.from_state, c.to_state)
+                self.parking_changes.append(c)
         self.specs: list[PoolSpec] = pools_of(
             engines, allowed_caps_w, {e.engine_id: max(len(e.gpus), e.n_gpus, 1) for e in engines}
         )

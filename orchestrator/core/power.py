@@ -204,6 +204,12 @@ def power_view(
 # More needed than active -> re-activate draining decoders, then wake parked ones. Fewer needed for hold_s
 # in a row, nothing waking or draining -> drain the active decoder with the fewest pinned conversations.
 # Until a conversation has ended (no lifetime yet) nothing is drained.
+#
+# Start (``start_active``, optional): a deployment starts from its plan, not from every GPU loaded. With
+# ``start_active = k`` the first k decoders (in the pool's order) start active and the others start parked
+# (their engines never started: a plan for the expected load that leaves GPUs unallocated). Until a lifetime
+# is known, ``needed`` is then k (the plan's count) instead of every decoder; the wake triggers (occupancy,
+# pressure) apply from the first step. None: every decoder starts active, as before.
 
 ACTIVE, DRAINING, PARKED, WAKING = "active", "draining", "parked", "waking"
 
@@ -222,12 +228,22 @@ class ParkingConfig:
     spare: int = 1
     wake_occupancy: float = 0.75
     wake_pressure: float = 0.85  # = ControllerConfig.upper: the TBT margin the cap controller keeps
+    # decoders active at the start (the plan's count for the expected load); the rest start parked. None: all
+    start_active: int | None = None
+    # also park the prefill pool while its decoders could prefill turn-1 prompts locally and keep slack
+    # (orchestrator/core/prefill_park.py); park_pressure = ControllerConfig.lower, the cap controller's slack
+    prefill: bool = False
+    park_pressure: float = 0.6
 
     def __post_init__(self) -> None:
         if not (self.parked_w >= 0 and self.wake_s >= 0 and self.window_s > 0 and self.hold_s >= 0):
             raise PlacementError("parking: parked_w, wake_s, hold_s must be >= 0 and window_s > 0")
         if not (0 < self.occupancy_target <= 1 and 0 < self.wake_occupancy <= 1 and self.min_active >= 1):
             raise PlacementError("parking: occupancies must be in (0, 1] and min_active >= 1")
+        if self.start_active is not None and self.start_active < 1:
+            raise PlacementError(
+                f"parking: start_active must be >= 1 (or None: all active), got {self.start_active}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +282,9 @@ class Parker:
         self.kv_conv = 0.0
         self.under_since: float | None = None
         self.changes: list[ParkChange] = []
+        if cfg.start_active is not None:  # the plan's count active, the rest parked from t = 0
+            for i in list(instance_ids)[cfg.start_active :]:
+                self._to(0.0, i, PARKED, f"start: the plan keeps {cfg.start_active} decoders active")
 
     def accepting(self, instance_id: str) -> bool:
         return self.state.get(instance_id, ACTIVE) == ACTIVE
@@ -301,13 +320,15 @@ class Parker:
         cap = max(1.0, sum(d.kv_capacity_tokens for d in decoders) / max(len(decoders), 1))
         per = cfg.occupancy_target * cap
         held = sum(d.kv_used_tokens for d in decoders)
-        if not self.lifetimes:
+        if self.lifetimes:
+            life = sum(self.lifetimes) / len(self.lifetimes)
+            need = max(cfg.min_active, _ceil(rate * life * self.kv_conv / per), _ceil(held / per)) + cfg.spare
+        elif cfg.start_active is not None:  # no lifetime yet: the plan's count
+            need = max(cfg.start_active, _ceil(held / per))
+        else:  # no lifetime yet and no plan: every decoder
             return len(decoders)
-        life = sum(self.lifetimes) / len(self.lifetimes)
-        need = max(cfg.min_active, _ceil(rate * life * self.kv_conv / per), _ceil(held / per))
         active = [d for d in decoders if self.state[d.instance_id] == ACTIVE]
         hot = any(d.kv_used_tokens > cfg.wake_occupancy * d.kv_capacity_tokens for d in active)
-        need += cfg.spare
         if hot or pressure >= cfg.wake_pressure:
             need = max(need, len(active) + 1)
         return min(need, len(decoders))

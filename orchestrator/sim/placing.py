@@ -25,10 +25,11 @@ from tiers.steps import handoff_time_s
 class Placing(SimBase):
     # ---- arrivals and placement ----------------------------------------------------------------------
     def _fleet_view(self) -> FleetView:
+        # every instance's own cached view (rebuilt when dirty): a make_view elsewhere (the power step, the
+        # KV-gap rule) clears the dirty flag, so testing it here would keep a stale view in this list
         views = self.views
         for inst in self.insts:
-            if inst.dirty:
-                views[inst.idx] = inst.make_view()
+            views[inst.idx] = inst.make_view()
         return FleetView(tuple(views), self.pins)
 
     # ---- router-side KV admission (SimOptions.router_admission; orchestrator.sim.admission) ------------

@@ -39,6 +39,7 @@ from orchestrator.core.power import (
     pools_of,
     power_view,
 )
+from orchestrator.core.prefill_park import PrefillParker
 from orchestrator.errors import SimulationError
 from orchestrator.sim.instance import _DECODE_ONLY  # a sequence that decodes KV a prefiller sent (no prefill)
 from placement.base import Role
@@ -143,6 +144,20 @@ class SimPowerDriver:
             for s in self.specs:
                 if s.role == Role.DECODE and len(s.instance_ids) > 1:
                     self.parkers[s.pool_id] = Parker(ctl.parking, s.instance_ids)
+        # the prefill pool's parking (ParkingConfig.prefill, orchestrator/core/prefill_park.py)
+        self.prefill_parkers: dict[str, PrefillParker] = {}
+        if ctl.parking is not None and ctl.parking.prefill:
+            for s in self.specs:
+                if s.role == Role.PREFILL:
+                    self.prefill_parkers[s.pool_id] = PrefillParker(ctl.parking, s.instance_ids)
+        self.turn1_tokens: list[int] = []  # new tokens of the prefill pools' prefills (turn-1 prompts)
+        # decoders a plan-based start parks at t = 0 (ParkingConfig.start_active), reported with step 1
+        self._pending: list[ParkChange] = []
+        for pid, parker in self.parkers.items():
+            by_id = {i.id: i for i in self.members[pid]}
+            for c in parker.changes:
+                self._apply_park(by_id[c.instance_id], parker, c, 0.0)
+                self._pending.append(c)
 
     # ---- measuring -------------------------------------------------------------------------------------
     def _energy_j(self, inst: Any, t0: float, t1: float) -> float:
@@ -214,7 +229,11 @@ class SimPowerDriver:
 
     def step(self, sim: Any, t: float) -> PowerDecision:
         """Measure the interval ending at `t`, decide, apply; the simulator schedules the next step."""
-        view = power_view(self.specs, self.caps_w, self._measure(sim, t), self.ctl.slo, self.ctl.budget_w)
+        intervals = self._measure(sim, t)
+        for pid in self.prefill_parkers:
+            self.turn1_tokens += [n for _, n, _ in intervals[pid].prefills]
+            del self.turn1_tokens[:-200]  # the recent ones
+        view = power_view(self.specs, self.caps_w, intervals, self.ctl.slo, self.ctl.budget_w)
         decision = self.controller.step(view)
         for c in decision.changes:
             for inst in self.members[c.pool_id]:
@@ -248,17 +267,47 @@ class SimPowerDriver:
             ]
             by_id = {i.id: i for i in members}
             for c in parker.step(t, obs, press.get(pid, 0.0)):
-                inst = by_id[c.instance_id]
-                inst.accepting = parker.accepting(inst.id)
-                inst.dirty = True
-                if c.to_state == PARKED:
-                    assert parker.cfg is not None
-                    inst.parked.append((t, math.inf, parker.cfg.parked_w * inst.tm.gpus))
-                elif c.from_state == PARKED:
-                    a, _, w = inst.parked[-1]
-                    inst.parked[-1] = (a, t, w)  # waking: a cold start draws the loaded idle
+                self._apply_park(by_id[c.instance_id], parker, c, t)
                 out.append(c)
+        out += self._park_prefill(t, press)
+        if self._pending:  # the start's parking, reported with the first step
+            out, self._pending = [*self._pending, *out], []
         return tuple(out)
+
+    def _park_prefill(self, t: float, press: Mapping[str, float]) -> list[ParkChange]:
+        """The prefill pools' parking rule: turn-1 prompts prefill on the decoders while it is parked."""
+        out: list[ParkChange] = []
+        if not self.prefill_parkers:
+            return out
+        dec_pools = [s.pool_id for s in self.specs if s.role == Role.DECODE]
+        decoders = [i for pid in dec_pools for i in self.members[pid]]
+        active = [i for i in decoders if i.accepting]
+        pinned: set[object] = set()
+        for i in decoders:
+            pinned |= i.pinned
+        prefill_s = None
+        if self.turn1_tokens and active:
+            n = max(1, round(sum(self.turn1_tokens) / len(self.turn1_tokens)))
+            prefill_s = sum(i.tm.prefill_time_s(n) for i in active) / len(active)
+        pressure = max((press.get(pid, 0.0) for pid in dec_pools), default=0.0)
+        for pid, pp in self.prefill_parkers.items():
+            members = self.members[pid]
+            by_id = {i.id: i for i in members}
+            idle = all(not i.waiting and not i.prefilling and not i.busy for i in members)
+            for c in pp.step(t, pinned, prefill_s, len(active), pressure, idle):
+                self._apply_park(by_id[c.instance_id], pp, c, t)
+                out.append(c)
+        return out
+
+    @staticmethod
+    def _apply_park(inst: Any, parker: Parker | PrefillParker, c: ParkChange, t: float) -> None:
+        inst.accepting = parker.accepting(inst.id)
+        inst.dirty = True
+        if c.to_state == PARKED:
+            inst.parked.append((t, math.inf, parker.cfg.parked_w * inst.tm.gpus))
+        elif c.from_state == PARKED:
+            a, _, w = inst.parked[-1]
+            inst.parked[-1] = (a, t, w)  # waking: a cold start draws the loaded idle
 
     def finish(self) -> None:
         """Give every instance back its configured tier model (names and idle draw in the result; every

@@ -96,3 +96,20 @@ def test_bad_config_is_refused() -> None:
         ParkingConfig(parked_w=-1.0)
     with pytest.raises(PlacementError):
         ParkingConfig(parked_w=10.0, occupancy_target=0.0)
+
+
+def test_a_plan_based_start_parks_the_decoders_beyond_the_plan_and_keeps_them_parked() -> None:
+    p = Parker(cfg(hold_s=0.0, spare=1, start_active=1), ["d0", "d1", "d2"])
+    assert p.state == {"d0": ACTIVE, "d1": PARKED, "d2": PARKED}
+    assert [(c.t_s, c.instance_id, c.to_state) for c in p.changes] == [
+        (0.0, "d1", PARKED),
+        (0.0, "d2", PARKED),
+    ]
+    # no conversation has ended yet: the plan's count holds (without start_active every decoder is needed)
+    for t in range(0, 60, 5):
+        assert p.step(float(t), obs({"d0": ["a", "b"], "d1": [], "d2": []})) == []
+    # the wake triggers apply before any lifetime is known: decode pressure wakes one at once
+    p.step(60.0, obs({"d0": ["a", "b"], "d1": [], "d2": []}), pressure=0.9)
+    assert sorted(p.state.values()) == [ACTIVE, PARKED, WAKING]
+    with pytest.raises(PlacementError):
+        ParkingConfig(parked_w=11.0, start_active=0)

@@ -107,3 +107,22 @@ def test_simulate_cli_parks_with_park_w_and_refuses_it_alone(tmp_path: Path) -> 
     bad = CliRunner().invoke(app, [*args, "--park-w", "11"])
     assert bad.exit_code == 1 and "--park-w needs --power-controller" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_a_plan_based_start_bills_the_unplanned_decoders_parked_from_time_zero() -> None:
+    """ParkingConfig.start_active: the decoders beyond the plan's count start parked (their engines never
+    started), are billed parked_w from t = 0, and take no conversation until the rule wakes them."""
+    cfg = ParkingConfig(parked_w=11.0, wake_s=30.0, hold_s=30.0, spare=0, start_active=1)
+    allon = run(ParkingConfig(parked_w=11.0, wake_s=30.0, hold_s=30.0, spare=0))
+    res = run(cfg)
+    changes = [c for st in res.power_steps for c in st.parking]
+    starts = [c for c in changes if c.t_s == 0.0]
+    assert sorted((c.instance_id, c.to_state) for c in starts) == [("d1", "parked"), ("d2", "parked")]
+    woken = {c.instance_id: c.t_s for c in changes if c.to_state == "active" and c.from_state == "waking"}
+    for t in res.turns:
+        if t.turn == 1 and t.decode_instance in ("d1", "d2"):
+            assert t.decode_instance in woken and t.arrival_s >= woken[t.decode_instance] - 1e-9
+    # the parked start saves idle energy before the first lifetime is known (the rule alone keeps 3 on)
+    e_all = sum(i.energy_j for i in allon.instances)
+    e_plan = sum(i.energy_j for i in res.instances)
+    assert e_plan < e_all - 500.0
