@@ -28,7 +28,10 @@ chain 0.024 / 0.096 / 0.177 / 0.284 s; the simulated H 0.096 / 0.229 / 0.278 / 0
 
 Model (exact for the chain below, up to a time grid of d / CELLS_PER_STEP; no fitted constant):
 - local prompts arrive at each decoder as a Poisson stream of rate lam (the pool's local arrivals split
-  evenly: the policies balance turn 1);
+  evenly: the policies balance turn 1). Measured, open: the split is even on average but not independent;
+  worst-fit on free KV sends consecutive arrivals to the same decoder more often than 1 / n (0.66 vs 1/3
+  within 0.1 s on fleet-single-turn), so the simulator co-batches local prompts ~2.6x as often as this chain
+  (docs/planning.md, "How close the model is"; benchmarks/fidelity_local_stream.py);
 - step n+1 prefills the K_{n+1} prompts that arrived during step n: T = d + S_K, S_K the sum of K
   independent prefill parts drawn from the local prompts' sample, and K_{n+1} | T_n ~ Poisson(lam T_n): a
   Markov chain on K whose stationary law pi_K is solved directly (K truncated at K_MAX, the last state
