@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,24 +124,40 @@ def test_a_pinned_conversations_kv_is_dropped_in_its_gap_and_its_next_turn_re_pr
         a1 = await router.complete(_turn("A", _history()))
         await router.poll()
         seen["quiet"] = await keeper.tick()  # no request waits on c0: kept
-        # pressure: B decodes 900 tokens; C waits behind it (one sequence at a time)
-        b = asyncio.create_task(router.complete(_turn("B", [{"role": "user", "content": "x"}], max_tokens=900,
-                                                      ignore_eos=True)))  # fmt: skip
-        await asyncio.sleep(0.2)
-        c = asyncio.create_task(router.complete(_turn("C", [{"role": "user", "content": "y"}], max_tokens=4)))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            await router.poll()
-            view = router.fleet_view().get("c0")
+
+        # pressure: B, C and E decode 900 tokens each (~1.7 s apiece here), one sequence at a time, so D
+        # and the long ones wait for ~5 s. A scrape of the engine's /metrics, whose API server shares its core
+        # with the engine busy decoding, sometimes answers only after the requests have ended (measured with
+        # a diagnostic copy: a poll of 1.6 s that returned once B was done); the router then never sees the
+        # wait. So the pressure is applied again (at most 3 times) until the router has observed it: the
+        # keeper's decision below is taken on an observed wait, as the assertions require.
+        def long(cid: str) -> Any:
+            msgs = [{"role": "user", "content": cid.lower()}]
+            return asyncio.create_task(router.complete(_turn(cid, msgs, max_tokens=900, ignore_eos=True)))
+
+        pressure: list[asyncio.Task[Any]] = []
+        view = None
+        for attempt in range(3):
+            batch = [long(f"B{attempt}")]
+            await asyncio.sleep(0.2)
+            batch += [long(f"C{attempt}"), long(f"E{attempt}")]
+            short = [{"role": "user", "content": "y"}]
+            batch.append(asyncio.create_task(router.complete(_turn(f"D{attempt}", short, max_tokens=4))))
+            pressure += batch
+            while not all(t.done() for t in batch):
+                await router.poll()
+                view = router.fleet_view().get("c0")
+                if view is not None and view.waiting_seqs > 0:
+                    break
+                await asyncio.sleep(0.05)
             if view is not None and view.waiting_seqs > 0:
                 break
-            await asyncio.sleep(0.05)
         seen["waiting"] = view.waiting_seqs if view is not None else 0
         conv = router.gap_state()[0]["A"]
         restore_s = gap_costs(conv.context_tokens, keeper.tier_models["c0"], None).drop_restore_s
         seen["restore_s"] = restore_s
         seen["released"] = await keeper.tick()
-        await asyncio.gather(b, c)
+        await asyncio.gather(*pressure)
         # turn 2 of A, after the gap: served by the chosen mechanism (a re-prefill)
         msgs2 = _history() + [
             {"role": "assistant", "content": a1["choices"][0]["message"]["content"]},
