@@ -38,7 +38,7 @@ def default_spool_path(db_url: str) -> Path:
     url = make_url(db_url)
     db = url.database or ""
     if url.get_backend_name() == "sqlite" and db and db != ":memory:":
-        return Path(db).with_name(Path(db).name + ".spool.jsonl")
+        return Path(db + ".spool.jsonl")
     key = hashlib.sha256(url.render_as_string(hide_password=True).encode()).hexdigest()[:16]
     return SPOOL_DIR / f"ledger-spool-{key}.jsonl"
 

@@ -390,9 +390,10 @@ class LedgerWriter:
 
     def _to_spool(self, records: Sequence[Any]) -> None:
         """Keep given-up records on disk (the module docstring's failures); never raises."""
-        if self.spool is None or not records:
-            if records:
-                log.error("ledger: %d records lost (no spool configured)", len(records))
+        if not records:
+            return
+        if self.spool is None:
+            log.error("ledger: %d records lost (no spool configured)", len(records))
             return
         led = self.ledger
         try:

@@ -24,9 +24,18 @@ from orchestrator.ledger_spool import LedgerSpool, default_spool_path
 from orchestrator.ledger_writer import LedgerWriter
 from orchestrator.runtime import ServeSettings, SimInstance, build_runtime
 from placement.base import Role
+from tests.energy.test_run_ids import FLEET
 from tests.orchestrator.test_ledger_writer import T0, _CuttableProxy, _turn
 
 REFUSE = "CREATE TRIGGER refuse_turns BEFORE INSERT ON turns BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+
+
+def _started(url: str, run_id: str) -> Ledger:
+    """A serve run's ledger, migrated and its run started (as build_runtime leaves it)."""
+    led = Ledger(url, run_id=run_id, policy="p", kind=RunKind.SERVE)
+    led.upgrade()
+    led.start_run()
+    return led
 
 
 def _sqlite(tmp_path: Path) -> tuple[str, Path]:
@@ -39,9 +48,7 @@ def test_turns_given_up_at_shutdown_go_to_the_spool_and_replay_into_the_ledger(
 ) -> None:
     monkeypatch.setattr(ledger_worker, "RETRY_MAX_S", 0.2)  # give up sooner at close (thread writer)
     url, db = _sqlite(tmp_path)
-    led = Ledger(url, run_id="live-a", policy="p", kind=RunKind.SERVE)
-    led.upgrade()
-    led.start_run()
+    led = _started(url, "live-a")
     with sqlite3.connect(db) as c:
         c.execute(REFUSE)
     spool = LedgerSpool(tmp_path / "spool.jsonl")
@@ -70,9 +77,7 @@ def test_turns_given_up_at_shutdown_go_to_the_spool_and_replay_into_the_ledger(
 
 def test_a_replay_skips_turns_already_written_and_a_line_cut_by_a_crash(tmp_path: Path) -> None:
     url, _ = _sqlite(tmp_path)
-    led = Ledger(url, run_id="live-b", policy="p", kind=RunKind.SERVE)
-    led.upgrade()
-    led.start_run()
+    led = _started(url, "live-b")
     led.record_turns([_turn(0, "c0")])
     spool = LedgerSpool(tmp_path / "spool.jsonl")
     from energy.records import turn_to_wire
@@ -88,9 +93,7 @@ def test_a_replay_skips_turns_already_written_and_a_line_cut_by_a_crash(tmp_path
 
 def test_a_replay_the_database_refuses_keeps_the_file(tmp_path: Path) -> None:
     url, db = _sqlite(tmp_path)
-    led = Ledger(url, run_id="live-c", policy="p", kind=RunKind.SERVE)
-    led.upgrade()
-    led.start_run()
+    led = _started(url, "live-c")
     from energy.records import turn_to_wire
 
     spool = LedgerSpool(tmp_path / "spool.jsonl")
@@ -109,13 +112,6 @@ def test_default_spool_is_beside_a_sqlite_file_and_per_database_otherwise(tmp_pa
     a = default_spool_path("postgresql://u:secret@h:5432/a")
     b = default_spool_path("postgresql://u:secret@h:5432/b")
     assert a != b and a.parent == b.parent and "secret" not in a.name
-
-
-FLEET = {
-    "model": "Qwen3-0.6B",
-    "backend": "sim",
-    "tiers": [{"name": "a40", "gpu": "A40", "count": 2, "roles": ["prefill", "decode"]}],
-}
 
 
 def _serve(db_url: str, db: Path | None = None, refuse: bool = False) -> str:
