@@ -53,9 +53,6 @@ class WorkloadStats:
     final_context_tokens_max: int
     tokens_per_conversation_mean: float  # prompt + output of every turn (the paper's tokens/J numerator)
     turn1_input_tokens_max: int = 0
-    # E[sum_k over turn k's decode steps of context^2] (tokens^2 x steps: ((in_k + out_k)^3 - in_k^3) / 3);
-    # with kv_decode_token_steps_mean, the moments of a running sequence's context (placement.ilp.kvtail)
-    kv_decode_token2_steps_mean: float = 0.0
     # per-conversation shapes for the planner's per-conversation SLO model (placement.ilp.ConvShape fields:
     # turn-1 tokens, decode tokens before the final turn, later turns, total tool gap s, tail-prefill tokens,
     # their mean cached context, token-weighted decode context); all conversations up to SHAPE_SAMPLE, else
@@ -106,7 +103,7 @@ def workload_stats(convs: Sequence[ConversationSpec], rate_per_s: float | None =
     outs_all: list[int] = []
     outs_later: list[int] = []
     gaps: list[float] = []
-    gap_tot = dec_tot = dec_before = tail_tok = tail_ctx_w = kv_steps = kv_gap = tokens = kv_steps2 = 0.0
+    gap_tot = dec_tot = dec_before = tail_tok = tail_ctx_w = kv_steps = kv_gap = tokens = 0.0
     finals: list[int] = []
     turns_total = 0
     shapes: list[tuple[float, ...]] = []
@@ -130,7 +127,6 @@ def workload_stats(convs: Sequence[ConversationSpec], rate_per_s: float | None =
                 c_tail += new
                 c_tail_w += new * prev_in
             kv_steps += t.output_tokens * (ctx_in + t.output_tokens / 2.0)
-            kv_steps2 += ((ctx_in + t.output_tokens) ** 3 - ctx_in**3) / 3.0
             c_steps += t.output_tokens * (ctx_in + t.output_tokens / 2.0)
             c_dec += t.output_tokens
             dec_tot += t.output_tokens
@@ -180,7 +176,6 @@ def workload_stats(convs: Sequence[ConversationSpec], rate_per_s: float | None =
         final_context_tokens_max=int(fin.max()),
         tokens_per_conversation_mean=tokens / n,
         turn1_input_tokens_max=int(turn1.max()),
-        kv_decode_token2_steps_mean=kv_steps2 / n,
         conversation_shapes=tuple(
             shapes
             if n <= SHAPE_SAMPLE

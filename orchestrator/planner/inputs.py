@@ -59,7 +59,6 @@ def demand_from_stats(ws: WorkloadStats) -> ilp.Demand:
         tail_prefill_tokens=tail,
         tail_prefill_context_tokens=tail_ctx,
         kv_decode_token_steps=ws.kv_decode_token_steps_mean,
-        kv_decode_token2_steps=ws.kv_decode_token2_steps_mean,
         kv_gap_token_seconds=ws.kv_gap_token_seconds_mean,
         tool_gap_s_total=ws.tool_gap_s_total_mean,
         final_context_tokens_max=ws.final_context_tokens_max,

@@ -4,10 +4,10 @@ Pure: inputs are frozen values (tier models, a workload summary, SLOs), output i
 import fastapi, sqlalchemy, httpx, orchestrator, or read wall-clock time (the caller times the solve).
 
 Modules (import from placement.ilp): values (inputs, Option), queueing (M/G/1 and M/G/c, operating points,
-the standalone reference), batching (the decode batch's birth-death law), kvtail (the tail of its KV),
-options (build_options, the hybrid split), model (solver, objective, the ILP), predict (a solved plan's
-figures), search (modes x levels, bound-and-prune, tier merging), capacity (max rate, bursts), diagnosis
-(infeasible fleets), planning (plan, plan_with_reference, best_per_mode).
+the standalone reference), batching (the decode batch's birth-death law), options (build_options, the
+hybrid split), model (solver, objective, the ILP), predict (a solved plan's figures), search (modes x
+levels, bound-and-prune, tier merging), capacity (max rate, bursts), diagnosis (infeasible fleets),
+planning (plan, plan_with_reference, best_per_mode).
 
 Symbols (code names in brackets)
 ---------------------------------
@@ -52,9 +52,6 @@ Constraints
     (2) coverage  sum_{j in P u C} l_j = lam ;  sum_{j in D u C} l_j = lam  [``cover:*``]
     (3) prefill  l_j S_j <= rho_j n_j  j in P u C  [``prefill:<j>``]
     (4) KV         l_j KVTS_j <= kappa K_j n_j          (Little's law: resident KV = rate x KV-token-seconds)
-    (4b) KV tail   l_j <= T_j n_j   T_j the rate at which, under one instance's batch law, the running
-                   sequences' KV exceeds K_j with probability 1 - p/100 (module kvtail: arrivals that meet it
-                   full wait or are recomputed; the SLO lets that share miss)            [``kv_tail_rate``]
     (5) TBT        l_j <= mu_j n_j                      (the batch law's mean step <= tau at l_j / n_j)
     (6) tail       l_j W_j <= phi n_j                   (incremental prefills of turns 2..n on decoders)
     (7) transfer   l_j E[L1] kv_bytes <= V_j n_j                                        j in P u D

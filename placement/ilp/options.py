@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from placement.ilp.batching import BATCH_CAP, BatchLaw, capacity_law, decode_side_points
-from placement.ilp.kvtail import kv_tail_rate
 from placement.ilp.queueing import (
     _bisect_max,
     decode_power_at_w,
@@ -165,9 +164,6 @@ def build_options(
     # capacity of constraint (5), and the spread of the conversations' mean step the TTFET budgets allow for
     steps_conv = demand.decode_tokens + demand.later_turns
     laws: dict[tuple[int, int, bool], tuple[float, BatchLaw]] = {}
-    tails: dict[tuple[int, int, bool], float] = {}  # (4b), placement.ilp.kvtail
-    ctx = demand.decode_context_tokens
-    ctx_var = demand.kv_decode_token2_steps / demand.decode_tokens - ctx**2 if demand.decode_tokens else 0.0
     for ti, t in enumerate(tiers):
         for mi, m in enumerate(t.models):
             st = cache.get((ti, mi))
@@ -176,10 +172,6 @@ def build_options(
             for colo in (False, True):
                 if ("colocated" if colo else "decode") in t.roles:
                     laws[(ti, mi, colo)] = capacity_law(st.steps_s[int(colo)], steps_conv, tau_s)
-                    tails[(ti, mi, colo)] = kv_tail_rate(
-                        st.steps_s[int(colo)], steps_conv, ctx, ctx_var, m.kv_capacity_tokens,
-                        1.0 - slo.percentile / 100.0,
-                    )  # fmt: skip
     targets = ttfet_targets_s(slo, ref)
     spread_dec = max(
         (law for (_, _, colo), (_, law) in laws.items() if not colo),
@@ -307,7 +299,6 @@ def build_options(
                         mu_tbt=mu,
                         kv_capacity_tokens=cap_kv,
                         kv_token_seconds=kvts,
-                        kv_tail_rate=tails[(ti, mi, colo)],
                         tail_busy_s=w_tail,
                         local_tokens=0.0 if colo else loc,
                     )

@@ -22,7 +22,7 @@ class Family(StrEnum):
 
     GPUS = "gpus"
     PREFILL = "prefill"  # (3) prefill throughput at the utilisation that meets the TTFET SLO
-    KV = "kv"  # (4) decode KV capacity (Little's law) and (4b) its tail
+    KV = "kv"  # (4) decode KV capacity (Little's law)
     TBT = "tbt"  # (5) decode TBT at the planned batch
     TAIL = "tail"  # (6) tail prefill work on decoders
     TRANSFER = "transfer"  # (7) KV-transfer bandwidth
@@ -31,7 +31,7 @@ class Family(StrEnum):
 FAMILY_TEXT: dict[Family, str] = {
     Family.GPUS: "GPUs available",
     Family.PREFILL: "turn-1 prefill throughput within the TTFET SLO (M/G/1)",
-    Family.KV: "decode KV capacity (Little's law; the batch's tail within the SLO allowance)",
+    Family.KV: "decode KV capacity (Little's law)",
     Family.TBT: "decode TBT at the planned batch",
     Family.TAIL: "tail (turns 2..n) prefill work on decoders",
     Family.TRANSFER: "KV-transfer bandwidth",
@@ -69,7 +69,6 @@ class Demand:
     tokens_per_conversation: float
     turn1_input_tokens_max: int = 0  # longest turn-1 prompt: a prefiller must hold its KV until the hand-off
     shapes: tuple[ConvShape, ...] = ()  # per-conversation sample (empty: the mean conversation stands in)
-    kv_decode_token2_steps: float = 0.0  # A2: E[sum over decode steps of context^2] (placement.ilp.kvtail)
 
     @property
     def conv_shapes(self) -> tuple[ConvShape, ...]:
@@ -187,7 +186,6 @@ class Option:
     mu_tbt: float = 0.0
     kv_capacity_tokens: int = 0
     kv_token_seconds: float = 0.0  # KVTS_j
-    kv_tail_rate: float = math.inf  # (4b): conversations/s at which P(running KV > K_j) = 1 - p/100
     tail_busy_s: float = 0.0  # W_j
     local_tokens: float = 0.0  # turn-1 tokens per conversation prefilled on this decoder (hybrid/colocated)
     local_below_tokens: int = 0  # the variant's hybrid threshold (every option of a hybrid solve carries it)
@@ -220,11 +218,10 @@ class Option:
         if self.does_prefill:
             out[Family.PREFILL] = self.rho_max / self.prefill_s if self.prefill_s > 0 else math.inf
         if self.does_decode:
-            out[Family.KV] = min(
+            out[Family.KV] = (
                 settings.kv_occupancy_max * self.kv_capacity_tokens / self.kv_token_seconds
                 if self.kv_token_seconds > 0
-                else math.inf,
-                self.kv_tail_rate,
+                else math.inf
             )
             out[Family.TBT] = self.mu_tbt
             out[Family.TAIL] = (
