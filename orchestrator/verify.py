@@ -6,11 +6,11 @@ placement/ilp/ and orchestrator/planner.py, never import the simulator).
 Steady state
     The plan is simulated on a long stream of the workload's own conversations (each conversation of the
     fleet file's workload once per pass, seeded order) arriving as a Poisson stream conditioned on realising
-    the planned rate exactly (:func:`steady_stream`), for several seeds (default 3). The stream lasts at
-    least STEADY_HORIZON_STANDALONE x the standalone TTFET, (RAMP_TAU_C + WINDOW_TAU_C) x tau_c and a window
-    that WINDOW_SE_REL sizes (at least the file's own run), at most MAX_CONVERSATIONS per seed; tau_c is the
-    decoders' batch relaxation time, the largest integrated autocorrelation time of a decode pool's step
-    under the plan's batch law (PoolPrediction.tau_c_s).
+    the planned rate exactly (:func:`steady_stream`), for several seeds
+    (default 3). The stream lasts at least STEADY_HORIZON_STANDALONE x the standalone TTFET and
+    (RAMP_TAU_C + WINDOW_TAU_C) x tau_c (at least the file's own run), at most MAX_CONVERSATIONS
+    conversations per seed; tau_c is the decoders' batch relaxation time, the largest integrated
+    autocorrelation time of a decode pool's step under the plan's batch law (PoolPrediction.tau_c_s).
     Three phases, reported separately:
     - ramp-up: conversations arriving before t_w = clamp(max(mean simulated E2E, RAMP_TAU_C x tau_c), 10%,
       30% of the arrival span): the decoders' population converges to its Little's-law level after about
@@ -64,10 +64,6 @@ MAX_CONVERSATIONS = 2000  # per seed: bounds the loop's time (examples/fleet.yam
 # time average over T has a standard error of sqrt(2 tau_c / T) SDs: 0.45 per seed). Choices, not measured.
 RAMP_TAU_C = 3.0
 WINDOW_TAU_C = 10.0
-# ... and its mean step's relative standard error c sqrt(2 tau_c / (T seeds)) (c: the step's CV under the
-# batch law) <= 1/3 of the 10% the predictions are accepted within: a 10% gap is >= 3 standard errors
-# (paper-a40-disagg at 10 tau_c: per-seed TBT ratios 0.82-0.98; docs/planning.md)
-WINDOW_SE_REL = 0.10 / 3.0
 MAX_ROUNDS = 4
 TIGHTEN_MIN, TIGHTEN_MAX, TIGHTEN_MARGIN = 0.5, 0.95, 0.97
 
@@ -235,17 +231,12 @@ def decode_relaxation_s(run: PlanRun) -> float:
     return max((p.tau_c_s for p in run.result.pools), default=0.0)
 
 
-def stream_length(
-    cfg: FleetConfig, run: PlanRun, max_conversations: int = MAX_CONVERSATIONS, seeds: int = DEFAULT_SEEDS
-) -> int:
-    """Conversations per seed: >= the file's run, 20 standalone TTFETs, 13 decode relaxation times and a
-    window whose mean step has a standard error <= WINDOW_SE_REL over `seeds` seeds."""
+def stream_length(cfg: FleetConfig, run: PlanRun, max_conversations: int = MAX_CONVERSATIONS) -> int:
+    """Conversations per seed: >= the file's run, 20 standalone TTFETs and 13 decode relaxation times."""
     p = run.plan.predictions
     rate = p.arrival_rate_per_s
     horizon = STEADY_HORIZON_STANDALONE * max(p.ttfet_standalone_s, 1e-3)
-    tau = decode_relaxation_s(run)
-    se_s = max((2 * q.step_cv_s**2 * q.tau_c_s / WINDOW_SE_REL**2 for q in run.result.pools), default=0.0)
-    horizon = max(horizon, RAMP_TAU_C * tau + max(WINDOW_TAU_C * tau, se_s / max(seeds, 1)))
+    horizon = max(horizon, (RAMP_TAU_C + WINDOW_TAU_C) * decode_relaxation_s(run))
     n = max(run.stats.conversations, math.ceil(rate * horizon), 50)
     return int(min(n, max(max_conversations, 50)))
 
@@ -301,7 +292,7 @@ def validate_plan(
     pct = cfg.slo.percentile
     preds = run.plan.predictions
     rate = rate_per_s or preds.arrival_rate_per_s
-    n = conversations or stream_length(cfg, run, seeds=len(seeds))
+    n = conversations or stream_length(cfg, run)
     base = workload_from_config(cfg.workload)
     policy, opts = policy_for(run, cfg)
     slo = SloSpec.from_config(cfg.slo)

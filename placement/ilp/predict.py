@@ -48,7 +48,6 @@ class PoolPrediction:
     # decode pools: the integrated autocorrelation time of the step under the batch law (BatchLaw.tau_c_s;
     # 0 without a stationary law): the batch's relaxation, which a simulated steady state must outlast
     tau_c_s: float = 0.0
-    step_cv_s: float = 0.0  # CV of the step a token waits for under that law (BatchLaw.step_cv_tok)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,8 +259,7 @@ def _predict(
             pf_w = o.model.prefill_power_w(round(demand.turn1_mean_tokens))
             watts += load * o.prefill_s * max(pf_w - p_b, 0.0)
         tau_c = law.tau_c_s if law is not None and law.stable else 0.0
-        cv = law.step_cv_tok if law is not None and law.stable else 0.0
-        pools.append(PoolPrediction(o, k, load, util, kv_occ, batch, step, wait_p, wait_m, watts, tau_c, cv))
+        pools.append(PoolPrediction(o, k, load, util, kv_occ, batch, step, wait_p, wait_m, watts, tau_c))
     used: dict[str, int] = {}
     for p in pools:
         used[p.option.tier] = used.get(p.option.tier, 0) + p.instances * p.option.gpus

@@ -154,32 +154,11 @@ def test_the_steady_window_outlasts_the_decoders_relaxation() -> None:
     cfg = load_fleet(REPO / "examples" / "paper-a40-disagg.yaml")
     run = make_plan(cfg)
     tau = v.decode_relaxation_s(run)
-    assert 50.0 < tau < 200.0  # 141.5 s on the hybrid plan at 0.769 conv/s; 90.7 s on (4b)'s at 0.733
+    assert 100.0 < tau < 200.0
     rate = run.plan.predictions.arrival_rate_per_s
-    assert v.stream_length(cfg, run) >= min(math.ceil(rate * 13 * tau), v.MAX_CONVERSATIONS) > 255
+    assert v.stream_length(cfg, run) == min(math.ceil(rate * 13 * tau), v.MAX_CONVERSATIONS) > 255
     val = validate_plan(cfg, run, seeds=(0,), conversations=1500)
     assert val.window_s[0] == pytest.approx(3 * tau)
-
-
-def test_the_steady_window_is_long_enough_for_a_10pct_comparison() -> None:
-    """The window's mean decode step has a relative standard error c sqrt(2 tau_c / (T seeds)) <= 1/3 of 10%
-    (or the stream is at MAX_CONVERSATIONS). paper-a40-disagg's plan (c 0.34, tau_c 91 s) got 865
-    conversations per seed (13 tau_c; standard error 8.8%), whose per-seed mean TBT ran 0.82-0.98 of the
-    prediction."""
-    from orchestrator import verify as v
-
-    if not (REPO.parent / "shared" / "data").is_dir():
-        pytest.skip("reference data not found (../shared/data): paper-a40 needs its trace")
-    cfg = load_fleet(REPO / "examples" / "paper-a40-disagg.yaml")
-    run = make_plan(cfg)
-    rate = run.plan.predictions.arrival_rate_per_s
-    for seeds in (1, 3):
-        n = v.stream_length(cfg, run, seeds=seeds)
-        window_s = (n - 1) / rate - v.RAMP_TAU_C * v.decode_relaxation_s(run)
-        for q in run.result.pools:
-            se = q.step_cv_s * math.sqrt(2 * q.tau_c_s / (window_s * seeds)) if q.tau_c_s > 0 else 0.0
-            assert se <= v.WINDOW_SE_REL * 1.001 or n == v.MAX_CONVERSATIONS, (seeds, n, se)
-    assert max(q.step_cv_s for q in run.result.pools) > 0.2  # the law's spread is what sizes it here
 
 
 def test_validate_plan_rejects_no_seeds(tmp_path: Path) -> None:
