@@ -119,7 +119,7 @@ def check_rate(
     allowance = 100.0 - cfg.slo.percentile
     halves: tuple[list[bool], list[bool]] = ([], [])
     for seed in seeds:
-        convs = steady_stream(base, n, rate_per_s, seed)
+        convs = steady_stream(base, n, rate_per_s, seed, iid=True)
         res, _ = simulate_fleet(
             cfg, run.plan, policy, None, seed=seed, conversations=convs, policy_options=opts,
             energy_window_s=None,
