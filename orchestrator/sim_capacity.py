@@ -8,6 +8,10 @@ Sustaining a rate means two things, both checked on every seed:
   holds in each half of it separately (pooled over the seeds). A queue that does not keep up has waits that
   grow with time, so its later half misses first; a stationary one holds in both.
 
+The stream's conversations are drawn i.i.d. from the workload (verify.steady_stream(iid=True), as users send
+them): the verification's once-per-pass stream spreads heavy conversations evenly and overstated
+paper-a40-disagg's capacity (0.801 vs 0.759 conv/s; docs/planning.md, "Max rate against the simulator").
+
 The stream is at least STABILITY_CONVERSATIONS conversations per seed. A short stream cannot tell a
 transient from a steady state: on examples/paper-a40.yaml's max-rate plan a 255-conversation stream held the
 SLO at 1.2 conv/s with 0% violations, while 4,000 conversations at 0.9 conv/s grow a backlog of ~900
@@ -119,7 +123,7 @@ def check_rate(
     allowance = 100.0 - cfg.slo.percentile
     halves: tuple[list[bool], list[bool]] = ([], [])
     for seed in seeds:
-        convs = steady_stream(base, n, rate_per_s, seed)
+        convs = steady_stream(base, n, rate_per_s, seed, iid=True)
         res, _ = simulate_fleet(
             cfg, run.plan, policy, None, seed=seed, conversations=convs, policy_options=opts,
             energy_window_s=None,

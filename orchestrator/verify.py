@@ -193,9 +193,11 @@ class Validation:
 
 
 def steady_stream(
-    base: Sequence[ConversationSpec], n: int, rate_per_s: float, seed: int
+    base: Sequence[ConversationSpec], n: int, rate_per_s: float, seed: int, iid: bool = False
 ) -> list[ConversationSpec]:
     """n conversations of `base` at rate_per_s: the workload the planner summarised, at the planned rate.
+    iid: draw them with replacement instead (i.i.d., as users send them; the stability check of
+    orchestrator.sim_capacity: once per pass is smoother and hid a collapse, docs/planning.md "Max rate").
 
     Mix: every conversation of `base` once per pass, each pass in a seeded random order (the last pass cut
     short), so the stream's token and turn statistics are the planner's (``workload_stats`` of `base`),
@@ -210,7 +212,10 @@ def steady_stream(
     rng = np.random.default_rng(seed)
     m = len(base)
     passes = -(-n // m) if m else 0
-    idx = np.concatenate([rng.permutation(m) for _ in range(passes)])[:n] if m else np.array([], dtype=int)
+    if iid or not m:
+        idx = rng.integers(0, m, n) if m else np.array([], dtype=int)
+    else:
+        idx = np.concatenate([rng.permutation(m) for _ in range(passes)])[:n]
     convs = [replace(base[int(i)], conversation_id=f"s{seed}-{k}") for k, i in enumerate(idx)]
     if not convs:
         return convs

@@ -142,6 +142,23 @@ def test_steady_stream_is_the_planned_workload_at_the_planned_rate() -> None:
         assert all(y.arrival_s > x.arrival_s for x, y in zip(s, s[1:], strict=False))
 
 
+def test_an_iid_stream_draws_with_replacement_at_the_planned_rate() -> None:
+    # the stability check's stream (orchestrator.sim_capacity): conversations i.i.d. as users send them
+    from orchestrator.workload import workload_from_config
+
+    cfg = load_fleet(REPO / "examples" / "fleet-single-turn.yaml")
+    base = workload_from_config(cfg.workload)
+    n = len(base)
+    s = steady_stream(base, 2 * n, 4.0, 0, iid=True)
+    assert s == steady_stream(base, 2 * n, 4.0, 0, iid=True) != steady_stream(base, 2 * n, 4.0, 0)
+    assert (len(s) - 1) / (s[-1].arrival_s - s[0].arrival_s) == pytest.approx(4.0, rel=1e-9)
+    first = sorted((c.input_tokens(1), c.total_tokens, len(c.turns)) for c in s[:n])
+    # with replacement: some conversation of the workload repeats among the first n, so others are missing
+    # (all distinct has probability n! / n^n); once per pass the first n are the workload exactly
+    assert first != sorted((c.input_tokens(1), c.total_tokens, len(c.turns)) for c in base)
+    assert len({c.conversation_id for c in s}) == 2 * n
+
+
 def test_the_steady_window_outlasts_the_decoders_relaxation() -> None:
     # paper-a40-disagg's decoders sit on the flat top of their throughput curve: the batch law relaxes on
     # tau_c ~141 s. The stream was the file's 255 conversations with a ramp-up of one mean E2E (33 s), whose
