@@ -16,7 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestrator.cli.common import PANEL_WIDTH, console, err_console, fail, handle_errors, print_json
+from orchestrator.cli.plan_finite import choose_finite, finite_met, finite_table
 from orchestrator.config import FleetConfig, Objective, load_fleet
+from orchestrator.finite_run import FiniteChoice
 from orchestrator.fleet import Plan, save_plan
 from orchestrator.planner import (
     PlanRun,
@@ -63,7 +65,9 @@ def _pool_table(plan: Plan, title: str) -> Table:
 
 
 def _totals_table(
-    plans: list[tuple[str, Plan]], verified: dict[str, Validation | None] | None = None
+    plans: list[tuple[str, Plan]],
+    verified: dict[str, Validation | None] | None = None,
+    finite: FiniteChoice | None = None,
 ) -> Table:
     t = Table(title="Totals (modelled, not measured)", title_justify="left")
     verified = verified or {}
@@ -97,10 +101,16 @@ def _totals_table(
         ),
     )
     names = iter([n for n, _ in plans])
-    add(
-        "SLO met (simulated, steady state)",
-        lambda p: _slo_met(verified.get(n := next(names)), n == "plan"),
-    )
+    if finite is None:
+        add(
+            "SLO met (simulated, steady state)",
+            lambda p: _slo_met(verified.get(n := next(names)), n == "plan"),
+        )
+    else:
+        add(
+            "SLO met (simulated, finite run)",
+            lambda p: finite_met(finite) if next(names) == "plan" else "not simulated",
+        )
     add(
         "SLO met (modelled prediction)",
         lambda p: "yes" if _predicted_met(p) else "NO",
@@ -286,7 +296,11 @@ def register(app: typer.Typer) -> None:
 
         run = replan()
         validation: Validation | None = None
-        if not no_verify:
+        finite: FiniteChoice | None = None
+        if not no_verify and run.plan.finite_run is not None:
+            # a finite run above capacity has no steady state to verify: simulate the run on each candidate
+            run, finite = choose_finite(cfg, run, rate, seeds, fleet)
+        elif not no_verify:
             run, validation = _verify(cfg, run, replan, seeds)
         sim_max = _sim_max_rate(cfg, run, seeds, sim_budget) if sim_search else None
         homog: list[tuple[str, PlanRun | None, str]] = []
@@ -321,8 +335,9 @@ def register(app: typer.Typer) -> None:
                 doc["best_colocated"] = colo.to_dict() if colo else None
             doc["caps_comparison"] = caps
             doc["out"] = str(out) if out else None
-            doc["validated"] = validation is not None
+            doc["validated"] = validation is not None or finite is not None
             doc["validation"] = None if validation is None else validation.to_dict()
+            doc["finite_run_choice"] = None if finite is None else finite.to_dict()
             if sim_max is not None:
                 doc["max_rate"] = {
                     "predicted_per_s": run.plan.predictions.arrival_rate_per_s,
@@ -349,7 +364,15 @@ def register(app: typer.Typer) -> None:
                     f"drains in ~{fr.drain_s:.0f} s more (run ~{fr.makespan_s:.0f} s); extra wait mean "
                     f"~{fr.extra_wait_mean_s:.0f} s, p95 ~{fr.extra_wait_p95_s:.0f} s; run p95 TTFET "
                     f"~{fr.ttfet_p95_run_s:.1f} s ({fr.ttfet_p95_run_slowdown:.1f}x standalone). "
-                    "Pools and totals below are at the plan's rate. Modelled (fluid backlog), not measured.",
+                    "Pools and totals below are at the plan's rate. Modelled (fluid backlog), not measured."
+                    + (
+                        ""
+                        if finite is None
+                        else f" Simulated finite run ({len(finite.seeds)} seeds): "
+                        f"{finite.pick.slo_violation_pct:.1f}% of conversations miss an SLO, "
+                        f"{finite.pick.tokens_per_j:.2f} tokens/J (energy modelled); chosen among "
+                        f"{len(finite.candidates)} candidate plans (table below)."
+                    ),
                     title="OVERLOAD: finite run above steady-state capacity",
                     border_style="bold red",
                     width=min(console.width, PANEL_WIDTH),
@@ -374,7 +397,7 @@ def register(app: typer.Typer) -> None:
             elif colo is None:
                 console.print("[yellow]colocated:[/] no colocated plan meets the SLOs here (modelled)")
         console.print(f"Serving mode: [bold]{mode_text(run.result)}[/]", highlight=False)
-        console.print(_totals_table(plans, {"plan": validation}))
+        console.print(_totals_table(plans, {"plan": validation}, finite))
         if validation is not None and not validation.holds:
             console.print(
                 Panel(
@@ -418,6 +441,18 @@ def register(app: typer.Typer) -> None:
             )
         if validation is not None:
             console.print(_validation_table(validation))
+        elif finite is not None:
+            console.print(finite_table(finite))
+        elif fr is not None:
+            console.print(
+                "Not verified in the simulator (--no-verify): modelled figures only; the finite run is "
+                "planned on the split with the most modelled capacity (fluid backlog model). Without "
+                "--no-verify the planner simulates the run on candidate plans and keeps the least energy "
+                "that holds the SLO.",
+                style="dim",
+                highlight=False,
+                soft_wrap=True,
+            )
         else:
             console.print("Not verified in the simulator (--no-verify): modelled figures only.", style="dim")
         if out is not None:
