@@ -267,8 +267,12 @@ def choose(
     sims = tuple(simulate_candidate(cfg, c, rate_per_s, seeds, standalone, tick) for c in cands)
     i, rule = pick(sims)
     n = sims[0].runs[0].conversations if sims and sims[0].runs else 0
+    w = cfg.workload
+    # the rate the run's arrivals were drawn at; None: a timed trace's own timestamps (compare's rule)
+    timed = w.format == "mooncake" and "arrival_rate_per_s" not in w.model_fields_set
+    lam = rate_per_s if rate_per_s is not None else (None if timed else w.arrival_rate_per_s)
     choice = FiniteChoice(
-        rate_per_s, n, tuple(seeds), 100.0 - cfg.slo.percentile, sims, i, rule, time.perf_counter() - t0
+        lam, n, tuple(seeds), 100.0 - cfg.slo.percentile, sims, i, rule, time.perf_counter() - t0
     )
     run = with_mode_comparison(cfg, with_choice_note(cands[i].run, choice.sentence()))
     return run, replace(choice, wall_s=time.perf_counter() - t0)
