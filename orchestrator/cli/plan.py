@@ -100,17 +100,18 @@ def _totals_table(
             f"{_fmt(p.predictions.slo_tbt_slowdown)}x)"
         ),
     )
-    names = iter([n for n, _ in plans])
-    if finite is None:
-        add(
-            "SLO met (simulated, steady state)",
-            lambda p: _slo_met(verified.get(n := next(names)), n == "plan"),
-        )
-    else:
+    if finite is not None:
+        fnames = iter([n for n, _ in plans])
         add(
             "SLO met (simulated, finite run)",
-            lambda p: finite_met(finite) if next(names) == "plan" else "not simulated",
+            lambda p: finite_met(finite) if next(fnames) == "plan" else "not simulated",
         )
+    names = iter([n for n, _ in plans])
+    steady = "steady state" if finite is None else "steady, planned rate"
+    add(
+        f"SLO met (simulated, {steady})",
+        lambda p: _slo_met(verified.get(n := next(names)), n == "plan"),
+    )
     add(
         "SLO met (modelled prediction)",
         lambda p: "yes" if _predicted_met(p) else "NO",
@@ -299,7 +300,7 @@ def register(app: typer.Typer) -> None:
         finite: FiniteChoice | None = None
         if not no_verify and run.plan.finite_run is not None:
             # a finite run above capacity has no steady state to verify: simulate the run on each candidate
-            run, finite = choose_finite(cfg, run, rate, seeds, fleet)
+            run, finite, validation = choose_finite(cfg, run, rate, seeds, fleet)
         elif not no_verify:
             run, validation = _verify(cfg, run, replan, seeds)
         sim_max = _sim_max_rate(cfg, run, seeds, sim_budget) if sim_search else None
@@ -398,7 +399,17 @@ def register(app: typer.Typer) -> None:
                 console.print("[yellow]colocated:[/] no colocated plan meets the SLOs here (modelled)")
         console.print(f"Serving mode: [bold]{mode_text(run.result)}[/]", highlight=False)
         console.print(_totals_table(plans, {"plan": validation}, finite))
-        if validation is not None and not validation.holds:
+        if finite is not None and not finite.pick.holds:
+            console.print(
+                Panel(
+                    f"{finite_met(finite)}: {finite.sentence()}",
+                    title="SLO NOT MET in the simulated finite run",
+                    border_style="bold red",
+                    width=min(console.width, PANEL_WIDTH),
+                ),
+                soft_wrap=True,
+            )
+        elif validation is not None and not validation.holds:
             console.print(
                 Panel(
                     validation.status,
@@ -439,10 +450,10 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+        if finite is not None:
+            console.print(finite_table(finite))
         if validation is not None:
             console.print(_validation_table(validation))
-        elif finite is not None:
-            console.print(finite_table(finite))
         elif fr is not None:
             console.print(
                 "Not verified in the simulator (--no-verify): modelled figures only; the finite run is "

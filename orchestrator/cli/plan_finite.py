@@ -3,37 +3,55 @@ bar, table, the totals row). The choice itself is orchestrator.finite_run's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from orchestrator.cli.common import err_console
 from orchestrator.config import FleetConfig
-from orchestrator.finite_run import FiniteChoice, choose
+from orchestrator.finite_run import FiniteChoice, choose, steady_check
 from orchestrator.planner import PlanRun, finite_candidates
+from orchestrator.verify import Validation
+
+T = TypeVar("T")
 
 
 def choose_finite(
     cfg: FleetConfig, run: PlanRun, rate: float | None, seeds: int, fleet: Path
-) -> tuple[PlanRun, FiniteChoice]:
+) -> tuple[PlanRun, FiniteChoice, Validation]:
     """A finite run above capacity: simulate the run on every candidate plan and keep the least energy that
-    holds (orchestrator.finite_run), with a progress bar on stderr."""
+    holds (orchestrator.finite_run), then the chosen plan's steady state at its planned rate; progress bars
+    on stderr."""
     cands = finite_candidates(cfg, run, fleet_file=str(fleet))
+    chosen, choice = _bar(
+        f"simulating the finite run on {len(cands)} candidate plans",
+        lambda tick: choose(cfg, cands, rate, tuple(range(seeds)), progress=tick),
+    )
+    v = _bar(
+        "verifying the chosen plan's steady state in the simulator",
+        lambda tick: steady_check(cfg, chosen, tuple(range(seeds)), progress=tick),
+    )
+    return chosen, choice, v
+
+
+def _bar(text: str, job: Callable[[Callable[[int, int], None]], T]) -> T:
     with Progress(
-        TextColumn(f"simulating the finite run on {len(cands)} candidate plans"),
+        TextColumn(text),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=err_console,
         transient=True,
     ) as bar:
-        task = bar.add_task("sim", total=len(cands) * seeds)
+        task = bar.add_task("sim", total=None)
 
         def tick(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        return choose(cfg, cands, rate, tuple(range(seeds)), progress=tick)
+        return job(tick)
 
 
 def finite_met(c: FiniteChoice) -> str:
