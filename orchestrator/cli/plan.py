@@ -247,14 +247,19 @@ def register(app: typer.Typer) -> None:
             help="verify the plan in the simulator (the default; kept for scripts; excludes --no-verify)",
         ),
         no_verify: bool = typer.Option(
-            False, "--no-verify", help="skip the simulator verification loop (faster; figures only modelled)"
+            False,
+            "--no-verify",
+            help="skip the simulator verification loop (faster; figures only modelled; a finite run above "
+            "capacity is then planned by the fluid backlog model alone, not chosen by simulating the run)",
         ),
         modes: str = typer.Option(
             "disaggregated,hybrid,colocated",
             "--modes",
             help="serving modes the ILP chooses among (comma-separated subset)",
         ),
-        seeds: int = typer.Option(3, "--seeds", help="arrival streams (seeds) the verification simulates"),
+        seeds: int = typer.Option(
+            3, "--seeds", help="arrival streams (seeds) the verification (and a finite run's choice) simulates"
+        ),
         sim_search: bool = typer.Option(
             False,
             "--sim-search",
