@@ -258,7 +258,9 @@ def register(app: typer.Typer) -> None:
             help="serving modes the ILP chooses among (comma-separated subset)",
         ),
         seeds: int = typer.Option(
-            3, "--seeds", help="arrival streams (seeds) the verification simulates (also a finite run's candidates)"
+            3,
+            "--seeds",
+            help="arrival streams (seeds) the verification simulates (also a finite run's candidates)",
         ),
         sim_search: bool = typer.Option(
             False,
