@@ -17,8 +17,9 @@ with the plan's local-prefill threshold). Every conversation counts (a finite ru
 The choice (:func:`choose`):
 - a candidate holds when the share of its conversations that miss an SLO, pooled over the seeds, is within
   the allowance 100 - percentile (5% for p95);
-- among those that hold, the highest simulated tokens/J (mean over the seeds; energy from the tier power
-  model, every GPU billed: modelled, not measured) wins, fewer violations breaking a tie;
+- among those that hold, the plan's objective decides: energy (the default), the highest simulated tokens/J
+  (mean over the seeds; energy from the tier power model, every GPU billed: modelled, not measured); gpus,
+  the fewest GPUs used; cost, the lowest $/hour (modelled); then tokens/J, then fewer violations;
 - if none holds, the fluid model's plan (the most modelled capacity: the shortest backlog), as without
   simulation. Measured (docs/planning.md): on examples/paper-a40.yaml at 1.634 conv/s it also has the fewest
   simulated violations on every seed 0-4; on examples/paper-a40-disagg.yaml the fewest on seeds 0-2 (40.4% vs
@@ -33,6 +34,7 @@ Must not import fastapi, sqlalchemy or httpx.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +54,7 @@ from orchestrator.workload import ConversationSpec, poisson_arrivals
 Progress = Callable[[int, int], None]
 
 RULE_HOLDS = "least energy that holds"
+RULES_HOLD = {"energy": RULE_HOLDS, "gpus": "fewest GPUs that hold", "cost": "lowest cost that holds"}
 RULE_NONE_HOLDS = "none holds: the fluid model's pick"
 
 
@@ -79,6 +82,8 @@ class SimulatedCandidate:
     policy: str
     runs: tuple[SeedRun, ...]
     allowance_pct: float
+    gpus_used: int = 0
+    cost_per_hour: float | None = None  # modelled
 
     @property
     def slo_violation_pct(self) -> float:
@@ -103,6 +108,8 @@ class SimulatedCandidate:
             "fraction_of_mode_max_rate": self.fraction,
             "planned_rate_per_s_modelled": round(self.planned_rate_per_s, 6),
             "watts_total_modelled": round(self.watts_total, 1),
+            "gpus_used": self.gpus_used,
+            "cost_per_hour_modelled": self.cost_per_hour,
             "policy": self.policy,
             "slo_violation_pct_simulated": round(self.slo_violation_pct, 2),
             "tokens_per_j_simulated": round(self.tokens_per_j, 3),
@@ -164,10 +171,15 @@ class FiniteChoice:
             f"{SPLIT_NOTE}simulated on {len(self.candidates)} candidate plans x {seeds} (the file's "
             f"{self.conversations} conversations at the requested rate), "
         )
-        if self.rule == RULE_HOLDS:
+        if self.rule != RULE_NONE_HOLDS:
+            what = (
+                "the highest simulated tokens/J"
+                if self.rule == RULE_HOLDS
+                else f"the {self.rule.rsplit(' that ', 1)[0]} (modelled), then the highest simulated "
+                "tokens/J,"
+            )
             body = (
-                "the highest simulated tokens/J among those within the SLO allowance "
-                f"({self.allowance_pct:g}%): "
+                f"{what} among those within the SLO allowance ({self.allowance_pct:g}%): "
                 f"{p.label}, {p.slo_violation_pct:.1f}% miss, {p.tokens_per_j:.2f} tokens/J"
             )
         else:
@@ -238,17 +250,28 @@ def simulate_candidate(
         policy=policy,
         runs=tuple(runs),
         allowance_pct=100.0 - cfg.slo.percentile,
+        gpus_used=p.gpus_used,
+        cost_per_hour=p.cost_per_hour,
     )
 
 
-def pick(cands: Sequence[SimulatedCandidate]) -> tuple[int, str]:
+def pick(cands: Sequence[SimulatedCandidate], objective: str = "energy") -> tuple[int, str]:
     """(index, rule) of the chosen candidate (module docstring)."""
     if not cands:
         raise ConServeError("internal: no finite-run candidates to choose among. To fix: report this.")
     held = [i for i, c in enumerate(cands) if c.holds]
-    if held:
-        return max(held, key=lambda i: (cands[i].tokens_per_j, -cands[i].slo_violation_pct, -i)), RULE_HOLDS
-    return next((i for i, c in enumerate(cands) if c.fraction is None), 0), RULE_NONE_HOLDS
+    if not held:
+        return next((i for i, c in enumerate(cands) if c.fraction is None), 0), RULE_NONE_HOLDS
+
+    def first(c: SimulatedCandidate) -> float:
+        if objective == "gpus":
+            return float(c.gpus_used)
+        if objective == "cost":
+            return c.cost_per_hour if c.cost_per_hour is not None else math.inf
+        return -c.tokens_per_j
+
+    best = min(held, key=lambda i: (first(cands[i]), -cands[i].tokens_per_j, cands[i].slo_violation_pct, i))
+    return best, RULES_HOLD.get(objective, RULE_HOLDS)
 
 
 def choose(
@@ -273,7 +296,7 @@ def choose(
             progress(done, total)
 
     sims = tuple(simulate_candidate(cfg, c, rate_per_s, seeds, standalone, tick) for c in cands)
-    i, rule = pick(sims)
+    i, rule = pick(sims, cands[0].run.plan.objective if cands else "energy")
     n = sims[0].runs[0].conversations if sims and sims[0].runs else 0
     w = cfg.workload
     # the rate the run's arrivals were drawn at; None: a timed trace's own timestamps (compare's rule)
@@ -311,6 +334,7 @@ def steady_check(
 
 
 __all__ = [
+    "RULES_HOLD",
     "RULE_HOLDS",
     "RULE_NONE_HOLDS",
     "FiniteChoice",
