@@ -306,7 +306,7 @@ def register(app: typer.Typer) -> None:
         validation: Validation | None = None
         finite: FiniteChoice | None = None
         if not no_verify and run.plan.finite_run is not None:
-            # a finite run above capacity: simulate the run on each candidate, then the chosen plan steady
+            # a finite run above capacity: the run on each candidate, then the chosen plan's steady state
             run, finite, validation = choose_finite(cfg, run, rate, seeds, fleet)
         elif not no_verify:
             run, validation = _verify(cfg, run, replan, seeds)
