@@ -68,6 +68,7 @@ class SeedRun:
     tokens_per_j: float
     makespan_s: float
     energy_j: float
+    ttfet_slowdown_p95: float  # each conversation's TTFET vs its standalone run; nan when none
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,9 @@ class SimulatedCandidate:
                     "tokens_per_j": round(r.tokens_per_j, 3),
                     "makespan_s": round(r.makespan_s, 2),
                     "energy_j": round(r.energy_j, 1),
+                    "ttfet_slowdown_p95": None
+                    if math.isnan(r.ttfet_slowdown_p95)
+                    else round(r.ttfet_slowdown_p95, 3),
                 }
                 for r in self.runs
             ],
@@ -236,7 +240,15 @@ def simulate_candidate(
         mets = conversation_metrics(res, convs, standalone, slo)
         s = summarize(res, mets, unallocated_idle_w=unallocated_idle_w(cfg, insts))
         runs.append(
-            SeedRun(seed, s.conversations, s.slo_violation_pct, s.tokens_per_j, s.makespan_s, s.energy_j)
+            SeedRun(
+                seed,
+                s.conversations,
+                s.slo_violation_pct,
+                s.tokens_per_j,
+                s.makespan_s,
+                s.energy_j,
+                float(s.ttfet_slowdown.get("p95", math.nan)),
+            )
         )
         if tick is not None:
             tick()
