@@ -16,7 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestrator.cli.common import PANEL_WIDTH, console, err_console, fail, handle_errors, print_json
+from orchestrator.cli.plan_finite import choose_finite, finite_met, finite_table
 from orchestrator.config import FleetConfig, Objective, load_fleet
+from orchestrator.finite_run import FiniteChoice
 from orchestrator.fleet import Plan, save_plan
 from orchestrator.planner import (
     PlanRun,
@@ -63,7 +65,9 @@ def _pool_table(plan: Plan, title: str) -> Table:
 
 
 def _totals_table(
-    plans: list[tuple[str, Plan]], verified: dict[str, Validation | None] | None = None
+    plans: list[tuple[str, Plan]],
+    verified: dict[str, Validation | None] | None = None,
+    finite: FiniteChoice | None = None,
 ) -> Table:
     t = Table(title="Totals (modelled, not measured)", title_justify="left")
     verified = verified or {}
@@ -96,9 +100,16 @@ def _totals_table(
             f"{_fmt(p.predictions.slo_tbt_slowdown)}x)"
         ),
     )
+    if finite is not None:
+        fnames = iter([n for n, _ in plans])
+        add(
+            "SLO met (simulated, finite run)",
+            lambda p: finite_met(finite) if next(fnames) == "plan" else "not simulated",
+        )
     names = iter([n for n, _ in plans])
+    steady = "steady state" if finite is None else "steady, planned rate"
     add(
-        "SLO met (simulated, steady state)",
+        f"SLO met (simulated, {steady})",
         lambda p: _slo_met(verified.get(n := next(names)), n == "plan"),
     )
     add(
@@ -236,14 +247,21 @@ def register(app: typer.Typer) -> None:
             help="verify the plan in the simulator (the default; kept for scripts; excludes --no-verify)",
         ),
         no_verify: bool = typer.Option(
-            False, "--no-verify", help="skip the simulator verification loop (faster; figures only modelled)"
+            False,
+            "--no-verify",
+            help="skip the simulator verification loop (faster; figures only modelled; a finite run above "
+            "capacity is then planned by the fluid backlog model alone, not chosen by simulating the run)",
         ),
         modes: str = typer.Option(
             "disaggregated,hybrid,colocated",
             "--modes",
             help="serving modes the ILP chooses among (comma-separated subset)",
         ),
-        seeds: int = typer.Option(3, "--seeds", help="arrival streams (seeds) the verification simulates"),
+        seeds: int = typer.Option(
+            3,
+            "--seeds",
+            help="arrival streams (seeds) the verification simulates (also a finite run's candidates)",
+        ),
         sim_search: bool = typer.Option(
             False,
             "--sim-search",
@@ -286,7 +304,11 @@ def register(app: typer.Typer) -> None:
 
         run = replan()
         validation: Validation | None = None
-        if not no_verify:
+        finite: FiniteChoice | None = None
+        if not no_verify and run.plan.finite_run is not None:
+            # a finite run above capacity: the run on each candidate, then the chosen plan's steady state
+            run, finite, validation = choose_finite(cfg, run, rate, seeds, fleet)
+        elif not no_verify:
             run, validation = _verify(cfg, run, replan, seeds)
         sim_max = _sim_max_rate(cfg, run, seeds, sim_budget) if sim_search else None
         homog: list[tuple[str, PlanRun | None, str]] = []
@@ -321,8 +343,9 @@ def register(app: typer.Typer) -> None:
                 doc["best_colocated"] = colo.to_dict() if colo else None
             doc["caps_comparison"] = caps
             doc["out"] = str(out) if out else None
-            doc["validated"] = validation is not None
+            doc["validated"] = validation is not None or finite is not None
             doc["validation"] = None if validation is None else validation.to_dict()
+            doc["finite_run_choice"] = None if finite is None else finite.to_dict()
             if sim_max is not None:
                 doc["max_rate"] = {
                     "predicted_per_s": run.plan.predictions.arrival_rate_per_s,
@@ -349,7 +372,15 @@ def register(app: typer.Typer) -> None:
                     f"drains in ~{fr.drain_s:.0f} s more (run ~{fr.makespan_s:.0f} s); extra wait mean "
                     f"~{fr.extra_wait_mean_s:.0f} s, p95 ~{fr.extra_wait_p95_s:.0f} s; run p95 TTFET "
                     f"~{fr.ttfet_p95_run_s:.1f} s ({fr.ttfet_p95_run_slowdown:.1f}x standalone). "
-                    "Pools and totals below are at the plan's rate. Modelled (fluid backlog), not measured.",
+                    "Pools and totals below are at the plan's rate. Modelled (fluid backlog), not measured."
+                    + (
+                        ""
+                        if finite is None
+                        else f" Simulated finite run ({len(finite.seeds)} seeds): "
+                        f"{finite.pick.slo_violation_pct:.1f}% of conversations miss an SLO, "
+                        f"{finite.pick.tokens_per_j:.2f} tokens/J (energy modelled); chosen among "
+                        f"{len(finite.candidates)} candidate plans (table below)."
+                    ),
                     title="OVERLOAD: finite run above steady-state capacity",
                     border_style="bold red",
                     width=min(console.width, PANEL_WIDTH),
@@ -374,8 +405,18 @@ def register(app: typer.Typer) -> None:
             elif colo is None:
                 console.print("[yellow]colocated:[/] no colocated plan meets the SLOs here (modelled)")
         console.print(f"Serving mode: [bold]{mode_text(run.result)}[/]", highlight=False)
-        console.print(_totals_table(plans, {"plan": validation}))
-        if validation is not None and not validation.holds:
+        console.print(_totals_table(plans, {"plan": validation}, finite))
+        if finite is not None and not finite.pick.holds:
+            console.print(
+                Panel(
+                    f"{finite_met(finite)}: {finite.sentence()}",
+                    title="SLO NOT MET in the simulated finite run",
+                    border_style="bold red",
+                    width=min(console.width, PANEL_WIDTH),
+                ),
+                soft_wrap=True,
+            )
+        elif validation is not None and not validation.holds:
             console.print(
                 Panel(
                     validation.status,
@@ -416,8 +457,20 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+        if finite is not None:
+            console.print(finite_table(finite))
         if validation is not None:
             console.print(_validation_table(validation))
+        elif fr is not None:
+            console.print(
+                "Not verified in the simulator (--no-verify): modelled figures only; the finite run is "
+                "planned on the split with the most modelled capacity (fluid backlog model). Without "
+                "--no-verify the planner simulates the run on candidate plans and keeps the least energy "
+                "that holds the SLO.",
+                style="dim",
+                highlight=False,
+                soft_wrap=True,
+            )
         else:
             console.print("Not verified in the simulator (--no-verify): modelled figures only.", style="dim")
         if out is not None:

@@ -5,12 +5,18 @@ config, builds the ILP's inputs, times the solve, and turns the result into an o
 sentences that explain it. Must not import fastapi, sqlalchemy or httpx.
 
 Modules: inputs (fleet file -> the ILP's inputs), report (PlanResult -> Plan and its sentences), burst (finite
-runs above capacity), run (make_plan and the comparisons built on it). Import from orchestrator.planner.
+runs above capacity), run (make_plan and the comparisons built on it), finite (candidate plans for a finite
+run above capacity, which orchestrator.finite_run simulates). Import from orchestrator.planner.
 """
 
 from __future__ import annotations
 
 from orchestrator.planner.burst import BURST_RATE_TOLERANCE, plan_burst, split_rates, with_finite_run
+from orchestrator.planner.finite import (
+    FINITE_CANDIDATE_FRACTIONS,
+    FiniteCandidate,
+    finite_candidates,
+)
 from orchestrator.planner.inputs import (
     SERVING_MODES,
     _demand_like,
@@ -37,11 +43,14 @@ from orchestrator.planner.run import (
     best_homogeneous,
     caps_comparison,
     compare_homogeneous,
+    finish_plan,
     make_plan,
 )
 
 __all__ = [
     "BURST_RATE_TOLERANCE",
+    "FINITE_CANDIDATE_FRACTIONS",
+    "FiniteCandidate",
     "MODE_TEXT",
     "PlanRun",
     "SERVING_MODES",
@@ -54,6 +63,8 @@ __all__ = [
     "compare_homogeneous",
     "demand_from_stats",
     "explain",
+    "finite_candidates",
+    "finish_plan",
     "fleet_stats",
     "make_plan",
     "mode_note",

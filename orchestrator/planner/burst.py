@@ -14,6 +14,10 @@ from placement.errors import PlanningError
 # energy (a 1% lower rate lengthens the drain by ~1%; on the paper's A40 fleet it lets the decoders run at the
 # 200 W cap, whose memory-bound steps are 0.4% slower). A planning choice, not a measured constant.
 BURST_RATE_TOLERANCE = 0.01
+# how the sentence on the chosen split starts, and where its steady-state diagnosis starts (finite.py
+# replaces the first part when the verification chose the plan by simulating the run)
+SPLIT_NOTE = "Split chosen for the run: "
+DIAGNOSIS_NOTE = " Steady-state diagnosis: "
 
 
 def plan_burst(
@@ -97,8 +101,8 @@ def with_finite_run(
         f"{cfg.slo.ttfet_slowdown if cfg.slo.ttfet_slowdown is not None else '-'}x): late conversations miss "
         "the TTFET SLO in this model. Energy of the run ~"
         f"{fr.energy_run_j / 1e3:,.0f} kJ at the plan's {jpc:,.0f} J per conversation.",
-        f"Split chosen for the run: the highest rate within the SLOs (shortest backlog), then least energy "
-        f"within {100 * BURST_RATE_TOLERANCE:g}% of that rate. Steady-state diagnosis: {diagnosis}",
+        f"{SPLIT_NOTE}the highest rate within the SLOs (shortest backlog), then least energy within "
+        f"{100 * BURST_RATE_TOLERANCE:g}% of that rate.{DIAGNOSIS_NOTE}{diagnosis}",
     ]
     splits = split_rates(cfg, supplies, demand, slo, settings, result)
     if splits:

@@ -22,6 +22,7 @@ class PlanRun:
     stats: WorkloadStats
     settings: ilp.Settings
     modes: tuple[ilp.ModeOutcome, ...] = ()  # the best plan of each serving mode (why this mode)
+    overload: str = ""  # a finite run above capacity: the steady-state diagnosis at the requested rate
 
 
 MODE_TEXT = {

@@ -72,19 +72,8 @@ def make_plan(
         result, burst = plan_burst(cfg, supplies, demand, slo, settings, ws.conversations)
         overload = (burst, str(err))
     elapsed = time.perf_counter() - t0
-    # the rate the pools were sized for (below the requested one for a finite run above capacity)
-    planned_rate = result.tokens_per_s / demand.tokens_per_conversation
-    plan_ws = ws if overload is None else replace(ws, arrival_rate_per_s=planned_rate)
-    plan = to_plan(cfg, result, settings, elapsed, fleet_file, plan_ws)
-    outcomes: tuple[ilp.ModeOutcome, ...] = ()
-    if len(settings.modes) > 1:
-        planned = replace(demand, arrival_rate_per_s=planned_rate)
-        outcomes = tuple(ilp.best_per_mode(supplies, planned, slo, settings, result.reference))
-        why = mode_note(result, outcomes, settings.objective.value)
-        if why:
-            plan = replace(plan, notes=(why, *plan.notes))
-    if overload is not None:
-        plan = with_finite_run(plan, result, overload[0], overload[1], cfg, settings, supplies, demand, slo)
+    run = finish_plan(cfg, result, settings, ws, supplies, demand, slo, elapsed, fleet_file, overload)
+    plan = run.plan
     if slo_factors != (1.0, 1.0):
         plan = replace(
             plan,
@@ -95,7 +84,39 @@ def make_plan(
                 *plan.notes,
             ),
         )
-    return PlanRun(plan, result, ws, settings, outcomes)
+    return replace(run, plan=plan)
+
+
+def finish_plan(
+    cfg: FleetConfig,
+    result: ilp.PlanResult,
+    settings: ilp.Settings,
+    ws: WorkloadStats,
+    supplies: list[ilp.TierSupply],
+    demand: ilp.Demand,
+    slo: ilp.Slo,
+    elapsed: float,
+    fleet_file: str | None,
+    overload: tuple[ilp.Burst, str] | None,
+    compare_modes: bool = True,
+) -> PlanRun:
+    """A solved ILP as a PlanRun: the plan, the best plan of each serving mode at the planned rate (when
+    compare_modes and more than one mode is open) and, for a finite run above capacity (overload: the fluid
+    burst figures and the steady-state diagnosis), the finite-run figures and sentences."""
+    # the rate the pools were sized for (below the requested one for a finite run above capacity)
+    planned_rate = result.tokens_per_s / demand.tokens_per_conversation
+    plan_ws = ws if overload is None else replace(ws, arrival_rate_per_s=planned_rate)
+    plan = to_plan(cfg, result, settings, elapsed, fleet_file, plan_ws)
+    outcomes: tuple[ilp.ModeOutcome, ...] = ()
+    if compare_modes and len(settings.modes) > 1:
+        planned = replace(demand, arrival_rate_per_s=planned_rate)
+        outcomes = tuple(ilp.best_per_mode(supplies, planned, slo, settings, result.reference))
+        why = mode_note(result, outcomes, settings.objective.value)
+        if why:
+            plan = replace(plan, notes=(why, *plan.notes))
+    if overload is not None:
+        plan = with_finite_run(plan, result, overload[0], overload[1], cfg, settings, supplies, demand, slo)
+    return PlanRun(plan, result, ws, settings, outcomes, "" if overload is None else overload[1])
 
 
 def caps_comparison(
