@@ -145,7 +145,15 @@ Infeasibility diagnosis (:func:`diagnose`)
 from __future__ import annotations
 
 from placement.errors import PlanningError
-from placement.ilp.batching import BATCH_CAP, BatchLaw, batch_law, capacity_law, pool_batch_law
+from placement.ilp.batching import (
+    BATCH_CAP,
+    BatchLaw,
+    batch_law,
+    capacity_law,
+    exogenous_prefill_s,
+    instance_steps_s,
+    pool_batch_law,
+)
 from placement.ilp.capacity import Burst, _max_rate_model, burst, max_rate_of_counts, max_rate_per_s
 from placement.ilp.diagnosis import Diagnosis, diagnose, elastic_shortfalls
 from placement.ilp.model import (
@@ -276,8 +284,10 @@ __all__ = [
     "dominated",
     "elastic_shortfalls",
     "erlang_c",
+    "exogenous_prefill_s",
     "hybrid_split",
     "instance_shapes",
+    "instance_steps_s",
     "lp_bound",
     "max_rate_of_counts",
     "max_rate_per_s",
