@@ -92,7 +92,10 @@ Per-conversation SLO model (TTFET, TBT, E2E) -- what the simulator and the paper
     depends on its population, with the product-form law pi_k ~ prod_{i<=k} lam K step(i / n) / i
     (insensitive to the distribution of K). Mean TBT = the token-weighted mean step; a conversation's mean
     step over its span T has CV = CV_tok(step) sqrt(g(T / tau_c)), tau_c the chain's integrated
-    autocorrelation time (exact for birth-death chains), g(x) = 2 (x - 1 + e^-x) / x^2.
+    autocorrelation time (exact for birth-death chains), g(x) = 2 (x - 1 + e^-x) / x^2. A colocated
+    instance's turn-1 prefills arrive with the conversations (e1 step-seconds each, whatever the batch), so
+    its batch steps at step_d(k / n) / (1 - (lam / n) e1): the chain of step_d at the birth rate
+    lam / (1 - lam e1 / n).
     Hand-off (predictions; module stepchain): a hybrid decoder's local prompt waits for the step in
     progress (R) and is prefilled in the next step together with the local prompts that arrived during
     that same step (S_M): d + p_i + R + S_M, R and M correlated through the length of the step in progress
