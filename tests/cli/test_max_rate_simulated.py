@@ -36,8 +36,8 @@ def _fleet(name: str) -> FleetConfig:
     "name",
     [
         "paper-a40-disagg",  # the paper's two roles: hybrid, 1 prefiller + 3 decoders
-        "paper-a40",  # every mode open: colocated, 4 A40 at 300 W (the only colocated max-rate plan here)
-        "fleet-single-turn",
+        "paper-a40",  # every mode open: colocated, 4 A40 at 300 W
+        "fleet-single-turn",  # colocated, 8 L40S at 350 W
         "fleet-llama8b-a100-l40s",
     ],
 )
