@@ -92,7 +92,10 @@ Per-conversation SLO model (TTFET, TBT, E2E) -- what the simulator and the paper
     depends on its population, with the product-form law pi_k ~ prod_{i<=k} lam K step(i / n) / i
     (insensitive to the distribution of K). Mean TBT = the token-weighted mean step; a conversation's mean
     step over its span T has CV = CV_tok(step) sqrt(g(T / tau_c)), tau_c the chain's integrated
-    autocorrelation time (exact for birth-death chains), g(x) = 2 (x - 1 + e^-x) / x^2.
+    autocorrelation time (exact for birth-death chains), g(x) = 2 (x - 1 + e^-x) / x^2. A colocated
+    instance's turn-1 prefills arrive with the conversations (e1 step-seconds each, whatever the batch), so
+    its batch steps at step_d(k / n) / (1 - (lam / n) e1): the chain of step_d at the birth rate
+    lam / (1 - lam e1 / n).
     Hand-off (predictions; module stepchain): a hybrid decoder's local prompt waits for the step in
     progress (R) and is prefilled in the next step together with the local prompts that arrived during
     that same step (S_M): d + p_i + R + S_M, R and M correlated through the length of the step in progress
@@ -145,7 +148,15 @@ Infeasibility diagnosis (:func:`diagnose`)
 from __future__ import annotations
 
 from placement.errors import PlanningError
-from placement.ilp.batching import BATCH_CAP, BatchLaw, batch_law, capacity_law, pool_batch_law
+from placement.ilp.batching import (
+    BATCH_CAP,
+    BatchLaw,
+    batch_law,
+    capacity_law,
+    exogenous_prefill_s,
+    instance_steps_s,
+    pool_batch_law,
+)
 from placement.ilp.capacity import Burst, _max_rate_model, burst, max_rate_of_counts, max_rate_per_s
 from placement.ilp.diagnosis import Diagnosis, diagnose, elastic_shortfalls
 from placement.ilp.model import (
@@ -276,8 +287,10 @@ __all__ = [
     "dominated",
     "elastic_shortfalls",
     "erlang_c",
+    "exogenous_prefill_s",
     "hybrid_split",
     "instance_shapes",
+    "instance_steps_s",
     "lp_bound",
     "max_rate_of_counts",
     "max_rate_per_s",

@@ -27,6 +27,19 @@ What the law gives the planner (every figure modelled):
   variance is Var_tok(step) g(T / tau_c), g(x) = 2 (x - 1 + e^-x) / x^2 (exponential autocorrelation with
   that integrated time): long conversations average the batch's swings out, short ones meet one batch.
 
+A colocated instance also prefills its conversations' turn-1 prompts, chunked into steps of their own.
+That work arrives with the conversations, r per second per instance, each e1 = L1 x turn1_token_s seconds
+of step time, whatever the batch: the instance spends the share u = r e1 of its time on it and steps its
+batch in the rest, so each token of a batch of b waits step_d(b) / (1 - u) on average (step_d: the
+decode step with the later turns' chunked prefills, which do belong to the batch's conversations). In the
+chain that is the decode-only chain at the birth rate r / (1 - u), its token-weighted mean step divided
+by 1 - u (:func:`colocated_steps_s`, :func:`capacity_law` with `exo_s`). The fluid point is the same as
+pricing each conversation's prefill over its own tokens, step_d(B) + B (L1 / O) turn1_token_s (the model
+before, at the same mean batch B = r K step), but that charged a batch of b with b conversations'
+prefills, so the step rose with the batch faster than the work did: the law spread wider and its mean
+step reached the target at a lower rate (examples/paper-a40.yaml, 4 colocated A40 at 300 W: the capacity
+at the 34.9 ms level rose 0.206 -> 0.224 conv/s per instance, docs/planning.md).
+
 The chain stops at BATCH_CAP sequences per instance; beyond it conversations wait and the pool serves at
 its cap's rate. When lam K step(cap) / cap >= 1 the chain has no stationary law: the pool cannot deliver
 the tokens (``stable`` False).
@@ -40,8 +53,9 @@ from statistics import NormalDist
 
 import numpy as np
 
-from placement.ilp.queueing import decode_step_s
+from placement.ilp.queueing import decode_step_s, turn1_token_s
 from placement.ilp.values import Demand, Option
+from tiers.perf import TierModel
 
 # vLLM's default max_num_seqs (256), which the simulator also runs with (orchestrator.sim.options
 # DEFAULT_MAX_SEQS): at most this many sequences share one instance's step.
@@ -71,16 +85,35 @@ class BatchLaw:
         return self.step_cv_tok * np.sqrt(np.clip(g, 0.0, 1.0))
 
 
-def instance_steps_s(opt: Option, demand: Demand, cap: int = BATCH_CAP) -> np.ndarray:
-    """step(b) for b = 1..cap conversations on one instance of `opt` (the ILP's step curve)."""
-    colo = opt.role == "colocated"
+def instance_steps_s(
+    opt: Option, demand: Demand, cap: int = BATCH_CAP, rate_per_instance: float = 0.0
+) -> np.ndarray:
+    """step(b) for b = 1..cap conversations on one instance of `opt` (the ILP's step curve); a colocated
+    instance's at `rate_per_instance` conversations/s (module docstring: step_d(b) / (1 - r e1))."""
+    if opt.role == "colocated":
+        return colocated_steps_s(opt.model, demand, rate_per_instance, cap)
     return np.array(
         [
-            decode_step_s(opt.model, demand, float(b), colo, local_tokens=opt.local_tokens)
+            decode_step_s(opt.model, demand, float(b), False, local_tokens=opt.local_tokens)
             for b in range(1, cap + 1)
         ],
         dtype=float,
     )
+
+
+def exogenous_prefill_s(m: TierModel, demand: Demand) -> float:
+    """e1: step seconds of one conversation's turn-1 prefill chunked into a colocated instance's steps."""
+    return demand.turn1_mean_tokens * turn1_token_s(m, demand)
+
+
+def colocated_steps_s(
+    m: TierModel, demand: Demand, rate_per_instance: float, cap: int = BATCH_CAP
+) -> np.ndarray:
+    """step_d(b) / (1 - r e1), b = 1..cap: the mean time per token of a colocated batch of b at r conv/s per
+    instance (module docstring); inf where the turn-1 prefills alone fill the instance (r e1 >= 1)."""
+    dec = np.array([decode_step_s(m, demand, float(b), False) for b in range(1, cap + 1)], dtype=float)
+    free = 1.0 - rate_per_instance * exogenous_prefill_s(m, demand)
+    return dec / free if free > 0 else np.full(cap, math.inf)
 
 
 def batch_law(
@@ -148,29 +181,38 @@ def _integrated_time_s(pi: np.ndarray, dev: np.ndarray, birth_rate: float) -> fl
 def pool_batch_law(opt: Option, demand: Demand, load_per_s: float, instances: int) -> BatchLaw:
     """batch_law for `instances` instances of `opt` carrying `load_per_s` conversations/s."""
     k = demand.decode_tokens + demand.later_turns
-    return batch_law(instance_steps_s(opt, demand), load_per_s, k, instances)
+    per = load_per_s / max(1, int(instances))
+    return batch_law(instance_steps_s(opt, demand, rate_per_instance=per), load_per_s, k, instances)
 
 
-def capacity_law(steps_s: np.ndarray, steps_per_conversation: float, tau_s: float) -> tuple[float, BatchLaw]:
+def capacity_law(
+    steps_s: np.ndarray, steps_per_conversation: float, tau_s: float, exo_s: float = 0.0
+) -> tuple[float, BatchLaw]:
     """(rate, law): the highest conversation rate one instance takes with its token-weighted mean step
     <= tau_s under its own batch law (n = 1: no pooling credit, so the ILP's capacity holds for any
     instance count), and the law at that rate. The mean step rises with the rate; found on two
-    64-point grids up to the stability limit BATCH_CAP / (K step(BATCH_CAP)) (resolution 1/4096 of it)."""
+    64-point grids up to the stability limit (resolution 1/4096 of it).
+
+    exo_s: e1 of a colocated instance (module docstring): steps_s is then its batch's own curve step_d(b)
+    and a rate r runs it as step_d(b) / (1 - r e1), the chain of step_d at the rate r / (1 - r e1); the
+    stability limit BATCH_CAP / (K step_d(BATCH_CAP)) = h in that rate is r = h / (1 + h e1)."""
     cap = len(steps_s)
     k = steps_per_conversation
     if cap == 0 or k <= 0 or steps_s[0] > tau_s:
         return 0.0, batch_law(steps_s, 0.0, max(k, 1.0), 1)
-    hi = cap / (k * float(steps_s[-1]))
+    h = cap / (k * float(steps_s[-1]))
+    hi = h / (1.0 + h * exo_s)
     kk = np.arange(1, cap + 1, dtype=float)
     c = np.concatenate(([0.0], np.cumsum(np.log(k * steps_s / kk))))
     n_all = np.arange(0, cap + 1, dtype=float)
     inv = np.concatenate(([0.0], kk / steps_s))
 
     def mean_steps(rates: np.ndarray) -> np.ndarray:
-        logp = n_all[None, :] * np.log(rates)[:, None] + c[None, :]
+        free = 1.0 - rates * exo_s
+        logp = n_all[None, :] * np.log(rates / free)[:, None] + c[None, :]
         logp -= logp.max(axis=1, keepdims=True)
         p = np.exp(logp)
-        return (p * n_all).sum(axis=1) / np.maximum((p * inv).sum(axis=1), 1e-300)
+        return (p * n_all).sum(axis=1) / np.maximum((p * inv).sum(axis=1), 1e-300) / free
 
     lo, top = 0.0, hi
     for _ in range(2):
@@ -183,7 +225,7 @@ def capacity_law(steps_s: np.ndarray, steps_per_conversation: float, tau_s: floa
         last = int(np.nonzero(ok)[0][-1])
         lo = float(grid[last])
         top = float(grid[last + 1]) if last + 1 < len(grid) else min(top, hi)
-    return lo, batch_law(steps_s, lo, k, 1)
+    return lo, batch_law(steps_s / (1.0 - lo * exo_s), lo, k, 1)
 
 
 # a conversation's mean step over its span is modelled as normal around the pool's token-weighted mean step

@@ -9,7 +9,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from placement.ilp.batching import BATCH_CAP, BatchLaw, capacity_law, decode_side_points
+from placement.ilp.batching import (
+    BATCH_CAP,
+    BatchLaw,
+    capacity_law,
+    decode_side_points,
+    exogenous_prefill_s,
+)
 from placement.ilp.queueing import (
     _bisect_max,
     decode_power_at_w,
@@ -70,7 +76,9 @@ def _static(
         local_e_j=split.local_prefill_energy_j(m, p1) if split is not None and split.local_share > 0 else 0.0,
         steps_s=(
             _curve(m, demand, False, costs, split.local_tokens if split is not None else 0.0),
-            _curve(m, demand, True, costs, 0.0) if colocated else np.zeros(0),
+            # colocated: the batch's own curve step_d(b); its turn-1 prefills scale it with the rate
+            # (placement.ilp.batching: step_d(b) / (1 - r e1))
+            _curve(m, demand, False, costs, 0.0) if colocated else np.zeros(0),
         ),
     )
 
@@ -171,7 +179,8 @@ def build_options(
                 st = cache[(ti, mi)] = _static(m, t.link, demand, split, "colocated" in t.roles)
             for colo in (False, True):
                 if ("colocated" if colo else "decode") in t.roles:
-                    laws[(ti, mi, colo)] = capacity_law(st.steps_s[int(colo)], steps_conv, tau_s)
+                    exo = exogenous_prefill_s(m, demand) if colo else 0.0
+                    laws[(ti, mi, colo)] = capacity_law(st.steps_s[int(colo)], steps_conv, tau_s, exo)
     targets = ttfet_targets_s(slo, ref)
     spread_dec = max(
         (law for (_, _, colo), (_, law) in laws.items() if not colo),

@@ -36,20 +36,8 @@ def _fleet(name: str) -> FleetConfig:
     "name",
     [
         "paper-a40-disagg",  # the paper's two roles: hybrid, 1 prefiller + 3 decoders
-        pytest.param(
-            "paper-a40",  # every mode open: colocated, 4 A40 at 300 W (the only colocated max-rate plan here)
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "not within 10%: planner 0.822 conv/s, simulated 0.936 on i.i.d. streams (0.878; on the "
-                    "once-per-pass stream 0.967, 0.850: 0.978 failed, 7.4% of the later half missed an SLO); "
-                    "the colocated model puts the instances at busy fraction 0.98 "
-                    "where the simulated ones run 0.90 at its planned rate (test_plan_fidelity.py), so it "
-                    "stops ~15% short (placement/ilp's colocated model, being reworked in fid10coloc)"
-                ),
-            ),
-        ),
-        "fleet-single-turn",
+        "paper-a40",  # every mode open: colocated, 4 A40 at 300 W
+        "fleet-single-turn",  # colocated, 8 L40S at 350 W
         "fleet-llama8b-a100-l40s",
     ],
 )

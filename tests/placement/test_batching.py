@@ -101,3 +101,51 @@ def test_tau_c_of_a_pool_is_the_relaxation_time_of_its_population() -> None:
     law = ilp.batch_law(steps, lam, k, n)
     assert law.mean_batch == pytest.approx(20.0, rel=1e-3)
     assert law.tau_c_s == pytest.approx(k * a, rel=1e-2)
+
+
+def _a40_colocated() -> tuple[ilp.Option, ilp.Option, ilp.Demand]:
+    from orchestrator.config import SyntheticWorkload, parse_fleet
+    from orchestrator.planner import demand_from_stats, tier_supplies
+    from orchestrator.workload import synthetic_conversations, workload_stats
+
+    stats = workload_stats(
+        synthetic_conversations(
+            SyntheticWorkload(turn1_input_tokens_median=12000, turns_mean=5), 300, seed=1
+        ),
+        rate_per_s=1.0,
+    )
+    cfg = parse_fleet({"model": "Qwen3-0.6B", "tiers": [{"name": "a40", "gpu": "A40", "count": 4}]})
+    m = tier_supplies(cfg)[0].models[0]
+    colo = ilp.Option(tier="a40", role="colocated", power_cap_w=m.cap_w, tp=1, model=m)
+    dec = ilp.Option(tier="a40", role="decode", power_cap_w=m.cap_w, tp=1, model=m)
+    return colo, dec, demand_from_stats(stats)
+
+
+def test_a_colocated_instance_steps_its_batch_in_the_time_its_turn1_prefills_leave() -> None:
+    # its turn-1 prefills arrive with the conversations (r e1 seconds per second), whatever the batch: each
+    # token of a batch of b waits step_d(b) / (1 - r e1), not step_d(b) + b (L1 / O) turn1_token_s
+    colo, dec, demand = _a40_colocated()
+    e1 = ilp.exogenous_prefill_s(colo.model, demand)
+    assert e1 == pytest.approx(demand.turn1_mean_tokens * ilp.turn1_token_s(colo.model, demand))
+    r = 0.4
+    own = ilp.instance_steps_s(dec, demand)  # the batch's own curve: decode + later turns' prefills
+    steps = ilp.instance_steps_s(colo, demand, rate_per_instance=r)
+    assert steps == pytest.approx(own / (1.0 - r * e1), rel=1e-12)
+    # the two pricings agree at the fluid point b = r K step(b) (K = O + Kn; exactly when Kn = 0): the rate
+    # whose fluid batch is b is r = b / (K step_d(b) + b e1)
+    k = demand.decode_tokens + demand.later_turns
+    for b in (2, 4, 8):
+        r_b = b / (k * own[b - 1] + b * e1)
+        at_b = ilp.instance_steps_s(colo, demand, rate_per_instance=r_b)[b - 1]
+        assert at_b == pytest.approx(ilp.decode_step_s(colo.model, demand, float(b), True), rel=0.01)
+    # above it the batch's step grows only with the batch's own work: the law is narrower, so the rate at
+    # which its mean step reaches a target is higher than with the prefills billed per sequence
+    tau = 2.5 * float(steps[0])
+    rate, law = ilp.capacity_law(own, k, tau, e1)
+    at = ilp.batch_law(ilp.instance_steps_s(colo, demand, rate_per_instance=rate), rate, k, 1)
+    assert law.step_tok_s == pytest.approx(at.step_tok_s, rel=1e-9)
+    assert at.step_tok_s <= tau and at.step_tok_s == pytest.approx(tau, rel=3e-3)
+    billed = np.array([ilp.decode_step_s(colo.model, demand, float(x), True) for x in range(1, 257)])
+    assert rate > ilp.capacity_law(billed, k, tau)[0]
+    # the turn-1 prefills alone fill the instance at r e1 = 1: no step is left for the batch
+    assert np.isinf(ilp.instance_steps_s(colo, demand, rate_per_instance=1.0 / e1)).all()
