@@ -6,8 +6,9 @@ examples/paper-a40-disagg.yaml is the same testbed with the paper's two roles. T
 - 0.5 conv/s: hybrid, 1 prefiller at 300 W + 1 at 200 W + 2 decoders at 200 W, turn-1 prompts under 13,264
   tokens prefilled on their decoder: 596 W; disaggregated 601 W; colocated 655 W (3 GPUs).
 - 1 and 1.634 conv/s: every mode is over its steady-state capacity (disaggregated 0.746, hybrid 0.7765,
-  colocated 0.8229 conv/s), so the plan is for the finite run. With --no-verify (modelled only) it is the
-  fluid backlog model's pick: colocated, 4 A40 at 300 W, planned at 0.8147. Verified (the default), the
+  colocated 0.894 conv/s; 0.8229 before its turn-1 prefill was exogenous), so the plan is for the finite
+  run. With --no-verify (modelled only) it is the fluid backlog model's pick: colocated, 4 A40 at 300 W,
+  planned at 0.8851 (0.8147 before). Verified (the default), the
   planner simulates the finite run on candidate plans and keeps the least energy that holds the SLO
   (orchestrator.finite_run): at 1 conv/s hybrid, 1 prefiller + 3 decoders at 200 W, turn-1 prompts under
   14,608 tokens local (0% at 70.59 / 73.01 / 71.32 tokens/J); at 1.634 none holds and the fewest violations
