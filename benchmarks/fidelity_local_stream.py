@@ -36,6 +36,7 @@ from orchestrator.sim.standalone import StandaloneCache
 from orchestrator.verify import RAMP_TAU_C, decode_relaxation_s, policy_for, steady_stream, stream_length
 from orchestrator.workload import workload_from_config
 from placement.ilp.queueing import wait_tail
+from placement.ilp.routing import near_local_rate
 from placement.ilp.stepchain import StepChain
 
 # per committed step or stretch: (t0, t1, sequences decoding, prefill step, chunks, decode part of the step s)
@@ -83,15 +84,28 @@ def main() -> None:
         steps_args.append((dec, batch, demand))
         return local_steps(dec, batch, demand)
 
+    routing_spy: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    routed = ilp_predict.routed_stream
+
+    def spy_routed(*a, **k):  # type: ignore[no-untyped-def]
+        out = routed(*a, **k)
+        routing_spy.append(out)
+        return out
+
+    ilp_predict.routed_stream = spy_routed
     ilp_predict._local_steps_s = spy_steps
     ilp_predict.mixture_quantile = spy_mixture  # type: ignore[assignment]
     ilp_predict.StepChain = spy_chain  # type: ignore[assignment,misc]
     run = make_plan(cfg)
     ilp_predict.mixture_quantile, ilp_predict.StepChain = mixture, chain_cls  # type: ignore[misc]
     ilp_predict._local_steps_s = local_steps
+    ilp_predict.routed_stream = routed
     pred = run.plan.predictions.ttfet_p95_slowdown
     parts = [p for p, r in captured if abs(r - pred) < 0.006 and len(p) == 2][-1]
-    chain, (p_local, lam, d) = [c for c in chains if c[1][1] > 0][-1]
+    with_rate = [c for c in chains if c[1][1] > 0]
+    # per prediction: the even split's chain, then (hybrid, n > 1) the routing's near chain for local prompts
+    near_chain = with_rate[-1][0]
+    chain, (p_local, lam, d) = with_rate[-2] if routing_spy else with_rate[-1]
 
     sim_steps.Stepping._commit = _logged_commit  # type: ignore[method-assign]
     rate = run.plan.predictions.arrival_rate_per_s
@@ -155,11 +169,15 @@ def main() -> None:
     srt = np.argsort(lengths)
     own = np.interp(ll, lengths[srt], (local_steps(dec, batch, demand) - b0)[srt])
     y = np.array([r["ttft"] for r in loc]) - d - own
-    yc = np.cumsum(chain.local_wait())
-    grid = chain.values[: len(yc)]
+    yq = {}
+    for name, c in (("even-split chain", chain), ("routing chain", near_chain)):
+        yc = np.cumsum(c.local_wait())
+        yq[name] = " / ".join(
+            f"{float(np.interp(q, yc, c.values[: len(yc)])):.3f}" for q in (0.5, 0.9, 0.95, 0.99)
+        )
     print(
-        f"local Y (TTFT - d - p_i) p50/p90/p95/p99: sim {_q(y)}, chain "
-        + " / ".join(f"{float(np.interp(q, yc, grid)):.3f}" for q in (0.5, 0.9, 0.95, 0.99))
+        f"local Y (TTFT - d - p_i) p50/p90/p95/p99: sim {_q(y)}, "
+        + ", ".join(f"{k} {v}" for k, v in yq.items())
     )
     # remote prompts: TTFT beyond the model's fixed part c_i (prefill + a late join), against P(W + H > b)
     npt = len(parts[0][4]) // max(1, int(len(lengths) - len(p_local)))
@@ -197,7 +215,7 @@ def main() -> None:
     print(
         f"local first-token step prefilled >= 2 prompts: sim {np.mean(ch > 1):.3f} (tail "
         f"{np.mean(ch[top] > 1):.3f}, rest {np.mean(ch[~top] > 1):.3f}); chain P(M >= 1) "
-        f"{1.0 - float(chain.g[0].sum()):.3f}"
+        f"{1.0 - float(chain.g[0].sum()):.3f} (routing chain {1.0 - float(near_chain.g[0].sum()):.3f})"
     )
     dd = np.array([r["dd"] for r in loc])
     bt = np.array([r["batch"] for r in rows])
@@ -224,6 +242,29 @@ def main() -> None:
     print(f"consecutive turn-1 arrivals on the same decoder (a split: 1/{n_dec}): "
           + ", ".join(f"gap {lo:g}-{hi:g} s {same[(gap >= lo) & (gap < hi)].mean():.2f}"
                       for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 1), (1, 3))))  # fmt: skip
+    # the routing model (placement.ilp.routing) against the simulator: the Palm rate of same-decoder local
+    # neighbours within +-w of a local arrival, and P(same decoder) of consecutive arrivals by their gap
+    w_near = chain.mean_step_s
+    sim_near = []
+    for s in (0, 1, 2):
+        sel = [a for a in seq if a[0] == s]
+        ids = sorted({a[2] for a in sel})
+        sim_near.append(
+            near_local_rate(
+                np.array([a[1] for a in sel]), np.array([ids.index(a[2]) for a in sel]),
+                np.array([not a[3] for a in sel]), w_near,
+            )
+        )  # fmt: skip
+    rt, rc, rl = routing_spy[-1]
+    r_same = rc[1:] == rc[:-1]
+    r_gap = np.diff(rt)
+    print(
+        f"local neighbours on the same decoder within +-{w_near * 1e3:.0f} ms: sim "
+        f"{np.mean(sim_near):.3f}/s (seeds {' / '.join(f'{x:.3f}' for x in sim_near)}), routing model "
+        f"{near_local_rate(rt, rc, rl, w_near):.3f}/s, even split {lam:.3f}/s; routing model P(same) "
+        + ", ".join(f"gap {lo:g}-{hi:g} s {r_same[(r_gap >= lo) & (r_gap < hi)].mean():.2f}"
+                    for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 1), (1, 3)))
+    )  # fmt: skip
     f = n_dec * float(same[gap < 0.1].mean())
     scaled = chain_cls(p_local, lam * f, d)
     diag = [parts[0], (*parts[1][:7], scaled.local_survival())]

@@ -24,6 +24,7 @@ from placement.ilp.queueing import (
     tbt_floor_s,
     wait_tail,
 )
+from placement.ilp.routing import near_local_rate, routed_stream
 from placement.ilp.stepchain import StepChain, Survival
 from placement.ilp.values import Demand, Option, Reference, Settings, Slo, TierSupply
 from tiers.links import kv_transfer_time_s
@@ -91,6 +92,38 @@ def _local_steps_s(dec: Option, batch: float, demand: Demand) -> np.ndarray:
         [dec.model.step_time_s(max(1, round(c.turn1_tokens)), 0, b, ctx) for c in demand.conv_shapes],
         dtype=float,
     )
+
+
+def _near_chain(
+    chain: StepChain,
+    p_local: np.ndarray,
+    d: float,
+    demand: Demand,
+    remote_mask: np.ndarray,
+    decoders: int,
+    parts: list[_Part],
+    remote: dict[int, np.ndarray],
+) -> StepChain:
+    """The step chain a local prompt sees: its neighbours on its decoder at the routing's Palm rate
+    (placement.ilp.routing) instead of the even split's; the even split's chain when there is one decoder
+    or no prefill pool (nothing routes away)."""
+    if decoders <= 1 or not remote:
+        return chain
+    j = min(remote)
+    _, rho, s1, s2, c_i, _, ns, _ = parts[j]
+    admit = np.zeros(len(remote_mask))
+    admit[remote_mask] = c_i
+    times, chosen, is_local = routed_stream(
+        np.array([c.turn1_tokens for c in demand.conv_shapes], dtype=float),
+        ~remote_mask,
+        admit,
+        demand.arrival_rate_per_s,
+        decoders,
+        d,
+        demand.decode_tokens + demand.later_turns,
+        wait_tail(rho, s1, s2, ns),
+    )
+    return StepChain(p_local, near_local_rate(times, chosen, is_local, chain.mean_step_s), d)
 
 
 def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float) -> tuple[float, float]:
@@ -302,10 +335,13 @@ def _predict(
             late = np.maximum(d * np.ceil(x / d) - d, 0.0)
             p_wait, theta = wait_tail(rho, s1, s2, ns)
             spread.append((w, rho, s1, s2, c + late, m, ns, chain.handoff_survival(p_wait, theta)))
+        if split.local_share > 0 and chain is not None:
+            # before the hand-off is added: parts[j][4] is still the prefill pool's own prefill times
+            near = _near_chain(chain, p_local, d, demand, split.mask, main_k, parts, remote)
         parts = spread
         if split.local_share > 0 and chain is not None:
             w_loc = demand.arrival_rate_per_s * split.local_share
-            parts.append((w_loc, 0.0, 1.0, 1.0, d + p_local, local, 1, chain.local_survival()))
+            parts.append((w_loc, 0.0, 1.0, 1.0, d + p_local, local, 1, near.local_survival()))
     # each conversation at SPREAD_POINTS quantiles of its decode side (equal weights)
     npt = d_i.shape[1]
     full = [

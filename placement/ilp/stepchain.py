@@ -119,6 +119,7 @@ class StepChain:
         self.pi = pi / pi.sum()
         f_step = self.pi @ np.array(self.step)
         mean_t = float(f_step @ t)
+        self.mean_step_s = mean_t  # E[T] per step (step average)
         # g[m][i]: P(R in [i h, (i + 1) h), M = m); a step of j cells leaves each of its j cells with
         # probability 1 / j, and is hit with probability ~ j h P(step) / E[T]
         z = f_step[None, :] * self.pois * h / mean_t  # (kmax + 1, n)
