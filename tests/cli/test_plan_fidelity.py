@@ -43,19 +43,6 @@ OUTSIDE: dict[tuple[str, str], str] = {
         "carries; with i.i.d. draws the seeds that hold match the law's batch within 4% but one seed in "
         "three collapses on KV (docs/planning.md, benchmarks/fidelity_batch.py)"
     ),
-    ("fleet-single-turn", "p95 TTFET slowdown"): (
-        "predicted 2.93x, simulated 3.34x (1.141) on the verification's window (1,597 conversations a seed; "
-        "the step chain gave 1.013 on 400); found (benchmarks/fidelity_local_stream.py): the decoders' local "
-        "turn-1 stream is not a Poisson thinning -- worst-fit on free KV sends consecutive turn-1 arrivals "
-        "within 0.1 s to the same decoder with probability 0.66 (a split: 1/3; 0.54 at 0.1-0.3 s, 0.34 at "
-        "1-3 s), per-decoder gaps CV 1.15, P(gap < 0.05 s) 0.062 vs 0.033, so 10.6% of the local prompts "
-        "shared their first-token step (chain: 4.1%) and their wait beyond d + p_i has p90/p95/p99 "
-        "0.167/0.239/0.406 s (chain 0.096/0.177/0.285); share over 2.93x local 6.8% vs 3.4% modelled, remote "
-        "9.7% vs 6.6% (the prefillers' shared chunked steps stretch 12% of the remote prefills); the batch's "
-        "swings are not it (decode part of the step 39.3 +- 2.8 ms, batch at arrival 19.5 in the tail vs "
-        "19.7); the chain at 1.98x its local rate gives 3.34 (a diagnostic, not a fix: no model of the "
-        "routing's memory yet)"
-    ),
 }
 
 
