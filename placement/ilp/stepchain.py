@@ -27,11 +27,14 @@ chain 0.024 / 0.096 / 0.177 / 0.284 s; the simulated H 0.096 / 0.229 / 0.278 / 0
 0.114 / 0.133 / 0.211 / 0.307 s, this chain 0.105 / 0.213 / 0.284 / 0.418 s (at the planned d = 40.9 ms).
 
 Model (exact for the chain below, up to a time grid of d / CELLS_PER_STEP; no fitted constant):
-- local prompts arrive at each decoder as a Poisson stream of rate lam (the pool's local arrivals split
-  evenly: the policies balance turn 1). Measured, open: the split is even on average but not independent;
-  worst-fit on free KV sends consecutive arrivals to the same decoder more often than 1 / n (0.66 vs 1/3
-  within 0.1 s on fleet-single-turn), so the simulator co-batches local prompts ~2.6x as often as this chain
-  (docs/planning.md, "How close the model is"; benchmarks/fidelity_local_stream.py);
+- local prompts arrive at each decoder as a Poisson stream of rate lam. The split is even on average but
+  not independent: worst-fit on free KV sends consecutive arrivals to the same decoder more often than
+  1 / n (0.66 vs 1/3 within 0.1 s on fleet-single-turn; with the even split's lam the chain co-batched
+  local prompts 4.1% of the time, the simulator 10.6%). So the planner builds two chains: the local prompts'
+  at the Palm rate of same-decoder neighbours (placement.ilp.routing: what a tagged local prompt sees,
+  1.42/s vs the even 0.66/s there; the chain at that rate overstates an event simulation's Y tail by
+  7-11%, tests/placement/test_routing_memory.py), the hand-off's at the even split's lam (a remote
+  prompt's KV arrives seconds after its placement, when the routing's memory has gone);
 - step n+1 prefills the K_{n+1} prompts that arrived during step n: T = d + S_K, S_K the sum of K
   independent prefill parts drawn from the local prompts' sample, and K_{n+1} | T_n ~ Poisson(lam T_n): a
   Markov chain on K whose stationary law pi_K is solved directly (K truncated at K_MAX, the last state
