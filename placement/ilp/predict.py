@@ -12,6 +12,7 @@ import numpy as np
 from placement.ilp.batching import BatchLaw, decode_side_points, pool_batch_law
 from placement.ilp.model import Solution
 from placement.ilp.options import hybrid_split
+from placement.ilp.prefillpool import pool_delay_sample
 from placement.ilp.queueing import (
     _bisect_max,
     decode_power_at_w,
@@ -207,6 +208,7 @@ def _predict(
     main_batch = 0.0
     main_k = 1
     remote: dict[int, np.ndarray] = {}  # parts of prefill pools -> their prompts' KV hand-off X_i
+    pool_delay: dict[int, np.ndarray] = {}  # parts of prefill pools -> their delay sample beyond own prefill
     heaviest_d = -1.0
     worst_law: BatchLaw | None = None
     parts: list[_Part] = []
@@ -259,6 +261,10 @@ def _predict(
                 # 0.291 vs 0.323 s^2, the longest prompt 13,872 vs 22,030 tokens)
                 s1, s2 = float(c_i.mean()), float((c_i**2).mean())
                 rho = per * s1
+            if o.role == "prefill" and len(c_i):
+                # the pool's chunked steps and token routing (placement.ilp.prefillpool), for the hand-off
+                served = np.array([c.turn1_tokens for c, x in zip(shapes, sel, strict=True) if x])
+                pool_delay[len(parts)] = pool_delay_sample(served, load, k, o.model)
             parts.append((load, rho, s1, s2, c_i, sel, k if o.role == "prefill" else 1, None))
         law: BatchLaw | None = None
         if o.does_decode:
@@ -333,8 +339,11 @@ def _predict(
                 continue
             # a transfer longer than T_b joins at the first step boundary after it (decode steps of d)
             late = np.maximum(d * np.ceil(x / d) - d, 0.0)
-            p_wait, theta = wait_tail(rho, s1, s2, ns)
-            spread.append((w, rho, s1, s2, c + late, m, ns, chain.handoff_survival(p_wait, theta)))
+            if j in pool_delay:
+                surv = chain.handoff_survival_sample(pool_delay[j])
+            else:
+                surv = chain.handoff_survival(*wait_tail(rho, s1, s2, ns))
+            spread.append((w, rho, s1, s2, c + late, m, ns, surv))
         if split.local_share > 0 and chain is not None:
             # before the hand-off is added: parts[j][4] is still the prefill pool's own prefill times
             near = _near_chain(chain, p_local, d, demand, split.mask, main_k, parts, remote)

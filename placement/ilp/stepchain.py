@@ -163,6 +163,21 @@ class StepChain:
         placement.ilp.queueing.wait_tail) independent of the decoder's H (different instances)."""
         return _survival(self.values, self.handoff(), p_wait, theta_s, self.h)
 
+    def handoff_survival_sample(self, delay_s: np.ndarray) -> Survival:
+        """b -> P(V + H > b), V a sample of the prefill pool's delay beyond the prompt's own prefill
+        (placement.ilp.prefillpool: its chunked steps), independent of the decoder's H; on the grid (V's
+        sample binned to its cells, shifted by its least value when that is negative)."""
+        v = np.asarray(delay_s, dtype=float)
+        v0 = min(float(v.min(initial=0.0)), 0.0)
+        cells = int(math.ceil((float(v.max(initial=0.0)) - v0) / self.h)) + 2
+        pmf_v = _on_grid((v - v0) / self.h, cells)
+        h_pmf = self.handoff()
+        size = 1 << (len(h_pmf) + cells).bit_length()
+        both = np.fft.irfft(np.fft.rfft(pmf_v, size) * np.fft.rfft(h_pmf, size), size)[: len(h_pmf) + cells]
+        both = np.clip(both, 0.0, None)
+        values = (np.arange(len(both)) + 0.5) * self.h + v0
+        return _survival(values, both / both.sum(), 0.0, math.inf, self.h)
+
 
 def _survival(values: np.ndarray, pmf: np.ndarray, p_wait: float, theta_s: float, h: float) -> Survival:
     """b -> P(W + X > b) for X on the grid (pmf at `values`) and an independent W >= 0 with
