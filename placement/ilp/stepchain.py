@@ -44,7 +44,9 @@ Model (exact for the chain below, up to a time grid of d / CELLS_PER_STEP; no fi
   arrivals in that step are Poisson(lam T) (Slivnyak: independent of the tagged one);
 - the laws of Y and H are computed on the grid by Fourier transforms; the TTFET mixture
   (placement.ilp.queueing.mixture_quantile) uses their survival functions, for a remote prompt convolved
-  with its prefill pool's wait (P(W > w) = P(W > 0) exp(-w / theta), placement.ilp.queueing.wait_tail).
+  with its prefill pool's delay: the sample of placement.ilp.prefillpool (the pool's chunked steps;
+  handoff_survival_sample) where the planner has one, else the M/G/k wait (P(W > w) = P(W > 0)
+  exp(-w / theta), placement.ilp.queueing.wait_tail).
 Assumptions: d is the planned decode step without the local prefills (placement.ilp.queueing.decode_step_s
 with local_tokens 0; the batch's swings enter the TTFET mixture through the decode side, module batching);
 the prompts of one step always fit the chunked-prefill token budget together (on fleet-single-turn three
