@@ -40,6 +40,7 @@ same-decoder pairs on fleet-single-turn (a counting error of ~3%).
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -74,35 +75,44 @@ def routed_stream(
     resid = rng.uniform(0.0, step_s, arrivals)
     p_wait, theta = wait
     waits = np.where(rng.uniform(size=arrivals) < p_wait, rng.exponential(theta, arrivals), 0.0)
-    # per decoder: admitted-at, prompt, output tokens of its placed sequences (placed but not yet admitted:
-    # admitted-at in the future)
-    adm: list[np.ndarray] = [np.zeros(0) for _ in range(n)]
-    lens: list[np.ndarray] = [np.zeros(0) for _ in range(n)]
-    out: list[np.ndarray] = [np.zeros(0) for _ in range(n)]
-    chosen = np.empty(arrivals, dtype=int)
     is_local = np.asarray(local, dtype=bool)[conv]
+    # per decoder: placed (pinned) prompts' tokens and count; admitted sequences' count, prompt tokens and
+    # admission times (an admitted sequence holds prompt + (t - a) / d tokens until it leaves, at a + O d)
+    pinned = [0.0] * n
+    placed = [0] * n
+    adm_n = [0] * n
+    adm_tokens = [0.0] * n
+    adm_times = [0.0] * n
+    events: list[tuple[float, int, int, float, float]] = []  # (time, kind 0 admit / 1 leave, decoder, L, a)
+    chosen = np.empty(arrivals, dtype=int)
     for i in range(arrivals):
-        t = times[i]
+        t = float(times[i])
+        while events and events[0][0] <= t:
+            _, kind, j, ln, a = heapq.heappop(events)
+            if kind == 0:
+                adm_n[j] += 1
+                adm_tokens[j] += ln
+                adm_times[j] += a
+            else:
+                adm_n[j] -= 1
+                adm_tokens[j] -= ln
+                adm_times[j] -= a
+                pinned[j] -= ln
+                placed[j] -= 1
         best = (math.inf, math.inf, n)
         for j in range(n):
-            a, ln, o = adm[j], lens[j], out[j]
-            keep = a + o * step_s > t  # still running (or not yet admitted)
-            if not keep.all():
-                a, ln, o = a[keep], ln[keep], o[keep]
-                adm[j], lens[j], out[j] = a, ln, o
-            gen = np.clip((t - a) / step_s, 0.0, o)
-            admitted = a <= t
-            resident = float((ln[admitted] + gen[admitted]).sum())
-            pinned = float(ln.sum())
-            key = (max(resident, pinned), len(ln), j)
+            resident = adm_tokens[j] + (adm_n[j] * t - adm_times[j]) / step_s
+            key = (max(resident, pinned[j]), placed[j], j)
             if key < best:
                 best = key
         j = best[2]
         c = conv[i]
-        delay = resid[i] if is_local[i] else waits[i] + float(remote_admit_s[c])
-        adm[j] = np.append(adm[j], t + delay)
-        lens[j] = np.append(lens[j], float(turn1_tokens[c]))
-        out[j] = np.append(out[j], outs[i])
+        ln = float(turn1_tokens[c])
+        a = t + (float(resid[i]) if is_local[i] else float(waits[i]) + float(remote_admit_s[c]))
+        pinned[j] += ln
+        placed[j] += 1
+        heapq.heappush(events, (a, 0, j, ln, a))
+        heapq.heappush(events, (a + float(outs[i]) * step_s, 1, j, ln, a))
         chosen[i] = j
     return times, chosen, is_local
 
