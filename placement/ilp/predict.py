@@ -104,10 +104,11 @@ def _near_chain(
     decoders: int,
     parts: list[_Part],
     remote: dict[int, np.ndarray],
+    pool_delay: dict[int, np.ndarray],
 ) -> StepChain:
     """The step chain a local prompt sees: its neighbours on its decoder at the routing's Palm rate
-    (placement.ilp.routing) instead of the even split's; the even split's chain when there is one decoder
-    or no prefill pool (nothing routes away)."""
+    (placement.ilp.routing; remote prompts admitted after the first prefill pool's delay) instead of the
+    even split's; the even split's chain when there is one decoder or no prefill pool."""
     if decoders <= 1 or not remote:
         return chain
     j = min(remote)
@@ -122,7 +123,7 @@ def _near_chain(
         decoders,
         d,
         demand.decode_tokens + demand.later_turns,
-        wait_tail(rho, s1, s2, ns),
+        pool_delay[j] if j in pool_delay else wait_tail(rho, s1, s2, ns),
     )
     return StepChain(p_local, near_local_rate(times, chosen, is_local, chain.mean_step_s), d)
 
@@ -346,7 +347,7 @@ def _predict(
             spread.append((w, rho, s1, s2, c + late, m, ns, surv))
         if split.local_share > 0 and chain is not None:
             # before the hand-off is added: parts[j][4] is still the prefill pool's own prefill times
-            near = _near_chain(chain, p_local, d, demand, split.mask, main_k, parts, remote)
+            near = _near_chain(chain, p_local, d, demand, split.mask, main_k, parts, remote, pool_delay)
         parts = spread
         if split.local_share > 0 and chain is not None:
             w_loc = demand.arrival_rate_per_s * split.local_share

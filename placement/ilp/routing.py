@@ -23,8 +23,9 @@ nothing measured:
   after O tokens, O memoryless (geometric) with the workload's mean decode tokens per conversation O + Kn
   (the output law's shape is not among the plan's inputs);
 - admission: a local prompt at the end of the step in progress (a uniform residual of d); a remote one
-  after the prefill pool's wait W (P(W > w) = P(W > 0) exp(-w / theta), placement.ilp.queueing.wait_tail)
-  plus its own prefill time on the prefill tier;
+  after its own prefill time on the prefill tier plus the pool's delay beyond it (a draw from the sample of
+  placement.ilp.prefillpool; where there is none, the M/G/k wait P(W > w) = P(W > 0) exp(-w / theta),
+  placement.ilp.queueing.wait_tail);
 - the policy: the decoder with the largest cap - max(resident, pinned) (equal capacities: the smallest
   max(resident, pinned)), ties by fewer pinned conversations, then by index (the instance id).
 Left out: later turns (they stay on their decoder and hold KV between turns: single-turn workloads have few),
@@ -34,8 +35,9 @@ What the chain takes from it (near_local_rate): the rate of other local arrivals
 decoder within +-w of its arrival, w the chain's mean step (the span whose arrivals share a step with it), in
 place of the even split's rate lam. It is the Palm rate a tagged prompt sees; the time-stationary local rate
 per decoder stays lam (the split is even on average), and the hand-off H keeps the even split.
-The model's draws are seeded (deterministic plans); with ROUTING_ARRIVALS arrivals the rate rests on ~1,500
-same-decoder pairs on fleet-single-turn (a counting error of ~3%).
+The model's draws are seeded (deterministic plans). With 30,000 arrivals the rate moved by 2-3% between
+seeds (fleet-single-turn: 1.417 / 1.444 / 1.483 per s at seeds 0-2); ROUTING_ARRIVALS takes ~3x that for
+~1.5% (~0.3 s a call).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import math
 
 import numpy as np
 
-ROUTING_ARRIVALS = 30_000  # turn-1 arrivals of the reduced model (the first WARMUP share discarded)
+ROUTING_ARRIVALS = 100_000  # turn-1 arrivals of the reduced model (the first WARMUP share discarded)
 WARMUP = 0.2  # share of the arrivals before the decoders' occupancy is taken as steady
 SEED = 0
 
@@ -58,14 +60,15 @@ def routed_stream(
     decoders: int,
     step_s: float,
     decode_tokens: float,
-    wait: tuple[float, float],
+    wait: tuple[float, float] | np.ndarray,
     arrivals: int = ROUTING_ARRIVALS,
     seed: int = SEED,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(arrival times, decoder index, local flag) of the reduced model's turn-1 arrivals (module docstring).
 
     turn1_tokens, local: per conversation of the sample; remote_admit_s: per conversation, its prefill time
-    on the prefill tier (+ nothing else; ignored for local ones); wait: (P(W > 0), theta) of the pool."""
+    on the prefill tier (ignored for local ones); wait: the pool's delay beyond the own prefill, a sample
+    (placement.ilp.prefillpool) or (P(W > 0), theta) of the M/G/k wait."""
     rng = np.random.default_rng(seed)
     n = max(1, int(decoders))
     times = np.cumsum(rng.exponential(1.0 / rate_per_s, arrivals))
@@ -73,8 +76,11 @@ def routed_stream(
     p_geo = 1.0 / max(decode_tokens, 1.0)
     outs = rng.geometric(p_geo, arrivals).astype(float)
     resid = rng.uniform(0.0, step_s, arrivals)
-    p_wait, theta = wait
-    waits = np.where(rng.uniform(size=arrivals) < p_wait, rng.exponential(theta, arrivals), 0.0)
+    if isinstance(wait, np.ndarray):  # a sample of the pool's delay beyond the own prefill
+        waits = rng.choice(wait, arrivals) if len(wait) else np.zeros(arrivals)
+    else:
+        p_wait, theta = wait
+        waits = np.where(rng.uniform(size=arrivals) < p_wait, rng.exponential(theta, arrivals), 0.0)
     is_local = np.asarray(local, dtype=bool)[conv]
     # per decoder: placed (pinned) prompts' tokens and count; admitted sequences' count, prompt tokens and
     # admission times (an admitted sequence holds prompt + (t - a) / d tokens until it leaves, at a + O d)
