@@ -10,8 +10,12 @@ the steady turn-1 prompts of single-turn conversations: the share over the predi
 remote) against the model's; the local prompts' wait beyond their own mixed step against the chain's Y; how
 often a local prompt's first-token step prefilled another prompt; the decode part of that step (the batch's
 swings) for the tail and the rest; the local arrivals per decoder (gaps against a Poisson thinning) and how
-often two consecutive turn-1 arrivals were placed on the same decoder, by their gap. Last, a diagnostic
-(not the model): the prediction with the chain's local rate scaled by n x P(same decoder | gap < 0.1 s).
+often two consecutive turn-1 arrivals were placed on the same decoder, by their gap. Against the models
+(placement.ilp.routing, placement.ilp.prefillpool): the routing model's P(same decoder) by gap and its Palm
+rate of same-decoder local neighbours against the simulator's, the local chain at that rate, the prefill
+pool model's delay sample against the simulated prefiller side, and the pool's steps replayed on the
+simulator's own remote arrivals against every simulated prefill end. Last, a diagnostic (not the model):
+the prediction with the chain's local rate scaled by n x P(same decoder | gap < 0.1 s).
 
 Not a speed benchmark: a measurement script (docs/planning.md, "How close the model is"); ~10 s on one core.
 """
