@@ -10,8 +10,12 @@ the steady turn-1 prompts of single-turn conversations: the share over the predi
 remote) against the model's; the local prompts' wait beyond their own mixed step against the chain's Y; how
 often a local prompt's first-token step prefilled another prompt; the decode part of that step (the batch's
 swings) for the tail and the rest; the local arrivals per decoder (gaps against a Poisson thinning) and how
-often two consecutive turn-1 arrivals were placed on the same decoder, by their gap. Last, a diagnostic
-(not the model): the prediction with the chain's local rate scaled by n x P(same decoder | gap < 0.1 s).
+often two consecutive turn-1 arrivals were placed on the same decoder, by their gap. Against the models
+(placement.ilp.routing, placement.ilp.prefillpool): the routing model's P(same decoder) by gap and its Palm
+rate of same-decoder local neighbours against the simulator's, the local chain at that rate, the prefill
+pool model's delay sample against the simulated prefiller side, and the pool's steps replayed on the
+simulator's own remote arrivals against every simulated prefill end. Last, a diagnostic (not the model):
+the prediction with the chain's local rate scaled by n x P(same decoder | gap < 0.1 s).
 
 Not a speed benchmark: a measurement script (docs/planning.md, "How close the model is"); ~10 s on one core.
 """
@@ -35,7 +39,9 @@ from orchestrator.sim.fleet import reference_tier_model, simulate_fleet
 from orchestrator.sim.standalone import StandaloneCache
 from orchestrator.verify import RAMP_TAU_C, decode_relaxation_s, policy_for, steady_stream, stream_length
 from orchestrator.workload import workload_from_config
+from placement.ilp.prefillpool import PREFILL_BUDGET_TOKENS, pool_ends
 from placement.ilp.queueing import wait_tail
+from placement.ilp.routing import near_local_rate
 from placement.ilp.stepchain import StepChain
 
 # per committed step or stretch: (t0, t1, sequences decoding, prefill step, chunks, decode part of the step s)
@@ -83,15 +89,38 @@ def main() -> None:
         steps_args.append((dec, batch, demand))
         return local_steps(dec, batch, demand)
 
+    routing_spy: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    routed = ilp_predict.routed_stream
+
+    def spy_routed(*a, **k):  # type: ignore[no-untyped-def]
+        out = routed(*a, **k)
+        routing_spy.append(out)
+        return out
+
+    ilp_predict.routed_stream = spy_routed
+    pool_spy: list[np.ndarray] = []
+    pool_sample = ilp_predict.pool_delay_sample
+
+    def spy_pool(*a, **k):  # type: ignore[no-untyped-def]
+        out = pool_sample(*a, **k)
+        pool_spy.append(out)
+        return out
+
+    ilp_predict.pool_delay_sample = spy_pool
     ilp_predict._local_steps_s = spy_steps
     ilp_predict.mixture_quantile = spy_mixture  # type: ignore[assignment]
     ilp_predict.StepChain = spy_chain  # type: ignore[assignment,misc]
     run = make_plan(cfg)
     ilp_predict.mixture_quantile, ilp_predict.StepChain = mixture, chain_cls  # type: ignore[misc]
     ilp_predict._local_steps_s = local_steps
+    ilp_predict.routed_stream = routed
+    ilp_predict.pool_delay_sample = pool_sample
     pred = run.plan.predictions.ttfet_p95_slowdown
     parts = [p for p, r in captured if abs(r - pred) < 0.006 and len(p) == 2][-1]
-    chain, (p_local, lam, d) = [c for c in chains if c[1][1] > 0][-1]
+    with_rate = [c for c in chains if c[1][1] > 0]
+    # per prediction: the even split's chain, then (hybrid, n > 1) the routing's near chain for local prompts
+    near_chain = with_rate[-1][0]
+    chain, (p_local, lam, d) = with_rate[-2] if routing_spy else with_rate[-1]
 
     sim_steps.Stepping._commit = _logged_commit  # type: ignore[method-assign]
     rate = run.plan.predictions.arrival_rate_per_s
@@ -103,6 +132,7 @@ def main() -> None:
     ramp_s = RAMP_TAU_C * decode_relaxation_s(run)
     rows: list[dict] = []
     arrivals: list[tuple[int, float, str, bool]] = []
+    replays: list[np.ndarray] = []  # per seed: every remote turn's (arrival, prompt tokens, prefill end)
     for seed in (0, 1, 2):
         _LOG.clear()
         convs = steady_stream(base, n, rate, seed)
@@ -117,6 +147,10 @@ def main() -> None:
         t_cut = max(t_end - e2e, t_w)
         logs = {k: np.array(v) for k, v in _LOG.items()}
         first = {tr.conversation_id: tr for tr in res.turns if tr.turn == 1}
+        rem_all = sorted(
+            (tr.arrival_s, tr.input_tokens, tr.prefill_end_s) for tr in res.turns if tr.remote_prefill
+        )
+        replays.append(np.array(rem_all, dtype=float).reshape(-1, 3))
         for m in mets:
             if not (t_w <= m.arrival_s <= t_cut) or m.ttfet_slowdown is None:
                 continue
@@ -155,11 +189,15 @@ def main() -> None:
     srt = np.argsort(lengths)
     own = np.interp(ll, lengths[srt], (local_steps(dec, batch, demand) - b0)[srt])
     y = np.array([r["ttft"] for r in loc]) - d - own
-    yc = np.cumsum(chain.local_wait())
-    grid = chain.values[: len(yc)]
+    yq = {}
+    for name, c in (("even-split chain", chain), ("routing chain", near_chain)):
+        yc = np.cumsum(c.local_wait())
+        yq[name] = " / ".join(
+            f"{float(np.interp(q, yc, c.values[: len(yc)])):.3f}" for q in (0.5, 0.9, 0.95, 0.99)
+        )
     print(
-        f"local Y (TTFT - d - p_i) p50/p90/p95/p99: sim {_q(y)}, chain "
-        + " / ".join(f"{float(np.interp(q, yc, grid)):.3f}" for q in (0.5, 0.9, 0.95, 0.99))
+        f"local Y (TTFT - d - p_i) p50/p90/p95/p99: sim {_q(y)}, "
+        + ", ".join(f"{k} {v}" for k, v in yq.items())
     )
     # remote prompts: TTFT beyond the model's fixed part c_i (prefill + a late join), against P(W + H > b)
     npt = len(parts[0][4]) // max(1, int(len(lengths) - len(p_local)))
@@ -192,12 +230,27 @@ def main() -> None:
             f"p90/95/99 {_q(side, (0.9, 0.95, 0.99))}; M/G/{parts[0][6]} W mean {p_wait * theta:.3f}, "
             + " / ".join(f"{v:.3f}" for v in w_q)
         )
+        # the pool model (placement.ilp.prefillpool): its delay sample against the simulated side, and its
+        # steps replayed on the simulator's own remote arrivals against every simulated prefill end
+        n_pre = sum(p.instances for p in run.plan.pools if p.role == "prefill")
+        ok = []
+        for rp in replays:
+            ends = pool_ends(rp[:, 0], rp[:, 1].astype(int), n_pre, pre.model, PREFILL_BUDGET_TOKENS)
+            ok.append(float(np.mean(np.abs(ends - rp[:, 2]) < 0.005)))
+        v_model = pool_spy[-1] if pool_spy else np.zeros(1)
+        print(
+            f"prefill pool model: delay beyond the own prefill mean {v_model.mean():.3f} s, p90/95/99 "
+            f"{_q(v_model, (0.9, 0.95, 0.99))} (simulated above); its steps on the simulator's remote "
+            f"arrivals end within 5 ms of the simulated prefill end for "
+            + " / ".join(f"{x:.3f}" for x in ok)
+            + " of the prompts (seeds 0-2)"
+        )
     ch = np.array([r["chunks"] for r in loc])
     top = np.array([r["sd"] for r in loc]) > pred
     print(
         f"local first-token step prefilled >= 2 prompts: sim {np.mean(ch > 1):.3f} (tail "
         f"{np.mean(ch[top] > 1):.3f}, rest {np.mean(ch[~top] > 1):.3f}); chain P(M >= 1) "
-        f"{1.0 - float(chain.g[0].sum()):.3f}"
+        f"{1.0 - float(chain.g[0].sum()):.3f} (routing chain {1.0 - float(near_chain.g[0].sum()):.3f})"
     )
     dd = np.array([r["dd"] for r in loc])
     bt = np.array([r["batch"] for r in rows])
@@ -224,6 +277,29 @@ def main() -> None:
     print(f"consecutive turn-1 arrivals on the same decoder (a split: 1/{n_dec}): "
           + ", ".join(f"gap {lo:g}-{hi:g} s {same[(gap >= lo) & (gap < hi)].mean():.2f}"
                       for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 1), (1, 3))))  # fmt: skip
+    # the routing model (placement.ilp.routing) against the simulator: the Palm rate of same-decoder local
+    # neighbours within +-w of a local arrival, and P(same decoder) of consecutive arrivals by their gap
+    w_near = chain.mean_step_s
+    sim_near = []
+    for s in (0, 1, 2):
+        sel = [a for a in seq if a[0] == s]
+        ids = sorted({a[2] for a in sel})
+        sim_near.append(
+            near_local_rate(
+                np.array([a[1] for a in sel]), np.array([ids.index(a[2]) for a in sel]),
+                np.array([not a[3] for a in sel]), w_near,
+            )
+        )  # fmt: skip
+    rt, rc, rl = routing_spy[-1]
+    r_same = rc[1:] == rc[:-1]
+    r_gap = np.diff(rt)
+    print(
+        f"local neighbours on the same decoder within +-{w_near * 1e3:.0f} ms: sim "
+        f"{np.mean(sim_near):.3f}/s (seeds {' / '.join(f'{x:.3f}' for x in sim_near)}), routing model "
+        f"{near_local_rate(rt, rc, rl, w_near):.3f}/s, even split {lam:.3f}/s; routing model P(same) "
+        + ", ".join(f"gap {lo:g}-{hi:g} s {r_same[(r_gap >= lo) & (r_gap < hi)].mean():.2f}"
+                    for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 1), (1, 3)))
+    )  # fmt: skip
     f = n_dec * float(same[gap < 0.1].mean())
     scaled = chain_cls(p_local, lam * f, d)
     diag = [parts[0], (*parts[1][:7], scaled.local_survival())]

@@ -103,7 +103,10 @@ Per-conversation SLO model (TTFET, TBT, E2E) -- what the simulator and the paper
     admitted at the end of the step in progress (R1), transferred while the next step T_b runs, joins at
     its end and its first token ends the step after, T_c (R1 + T_b + T_c; T_b, T_c mixed steps of the same
     chain). Their laws enter the TTFET mixture as survival functions (a remote one convolved with its
-    pool's M/G/k wait, whose service moments are taken over the conversations the pool serves).
+    pool's delay: the pool's chunked steps on a reduced event model, module prefillpool). The local
+    prompts' chain runs at the Palm rate of same-decoder neighbours that worst-fit routing gives (module
+    routing: a placement raises the decoder's pinned KV at once, its resident KV only at admission, so
+    close arrivals follow the leader), the hand-off's at the even split.
     Constraint: the share of conversations that miss their bound, (1/|I|) sum_i P(W > b_i - S_j(L1_i) -
     X_j(L1_i) - D_i(tau)) (1 when the argument is < 0), must be <= 1 - p/100; rho_j is the largest rho that
     keeps it there (bisection; the share rises with rho). The tail therefore comes from the workload's own

@@ -12,6 +12,7 @@ import numpy as np
 from placement.ilp.batching import BatchLaw, decode_side_points, pool_batch_law
 from placement.ilp.model import Solution
 from placement.ilp.options import hybrid_split
+from placement.ilp.prefillpool import pool_delay_sample
 from placement.ilp.queueing import (
     _bisect_max,
     decode_power_at_w,
@@ -24,6 +25,7 @@ from placement.ilp.queueing import (
     tbt_floor_s,
     wait_tail,
 )
+from placement.ilp.routing import near_local_rate, routed_stream
 from placement.ilp.stepchain import StepChain, Survival
 from placement.ilp.values import Demand, Option, Reference, Settings, Slo, TierSupply
 from tiers.links import kv_transfer_time_s
@@ -91,6 +93,39 @@ def _local_steps_s(dec: Option, batch: float, demand: Demand) -> np.ndarray:
         [dec.model.step_time_s(max(1, round(c.turn1_tokens)), 0, b, ctx) for c in demand.conv_shapes],
         dtype=float,
     )
+
+
+def _near_chain(
+    chain: StepChain,
+    p_local: np.ndarray,
+    d: float,
+    demand: Demand,
+    remote_mask: np.ndarray,
+    decoders: int,
+    parts: list[_Part],
+    remote: dict[int, np.ndarray],
+    pool_delay: dict[int, np.ndarray],
+) -> StepChain:
+    """The step chain a local prompt sees: its neighbours on its decoder at the routing's Palm rate
+    (placement.ilp.routing; remote prompts admitted after the first prefill pool's delay) instead of the
+    even split's; the even split's chain when there is one decoder or no prefill pool."""
+    if decoders <= 1 or not remote:
+        return chain
+    j = min(remote)
+    _, rho, s1, s2, c_i, _, ns, _ = parts[j]
+    admit = np.zeros(len(remote_mask))
+    admit[remote_mask] = c_i
+    times, chosen, is_local = routed_stream(
+        np.array([c.turn1_tokens for c in demand.conv_shapes], dtype=float),
+        ~remote_mask,
+        admit,
+        demand.arrival_rate_per_s,
+        decoders,
+        d,
+        demand.decode_tokens + demand.later_turns,
+        pool_delay[j] if j in pool_delay else wait_tail(rho, s1, s2, ns),
+    )
+    return StepChain(p_local, near_local_rate(times, chosen, is_local, chain.mean_step_s), d)
 
 
 def decode_operating_point(opt: Option, demand: Demand, rate_per_instance: float) -> tuple[float, float]:
@@ -174,6 +209,7 @@ def _predict(
     main_batch = 0.0
     main_k = 1
     remote: dict[int, np.ndarray] = {}  # parts of prefill pools -> their prompts' KV hand-off X_i
+    pool_delay: dict[int, np.ndarray] = {}  # parts of prefill pools -> their delay sample beyond own prefill
     heaviest_d = -1.0
     worst_law: BatchLaw | None = None
     parts: list[_Part] = []
@@ -226,6 +262,10 @@ def _predict(
                 # 0.291 vs 0.323 s^2, the longest prompt 13,872 vs 22,030 tokens)
                 s1, s2 = float(c_i.mean()), float((c_i**2).mean())
                 rho = per * s1
+            if o.role == "prefill" and len(c_i):
+                # the pool's chunked steps and token routing (placement.ilp.prefillpool), for the hand-off
+                served = np.array([c.turn1_tokens for c, x in zip(shapes, sel, strict=True) if x])
+                pool_delay[len(parts)] = pool_delay_sample(served, load, k, o.model)
             parts.append((load, rho, s1, s2, c_i, sel, k if o.role == "prefill" else 1, None))
         law: BatchLaw | None = None
         if o.does_decode:
@@ -300,12 +340,18 @@ def _predict(
                 continue
             # a transfer longer than T_b joins at the first step boundary after it (decode steps of d)
             late = np.maximum(d * np.ceil(x / d) - d, 0.0)
-            p_wait, theta = wait_tail(rho, s1, s2, ns)
-            spread.append((w, rho, s1, s2, c + late, m, ns, chain.handoff_survival(p_wait, theta)))
+            if j in pool_delay:
+                surv = chain.handoff_survival_sample(pool_delay[j])
+            else:
+                surv = chain.handoff_survival(*wait_tail(rho, s1, s2, ns))
+            spread.append((w, rho, s1, s2, c + late, m, ns, surv))
+        if split.local_share > 0 and chain is not None:
+            # before the hand-off is added: parts[j][4] is still the prefill pool's own prefill times
+            near = _near_chain(chain, p_local, d, demand, split.mask, main_k, parts, remote, pool_delay)
         parts = spread
         if split.local_share > 0 and chain is not None:
             w_loc = demand.arrival_rate_per_s * split.local_share
-            parts.append((w_loc, 0.0, 1.0, 1.0, d + p_local, local, 1, chain.local_survival()))
+            parts.append((w_loc, 0.0, 1.0, 1.0, d + p_local, local, 1, near.local_survival()))
     # each conversation at SPREAD_POINTS quantiles of its decode side (equal weights)
     npt = d_i.shape[1]
     full = [

@@ -27,11 +27,14 @@ chain 0.024 / 0.096 / 0.177 / 0.284 s; the simulated H 0.096 / 0.229 / 0.278 / 0
 0.114 / 0.133 / 0.211 / 0.307 s, this chain 0.105 / 0.213 / 0.284 / 0.418 s (at the planned d = 40.9 ms).
 
 Model (exact for the chain below, up to a time grid of d / CELLS_PER_STEP; no fitted constant):
-- local prompts arrive at each decoder as a Poisson stream of rate lam (the pool's local arrivals split
-  evenly: the policies balance turn 1). Measured, open: the split is even on average but not independent;
-  worst-fit on free KV sends consecutive arrivals to the same decoder more often than 1 / n (0.66 vs 1/3
-  within 0.1 s on fleet-single-turn), so the simulator co-batches local prompts ~2.6x as often as this chain
-  (docs/planning.md, "How close the model is"; benchmarks/fidelity_local_stream.py);
+- local prompts arrive at each decoder as a Poisson stream of rate lam. The split is even on average but
+  not independent: worst-fit on free KV sends consecutive arrivals to the same decoder more often than
+  1 / n (0.66 vs 1/3 within 0.1 s on fleet-single-turn; with the even split's lam the chain co-batched
+  local prompts 4.1% of the time, the simulator 10.6%). So the planner builds two chains: the local prompts'
+  at the Palm rate of same-decoder neighbours (placement.ilp.routing: what a tagged local prompt sees,
+  1.42/s vs the even 0.66/s there; the chain at that rate overstates an event simulation's Y tail by
+  7-11%, tests/placement/test_routing_memory.py), the hand-off's at the even split's lam (a remote
+  prompt's KV arrives seconds after its placement, when the routing's memory has gone);
 - step n+1 prefills the K_{n+1} prompts that arrived during step n: T = d + S_K, S_K the sum of K
   independent prefill parts drawn from the local prompts' sample, and K_{n+1} | T_n ~ Poisson(lam T_n): a
   Markov chain on K whose stationary law pi_K is solved directly (K truncated at K_MAX, the last state
@@ -41,7 +44,9 @@ Model (exact for the chain below, up to a time grid of d / CELLS_PER_STEP; no fi
   arrivals in that step are Poisson(lam T) (Slivnyak: independent of the tagged one);
 - the laws of Y and H are computed on the grid by Fourier transforms; the TTFET mixture
   (placement.ilp.queueing.mixture_quantile) uses their survival functions, for a remote prompt convolved
-  with its prefill pool's wait (P(W > w) = P(W > 0) exp(-w / theta), placement.ilp.queueing.wait_tail).
+  with its prefill pool's delay: the sample of placement.ilp.prefillpool (the pool's chunked steps;
+  handoff_survival_sample) where the planner has one, else the M/G/k wait (P(W > w) = P(W > 0)
+  exp(-w / theta), placement.ilp.queueing.wait_tail).
 Assumptions: d is the planned decode step without the local prefills (placement.ilp.queueing.decode_step_s
 with local_tokens 0; the batch's swings enter the TTFET mixture through the decode side, module batching);
 the prompts of one step always fit the chunked-prefill token budget together (on fleet-single-turn three
@@ -119,6 +124,7 @@ class StepChain:
         self.pi = pi / pi.sum()
         f_step = self.pi @ np.array(self.step)
         mean_t = float(f_step @ t)
+        self.mean_step_s = mean_t  # E[T] per step (step average)
         # g[m][i]: P(R in [i h, (i + 1) h), M = m); a step of j cells leaves each of its j cells with
         # probability 1 / j, and is hit with probability ~ j h P(step) / E[T]
         z = f_step[None, :] * self.pois * h / mean_t  # (kmax + 1, n)
@@ -158,6 +164,21 @@ class StepChain:
         """b -> P(W + H > b), W the prefill pool's wait (P(W > w) = p_wait exp(-w / theta) for w >= 0,
         placement.ilp.queueing.wait_tail) independent of the decoder's H (different instances)."""
         return _survival(self.values, self.handoff(), p_wait, theta_s, self.h)
+
+    def handoff_survival_sample(self, delay_s: np.ndarray) -> Survival:
+        """b -> P(V + H > b), V a sample of the prefill pool's delay beyond the prompt's own prefill
+        (placement.ilp.prefillpool: its chunked steps), independent of the decoder's H; on the grid (V's
+        sample binned to its cells, shifted by its least value when that is negative)."""
+        v = np.asarray(delay_s, dtype=float)
+        v0 = min(float(v.min(initial=0.0)), 0.0)
+        cells = int(math.ceil((float(v.max(initial=0.0)) - v0) / self.h)) + 2
+        pmf_v = _on_grid((v - v0) / self.h, cells)
+        h_pmf = self.handoff()
+        size = 1 << (len(h_pmf) + cells).bit_length()
+        both = np.fft.irfft(np.fft.rfft(pmf_v, size) * np.fft.rfft(h_pmf, size), size)[: len(h_pmf) + cells]
+        both = np.clip(both, 0.0, None)
+        values = (np.arange(len(both)) + 0.5) * self.h + v0
+        return _survival(values, both / both.sum(), 0.0, math.inf, self.h)
 
 
 def _survival(values: np.ndarray, pmf: np.ndarray, p_wait: float, theta_s: float, h: float) -> Survival:

@@ -35,7 +35,7 @@ TOLERANCE = 0.10
 # workload and rate: orchestrator.verify.steady_stream); also in docs/planning.md
 OUTSIDE: dict[tuple[str, str], str] = {
     ("paper-a40-disagg", "p95 TTFET slowdown"): (
-        "predicted 3.10x, simulated 2.69x (0.867): the decoders' batch relaxes on tau_c 141.5 s (the "
+        "predicted 3.13x, simulated 2.69x (0.860; 3.10x, 0.867 before the routing and prefill-pool models of st10): the decoders' batch relaxes on tau_c 141.5 s (the "
         "verification now waits 3 tau_c and streams 2,000 conversations per seed; mean TBT 27.8 vs 29.8 ms, "
         "0.935; with 255 conversations and a 33 s ramp-up it was 2.12x and 21.9 ms, a transient); left: the "
         "stream carries each conversation once per pass, smoother than the batch law's Poisson i.i.d. "
@@ -47,19 +47,6 @@ OUTSIDE: dict[tuple[str, str], str] = {
         "(10.8% of arrivals meet a full KV here) gives a disaggregated plan at 0.733 conv/s within 10% but "
         "cuts --max-rate 6-10% below the simulator on pooled fleets; a window sized by its noise (2,000 "
         "conversations) gives 0.854 and TBT 0.893 (benchmarks/fidelity_kv_tail.py)"
-    ),
-    ("fleet-single-turn", "p95 TTFET slowdown"): (
-        "predicted 2.93x, simulated 3.34x (1.141) on the verification's window (1,597 conversations a seed; "
-        "the step chain gave 1.013 on 400); found (benchmarks/fidelity_local_stream.py): the decoders' local "
-        "turn-1 stream is not a Poisson thinning -- worst-fit on free KV sends consecutive turn-1 arrivals "
-        "within 0.1 s to the same decoder with probability 0.66 (a split: 1/3; 0.54 at 0.1-0.3 s, 0.34 at "
-        "1-3 s), per-decoder gaps CV 1.15, P(gap < 0.05 s) 0.062 vs 0.033, so 10.6% of the local prompts "
-        "shared their first-token step (chain: 4.1%) and their wait beyond d + p_i has p90/p95/p99 "
-        "0.167/0.239/0.406 s (chain 0.096/0.177/0.285); share over 2.93x local 6.8% vs 3.4% modelled, remote "
-        "9.7% vs 6.6% (the prefillers' shared chunked steps stretch 12% of the remote prefills); the batch's "
-        "swings are not it (decode part of the step 39.3 +- 2.8 ms, batch at arrival 19.5 in the tail vs "
-        "19.7); the chain at 1.98x its local rate gives 3.34 (a diagnostic, not a fix: no model of the "
-        "routing's memory yet)"
     ),
 }
 
