@@ -35,7 +35,8 @@ TOLERANCE = 0.10
 # workload and rate: orchestrator.verify.steady_stream); also in docs/planning.md
 OUTSIDE: dict[tuple[str, str], str] = {
     ("paper-a40-disagg", "p95 TTFET slowdown"): (
-        "predicted 3.13x, simulated 2.69x (0.860; 3.10x, 0.867 before the routing and prefill-pool models of st10): the decoders' batch relaxes on tau_c 141.5 s (the "
+        "predicted 3.13x, simulated 2.69x (0.860; 3.10x, 0.867 before the routing and prefill-pool models "
+        "of st10): the decoders' batch relaxes on tau_c 141.5 s (the "
         "verification now waits 3 tau_c and streams 2,000 conversations per seed; mean TBT 27.8 vs 29.8 ms, "
         "0.935; with 255 conversations and a 33 s ramp-up it was 2.12x and 21.9 ms, a transient); left: the "
         "stream carries each conversation once per pass, smoother than the batch law's Poisson i.i.d. "
