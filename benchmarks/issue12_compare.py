@@ -90,7 +90,7 @@ def main() -> None:
         "--layout", default=None, help="layout for the disaggregated policies (default: the plan)"
     )
     ap.add_argument("--decode-caps", default=None, help="extra decoder caps for the disaggregated policies")
-    ap.add_argument("--plan", default=None, help="plan file (orchestrator plan --out) instead of compare's own plan")
+    ap.add_argument("--plan", default=None, help="plan file (orchestrator plan --out) instead of compare's")
     ap.add_argument("--coloc-cap", default=None, help="also run the colocated family capped at this many W")
     ap.add_argument("--lock", action="store_true", help=f"hold {LOCK} around each seed's runs")
     ap.add_argument("--lock-all", action="store_true", help=f"hold {LOCK} around all seeds (short workloads)")
