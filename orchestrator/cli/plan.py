@@ -12,11 +12,10 @@ from typing import Any
 
 import typer
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from orchestrator.cli.common import PANEL_WIDTH, console, err_console, fail, handle_errors, print_json
-from orchestrator.cli.plan_finite import choose_finite, finite_met, finite_table
+from orchestrator.cli.plan_finite import choose_finite, finite_met, finite_table, sim_progress
 from orchestrator.config import FleetConfig, Objective, load_fleet
 from orchestrator.finite_run import FiniteChoice
 from orchestrator.fleet import Plan, save_plan
@@ -126,20 +125,10 @@ def _totals_table(
 
 def _verify(cfg: FleetConfig, run: PlanRun, replan: Any, seeds: int) -> tuple[PlanRun, Validation]:
     """The verification loop (orchestrator.verify.verify) with a progress bar on stderr."""
-    with Progress(
-        TextColumn("verifying the plan in the simulator"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("sim", total=None)
-
-        def tick(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        return verify(cfg, run, replan, tuple(range(seeds)), progress=tick)
+    return sim_progress(
+        "verifying the plan in the simulator",
+        lambda tick: verify(cfg, run, replan, tuple(range(seeds)), progress=tick),
+    )
 
 
 def _sim_max_rate(cfg: FleetConfig, run: PlanRun, seeds: int, budget_s: float) -> SimulatedMaxRate:

@@ -26,18 +26,18 @@ def choose_finite(
     holds (orchestrator.finite_run), then the chosen plan's steady state at its planned rate; progress bars
     on stderr."""
     cands = finite_candidates(cfg, run, fleet_file=str(fleet))
-    chosen, choice = _bar(
+    chosen, choice = sim_progress(
         f"simulating the finite run on {len(cands)} candidate plans",
         lambda tick: choose(cfg, cands, rate, tuple(range(seeds)), progress=tick),
     )
-    v = _bar(
+    v = sim_progress(
         "verifying the chosen plan's steady state in the simulator",
         lambda tick: steady_check(cfg, chosen, tuple(range(seeds)), progress=tick),
     )
     return chosen, choice, v
 
 
-def _bar(text: str, job: Callable[[Callable[[int, int], None]], T]) -> T:
+def sim_progress(text: str, job: Callable[[Callable[[int, int], None]], T]) -> T:
     with Progress(
         TextColumn(text),
         BarColumn(),
