@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from placement.ilp.memo import memoised
 from tiers.perf import TierModel
 from tiers.steps import plan_chunks
 
@@ -97,6 +98,7 @@ def pool_ends(
     return end
 
 
+@memoised
 def pool_delay_sample(
     tokens: np.ndarray,
     rate_per_s: float,

@@ -53,11 +53,14 @@ import math
 
 import numpy as np
 
+from placement.ilp.memo import memoised
+
 ROUTING_ARRIVALS = 100_000  # turn-1 arrivals of the reduced model (the first WARMUP share discarded)
 WARMUP = 0.2  # share of the arrivals before the decoders' occupancy is taken as steady
 SEED = 0
 
 
+@memoised
 def routed_stream(
     turn1_tokens: np.ndarray,
     local: np.ndarray,
