@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
+from fidelity_batch import iid_stream  # benchmarks/fidelity_batch.py: this script's directory is on sys.path
 
 import orchestrator.verify as ver
 from orchestrator.config import load_fleet
@@ -82,17 +83,6 @@ def tail_rate(steps: np.ndarray, k: float, mean: float, var: float, cap: float, 
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if share(mid) <= share_max else (lo, mid)
     return lo
-
-
-def iid_stream(base: Sequence[ConversationSpec], n: int, rate: float, seed: int) -> list[ConversationSpec]:
-    """steady_stream with the conversations drawn with replacement (arrivals as there)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(base), n)
-    convs = [replace(base[int(i)], conversation_id=f"s{seed}-{k}") for k, i in enumerate(idx)]
-    gaps = rng.exponential(1.0, n - 1)
-    gaps *= (n - 1) / rate / gaps.sum()
-    times = np.concatenate(([0.0], np.cumsum(gaps)))
-    return [replace(c, arrival_s=float(x)) for c, x in zip(convs, times, strict=True)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
