@@ -49,7 +49,7 @@ from orchestrator.planner.finite import FiniteCandidate, with_choice_note, with_
 from orchestrator.sim.fleet import fleet_workload, reference_tier_model, simulate_fleet, unallocated_idle_w
 from orchestrator.sim.standalone import StandaloneCache
 from orchestrator.verify import DEFAULT_SEEDS, Round, Validation, policy_for, validate_plan
-from orchestrator.workload import ConversationSpec, poisson_arrivals
+from orchestrator.workload import ConversationSpec, poisson_arrivals, trace_timed
 
 Progress = Callable[[int, int], None]
 
@@ -312,8 +312,7 @@ def choose(
     n = sims[0].runs[0].conversations if sims and sims[0].runs else 0
     w = cfg.workload
     # the rate the run's arrivals were drawn at; None: a timed trace's own timestamps (compare's rule)
-    timed = w.format == "mooncake" and "arrival_rate_per_s" not in w.model_fields_set
-    lam = rate_per_s if rate_per_s is not None else (None if timed else w.arrival_rate_per_s)
+    lam = rate_per_s if rate_per_s is not None else (None if trace_timed(w) else w.arrival_rate_per_s)
     choice = FiniteChoice(
         lam, n, tuple(seeds), 100.0 - cfg.slo.percentile, sims, i, rule, time.perf_counter() - t0
     )

@@ -93,6 +93,11 @@ def poisson_arrivals(
 _DEFAULT_SYNTHETIC_CONVERSATIONS = 1000
 
 
+def trace_timed(wcfg: WorkloadConfig) -> bool:
+    """True when the workload's arrivals are a trace's own timestamps (see workload_from_config)."""
+    return wcfg.format == "mooncake" and "arrival_rate_per_s" not in wcfg.model_fields_set
+
+
 def workload_from_config(wcfg: WorkloadConfig) -> list[ConversationSpec]:
     """Build the conversations a fleet file describes (see docs/fleet-yaml.md, section workload).
 
@@ -117,7 +122,7 @@ def workload_from_config(wcfg: WorkloadConfig) -> list[ConversationSpec]:
     elif wcfg.format == "mooncake":
         assert wcfg.path is not None
         convs = load_mooncake(wcfg.path, wcfg.conversations, wcfg.max_turns)
-        if "arrival_rate_per_s" in wcfg.model_fields_set:
+        if not trace_timed(wcfg):
             convs = poisson_arrivals(convs, wcfg.arrival_rate_per_s, wcfg.seed)
     else:
         n = wcfg.conversations or _DEFAULT_SYNTHETIC_CONVERSATIONS

@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrator.config import FleetConfig, WorkloadConfig
+from orchestrator.config import FleetConfig
 from orchestrator.errors import ConfigError
 from orchestrator.fleet import InstanceSpec, Plan
 from orchestrator.sim.fleet import build_instances
-from orchestrator.workload import ConversationSpec
+from orchestrator.workload import ConversationSpec, trace_timed
 from placement.base import Role
 
 COLOCATED_FAMILY = ("colocated", "round-robin", "kv-aware")
@@ -36,11 +36,6 @@ def policy_key(name: str) -> str:
 
 def effective_seed(cfg: FleetConfig, seed: int | None) -> int:
     return cfg.workload.seed if seed is None else seed
-
-
-def trace_timed(wcfg: WorkloadConfig) -> bool:
-    """True when the workload's arrivals are a trace's own timestamps (see workload_from_config)."""
-    return wcfg.format == "mooncake" and "arrival_rate_per_s" not in wcfg.model_fields_set
 
 
 def observed_rate_per_s(convs: Sequence[ConversationSpec]) -> float | None:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from conserve.errors import ConServeError
 from orchestrator.config import FleetConfig, Objective
 from orchestrator.fleet import allowed_caps_w, tier_model
-from orchestrator.workload import WorkloadStats, workload_from_config, workload_stats
+from orchestrator.workload import WorkloadStats, trace_timed, workload_from_config, workload_stats
 from placement import ilp
 from placement.errors import PlanningError
 
@@ -124,8 +124,7 @@ def tightened_slo(slo: ilp.Slo, ttfet_factor: float = 1.0, tbt_factor: float = 1
 def fleet_stats(cfg: FleetConfig) -> WorkloadStats:
     convs = workload_from_config(cfg.workload)
     # the configured rate is the planning rate (a Mooncake trace without an explicit rate keeps its own)
-    explicit = cfg.workload.format != "mooncake" or "arrival_rate_per_s" in cfg.workload.model_fields_set
-    return workload_stats(convs, cfg.workload.arrival_rate_per_s if explicit else None)
+    return workload_stats(convs, None if trace_timed(cfg.workload) else cfg.workload.arrival_rate_per_s)
 
 
 SERVING_MODES = ("disaggregated", "hybrid", "colocated")
