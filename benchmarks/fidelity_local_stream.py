@@ -49,6 +49,17 @@ _LOG: dict[str, list[tuple[float, float, int, bool, int, float]]] = defaultdict(
 _commit = sim_steps.Stepping._commit
 
 
+def _recording(fn: Any, sink: list[Any]) -> Any:
+    """fn, appending each of its results to sink (the planner's internals, read after make_plan)."""
+
+    def spy(*a: Any, **k: Any) -> Any:
+        out = fn(*a, **k)
+        sink.append(out)
+        return out
+
+    return spy
+
+
 def _logged_commit(self, inst, t):  # type: ignore[no-untyped-def]
     t0, _, _, _, _, is_pre, chunks = inst.cur
     nd = inst.n_decode
@@ -91,22 +102,10 @@ def main() -> None:
 
     routing_spy: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     routed = ilp_predict.routed_stream
-
-    def spy_routed(*a, **k):  # type: ignore[no-untyped-def]
-        out = routed(*a, **k)
-        routing_spy.append(out)
-        return out
-
-    ilp_predict.routed_stream = spy_routed
+    ilp_predict.routed_stream = _recording(routed, routing_spy)
     pool_spy: list[np.ndarray] = []
     pool_sample = ilp_predict.pool_delay_sample
-
-    def spy_pool(*a, **k):  # type: ignore[no-untyped-def]
-        out = pool_sample(*a, **k)
-        pool_spy.append(out)
-        return out
-
-    ilp_predict.pool_delay_sample = spy_pool
+    ilp_predict.pool_delay_sample = _recording(pool_sample, pool_spy)
     ilp_predict._local_steps_s = spy_steps
     ilp_predict.mixture_quantile = spy_mixture  # type: ignore[assignment]
     ilp_predict.StepChain = spy_chain  # type: ignore[assignment,misc]

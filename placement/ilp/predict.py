@@ -345,11 +345,12 @@ def _predict(
             else:
                 surv = chain.handoff_survival(*wait_tail(rho, s1, s2, ns))
             spread.append((w, rho, s1, s2, c + late, m, ns, surv))
+        near = None
         if split.local_share > 0 and chain is not None:
             # before the hand-off is added: parts[j][4] is still the prefill pool's own prefill times
             near = _near_chain(chain, p_local, d, demand, split.mask, main_k, parts, remote, pool_delay)
         parts = spread
-        if split.local_share > 0 and chain is not None:
+        if near is not None:
             w_loc = demand.arrival_rate_per_s * split.local_share
             parts.append((w_loc, 0.0, 1.0, 1.0, d + p_local, local, 1, near.local_survival()))
     # each conversation at SPREAD_POINTS quantiles of its decode side (equal weights)
