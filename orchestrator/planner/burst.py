@@ -48,10 +48,24 @@ def plan_burst(
         raise PlanningError(
             f"internal: no plan at {top:.4g} conv/s although the fleet sustains it. To fix: report this."
         )
+    return result, burst_of(result, supplies, demand, settings, conversations, top, cfg.slo.percentile)
+
+
+def burst_of(
+    result: ilp.PlanResult,
+    supplies: list[ilp.TierSupply],
+    demand: ilp.Demand,
+    settings: ilp.Settings,
+    conversations: int,
+    sustainable: float,
+    percentile: float,
+) -> ilp.Burst:
+    """The fluid backlog estimate of a finite run at demand's rate on `result`'s instances: at the rate those
+    instances sustain (an LP; at least the rate they were planned at)."""
     planned = replace(demand, arrival_rate_per_s=result.tokens_per_s / demand.tokens_per_conversation)
     mu = ilp.max_rate_of_counts(result.options, result.solution.counts, supplies, planned, settings)
     mu = max(mu, planned.arrival_rate_per_s)
-    return result, ilp.burst(conversations, demand.arrival_rate_per_s, mu, top, cfg.slo.percentile)
+    return ilp.burst(conversations, demand.arrival_rate_per_s, mu, sustainable, percentile)
 
 
 def with_finite_run(

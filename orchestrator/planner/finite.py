@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, replace
 
 from orchestrator.config import FleetConfig
-from orchestrator.planner.burst import DIAGNOSIS_NOTE, SPLIT_NOTE
+from orchestrator.planner.burst import DIAGNOSIS_NOTE, SPLIT_NOTE, burst_of
 from orchestrator.planner.inputs import _highest_rate, demand_from_stats, slo_from_config, tier_supplies
 from orchestrator.planner.report import PlanRun, mode_note
 from orchestrator.planner.run import finish_plan
@@ -92,11 +92,8 @@ def finite_candidates(
                 )
             except PlanningError:
                 continue
-            planned = replace(demand, arrival_rate_per_s=result.tokens_per_s / demand.tokens_per_conversation)
-            mu = ilp.max_rate_of_counts(result.options, result.solution.counts, supplies, planned, only)
-            mu = max(mu, planned.arrival_rate_per_s)
-            lam = demand.arrival_rate_per_s
-            b = ilp.burst(fr.conversations, lam, mu, fr.sustainable_rate_per_s, cfg.slo.percentile)
+            top_run = fr.sustainable_rate_per_s
+            b = burst_of(result, supplies, demand, only, fr.conversations, top_run, cfg.slo.percentile)
             cand = finish_plan(
                 cfg, result, settings, run.stats, supplies, demand, slo, time.perf_counter() - t0,
                 run.plan.fleet_file or fleet_file, (b, run.overload), compare_modes=False,
